@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     """What a client may do. ``admin`` may do everything, including read secrets."""
 
     ADMIN = "os:admin"

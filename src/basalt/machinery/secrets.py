@@ -62,8 +62,10 @@ class SecretsBundle(Model):
 
 def _token() -> str:
     pick = _random.choice
-    return "".join(pick(_TOKEN_ALPHABET) for _ in range(6)) + "." + "".join(
-        pick(_TOKEN_ALPHABET) for _ in range(16)
+    return (
+        "".join(pick(_TOKEN_ALPHABET) for _ in range(6))
+        + "."
+        + "".join(pick(_TOKEN_ALPHABET) for _ in range(16))
     )
 
 
@@ -122,6 +124,14 @@ def load_secrets(text: str, source: str | None = None) -> SecretsBundle:
         problems = []
         for error in exc.errors():
             loc, message, hint = translate_error(SecretsBundle, error)
-            problems.append(Problem("SecretsBundle", format_path(loc), message, hint,
-                                    source=source, line=raw.line_of(loc)))
+            problems.append(
+                Problem(
+                    "SecretsBundle",
+                    format_path(loc),
+                    message,
+                    hint,
+                    source=source,
+                    line=raw.line_of(loc),
+                )
+            )
         raise ConfigValidationError(problems, source=source) from None

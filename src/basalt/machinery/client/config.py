@@ -100,8 +100,16 @@ def parse_client_config(text: str, source: str) -> ClientConfig:
         problems = []
         for error in exc.errors():
             loc, message, hint = translate_error(ClientConfig, error)
-            problems.append(Problem("basaltconfig", format_path(loc), message, hint,
-                                    source=source, line=raw.line_of(loc)))
+            problems.append(
+                Problem(
+                    "basaltconfig",
+                    format_path(loc),
+                    message,
+                    hint,
+                    source=source,
+                    line=raw.line_of(loc),
+                )
+            )
         raise ConfigValidationError(problems, source=source) from None
 
 
@@ -115,7 +123,7 @@ def load_client_config(path: Path, *, missing_ok: bool = False) -> ClientConfig:
         raise ClientConfigError(
             f"client config {path} does not exist",
             hint="create one with 'basaltctl gen config' and pass --basaltconfig, "
-                 "or merge it with 'basaltctl config merge FILE'",
+            "or merge it with 'basaltctl config merge FILE'",
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ClientConfigError(f"client config {path} cannot be read: {exc}") from None

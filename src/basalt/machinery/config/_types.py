@@ -91,7 +91,8 @@ def _https_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme != "https":
         raise invalid(
-            f"{value!r} is not an https URL", "the control plane endpoint looks like https://HOST:6443"
+            f"{value!r} is not an https URL",
+            "the control plane endpoint looks like https://HOST:6443",
         )
     try:
         port = parts.port
@@ -152,7 +153,9 @@ def _absolute_path(value: str) -> str:
 def _disk(value: str) -> str:
     _absolute_path(value)
     if not value.startswith("/dev/"):
-        raise invalid(f"{value!r} is not a device path", "install disks are block devices, e.g. /dev/vda")
+        raise invalid(
+            f"{value!r} is not a device path", "install disks are block devices, e.g. /dev/vda"
+        )
     return value
 
 

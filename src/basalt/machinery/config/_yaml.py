@@ -13,7 +13,6 @@ from ..errors import ConfigSyntaxError
 Loc = tuple[str | int, ...]
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_BaseDumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 @dataclass
@@ -103,7 +102,7 @@ def parse_documents(text: str, source: str | None) -> list[RawDocument]:
     return documents
 
 
-class _Dumper(_BaseDumper):
+class _Dumper(yaml.SafeDumper):
     """Block style; multi-line strings (PEM blocks) as literal `|` scalars."""
 
 

@@ -107,6 +107,7 @@ def document_to_raw(document: Document) -> dict[str, Any]:
 
 # -- loading ----------------------------------------------------------------------------------
 
+
 def _did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else None
@@ -134,7 +135,7 @@ def translate_error(model: type[BaseModel], error: Any) -> tuple[Loc, str, str |
     if kind == "missing":
         return loc, "required field is missing", _REFERENCE
     if kind == "string_type":
-        return loc, "must be a string", "quote the value in YAML, e.g. \"0.1\" or \"1\""
+        return loc, "must be a string", 'quote the value in YAML, e.g. "0.1" or "1"'
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return loc, "must be a mapping of fields", _REFERENCE
     if kind == "list_type":
@@ -146,26 +147,54 @@ def _check_header(raw: RawDocument, index: int, source: str | None) -> list[Prob
     label = f"document {index + 1}"
     data = raw.data
     if not isinstance(data, dict):
-        return [Problem(label, "", f"must be a mapping, got {type(data).__name__}",
-                        "each YAML document is one config document with apiVersion and kind",
-                        source=source, line=raw.line)]
+        return [
+            Problem(
+                label,
+                "",
+                f"must be a mapping, got {type(data).__name__}",
+                "each YAML document is one config document with apiVersion and kind",
+                source=source,
+                line=raw.line,
+            )
+        ]
     problems = []
     kind = data.get("kind")
     if not isinstance(kind, str) or not kind:
-        problems.append(Problem(label, "kind", "missing or not a string",
-                                f"one of: {', '.join(DOCUMENT_KINDS)}", source=source,
-                                line=raw.line_of(("kind",))))
+        problems.append(
+            Problem(
+                label,
+                "kind",
+                "missing or not a string",
+                f"one of: {', '.join(DOCUMENT_KINDS)}",
+                source=source,
+                line=raw.line_of(("kind",)),
+            )
+        )
     elif kind not in DOCUMENT_KINDS:
-        problems.append(Problem(label, "kind", f"unknown kind {kind!r}",
-                                _did_you_mean(kind, DOCUMENT_KINDS)
-                                or f"one of: {', '.join(DOCUMENT_KINDS)}",
-                                source=source, line=raw.line_of(("kind",))))
+        problems.append(
+            Problem(
+                label,
+                "kind",
+                f"unknown kind {kind!r}",
+                _did_you_mean(kind, DOCUMENT_KINDS) or f"one of: {', '.join(DOCUMENT_KINDS)}",
+                source=source,
+                line=raw.line_of(("kind",)),
+            )
+        )
     api = data.get("apiVersion")
     if api != API_VERSION:
         what = "missing" if api is None else f"{api!r} is not supported"
-        problems.append(Problem(label if kind not in DOCUMENT_KINDS else str(kind), "apiVersion",
-                                what, f"use apiVersion: {API_VERSION}", source=source,
-                                line=raw.line_of(("apiVersion",))))
+        problems.append(
+            Problem(
+                # kind may be any YAML value here, even an unhashable list or map
+                kind if isinstance(kind, str) and kind in DOCUMENT_KINDS else label,
+                "apiVersion",
+                what,
+                f"use apiVersion: {API_VERSION}",
+                source=source,
+                line=raw.line_of(("apiVersion",)),
+            )
+        )
     return problems
 
 
@@ -176,7 +205,7 @@ def build_bundle(raws: list[RawDocument], source: str | None) -> ConfigBundle:
     """
     problems: list[Problem] = []
     documents: list[Document] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, int | None] = {}
     for index, raw in enumerate(raws):
         header = _check_header(raw, index, source)
         if header:
@@ -190,14 +219,29 @@ def build_bundle(raws: list[RawDocument], source: str | None) -> ConfigBundle:
         except ValidationError as exc:
             for error in exc.errors():
                 loc, message, hint = translate_error(model, error)
-                problems.append(Problem(display, format_path(loc), message, hint,
-                                        source=source, line=raw.line_of(loc)))
+                problems.append(
+                    Problem(
+                        display,
+                        format_path(loc),
+                        message,
+                        hint,
+                        source=source,
+                        line=raw.line_of(loc),
+                    )
+                )
             continue
         key = document.display_name
         if key in seen:
-            problems.append(Problem(key, "", f"appears twice (first at line {seen[key]})",
-                                    "merge the two documents into one", source=source,
-                                    line=raw.line))
+            problems.append(
+                Problem(
+                    key,
+                    "",
+                    "appears twice" + (f" (first at line {seen[key]})" if seen[key] else ""),
+                    "merge the two documents into one",
+                    source=source,
+                    line=raw.line,
+                )
+            )
             continue
         seen[key] = raw.line
         documents.append(document)

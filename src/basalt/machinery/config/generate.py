@@ -7,15 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import Problem
-from ..secrets import SecretsBundle
 from ._base import API_VERSION
 from .bundle import ConfigBundle, bundle_from_raw
 from .contract import Contract, ContractDefaults, resolve_contract
 from .patch import Patch, apply_patches
 from .validate import check_bundle
+
+if TYPE_CHECKING:
+    # Only for annotations: secrets.py imports this package, so a runtime import here
+    # would make 'import basalt.machinery.secrets' fail as a circular import.
+    from ..secrets import SecretsBundle
 
 MachineType = Literal["controlplane", "worker"]
 
@@ -122,10 +126,15 @@ def generate_configs(
     resolved = resolve_contract(options.version_contract)
     warnings = [resolved.warning] if resolved.warning else []
     bundles: dict[MachineType, ConfigBundle] = {}
-    for machine_type, own in (("controlplane", controlplane_patches), ("worker", worker_patches)):
+    per_type: tuple[tuple[MachineType, Sequence[Patch]], ...] = (
+        ("controlplane", controlplane_patches),
+        ("worker", worker_patches),
+    )
+    for machine_type, own in per_type:
         target = f"{machine_type}.yaml"
-        documents = base_documents(secrets, options, resolved.contract, resolved.defaults,
-                                   machine_type)
+        documents = base_documents(
+            secrets, options, resolved.contract, resolved.defaults, machine_type
+        )
         patched = apply_patches(documents, [*patches, *own], target=target)
         bundle = bundle_from_raw(patched, source=target)
         problems: list[Problem] = check_bundle(bundle)

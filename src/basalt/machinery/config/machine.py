@@ -96,9 +96,7 @@ class KubeletSpec(Model):
 class Features(Model):
     """Switches for behaviour that changes between version contracts."""
 
-    rbac: bool = Field(
-        default=True, description="Enforce API roles from client certificates."
-    )
+    rbac: bool = Field(default=True, description="Enforce API roles from client certificates.")
     stable_hostname: bool = Field(
         default=True,
         description="Without a HostnameConfig, derive a stable host name from the machine id.",

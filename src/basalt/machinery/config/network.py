@@ -45,7 +45,9 @@ class LinkConfig(Document):
     named: ClassVar[bool] = True
     kind: Literal["LinkConfig"] = Field(description="`LinkConfig`.")
     name: str = Field(
-        min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.:-]+$",
+        min_length=1,
+        max_length=15,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
         description="Link name, e.g. `eth0`.",
     )
     up: bool = Field(default=True, description="Bring the link up.")
@@ -70,9 +72,7 @@ class ResolverConfig(Document):
         description="Up to three name server addresses. A merge patch replaces this list.",
         json_schema_extra=replace_on_merge(),
     )
-    search_domains: list[Hostname] = Field(
-        default_factory=list, description="DNS search domains."
-    )
+    search_domains: list[Hostname] = Field(default_factory=list, description="DNS search domains.")
 
 
 @register

@@ -56,7 +56,9 @@ def parse_patch(text: str, source: str) -> Patch:
     """Parse patch text; a top-level list is a JSON patch, mappings a merge patch."""
     documents = parse_documents(text, source)
     if not documents:
-        raise PatchError(f"{source}: the patch is empty", hint="a patch needs at least one document")
+        raise PatchError(
+            f"{source}: the patch is empty", hint="a patch needs at least one document"
+        )
     if len(documents) == 1 and isinstance(documents[0].data, list):
         return JSONPatch(source, documents[0].data, documents[0].line)
     return MergePatch(source, documents)
@@ -71,8 +73,10 @@ def load_patch(spec: str, *, index: int = 1, base_dir: Path | None = None) -> Pa
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise PatchError(f"patch file {path} does not exist",
-                             hint="give the path after @, e.g. --config-patch @patch.yaml") from None
+            raise PatchError(
+                f"patch file {path} does not exist",
+                hint="give the path after @, e.g. --config-patch @patch.yaml",
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise PatchError(f"patch file {path} cannot be read: {exc}") from None
         return parse_patch(text, str(path))
@@ -95,11 +99,18 @@ def apply_patches(
 # -- strategic merge ---------------------------------------------------------------------------
 
 
-def _fail(patch: MergePatch, index: int, raw: RawDocument, loc: tuple[Any, ...], reason: str,
-          hint: str | None = None) -> PatchError:
-    line = raw.line_of(loc)
-    where = f"document {index + 1}" + (f" (line {line})" if line else "")
-    return PatchError(f"{patch.source}: {where}: {reason}", hint=hint)
+@dataclass(frozen=True)
+class _At:
+    """The patch document being applied, for error messages that point into it."""
+
+    patch: MergePatch
+    index: int
+    raw: RawDocument
+
+    def fail(self, loc: tuple[Any, ...], reason: str, hint: str | None = None) -> PatchError:
+        line = self.raw.line_of(loc)
+        where = f"document {self.index + 1}" + (f" (line {line})" if line else "")
+        return PatchError(f"{self.patch.source}: {where}: {reason}", hint=hint)
 
 
 def _find(documents: list[dict[str, Any]], kind: str, name: Any, named: bool) -> int | None:
@@ -111,41 +122,53 @@ def _find(documents: list[dict[str, Any]], kind: str, name: Any, named: bool) ->
 
 def _apply_merge(documents: list[dict[str, Any]], patch: MergePatch) -> list[dict[str, Any]]:
     for index, raw in enumerate(patch.documents):
+        at = _At(patch, index, raw)
         data = raw.data
         if not isinstance(data, dict):
-            raise _fail(patch, index, raw, (), "must be a mapping with apiVersion and kind",
-                        "a merge patch is a partial config document; a JSON patch is one list")
+            raise at.fail(
+                (),
+                "must be a mapping with apiVersion and kind",
+                "a merge patch is a partial config document; a JSON patch is one list",
+            )
         kind = data.get("kind")
         if not isinstance(kind, str) or kind not in DOCUMENT_KINDS:
             what = "has no kind" if kind is None else f"unknown kind {kind!r}"
-            hint = (_did_you_mean(kind, DOCUMENT_KINDS) if isinstance(kind, str) else None)
-            raise _fail(patch, index, raw, ("kind",), what,
-                        hint or f"one of: {', '.join(DOCUMENT_KINDS)}")
+            hint = _did_you_mean(kind, DOCUMENT_KINDS) if isinstance(kind, str) else None
+            raise at.fail(("kind",), what, hint or f"one of: {', '.join(DOCUMENT_KINDS)}")
         api = data.get("apiVersion")
         if api is not None and api != API_VERSION:
-            raise _fail(patch, index, raw, ("apiVersion",), f"apiVersion {api!r} is not supported",
-                        f"use apiVersion: {API_VERSION}")
+            raise at.fail(
+                ("apiVersion",),
+                f"apiVersion {api!r} is not supported",
+                f"use apiVersion: {API_VERSION}",
+            )
         model = DOCUMENT_KINDS[kind]
         name = data.get("name")
         if model.named and not isinstance(name, str):
-            raise _fail(patch, index, raw, (), f"{kind} patches must say which document: name: ...")
+            raise at.fail((), f"{kind} patches must say which document: name: ...")
         label = f"{kind}({name})" if model.named else kind
         found = _find(documents, kind, name, model.named)
         directive = data.get(DIRECTIVE)
         if directive == "delete":
             if found is None:
-                raise _fail(patch, index, raw, (DIRECTIVE,), f"nothing to delete: no {label}",
-                            "check the kind and name against the config")
+                raise at.fail(
+                    (DIRECTIVE,),
+                    f"nothing to delete: no {label}",
+                    "check the kind and name against the config",
+                )
             del documents[found]
             continue
         if directive is not None:
-            raise _fail(patch, index, raw, (DIRECTIVE,), f"unknown directive {directive!r}",
-                        "documents take only '$patch: delete'")
+            raise at.fail(
+                (DIRECTIVE,),
+                f"unknown directive {directive!r}",
+                "documents take only '$patch: delete'",
+            )
         body = {"apiVersion": API_VERSION, **data}
         if found is None:
-            documents.append(_strip(body, patch, index, raw, ()))
+            documents.append(_strip(body, at, ()))
         else:
-            documents[found] = _merge(documents[found], body, model, patch, index, raw, ())
+            documents[found] = _merge(documents[found], body, model, at, ())
     return documents
 
 
@@ -153,62 +176,69 @@ def _directive(value: Any) -> Any:
     return value.get(DIRECTIVE) if isinstance(value, dict) else None
 
 
-def _strip(value: Any, patch: MergePatch, index: int, raw: RawDocument,
-           loc: tuple[Any, ...]) -> Any:
-    """A copy of patch data with directives applied to nothing (for added content)."""
+_DIRECTIVE_HINT = "fields take '$patch: delete'; maps take '$patch: replace'"
+
+
+def _strip(value: Any, at: _At, loc: tuple[Any, ...]) -> Any:
+    """A copy of patch data for content that is added whole: directives resolved."""
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            directive = _directive(item)
-            if directive == "delete":
+            if _directive(item) == "delete":
                 continue
             if key == DIRECTIVE and loc:
                 if item != "replace":
-                    raise _fail(patch, index, raw, (*loc, key), f"unknown directive {item!r}",
-                                "fields take '$patch: delete'; maps take '$patch: replace'")
+                    raise at.fail((*loc, key), f"unknown directive {item!r}", _DIRECTIVE_HINT)
                 continue
-            out[key] = _strip(item, patch, index, raw, (*loc, key))
+            out[key] = _strip(item, at, (*loc, key))
         return out
     if isinstance(value, list):
-        return [_strip(v, patch, index, raw, (*loc, i)) for i, v in enumerate(value)]
+        return [_strip(v, at, (*loc, i)) for i, v in enumerate(value)]
     return copy.deepcopy(value)
 
 
-def _merge(target: dict[str, Any], change: dict[str, Any], model: type[BaseModel] | None,
-           patch: MergePatch, index: int, raw: RawDocument, loc: tuple[Any, ...]) -> dict[str, Any]:
+def _merge(
+    target: dict[str, Any],
+    change: dict[str, Any],
+    model: type[BaseModel] | None,
+    at: _At,
+    loc: tuple[Any, ...],
+) -> dict[str, Any]:
     result = dict(target)
     for key, value in change.items():
         if key == DIRECTIVE:
             continue
         here = (*loc, key)
         directive = _directive(value)
+        current = result.get(key)
         if directive == "delete":
             if len(value) > 1:
-                raise _fail(patch, index, raw, here, "'$patch: delete' takes no other keys")
+                raise at.fail(here, "'$patch: delete' takes no other keys")
             result.pop(key, None)
-            continue
-        current = result.get(key)
-        if directive == "replace" or directive is None and not isinstance(current, dict | list):
-            result[key] = _strip(value, patch, index, raw, here)
-        elif directive is not None:
-            raise _fail(patch, index, raw, (*here, DIRECTIVE), f"unknown directive {directive!r}",
-                        "fields take '$patch: delete'; maps take '$patch: replace'")
-        elif isinstance(current, dict) and isinstance(value, dict):
+        elif directive not in (None, "replace"):
+            raise at.fail((*here, DIRECTIVE), f"unknown directive {directive!r}", _DIRECTIVE_HINT)
+        elif directive is None and isinstance(current, dict) and isinstance(value, dict):
             sub = _schema.submodel(model, key) if model else None
-            result[key] = _merge(current, value, sub, patch, index, raw, here)
-        elif (isinstance(current, list) and isinstance(value, list)
-              and not _schema.replaces_on_merge(model, key)):
-            added = _strip(value, patch, index, raw, here)
+            result[key] = _merge(current, value, sub, at, here)
+        elif (
+            directive is None
+            and isinstance(current, list)
+            and isinstance(value, list)
+            and not _schema.replaces_on_merge(model, key)
+        ):
+            added = _strip(value, at, here)
             result[key] = current + [item for item in added if item not in current]
         else:
-            result[key] = _strip(value, patch, index, raw, here)
+            result[key] = _strip(value, at, here)
     return result
 
 
 # -- JSON patch ------------------------------------------------------------------------------------
 
 
-def _apply_json(documents: list[dict[str, Any]], patch: JSONPatch, target: str) -> list[dict[str, Any]]:
+def _apply_json(
+    documents: list[dict[str, Any]], patch: JSONPatch, target: str
+) -> list[dict[str, Any]]:
     import jsonpatch
     import jsonpointer
 
@@ -217,7 +247,7 @@ def _apply_json(documents: list[dict[str, Any]], patch: JSONPatch, target: str) 
             f"{patch.source}: JSON patches apply to single-document configs; "
             f"{target} has {len(documents)} documents",
             hint="write a strategic merge patch instead: a YAML document with apiVersion, kind "
-                 "and only the fields to change",
+            "and only the fields to change",
         )
     document: Any = documents[0]
     for number, operation in enumerate(patch.operations, start=1):
@@ -228,12 +258,20 @@ def _apply_json(documents: list[dict[str, Any]], patch: JSONPatch, target: str) 
             if not isinstance(operation, dict):
                 raise PatchError("each operation is a mapping with op and path")
             document = jsonpatch.JsonPatch([operation]).apply(document, in_place=False)
-        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, BasaltError,
-                TypeError, KeyError, IndexError, ValueError, AttributeError) as exc:
+        except (
+            jsonpatch.JsonPatchException,
+            jsonpointer.JsonPointerException,
+            BasaltError,
+            TypeError,
+            KeyError,
+            IndexError,
+            ValueError,
+            AttributeError,
+        ) as exc:
             raise PatchError(
                 f"{patch.source}: {label}: {exc}",
                 hint="JSON pointers look like /kind or /install/disk; the target path must exist "
-                     "for remove, replace, move, copy and test",
+                "for remove, replace, move, copy and test",
             ) from None
     if not isinstance(document, dict):
         raise PatchError(f"{patch.source}: the patched document is not a mapping any more")

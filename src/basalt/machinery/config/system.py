@@ -20,7 +20,8 @@ class SysctlConfig(Document):
 
     kind: Literal["SysctlConfig"] = Field(description="`SysctlConfig`.")
     sysctls: dict[SysctlKey, str] = Field(
-        default_factory=dict, description="Map of sysctl name to value, e.g. `net.ipv4.ip_forward: \"1\"`."
+        default_factory=dict,
+        description='Map of sysctl name to value, e.g. `net.ipv4.ip_forward: "1"`.',
     )
 
 
@@ -114,6 +115,4 @@ class ImageVerificationConfig(Document):
     """The keys whose signatures make an upgrade image acceptable to this node."""
 
     kind: Literal["ImageVerificationConfig"] = Field(description="`ImageVerificationConfig`.")
-    keys: list[TrustedKey] = Field(
-        default_factory=list, description="Trusted image signing keys."
-    )
+    keys: list[TrustedKey] = Field(default_factory=list, description="Trusted image signing keys.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 
 from ..errors import ConfigValidationError, ContractError, Problem
 from ._base import Document
@@ -20,7 +20,7 @@ from .machine import CertificateAndKey, MachineConfig
 from .network import TimeSyncConfig
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """Where the config will run: a real machine, or a process on a host."""
 
     METAL = "metal"
@@ -39,13 +39,17 @@ def required_documents(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Prob
     for kind in (MachineConfig, ClusterConfig):
         if bundle.first(kind) is None:
             yield bundle.problem(
-                kind.kind_name(), (), "document is missing",
+                kind.kind_name(),
+                (),
+                "document is missing",
                 "a machine config needs one MachineConfig and one ClusterConfig; "
                 "generate it with 'basaltctl gen config'",
             )
 
 
-def _ca_slots(bundle: ConfigBundle) -> Iterator[tuple[Document, tuple[str, ...], CertificateAndKey | None]]:
+def _ca_slots(
+    bundle: ConfigBundle,
+) -> Iterator[tuple[Document, tuple[str, ...], CertificateAndKey | None]]:
     machine, cluster = bundle.first(MachineConfig), bundle.first(ClusterConfig)
     if machine is not None:
         yield machine, ("ca",), machine.ca
@@ -64,12 +68,16 @@ def secrets_by_role(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem
     for document, loc, pair in _ca_slots(bundle):
         if controlplane and (pair is None or pair.key is None):
             yield bundle.problem(
-                document, (*loc, "key"), "control planes need this CA's private key",
+                document,
+                (*loc, "key"),
+                "control planes need this CA's private key",
                 "regenerate the config with 'basaltctl gen config --with-secrets'",
             )
         if not controlplane and pair is not None and pair.key is not None:
             yield bundle.problem(
-                document, (*loc, "key"), "workers must not hold CA private keys",
+                document,
+                (*loc, "key"),
+                "workers must not hold CA private keys",
                 "remove the key; generate worker configs with 'basaltctl gen config'",
             )
     k8s = cluster.kubernetes
@@ -78,11 +86,19 @@ def secrets_by_role(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem
         (("kubernetes", "secretboxEncryptionSecret"), k8s.secretbox_encryption_secret),
     ):
         if controlplane and value is None:
-            yield bundle.problem(cluster, loc, "control planes need this secret",
-                                 "regenerate the config with 'basaltctl gen config --with-secrets'")
+            yield bundle.problem(
+                cluster,
+                loc,
+                "control planes need this secret",
+                "regenerate the config with 'basaltctl gen config --with-secrets'",
+            )
         if not controlplane and value is not None:
-            yield bundle.problem(cluster, loc, "workers must not hold this secret",
-                                 "remove it; generate worker configs with 'basaltctl gen config'")
+            yield bundle.problem(
+                cluster,
+                loc,
+                "workers must not hold this secret",
+                "remove it; generate worker configs with 'basaltctl gen config'",
+            )
 
 
 def ca_certificates(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
@@ -102,20 +118,34 @@ def ca_certificates(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem
             is_ca = False
         where = (*loc, "crt")
         if not is_ca:
-            yield bundle.problem(document, where, "is not a CA certificate",
-                                 "use the CA certificate from the secrets bundle")
+            yield bundle.problem(
+                document,
+                where,
+                "is not a CA certificate",
+                "use the CA certificate from the secrets bundle",
+            )
         if cert.not_valid_after_utc <= now:
-            yield bundle.problem(document, where,
-                                 f"expired on {cert.not_valid_after_utc:%Y-%m-%d}",
-                                 "rotate this CA: generate new secrets and roll them out")
+            yield bundle.problem(
+                document,
+                where,
+                f"expired on {cert.not_valid_after_utc:%Y-%m-%d}",
+                "rotate this CA: generate new secrets and roll them out",
+            )
         elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
-            yield bundle.problem(document, where,
-                                 f"expires on {cert.not_valid_after_utc:%Y-%m-%d}",
-                                 "plan a CA rotation", severity="warning")
+            yield bundle.problem(
+                document,
+                where,
+                f"expires on {cert.not_valid_after_utc:%Y-%m-%d}",
+                "plan a CA rotation",
+                severity="warning",
+            )
         if cert.not_valid_before_utc > now:
-            yield bundle.problem(document, where,
-                                 f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}",
-                                 "check the clock of the machine that generated it")
+            yield bundle.problem(
+                document,
+                where,
+                f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}",
+                "check the clock of the machine that generated it",
+            )
 
 
 def install_for_mode(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
@@ -124,12 +154,16 @@ def install_for_mode(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Proble
         return
     if mode.requires_install and machine.install.disk is None:
         yield bundle.problem(
-            machine, ("install", "disk"), "required on metal",
+            machine,
+            ("install", "disk"),
+            "required on metal",
             "set it with 'gen config --install-disk /dev/vda' or a patch on install.disk",
         )
     if not mode.requires_install and machine.install.disk is not None:
         yield bundle.problem(
-            machine, ("install", "disk"), "is ignored in container mode (nothing is installed)",
+            machine,
+            ("install", "disk"),
+            "is ignored in container mode (nothing is installed)",
             severity="warning",
         )
 
@@ -144,9 +178,10 @@ def subnets(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
     networks = [(f, i, ipaddress.ip_network(s)) for f, i, s in listed]
     for n, (field_a, index_a, net_a) in enumerate(networks):
         for field_b, index_b, net_b in networks[n + 1 :]:
-            if net_a.version == net_b.version and net_a.overlaps(net_b):  # type: ignore[arg-type]
+            if net_a.version == net_b.version and net_a.overlaps(net_b):
                 yield bundle.problem(
-                    cluster, ("network", field_b, index_b),
+                    cluster,
+                    ("network", field_b, index_b),
                     f"{net_b} overlaps network.{field_a}[{index_a}] ({net_a})",
                     "pod and service subnets must be disjoint",
                 )
@@ -165,8 +200,12 @@ def version_contract(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Proble
 def time_sync(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
     config = bundle.first(TimeSyncConfig)
     if config is not None and config.enabled and not config.servers:
-        yield bundle.problem(config, ("servers",), "time sync is enabled but has no servers",
-                             "list at least one NTP server, or set enabled: false")
+        yield bundle.problem(
+            config,
+            ("servers",),
+            "time sync is enabled but has no servers",
+            "list at least one NTP server, or set enabled: false",
+        )
 
 
 RULES: tuple[Rule, ...] = (

@@ -1,0 +1,1 @@
+"""basaltctl: the command-line client. One module per verb group."""

@@ -1,0 +1,120 @@
+"""``basaltctl config``: the client config file and its contexts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import info, options, read_text
+
+app = typer.Typer(
+    help="Manage the client config (contexts, endpoints, nodes).", no_args_is_help=True
+)
+
+
+@app.command("contexts")
+def contexts(ctx: typer.Context) -> None:
+    """List contexts; the current one is marked with *."""
+    from rich.console import Console
+    from rich.table import Table
+
+    config = options(ctx).load_client_config()
+    table = Table(box=None, pad_edge=False)
+    for column in ("CURRENT", "NAME", "ENDPOINTS", "NODES"):
+        table.add_column(column)
+    for name in sorted(config.contexts):
+        context = config.contexts[name]
+        table.add_row(
+            "*" if name == config.context else "",
+            name,
+            ",".join(context.endpoints),
+            ",".join(context.nodes),
+        )
+    Console(soft_wrap=True).print(table)
+
+
+@app.command("use-context")
+def use_context(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="Context name.")]
+) -> None:
+    """Make NAME the current context."""
+    from basalt.machinery.client.config import save_client_config
+
+    opts = options(ctx)
+    config = opts.load_client_config()
+    config.current(name)
+    config.context = name
+    save_client_config(config, opts.client_config_path)
+    info(f"current context is now {name!r}")
+
+
+def _set_list(ctx: typer.Context, field: str, values: list[str]) -> None:
+    from basalt.machinery.client.config import save_client_config
+
+    opts = options(ctx)
+    config = opts.load_client_config()
+    name, context = config.current(opts.context)
+    setattr(context, field, [v for value in values for v in value.split(",") if v])
+    save_client_config(config, opts.client_config_path)
+    info(f"context {name!r}: {field} = {','.join(getattr(context, field)) or '(none)'}")
+
+
+@app.command("endpoint")
+def endpoint(
+    ctx: typer.Context, endpoints: Annotated[list[str], typer.Argument(help="API endpoints.")]
+) -> None:
+    """Set the current context's endpoints (the nodes basaltctl dials)."""
+    _set_list(ctx, "endpoints", endpoints)
+
+
+@app.command("node")
+def node(
+    ctx: typer.Context,
+    nodes: Annotated[list[str] | None, typer.Argument(help="Target nodes (none clears).")] = None,
+) -> None:
+    """Set the current context's default target nodes."""
+    _set_list(ctx, "nodes", nodes or [])
+
+
+@app.command("merge")
+def merge(
+    ctx: typer.Context, file: Annotated[Path, typer.Argument(help="Client config to merge.")]
+) -> None:
+    """Merge another client config's contexts into this one (renaming clashes)."""
+    from basalt.machinery.client.config import parse_client_config, save_client_config
+
+    opts = options(ctx)
+    other = parse_client_config(read_text(file, "client config"), str(file))
+    config = opts.load_client_config(missing_ok=True)
+    renamed = dict(config.merge(other))
+    save_client_config(config, opts.client_config_path)
+    for name in other.contexts:
+        stored = renamed.get(name, name)
+        note = f" (renamed from {name!r}: the name was taken)" if stored != name else ""
+        info(f"merged context {stored!r}{note}")
+    info(f"current context is {config.context!r} in {opts.client_config_path}")
+
+
+@app.command("info")
+def show_info(ctx: typer.Context) -> None:
+    """Show the current context: endpoints, nodes, roles and certificate expiry."""
+    from basalt.machinery.pki import certificate_organizations, load_certificate
+
+    opts = options(ctx)
+    name, context = opts.load_client_config().current(opts.context)
+    cert = load_certificate(context.crt)
+    ca = load_certificate(context.ca)
+    rows = [
+        ("Current context", name),
+        ("Endpoints", ", ".join(context.endpoints) or "(none)"),
+        ("Nodes", ", ".join(context.nodes) or "(none)"),
+        ("Roles", ", ".join(certificate_organizations(context.crt)) or "(none)"),
+        ("Certificate", cert.subject.rfc4514_string()),
+        ("Certificate expires", f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"),
+        ("CA", ca.subject.rfc4514_string()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key + ':':<{width + 1}} {value}")
