@@ -26,20 +26,20 @@ def patch(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
     """Apply patches to a config, validate the result, and print or write it."""
-    from basalt.machinery.config import (
-        apply_patches,
-        bundle_from_raw,
-        check_bundle,
-        load_bundle,
-        load_patch,
-    )
+    from basalt.machinery.config import load_bundle, load_patch, patch_and_check
 
     source = str(config)
     bundle = load_bundle(read_text(config, "config"), source)
     loaded = [load_patch(p, index=i) for i, p in enumerate(patches, start=1)]
-    patched = apply_patches(bundle.to_raw(), loaded, target=source)
-    result = bundle_from_raw(patched, source=f"{source} (patched)")
-    for problem in check_bundle(result):
+    from basalt.machinery.config import MachineConfig
+
+    result, warnings = patch_and_check(
+        bundle.to_raw(),
+        loaded,
+        target=f"{source} (patched)",
+        complete=bundle.first(MachineConfig) is not None,
+    )
+    for problem in warnings:
         warn(problem.render())
     text = result.to_yaml()
     if output is None or str(output) == "-":

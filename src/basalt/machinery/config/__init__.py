@@ -11,7 +11,15 @@ from .contract import Contract, resolve_contract
 from .generate import GeneratedConfigs, GenerateOptions, generate_configs
 from .machine import MachineConfig
 from .network import HostnameConfig, LinkConfig, ResolverConfig, TimeSyncConfig
-from .patch import JSONPatch, MergePatch, Patch, apply_patches, load_patch, parse_patch
+from .patch import (
+    JSONPatch,
+    MergePatch,
+    Patch,
+    apply_patches,
+    load_patch,
+    parse_patch,
+    patch_and_check,
+)
 from .system import (
     EnvironmentConfig,
     EtcFileConfig,
@@ -54,6 +62,7 @@ __all__ = [
     "load_bundle",
     "load_patch",
     "parse_patch",
+    "patch_and_check",
     "resolve_contract",
     "validate_bundle",
 ]

@@ -55,13 +55,16 @@ def submodel(model: type[BaseModel], key: str) -> type[BaseModel] | None:
 
 
 def item_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
-    """For ``list[Model]`` fields, the item model."""
+    """For ``list[Model]`` and ``dict[str, Model]`` fields, the item model."""
     info = field_info(model, key)
     if info is None:
         return None
     annotation = _unwrap(info.annotation)
-    if typing.get_origin(annotation) is list:
+    origin = typing.get_origin(annotation)
+    if origin is list:
         return _as_model(typing.get_args(annotation)[0])
+    if origin is dict:
+        return _as_model(typing.get_args(annotation)[1])
     return None
 
 
@@ -72,11 +75,10 @@ def model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel
     for part in loc:
         if current is None and pending_list_of is None:
             return None
-        if isinstance(part, int):
+        if isinstance(part, int) or current is None:
+            # A list index, or the key of a map of models (client config contexts).
             current, pending_list_of = pending_list_of, None
             continue
-        if current is None:
-            return None
         pending_list_of = item_model(current, part)
         current = submodel(current, part)
     return current

@@ -118,6 +118,30 @@ def _error_loc(loc: Sequence[str | int]) -> Loc:
     return tuple(p for p in loc if p != "[key]")
 
 
+#: pydantic error type -> (message, hint); formatted with the error's context.
+_MESSAGES: dict[str, tuple[str, str | None]] = {
+    "missing": ("required field is missing", _REFERENCE),
+    "string_type": ("must be a string", 'quote the value in YAML, e.g. "0.1" or "1"'),
+    "model_type": ("must be a mapping of fields", _REFERENCE),
+    "model_attributes_type": ("must be a mapping of fields", _REFERENCE),
+    "dict_type": ("must be a mapping", "write it as key: value lines"),
+    "list_type": ("must be a list", "write it as a YAML list (- item)"),
+    "bool_type": ("must be true or false", None),
+    "bool_parsing": ("must be true or false", None),
+    "int_type": ("must be a whole number", None),
+    "int_parsing": ("must be a whole number", None),
+    "int_from_float": ("must be a whole number", None),
+    "greater_than_equal": ("must be at least {ge}", None),
+    "less_than_equal": ("must be at most {le}", None),
+    "too_short": ("needs at least {min_length} item(s)", None),
+    "too_long": ("allows at most {max_length} item(s)", None),
+    "string_too_short": ("must be at least {min_length} character(s)", None),
+    "string_too_long": ("must be at most {max_length} characters", None),
+    "string_pattern_mismatch": ("does not match the pattern {pattern}", None),
+    "literal_error": ("must be {expected}", None),
+}
+
+
 def translate_error(model: type[BaseModel], error: Any) -> tuple[Loc, str, str | None]:
     """One pydantic error -> (field path, message, hint)."""
     loc = _error_loc(error["loc"])
@@ -132,14 +156,12 @@ def translate_error(model: type[BaseModel], error: Any) -> tuple[Loc, str, str |
             f"allowed here: {', '.join(choices)}" if choices else _REFERENCE
         )
         return loc, f"unknown field {loc[-1]!r}", hint
-    if kind == "missing":
-        return loc, "required field is missing", _REFERENCE
-    if kind == "string_type":
-        return loc, "must be a string", 'quote the value in YAML, e.g. "0.1" or "1"'
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return loc, "must be a mapping of fields", _REFERENCE
-    if kind == "list_type":
-        return loc, "must be a list", "write it as a YAML list (- item)"
+    if kind in _MESSAGES:
+        message, hint = _MESSAGES[kind]
+        try:
+            return loc, message.format(**ctx), hint
+        except (KeyError, IndexError):
+            pass
     return loc, str(error["msg"]), None
 
 
@@ -217,8 +239,8 @@ def build_bundle(raws: list[RawDocument], source: str | None) -> ConfigBundle:
         try:
             document = model.model_validate(raw.data)
         except ValidationError as exc:
-            for error in exc.errors():
-                loc, message, hint = translate_error(model, error)
+            errors = [translate_error(model, error) for error in exc.errors()]
+            for loc, message, hint in sorted(errors, key=lambda e: raw.line_of(e[0]) or 0):
                 problems.append(
                     Problem(
                         display,

@@ -48,12 +48,12 @@ class NetworkSpec(Model):
 
     pod_subnets: list[Subnet] = Field(
         min_length=1,
-        description="Pod CIDRs. A merge patch replaces this list.",
+        description="Pod CIDRs.",
         json_schema_extra=replace_on_merge(),
     )
     service_subnets: list[Subnet] = Field(
         min_length=1,
-        description="Service CIDRs. A merge patch replaces this list.",
+        description="Service CIDRs.",
         json_schema_extra=replace_on_merge(),
     )
     dns_domain: Hostname = Field(description="The cluster DNS domain, e.g. `cluster.local`.")
@@ -67,7 +67,7 @@ class EtcdSpec(Model):
     )
     advertised_subnets: list[Subnet] = Field(
         default_factory=list,
-        description="Subnets etcd advertises its peer address from. A merge patch replaces it.",
+        description="Subnets etcd advertises its peer address from.",
         json_schema_extra=replace_on_merge(),
     )
     extra_args: dict[str, str] = Field(

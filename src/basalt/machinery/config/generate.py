@@ -9,12 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import Problem
 from ._base import API_VERSION
-from .bundle import ConfigBundle, bundle_from_raw
+from .bundle import ConfigBundle
 from .contract import Contract, ContractDefaults, resolve_contract
-from .patch import Patch, apply_patches
-from .validate import check_bundle
+from .patch import Patch, patch_and_check
 
 if TYPE_CHECKING:
     # Only for annotations: secrets.py imports this package, so a runtime import here
@@ -135,9 +133,7 @@ def generate_configs(
         documents = base_documents(
             secrets, options, resolved.contract, resolved.defaults, machine_type
         )
-        patched = apply_patches(documents, [*patches, *own], target=target)
-        bundle = bundle_from_raw(patched, source=target)
-        problems: list[Problem] = check_bundle(bundle)
+        bundle, problems = patch_and_check(documents, [*patches, *own], target=target)
         warnings.extend(p.render() for p in problems)
         bundles[machine_type] = bundle
     return GeneratedConfigs(bundles["controlplane"], bundles["worker"], resolved.contract, warnings)

@@ -18,7 +18,10 @@ class HostnameConfig(Document):
     hostname: Hostname | None = Field(default=None, description="The host name to use.")
     auto: Literal["off", "stable"] = Field(
         default="off",
-        description="`stable` derives a host name from the machine id when `hostname` is unset.",
+        description=(
+            "`stable` derives a host name from the machine id when `hostname` is unset. "
+            'Quote `"off"`: YAML reads a bare `off` as false.'
+        ),
     )
 
     @model_validator(mode="after")
@@ -33,7 +36,10 @@ class HostnameConfig(Document):
 class Route(Model):
     """A static route."""
 
-    network: Subnet = Field(default="0.0.0.0/0", description="Destination CIDR; default route.")
+    network: Subnet = Field(
+        default="0.0.0.0/0",
+        description="Destination CIDR; the default is the IPv4 default route (`::/0` for IPv6).",
+    )
     gateway: IPAddress = Field(description="Next hop.")
     metric: int = Field(default=1024, ge=0, le=2**32 - 1, description="Route metric.")
 
@@ -53,7 +59,7 @@ class LinkConfig(Document):
     up: bool = Field(default=True, description="Bring the link up.")
     addresses: list[InterfaceAddress] = Field(
         default_factory=list,
-        description="Static addresses with prefix length. A merge patch replaces this list.",
+        description="Static addresses with prefix length, e.g. `192.0.2.10/24`.",
         json_schema_extra=replace_on_merge(),
     )
     routes: list[Route] = Field(default_factory=list, description="Static routes.")
@@ -69,7 +75,7 @@ class ResolverConfig(Document):
     nameservers: list[IPAddress] = Field(
         default_factory=list,
         max_length=3,
-        description="Up to three name server addresses. A merge patch replaces this list.",
+        description="Name server addresses.",
         json_schema_extra=replace_on_merge(),
     )
     search_domains: list[Hostname] = Field(default_factory=list, description="DNS search domains.")
@@ -83,7 +89,7 @@ class TimeSyncConfig(Document):
     enabled: bool = Field(default=True, description="Synchronise the clock.")
     servers: list[HostOrIP] = Field(
         default_factory=list,
-        description="NTP servers. A merge patch replaces this list.",
+        description="NTP servers.",
         json_schema_extra=replace_on_merge(),
     )
     boot_timeout_seconds: int = Field(

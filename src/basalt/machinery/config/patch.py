@@ -16,18 +16,19 @@ patch, the document or operation, its line, and the reason.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from ..errors import BasaltError, PatchError
+from ..errors import BasaltError, ConfigValidationError, PatchError, Problem, format_path
 from . import _schema
-from ._base import API_VERSION, DOCUMENT_KINDS
+from ._base import API_VERSION, DOCUMENT_KINDS, document_key
 from ._yaml import RawDocument, parse_documents
-from .bundle import _did_you_mean
+from .bundle import ConfigBundle, _did_you_mean, bundle_from_raw
+from .validate import Mode, check_bundle
 
 DIRECTIVE = "$patch"
 
@@ -83,17 +84,71 @@ def load_patch(spec: str, *, index: int = 1, base_dir: Path | None = None) -> Pa
     return parse_patch(spec, f"<inline patch {index}>")
 
 
+#: Where patched values came from: (document, field path) -> (patch source, line).
+Origins = dict[tuple[str, str], tuple[str, int | None]]
+
+
 def apply_patches(
-    documents: Sequence[dict[str, Any]], patches: Sequence[Patch], *, target: str = "config"
+    documents: Sequence[dict[str, Any]],
+    patches: Sequence[Patch],
+    *,
+    target: str = "config",
+    origins: Origins | None = None,
 ) -> list[dict[str, Any]]:
-    """Apply ``patches`` in order to deep copies of ``documents``."""
+    """Apply ``patches`` in order to deep copies of ``documents``.
+
+    When ``origins`` is given, it is filled with the patch and line that set each
+    value, so that later validation errors can point into the patch that caused them.
+    """
     result = copy.deepcopy(list(documents))
+    record: Origins = origins if origins is not None else {}
     for patch in patches:
         if isinstance(patch, JSONPatch):
-            result = _apply_json(result, patch, target)
+            result = _apply_json(result, patch, target, record)
         else:
-            result = _apply_merge(result, patch)
+            result = _apply_merge(result, patch, record)
     return result
+
+
+def blame(problems: Iterable[Problem], origins: Origins) -> list[Problem]:
+    """Point each problem at the patch line that set the value, when a patch did."""
+    out = []
+    for problem in problems:
+        best: tuple[str, int | None] | None = None
+        best_len = -1
+        for (document, path), origin in origins.items():
+            if document != problem.document or len(path) <= best_len:
+                continue
+            if (
+                not path
+                or problem.path == path
+                or problem.path.startswith((f"{path}.", f"{path}["))
+            ):
+                best, best_len = origin, len(path)
+        out.append(replace(problem, source=best[0], line=best[1]) if best else problem)
+    return out
+
+
+def patch_and_check(
+    documents: Sequence[dict[str, Any]],
+    patches: Sequence[Patch],
+    *,
+    target: str,
+    mode: Mode | None = None,
+    complete: bool = True,
+) -> tuple[ConfigBundle, list[Problem]]:
+    """Apply patches, then validate the result; errors point at the patch lines that caused them.
+
+    Returns the bundle and its warnings; raises :class:`ConfigValidationError` on errors.
+    """
+    origins: Origins = {}
+    patched = apply_patches(documents, patches, target=target, origins=origins)
+    try:
+        bundle = bundle_from_raw(patched, source=target)
+        warnings = check_bundle(bundle, mode, complete=complete)
+    except ConfigValidationError as exc:
+        raise ConfigValidationError(blame(exc.problems, origins), source=target) from None
+    return bundle, blame(warnings, origins)
 
 
 # -- strategic merge ---------------------------------------------------------------------------
@@ -106,6 +161,11 @@ class _At:
     patch: MergePatch
     index: int
     raw: RawDocument
+    origins: Origins
+    label: str = ""
+
+    def record(self, loc: tuple[Any, ...]) -> None:
+        self.origins[(self.label, format_path(loc))] = (self.patch.source, self.raw.line_of(loc))
 
     def fail(self, loc: tuple[Any, ...], reason: str, hint: str | None = None) -> PatchError:
         line = self.raw.line_of(loc)
@@ -120,9 +180,11 @@ def _find(documents: list[dict[str, Any]], kind: str, name: Any, named: bool) ->
     return None
 
 
-def _apply_merge(documents: list[dict[str, Any]], patch: MergePatch) -> list[dict[str, Any]]:
+def _apply_merge(
+    documents: list[dict[str, Any]], patch: MergePatch, origins: Origins
+) -> list[dict[str, Any]]:
     for index, raw in enumerate(patch.documents):
-        at = _At(patch, index, raw)
+        at = _At(patch, index, raw, origins)
         data = raw.data
         if not isinstance(data, dict):
             raise at.fail(
@@ -147,6 +209,7 @@ def _apply_merge(documents: list[dict[str, Any]], patch: MergePatch) -> list[dic
         if model.named and not isinstance(name, str):
             raise at.fail((), f"{kind} patches must say which document: name: ...")
         label = f"{kind}({name})" if model.named else kind
+        at = replace(at, label=label)
         found = _find(documents, kind, name, model.named)
         directive = data.get(DIRECTIVE)
         if directive == "delete":
@@ -166,6 +229,8 @@ def _apply_merge(documents: list[dict[str, Any]], patch: MergePatch) -> list[dic
             )
         body = {"apiVersion": API_VERSION, **data}
         if found is None:
+            for loc in [(), *raw.positions]:
+                at.record(loc)
             documents.append(_strip(body, at, ()))
         else:
             documents[found] = _merge(documents[found], body, model, at, ())
@@ -228,16 +293,25 @@ def _merge(
         ):
             added = _strip(value, at, here)
             result[key] = current + [item for item in added if item not in current]
+            at.record(here)
         else:
             result[key] = _strip(value, at, here)
+            at.record(here)
     return result
 
 
 # -- JSON patch ------------------------------------------------------------------------------------
 
 
+def _pointer_loc(pointer: Any) -> tuple[str | int, ...]:
+    if not isinstance(pointer, str):
+        return ()
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+    return tuple(int(p) if p.isdigit() else p for p in parts)
+
+
 def _apply_json(
-    documents: list[dict[str, Any]], patch: JSONPatch, target: str
+    documents: list[dict[str, Any]], patch: JSONPatch, target: str, origins: Origins
 ) -> list[dict[str, Any]]:
     import jsonpatch
     import jsonpointer
@@ -258,6 +332,12 @@ def _apply_json(
             if not isinstance(operation, dict):
                 raise PatchError("each operation is a mapping with op and path")
             document = jsonpatch.JsonPatch([operation]).apply(document, in_place=False)
+            if isinstance(document, dict):
+                label = document_key(str(document.get("kind")), document.get("name"))
+                origins[(label, format_path(_pointer_loc(operation.get("path"))))] = (
+                    patch.source,
+                    patch.line,
+                )
         except (
             jsonpatch.JsonPatchException,
             jsonpointer.JsonPointerException,

@@ -60,7 +60,15 @@ class EtcFileConfig(Document):
     kind: Literal["EtcFileConfig"] = Field(description="`EtcFileConfig`.")
     name: EtcPath = Field(description="Path relative to /etc, e.g. `cni/net.d/10-extra.conf`.")
     contents: str = Field(description="File contents.")
-    mode: int = Field(default=0o644, ge=0, le=0o777, description="Permission bits (no setuid).")
+    mode: int = Field(
+        default=0o644,
+        ge=0,
+        le=0o777,
+        description=(
+            "Permission bits, at most `0777` (no setuid, setgid or sticky bits). Write them in "
+            "octal with a leading zero, e.g. `0644`; configs written back show decimal (`420`)."
+        ),
+    )
 
 
 @register

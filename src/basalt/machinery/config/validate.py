@@ -219,13 +219,22 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def validate_bundle(bundle: ConfigBundle, mode: Mode | None = None) -> list[Problem]:
-    """Every problem the rules find, errors and warnings, in rule order."""
-    return [problem for rule in RULES for problem in rule(bundle, mode)]
+def validate_bundle(
+    bundle: ConfigBundle, mode: Mode | None = None, *, complete: bool = True
+) -> list[Problem]:
+    """Every problem the rules find, errors and warnings, in rule order.
+
+    ``complete=False`` checks a partial config (a file of extra documents) without
+    demanding the MachineConfig and ClusterConfig that a whole machine config has.
+    """
+    rules = RULES if complete else tuple(r for r in RULES if r is not required_documents)
+    return [problem for rule in rules for problem in rule(bundle, mode)]
 
 
-def check_bundle(bundle: ConfigBundle, mode: Mode | None = None) -> list[Problem]:
+def check_bundle(
+    bundle: ConfigBundle, mode: Mode | None = None, *, complete: bool = True
+) -> list[Problem]:
     """Raise :class:`ConfigValidationError` on any error; return the warnings otherwise."""
-    problems = validate_bundle(bundle, mode)
+    problems = validate_bundle(bundle, mode, complete=complete)
     ConfigValidationError.raise_if_errors(problems, source=bundle.source)
     return problems
