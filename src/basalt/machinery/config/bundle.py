@@ -152,10 +152,10 @@ def translate_error(model: type[BaseModel], error: Any) -> tuple[Loc, str, str |
     if kind == "extra_forbidden":
         parent = _schema.model_at(model, loc[:-1])
         choices = _schema.field_keys(parent) if parent else []
-        hint = _did_you_mean(str(loc[-1]), choices) or (
+        suggestion = _did_you_mean(str(loc[-1]), choices) or (
             f"allowed here: {', '.join(choices)}" if choices else _REFERENCE
         )
-        return loc, f"unknown field {loc[-1]!r}", hint
+        return loc, f"unknown field {loc[-1]!r}", suggestion
     if kind in _MESSAGES:
         message, hint = _MESSAGES[kind]
         try:

@@ -25,6 +25,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel
 from pydantic.fields import FieldInfo
 
+from ..errors import BasaltError
 from ..fileio import write_atomic
 from . import _schema, _types
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
@@ -112,10 +113,10 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-class SchemaConflictError(ValueError):
-    """Two different models share a name, so their JSON Schema definitions would collide.
+class SchemaConflictError(BasaltError):
+    """Two different models share a class name, so their JSON Schema ``$defs`` collide.
 
-    Raised while building the schema; rename one of the model classes.
+    Raised by :func:`schema`; rename one of the model classes.
     """
 
 
@@ -228,13 +229,12 @@ def constraint_notes(info: FieldInfo) -> list[str]:
             if value is not None:
                 found[name] = value
     notes = []
-    low, high = found.get("ge"), found.get("le")
-    if low is not None and high is not None:
-        notes.append(f"From {low} to {high}.")
-    elif low is not None:
-        notes.append(f"At least {low}.")
-    elif high is not None:
-        notes.append(f"At most {high}.")
+    if "ge" in found and "le" in found:
+        notes.append(f"From {found.pop('ge')} to {found.pop('le')}.")
+    for name, words in (("ge", "At least"), ("gt", "More than"), ("le", "At most"),
+                        ("lt", "Less than")):
+        if name in found:
+            notes.append(f"{words} {found[name]}.")
     unit = "item" if _is_sized(info.annotation) else "character"
     shortest, longest = found.get("min_length"), found.get("max_length")
     if shortest is not None:
@@ -275,10 +275,11 @@ def field_rows(
         rows.append(FieldRow(path, _field_type(info), default_label(info), description))
         nested = _schema.submodel(model, key)
         container = _container(info.annotation)
-        if nested is not None and nested not in _stack:
-            rows.extend(field_rows(nested, f"{path}.", (*_stack, model)))
-        elif container is not None and container[1] not in _stack:
-            rows.extend(field_rows(container[1], f"{path}{container[0]}", (*_stack, model)))
+        stack = (*_stack, model)  # a model that contains itself is listed once
+        if nested is not None and nested not in stack:
+            rows.extend(field_rows(nested, f"{path}.", stack))
+        elif container is not None and container[1] not in stack:
+            rows.extend(field_rows(container[1], f"{path}{container[0]}", stack))
     return rows
 
 
@@ -393,7 +394,8 @@ def schema() -> dict[str, Any]:
     def define(name: str, definition: Any, owner: str) -> None:
         if name in defs and defs[name] != definition:
             raise SchemaConflictError(
-                f"{owner}: two different models are named {name!r}; rename one of them"
+                f"{owner}: two different models are named {name!r}",
+                hint="rename one of the model classes; JSON Schema $defs are keyed by name",
             )
         defs[name] = definition
 
