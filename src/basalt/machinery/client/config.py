@@ -5,6 +5,7 @@ Default location ``~/.basalt/config``; ``$BASALTCONFIG`` or ``--basaltconfig`` o
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from ..config._base import Model
 from ..config._yaml import dump_document, parse_documents
 from ..errors import ClientConfigError, ConfigValidationError, Problem, format_path
 from ..fileio import write_atomic
-from ..pki import CertificateAndKey, issue_certificate
+from ..pki import LEAF_VALIDITY, CertificateAndKey, issue_certificate
 from ..roles import Role
 
 ENV_VAR = "BASALTCONFIG"
@@ -142,10 +143,15 @@ def issue_client_context(
     nodes: Sequence[str] = (),
     roles: Sequence[Role] = (Role.ADMIN,),
     common_name: str = "basaltctl",
+    validity: dt.timedelta = LEAF_VALIDITY,
 ) -> Context:
     """A context with a new client certificate, signed by the OS CA, carrying ``roles``."""
     issued = issue_certificate(
-        os_ca, common_name, organizations=[r.value for r in roles], client=True
+        os_ca,
+        common_name,
+        organizations=[r.value for r in roles],
+        client=True,
+        validity=validity,
     )
     assert issued.key is not None
     return Context(

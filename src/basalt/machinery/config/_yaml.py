@@ -81,7 +81,18 @@ def parse_documents(text: str, source: str | None) -> list[RawDocument]:
                 continue
             positions: dict[Loc, int] = {}
             _walk(node, (), positions, source)
-            data = loader.construct_document(node)
+            try:
+                data = loader.construct_document(node)
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+                # PyYAML's constructors for explicitly tagged scalars fail with plain Python
+                # errors on values they cannot convert, e.g. '!!int' with no digits.
+                raise ConfigSyntaxError(
+                    f"YAML value cannot be converted ({type(exc).__name__}: {exc})",
+                    source=source,
+                    line=node.start_mark.line + 1,
+                    hint="check values with explicit tags such as !!int, !!float, !!bool "
+                    "or !!timestamp in the document that starts on this line",
+                ) from None
             if data is None:
                 continue
             documents.append(RawDocument(data, node.start_mark.line + 1, positions))

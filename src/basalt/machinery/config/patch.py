@@ -307,7 +307,8 @@ def _pointer_loc(pointer: Any) -> tuple[str | int, ...]:
     if not isinstance(pointer, str):
         return ()
     parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
-    return tuple(int(p) if p.isdigit() else p for p in parts)
+    # isdigit() alone also accepts digits such as '²' that int() refuses
+    return tuple(int(p) if p.isascii() and p.isdigit() else p for p in parts)
 
 
 def _apply_json(
@@ -333,8 +334,8 @@ def _apply_json(
                 raise PatchError("each operation is a mapping with op and path")
             document = jsonpatch.JsonPatch([operation]).apply(document, in_place=False)
             if isinstance(document, dict):
-                label = document_key(str(document.get("kind")), document.get("name"))
-                origins[(label, format_path(_pointer_loc(operation.get("path"))))] = (
+                owner = document_key(str(document.get("kind")), document.get("name"))
+                origins[(owner, format_path(_pointer_loc(operation.get("path"))))] = (
                     patch.source,
                     patch.line,
                 )

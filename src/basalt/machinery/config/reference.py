@@ -231,8 +231,12 @@ def constraint_notes(info: FieldInfo) -> list[str]:
     notes = []
     if "ge" in found and "le" in found:
         notes.append(f"From {found.pop('ge')} to {found.pop('le')}.")
-    for name, words in (("ge", "At least"), ("gt", "More than"), ("le", "At most"),
-                        ("lt", "Less than")):
+    for name, words in (
+        ("ge", "At least"),
+        ("gt", "More than"),
+        ("le", "At most"),
+        ("lt", "Less than"),
+    ):
         if name in found:
             notes.append(f"{words} {found[name]}.")
     unit = "item" if _is_sized(info.annotation) else "character"

@@ -1,0 +1,200 @@
+"""Every request passes here: authentication, the role table, maintenance restrictions,
+forwarding to other nodes, and the mapping of errors to status codes.
+
+Servicers are registered through their generated ``add_*_to_server`` functions into a
+capture object, so the dispatcher owns every method handler and wraps each one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from basalt.machinery.errors import BasaltError
+from basalt.machinery.roles import MAINTENANCE_RPCS, Role, allowed_roles, is_allowed
+
+from .auth import AuthenticationError, Principal, authenticate, current_principal
+from .errors import details_for, status_for
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
+MAINTENANCE_PRINCIPAL = Principal(frozenset(), maintenance=True)
+
+
+class _Capture:
+    """Stands in for a server in ``add_*Servicer_to_server`` to collect its handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        for name, handler in handlers.items():
+            self.handlers[f"/{service}/{name}"] = handler
+
+
+def _short(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
+
+
+async def _abort_for(exc: BasaltError, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(status_for(exc), details_for(exc))
+
+
+def wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
+    """``handler`` with ``check`` run first and BasaltErrors turned into status codes."""
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if not handler.request_streaming and not handler.response_streaming:
+        unary = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            token = current_principal.set(await check(context))
+            try:
+                return await unary(request, context)
+            except BasaltError as exc:
+                await _abort_for(exc, context)
+            finally:
+                current_principal.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
+    if not handler.request_streaming:
+        stream = handler.unary_stream
+
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            current_principal.set(await check(context))
+            try:
+                async for item in stream(request, context):
+                    yield item
+            except BasaltError as exc:
+                await _abort_for(exc, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+    if not handler.response_streaming:
+        client_stream = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            current_principal.set(await check(context))
+            try:
+                return await client_stream(requests, context)
+            except BasaltError as exc:
+                await _abort_for(exc, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
+    bidi = handler.stream_stream
+
+    async def stream_stream(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        current_principal.set(await check(context))
+        try:
+            async for item in bidi(requests, context):
+                yield item
+        except BasaltError as exc:
+            await _abort_for(exc, context)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+
+
+def denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same shape that refuses every call."""
+
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        await context.abort(code, message)
+        raise AssertionError("abort returned")
+
+    return wrap(handler, refuse)
+
+
+class Dispatcher(grpc.GenericRpcHandler):
+    """Routes each call to its (wrapped) handler, or to the proxy when it names nodes."""
+
+    def __init__(
+        self,
+        *,
+        maintenance: bool,
+        rbac_enabled: Callable[[], bool] = lambda: True,
+        forward: Callable[[str, grpc.RpcMethodHandler, list[str], Check], Any] | None = None,
+    ) -> None:
+        self.maintenance = maintenance
+        self._rbac_enabled = rbac_enabled
+        self._forward = forward
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def register(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        capture = _Capture()
+        add_to_server(servicer, capture)
+        self._handlers.update(capture.handlers)
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def checker(self, method: str, metadata: dict[str, str]) -> Check:
+        """The authentication + role check for ``method``."""
+
+        async def check(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+            try:
+                principal = authenticate(context.auth_context(), metadata)  # type: ignore[arg-type]
+            except AuthenticationError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                raise
+            if not self._rbac_enabled():
+                principal = Principal(
+                    frozenset({Role.ADMIN}),
+                    subject=principal.subject,
+                    forwarded_by=principal.forwarded_by,
+                    node_name=principal.node_name,
+                )
+            if not is_allowed(method, principal.roles):
+                need = ", ".join(sorted(r.value for r in allowed_roles(method)))
+                have = ", ".join(sorted(r.value for r in principal.roles)) or "no role"
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{_short(method)} needs one of the roles {need}; the client has {have}",
+                )
+            return principal
+
+        return check
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            return None
+        metadata = {
+            k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)
+        }
+        if self.maintenance:
+            if method not in MAINTENANCE_RPCS:
+                return denied(
+                    handler,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"node is in maintenance mode: only version, disks and apply-config are "
+                    f"served until a config is applied ({_short(method)} is not)",
+                )
+            if metadata.get("nodes"):
+                return denied(
+                    handler,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "node is in maintenance mode and does not forward requests; "
+                    "address each node directly with -n NODE --insecure",
+                )
+
+            async def maintenance(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+                return MAINTENANCE_PRINCIPAL
+
+            return wrap(handler, maintenance)
+        check = self.checker(method, metadata)
+        nodes = [n.strip() for n in metadata.get("nodes", "").split(",") if n.strip()]
+        if nodes and self._forward is not None:
+            return self._forward(method, handler, nodes, check)
+        return wrap(handler, check)

@@ -1,0 +1,361 @@
+"""MachineService: the node-side implementation of every machine RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from basalt.machinery.api import common_pb2, machine_pb2, machine_pb2_grpc
+from basalt.machinery.roles import CLIENT_ROLES, Role
+
+from .auth import Principal, current_principal
+from .errors import AccessDeniedError, InvalidRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+Context = grpc.aio.ServicerContext[Any, Any]
+CHUNK = 64 * 1024
+AGENT_LOG = "machined"
+
+
+class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    # -- helpers ------------------------------------------------------------------------------
+    def meta(self) -> common_pb2.Metadata:
+        principal = current_principal.get(None)
+        name = principal.node_name if principal and principal.node_name else self.node.address
+        return common_pb2.Metadata(node=name)
+
+    def action(self, message: str) -> common_pb2.ActionResponse:
+        return common_pb2.ActionResponse(
+            messages=[common_pb2.Action(metadata=self.meta(), message=message)]
+        )
+
+    @staticmethod
+    def principal() -> Principal:
+        return current_principal.get()
+
+    # -- version and config --------------------------------------------------------------------
+    async def Version(self, request: common_pb2.Empty, context: Context) -> Any:
+        node = self.node
+        machine = node.machine
+        info = machine_pb2.VersionInfo(
+            metadata=self.meta(),
+            tag=node.version,
+            python=platform.python_version(),
+            platform=str(node.platform.mode),
+            arch=node.platform.arch,
+            mode="maintenance" if node.maintenance else "normal",
+            machine_type=machine.type if machine else "",
+            hostname=node.hostname,
+        )
+        return machine_pb2.VersionResponse(messages=[info])
+
+    async def ApplyConfiguration(
+        self, request: machine_pb2.ApplyConfigurationRequest, context: Context
+    ) -> Any:
+        from ..apply import ApplyRequest, apply_maintenance
+        from ..sequencer.sequences import apply_config_sequence, reboot
+
+        apply_request = ApplyRequest(
+            data=request.data,
+            mode=request.mode,
+            dry_run=request.dry_run,
+            try_timeout=float(request.try_timeout_seconds),
+        )
+        if self.node.maintenance:
+            result = await apply_maintenance(self.node, apply_request)
+        else:
+            holder = _Holder(apply_request)
+            await self.node.sequencer.start(apply_config_sequence, holder)
+            result = holder.result
+            if result.then_reboot:
+                self.node.sequencer.start(reboot)
+        answer = machine_pb2.ApplyConfiguration(
+            metadata=self.meta(),
+            warnings=result.warnings,
+            mode=result.mode,
+            mode_details=result.details,
+            diff=result.diff,
+        )
+        return machine_pb2.ApplyConfigurationResponse(messages=[answer])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def Reboot(self, request: machine_pb2.RebootRequest, context: Context) -> Any:
+        from ..sequencer.sequences import reboot
+
+        self.node.sequencer.start(reboot)
+        return self.action("reboot started")
+
+    async def Shutdown(self, request: machine_pb2.ShutdownRequest, context: Context) -> Any:
+        from ..sequencer.sequences import shutdown
+
+        self.node.sequencer.start(shutdown)
+        return self.action("shutdown started")
+
+    async def Reset(self, request: machine_pb2.ResetRequest, context: Context) -> Any:
+        from ..sequencer.sequences import ResetRequest, reset
+
+        what = machine_pb2.WipeMode.Name(request.wipe_mode).lower()
+        self.node.sequencer.start(
+            reset, ResetRequest(request.graceful, request.wipe_mode, request.reboot)
+        )
+        then = "reboot" if request.reboot else "shut down"
+        return self.action(f"reset started (wipe {what}, then {then})")
+
+    # -- services -------------------------------------------------------------------------------
+    async def ServiceList(self, request: common_pb2.Empty, context: Context) -> Any:
+        services = []
+        for status in self.node.supervisor.statuses():
+            services.append(
+                machine_pb2.ServiceInfo(
+                    id=status.id,
+                    state=str(status.state),
+                    health=str(status.health),
+                    message=status.message,
+                    pid=status.pid or 0,
+                    restarts=status.restarts,
+                    events=[
+                        machine_pb2.ServiceEvent(
+                            state=str(e.state), message=e.message, timestamp=e.timestamp
+                        )
+                        for e in status.events
+                    ],
+                )
+            )
+        return machine_pb2.ServiceListResponse(
+            messages=[machine_pb2.ServiceList(metadata=self.meta(), services=services)]
+        )
+
+    async def ServiceAction(
+        self, request: machine_pb2.ServiceActionRequest, context: Context
+    ) -> Any:
+        supervisor = self.node.supervisor
+        supervisor.status(request.id)  # raises UnknownServiceError -> NOT_FOUND
+        if request.id == "apid" and request.action != machine_pb2.START:
+            raise InvalidRequestError(
+                "apid serves this request; stopping or restarting it through itself is refused",
+                hint="reboot the node instead",
+            )
+        kind = machine_pb2.ServiceActionKind.Name(request.action).lower()
+        operation = {
+            "start": supervisor.start,
+            "stop": supervisor.stop,
+            "restart": supervisor.restart,
+        }[kind]
+        await operation(request.id)
+        return self.action(f"service {request.id}: {kind} requested")
+
+    async def Logs(self, request: machine_pb2.LogsRequest, context: Context) -> AsyncIterator[Any]:
+        buffer = (
+            self.node.agent_log
+            if request.id == AGENT_LOG
+            else self.node.supervisor.logs(request.id)
+        )
+        tail = None if request.tail_lines < 0 else request.tail_lines
+        meta = self.meta()
+        if request.follow:
+            async for line in buffer.follow(tail):
+                yield common_pb2.Data(metadata=meta, bytes=line + b"\n")
+        else:
+            for line in buffer.lines(tail):
+                yield common_pb2.Data(metadata=meta, bytes=line + b"\n")
+
+    async def Dmesg(
+        self, request: machine_pb2.DmesgRequest, context: Context
+    ) -> AsyncIterator[Any]:
+        from ..sys.kmsg import read_kmsg
+
+        meta = self.meta()
+        async for line in read_kmsg(follow=request.follow, tail=request.tail):
+            yield common_pb2.Data(metadata=meta, bytes=line + b"\n")
+
+    async def Events(
+        self, request: machine_pb2.EventsRequest, context: Context
+    ) -> AsyncIterator[Any]:
+        meta = self.meta()
+        since_id = request.since_id or None
+        since_seconds = request.since_seconds or None
+        tail = request.tail_events or None
+        source = (
+            self.node.events.follow(since_id=since_id, since_seconds=since_seconds, tail=tail)
+            if request.follow
+            else _aiter(
+                self.node.events.history(since_id=since_id, since_seconds=since_seconds, tail=tail)
+            )
+        )
+        async for event in source:
+            yield machine_pb2.Event(
+                metadata=meta,
+                id=event.id,
+                type=event.type,
+                timestamp=event.timestamp,
+                actor=event.actor,
+                message=event.message,
+                fields=event.fields,
+            )
+
+    # -- files ----------------------------------------------------------------------------------
+    def _file_path(self, path: str) -> Any:
+        from .files import is_sensitive, resolve
+
+        root = self.node.paths.root
+        resolved = resolve(root, path or "/")
+        if is_sensitive(root, resolved) and Role.ADMIN not in self.principal().roles:
+            raise AccessDeniedError(
+                f"{path} holds secrets (the machine config, keys); only os:admin may read it"
+            )
+        return resolved
+
+    async def List(self, request: machine_pb2.ListRequest, context: Context) -> AsyncIterator[Any]:
+        from .files import is_sensitive, list_files
+
+        root = self.node.paths.root
+        self._file_path(request.root)
+        admin = Role.ADMIN in self.principal().roles
+        meta = self.meta()
+        async for info in list_files(
+            root, request.root or "/", recurse=request.recurse, max_depth=request.max_depth
+        ):
+            if not admin and info.name and is_sensitive(root, root / info.name.lstrip("/")):
+                continue
+            info.metadata.CopyFrom(meta)
+            yield info
+
+    async def Read(self, request: machine_pb2.ReadRequest, context: Context) -> AsyncIterator[Any]:
+        from .files import read_file
+
+        self._file_path(request.path)
+        meta = self.meta()
+        async for chunk in read_file(self.node.paths.root, request.path):
+            yield common_pb2.Data(metadata=meta, bytes=chunk)
+
+    async def Copy(self, request: machine_pb2.CopyRequest, context: Context) -> AsyncIterator[Any]:
+        from .files import copy_tree
+
+        self._file_path(request.root_path)
+        meta = self.meta()
+        async for chunk in copy_tree(self.node.paths.root, request.root_path):
+            yield common_pb2.Data(metadata=meta, bytes=chunk)
+
+    # -- system information --------------------------------------------------------------------
+    async def Processes(self, request: common_pb2.Empty, context: Context) -> Any:
+        from . import sysinfo
+
+        tree = await asyncio.to_thread(sysinfo.process_tree, os.getpid())
+        found = await asyncio.to_thread(sysinfo.processes, tree)
+        return machine_pb2.ProcessesResponse(
+            messages=[machine_pb2.Processes(metadata=self.meta(), processes=found)]
+        )
+
+    async def Memory(self, request: common_pb2.Empty, context: Context) -> Any:
+        from . import sysinfo
+
+        memory = await asyncio.to_thread(sysinfo.memory, os.getpid())
+        memory.metadata.CopyFrom(self.meta())
+        return machine_pb2.MemoryResponse(messages=[memory])
+
+    async def Mounts(self, request: common_pb2.Empty, context: Context) -> Any:
+        from . import sysinfo
+
+        stats = await asyncio.to_thread(sysinfo.mounts)
+        return machine_pb2.MountsResponse(
+            messages=[machine_pb2.Mounts(metadata=self.meta(), stats=stats)]
+        )
+
+    async def Netstat(self, request: common_pb2.Empty, context: Context) -> Any:
+        from . import sysinfo
+
+        tree = await asyncio.to_thread(sysinfo.process_tree, os.getpid())
+        found = await asyncio.to_thread(sysinfo.connections, self.node.address, tree)
+        return machine_pb2.NetstatResponse(
+            messages=[machine_pb2.Netstat(metadata=self.meta(), connections=found)]
+        )
+
+    async def Disks(self, request: common_pb2.Empty, context: Context) -> Any:
+        from . import sysinfo
+
+        disks = await asyncio.to_thread(sysinfo.disks)
+        return machine_pb2.DisksResponse(
+            messages=[machine_pb2.Disks(metadata=self.meta(), disks=disks)]
+        )
+
+    async def Health(self, request: common_pb2.Empty, context: Context) -> Any:
+        from ..health import run_checks
+
+        checks = await run_checks(self.node)
+        health = machine_pb2.Health(
+            metadata=self.meta(),
+            healthy=all(c.ok for c in checks),
+            checks=[
+                machine_pb2.HealthCheck(name=c.name, ok=c.ok, message=c.message) for c in checks
+            ],
+        )
+        return machine_pb2.HealthResponse(messages=[health])
+
+    async def GenerateClientConfiguration(
+        self, request: machine_pb2.GenerateClientConfigurationRequest, context: Context
+    ) -> Any:
+        import datetime as dt
+
+        from basalt.machinery.client.config import ClientConfig, issue_client_context
+        from basalt.machinery.pki import CertificateAndKey
+
+        machine = self.node.machine
+        if machine is None or machine.ca.key is None:
+            raise InvalidRequestError(
+                "only control planes hold the OS CA key that client certificates need",
+                hint="send this request to a control plane",
+            )
+        allowed = {r.value: r for r in CLIENT_ROLES}
+        unknown = [r for r in request.roles if r not in allowed]
+        if unknown or not request.roles:
+            raise InvalidRequestError(
+                f"unknown or missing roles: {', '.join(unknown) or '(none)'}",
+                hint=f"choose from {', '.join(allowed)}",
+            )
+        ttl = dt.timedelta(seconds=request.ttl_seconds or 365 * 24 * 3600)
+        context_name = request.context or "basalt"
+        issued = issue_client_context(
+            CertificateAndKey(machine.ca.crt, machine.ca.key),
+            endpoints=[self.node.address],
+            roles=[allowed[r] for r in request.roles],
+            validity=ttl,
+        )
+        config = ClientConfig(context=context_name, contexts={context_name: issued})
+        self.node.events.publish(
+            "config",
+            f"client configuration issued with roles {', '.join(request.roles)}",
+            actor="apid",
+        )
+        answer = machine_pb2.GenerateClientConfiguration(
+            metadata=self.meta(),
+            ca=issued.ca.encode(),
+            crt=issued.crt.encode(),
+            key=issued.key.encode(),
+            basaltconfig=config.to_yaml().encode(),
+        )
+        return machine_pb2.GenerateClientConfigurationResponse(messages=[answer])
+
+
+class _Holder:
+    def __init__(self, apply: Any) -> None:
+        self.apply = apply
+        self.result: Any = None
+
+
+async def _aiter(items: list[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+__all__ = ["MachineServicer", "NotFoundError"]

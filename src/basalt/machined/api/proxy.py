@@ -1,0 +1,184 @@
+"""Forwarding: one endpoint, many nodes.
+
+A request that names target nodes is sent by the endpoint (a control plane) to each
+target with the endpoint's own ``os:impersonator`` client certificate; the caller's
+roles, checked here first, travel in metadata that targets accept only from such a
+certificate. Answers are merged on the wire (see :mod:`.wire`), so the proxy needs no
+knowledge of the methods it forwards. A node that fails contributes an error answer;
+the others' answers still arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from basalt.machinery.api import API_PORT
+from basalt.machinery.client.client import CHANNEL_OPTIONS, split_endpoint
+from basalt.machinery.pki import CertificateAndKey
+
+from . import wire
+from .auth import NODE_METADATA, ROLES_METADATA, Principal
+from .dispatch import Check
+
+STREAM_BUFFER = 64
+
+
+class Proxy:
+    """Channels to other nodes, made with this node's client certificate."""
+
+    def __init__(
+        self,
+        credentials: Callable[[], tuple[str, CertificateAndKey] | None],
+        resolve: Callable[[str], str] = lambda name: name,
+    ) -> None:
+        self._credentials = credentials
+        self._resolve = resolve
+        self._channels: dict[str, tuple[int, grpc.aio.Channel]] = {}
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        creds = self._credentials()
+        if creds is None:
+            raise PermissionError("no client certificate to forward with")
+        ca, client = creds
+        key = id(client)
+        cached = self._channels.get(target)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        host, port = split_endpoint(self._resolve(target), API_PORT)
+        assert client.key is not None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca.encode(),
+            private_key=client.key.encode(),
+            certificate_chain=client.crt.encode(),
+        )
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        self._channels[target] = (key, channel)
+        return channel
+
+    @staticmethod
+    def _metadata(principal: Principal, target: str) -> tuple[tuple[str, str], ...]:
+        roles = ",".join(sorted(r.value for r in principal.roles))
+        return (
+            (ROLES_METADATA, roles),
+            (NODE_METADATA, target),
+            ("basalt-subject", principal.subject),
+        )
+
+    async def close(self) -> None:
+        for _, channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+    def handler(
+        self, method: str, handler: grpc.RpcMethodHandler, nodes: list[str], check: Check
+    ) -> Any:
+        """A raw-bytes handler that forwards ``method`` to ``nodes`` and merges answers."""
+        if handler.request_streaming:
+
+            async def unsupported(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "client-streaming requests cannot be forwarded; address the node directly",
+                )
+
+            if handler.response_streaming:
+                return grpc.stream_stream_rpc_method_handler(unsupported)
+            return grpc.stream_unary_rpc_method_handler(unsupported)
+
+        async def authorize(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+            principal = await check(context)
+            if principal.forwarded_by:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, "a forwarded request cannot be forwarded"
+                )
+            if self._credentials() is None:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "this node cannot forward requests (only control planes hold a client "
+                    "certificate); use a control plane as the endpoint, or this node without -n",
+                )
+            return principal
+
+        if handler.response_streaming:
+
+            async def unary_stream(
+                request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[bytes]:
+                principal = await authorize(context)
+                async for item in self._stream(method, request, nodes, principal, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream)
+
+        async def unary_unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            principal = await authorize(context)
+            timeout = context.time_remaining()
+            answers = await asyncio.gather(
+                *(self._unary(method, request, n, principal, timeout) for n in nodes)
+            )
+            return b"".join(answers)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary)
+
+    async def _unary(
+        self, method: str, request: bytes, target: str, principal: Principal, timeout: float | None
+    ) -> bytes:
+        try:
+            call = self._channel(target).unary_unary(method)
+            answer: bytes = await call(
+                request, metadata=self._metadata(principal, target), timeout=timeout
+            )
+            return answer
+        except grpc.aio.AioRpcError as exc:
+            return wire.unary_error(target, exc.details() or "", exc.code().value[0])
+        except (PermissionError, ValueError, OSError) as exc:
+            return wire.unary_error(target, str(exc), grpc.StatusCode.UNAVAILABLE.value[0])
+
+    async def _stream(
+        self,
+        method: str,
+        request: bytes,
+        nodes: list[str],
+        principal: Principal,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(STREAM_BUFFER)
+        timeout = context.time_remaining()
+
+        async def pump(target: str) -> None:
+            try:
+                call = self._channel(target).unary_stream(method)
+                async for message in call(
+                    request, metadata=self._metadata(principal, target), timeout=timeout
+                ):
+                    await queue.put(message)
+            except grpc.aio.AioRpcError as exc:
+                await queue.put(wire.stream_error(target, exc.details() or "", exc.code().value[0]))
+            except (PermissionError, ValueError, OSError) as exc:
+                await queue.put(
+                    wire.stream_error(target, str(exc), grpc.StatusCode.UNAVAILABLE.value[0])
+                )
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(n)) for n in nodes]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*tasks, return_exceptions=True)

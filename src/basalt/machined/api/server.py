@@ -1,0 +1,148 @@
+"""Start and stop the node's gRPC servers: the API (maintenance or mTLS) and trust."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from basalt.machinery.api import (
+    API_PORT,
+    TRUST_PORT,
+    machine_pb2_grpc,
+    resource_pb2_grpc,
+    trust_pb2_grpc,
+)
+from basalt.machinery.client.client import MAX_MESSAGE
+
+from .dispatch import Dispatcher
+from .proxy import Proxy
+from .tls import maintenance_credentials, mtls_credentials, server_only_credentials
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_concurrent_streams", 256),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class ServerStartError(Exception):
+    pass
+
+
+def _bind(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+class ApiServer:
+    """The machine API on ``address:50000``."""
+
+    def __init__(self, node: Node, *, maintenance: bool) -> None:
+        from .machine import MachineServicer
+        from .resources import ResourceServicer
+
+        self.node = node
+        self.maintenance = maintenance
+        self.proxy: Proxy | None = None
+        forward = None
+        if not maintenance:
+            self.proxy = Proxy(self._forwarding_credentials, node_resolver(node))
+            forward = self.proxy.handler
+        self.dispatcher = Dispatcher(
+            maintenance=maintenance, rbac_enabled=self._rbac_enabled, forward=forward
+        )
+        self.dispatcher.register(
+            machine_pb2_grpc.add_MachineServiceServicer_to_server, MachineServicer(node)
+        )
+        self.dispatcher.register(
+            resource_pb2_grpc.add_ResourceServiceServicer_to_server, ResourceServicer(node)
+        )
+        self.server: grpc.aio.Server | None = None
+
+    def _rbac_enabled(self) -> bool:
+        machine = self.node.machine
+        return machine.features.rbac if machine is not None else True
+
+    def _forwarding_credentials(self) -> Any:
+        identity = self.node.identity
+        if identity is None or identity.client is None:
+            return None
+        return identity.ca, identity.client
+
+    def _current_identity(self) -> Any:
+        identity = self.node.identity
+        assert identity is not None
+        return identity.ca, identity.server
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((self.dispatcher,))
+        if self.maintenance:
+            credentials = maintenance_credentials(self.node.address)
+        else:
+            credentials = mtls_credentials(self._current_identity)
+        bind = _bind(self.node.address, API_PORT)
+        try:
+            server.add_secure_port(bind, credentials)
+        except RuntimeError as exc:
+            raise ServerStartError(f"cannot listen on {bind}: {exc}") from None
+        await server.start()
+        self.server = server
+        log.info("API listening on %s (%s)", bind, "maintenance" if self.maintenance else "mTLS")
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+        if self.proxy is not None:
+            await self.proxy.close()
+
+
+class TrustServer:
+    """The trust service on control planes: ``address:50001``, TLS, token-authenticated."""
+
+    def __init__(self, node: Node) -> None:
+        from .trust import TrustServicer
+
+        self.node = node
+        self.servicer = TrustServicer(node)
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        identity = self.node.identity
+        assert identity is not None
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        trust_pb2_grpc.add_TrustServiceServicer_to_server(self.servicer, server)
+        bind = _bind(self.node.address, TRUST_PORT)
+        try:
+            server.add_secure_port(bind, server_only_credentials(identity.server))
+        except RuntimeError as exc:
+            raise ServerStartError(f"cannot listen on {bind}: {exc}") from None
+        await server.start()
+        self.server = server
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+
+
+def node_resolver(node: Node) -> Any:
+    """Target names -> addresses: a member's host name resolves to its first address."""
+
+    def resolve(name: str) -> str:
+        member = node.members.get(name)
+        if member is not None and member.addresses:
+            return str(member.addresses[0])
+        return name
+
+    return resolve

@@ -1,0 +1,81 @@
+"""Server credentials: self-signed for maintenance mode, OS-CA mTLS for normal mode."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Callable
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from basalt.machinery.client.client import MAINTENANCE_SERVER_NAME
+from basalt.machinery.pki import CertificateAndKey, generate_private_key, private_key_pem
+
+
+def self_signed_maintenance_certificate(address: str) -> CertificateAndKey:
+    """A throw-away certificate for maintenance mode; clients take it on first use."""
+    key = generate_private_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MAINTENANCE_SERVER_NAME)])
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(MAINTENANCE_SERVER_NAME)]
+    try:
+        sans.append(x509.IPAddress(ipaddress.ip_address(address)))
+    except ValueError:
+        sans.append(x509.DNSName(address))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAndKey(
+        cert.public_bytes(serialization.Encoding.PEM).decode(), private_key_pem(key)
+    )
+
+
+def maintenance_credentials(address: str) -> grpc.ServerCredentials:
+    pair = self_signed_maintenance_certificate(address)
+    assert pair.key is not None
+    return grpc.ssl_server_credentials([(pair.key.encode(), pair.crt.encode())])
+
+
+def _configuration(ca: str, server: CertificateAndKey) -> grpc.ServerCertificateConfiguration:
+    assert server.key is not None
+    return grpc.ssl_server_certificate_configuration(
+        [(server.key.encode(), server.crt.encode())], root_certificates=ca.encode()
+    )
+
+
+def mtls_credentials(
+    current: Callable[[], tuple[str, CertificateAndKey]],
+) -> grpc.ServerCredentials:
+    """mTLS against the OS CA; a renewed certificate is picked up at the next handshake."""
+    ca, server = current()
+    served = [server]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        ca_now, server_now = current()
+        if server_now is served[0]:
+            return None
+        served[0] = server_now
+        return _configuration(ca_now, server_now)
+
+    return grpc.dynamic_ssl_server_credentials(
+        _configuration(ca, server), fetch, require_client_authentication=True
+    )
+
+
+def server_only_credentials(server: CertificateAndKey) -> grpc.ServerCredentials:
+    """TLS with the node's certificate and no client certificate (the trust service)."""
+    assert server.key is not None
+    return grpc.ssl_server_credentials([(server.key.encode(), server.crt.encode())])

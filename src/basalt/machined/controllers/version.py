@@ -1,0 +1,30 @@
+"""Versions/version: what Basalt this node runs."""
+
+from __future__ import annotations
+
+import platform
+from typing import TYPE_CHECKING
+
+from basalt.machinery.resources import VersionSpec
+
+from ..runtime import Controller, ResourceStore
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+
+class VersionController(Controller):
+    name = "version"
+    outputs = ("Versions",)
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def reconcile(self, store: ResourceStore) -> None:
+        spec = VersionSpec(
+            tag=self.node.version,
+            python=platform.python_version(),
+            platform=str(self.node.platform.mode),
+            arch=self.node.platform.arch,
+        )
+        store.put("Versions", "version", spec, owner=self.name)

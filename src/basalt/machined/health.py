@@ -1,0 +1,77 @@
+"""Node health: the checks ``basaltctl health`` reports (and later, boot assessment)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from basalt.machinery.api import API_PORT
+
+if TYPE_CHECKING:
+    from .node import Node
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+
+async def _api_answers(node: Node) -> Check:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(node.address, API_PORT), 2)
+    except (OSError, TimeoutError) as exc:
+        return Check("api", False, f"{node.address}:{API_PORT} does not accept connections: {exc}")
+    writer.close()
+    await writer.wait_closed()
+    return Check("api", True, f"serving on {node.address}:{API_PORT}")
+
+
+def _stage(node: Node) -> Check:
+    ok = node.stage == "running"
+    return Check("stage", ok, f"node is {node.stage}")
+
+
+def _services(node: Node) -> list[Check]:
+    checks = []
+    for status in node.supervisor.statuses():
+        if status.state == "skipped":
+            checks.append(Check(f"service {status.id}", True, f"skipped: {status.message}"))
+            continue
+        ok = status.state == "running" and status.health != "unhealthy"
+        text = f"{status.state}, {status.health}" + (
+            f": {status.message}" if status.message else ""
+        )
+        checks.append(Check(f"service {status.id}", ok, text))
+    return checks
+
+
+def _members(node: Node) -> Check:
+    if node.config is None:
+        return Check("members", False, "no config")
+    me = node.members.get(node.hostname)
+    if me is None:
+        return Check("members", False, "this node is not in the member list yet")
+    age = time.time() - me.last_seen
+    limit = node.tuning.member_ttl
+    return Check("members", age < limit, f"{len(node.members)} members; announced {age:.0f}s ago")
+
+
+def _controllers(node: Node) -> Check:
+    errors = node.engine.errors if node.engine else {}
+    if errors:
+        return Check("controllers", False, "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    return Check("controllers", True, "all reconciled")
+
+
+async def run_checks(node: Node) -> list[Check]:
+    return [
+        _stage(node),
+        await _api_answers(node),
+        *_services(node),
+        _members(node),
+        _controllers(node),
+    ]

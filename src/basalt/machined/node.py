@@ -1,0 +1,202 @@
+"""The node: the state every part of machined shares, and its lifecycle entry points."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import basalt
+from basalt.machinery.config import ConfigBundle, MachineConfig, load_bundle
+from basalt.machinery.config.network import HostnameConfig
+from basalt.machinery.resources import MachineConfigSpec, MachineStatusSpec, UnmetCondition
+from basalt.machinery.resources.specs import Stage
+
+from .events import EventBus
+from .identity import DEFAULT_VALIDITY, NodeIdentity
+from .platform import Platform
+from .runtime import ControllerEngine, ResourceStore
+from .sequencer import Sequencer
+from .services import LogBuffer, Supervisor
+from .storage.state import ConfigStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tuning:
+    """Timings that tests shorten; defaults are for real nodes."""
+
+    cert_validity: dt.timedelta = DEFAULT_VALIDITY
+    announce_interval: float = 10.0
+    member_ttl: float = 60.0
+
+
+@dataclass
+class TrialState:
+    """A config under ``--mode try``: running, not committed, reverted at ``deadline``."""
+
+    previous: ConfigBundle
+    deadline: float
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Node:
+    platform: Platform
+    tuning: Tuning = field(default_factory=Tuning)
+
+    def __post_init__(self) -> None:
+        self.paths = self.platform.paths
+        self.address = self.platform.address
+        self.events = EventBus()
+        self.store = ResourceStore()
+        self.agent_log = LogBuffer(max_lines=5000)
+        self.supervisor = Supervisor(self.events, on_change=self._service_changed)
+        self.configs = ConfigStore(self.paths.state)
+        self.config: ConfigBundle | None = None
+        self.identity: NodeIdentity | None = None
+        self.stage: Stage = "booting"
+        self.sequencer: Sequencer[Node] = Sequencer(self, self._sequence_event)
+        self.engine: ControllerEngine | None = None
+        self.trial: TrialState | None = None
+        self.config_arrived = asyncio.Event()
+        self.exit_code: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.started = time.time()
+        self.api: Any = None
+        self.trust: Any = None
+        self.members: dict[str, Any] = {}
+        #: On control planes: the member registry the trust service keeps.
+        self.trust_members: dict[str, Any] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- identity and config -------------------------------------------------------------
+    @property
+    def maintenance(self) -> bool:
+        return self.config is None
+
+    @property
+    def machine(self) -> MachineConfig | None:
+        return self.config.first(MachineConfig) if self.config else None
+
+    @property
+    def is_controlplane(self) -> bool:
+        machine = self.machine
+        return machine is not None and machine.type == "controlplane"
+
+    @property
+    def hostname(self) -> str:
+        if self.config is not None:
+            hostname = self.config.first(HostnameConfig)
+            if hostname is not None and hostname.hostname:
+                return hostname.hostname
+        return self.platform.hostname
+
+    @property
+    def version(self) -> str:
+        return basalt.__version__
+
+    def load_text(self, text: str, source: str) -> ConfigBundle:
+        return load_bundle(text, source)
+
+    def use_config(self, bundle: ConfigBundle, *, staged: ConfigBundle | None = None) -> None:
+        """Make ``bundle`` the running config and publish it as a resource."""
+        self.config = bundle
+        self.store.put(
+            "MachineConfigs", "v1alpha1", MachineConfigSpec(yaml=bundle.to_yaml()), owner="config"
+        )
+        if staged is not None:
+            self.store.put(
+                "MachineConfigs",
+                "staged",
+                MachineConfigSpec(yaml=staged.to_yaml(), staged=True),
+                owner="config",
+            )
+        else:
+            self.store.delete("MachineConfigs", "staged", owner="config")
+        if self.engine is not None:
+            for controller in self.engine.controllers:
+                self.engine.kick(controller.name)
+
+    # -- status ------------------------------------------------------------------------------
+    def set_stage(self, stage: Stage) -> None:
+        if stage != self.stage:
+            self.stage = stage
+            self.events.publish("machine", f"stage {stage}", actor="machined", stage=stage)
+        self.refresh_status()
+
+    def unmet_conditions(self) -> list[UnmetCondition]:
+        unmet = []
+        if self.stage != "running":
+            unmet.append(UnmetCondition(name="stage", reason=f"node is {self.stage}"))
+        for status in self.supervisor.statuses():
+            if status.state == "skipped":
+                continue
+            if status.state != "running":
+                unmet.append(
+                    UnmetCondition(
+                        name=f"service {status.id}", reason=status.message or status.state
+                    )
+                )
+            elif status.health == "unhealthy":
+                unmet.append(
+                    UnmetCondition(
+                        name=f"service {status.id}", reason=f"unhealthy: {status.message}"
+                    )
+                )
+        return unmet
+
+    def refresh_status(self) -> None:
+        unmet = self.unmet_conditions()
+        self.store.put(
+            "MachineStatuses",
+            "machine",
+            MachineStatusSpec(stage=self.stage, ready=not unmet, unmet_conditions=unmet),
+            owner="machined",
+        )
+
+    def _service_changed(self, status: Any) -> None:
+        from basalt.machinery.resources import ServiceStatusSpec
+
+        self.store.put(
+            "Services",
+            status.id,
+            ServiceStatusSpec(
+                state=str(status.state),
+                healthy=status.health == "healthy",
+                health=status.health,
+                message=status.message,
+                restarts=status.restarts,
+            ),
+            owner="supervisor",
+        )
+        self.refresh_status()
+
+    def _sequence_event(self, sequence: str, phase: str, message: str) -> None:
+        fields = {"sequence": sequence}
+        if phase:
+            fields["phase"] = phase
+        text = f"{sequence}: {phase + ': ' if phase else ''}{message}"
+        self.events.publish("sequence", text, actor="sequencer", **fields)
+        log.info("%s", text)
+
+    def background(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` for the node's lifetime; it is cancelled when the node stops."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def stop_background(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- the end -----------------------------------------------------------------------------
+    def finish(self, action: str) -> None:
+        """End the process so the launcher reboots or stops the node."""
+        if not self.exit_code.done():
+            self.exit_code.set_result(self.platform.exit_code(action))

@@ -1,0 +1,1 @@
+"""Persistent node state: the config store on STATE."""

@@ -1,0 +1,84 @@
+"""The services a configured node runs, by machine type and platform."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from basalt.machinery.api import API_PORT, TRUST_PORT
+
+from .services import HealthCheck, LogBuffer, RestartPolicy, ServiceSpec, TaskRunner
+
+if TYPE_CHECKING:
+    from .node import Node
+
+#: Where the kubelet binary comes from: a ``kubernetes`` system extension in the image.
+KUBELET_PATHS = ("/usr/local/bin", "/opt/basalt/extensions/kubernetes/bin")
+
+
+def _port_check(address: str, port: int) -> HealthCheck:
+    async def check() -> None:
+        _, writer = await asyncio.open_connection(address, port)
+        writer.close()
+        await writer.wait_closed()
+
+    return HealthCheck(check, interval=5.0, timeout=2.0, initial_delay=0.2)
+
+
+def _server_service(node: Node, factory: type, port: int, name: str) -> ServiceSpec:
+    async def serve(log: LogBuffer) -> None:
+        server = factory(node, **({"maintenance": False} if name == "apid" else {}))
+        await server.start()
+        log.append(f"{name} listening on {node.address}:{port}".encode())
+        if name == "apid":
+            node.api = server
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop(grace=1.0)
+
+    return ServiceSpec(
+        id=name,
+        runner=TaskRunner(serve, stop_timeout=3.0),
+        health_check=_port_check(node.address, port),
+        restart=RestartPolicy.ALWAYS,
+        backoff_initial=0.5,
+        backoff_max=10.0,
+    )
+
+
+def kubelet_binary(root: str = "/") -> str | None:
+    """The kubelet binary shipped in the image, if any (PATH is not consulted)."""
+    for directory in KUBELET_PATHS:
+        candidate = os.path.join(root, directory.lstrip("/"), "kubelet")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _kubelet(node: Node) -> ServiceSpec:
+    from .services import ProcessRunner
+
+    binary = kubelet_binary(str(node.paths.root))
+    argv = [binary or "kubelet", "--v=2"]
+    return ServiceSpec(
+        id="kubelet",
+        runner=ProcessRunner(argv),
+        depends_on=("apid",),
+        skip_reason=lambda: None if binary else "kubelet binary not in image",
+        restart=RestartPolicy.ALWAYS,
+    )
+
+
+def register_system_services(node: Node) -> None:
+    from .api.server import ApiServer, TrustServer
+
+    known = {s.id for s in node.supervisor.statuses()}
+    wanted = [_server_service(node, ApiServer, API_PORT, "apid")]
+    if node.is_controlplane:
+        wanted.append(_server_service(node, TrustServer, TRUST_PORT, "trustd"))
+    wanted.append(_kubelet(node))
+    for spec in wanted:
+        if spec.id not in known:
+            node.supervisor.register(spec)

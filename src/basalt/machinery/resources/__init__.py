@@ -1,0 +1,39 @@
+"""Typed resource specs shared by node and client: what ``basaltctl get`` shows.
+
+A resource is (namespace, type, id, version, spec). The node keeps them in a watchable
+store; the API sends specs as JSON; the client renders them with the columns below.
+"""
+
+from .definitions import (
+    DEFINITIONS,
+    ResourceDefinition,
+    UnknownResourceTypeError,
+    resolve_type,
+)
+from .specs import (
+    HostnameSpec,
+    MachineConfigSpec,
+    MachineStatusSpec,
+    MemberSpec,
+    NodeAddressesSpec,
+    ResourceDefinitionSpec,
+    ServiceStatusSpec,
+    UnmetCondition,
+    VersionSpec,
+)
+
+__all__ = [
+    "DEFINITIONS",
+    "HostnameSpec",
+    "MachineConfigSpec",
+    "MachineStatusSpec",
+    "MemberSpec",
+    "NodeAddressesSpec",
+    "ResourceDefinition",
+    "ResourceDefinitionSpec",
+    "ServiceStatusSpec",
+    "UnknownResourceTypeError",
+    "UnmetCondition",
+    "VersionSpec",
+    "resolve_type",
+]

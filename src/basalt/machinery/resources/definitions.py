@@ -1,0 +1,125 @@
+"""The table of resource types: namespace, aliases, sensitivity and table columns."""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from ..errors import BasaltError
+from . import specs
+
+
+class UnknownResourceTypeError(BasaltError):
+    """A resource type or alias that no definition has."""
+
+
+@dataclass(frozen=True)
+class ResourceDefinition:
+    """How one resource type is named, guarded and printed."""
+
+    type: str
+    namespace: str
+    spec: builtins.type[BaseModel]
+    aliases: tuple[str, ...]
+    description: str
+    #: (column header, spec key) for table output, after NODE, ID and VERSION.
+    columns: tuple[tuple[str, str], ...] = ()
+    #: Sensitive resources (keys, configs) are readable by os:admin only.
+    sensitive: bool = False
+
+    def matches(self, name: str) -> bool:
+        wanted = name.lower()
+        return wanted == self.type.lower() or wanted in self.aliases
+
+
+DEFINITIONS: tuple[ResourceDefinition, ...] = (
+    ResourceDefinition(
+        "ResourceDefinitions",
+        "meta",
+        specs.ResourceDefinitionSpec,
+        ("rd", "rds"),
+        "The resource types this node knows.",
+        (("NAMESPACE", "namespace"), ("ALIASES", "aliases"), ("SENSITIVE", "sensitive")),
+    ),
+    ResourceDefinition(
+        "MachineConfigs",
+        "config",
+        specs.MachineConfigSpec,
+        ("machineconfig", "machineconfigs", "mc"),
+        "The machine config the node runs (id v1alpha1), and a staged one (id staged).",
+        (("STAGED", "staged"),),
+        sensitive=True,
+    ),
+    ResourceDefinition(
+        "MachineStatuses",
+        "runtime",
+        specs.MachineStatusSpec,
+        ("machinestatus", "machinestatuses", "ms"),
+        "Lifecycle stage and readiness.",
+        (("STAGE", "stage"), ("READY", "ready"), ("UNMET", "unmetConditions")),
+    ),
+    ResourceDefinition(
+        "Services",
+        "runtime",
+        specs.ServiceStatusSpec,
+        ("service", "services", "svc"),
+        "Supervised services.",
+        (
+            ("STATE", "state"),
+            ("HEALTH", "health"),
+            ("RESTARTS", "restarts"),
+            ("MESSAGE", "message"),
+        ),
+    ),
+    ResourceDefinition(
+        "Hostnames",
+        "network",
+        specs.HostnameSpec,
+        ("hostname", "hostnames"),
+        "The node's host name.",
+        (("HOSTNAME", "hostname"), ("DOMAINNAME", "domainname")),
+    ),
+    ResourceDefinition(
+        "NodeAddresses",
+        "network",
+        specs.NodeAddressesSpec,
+        ("nodeaddress", "nodeaddresses", "addresses"),
+        "The node's addresses.",
+        (("ADDRESSES", "addresses"),),
+    ),
+    ResourceDefinition(
+        "Members",
+        "cluster",
+        specs.MemberSpec,
+        ("member", "members"),
+        "Nodes of the cluster, from the control planes' member list.",
+        (
+            ("HOSTNAME", "hostname"),
+            ("MACHINE TYPE", "machineType"),
+            ("ADDRESSES", "addresses"),
+            ("VERSION", "version"),
+        ),
+    ),
+    ResourceDefinition(
+        "Versions",
+        "runtime",
+        specs.VersionSpec,
+        ("version", "versions"),
+        "The running Basalt version.",
+        (("TAG", "tag"), ("PLATFORM", "platform"), ("ARCH", "arch")),
+    ),
+)
+
+
+def resolve_type(name: str) -> ResourceDefinition:
+    """The definition for a type name or alias (case-insensitive)."""
+    for definition in DEFINITIONS:
+        if definition.matches(name):
+            return definition
+    known = ", ".join(sorted(d.aliases[0] for d in DEFINITIONS))
+    raise UnknownResourceTypeError(
+        f"unknown resource type {name!r}",
+        hint=f"known types: {known} (or run 'basaltctl get rd')",
+    )

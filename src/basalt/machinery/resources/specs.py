@@ -1,0 +1,91 @@
+"""The spec models of Basalt's resources (camelCase JSON on the wire)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from ..config._base import Model as _ConfigModel
+
+
+class Model(_ConfigModel):
+    """Specs are built in code by field name and sent as camelCase JSON."""
+
+    model_config = ConfigDict(validate_by_name=True, frozen=True)
+
+
+Stage = Literal[
+    "maintenance",
+    "booting",
+    "running",
+    "rebooting",
+    "shuttingDown",
+    "resetting",
+    "upgrading",
+    "applying",
+]
+
+
+class UnmetCondition(Model):
+    name: str
+    reason: str
+
+
+class MachineStatusSpec(Model):
+    """The node's lifecycle stage and whether it is ready."""
+
+    stage: Stage
+    ready: bool
+    unmet_conditions: list[UnmetCondition] = Field(default_factory=list)
+
+
+class ServiceStatusSpec(Model):
+    """One supervised service."""
+
+    state: str
+    healthy: bool
+    health: str
+    message: str = ""
+    restarts: int = 0
+
+
+class HostnameSpec(Model):
+    hostname: str
+    domainname: str = ""
+
+
+class NodeAddressesSpec(Model):
+    addresses: list[str]
+
+
+class MemberSpec(Model):
+    """A node of the cluster, as the trust service's member list reports it."""
+
+    hostname: str
+    machine_type: str
+    addresses: list[str]
+    version: str
+    last_seen: float
+
+
+class VersionSpec(Model):
+    tag: str
+    python: str
+    platform: str
+    arch: str
+
+
+class MachineConfigSpec(Model):
+    """The machine config the node runs (sensitive: admin only)."""
+
+    yaml: str
+    staged: bool = False
+
+
+class ResourceDefinitionSpec(Model):
+    type: str
+    namespace: str
+    aliases: list[str]
+    sensitive: bool
+    description: str
