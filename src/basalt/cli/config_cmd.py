@@ -17,22 +17,15 @@ app = typer.Typer(
 @app.command("contexts")
 def contexts(ctx: typer.Context) -> None:
     """List contexts; the current one is marked with *."""
-    from rich.console import Console
-    from rich.table import Table
+    from ._api import table
 
     config = options(ctx).load_client_config()
-    table = Table(box=None, pad_edge=False)
-    for column in ("CURRENT", "NAME", "ENDPOINTS", "NODES"):
-        table.add_column(column)
+    rows = []
     for name in sorted(config.contexts):
         context = config.contexts[name]
-        table.add_row(
-            "*" if name == config.context else "",
-            name,
-            ",".join(context.endpoints),
-            ",".join(context.nodes),
-        )
-    Console(soft_wrap=True).print(table)
+        current = "*" if name == config.context else ""
+        rows.append((current, name, ",".join(context.endpoints), ",".join(context.nodes)))
+    table(("CURRENT", "NAME", "ENDPOINTS", "NODES"), rows)
 
 
 @app.command("use-context")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from . import config_cmd, gen, machineconfig, validate
+from . import config_cmd, gen, machine, machineconfig, resources, services, validate
 from ._common import GlobalOptions
 
 app = typer.Typer(
@@ -26,6 +26,16 @@ app.add_typer(gen.app, name="gen")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(machineconfig.app, name="machineconfig")
 app.command("validate")(validate.validate)
+app.command("version")(machine.version)
+app.command("apply-config")(machine.apply_config)
+app.command("reboot")(machine.reboot)
+app.command("shutdown")(machine.shutdown)
+app.command("reset")(machine.reset)
+app.command("health")(machine.health)
+app.command("services")(services.services)
+app.command("service")(services.service)
+app.command("logs")(services.logs)
+app.command("get")(resources.get)
 
 _state = GlobalOptions()
 

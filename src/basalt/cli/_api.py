@@ -1,0 +1,136 @@
+"""Talking to nodes from the CLI: target options, one client per command, per-node answers.
+
+Every API verb takes ``-n/--nodes`` (targets) and ``-e/--endpoints`` (where to dial),
+and ``--insecure`` where maintenance mode is meaningful. Answers come back per node;
+a node that failed is reported on stderr and makes the command exit 1 after the
+other nodes' answers are shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from ._common import options
+
+if TYPE_CHECKING:
+    from basalt.machinery.client.client import Client
+
+T = TypeVar("T")
+
+NodesOption = Annotated[
+    list[str] | None,
+    typer.Option("-n", "--nodes", help="Target nodes (repeat or comma-list); default: context's."),
+]
+EndpointsOption = Annotated[
+    list[str] | None,
+    typer.Option("-e", "--endpoints", help="Endpoints to dial; default: the context's."),
+]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "-i", "--insecure", help="Maintenance mode: no client certificate; dial each node."
+    ),
+]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for answers.")]
+
+
+def split(values: Sequence[str] | None) -> list[str]:
+    return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+
+
+class NodeFailures:
+    """Per-node errors seen in answers; the command exits 1 when there were any."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def report(self, node: str, error: str, code: int = 0) -> None:
+        import grpc
+
+        name = next((c.name for c in grpc.StatusCode if c.value[0] == code), "ERROR")
+        print(f"error: {node or '?'}: {name}: {error}", file=sys.stderr)
+        self.count += 1
+
+    def keep(self, messages: Iterable[T]) -> list[T]:
+        """The messages that carry no per-node error (the others are reported)."""
+        kept = []
+        for message in messages:
+            meta = message.metadata  # type: ignore[attr-defined]
+            if meta.error:
+                self.report(meta.node, meta.error, meta.code)
+            else:
+                kept.append(message)
+        return kept
+
+
+def run(
+    ctx: typer.Context,
+    work: Callable[[Client, NodeFailures], Awaitable[None]],
+    *,
+    nodes: Sequence[str] | None,
+    endpoints: Sequence[str] | None,
+    insecure: bool = False,
+) -> None:
+    """Connect as the context (or insecurely), run ``work``, map gRPC errors, set exit code."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    failures = NodeFailures()
+    asyncio.run(_run(ctx, work, split(nodes), split(endpoints), insecure, failures))
+    if failures.count:
+        raise typer.Exit(1)
+
+
+async def _run(
+    ctx: typer.Context,
+    work: Callable[[Client, NodeFailures], Awaitable[None]],
+    nodes: list[str],
+    endpoints: list[str],
+    insecure: bool,
+    failures: NodeFailures,
+) -> None:
+    import grpc.aio
+
+    from basalt.machinery.client.client import Client, rpc_error
+    from basalt.machinery.errors import BasaltError
+
+    opts = options(ctx)
+    if insecure:
+        targets = nodes or endpoints
+        if not targets:
+            raise BasaltError("--insecure needs the node to talk to: -n NODE")
+        for target in targets:
+            client = await Client.connect(target, insecure=True)
+            try:
+                await work(client, failures)
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, target) from None
+            finally:
+                await client.close()
+        return
+    _, context = opts.load_client_config().current(opts.context)
+    client = await Client.from_context(context, endpoints=endpoints, nodes=nodes)
+    try:
+        await work(client, failures)
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, client.endpoint) from None
+    finally:
+        await client.close()
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A plain, aligned table on stdout (no box drawing, easy to grep)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    grid = Table(box=None, pad_edge=False, show_edge=False, highlight=False)
+    for column in columns:
+        grid.add_column(column, overflow="fold")
+    for row in rows:
+        grid.add_row(*(str(v) for v in row))
+    width = None if sys.stdout.isatty() else 100_000
+    Console(soft_wrap=True, highlight=False, width=width).print(grid)

@@ -1,0 +1,219 @@
+"""Machine verbs: version, apply-config, reboot, shutdown, reset, health."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ._api import EndpointsOption, InsecureOption, NodeFailures, NodesOption, run, table
+from ._common import info, read_text
+
+if TYPE_CHECKING:
+    from basalt.machinery.client.client import Client
+
+
+def version(
+    ctx: typer.Context,
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
+    insecure: InsecureOption = False,
+    client_only: Annotated[bool, typer.Option("--client", help="Only this basaltctl.")] = False,
+) -> None:
+    """Show the client's version and each node's."""
+    import basalt
+
+    print(f"Client: basaltctl {basalt.__version__}")
+    if client_only:
+        return
+    from basalt.machinery.api import common_pb2
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        answer = await client.machine.Version(
+            common_pb2.Empty(), metadata=client.metadata(), timeout=15
+        )
+        for item in failures.keep(answer.messages):
+            print(f"Node {item.metadata.node}: basalt {item.tag} ({item.mode} mode)")
+            print(f"  Platform: {item.platform}/{item.arch}  Python: {item.python}")
+            if item.machine_type:
+                print(f"  Type: {item.machine_type}  Hostname: {item.hostname}")
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints, insecure=insecure)
+
+
+class ApplyModeChoice(StrEnum):
+    auto = "auto"
+    no_reboot = "no-reboot"
+    reboot = "reboot"
+    staged = "staged"
+    try_ = "try"
+
+
+def _duration(text: str) -> float:
+    from basalt.machinery.errors import BasaltError
+
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise BasaltError(f"{text!r} is not a duration", hint="e.g. 90s, 2m or 1h") from None
+
+
+def apply_config(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Option("-f", "--file", help="Machine config to apply.")],
+    mode: Annotated[
+        ApplyModeChoice, typer.Option("-m", "--mode", help="How the change takes effect.")
+    ] = ApplyModeChoice.auto,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the diff and the mode; change nothing.")
+    ] = False,
+    try_timeout: Annotated[
+        str, typer.Option("--timeout", help="With --mode try: revert after this long.")
+    ] = "1m",
+    config_patch: Annotated[
+        list[str] | None, typer.Option("-p", "--config-patch", help="Patch the file first.")
+    ] = None,
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Apply a machine config to nodes (maintenance mode: --insecure -n NODE)."""
+    from basalt.machinery.api import machine_pb2
+    from basalt.machinery.config import load_bundle, load_patch, patch_and_check
+
+    source = str(file)
+    bundle = load_bundle(read_text(file, "config"), source)
+    if config_patch:
+        patches = [load_patch(p, index=i) for i, p in enumerate(config_patch, start=1)]
+        bundle, _ = patch_and_check(bundle.to_raw(), patches, target=f"{source} (patched)")
+    data = bundle.to_yaml().encode()
+    request = machine_pb2.ApplyConfigurationRequest(
+        data=data,
+        mode=machine_pb2.ApplyMode.Value(mode.value.upper().replace("-", "_")),
+        dry_run=dry_run,
+        try_timeout_seconds=int(_duration(try_timeout)),
+    )
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        answer = await client.machine.ApplyConfiguration(
+            request, metadata=client.metadata(), timeout=60
+        )
+        for item in failures.keep(answer.messages):
+            chosen = machine_pb2.ApplyMode.Name(item.mode).lower().replace("_", "-")
+            print(f"{item.metadata.node}: mode {chosen}: {item.mode_details}")
+            for warning in item.warnings:
+                info(f"{item.metadata.node}: {warning}")
+            if item.diff:
+                sys.stdout.write(item.diff)
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints, insecure=insecure)
+
+
+def _action(
+    ctx: typer.Context,
+    rpc: str,
+    request: object,
+    nodes: list[str] | None,
+    endpoints: list[str] | None,
+) -> None:
+    async def work(client: Client, failures: NodeFailures) -> None:
+        answer = await getattr(client.machine, rpc)(request, metadata=client.metadata(), timeout=30)
+        for item in failures.keep(answer.messages):
+            print(f"{item.metadata.node}: {item.message}")
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints)
+
+
+def reboot(
+    ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
+) -> None:
+    """Reboot nodes (in container mode the process restarts)."""
+    from basalt.machinery.api import machine_pb2
+
+    _action(ctx, "Reboot", machine_pb2.RebootRequest(), nodes, endpoints)
+
+
+def shutdown(
+    ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
+) -> None:
+    """Shut nodes down."""
+    from basalt.machinery.api import machine_pb2
+
+    _action(ctx, "Shutdown", machine_pb2.ShutdownRequest(), nodes, endpoints)
+
+
+class WipeChoice(StrEnum):
+    all = "all"
+    state = "state"
+    ephemeral = "ephemeral"
+
+
+def reset(
+    ctx: typer.Context,
+    graceful: Annotated[
+        bool, typer.Option("--graceful/--no-graceful", help="Leave the cluster first.")
+    ] = True,
+    wipe_mode: Annotated[
+        WipeChoice, typer.Option("--wipe-mode", help="What to wipe.")
+    ] = WipeChoice.all,
+    reboot_after: Annotated[
+        bool,
+        typer.Option(
+            "--reboot",
+            help="Reboot afterwards (into maintenance mode when STATE is wiped) instead of shutting down.",
+        ),
+    ] = False,
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
+) -> None:
+    """Reset nodes: wipe STATE and/or EPHEMERAL, then shut down or reboot."""
+    from basalt.machinery.api import machine_pb2
+
+    request = machine_pb2.ResetRequest(
+        graceful=graceful,
+        wipe_mode=machine_pb2.WipeMode.Value(wipe_mode.value.upper()),
+        reboot=reboot_after,
+    )
+    _action(ctx, "Reset", request, nodes, endpoints)
+
+
+def health(
+    ctx: typer.Context,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Keep checking up to this many seconds until healthy.")
+    ] = 0.0,
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
+) -> None:
+    """Check node health: stage, API, services, membership, controllers."""
+    from basalt.machinery.api import common_pb2
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            answer = await client.machine.Health(
+                common_pb2.Empty(), metadata=client.metadata(), timeout=15
+            )
+            healthy = all(m.healthy and not m.metadata.error for m in answer.messages)
+            if healthy or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(1.0)
+        rows = []
+        for item in failures.keep(answer.messages):
+            for check in item.checks:
+                rows.append(
+                    (item.metadata.node, check.name, "ok" if check.ok else "FAIL", check.message)
+                )
+            if not item.healthy:
+                failures.count += 1
+        table(("NODE", "CHECK", "RESULT", "DETAILS"), rows)
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints)
