@@ -168,7 +168,7 @@ def reset(
         bool,
         typer.Option(
             "--reboot",
-            help="Reboot afterwards (into maintenance mode when STATE is wiped) instead of shutting down.",
+            help="Reboot afterwards (into maintenance when STATE is wiped), not shut down.",
         ),
     ] = False,
     nodes: NodesOption = None,

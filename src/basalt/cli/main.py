@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from . import config_cmd, gen, machine, machineconfig, resources, services, validate
+from . import cluster, config_cmd, gen, machine, machineconfig, resources, services, validate
 from ._common import GlobalOptions
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app = typer.Typer(
 app.add_typer(gen.app, name="gen")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(machineconfig.app, name="machineconfig")
+app.add_typer(cluster.app, name="cluster")
 app.command("validate")(validate.validate)
 app.command("version")(machine.version)
 app.command("apply-config")(machine.apply_config)

@@ -38,11 +38,15 @@ class MembersController(Controller):
 
     async def _announce_forever(self, store: ResourceStore) -> None:
         while True:
-            if self.node.identity is not None:
-                try:
-                    await self.announce(store)
-                except grpc.aio.AioRpcError as exc:
-                    log.debug("announce failed: %s", exc.details())
+            if self.node.identity is None:  # not yet: announce as soon as it exists
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                await self.announce(store)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("announce failed: %s", exc.details())
+                await asyncio.sleep(min(1.0, self.node.tuning.announce_interval))
+                continue
             await asyncio.sleep(self.node.tuning.announce_interval)
 
     def _member(self) -> trust_pb2.Member:

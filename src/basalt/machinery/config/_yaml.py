@@ -35,6 +35,10 @@ class RawDocument:
 #: More paths than this in one document is refused (it guards against alias bombs).
 MAX_PATHS = 100_000
 
+#: Deeper nesting than this is refused: configs are a few levels deep, and merging or
+#: copying a much deeper value would exhaust Python's recursion limit.
+MAX_DEPTH = 100
+
 
 def _walk(node: yaml.Node, loc: Loc, positions: dict[Loc, int], source: str | None) -> None:
     positions.setdefault(loc, node.start_mark.line + 1)
@@ -44,6 +48,14 @@ def _walk(node: yaml.Node, loc: Loc, positions: dict[Loc, int], source: str | No
             source=source,
             line=node.start_mark.line + 1,
             hint="a machine config is small; check for runaway YAML aliases",
+        )
+    if len(loc) > MAX_DEPTH:
+        raise ConfigSyntaxError(
+            f"values are nested more than {MAX_DEPTH} levels deep",
+            source=source,
+            line=node.start_mark.line + 1,
+            column=node.start_mark.column + 1,
+            hint="a machine config is a few levels deep; check for runaway brackets",
         )
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}

@@ -113,9 +113,13 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
-def _error_loc(loc: Sequence[str | int]) -> Loc:
+def _error_loc(loc: Sequence[str | int], kind: str) -> Loc:
     # pydantic marks dict-key errors with a trailing "[key]" part; the key is the part before.
-    return tuple(p for p in loc if p != "[key]")
+    # Only that marker goes: a user's own key may be spelled "[key]" too, and an unknown
+    # field (extra_forbidden) is never a key error.
+    if kind != "extra_forbidden" and len(loc) > 1 and loc[-1] == "[key]":
+        return tuple(loc[:-1])
+    return tuple(loc)
 
 
 #: pydantic error type -> (message, hint); formatted with the error's context.
@@ -144,8 +148,8 @@ _MESSAGES: dict[str, tuple[str, str | None]] = {
 
 def translate_error(model: type[BaseModel], error: Any) -> tuple[Loc, str, str | None]:
     """One pydantic error -> (field path, message, hint)."""
-    loc = _error_loc(error["loc"])
     kind = error["type"]
+    loc = _error_loc(error["loc"], kind)
     ctx = error.get("ctx") or {}
     if kind == "basalt":
         return loc, str(ctx["message"]), str(ctx.get("hint") or "") or None

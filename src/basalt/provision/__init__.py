@@ -1,0 +1,1 @@
+"""Local clusters: the ``process`` provisioner (default, rootless); ``qemu`` comes later."""
