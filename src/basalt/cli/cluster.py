@@ -91,8 +91,8 @@ def create(
     """Create a cluster of node processes on loopback addresses, without root."""
     from basalt.machinery.client.config import save_client_config
     from basalt.machinery.config import load_patch
-    from basalt.provision.process import ClusterRequest, create as create_cluster, load_context
-    from basalt.provision.process import plan_nodes
+    from basalt.provision.process import ClusterRequest, load_context, plan_nodes
+    from basalt.provision.process import create as create_cluster
 
     directory = _state_dir(name, state_dir)
     request = ClusterRequest(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._common import info, options, read_text
+from ._api import EndpointsOption, NodeFailures, run, split
+from ._common import info, options, read_text, refuse_overwrite, write_outputs
+
+if TYPE_CHECKING:
+    from basalt.machinery.client.client import Client
 
 app = typer.Typer(
     help="Manage the client config (contexts, endpoints, nodes).", no_args_is_help=True
@@ -111,3 +115,56 @@ def show_info(ctx: typer.Context) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key + ':':<{width + 1}} {value}")
+
+
+@app.command("new")
+def new(
+    ctx: typer.Context,
+    roles: Annotated[
+        list[str],
+        typer.Option(
+            "--roles", help="Roles of the certificate, e.g. os:reader (repeat or comma-list)."
+        ),
+    ],
+    crt_ttl: Annotated[
+        str, typer.Option("--crt-ttl", help="Certificate lifetime, e.g. 8760h or 30m.")
+    ] = "8760h",
+    output: Annotated[Path, typer.Argument(help="Where to write it.")] = Path("basaltconfig"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    endpoints: EndpointsOption = None,
+) -> None:
+    """Have a control plane issue a client config with the given roles, and write it."""
+    from basalt.machinery.api import machine_pb2
+    from basalt.machinery.errors import BasaltError
+    from basalt.machinery.roles import CLIENT_ROLES
+
+    from .machine import parse_duration
+
+    wanted = split(roles)
+    allowed = [r.value for r in CLIENT_ROLES]
+    unknown = [r for r in wanted if r not in allowed]
+    if unknown or not wanted:
+        raise BasaltError(
+            f"unknown or missing roles: {', '.join(unknown) or '(none)'}",
+            hint=f"choose from {', '.join(allowed)}",
+        )
+    ttl = int(parse_duration(crt_ttl))
+    if ttl <= 0:
+        raise BasaltError(f"--crt-ttl {crt_ttl!r} must be positive", hint="e.g. 8760h")
+    refuse_overwrite([output], force)
+    opts = options(ctx)
+    context_name, _ = opts.load_client_config().current(opts.context)
+    request = machine_pb2.GenerateClientConfigurationRequest(
+        roles=wanted, ttl_seconds=ttl, context=context_name
+    )
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        # No target nodes: the endpoint, a control plane holding the CA key, answers.
+        answer = await client.machine.GenerateClientConfiguration(
+            request, metadata=client.metadata([]), timeout=30
+        )
+        for item in failures.keep(answer.messages):
+            write_outputs({output: item.basaltconfig.decode()})
+            info(f"roles {', '.join(wanted)}, valid for {crt_ttl}")
+
+    run(ctx, work, nodes=None, endpoints=endpoints)

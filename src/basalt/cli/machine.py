@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,6 +16,7 @@ from ._api import EndpointsOption, InsecureOption, NodeFailures, NodesOption, ru
 from ._common import info, read_text
 
 if TYPE_CHECKING:
+    from basalt.machinery.api import machine_pb2
     from basalt.machinery.client.client import Client
 
 
@@ -54,7 +56,7 @@ class ApplyModeChoice(StrEnum):
     try_ = "try"
 
 
-def _duration(text: str) -> float:
+def parse_duration(text: str) -> float:
     from basalt.machinery.errors import BasaltError
 
     units = {"s": 1, "m": 60, "h": 3600}
@@ -66,18 +68,63 @@ def _duration(text: str) -> float:
         raise BasaltError(f"{text!r} is not a duration", hint="e.g. 90s, 2m or 1h") from None
 
 
+ModeOption = Annotated[
+    ApplyModeChoice, typer.Option("-m", "--mode", help="How the change takes effect.")
+]
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="Show the diff and the mode; change nothing.")
+]
+TryTimeoutOption = Annotated[
+    str, typer.Option("--timeout", help="With --mode try: revert after this long.")
+]
+
+
+def apply_request(
+    data: bytes, mode: ApplyModeChoice, dry_run: bool, try_timeout: str
+) -> machine_pb2.ApplyConfigurationRequest:
+    """The ApplyConfiguration request for a whole config text (apply-config, patch, edit)."""
+    from basalt.machinery.api import machine_pb2
+
+    return machine_pb2.ApplyConfigurationRequest(
+        data=data,
+        mode=machine_pb2.ApplyMode.Value(mode.value.upper().replace("-", "_")),
+        dry_run=dry_run,
+        try_timeout_seconds=int(parse_duration(try_timeout)),
+    )
+
+
+async def send_config(
+    client: Client,
+    failures: NodeFailures,
+    request: machine_pb2.ApplyConfigurationRequest,
+    nodes: Sequence[str] | None = None,
+) -> bool:
+    """Send ``request`` to ``nodes`` (default: the client's) and print each node's answer.
+
+    Returns whether every node accepted it; nodes that refused are reported as failures.
+    """
+    from basalt.machinery.api import machine_pb2
+
+    answer = await client.machine.ApplyConfiguration(
+        request, metadata=client.metadata(nodes), timeout=60
+    )
+    kept = failures.keep(answer.messages)
+    for item in kept:
+        chosen = machine_pb2.ApplyMode.Name(item.mode).lower().replace("_", "-")
+        print(f"{item.metadata.node}: mode {chosen}: {item.mode_details}")
+        for warning in item.warnings:
+            info(f"{item.metadata.node}: {warning}")
+        if item.diff:
+            sys.stdout.write(item.diff)
+    return len(kept) == len(answer.messages)
+
+
 def apply_config(
     ctx: typer.Context,
     file: Annotated[Path, typer.Option("-f", "--file", help="Machine config to apply.")],
-    mode: Annotated[
-        ApplyModeChoice, typer.Option("-m", "--mode", help="How the change takes effect.")
-    ] = ApplyModeChoice.auto,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show the diff and the mode; change nothing.")
-    ] = False,
-    try_timeout: Annotated[
-        str, typer.Option("--timeout", help="With --mode try: revert after this long.")
-    ] = "1m",
+    mode: ModeOption = ApplyModeChoice.auto,
+    dry_run: DryRunOption = False,
+    try_timeout: TryTimeoutOption = "1m",
     config_patch: Annotated[
         list[str] | None, typer.Option("-p", "--config-patch", help="Patch the file first.")
     ] = None,
@@ -86,7 +133,6 @@ def apply_config(
     insecure: InsecureOption = False,
 ) -> None:
     """Apply a machine config to nodes (maintenance mode: --insecure -n NODE)."""
-    from basalt.machinery.api import machine_pb2
     from basalt.machinery.config import load_bundle, load_patch, patch_and_check
 
     source = str(file)
@@ -94,25 +140,10 @@ def apply_config(
     if config_patch:
         patches = [load_patch(p, index=i) for i, p in enumerate(config_patch, start=1)]
         bundle, _ = patch_and_check(bundle.to_raw(), patches, target=f"{source} (patched)")
-    data = bundle.to_yaml().encode()
-    request = machine_pb2.ApplyConfigurationRequest(
-        data=data,
-        mode=machine_pb2.ApplyMode.Value(mode.value.upper().replace("-", "_")),
-        dry_run=dry_run,
-        try_timeout_seconds=int(_duration(try_timeout)),
-    )
+    request = apply_request(bundle.to_yaml().encode(), mode, dry_run, try_timeout)
 
     async def work(client: Client, failures: NodeFailures) -> None:
-        answer = await client.machine.ApplyConfiguration(
-            request, metadata=client.metadata(), timeout=60
-        )
-        for item in failures.keep(answer.messages):
-            chosen = machine_pb2.ApplyMode.Name(item.mode).lower().replace("_", "-")
-            print(f"{item.metadata.node}: mode {chosen}: {item.mode_details}")
-            for warning in item.warnings:
-                info(f"{item.metadata.node}: {warning}")
-            if item.diff:
-                sys.stdout.write(item.diff)
+        await send_config(client, failures, request)
 
     run(ctx, work, nodes=nodes, endpoints=endpoints, insecure=insecure)
 

@@ -11,7 +11,19 @@ from typing import Annotated
 
 import typer
 
-from . import cluster, config_cmd, gen, machine, machineconfig, resources, services, validate
+from . import (
+    cluster,
+    config_cmd,
+    diagnostics,
+    edit,
+    files,
+    gen,
+    machine,
+    machineconfig,
+    resources,
+    services,
+    validate,
+)
 from ._common import GlobalOptions
 
 app = typer.Typer(
@@ -26,6 +38,8 @@ app.add_typer(gen.app, name="gen")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(machineconfig.app, name="machineconfig")
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(edit.patch_app, name="patch")
+app.add_typer(edit.edit_app, name="edit")
 app.command("validate")(validate.validate)
 app.command("version")(machine.version)
 app.command("apply-config")(machine.apply_config)
@@ -37,6 +51,15 @@ app.command("services")(services.services)
 app.command("service")(services.service)
 app.command("logs")(services.logs)
 app.command("get")(resources.get)
+app.command("dmesg")(diagnostics.dmesg)
+app.command("events")(diagnostics.events)
+app.command("ps")(diagnostics.ps)
+app.command("memory")(diagnostics.memory)
+app.command("mounts")(diagnostics.mounts)
+app.command("netstat")(diagnostics.netstat)
+app.command("ls")(files.ls)
+app.command("read")(files.read)
+app.command("copy")(files.copy)
 
 _state = GlobalOptions()
 

@@ -270,13 +270,17 @@ def _is_our_launcher(pid: int, node_dir: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; reaps it when it is our own exited child (a zombie)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: the creating basaltctl has exited
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state != "Z"
 
 
 async def stop_nodes(record: ClusterRecord, timeout: float = 25.0) -> list[str]:

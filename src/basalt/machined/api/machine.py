@@ -205,36 +205,37 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             )
 
     # -- files ----------------------------------------------------------------------------------
-    def _file_path(self, path: str) -> Any:
+    async def _check_path(self, path: str) -> None:
+        """NotFound / AccessDenied for bad paths; sensitive paths need os:admin."""
         from .files import is_sensitive, resolve
 
         root = self.node.paths.root
-        resolved = resolve(root, path or "/")
-        if is_sensitive(root, resolved) and Role.ADMIN not in self.principal().roles:
+        await asyncio.to_thread(resolve, root, path or "/")
+        sensitive = await asyncio.to_thread(is_sensitive, root, path or "/")
+        if sensitive and Role.ADMIN not in self.principal().roles:
             raise AccessDeniedError(
                 f"{path} holds secrets (the machine config, keys); only os:admin may read it"
             )
-        return resolved
 
     async def List(self, request: machine_pb2.ListRequest, context: Context) -> AsyncIterator[Any]:
-        from .files import is_sensitive, list_files
+        from .files import list_files
 
-        root = self.node.paths.root
-        self._file_path(request.root)
-        admin = Role.ADMIN in self.principal().roles
+        await self._check_path(request.root)
         meta = self.meta()
         async for info in list_files(
-            root, request.root or "/", recurse=request.recurse, max_depth=request.max_depth
+            self.node.paths.root,
+            request.root or "/",
+            recurse=request.recurse,
+            max_depth=request.max_depth,
+            include_sensitive=Role.ADMIN in self.principal().roles,
         ):
-            if not admin and info.name and is_sensitive(root, root / info.name.lstrip("/")):
-                continue
             info.metadata.CopyFrom(meta)
             yield info
 
     async def Read(self, request: machine_pb2.ReadRequest, context: Context) -> AsyncIterator[Any]:
         from .files import read_file
 
-        self._file_path(request.path)
+        await self._check_path(request.path)
         meta = self.meta()
         async for chunk in read_file(self.node.paths.root, request.path):
             yield common_pb2.Data(metadata=meta, bytes=chunk)
@@ -242,9 +243,12 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
     async def Copy(self, request: machine_pb2.CopyRequest, context: Context) -> AsyncIterator[Any]:
         from .files import copy_tree
 
-        self._file_path(request.root_path)
+        await self._check_path(request.root_path)
         meta = self.meta()
-        async for chunk in copy_tree(self.node.paths.root, request.root_path):
+        admin = Role.ADMIN in self.principal().roles
+        async for chunk in copy_tree(
+            self.node.paths.root, request.root_path, include_sensitive=admin
+        ):
             yield common_pb2.Data(metadata=meta, bytes=chunk)
 
     # -- system information --------------------------------------------------------------------
