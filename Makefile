@@ -40,6 +40,8 @@ docs-check: install
 
 bench: install
 	$(BIN)/python bench/cli_startup.py
+	$(BIN)/python bench/cluster_create.py
+	$(BIN)/python bench/api_rtt.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -144,8 +144,7 @@ def test_rows_show_types_defaults_and_constraints(markdown: str) -> None:
     assert "| `routes[].gateway` | IP address | required |" in sections["LinkConfig"]
     assert "| `mtu` | integer | unset | MTU in bytes. From 68 to 65535. |" in sections["LinkConfig"]
     assert "| `kubelet.nodeIP` | object | see fields |" in sections["MachineConfig"]
-    # "off" would be read as false by YAML 1.1, so the reference quotes it.
-    assert '| `auto` | `"off"` or `stable` | `"off"` |' in sections["HostnameConfig"]
+    assert "| `auto` | `stable` | unset |" in sections["HostnameConfig"]
 
 
 def _validated_types(annotation: Any) -> list[Any]:

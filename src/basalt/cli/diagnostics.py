@@ -22,6 +22,8 @@ _GB = 1000**3
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smh])+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smh])")
 _UNITS = {"s": 1, "m": 60, "h": 3600}
+#: ``since_seconds`` that leaves out all history (0 would mean "no limit").
+_NO_HISTORY = 1e-6
 
 
 def dmesg(
@@ -56,7 +58,7 @@ def parse_since(text: str) -> tuple[str, float]:
 
     if _DURATION.fullmatch(text):
         seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
-        return "", seconds
+        return "", max(seconds, _NO_HISTORY)  # the API reads 0 as "everything"
     if text.isascii() and text.isdigit():
         return text, 0.0
     raise BasaltError(
@@ -92,7 +94,7 @@ def events(
 
     since_id, since_seconds = parse_since(since) if since else ("", 0.0)
     if tail == 0:  # the API reads a tail of 0 as "all": ask for no history instead
-        since_seconds = 1e-6
+        since_seconds = _NO_HISTORY
     request = machine_pb2.EventsRequest(
         follow=follow,
         since_id=since_id,

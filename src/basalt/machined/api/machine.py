@@ -184,6 +184,11 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
     ) -> AsyncIterator[Any]:
         meta = self.meta()
         since_id = request.since_id or None
+        if since_id is not None and not since_id.isdigit():
+            raise InvalidRequestError(
+                f"{since_id!r} is not an event id",
+                hint="event ids are the numbers in the ID column",
+            )
         since_seconds = request.since_seconds or None
         tail = request.tail_events or None
         source = (

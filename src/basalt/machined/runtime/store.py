@@ -8,7 +8,6 @@ that writes it); a write by anyone else is refused.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -117,13 +116,12 @@ class ResourceStore:
         for callback in self._listeners.get(type_, []):
             callback()
         for queue in list(self._watchers.get(type_, ())):
-            try:
+            if queue.qsize() < WATCH_QUEUE:
                 queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # A watcher that cannot keep up is ended; it can watch again with tail.
+            else:
+                # A watcher that cannot keep up is ended after the events it has queued
+                # (no gap), in the slot kept for that; it can watch again with tail.
                 self._watchers[type_].discard(queue)
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
                 queue.put_nowait(WatchEvent("destroyed", None))
 
     async def watch(
@@ -134,7 +132,7 @@ class ResourceStore:
         A watcher that falls more than WATCH_QUEUE events behind is ended with a
         ``destroyed`` event whose resource is None.
         """
-        queue: asyncio.Queue[WatchEvent] = asyncio.Queue(WATCH_QUEUE)
+        queue: asyncio.Queue[WatchEvent] = asyncio.Queue(WATCH_QUEUE + 1)  # + the end
         self._watchers.setdefault(type_, set()).add(queue)
         try:
             if tail:

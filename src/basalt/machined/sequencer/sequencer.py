@@ -4,7 +4,8 @@ A sequence is data: ``sequence("reboot").then("stop", stop_services).then(...)``
 of one phase run concurrently; phases run in order; a phase with ``when`` is skipped
 when its condition is false. A request for a sequence while another runs is refused
 with :class:`SequenceConflictError`, unless :data:`TAKEOVER` lets the new one cancel
-the running one.
+the running one; the new one starts once the cancelled one has unwound. When a task
+fails, the other tasks of its phase are cancelled and the sequence fails.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class Sequencer(Generic[N]):
         self.node = node
         self._on_event = on_event
         self._running: tuple[str, asyncio.Task[None]] | None = None
+        #: Every sequence task not yet done, including taken-over ones still unwinding.
+        self._live: set[asyncio.Task[None]] = set()
 
     @property
     def running(self) -> str | None:
@@ -97,23 +100,31 @@ class Sequencer(Generic[N]):
                 raise SequenceConflictError(name, seq.name)
             self._on_event(name, "", f"taken over by {seq.name}")
             task.cancel()
-        task = asyncio.create_task(self._run(seq, request), name=f"sequence:{seq.name}")
+        previous = tuple(self._live)
+        task = asyncio.create_task(self._run(seq, request, previous), name=f"sequence:{seq.name}")
         self._running = (seq.name, task)
+        self._live.add(task)
         task.add_done_callback(lambda t: self._finished(seq.name, t))
         return task
 
     def _finished(self, name: str, task: asyncio.Task[None]) -> None:
+        self._live.discard(task)
         if self._running is not None and self._running[1] is task:
             self._running = None
 
-    async def _run(self, seq: Sequence[N], request: Any) -> None:
-        self._on_event(seq.name, "", "started")
+    async def _run(
+        self, seq: Sequence[N], request: Any, previous: tuple[asyncio.Task[None], ...] = ()
+    ) -> None:
         try:
+            if previous:
+                # One sequence at a time: a taken-over sequence finishes unwinding first.
+                await asyncio.wait(previous)
+            self._on_event(seq.name, "", "started")
             for phase in seq.phases:
                 if phase.when is not None and not phase.when(self.node, request):
                     continue
                 self._on_event(seq.name, phase.name, "phase started")
-                await asyncio.gather(*(task(self.node, request) for task in phase.tasks))
+                await self._run_phase(phase, request)
             self._on_event(seq.name, "", "finished")
         except asyncio.CancelledError:
             self._on_event(seq.name, "", "cancelled")
@@ -122,3 +133,15 @@ class Sequencer(Generic[N]):
             self._on_event(seq.name, "", f"failed: {type(exc).__name__}: {exc}")
             log.exception("sequence %s failed", seq.name)
             raise
+
+    async def _run_phase(self, phase: Phase[N], request: Any) -> None:
+        tasks = [asyncio.ensure_future(task(self.node, request)) for task in phase.tasks]
+        if not tasks:
+            return
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            # A failed or cancelled phase is over: its other tasks must not outlive it.
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)

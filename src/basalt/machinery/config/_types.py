@@ -111,7 +111,7 @@ def _https_url(value: str) -> str:
 
 def _url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in ("tcp", "udp", "http", "https") or not parts.hostname:
+    if parts.scheme not in ("tcp", "udp") or not parts.hostname:
         raise invalid(
             f"{value!r} is not a URL with a scheme and host",
             "e.g. tcp://198.51.100.7:5044 or udp://logs.example.com:514",

@@ -16,19 +16,16 @@ class HostnameConfig(Document):
 
     kind: Literal["HostnameConfig"] = Field(description="`HostnameConfig`.")
     hostname: Hostname | None = Field(default=None, description="The host name to use.")
-    auto: Literal["off", "stable"] = Field(
-        default="off",
-        description=(
-            "`stable` derives a host name from the machine id when `hostname` is unset. "
-            'Quote `"off"`: YAML reads a bare `off` as false.'
-        ),
+    auto: Literal["stable"] | None = Field(
+        default=None,
+        description="`stable`: derive a host name from the machine id (leave unset with hostname).",
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> HostnameConfig:
-        if self.hostname is None and self.auto == "off":
+        if self.hostname is None and self.auto is None:
             raise invalid("set either hostname or auto: stable", "e.g. hostname: cp-1")
-        if self.hostname is not None and self.auto != "off":
+        if self.hostname is not None and self.auto is not None:
             raise invalid("hostname and auto: stable exclude each other", "keep one of them")
         return self
 

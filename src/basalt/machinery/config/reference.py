@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
 from ..errors import BasaltError
@@ -31,7 +31,7 @@ from . import _schema, _types
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
 from ._yaml import dump_documents
 from .cluster import ClusterName, KubernetesVersion, PEMPrivateKey
-from .system import Ed25519PublicKey, EtcPath
+from .system import Ed25519PublicKey, EtcPath, FileMode, ModuleParameter
 
 MARKDOWN_FILE = "config.md"
 SCHEMA_FILE = "config.schema.json"
@@ -61,6 +61,8 @@ TYPE_LABELS: tuple[tuple[Any, str], ...] = (
     (PEMPrivateKey, "PEM private key"),
     (EtcPath, "path under /etc"),
     (Ed25519PublicKey, "PEM Ed25519 public key"),
+    (ModuleParameter, "key=value"),
+    (FileMode, "octal mode"),
 )
 _BASIC_LABELS: dict[Any, str] = {str: "string", int: "integer", bool: "boolean", float: "number"}
 
@@ -159,9 +161,10 @@ def _validator_label(annotation: Any) -> str | None:
 
 def _label_from_metadata(base: Any, metadata: Sequence[Any]) -> str | None:
     """pydantic moves a field's top-level ``Annotated`` validators into ``metadata``."""
-    validators = tuple(m for m in metadata if isinstance(m, AfterValidator))
+    kinds = (AfterValidator, BeforeValidator)
+    validators = tuple(m for m in metadata if isinstance(m, kinds))
     for known, label in TYPE_LABELS:
-        wanted = tuple(m for m in known.__metadata__ if isinstance(m, AfterValidator))
+        wanted = tuple(m for m in known.__metadata__ if isinstance(m, kinds))
         if typing.get_args(known)[0] is base and wanted and wanted == validators:
             return label
     return None

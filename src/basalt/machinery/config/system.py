@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from ._base import Document, Model, register
 from ._types import URL, EnvName, ModuleName, SysctlKey, invalid
@@ -25,6 +26,16 @@ class SysctlConfig(Document):
     )
 
 
+def _module_parameter(value: str) -> str:
+    key, sep, _ = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+        raise invalid(f"{value!r} is not key=value", "e.g. nf_conntrack_helper=1")
+    return value
+
+
+ModuleParameter = Annotated[str, AfterValidator(_module_parameter)]
+
+
 @register
 class KernelModuleConfig(Document):
     """A kernel module to load at boot, with its parameters."""
@@ -32,7 +43,9 @@ class KernelModuleConfig(Document):
     named: ClassVar[bool] = True
     kind: Literal["KernelModuleConfig"] = Field(description="`KernelModuleConfig`.")
     name: ModuleName = Field(description="Module name, e.g. `br_netfilter`.")
-    parameters: list[str] = Field(default_factory=list, description="`key=value` parameters.")
+    parameters: list[ModuleParameter] = Field(
+        default_factory=list, description="`key=value` parameters."
+    )
 
 
 def _etc_path(value: str) -> str:
@@ -52,6 +65,23 @@ def _etc_path(value: str) -> str:
 EtcPath = Annotated[str, AfterValidator(_etc_path)]
 
 
+def _file_mode(value: object) -> str:
+    if isinstance(value, bool):
+        raise invalid("must be octal permission bits", 'e.g. "0644"')
+    if isinstance(value, int):
+        bits = value  # YAML 1.1 reads a bare 0644 as the octal number 420
+    elif isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{1,4}", value.strip()):
+        bits = int(value.strip().replace("o", "") or "0", 8)
+    else:
+        raise invalid(f"{value!r} is not octal permission bits", 'e.g. "0644"')
+    if not 0 <= bits <= 0o777:
+        raise invalid(f"{oct(bits)} has more than permission bits", "at most 0777 (no setuid)")
+    return f"{bits:04o}"
+
+
+FileMode = Annotated[str, BeforeValidator(_file_mode)]
+
+
 @register
 class EtcFileConfig(Document):
     """A file placed under /etc, read-only on the node."""
@@ -60,13 +90,11 @@ class EtcFileConfig(Document):
     kind: Literal["EtcFileConfig"] = Field(description="`EtcFileConfig`.")
     name: EtcPath = Field(description="Path relative to /etc, e.g. `cni/net.d/10-extra.conf`.")
     contents: str = Field(description="File contents.")
-    mode: int = Field(
-        default=0o644,
-        ge=0,
-        le=0o777,
+    mode: FileMode = Field(
+        default="0644",
         description=(
-            "Permission bits, at most `0777` (no setuid, setgid or sticky bits). Write them in "
-            "octal with a leading zero, e.g. `0644`; configs written back show decimal (`420`)."
+            "Permission bits in octal, at most `0777` (no setuid, setgid or sticky bits), "
+            'e.g. `"0644"`; a bare YAML `0644` works too.'
         ),
     )
 
@@ -104,7 +132,7 @@ def _ed25519_public_key(value: str) -> str:
     try:
         load_ed25519_public_key(value)
     except PKIError as exc:
-        raise invalid(str(exc), "use the .pub file made by 'basaltctl gen signing-key'") from None
+        raise invalid(str(exc), "give a PEM Ed25519 public key (BEGIN PUBLIC KEY)") from None
     return value
 
 

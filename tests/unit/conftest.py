@@ -1,0 +1,28 @@
+"""Fixtures for the unit tests; the objects come from :mod:`tests.fakes.inputs`."""
+
+from __future__ import annotations
+
+import pytest
+
+from basalt.machinery.secrets import SecretsBundle
+from tests.fakes import inputs
+
+
+@pytest.fixture(scope="session")
+def secrets() -> SecretsBundle:
+    return inputs.session_secrets()
+
+
+@pytest.fixture(scope="session")
+def other_secrets() -> SecretsBundle:
+    return inputs.other_secrets()
+
+
+@pytest.fixture
+def cp_yaml() -> str:
+    return inputs.controlplane_yaml()
+
+
+@pytest.fixture
+def worker_yaml() -> str:
+    return inputs.worker_yaml()

@@ -1,0 +1,35 @@
+"""Atomic file writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from basalt.machinery.fileio import write_atomic
+
+
+def test_write_atomic_creates_directories_and_sets_the_mode(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "file"
+    write_atomic(path, "hello", mode=0o640)
+    assert path.read_text() == "hello"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_write_atomic_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    write_atomic(path, b"one")
+    write_atomic(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    write_atomic(path, "old")
+    with pytest.raises(TypeError):
+        write_atomic(path, ["not", "bytes"])  # type: ignore[arg-type]  # fails mid-write
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["file"]
