@@ -6,7 +6,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 basaltctl="$here/.venv/bin/basaltctl"
 work=$(mktemp -d -t basalt-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+export BASALTCONFIG="$work/client-config"
+cleanup() {
+  if [ -f "$work/cluster/cluster.json" ]; then
+    "$basaltctl" cluster destroy --name demo --state-dir "$work/cluster" >/dev/null 2>&1 || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 cd "$work"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -86,5 +93,40 @@ echo "exit $rc; gen3/ was not created"
 step "8. The client config"
 show "$basaltctl" --basaltconfig gen1/basaltconfig config contexts
 show "$basaltctl" --basaltconfig gen1/basaltconfig config info
+
+step "9. A local cluster: 1 control plane + 1 worker, as processes on 127.0.0.11-12"
+show "$basaltctl" cluster create --name demo --controlplanes 1 --workers 1 \
+  --state-dir "$work/cluster" --base-address 127.0.0.11
+cp=127.0.0.11
+worker=127.0.0.12
+
+step "10. One endpoint, many nodes: members, services, logs"
+show "$basaltctl" get members
+show "$basaltctl" services -n $cp,$worker
+show "$basaltctl" logs apid -n $worker --tail 2
+show "$basaltctl" health -n $cp,$worker
+
+step "11. A change, previewed: dry run prints the diff and the mode"
+cat > sysctl-patch.yaml <<'YAML'
+apiVersion: basalt.dev/v1alpha1
+kind: HostnameConfig
+hostname: demo-worker-renamed
+YAML
+show "$basaltctl" patch machineconfig -n $worker -p @sysctl-patch.yaml --dry-run
+
+step "12. ... and applied without a reboot"
+show "$basaltctl" patch machineconfig -n $worker -p @sysctl-patch.yaml
+show "$basaltctl" get hostname -n $worker
+
+step "13. A change that needs a reboot is refused in no-reboot mode"
+set +e
+"$basaltctl" patch machineconfig -n $worker --mode no-reboot \
+  -p '{apiVersion: basalt.dev/v1alpha1, kind: ClusterConfig, network: {podSubnets: [10.50.0.0/16]}}'
+rc=$?
+set -e
+[ "$rc" -eq 1 ] || { echo "expected exit 1, got $rc"; exit 1; }
+
+step "14. Tear down"
+show "$basaltctl" cluster destroy --name demo --state-dir "$work/cluster"
 
 printf '\n\033[1mdemo finished\033[0m\n'

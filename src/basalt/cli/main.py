@@ -5,6 +5,7 @@ Heavy imports (pydantic, cryptography) happen inside commands, so ``--help`` sta
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run basaltctl; BasaltErrors become one clear message and exit code 1."""
     from basalt.machinery.errors import BasaltError
 
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own logs are not for users
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         app(args=argv, prog_name="basaltctl")

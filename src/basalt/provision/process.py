@@ -170,6 +170,21 @@ async def node_ready(context: Context, address: str) -> bool:
         await client.close()
 
 
+async def members_known(context: Context, endpoint: str, names: set[str]) -> bool:
+    """True when the endpoint's member list has every node in ``names``."""
+    client = await Client.connect(endpoint, ca=context.ca, crt=context.crt, key=context.key)
+    try:
+        found = {
+            item.resource.metadata.id
+            async for item in client.resources.List(
+                resource_pb2.ResourceListRequest(type="Members"), timeout=3
+            )
+        }
+        return names <= found
+    finally:
+        await client.close()
+
+
 async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -> ClusterRecord:
     """Create the cluster; on failure everything started is stopped and removed."""
     if (state_dir / "cluster.json").exists():
@@ -230,6 +245,12 @@ async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -
             progress(node.name, "ready")
 
         await asyncio.gather(*(ready(n) for n in nodes))
+        names = {n.name for n in nodes}
+        await _wait_for(
+            "every node in the member list",
+            lambda: members_known(context, nodes[0].address, names),
+            30,
+        )
     except BaseException:
         await destroy(record)
         raise

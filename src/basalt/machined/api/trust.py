@@ -118,7 +118,12 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
         ttl = self.node.tuning.member_ttl
         for key in [k for k, m in registry.items() if now - m.last_seen > ttl]:
             del registry[key]
-        return trust_pb2.AnnounceResponse(members=sorted(registry.values(), key=lambda m: m.id))
+        members = sorted(registry.values(), key=lambda m: m.id)
+        if self.node.engine is not None:  # a control plane sees its registry at once
+            from ..controllers.members import publish_members
+
+            publish_members(self.node, members)
+        return trust_pb2.AnnounceResponse(members=members)
 
 
 def _cn(csr: x509.CertificateSigningRequest) -> str:

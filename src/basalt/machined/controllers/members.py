@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -73,20 +74,27 @@ class MembersController(Controller):
             answer = await trust_pb2_grpc.TrustServiceStub(channel).Announce(
                 trust_pb2.AnnounceRequest(token=machine.token, member=self._member()), timeout=5
             )
-        seen = set()
-        for member in answer.members:
-            seen.add(member.id)
-            self.node.members[member.id] = member
-            store.put(
-                "Members",
-                member.id,
-                MemberSpec(
-                    hostname=member.hostname,
-                    machine_type=member.machine_type,
-                    addresses=list(member.addresses),
-                    version=member.version,
-                    last_seen=member.last_seen,
-                ),
-                owner=self.name,
-            )
-        store.retain("Members", seen, owner=self.name)
+        publish_members(self.node, answer.members)
+
+
+def publish_members(node: Node, members: Iterable[trust_pb2.Member]) -> None:
+    """Make ``members`` the node's Members resources (and its name -> address map)."""
+    seen = set()
+    for member in members:
+        seen.add(member.id)
+        node.members[member.id] = member
+        node.store.put(
+            "Members",
+            member.id,
+            MemberSpec(
+                hostname=member.hostname,
+                machine_type=member.machine_type,
+                addresses=list(member.addresses),
+                version=member.version,
+                last_seen=member.last_seen,
+            ),
+            owner=MembersController.name,
+        )
+    for gone in [k for k in node.members if k not in seen]:
+        del node.members[gone]
+    node.store.retain("Members", seen, owner=MembersController.name)

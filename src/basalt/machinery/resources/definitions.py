@@ -99,7 +99,7 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
             ("HOSTNAME", "hostname"),
             ("MACHINE TYPE", "machineType"),
             ("ADDRESSES", "addresses"),
-            ("VERSION", "version"),
+            ("BASALT", "version"),
         ),
     ),
     ResourceDefinition(

@@ -1,0 +1,41 @@
+"""A stand-in for the node the trust service reads: the parts ``TrustServicer`` touches.
+
+Everything in it is real (a generated MachineConfig, the real Tuning and EventBus);
+it only leaves out the rest of ``Node`` (platform, paths, supervisor, sequencer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from basalt.machined.events import EventBus
+from basalt.machined.node import Tuning
+from basalt.machinery.config import MachineConfig
+from basalt.machinery.pki import CertificateAndKey
+from tests.fakes import inputs
+
+
+@dataclass
+class TrustNode:
+    """What a control plane's trust service needs: its config, timings, events, members."""
+
+    machine: MachineConfig | None
+    tuning: Tuning = field(
+        default_factory=lambda: Tuning(cert_validity=dt.timedelta(hours=2), member_ttl=60.0)
+    )
+    events: EventBus = field(default_factory=EventBus)
+    trust_members: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def os_ca(self) -> CertificateAndKey:
+        assert self.machine is not None
+        return CertificateAndKey(self.machine.ca.crt, self.machine.ca.key)
+
+
+def controlplane_node() -> TrustNode:
+    """A trust node holding the session's generated control plane MachineConfig."""
+    machine = inputs.generate().controlplane.first(MachineConfig)
+    assert machine is not None
+    return TrustNode(machine)
