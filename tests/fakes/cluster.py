@@ -95,7 +95,13 @@ class LiveCluster:
 
 
 def start_cluster(
-    tmp: Path, name: str, base: str, *, controlplanes: int = 1, workers: int = 1
+    tmp: Path,
+    name: str,
+    base: str,
+    *,
+    controlplanes: int = 1,
+    workers: int = 1,
+    machined_args: tuple[str, ...] = (),
 ) -> LiveCluster:
     import yaml
 
@@ -105,7 +111,7 @@ def start_cluster(
         workers=workers,
         base_address=base,
         version_contract="0.1",
-        machined_args=FAST,
+        machined_args=FAST + machined_args,
     )
     state_dir = tmp / name
     record = run(create(request, state_dir, lambda node, stage: None))

@@ -1,7 +1,8 @@
 """A stand-in for the node the trust service reads: the parts ``TrustServicer`` touches.
 
 Everything in it is real (a generated MachineConfig, the real Tuning and EventBus);
-it only leaves out the rest of ``Node`` (platform, paths, supervisor, sequencer).
+it only leaves out the rest of ``Node`` (platform, paths, supervisor, sequencer). Give
+it an ``engine`` to act as a running control plane that publishes Members resources.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from basalt.machined.events import EventBus
 from basalt.machined.node import Tuning
+from basalt.machined.runtime import ControllerEngine, ResourceStore
 from basalt.machinery.config import MachineConfig
 from basalt.machinery.pki import CertificateAndKey
 from tests.fakes import inputs
@@ -27,6 +29,10 @@ class TrustNode:
     )
     events: EventBus = field(default_factory=EventBus)
     trust_members: dict[str, Any] = field(default_factory=dict)
+    #: With an engine (a running control plane), Announce also publishes Members resources.
+    engine: ControllerEngine | None = None
+    store: ResourceStore = field(default_factory=ResourceStore)
+    members: dict[str, Any] = field(default_factory=dict)
 
     @property
     def os_ca(self) -> CertificateAndKey:

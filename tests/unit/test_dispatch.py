@@ -141,9 +141,7 @@ async def serve(
 
 
 async def connect(served: Served, cert: CertificateAndKey, ca: str | None = None) -> Client:
-    return await Client.connect(
-        served.endpoint, ca=ca or os_ca().crt, crt=cert.crt, key=cert.key
-    )
+    return await Client.connect(served.endpoint, ca=ca or os_ca().crt, crt=cert.crt, key=cert.key)
 
 
 async def version(client: Client, metadata: tuple[tuple[str, str], ...] = ()) -> Any:

@@ -8,7 +8,6 @@ other nodes' answers are shown.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -78,6 +77,8 @@ def run(
     insecure: bool = False,
 ) -> None:
     """Connect as the context (or insecurely), run ``work``, map gRPC errors, set exit code."""
+    import asyncio
+
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     failures = NodeFailures()
     asyncio.run(_run(ctx, work, split(nodes), split(endpoints), insecure, failures))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from pathlib import Path
@@ -106,6 +105,8 @@ def create(
     )
     names = [n.name for n in plan_nodes(request, directory)]
     started = time.monotonic()
+    import asyncio
+
     with _ProgressView(names) as view:
         record = asyncio.run(create_cluster(request, directory, view.update))
     elapsed = time.monotonic() - started
@@ -149,6 +150,8 @@ def show(name: NameOption = "basalt", state_dir: StateDirOption = None) -> None:
 @app.command("destroy")
 def destroy(name: NameOption = "basalt", state_dir: StateDirOption = None) -> None:
     """Stop the cluster's processes (only those it started) and remove its state."""
+    import asyncio
+
     from basalt.provision.process import destroy as destroy_cluster
     from basalt.provision.state import ClusterRecord
 

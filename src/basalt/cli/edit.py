@@ -8,7 +8,6 @@ as for ``apply-config``.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import subprocess
@@ -147,6 +146,8 @@ def edit_machineconfig(
     endpoints: EndpointsOption = None,
 ) -> None:
     """Edit each node's current config in $EDITOR, then apply it to that node."""
+    from asyncio import to_thread
+
     import grpc.aio
 
     async def work(client: Client, failures: NodeFailures) -> None:
@@ -156,7 +157,7 @@ def edit_machineconfig(
             if current is None:
                 continue
             original = _HEADER.format(label=label, mode=mode.value) + current
-            path, edited = await asyncio.to_thread(_run_editor, original, label)
+            path, edited = await to_thread(_run_editor, original, label)
             if edited == original:
                 path.unlink()
                 info(f"{label}: no changes; nothing applied")

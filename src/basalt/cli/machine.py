@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Sequence
@@ -225,6 +224,8 @@ def health(
     endpoints: EndpointsOption = None,
 ) -> None:
     """Check node health: stage, API, services, membership, controllers."""
+    from asyncio import sleep
+
     from basalt.machinery.api import common_pb2
 
     async def work(client: Client, failures: NodeFailures) -> None:
@@ -236,7 +237,7 @@ def health(
             healthy = all(m.healthy and not m.metadata.error for m in answer.messages)
             if healthy or time.monotonic() >= deadline:
                 break
-            await asyncio.sleep(1.0)
+            await sleep(1.0)
         rows = []
         for item in failures.keep(answer.messages):
             for check in item.checks:

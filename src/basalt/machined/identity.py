@@ -13,7 +13,7 @@ import datetime as dt
 import ipaddress
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
@@ -43,11 +43,17 @@ class NodeIdentity:
     server: CertificateAndKey
     #: The forwarding certificate; control planes only.
     client: CertificateAndKey | None
+    obtained: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     def renew_at(self) -> dt.datetime:
+        """Two thirds into the time the certificate has left from when it was obtained.
+
+        (Not from ``not_valid_before``: certificates are back-dated a few minutes for
+        clock skew, which must not count as used-up lifetime.)
+        """
         cert = load_certificate(self.server.crt)
-        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-        return cert.not_valid_after_utc - lifetime / 3
+        remaining = cert.not_valid_after_utc - self.obtained
+        return self.obtained + remaining * 2 / 3
 
 
 def node_sans(address: str, hostname: str, extra: Sequence[str]) -> list[str]:

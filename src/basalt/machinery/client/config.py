@@ -8,16 +8,17 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, ValidationError
-
-from ..config._base import Model
-from ..config._yaml import dump_document, parse_documents
+from ..config._yaml import Loc, dump_document, parse_documents
 from ..errors import ClientConfigError, ConfigValidationError, Problem, format_path
 from ..fileio import write_atomic
-from ..pki import LEAF_VALIDITY, CertificateAndKey, issue_certificate
 from ..roles import Role
+
+if TYPE_CHECKING:
+    from ..pki import CertificateAndKey
 
 ENV_VAR = "BASALTCONFIG"
 
@@ -28,21 +29,35 @@ def default_client_config_path() -> Path:
     return Path(env) if env else Path.home() / ".basalt" / "config"
 
 
-class Context(Model):
+@dataclass
+class Context:
     """How to reach one cluster: API endpoints, default target nodes, and credentials."""
 
-    endpoints: list[str] = Field(default_factory=list, description="API endpoints to dial.")
-    nodes: list[str] = Field(default_factory=list, description="Default target nodes.")
-    ca: str = Field(description="PEM CA certificate that signs the nodes' API certificates.")
-    crt: str = Field(description="PEM client certificate; roles in its Organization.")
-    key: str = Field(description="PEM client private key.")
+    ca: str
+    crt: str
+    key: str
+    endpoints: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
 
 
-class ClientConfig(Model):
+# The client config is read by every API command, so it is plain data checked by hand:
+# no pydantic on that path (it costs more start-up time than the request itself).
+_CONTEXT_FIELDS: dict[str, type] = {
+    "endpoints": list,
+    "nodes": list,
+    "ca": str,
+    "crt": str,
+    "key": str,
+}
+_REQUIRED = ("ca", "crt", "key")
+
+
+@dataclass
+class ClientConfig:
     """The whole file: the current context's name and every context by name."""
 
-    context: str | None = Field(default=None, description="The current context.")
-    contexts: dict[str, Context] = Field(default_factory=dict, description="Contexts by name.")
+    context: str | None = None
+    contexts: dict[str, Context] = field(default_factory=dict)
 
     def current(self, name: str | None = None) -> tuple[str, Context]:
         """The context called ``name``, or the current one; raises when there is none."""
@@ -83,35 +98,90 @@ class ClientConfig(Model):
         return renamed
 
     def to_yaml(self) -> str:
-        return dump_document(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+        data: dict[str, Any] = {}
+        if self.context is not None:
+            data["context"] = self.context
+        data["contexts"] = {
+            name: {
+                "endpoints": list(c.endpoints),
+                "nodes": list(c.nodes),
+                "ca": c.ca,
+                "crt": c.crt,
+                "key": c.key,
+            }
+            for name, c in self.contexts.items()
+        }
+        return dump_document(data)
+
+
+def _unknown(key: str, allowed: Sequence[str]) -> tuple[str, str]:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"allowed here: {', '.join(allowed)}"
+    return f"unknown field {key!r}", hint
+
+
+def _validate(data: dict[str, Any]) -> tuple[ClientConfig, list[tuple[Loc, str, str | None]]]:
+    errors: list[tuple[Loc, str, str | None]] = []
+    for key in data:
+        if key not in ("context", "contexts"):
+            errors.append(((str(key),), *_unknown(str(key), ["context", "contexts"])))
+    current = data.get("context")
+    if current is not None and not isinstance(current, str):
+        errors.append((("context",), "must be a string", None))
+    raw_contexts = data.get("contexts") or {}
+    if not isinstance(raw_contexts, dict):
+        errors.append((("contexts",), "must be a mapping", "contexts: {NAME: {...}}"))
+        raw_contexts = {}
+    contexts: dict[str, Context] = {}
+    for name, raw in raw_contexts.items():
+        loc: Loc = ("contexts", str(name))
+        if not isinstance(raw, dict):
+            errors.append((loc, "must be a mapping of fields", None))
+            continue
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            kind = _CONTEXT_FIELDS.get(str(key))
+            if kind is None:
+                errors.append(((*loc, str(key)), *_unknown(str(key), list(_CONTEXT_FIELDS))))
+            elif kind is list and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                errors.append(((*loc, str(key)), "must be a list of strings", None))
+            elif kind is str and not isinstance(value, str):
+                errors.append(((*loc, str(key)), "must be a string", None))
+            else:
+                values[str(key)] = value
+        missing = [k for k in _REQUIRED if k not in raw]
+        errors.extend(((*loc, k), "required field is missing", None) for k in missing)
+        if not missing and len(values) == len(raw):
+            contexts[str(name)] = Context(**values)
+    return ClientConfig(current if isinstance(current, str) else None, contexts), errors
 
 
 def parse_client_config(text: str, source: str) -> ClientConfig:
-    from ..config.bundle import translate_error
-
     documents = parse_documents(text, source)
     if not documents:
         return ClientConfig()
     if len(documents) != 1 or not isinstance(documents[0].data, dict):
         raise ClientConfigError(f"{source}: a client config is one YAML mapping")
     raw = documents[0]
-    try:
-        return ClientConfig.model_validate(raw.data)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc, message, hint = translate_error(ClientConfig, error)
-            problems.append(
-                Problem(
-                    "basaltconfig",
-                    format_path(loc),
-                    message,
-                    hint,
-                    source=source,
-                    line=raw.line_of(loc),
-                )
+    config, errors = _validate(raw.data)
+    if errors:
+        problems = [
+            Problem(
+                "basaltconfig",
+                format_path(loc),
+                message,
+                hint,
+                source=source,
+                line=raw.line_of(loc),
             )
-        raise ConfigValidationError(problems, source=source) from None
+            for loc, message, hint in errors
+        ]
+        raise ConfigValidationError(problems, source=source)
+    return config
 
 
 def load_client_config(path: Path, *, missing_ok: bool = False) -> ClientConfig:
@@ -143,15 +213,17 @@ def issue_client_context(
     nodes: Sequence[str] = (),
     roles: Sequence[Role] = (Role.ADMIN,),
     common_name: str = "basaltctl",
-    validity: dt.timedelta = LEAF_VALIDITY,
+    validity: dt.timedelta | None = None,
 ) -> Context:
     """A context with a new client certificate, signed by the OS CA, carrying ``roles``."""
+    from ..pki import LEAF_VALIDITY, issue_certificate
+
     issued = issue_certificate(
         os_ca,
         common_name,
         organizations=[r.value for r in roles],
         client=True,
-        validity=validity,
+        validity=validity or LEAF_VALIDITY,
     )
     assert issued.key is not None
     return Context(
