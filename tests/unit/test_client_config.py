@@ -212,3 +212,48 @@ def test_issue_client_context_signs_with_the_os_ca(secrets: SecretsBundle) -> No
     assert key_matches_certificate(issued.crt, issued.key)
     assert certificate_organizations(issued.crt) == ["os:operator", "os:reader"]
     assert not verify_issued_by(issued.crt, inputs.other_secrets().certs.os.crt)
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        ("context: [a]\n", "context", "must be a string"),
+        ("contexts: [a]\n", "contexts", "must be a mapping"),
+        ("contexts:\n  prod: text\n", "contexts.prod", "must be a mapping of fields"),
+        ("contexts:\n  prod: {ca: a, crt: b, key: [c]}\n", "contexts.prod.key", "must be a string"),
+        (
+            "contexts:\n  prod: {ca: a, crt: b, key: c, endpoints: x}\n",
+            "contexts.prod.endpoints",
+            "must be a list of strings",
+        ),
+        (
+            "contexts:\n  prod: {ca: a, crt: b, key: c, nodes: [1]}\n",
+            "contexts.prod.nodes",
+            "must be a list of strings",
+        ),
+        ("contexts:\n  prod: {crt: b, key: c}\n", "contexts.prod.ca", "required field is missing"),
+    ],
+)
+def test_malformed_fields_name_their_path(text: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigValidationError) as caught:
+        parse_client_config(text, "cfg")
+    (problem,) = caught.value.problems
+    assert (problem.path, problem.message) == (path, message)
+    assert problem.source == "cfg"
+    assert problem.line is not None
+
+
+def test_every_problem_in_a_client_config_is_reported() -> None:
+    text = (
+        "contxt: a\n"
+        "contexts:\n"
+        "  one: {ca: a, crt: b}\n"
+        "  two: {ca: a, crt: b, key: c, endpoint: [x]}\n"
+    )
+    with pytest.raises(ConfigValidationError) as caught:
+        parse_client_config(text, "cfg")
+    assert [(p.path, p.line) for p in caught.value.problems] == [
+        ("contxt", 1),
+        ("contexts.one.key", 3),
+        ("contexts.two.endpoint", 4),
+    ]

@@ -11,6 +11,7 @@ stays under a minute; examples counts are set explicitly on each test.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import ipaddress
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from basalt.machinery.client.config import parse_client_config
+from basalt.machinery.client.config import ClientConfig, Context, parse_client_config
 from basalt.machinery.config import (
     DOCUMENT_KINDS,
     GenerateOptions,
@@ -497,7 +498,7 @@ token_soup = st.lists(
 yaml_text = st.one_of(st.text(max_size=200), token_soup)
 
 
-@fuzz(700)
+@fuzz(1500)
 @given(yaml_text)
 def test_fuzzed_yaml_text_raises_only_config_errors(text: str) -> None:
     bundle = only_config_errors(load_bundle, text, "fuzz.yaml")
@@ -514,10 +515,8 @@ def test_fuzzed_yaml_text_raises_only_config_errors(text: str) -> None:
             apply_patches, [{"apiVersion": API, "kind": "LinkConfig", "name": "eth0"}], [patch]
         )
     only_config_errors(load_secrets, text, "secrets.yaml")
-    try:
+    with contextlib.suppress(BasaltError):  # ClientConfigError is not a ConfigError
         parse_client_config(text, "basaltconfig")
-    except BasaltError:
-        pass
 
 
 @st.composite
@@ -570,7 +569,7 @@ def mutated_config_text(draw: st.DrawFn) -> str:
     return "".join(lines)
 
 
-@fuzz(500)
+@fuzz(1000)
 @given(mutated_config_text())
 def test_mutated_real_configs_raise_only_config_errors(text: str) -> None:
     bundle = only_config_errors(load_bundle, text, "cp.yaml")
@@ -842,3 +841,41 @@ def test_fuzzed_contracts_raise_only_contract_errors(text: str) -> None:
     if contract is not None:
         assert Contract.parse(str(contract)) == contract
     only_config_errors(resolve_contract, text)
+
+
+# -- client config ------------------------------------------------------------------------------
+
+pem_like = st.one_of(free_text, st.sampled_from(interesting_strings()))
+client_contexts = st.builds(
+    Context,
+    ca=pem_like,
+    crt=pem_like,
+    key=pem_like,
+    endpoints=st.lists(hosts_or_ips, max_size=3),
+    nodes=st.lists(hosts_or_ips, max_size=3),
+)
+client_configs = st.builds(
+    ClientConfig,
+    context=st.one_of(st.none(), label),
+    contexts=st.dictionaries(st.one_of(label, free_text), client_contexts, max_size=3),
+)
+
+
+@fuzz(200)
+@given(client_configs, client_configs)
+def test_client_config_round_trips_and_merges(mine: ClientConfig, other: ClientConfig) -> None:
+    assert parse_client_config(mine.to_yaml(), "cfg") == mine
+    before = set(mine.contexts)
+    renamed = mine.merge(other)
+    assert before <= set(mine.contexts)  # nothing is overwritten
+    for original, stored in renamed:
+        assert stored.startswith(f"{original}-")
+        assert mine.contexts[stored] == other.contexts[original]
+    assert parse_client_config(mine.to_yaml(), "cfg") == mine
+
+
+@fuzz(300)
+@given(st.dictionaries(st.sampled_from(["context", "contexts", "contxt"]), values, max_size=3))
+def test_fuzzed_client_configs_raise_only_basalt_errors(data: dict[str, Any]) -> None:
+    with contextlib.suppress(BasaltError):
+        parse_client_config(dump_document(data), "basaltconfig")

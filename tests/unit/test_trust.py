@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from basalt.machined.api import trust as trust_module
-from basalt.machined.api.tls import server_only_credentials
+from basalt.machined.api.tls import mtls_credentials
 from basalt.machined.api.trust import TrustServicer
 from basalt.machined.identity import (
     NodeIdentity,
@@ -64,7 +64,7 @@ async def serve(
     """Run ``body`` with a stub for a real trust server on ADDRESS (a free port)."""
     server = grpc.aio.server()
     trust_pb2_grpc.add_TrustServiceServicer_to_server(TrustServicer(node), server)  # type: ignore[arg-type]
-    port = server.add_secure_port(f"{ADDRESS}:0", server_only_credentials(server_identity().server))
+    port = server.add_secure_port(f"{ADDRESS}:0", _tls(server_identity()))
     await server.start()
     try:
         credentials = grpc.ssl_channel_credentials(root_certificates=node.os_ca.crt.encode())
@@ -221,7 +221,7 @@ async def serve_with_ca(node: TrustNode, body: Any) -> Any:
     configured = controlplane_node()
     server = grpc.aio.server()
     trust_pb2_grpc.add_TrustServiceServicer_to_server(TrustServicer(node), server)  # type: ignore[arg-type]
-    port = server.add_secure_port(f"{ADDRESS}:0", server_only_credentials(server_identity().server))
+    port = server.add_secure_port(f"{ADDRESS}:0", _tls(server_identity()))
     await server.start()
     try:
         credentials = grpc.ssl_channel_credentials(root_certificates=configured.os_ca.crt.encode())
@@ -273,7 +273,7 @@ def test_a_worker_gets_its_identity_from_the_trust_service() -> None:
             address = f"127.0.0.{last}"
             server = grpc.aio.server()
             trust_pb2_grpc.add_TrustServiceServicer_to_server(TrustServicer(node), server)  # type: ignore[arg-type]
-            credentials = server_only_credentials(server_identity(address).server)
+            credentials = _tls(server_identity(address))
             try:
                 server.add_secure_port(f"{address}:{TRUST_PORT}", credentials)
             except RuntimeError:
@@ -514,3 +514,10 @@ def test_a_running_control_plane_publishes_members_as_resources() -> None:
         last_seen=node.trust_members["m-a"].last_seen,
     )
     assert set(node.members) == {"m-a"}
+
+
+def _tls(identity: NodeIdentity) -> grpc.ServerCredentials:
+    """What the trust service serves with: the node certificate, no client certificate."""
+    return mtls_credentials(
+        lambda: (identity.ca, identity.server), require_client_certificate=False
+    )

@@ -19,7 +19,7 @@ from basalt.machinery.client.client import MAX_MESSAGE
 
 from .dispatch import Dispatcher
 from .proxy import Proxy
-from .tls import maintenance_credentials, mtls_credentials, server_only_credentials
+from .tls import maintenance_credentials, mtls_credentials
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -117,14 +117,18 @@ class TrustServer:
         self.servicer = TrustServicer(node)
         self.server: grpc.aio.Server | None = None
 
-    async def start(self) -> None:
+    def _current_identity(self) -> Any:
         identity = self.node.identity
         assert identity is not None
+        return identity.ca, identity.server
+
+    async def start(self) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         trust_pb2_grpc.add_TrustServiceServicer_to_server(self.servicer, server)
         bind = _bind(self.node.address, TRUST_PORT)
         try:
-            server.add_secure_port(bind, server_only_credentials(identity.server))
+            credentials = mtls_credentials(self._current_identity, require_client_certificate=False)
+            server.add_secure_port(bind, credentials)
         except RuntimeError as exc:
             raise ServerStartError(f"cannot listen on {bind}: {exc}") from None
         await server.start()

@@ -58,8 +58,13 @@ def _configuration(ca: str, server: CertificateAndKey) -> grpc.ServerCertificate
 
 def mtls_credentials(
     current: Callable[[], tuple[str, CertificateAndKey]],
+    *,
+    require_client_certificate: bool = True,
 ) -> grpc.ServerCredentials:
-    """mTLS against the OS CA; a renewed certificate is picked up at the next handshake."""
+    """TLS with the node's certificate (mTLS against the OS CA unless told otherwise).
+
+    A renewed certificate is picked up at the next handshake, without a restart.
+    """
     ca, server = current()
     served = [server]
 
@@ -71,11 +76,5 @@ def mtls_credentials(
         return _configuration(ca_now, server_now)
 
     return grpc.dynamic_ssl_server_credentials(
-        _configuration(ca, server), fetch, require_client_authentication=True
+        _configuration(ca, server), fetch, require_client_authentication=require_client_certificate
     )
-
-
-def server_only_credentials(server: CertificateAndKey) -> grpc.ServerCredentials:
-    """TLS with the node's certificate and no client certificate (the trust service)."""
-    assert server.key is not None
-    return grpc.ssl_server_credentials([(server.key.encode(), server.crt.encode())])
