@@ -51,7 +51,8 @@ def test_cli_help_does_not_import_heavy_libraries() -> None:
         "import sys\n"
         "from basalt.cli.main import main\n"
         "main(['--help'])\n"
-        "heavy = [m for m in ('pydantic', 'cryptography', 'yaml', 'jsonpatch') if m in sys.modules]\n"
+        "names = ('pydantic', 'cryptography', 'yaml', 'jsonpatch')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print('HEAVY:' + ','.join(heavy))\n"
     )
     out = (

@@ -286,9 +286,11 @@ def test_basaltconfig_env_var(secrets_file: Path, tmp_path: Path, capsys, monkey
 def test_errors_are_one_clear_message_unless_debug(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.yaml")
     argv = [sys.executable, "-m", "basalt.cli.main", "validate", "-c", missing, "--mode", "metal"]
-    plain = subprocess.run(argv, capture_output=True, text=True)
+    plain = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert plain.returncode == 1
     assert plain.stderr.startswith(f"error: config {missing} does not exist")
     assert "Traceback" not in plain.stderr
-    debug = subprocess.run([*argv[:3], "--debug", *argv[3:]], capture_output=True, text=True)
+    debug = subprocess.run(
+        [*argv[:3], "--debug", *argv[3:]], capture_output=True, text=True, check=False
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -98,7 +98,10 @@ def test_yaml_syntax_error() -> None:
 
 
 def test_unknown_field_in_a_context_suggests_the_right_one() -> None:
-    text = "context: prod\ncontexts:\n  prod:\n    endpoint: [192.0.2.10]\n    ca: a\n    crt: b\n    key: c\n"
+    text = (
+        "context: prod\ncontexts:\n  prod:\n"
+        "    endpoint: [192.0.2.10]\n    ca: a\n    crt: b\n    key: c\n"
+    )
     with pytest.raises(ConfigValidationError) as caught:
         parse_client_config(text, "cfg")
     (problem,) = caught.value.problems

@@ -63,7 +63,7 @@ def test_unknown_older_contract_is_refused_with_the_known_ones() -> None:
 
 
 def test_malformed_contract_refused_by_resolve() -> None:
-    with pytest.raises(ContractError, match="not of the form X.Y"):
+    with pytest.raises(ContractError, match=r"not of the form X\.Y"):
         resolve_contract("latest")
 
 

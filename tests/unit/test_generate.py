@@ -215,7 +215,7 @@ def test_patch_giving_workers_a_key_fails_validation(secrets: SecretsBundle) -> 
 
 def test_json_patch_is_refused_for_generated_configs(secrets: SecretsBundle) -> None:
     patch = parse_patch("- {op: add, path: /x, value: 1}\n", "ops.yaml")
-    with pytest.raises(PatchError, match="controlplane.yaml has 2 documents"):
+    with pytest.raises(PatchError, match=r"controlplane\.yaml has 2 documents"):
         generate_configs(secrets, inputs.options(), patches=[patch])
 
 

@@ -300,7 +300,10 @@ def test_unknown_field_without_a_close_match_lists_allowed_fields() -> None:
 
 
 def test_unknown_field_in_a_list_item_model() -> None:
-    text = f"apiVersion: {API}\nkind: LinkConfig\nname: eth0\nroutes:\n- gateway: 192.0.2.1\n  metrik: 5\n"
+    text = (
+        f"apiVersion: {API}\nkind: LinkConfig\nname: eth0\n"
+        "routes:\n- gateway: 192.0.2.1\n  metrik: 5\n"
+    )
     problem = only_problem(text)
     assert problem.where == "LinkConfig(eth0).routes[0].metrik"
     assert problem.hint == "did you mean 'metric'?"

@@ -399,7 +399,7 @@ def test_json_patch_then_merge_patch() -> None:
     assert apply_patches([link()], patches) == [link(mtu=1400, dhcp=True)]
 
 
-# -- patches never change their input ----------------------------------------------------------------
+# -- patches never change their input ---------------------------------------------------------
 
 
 def test_merge_patches_do_not_mutate_documents_or_patches() -> None:
