@@ -107,6 +107,6 @@ def line_of(text: str, needle: str, occurrence: int = 1) -> int:
 
 def dump(documents: list[dict[str, Any]]) -> str:
     """Data documents as canonical multi-document YAML (what a user's file looks like)."""
-    from basalt.machinery.config._yaml import dump_documents
+    from basalt.machinery.yamlio import dump_documents
 
     return dump_documents(documents)

@@ -41,10 +41,10 @@ from basalt.machinery.config import (
     parse_patch,
     patch_and_check,
 )
-from basalt.machinery.config._yaml import dump_document
 from basalt.machinery.config.contract import Contract, resolve_contract
 from basalt.machinery.errors import BasaltError, ConfigError
 from basalt.machinery.secrets import load_secrets
+from basalt.machinery.yamlio import dump_document
 from tests.fakes import inputs
 
 T = TypeVar("T")

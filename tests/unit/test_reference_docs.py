@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel
 
 from basalt.machinery.config import DOCUMENT_KINDS, Mode, check_bundle, load_bundle
 from basalt.machinery.config import reference as ref
-from basalt.machinery.config._yaml import dump_documents
+from basalt.machinery.yamlio import dump_documents
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reference"
 API = "basalt.dev/v1alpha1"

@@ -15,11 +15,11 @@ from pydantic import Field, ValidationError
 
 from .config._base import Model
 from .config._types import Secret32, Token
-from .config._yaml import dump_document, parse_documents
 from .config.cluster import PEMPrivateKey
 from .config.machine import CertificateAndKey
 from .errors import ConfigValidationError, Problem, SecretsError, format_path
 from .pki import generate_ca, generate_private_key, private_key_pem
+from .yamlio import dump_document, parse_documents
 
 SECRETS_VERSION = "v1alpha1"
 _TOKEN_ALPHABET = string.ascii_lowercase + string.digits

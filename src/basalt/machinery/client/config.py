@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config._yaml import Loc, dump_document, parse_documents
 from ..errors import ClientConfigError, ConfigValidationError, Problem, format_path
 from ..fileio import write_atomic
 from ..roles import Role
+from ..yamlio import Loc, dump_document, parse_documents
 
 if TYPE_CHECKING:
     from ..pki import CertificateAndKey

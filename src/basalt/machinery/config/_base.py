@@ -61,9 +61,32 @@ DOCUMENT_KINDS: dict[str, type[Document]] = {}
 D = TypeVar("D", bound=type[Document])
 
 
+#: The order kinds are listed in (docs, errors, hints), whatever order modules load in.
+KIND_ORDER = (
+    "MachineConfig",
+    "ClusterConfig",
+    "HostnameConfig",
+    "LinkConfig",
+    "ResolverConfig",
+    "TimeSyncConfig",
+    "SysctlConfig",
+    "KernelModuleConfig",
+    "EtcFileConfig",
+    "EnvironmentConfig",
+    "LoggingConfig",
+    "ImageVerificationConfig",
+)
+
+
 def register(cls: D) -> D:
     """Class decorator: make ``cls`` a known document kind."""
     DOCUMENT_KINDS[cls.kind_name()] = cls
+    ordered = sorted(
+        DOCUMENT_KINDS.items(),
+        key=lambda kv: KIND_ORDER.index(kv[0]) if kv[0] in KIND_ORDER else len(KIND_ORDER),
+    )
+    DOCUMENT_KINDS.clear()
+    DOCUMENT_KINDS.update(ordered)
     return cls
 
 

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigValidationError, Problem, Severity, format_path
+from ..yamlio import Loc, RawDocument, dump_documents, parse_documents
 from . import _schema, network, system  # noqa: F401  (registers their document kinds)
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
-from ._yaml import Loc, RawDocument, dump_documents, parse_documents
 from .cluster import ClusterConfig
 from .machine import MachineConfig
 

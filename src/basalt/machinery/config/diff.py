@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import format_path
-from ._yaml import dump_document
+from ..yamlio import dump_document
 from .bundle import ConfigBundle, document_to_raw
 
 LIVE: tuple[tuple[str, str], ...] = (

@@ -24,9 +24,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..errors import BasaltError, ConfigValidationError, PatchError, Problem, format_path
+from ..yamlio import RawDocument, parse_documents
 from . import _schema
 from ._base import API_VERSION, DOCUMENT_KINDS, document_key
-from ._yaml import RawDocument, parse_documents
 from .bundle import ConfigBundle, _did_you_mean, bundle_from_raw
 from .validate import Mode, check_bundle
 

@@ -27,9 +27,9 @@ from pydantic.fields import FieldInfo
 
 from ..errors import BasaltError
 from ..fileio import write_atomic
+from ..yamlio import dump_documents
 from . import _schema, _types
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
-from ._yaml import dump_documents
 from .cluster import ClusterName, KubernetesVersion, PEMPrivateKey
 from .system import Ed25519PublicKey, EtcPath, FileMode, ModuleParameter
 

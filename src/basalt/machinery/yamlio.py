@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigSyntaxError
+from .errors import ConfigSyntaxError
 
 Loc = tuple[str | int, ...]
 
