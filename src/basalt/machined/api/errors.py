@@ -18,6 +18,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "PatchError": grpc.StatusCode.INVALID_ARGUMENT,
     "ContractError": grpc.StatusCode.INVALID_ARGUMENT,
     "InvalidRequestError": grpc.StatusCode.INVALID_ARGUMENT,
+    "InvalidApplyError": grpc.StatusCode.INVALID_ARGUMENT,
     "SequenceConflictError": grpc.StatusCode.FAILED_PRECONDITION,
     "RebootRequiredError": grpc.StatusCode.FAILED_PRECONDITION,
     "UnknownServiceError": grpc.StatusCode.NOT_FOUND,
