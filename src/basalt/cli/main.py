@@ -1,6 +1,7 @@
 """The ``basaltctl`` entry point: global options, verb groups and error reporting.
 
-Heavy imports (pydantic, cryptography) happen inside commands, so ``--help`` stays fast.
+Start-up time is paid by every command: only the module of the verb being run is
+imported (all of them for help), and heavy libraries load inside commands.
 """
 
 from __future__ import annotations
@@ -12,60 +13,45 @@ from typing import Annotated
 
 import typer
 
-from . import (
-    cluster,
-    config_cmd,
-    diagnostics,
-    edit,
-    files,
-    gen,
-    machine,
-    machineconfig,
-    resources,
-    services,
-    validate,
-)
 from ._common import GlobalOptions
 
-app = typer.Typer(
-    name="basaltctl",
-    help="Manage Basalt nodes: generate and validate machine configs, talk to the node API.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(gen.app, name="gen")
-app.add_typer(config_cmd.app, name="config")
-app.add_typer(machineconfig.app, name="machineconfig")
-app.add_typer(cluster.app, name="cluster")
-app.add_typer(edit.patch_app, name="patch")
-app.add_typer(edit.edit_app, name="edit")
-app.command("validate")(validate.validate)
-app.command("version")(machine.version)
-app.command("apply-config")(machine.apply_config)
-app.command("reboot")(machine.reboot)
-app.command("shutdown")(machine.shutdown)
-app.command("reset")(machine.reset)
-app.command("health")(machine.health)
-app.command("services")(services.services)
-app.command("service")(services.service)
-app.command("logs")(services.logs)
-app.command("get")(resources.get)
-app.command("dmesg")(diagnostics.dmesg)
-app.command("events")(diagnostics.events)
-app.command("ps")(diagnostics.ps)
-app.command("memory")(diagnostics.memory)
-app.command("mounts")(diagnostics.mounts)
-app.command("netstat")(diagnostics.netstat)
-app.command("ls")(files.ls)
-app.command("read")(files.read)
-app.command("copy")(files.copy)
+#: Verb groups and verbs: name -> (module in basalt.cli, attribute). This one table
+#: drives registration.
+GROUPS: dict[str, tuple[str, str]] = {
+    "gen": ("gen", "app"),
+    "config": ("config_cmd", "app"),
+    "machineconfig": ("machineconfig", "app"),
+    "cluster": ("cluster", "app"),
+    "patch": ("edit", "patch_app"),
+    "edit": ("edit", "edit_app"),
+}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("validate", "validate"),
+    "version": ("machine", "version"),
+    "apply-config": ("machine", "apply_config"),
+    "reboot": ("machine", "reboot"),
+    "shutdown": ("machine", "shutdown"),
+    "reset": ("machine", "reset"),
+    "health": ("machine", "health"),
+    "services": ("services", "services"),
+    "service": ("services", "service"),
+    "logs": ("services", "logs"),
+    "get": ("resources", "get"),
+    "dmesg": ("diagnostics", "dmesg"),
+    "events": ("diagnostics", "events"),
+    "ps": ("diagnostics", "ps"),
+    "memory": ("diagnostics", "memory"),
+    "mounts": ("diagnostics", "mounts"),
+    "netstat": ("diagnostics", "netstat"),
+    "ls": ("files", "ls"),
+    "read": ("files", "read"),
+    "copy": ("files", "copy"),
+}
+_VALUE_OPTIONS = ("--basaltconfig", "--context")
 
 _state = GlobalOptions()
 
 
-@app.callback()
 def _root(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show stack traces for errors.")] = False,
@@ -87,14 +73,50 @@ def _root(
     ctx.obj = _state
 
 
+def invoked_verb(argv: list[str]) -> str | None:
+    """The verb on the command line (skipping global options), if it is a known one."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _VALUE_OPTIONS:
+            skip = True
+        elif not token.startswith("-"):
+            return token if token in GROUPS or token in COMMANDS else None
+    return None
+
+
+def build_app(verb: str | None = None) -> typer.Typer:
+    """The typer app with every verb, or only ``verb`` (the one being run)."""
+    from importlib import import_module
+
+    app = typer.Typer(
+        name="basaltctl",
+        help="Manage Basalt nodes: generate and validate machine configs, talk to the node API.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for name, (module, attr) in GROUPS.items():
+        if verb in (None, name):
+            app.add_typer(getattr(import_module(f".{module}", __package__), attr), name=name)
+    for name, (module, attr) in COMMANDS.items():
+        if verb in (None, name):
+            app.command(name)(getattr(import_module(f".{module}", __package__), attr))
+    return app
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run basaltctl; BasaltErrors become one clear message and exit code 1."""
     from basalt.machinery.errors import BasaltError
 
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own logs are not for users
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
     try:
-        app(args=argv, prog_name="basaltctl")
+        build_app(invoked_verb(args))(args=args, prog_name="basaltctl")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BasaltError as exc:
