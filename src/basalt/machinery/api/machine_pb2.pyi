@@ -262,20 +262,24 @@ class ResetRequest(_message.Message):
     GRACEFUL_FIELD_NUMBER: _builtins.int
     WIPE_MODE_FIELD_NUMBER: _builtins.int
     REBOOT_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     graceful: _builtins.bool
     wipe_mode: Global___WipeMode.ValueType
     reboot: _builtins.bool
     """Reboot after the reset (into maintenance mode when STATE was wiped); else shut down."""
+    force: _builtins.bool
+    """Leave etcd even when that costs quorum."""
     def __init__(
         self,
         *,
         graceful: _builtins.bool = ...,
         wipe_mode: Global___WipeMode.ValueType = ...,
         reboot: _builtins.bool = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graceful", b"graceful", "reboot", b"reboot", "wipe_mode", b"wipe_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "graceful", b"graceful", "reboot", b"reboot", "wipe_mode", b"wipe_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1200,3 +1204,321 @@ class GenerateClientConfigurationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateClientConfigurationResponse: _TypeAlias = GenerateClientConfigurationResponse  # noqa: Y015
+
+@_typing.final
+class BootstrapRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECOVER_ETCD_FIELD_NUMBER: _builtins.int
+    recover_etcd: _builtins.bool
+    """Restore etcd from the snapshot uploaded with EtcdRecover instead of starting empty."""
+    def __init__(
+        self,
+        *,
+        recover_etcd: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recover_etcd", b"recover_etcd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootstrapRequest: _TypeAlias = BootstrapRequest  # noqa: Y015
+
+@_typing.final
+class EtcdMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    PEER_URLS_FIELD_NUMBER: _builtins.int
+    CLIENT_URLS_FIELD_NUMBER: _builtins.int
+    IS_LEARNER_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    hostname: _builtins.str
+    is_learner: _builtins.bool
+    @_builtins.property
+    def peer_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def client_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        hostname: _builtins.str = ...,
+        peer_urls: _abc.Iterable[_builtins.str] | None = ...,
+        client_urls: _abc.Iterable[_builtins.str] | None = ...,
+        is_learner: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_urls", b"client_urls", "hostname", b"hostname", "id", b"id", "is_learner", b"is_learner", "peer_urls", b"peer_urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMember: _TypeAlias = EtcdMember  # noqa: Y015
+
+@_typing.final
+class EtcdMembers(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metadata(self) -> _common_pb2.Metadata: ...
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdMember]: ...
+    def __init__(
+        self,
+        *,
+        metadata: _common_pb2.Metadata | None = ...,
+        members: _abc.Iterable[Global___EtcdMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMembers: _TypeAlias = EtcdMembers  # noqa: Y015
+
+@_typing.final
+class EtcdMemberListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdMembers]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___EtcdMembers] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMemberListResponse: _TypeAlias = EtcdMemberListResponse  # noqa: Y015
+
+@_typing.final
+class EtcdMemberStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DB_SIZE_FIELD_NUMBER: _builtins.int
+    DB_SIZE_IN_USE_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    RAFT_INDEX_FIELD_NUMBER: _builtins.int
+    RAFT_TERM_FIELD_NUMBER: _builtins.int
+    RAFT_APPLIED_INDEX_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    IS_LEARNER_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.int
+    version: _builtins.str
+    db_size: _builtins.int
+    db_size_in_use: _builtins.int
+    leader: _builtins.int
+    raft_index: _builtins.int
+    raft_term: _builtins.int
+    raft_applied_index: _builtins.int
+    is_learner: _builtins.bool
+    @_builtins.property
+    def metadata(self) -> _common_pb2.Metadata: ...
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        metadata: _common_pb2.Metadata | None = ...,
+        member_id: _builtins.int = ...,
+        version: _builtins.str = ...,
+        db_size: _builtins.int = ...,
+        db_size_in_use: _builtins.int = ...,
+        leader: _builtins.int = ...,
+        raft_index: _builtins.int = ...,
+        raft_term: _builtins.int = ...,
+        raft_applied_index: _builtins.int = ...,
+        errors: _abc.Iterable[_builtins.str] | None = ...,
+        is_learner: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db_size", b"db_size", "db_size_in_use", b"db_size_in_use", "errors", b"errors", "is_learner", b"is_learner", "leader", b"leader", "member_id", b"member_id", "metadata", b"metadata", "raft_applied_index", b"raft_applied_index", "raft_index", b"raft_index", "raft_term", b"raft_term", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMemberStatus: _TypeAlias = EtcdMemberStatus  # noqa: Y015
+
+@_typing.final
+class EtcdStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdMemberStatus]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___EtcdMemberStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdStatusResponse: _TypeAlias = EtcdStatusResponse  # noqa: Y015
+
+@_typing.final
+class EtcdLeaveClusterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORCE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    """Leave even when that costs quorum."""
+    def __init__(
+        self,
+        *,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdLeaveClusterRequest: _TypeAlias = EtcdLeaveClusterRequest  # noqa: Y015
+
+@_typing.final
+class EtcdRemoveMemberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    member: _builtins.str
+    """The member to remove: its id (hex or decimal) or its host name."""
+    def __init__(
+        self,
+        *,
+        member: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdRemoveMemberRequest: _TypeAlias = EtcdRemoveMemberRequest  # noqa: Y015
+
+@_typing.final
+class EtcdAlarm(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    ALARM_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.int
+    alarm: _builtins.str
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.int = ...,
+        alarm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alarm", b"alarm", "member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdAlarm: _TypeAlias = EtcdAlarm  # noqa: Y015
+
+@_typing.final
+class EtcdAlarms(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    ALARMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metadata(self) -> _common_pb2.Metadata: ...
+    @_builtins.property
+    def alarms(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdAlarm]: ...
+    def __init__(
+        self,
+        *,
+        metadata: _common_pb2.Metadata | None = ...,
+        alarms: _abc.Iterable[Global___EtcdAlarm] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alarms", b"alarms", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdAlarms: _TypeAlias = EtcdAlarms  # noqa: Y015
+
+@_typing.final
+class EtcdAlarmListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdAlarms]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___EtcdAlarms] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdAlarmListResponse: _TypeAlias = EtcdAlarmListResponse  # noqa: Y015
+
+@_typing.final
+class Kubeconfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The admin kubeconfig (YAML)."""
+    @_builtins.property
+    def metadata(self) -> _common_pb2.Metadata: ...
+    def __init__(
+        self,
+        *,
+        metadata: _common_pb2.Metadata | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Kubeconfig: _TypeAlias = Kubeconfig  # noqa: Y015
+
+@_typing.final
+class KubeconfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Kubeconfig]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___Kubeconfig] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KubeconfigResponse: _TypeAlias = KubeconfigResponse  # noqa: Y015

@@ -135,6 +135,66 @@ class MachineServiceStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.GenerateClientConfigurationRequest.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.GenerateClientConfigurationResponse.FromString,
                 _registered_method=True)
+        self.Bootstrap = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/Bootstrap',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.BootstrapRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.EtcdRecover = channel.stream_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdRecover',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Data.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.EtcdMemberList = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdMemberList',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdMemberListResponse.FromString,
+                _registered_method=True)
+        self.EtcdStatus = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdStatus',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdStatusResponse.FromString,
+                _registered_method=True)
+        self.EtcdLeaveCluster = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdLeaveCluster',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdLeaveClusterRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.EtcdRemoveMember = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdRemoveMember',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdRemoveMemberRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.EtcdForfeitLeadership = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdForfeitLeadership',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.EtcdSnapshot = channel.unary_stream(
+                '/basalt.api.v1alpha1.MachineService/EtcdSnapshot',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Data.FromString,
+                _registered_method=True)
+        self.EtcdDefragment = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdDefragment',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.EtcdAlarmList = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdAlarmList',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdAlarmListResponse.FromString,
+                _registered_method=True)
+        self.EtcdAlarmDisarm = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/EtcdAlarmDisarm',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.Kubeconfig = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/Kubeconfig',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.KubeconfigResponse.FromString,
+                _registered_method=True)
 
 
 class MachineServiceServicer:
@@ -260,6 +320,80 @@ class MachineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Bootstrap(self, request, context):
+        """etcd (control planes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdRecover(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdMemberList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdLeaveCluster(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdRemoveMember(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdForfeitLeadership(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdDefragment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdAlarmList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EtcdAlarmDisarm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Kubeconfig(self, request, context):
+        """Kubernetes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MachineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -362,6 +496,66 @@ def add_MachineServiceServicer_to_server(servicer, server):
                     servicer.GenerateClientConfiguration,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.GenerateClientConfigurationRequest.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.GenerateClientConfigurationResponse.SerializeToString,
+            ),
+            'Bootstrap': grpc.unary_unary_rpc_method_handler(
+                    servicer.Bootstrap,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.BootstrapRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'EtcdRecover': grpc.stream_unary_rpc_method_handler(
+                    servicer.EtcdRecover,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Data.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'EtcdMemberList': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdMemberList,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdMemberListResponse.SerializeToString,
+            ),
+            'EtcdStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdStatus,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdStatusResponse.SerializeToString,
+            ),
+            'EtcdLeaveCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdLeaveCluster,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdLeaveClusterRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'EtcdRemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdRemoveMember,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdRemoveMemberRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'EtcdForfeitLeadership': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdForfeitLeadership,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'EtcdSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.EtcdSnapshot,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Data.SerializeToString,
+            ),
+            'EtcdDefragment': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdDefragment,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'EtcdAlarmList': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdAlarmList,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdAlarmListResponse.SerializeToString,
+            ),
+            'EtcdAlarmDisarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.EtcdAlarmDisarm,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'Kubeconfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.Kubeconfig,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.KubeconfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -904,6 +1098,330 @@ class MachineService:
             '/basalt.api.v1alpha1.MachineService/GenerateClientConfiguration',
             basalt_dot_machinery_dot_api_dot_machine__pb2.GenerateClientConfigurationRequest.SerializeToString,
             basalt_dot_machinery_dot_api_dot_machine__pb2.GenerateClientConfigurationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Bootstrap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/Bootstrap',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.BootstrapRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdRecover(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdRecover',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Data.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdMemberList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdMemberList',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdMemberListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdStatus',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdLeaveCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdLeaveCluster',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdLeaveClusterRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdRemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdRemoveMember',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdRemoveMemberRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdForfeitLeadership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdForfeitLeadership',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdSnapshot',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.Data.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdDefragment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdDefragment',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdAlarmList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdAlarmList',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.EtcdAlarmListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EtcdAlarmDisarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/EtcdAlarmDisarm',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Kubeconfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/Kubeconfig',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.KubeconfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,20 @@ class MachineServiceStub:
     Health: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.HealthResponse]
     Disks: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.DisksResponse]
     GenerateClientConfiguration: _grpc.UnaryUnaryMultiCallable[_machine_pb2.GenerateClientConfigurationRequest, _machine_pb2.GenerateClientConfigurationResponse]
+    Bootstrap: _grpc.UnaryUnaryMultiCallable[_machine_pb2.BootstrapRequest, _common_pb2.ActionResponse]
+    """etcd (control planes)."""
+    EtcdRecover: _grpc.StreamUnaryMultiCallable[_common_pb2.Data, _common_pb2.ActionResponse]
+    EtcdMemberList: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.EtcdMemberListResponse]
+    EtcdStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.EtcdStatusResponse]
+    EtcdLeaveCluster: _grpc.UnaryUnaryMultiCallable[_machine_pb2.EtcdLeaveClusterRequest, _common_pb2.ActionResponse]
+    EtcdRemoveMember: _grpc.UnaryUnaryMultiCallable[_machine_pb2.EtcdRemoveMemberRequest, _common_pb2.ActionResponse]
+    EtcdForfeitLeadership: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]
+    EtcdSnapshot: _grpc.UnaryStreamMultiCallable[_common_pb2.Empty, _common_pb2.Data]
+    EtcdDefragment: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]
+    EtcdAlarmList: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.EtcdAlarmListResponse]
+    EtcdAlarmDisarm: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]
+    Kubeconfig: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.KubeconfigResponse]
+    """Kubernetes."""
 
 @_typing.type_check_only
 class MachineServiceAsyncStub(MachineServiceStub):
@@ -76,6 +90,20 @@ class MachineServiceAsyncStub(MachineServiceStub):
     Health: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.HealthResponse]  # type: ignore[assignment]
     Disks: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.DisksResponse]  # type: ignore[assignment]
     GenerateClientConfiguration: _aio.UnaryUnaryMultiCallable[_machine_pb2.GenerateClientConfigurationRequest, _machine_pb2.GenerateClientConfigurationResponse]  # type: ignore[assignment]
+    Bootstrap: _aio.UnaryUnaryMultiCallable[_machine_pb2.BootstrapRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    """etcd (control planes)."""
+    EtcdRecover: _aio.StreamUnaryMultiCallable[_common_pb2.Data, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    EtcdMemberList: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.EtcdMemberListResponse]  # type: ignore[assignment]
+    EtcdStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.EtcdStatusResponse]  # type: ignore[assignment]
+    EtcdLeaveCluster: _aio.UnaryUnaryMultiCallable[_machine_pb2.EtcdLeaveClusterRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    EtcdRemoveMember: _aio.UnaryUnaryMultiCallable[_machine_pb2.EtcdRemoveMemberRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    EtcdForfeitLeadership: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    EtcdSnapshot: _aio.UnaryStreamMultiCallable[_common_pb2.Empty, _common_pb2.Data]  # type: ignore[assignment]
+    EtcdDefragment: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    EtcdAlarmList: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.EtcdAlarmListResponse]  # type: ignore[assignment]
+    EtcdAlarmDisarm: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    Kubeconfig: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.KubeconfigResponse]  # type: ignore[assignment]
+    """Kubernetes."""
 
 class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -217,5 +245,91 @@ class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _machine_pb2.GenerateClientConfigurationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_machine_pb2.GenerateClientConfigurationResponse, _abc.Awaitable[_machine_pb2.GenerateClientConfigurationResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Bootstrap(
+        self,
+        request: _machine_pb2.BootstrapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]:
+        """etcd (control planes)."""
+
+    @_abc_1.abstractmethod
+    def EtcdRecover(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.Data],
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdMemberList(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.EtcdMemberListResponse, _abc.Awaitable[_machine_pb2.EtcdMemberListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdStatus(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.EtcdStatusResponse, _abc.Awaitable[_machine_pb2.EtcdStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdLeaveCluster(
+        self,
+        request: _machine_pb2.EtcdLeaveClusterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdRemoveMember(
+        self,
+        request: _machine_pb2.EtcdRemoveMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdForfeitLeadership(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdSnapshot(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.Data], _abc.AsyncIterator[_common_pb2.Data]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdDefragment(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdAlarmList(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.EtcdAlarmListResponse, _abc.Awaitable[_machine_pb2.EtcdAlarmListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EtcdAlarmDisarm(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Kubeconfig(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.KubeconfigResponse, _abc.Awaitable[_machine_pb2.KubeconfigResponse]]:
+        """Kubernetes."""
 
 def add_MachineServiceServicer_to_server(servicer: MachineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
