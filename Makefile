@@ -5,6 +5,52 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
+ETCD_PACKAGES := etcd-server etcd-client
+POLICY_RC_D   := /usr/sbin/policy-rc.d
+
+# Control planes run Debian's etcd. Installed only when etcd or etcdctl is missing, and
+# the package must not start a system etcd: a policy-rc.d that answers 101 ("action
+# forbidden") stands in for the install (any existing one is put back afterwards), and an
+# etcd that still appears during the install is stopped; one that ran before is left alone.
+define INSTALL_ETCD
+command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
+  if [ "$$(id -u)" != 0 ]; then \
+    echo "Basalt needs etcd and etcdctl: install the Debian packages $(ETCD_PACKAGES) as root" \
+      "(apt-get install $(ETCD_PACKAGES)), then run make again" >&2; \
+    exit 1; \
+  fi; \
+  before=" $$(pgrep -x etcd | tr '\n' ' ')"; \
+  saved=; \
+  if [ -e $(POLICY_RC_D) ]; then saved=$$(mktemp); cp -p $(POLICY_RC_D) "$$saved"; fi; \
+  restored=; \
+  restore() { \
+    [ -z "$$restored" ] || return 0; restored=1; \
+    if [ -n "$$saved" ]; then mv -f "$$saved" $(POLICY_RC_D); else rm -f $(POLICY_RC_D); fi; \
+  }; \
+  trap restore EXIT; trap 'restore; exit 130' INT TERM; \
+  printf '#!/bin/sh\nexit 101\n' > $(POLICY_RC_D) && chmod 755 $(POLICY_RC_D); \
+  apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq $(ETCD_PACKAGES) || exit 1; \
+  restore; \
+  started=; \
+  for pid in $$(pgrep -x etcd); do \
+    case "$$before" in *" $$pid "*) ;; *) started="$$started $$pid";; esac; \
+  done; \
+  if [ -n "$$started" ]; then \
+    echo "the $(ETCD_PACKAGES) install started etcd ($$started); stopping it" >&2; \
+    if [ -d /run/systemd/system ]; then systemctl stop etcd.service 2>/dev/null || true; fi; \
+    for pid in $$started; do kill "$$pid" 2>/dev/null || true; done; \
+    sleep 1; \
+    for pid in $$(pgrep -x etcd); do \
+      case "$$started " in *" $$pid "*) kill -9 "$$pid" 2>/dev/null || true;; esac; \
+    done; \
+  fi; \
+  command -v systemctl >/dev/null && systemctl disable --quiet etcd.service 2>/dev/null; \
+  command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
+    echo "installed $(ETCD_PACKAGES) but etcd or etcdctl is still missing" >&2; exit 1; }; \
+}
+endef
+
 .PHONY: install demo test lint typecheck unit docs docs-check bench clean
 
 $(STAMP): pyproject.toml
@@ -13,6 +59,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(INSTALL_ETCD)
 	@touch $@
 
 install: $(STAMP)

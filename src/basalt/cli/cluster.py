@@ -86,6 +86,10 @@ def create(
     ready_timeout: Annotated[
         float, typer.Option("--wait-timeout", help="Seconds to wait for nodes to be ready.")
     ] = 120.0,
+    skip_bootstrap: Annotated[
+        bool,
+        typer.Option("--skip-bootstrap", help="Do not bootstrap etcd (run 'bootstrap' yourself)."),
+    ] = False,
 ) -> None:
     """Create a cluster of node processes on loopback addresses, without root."""
     from basalt.machinery.client.config import save_client_config
@@ -102,6 +106,7 @@ def create(
         version_contract=version_contract or "0.1",
         patches=tuple(load_patch(p, index=i) for i, p in enumerate(config_patch or [], 1)),
         ready_timeout=ready_timeout,
+        bootstrap=not skip_bootstrap,
     )
     names = [n.name for n in plan_nodes(request, directory)]
     started = time.monotonic()

@@ -201,6 +201,9 @@ def reset(
             help="Reboot afterwards (into maintenance when STATE is wiped), not shut down.",
         ),
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Leave etcd even when that costs quorum.")
+    ] = False,
     nodes: NodesOption = None,
     endpoints: EndpointsOption = None,
 ) -> None:
@@ -211,6 +214,7 @@ def reset(
         graceful=graceful,
         wipe_mode=machine_pb2.WipeMode.Value(wipe_mode.value.upper()),
         reboot=reboot_after,
+        force=force,
     )
     _action(ctx, "Reset", request, nodes, endpoints)
 

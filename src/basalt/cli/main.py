@@ -24,6 +24,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "cluster": ("cluster", "app"),
     "patch": ("edit", "patch_app"),
     "edit": ("edit", "edit_app"),
+    "etcd": ("etcd", "app"),
 }
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "validate"),
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shutdown": ("machine", "shutdown"),
     "reset": ("machine", "reset"),
     "health": ("machine", "health"),
+    "bootstrap": ("etcd", "bootstrap"),
     "services": ("services", "services"),
     "service": ("services", "service"),
     "logs": ("services", "logs"),
@@ -46,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("files", "ls"),
     "read": ("files", "read"),
     "copy": ("files", "copy"),
+    "kubeconfig": ("kubernetes", "kubeconfig"),
 }
 _VALUE_OPTIONS = ("--basaltconfig", "--context")
 

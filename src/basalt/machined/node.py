@@ -71,6 +71,8 @@ class Node:
         self.members: dict[str, Any] = {}
         #: On control planes: the member registry the trust service keeps.
         self.trust_members: dict[str, Any] = {}
+        #: On control planes: etcd's lifecycle (set when services are registered).
+        self.etcd: Any = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- identity and config -------------------------------------------------------------

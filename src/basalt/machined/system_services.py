@@ -57,15 +57,36 @@ def kubelet_binary(root: str = "/") -> str | None:
     return None
 
 
+class _KubernetesAssetsRendered:
+    """kubelet starts once its config and bootstrap kubeconfig are on disk."""
+
+    description = "Kubernetes assets rendered"
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def wait(self) -> None:
+        while self.node.store.get("KubernetesAssets", "assets") is None:
+            await asyncio.sleep(0.2)
+
+
 def _kubelet(node: Node) -> ServiceSpec:
+    from basalt.machinery.kubernetes import kubelet_args
+
     from .services import ProcessRunner
 
-    binary = kubelet_binary(str(node.paths.root))
+    root = str(node.paths.root)
+    binary = kubelet_binary(root)
     argv = [binary or "kubelet", "--v=2"]
+    if node.config is not None:
+        argv += kubelet_args(
+            node.config, address=node.address, hostname=node.hostname, host_root=root
+        )
     return ServiceSpec(
         id="kubelet",
         runner=ProcessRunner(argv),
         depends_on=("apid",),
+        conditions=(_KubernetesAssetsRendered(node),),
         skip_reason=lambda: None if binary else "kubelet binary not in image",
         restart=RestartPolicy.ALWAYS,
     )
@@ -77,7 +98,13 @@ def register_system_services(node: Node) -> None:
     known = {s.id for s in node.supervisor.statuses()}
     wanted = [_server_service(node, ApiServer, API_PORT, "apid")]
     if node.is_controlplane:
+        from .etcd.manager import EtcdManager
+        from .etcd.service import etcd_service
+
         wanted.append(_server_service(node, TrustServer, TRUST_PORT, "trustd"))
+        if node.etcd is None:
+            node.etcd = EtcdManager(node)
+        wanted.append(etcd_service(node, node.etcd))
     wanted.append(_kubelet(node))
     for spec in wanted:
         if spec.id not in known:

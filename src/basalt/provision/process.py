@@ -52,6 +52,8 @@ class ClusterRequest:
     worker_patches: tuple[Patch, ...] = ()
     machined_args: tuple[str, ...] = ()
     ready_timeout: float = 120.0
+    #: Bootstrap etcd on the first control plane once every node runs.
+    bootstrap: bool = True
 
 
 def plan_nodes(request: ClusterRequest, state_dir: Path) -> list[NodeRecord]:
@@ -155,17 +157,35 @@ async def _apply(address: str, config: str) -> None:
         await client.close()
 
 
-async def node_ready(context: Context, address: str) -> bool:
-    """True when the node answers over mTLS and reports itself ready."""
+async def machine_status(context: Context, address: str) -> dict[str, object]:
+    """The node's MachineStatus spec, over mTLS."""
+    import json
+
     client = await Client.connect(address, ca=context.ca, crt=context.crt, key=context.key)
     try:
         answer = await client.resources.Get(
             resource_pb2.ResourceGetRequest(type="MachineStatuses", id="machine"), timeout=3
         )
-        import json
+        spec: dict[str, object] = json.loads(answer.messages[0].resource.spec_json)
+        return spec
+    finally:
+        await client.close()
 
-        spec = json.loads(answer.messages[0].resource.spec_json)
-        return bool(spec.get("ready"))
+
+async def node_ready(context: Context, address: str) -> bool:
+    """True when the node answers over mTLS and reports itself ready."""
+    return bool((await machine_status(context, address)).get("ready"))
+
+
+async def node_running(context: Context, address: str) -> bool:
+    """True when the node booted with its config (it may still wait for etcd)."""
+    return (await machine_status(context, address)).get("stage") == "running"
+
+
+async def bootstrap(context: Context, address: str) -> None:
+    client = await Client.connect(address, ca=context.ca, crt=context.crt, key=context.key)
+    try:
+        await client.machine.Bootstrap(machine_pb2.BootstrapRequest(), timeout=30)
     finally:
         await client.close()
 
@@ -186,7 +206,7 @@ async def members_known(context: Context, endpoint: str, names: set[str]) -> boo
 
 
 async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -> ClusterRecord:
-    """Create the cluster; on failure everything started is stopped and removed."""
+    """Create the cluster; on failure the nodes are stopped and their logs kept."""
     if (state_dir / "cluster.json").exists():
         raise ProvisionError(
             f"a cluster already exists at {state_dir}",
@@ -236,23 +256,33 @@ async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -
             progress(node.name, "booting")
         context = client_context(request.name, state_dir, nodes, generated_client(secrets, nodes))
 
-        async def ready(node: NodeRecord) -> None:
+        async def wait(node: NodeRecord, check: Callable[..., object], stage: str) -> None:
             await _wait_for(
-                f"{node.name} to be ready",
-                lambda: node_ready(context, node.address),
+                f"{node.name} to be {stage}",
+                lambda: check(context, node.address),
                 request.ready_timeout,
             )
-            progress(node.name, "ready")
+            progress(node.name, stage)
 
-        await asyncio.gather(*(ready(n) for n in nodes))
+        await asyncio.gather(*(wait(n, node_running, "running") for n in nodes))
         names = {n.name for n in nodes}
         await _wait_for(
             "every node in the member list",
             lambda: members_known(context, nodes[0].address, names),
             30,
         )
-    except BaseException:
-        await destroy(record)
+        if request.bootstrap:
+            await bootstrap(context, nodes[0].address)
+            progress(nodes[0].name, "etcd bootstrapped")
+            await asyncio.gather(*(wait(n, node_ready, "ready") for n in nodes))
+    except BaseException as exc:
+        # Stop what was started, but keep the state: the console logs say what went wrong.
+        await stop_nodes(record)
+        if isinstance(exc, BasaltError):
+            exc.hint = (
+                f"node console logs are in {state_dir}/<node>/console.log; "
+                f"clean up with 'basaltctl cluster destroy --state-dir {state_dir}'"
+            )
         raise
     return record
 

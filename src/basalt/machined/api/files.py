@@ -39,8 +39,9 @@ __all__ = [
     "resolve",
 ]
 
-#: Paths (in the node view) that hold the machine config and keys: admins only.
-SENSITIVE_PREFIXES: tuple[str, ...] = ("/system/state",)
+#: Paths (in the node view) that hold the machine config and keys (the OS's and
+#: Kubernetes'): admins only.
+SENSITIVE_PREFIXES: tuple[str, ...] = ("/system/state", "/system/secrets")
 
 #: A listing stops after this many entries, with a last entry saying so.
 MAX_LIST_ENTRIES = 100_000

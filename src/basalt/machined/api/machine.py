@@ -16,6 +16,7 @@ from basalt.machinery.roles import CLIENT_ROLES, Role
 
 from .auth import Principal, current_principal
 from .errors import AccessDeniedError, InvalidRequestError, NotFoundError
+from .etcd import EtcdMethods
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -25,7 +26,7 @@ CHUNK = 64 * 1024
 AGENT_LOG = "machined"
 
 
-class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
+class MachineServicer(EtcdMethods, machine_pb2_grpc.MachineServiceServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
@@ -106,8 +107,11 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
         from ..sequencer.sequences import ResetRequest, reset
 
         what = machine_pb2.WipeMode.Name(request.wipe_mode).lower()
+        if request.graceful and self.node.etcd is not None:
+            await self._call(self.node.etcd.check_leave(request.force))  # refuse before acting
         self.node.sequencer.start(
-            reset, ResetRequest(request.graceful, request.wipe_mode, request.reboot)
+            reset,
+            ResetRequest(request.graceful, request.wipe_mode, request.reboot, request.force),
         )
         then = "reboot" if request.reboot else "shut down"
         return self.action(f"reset started (wipe {what}, then {then})")
@@ -354,6 +358,31 @@ class MachineServicer(machine_pb2_grpc.MachineServiceServicer):
             basaltconfig=config.to_yaml().encode(),
         )
         return machine_pb2.GenerateClientConfigurationResponse(messages=[answer])
+
+    # -- Kubernetes -----------------------------------------------------------------------------
+    async def Kubeconfig(self, request: common_pb2.Empty, context: Context) -> Any:
+        """The cluster admin's kubeconfig, as this control plane rendered it."""
+        from basalt.machinery.kubernetes import paths
+
+        from .errors import UnavailableError
+
+        if not self.node.is_controlplane:
+            raise InvalidRequestError(
+                "only control planes hold the Kubernetes CA key that the admin kubeconfig needs",
+                hint="send this request to a control plane (-n CONTROL_PLANE)",
+            )
+        path = self.node.paths.root / paths.ADMIN_KUBECONFIG.lstrip("/")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise UnavailableError(
+                "the admin kubeconfig is not rendered yet",
+                hint="see 'basaltctl get kubernetesassets' and 'basaltctl events'; retry shortly",
+            ) from None
+        self.node.events.publish("kubernetes", "admin kubeconfig handed out", actor="apid")
+        return machine_pb2.KubeconfigResponse(
+            messages=[machine_pb2.Kubeconfig(metadata=self.meta(), data=data)]
+        )
 
 
 class _Holder:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ..runtime import ControllerEngine
 from .hostname import HostnameController
+from .kubernetes import KubernetesAssetsController
 from .members import MembersController
 from .node_addresses import NodeAddressesController
 from .version import VersionController
@@ -23,6 +24,7 @@ def start_engine(node: Node) -> ControllerEngine:
                 HostnameController(node),
                 NodeAddressesController(node),
                 MembersController(node),
+                KubernetesAssetsController(node),
             ],
         )
         node.engine.start()

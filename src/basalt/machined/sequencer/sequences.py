@@ -24,6 +24,7 @@ class ResetRequest:
     graceful: bool
     wipe: WipeMode.ValueType
     reboot: bool
+    force: bool = False
 
 
 # -- boot ---------------------------------------------------------------------------------------
@@ -160,7 +161,10 @@ def graceful(node: Node, request: ResetRequest) -> bool:
 
 
 async def leave_cluster(node: Node, request: ResetRequest) -> None:
+    """A graceful reset leaves etcd first (quorum was checked when the reset was asked)."""
     node.events.publish("machine", "reset: leaving the cluster", actor="reset")
+    if node.etcd is not None and node.etcd.running():
+        await node.etcd.leave(force=True)
 
 
 reboot: Sequence[Node] = (

@@ -12,6 +12,8 @@ from .definitions import (
 )
 from .specs import (
     HostnameSpec,
+    KubernetesAssetFile,
+    KubernetesAssetsSpec,
     MachineConfigSpec,
     MachineStatusSpec,
     MemberSpec,
@@ -25,6 +27,8 @@ from .specs import (
 __all__ = [
     "DEFINITIONS",
     "HostnameSpec",
+    "KubernetesAssetFile",
+    "KubernetesAssetsSpec",
     "MachineConfigSpec",
     "MachineStatusSpec",
     "MemberSpec",

@@ -103,6 +103,14 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         ),
     ),
     ResourceDefinition(
+        "KubernetesAssets",
+        "k8s",
+        specs.KubernetesAssetsSpec,
+        ("kubernetesasset", "kubernetesassets", "k8sassets"),
+        "Kubernetes files rendered from the config: PKI, static pods, kubeconfigs, kubelet.",
+        (("KUBERNETES", "kubernetesVersion"), ("TYPE", "machineType")),
+    ),
+    ResourceDefinition(
         "Versions",
         "runtime",
         specs.VersionSpec,

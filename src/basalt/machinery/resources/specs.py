@@ -83,6 +83,23 @@ class MachineConfigSpec(Model):
     staged: bool = False
 
 
+class KubernetesAssetFile(Model):
+    """One rendered file: its path in the node view, its mode, and (unless secret) its digest."""
+
+    path: str
+    mode: str
+    secret: bool
+    sha256: str = ""
+
+
+class KubernetesAssetsSpec(Model):
+    """The Kubernetes files the node rendered from its config (digests of secrets withheld)."""
+
+    kubernetes_version: str
+    machine_type: str
+    files: list[KubernetesAssetFile]
+
+
 class ResourceDefinitionSpec(Model):
     type: str
     namespace: str

@@ -1,0 +1,1 @@
+"""etcd on control planes: certificates, the service, bootstrap and join, membership."""

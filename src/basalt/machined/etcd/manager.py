@@ -1,0 +1,434 @@
+"""etcd's lifecycle on a control plane: start, bootstrap once, join, leave, membership.
+
+The ``etcd`` service waits until this node may start etcd: its data directory holds a
+member already, or ``basaltctl bootstrap`` asked this node to start a new cluster, or
+another control plane runs a cluster to join. Joining adds this node as a learner,
+starts etcd with the existing members, and promotes it once it has caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc.aio
+
+from basalt.machinery.api import etcd_pb2
+from basalt.machinery.config import ClusterConfig
+from basalt.machinery.errors import BasaltError
+from basalt.machinery.pki import CertificateAndKey
+
+from ..services import LogBuffer, ProcessRunner, Running
+from . import certs
+from .client import EtcdClient, client_url, member_id_text, peer_url
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger(__name__)
+
+PROMOTE_TIMEOUT = 300.0
+
+
+class QuorumError(BasaltError):
+    """Taking this member out would leave etcd without a healthy majority."""
+
+
+class EtcdStateError(BasaltError):
+    """etcd is not in a state that allows the request (not running, already bootstrapped)."""
+
+
+class AlreadyBootstrappedError(BasaltError):
+    """The etcd cluster exists already; bootstrap runs once per cluster."""
+
+
+def etcd_binary() -> str | None:
+    return shutil.which("etcd")
+
+
+class EtcdManager:
+    """Everything etcd on one control plane; one instance per node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.data_dir = node.paths.ephemeral / "lib" / "etcd"
+        self.recover_file = node.paths.ephemeral / "lib" / "etcd-recover.snapshot"
+        self.bootstrap_requested = asyncio.Event()
+        self.recover = False
+        self.left = False
+        self._certs: certs.EtcdCertificates | None = None
+        self._files: certs.EtcdFiles | None = None
+
+    # -- facts ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.node.hostname
+
+    @property
+    def peer_url(self) -> str:
+        return peer_url(self.node.address)
+
+    def initialized(self) -> bool:
+        return (self.data_dir / "member").is_dir()
+
+    def _cluster(self) -> ClusterConfig:
+        assert self.node.config is not None
+        cluster = self.node.config.first(ClusterConfig)
+        assert cluster is not None
+        return cluster
+
+    def token(self) -> str:
+        return "basalt-" + hashlib.sha256(self._cluster().id.encode()).hexdigest()[:16]
+
+    def certificates(self) -> certs.EtcdCertificates:
+        if self._certs is None:
+            ca = self._cluster().etcd.ca
+            assert ca is not None and ca.key is not None, "control planes hold the etcd CA"
+            self._certs = certs.issue(
+                CertificateAndKey(ca.crt, ca.key), self.name, self.node.address
+            )
+            self._files = certs.write(self.node.paths.root, self._certs)
+        return self._certs
+
+    def files(self) -> certs.EtcdFiles:
+        self.certificates()
+        assert self._files is not None
+        return self._files
+
+    def client(self, url: str | None = None, *, timeout: float = 5.0) -> EtcdClient:
+        issued = self.certificates()
+        return EtcdClient(
+            url or client_url(self.node.address), issued.ca, issued.client, timeout=timeout
+        )
+
+    def peer_addresses(self) -> list[str]:
+        """Other control planes, from the member list."""
+        found = []
+        for member in self.node.members.values():
+            if member.machine_type == "controlplane" and member.hostname != self.node.hostname:
+                found.extend(a for a in member.addresses if a != self.node.address)
+        return sorted(set(found))
+
+    async def find_cluster(self, timeout: float = 2.0) -> list[etcd_pb2.Member] | None:
+        """The member list of a running etcd cluster on another control plane, if any."""
+        for address in self.peer_addresses():
+            async with self.client(client_url(address), timeout=timeout) as client:
+                try:
+                    return await client.members()
+                except grpc.aio.AioRpcError:
+                    continue
+        return None
+
+    # -- starting etcd -----------------------------------------------------------------------
+    def base_command(self) -> list[str]:
+        files = self.files()
+        address = self.node.address
+        argv = [
+            etcd_binary() or "etcd",
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client_url(address)}",
+            f"--advertise-client-urls={client_url(address)}",
+            f"--listen-peer-urls={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            f"--cert-file={files.server_crt}",
+            f"--key-file={files.server_key}",
+            f"--trusted-ca-file={files.ca}",
+            "--client-cert-auth=true",
+            f"--peer-cert-file={files.peer_crt}",
+            f"--peer-key-file={files.peer_key}",
+            f"--peer-trusted-ca-file={files.ca}",
+            "--peer-client-cert-auth=true",
+            f"--initial-cluster-token={self.token()}",
+        ]
+        argv += [f"--{k}={v}" for k, v in sorted(self._cluster().etcd.extra_args.items())]
+        return argv
+
+    async def command(self, out: LogBuffer) -> list[str]:
+        """The etcd command line for this start: existing data, new cluster, or join."""
+        argv = self.base_command()
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.initialized():
+            return argv
+        initial = f"{self.name}={self.peer_url}"
+        if self.bootstrap_requested.is_set() and self.recover:
+            await self._restore(initial, out)
+            return argv
+        if self.bootstrap_requested.is_set():
+            return [*argv, f"--initial-cluster={initial}", "--initial-cluster-state=new"]
+        members = await self._join()
+        listed = [f"{m.name or self.name}={m.peerURLs[0]}" for m in members if m.peerURLs]
+        return [*argv, f"--initial-cluster={','.join(listed)}", "--initial-cluster-state=existing"]
+
+    async def _restore(self, initial: str, out: LogBuffer) -> None:
+        etcdctl = shutil.which("etcdctl") or "etcdctl"
+        process = await asyncio.create_subprocess_exec(
+            etcdctl,
+            "snapshot",
+            "restore",
+            str(self.recover_file),
+            f"--name={self.name}",
+            f"--initial-cluster={initial}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            f"--initial-cluster-token={self.token()}",
+            f"--data-dir={self.data_dir}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        )
+        output, _ = await process.communicate()
+        for line in output.decode(errors="replace").splitlines():
+            out.append(line.encode())
+        if process.returncode != 0:
+            raise EtcdStateError(f"snapshot restore failed (exit {process.returncode})")
+        self.recover_file.unlink(missing_ok=True)
+        self.node.events.publish("etcd", "etcd restored from the uploaded snapshot", actor="etcd")
+
+    async def _join(self) -> list[etcd_pb2.Member]:
+        for address in self.peer_addresses():
+            async with self.client(client_url(address)) as client:
+                try:
+                    members = await client.members()
+                    if not any(self.peer_url in m.peerURLs for m in members):
+                        answer = await client.add_learner([self.peer_url])
+                        members = list(answer.members)
+                        self.node.events.publish(
+                            "etcd",
+                            f"joined etcd as learner {member_id_text(answer.member.ID)}",
+                            actor="etcd",
+                        )
+                except grpc.aio.AioRpcError as exc:
+                    log.info("etcd join through %s failed: %s", address, exc.details())
+                    continue
+            self.node.background(self._promote_when_ready(), name="etcd-promote")
+            return members
+        raise EtcdStateError("no running etcd cluster to join yet")
+
+    async def _promote_when_ready(self) -> None:
+        """Ask a voting member (learners cannot list members) to promote this learner."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROMOTE_TIMEOUT
+        while loop.time() < deadline:
+            await asyncio.sleep(0.5)
+            for address in self.peer_addresses():
+                async with self.client(client_url(address)) as client:
+                    try:
+                        me = await self._me(client)
+                        if me is None or not me.isLearner:
+                            return
+                        await client.promote(me.ID)
+                    except grpc.aio.AioRpcError as exc:
+                        log.debug("promotion via %s not possible yet: %s", address, exc.details())
+                        continue
+                self.node.events.publish("etcd", "promoted to a voting etcd member", actor="etcd")
+                return
+
+    async def _me(self, client: EtcdClient) -> etcd_pb2.Member | None:
+        for member in await client.members():
+            if self.peer_url in member.peerURLs:
+                return member
+        return None
+
+    # -- requests ------------------------------------------------------------------------------
+    async def bootstrap(self, recover: bool) -> str:
+        running = self.initialized() or self.bootstrap_requested.is_set()
+        existing = await self.find_cluster() if not running else None
+        if running or existing is not None:
+            names = await self._member_names(existing)
+            raise AlreadyBootstrappedError(
+                f"cluster already bootstrapped, members: {names}",
+                hint="other control planes join by themselves; use 'basaltctl etcd members'",
+            )
+        if recover and not (self.recover_file.is_file() and self.recover_file.stat().st_size):
+            raise EtcdStateError(
+                "no snapshot was uploaded to recover from",
+                hint="use 'basaltctl bootstrap --recover-from FILE'",
+            )
+        self.recover = recover
+        self.left = False
+        self.bootstrap_requested.set()
+        what = "from the uploaded snapshot" if recover else "as a new cluster"
+        self.node.events.publish("etcd", f"bootstrap requested ({what})", actor="etcd")
+        return f"etcd bootstrap started {what} on {self.name}"
+
+    async def _member_names(self, members: Sequence[etcd_pb2.Member] | None) -> str:
+        if members is None:
+            try:
+                async with self.client(timeout=2.0) as client:
+                    members = await client.members()
+            except grpc.aio.AioRpcError:
+                return f"{self.name} (starting)"
+        return ", ".join(m.name or member_id_text(m.ID) for m in members) or "(none)"
+
+    async def save_recover_snapshot(self, chunks: list[bytes]) -> int:
+        if self.initialized():
+            raise AlreadyBootstrappedError(
+                "etcd on this node has data already; recovery needs a fresh control plane",
+                hint="reset the node (basaltctl reset --wipe-mode ephemeral) first",
+            )
+        from basalt.machinery.fileio import write_atomic
+
+        data = b"".join(chunks)
+        if not data:
+            raise EtcdStateError("the uploaded snapshot is empty")
+        await asyncio.to_thread(write_atomic, self.recover_file, data, mode=0o600)
+        return len(data)
+
+    def running(self) -> bool:
+        try:
+            return str(self.node.supervisor.status("etcd").state) == "running"
+        except BasaltError:
+            return False
+
+    def require_running(self) -> None:
+        if not self.running():
+            raise EtcdStateError(
+                "etcd is not running on this node",
+                hint="bootstrap the cluster first (basaltctl bootstrap -n CONTROL_PLANE)",
+            )
+
+    async def health_of(self, members: Sequence[etcd_pb2.Member]) -> dict[int, str]:
+        """member id -> "healthy" or the reason it is not."""
+
+        async def probe(member: etcd_pb2.Member) -> tuple[int, str]:
+            if not member.clientURLs:
+                return member.ID, "not started"
+            async with self.client(member.clientURLs[0], timeout=2.0) as client:
+                try:
+                    status = await client.status()
+                except grpc.aio.AioRpcError as exc:
+                    return member.ID, f"unreachable ({exc.code().name})"
+            return member.ID, "healthy" if not status.errors else "; ".join(status.errors)
+
+        return dict(await asyncio.gather(*(probe(m) for m in members)))
+
+    async def check_leave(self, force: bool) -> None:
+        """Refuse (QuorumError) when this member leaving would cost quorum."""
+        if force or not self.running():
+            return
+        async with self.client() as client:
+            members = await client.members()
+        me = next((m for m in members if self.peer_url in m.peerURLs), None)
+        if me is None or me.isLearner:
+            return
+        voters = [m for m in members if not m.isLearner]
+        others = [m for m in voters if m.ID != me.ID]
+        health = await self.health_of(others)
+        healthy = sum(1 for m in others if health[m.ID] == "healthy")
+        needed = len(others) // 2 + 1
+        report = ", ".join(f"{m.name or member_id_text(m.ID)}: {health[m.ID]}" for m in others)
+        if not others:
+            raise QuorumError(
+                f"{self.name} is the last etcd member; leaving would destroy the cluster",
+                hint="pass --force to do it anyway (take a snapshot first)",
+            )
+        if healthy < needed:
+            raise QuorumError(
+                f"leaving would cost etcd quorum: {healthy} of {len(others)} remaining members "
+                f"healthy, {needed} needed ({report})",
+                hint="fix the unhealthy members first, or pass --force",
+            )
+
+    async def leave(self, force: bool) -> str:
+        self.require_running()
+        await self.check_leave(force)
+        async with self.client() as client:
+            me = await self._me(client)
+            if me is None:
+                raise EtcdStateError("this node is not an etcd member")
+            status = await client.status()
+            if status.leader == me.ID:
+                await self._hand_over(client, me.ID)
+            await client.remove(me.ID)
+        self.left = True
+        await self.node.supervisor.stop("etcd")
+        await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+        self.node.events.publish("etcd", f"{self.name} left the etcd cluster", actor="etcd")
+        return f"{self.name} left the etcd cluster"
+
+    async def _hand_over(self, client: EtcdClient, own_id: int) -> str | None:
+        members = await client.members()
+        candidates = [m for m in members if not m.isLearner and own_id != m.ID]
+        health = await self.health_of(candidates)
+        for member in candidates:
+            if health[member.ID] == "healthy":
+                await client.move_leader(member.ID)
+                return member.name or member_id_text(member.ID)
+        return None
+
+    async def forfeit_leadership(self) -> str:
+        self.require_running()
+        async with self.client() as client:
+            me = await self._me(client)
+            status = await client.status()
+            if me is None or status.leader != me.ID:
+                return f"{self.name} is not the etcd leader; nothing to do"
+            new = await self._hand_over(client, me.ID)
+        if new is None:
+            raise EtcdStateError("no healthy member to hand leadership to")
+        self.node.events.publish("etcd", f"leadership moved to {new}", actor="etcd")
+        return f"leadership moved from {self.name} to {new}"
+
+    async def remove_member(self, wanted: str) -> str:
+        self.require_running()
+        async with self.client() as client:
+            members = await client.members()
+            target = _pick(members, wanted)
+            if self.peer_url in target.peerURLs:
+                raise EtcdStateError(
+                    "this node cannot remove itself", hint="use 'basaltctl etcd leave' on it"
+                )
+            await client.remove(target.ID)
+        name = target.name or member_id_text(target.ID)
+        self.node.events.publish("etcd", f"removed etcd member {name}", actor="etcd")
+        return f"removed etcd member {name} ({member_id_text(target.ID)})"
+
+
+def _pick(members: Sequence[etcd_pb2.Member], wanted: str) -> etcd_pb2.Member:
+    from ..api.errors import NotFoundError
+
+    for member in members:
+        ids = {member_id_text(member.ID), str(member.ID), f"{member.ID:x}"}
+        if wanted.lower() in ids or wanted == member.name:
+            return member
+    names = ", ".join(f"{m.name}={member_id_text(m.ID)}" for m in members)
+    raise NotFoundError(f"no etcd member {wanted!r} (members: {names})")
+
+
+class EtcdRunner:
+    """Starts etcd with the command line this start needs (see EtcdManager.command)."""
+
+    def __init__(self, manager: EtcdManager) -> None:
+        self.manager = manager
+
+    async def start(self, log: LogBuffer) -> Running:
+        argv = await self.manager.command(log)
+        return await ProcessRunner(argv, stop_timeout=15.0).start(log)
+
+
+class EtcdStartable:
+    """Service condition: etcd may start (data here, bootstrap asked, or a cluster to join)."""
+
+    description = "etcd bootstrapped here ('basaltctl bootstrap') or an etcd cluster to join"
+
+    def __init__(self, manager: EtcdManager) -> None:
+        self.manager = manager
+
+    async def wait(self) -> None:
+        while True:
+            manager = self.manager
+            if not manager.left:
+                if manager.initialized() or manager.bootstrap_requested.is_set():
+                    return
+                if await manager.find_cluster(timeout=1.0) is not None:
+                    return
+            await asyncio.sleep(1.0)
+
+
+def data_dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
