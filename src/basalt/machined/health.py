@@ -67,11 +67,67 @@ def _controllers(node: Node) -> Check:
     return Check("controllers", True, "all reconciled")
 
 
+#: Members' applied raft indexes may differ this much and still count as converged.
+RAFT_LAG = 1000
+
+
+async def _etcd(node: Node) -> list[Check]:
+    """On control planes: every member healthy, one leader, raft indexes converging."""
+    manager = node.etcd
+    if manager is None or not manager.running():
+        return []
+    import grpc.aio
+
+    from .etcd.client import member_id_text
+
+    try:
+        async with manager.client(timeout=2.0) as client:
+            members = await client.members()
+    except grpc.aio.AioRpcError as exc:
+        return [Check("etcd members", False, f"cannot list members: {exc.details()}")]
+    leaders: set[int] = set()
+    applied: dict[str, int] = {}
+    problems = []
+    for member in members:
+        name = member.name or member_id_text(member.ID)
+        if not member.clientURLs:
+            problems.append(f"{name}: not started")
+            continue
+        try:
+            async with manager.client(member.clientURLs[0], timeout=2.0) as peer:
+                status = await peer.status()
+        except grpc.aio.AioRpcError as exc:
+            problems.append(f"{name}: unreachable ({exc.code().name})")
+            continue
+        if status.errors:
+            problems.append(f"{name}: {'; '.join(status.errors)}")
+        leaders.add(status.leader)
+        applied[name] = status.raftAppliedIndex
+    spread = max(applied.values()) - min(applied.values()) if applied else 0
+    return [
+        Check(
+            "etcd members",
+            not problems,
+            f"{len(members)} members"
+            + (f"; {', '.join(problems)}" if problems else ", all healthy"),
+        ),
+        Check(
+            "etcd leader",
+            len(leaders) == 1 and 0 not in leaders,
+            f"leader {member_id_text(next(iter(leaders)))}"
+            if len(leaders) == 1
+            else f"members disagree on the leader ({len(leaders)} answers)",
+        ),
+        Check("etcd raft", spread <= RAFT_LAG, f"applied indexes within {spread} of each other"),
+    ]
+
+
 async def run_checks(node: Node) -> list[Check]:
     return [
         _stage(node),
         await _api_answers(node),
         *_services(node),
+        *(await _etcd(node)),
         _members(node),
         _controllers(node),
     ]

@@ -103,7 +103,10 @@ def register_system_services(node: Node) -> None:
 
         wanted.append(_server_service(node, TrustServer, TRUST_PORT, "trustd"))
         if node.etcd is None:
+            from .etcd.observe import observe_forever
+
             node.etcd = EtcdManager(node)
+            node.background(observe_forever(node, node.etcd), name="etcd-observe")
         wanted.append(etcd_service(node, node.etcd))
     wanted.append(_kubelet(node))
     for spec in wanted:

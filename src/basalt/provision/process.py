@@ -9,6 +9,7 @@ same path a real machine takes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -349,7 +350,27 @@ async def stop_nodes(record: ClusterRecord, timeout: float = 25.0) -> list[str]:
         if _alive(node.launcher_pid) and _is_our_launcher(node.launcher_pid, node.node_dir):
             os.killpg(node.launcher_pid, signal.SIGKILL)
         stopped.append(node.name)
+    for node in record.nodes:  # services a killed machined left behind (their own sessions)
+        for pid in _processes_under(node.node_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     return stopped
+
+
+def _processes_under(node_dir: str) -> list[int]:
+    """Processes whose command line names ``node_dir`` (etcd's data dir, ...)."""
+    marker = node_dir.encode() + b"/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 async def destroy(record: ClusterRecord) -> list[str]:

@@ -11,6 +11,8 @@ from .definitions import (
     resolve_type,
 )
 from .specs import (
+    EtcdMemberSpec,
+    EtcdStatusSpec,
     HostnameSpec,
     KubernetesAssetFile,
     KubernetesAssetsSpec,
@@ -26,6 +28,8 @@ from .specs import (
 
 __all__ = [
     "DEFINITIONS",
+    "EtcdMemberSpec",
+    "EtcdStatusSpec",
     "HostnameSpec",
     "KubernetesAssetFile",
     "KubernetesAssetsSpec",

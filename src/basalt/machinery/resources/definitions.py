@@ -111,6 +111,28 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         (("KUBERNETES", "kubernetesVersion"), ("TYPE", "machineType")),
     ),
     ResourceDefinition(
+        "EtcdMembers",
+        "etcd",
+        specs.EtcdMemberSpec,
+        ("etcdmember", "etcdmembers"),
+        "etcd cluster members, as this control plane's etcd reports them.",
+        (("HOSTNAME", "name"), ("PEER URLS", "peerUrls"), ("LEARNER", "isLearner")),
+    ),
+    ResourceDefinition(
+        "EtcdStatuses",
+        "etcd",
+        specs.EtcdStatusSpec,
+        ("etcdstatus", "etcdstatuses"),
+        "This control plane's etcd member: leader, raft index, database size.",
+        (
+            ("MEMBER", "memberId"),
+            ("LEADER", "leader"),
+            ("RAFT INDEX", "raftIndex"),
+            ("DB SIZE", "dbSize"),
+            ("ERRORS", "errors"),
+        ),
+    ),
+    ResourceDefinition(
         "Versions",
         "runtime",
         specs.VersionSpec,

@@ -100,6 +100,28 @@ class KubernetesAssetsSpec(Model):
     files: list[KubernetesAssetFile]
 
 
+class EtcdMemberSpec(Model):
+    """One etcd member (id is the member id in hex)."""
+
+    name: str
+    peer_urls: list[str]
+    client_urls: list[str]
+    is_learner: bool
+
+
+class EtcdStatusSpec(Model):
+    """The local etcd member's view (ids in hex)."""
+
+    member_id: str
+    leader: str
+    raft_index: int
+    raft_term: int
+    db_size: int
+    version: str
+    is_learner: bool
+    errors: list[str] = Field(default_factory=list)
+
+
 class ResourceDefinitionSpec(Model):
     type: str
     namespace: str
