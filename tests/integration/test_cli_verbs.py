@@ -255,7 +255,7 @@ def _place(cluster: Cluster, node: str, relative: str, data: bytes) -> Path:
 def test_ls_shows_system_state_to_admin(cluster: Cluster) -> None:
     out = cluster.ok("ls", "/system", "-n", cluster.both)
     for node in (cluster.cp, cluster.worker):
-        assert [line.split()[1] for line in _lines(out, node)] == [".", "state"]
+        assert [line.split()[1] for line in _lines(out, node)] == [".", "secrets", "state"]
 
     _place(cluster, cluster.worker, "var/lsdemo/deep/file.txt", b"12345")
     deep = cluster.ok("ls", "/var/lsdemo", "-r", "-l", "-n", cluster.worker)

@@ -135,20 +135,13 @@ class Node:
         if self.stage != "running":
             unmet.append(UnmetCondition(name="stage", reason=f"node is {self.stage}"))
         for status in self.supervisor.statuses():
-            if status.state == "skipped":
+            if status.state == "skipped" or self.supervisor.is_ready(status.id):
                 continue
             if status.state != "running":
-                unmet.append(
-                    UnmetCondition(
-                        name=f"service {status.id}", reason=status.message or status.state
-                    )
-                )
-            elif status.health == "unhealthy":
-                unmet.append(
-                    UnmetCondition(
-                        name=f"service {status.id}", reason=f"unhealthy: {status.message}"
-                    )
-                )
+                reason = status.message or str(status.state)
+            else:
+                reason = f"{status.health}: {status.health_message or 'not checked yet'}"
+            unmet.append(UnmetCondition(name=f"service {status.id}", reason=reason))
         return unmet
 
     def refresh_status(self) -> None:

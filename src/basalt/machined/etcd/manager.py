@@ -344,7 +344,7 @@ class EtcdManager:
             status = await client.status()
             if status.leader == me.ID:
                 await self._hand_over(client, me.ID)
-            await client.remove(me.ID)
+            await _remove(client, me.ID)
         self.left = True
         await self.node.supervisor.stop("etcd")
         await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
@@ -383,10 +383,28 @@ class EtcdManager:
                 raise EtcdStateError(
                     "this node cannot remove itself", hint="use 'basaltctl etcd leave' on it"
                 )
-            await client.remove(target.ID)
+            await _remove(client, target.ID)
         name = target.name or member_id_text(target.ID)
         self.node.events.publish("etcd", f"removed etcd member {name}", actor="etcd")
         return f"removed etcd member {name} ({member_id_text(target.ID)})"
+
+
+#: etcd refuses membership changes until every member has been connected for a few
+#: seconds ("unhealthy cluster"); a change right after a member restarted waits that out.
+RECONFIG_WAIT = 20.0
+
+
+async def _remove(client: EtcdClient, member_id: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECONFIG_WAIT
+    while True:
+        try:
+            await client.remove(member_id)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if "unhealthy cluster" not in (exc.details() or "") or loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def _pick(members: Sequence[etcd_pb2.Member], wanted: str) -> etcd_pb2.Member:

@@ -17,12 +17,14 @@ def etcd_service(node: Node, manager: EtcdManager) -> ServiceSpec:
             status = await client.status()
         if status.errors:
             raise RuntimeError("; ".join(status.errors))
+        if status.isLearner:
+            raise RuntimeError("still a learner, catching up before promotion")
 
     return ServiceSpec(
         id="etcd",
         runner=EtcdRunner(manager),
         conditions=(EtcdStartable(manager),),
-        health_check=HealthCheck(healthy, interval=5.0, timeout=3.0, initial_delay=1.0),
+        health_check=HealthCheck(healthy, interval=2.0, timeout=3.0, initial_delay=0.5),
         restart=RestartPolicy.ALWAYS,
         backoff_initial=1.0,
         backoff_max=15.0,

@@ -376,6 +376,10 @@ class Supervisor:
             for task in pending:
                 task.cancel()
 
+    def is_ready(self, service_id: str) -> bool:
+        """Running, and healthy if it has a health check (what dependents wait for)."""
+        return self._ready(service_id)
+
     def _ready(self, service_id: str) -> bool:
         unit = self._units.get(service_id)
         return unit is not None and unit.ready

@@ -52,13 +52,36 @@ def _volume_name(path: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", posixpath.basename(path).lower()).strip("-")
 
 
-def _http_get(probe: Probe, path: str | None = None) -> dict[str, Any]:
-    return {
-        "host": probe.host,
-        "path": path or probe.path,
-        "port": probe.port,
-        "scheme": "HTTPS",
+def _http_get(probe: Probe, path: str) -> dict[str, Any]:
+    return {"host": probe.host, "path": path, "port": probe.port, "scheme": "HTTPS"}
+
+
+def _probes(probe: Probe, readiness_path: str | None) -> dict[str, Any]:
+    """Liveness and startup probes on the secure port (and readiness when it has a path)."""
+    probes: dict[str, Any] = {
+        "livenessProbe": {
+            "httpGet": _http_get(probe, probe.path),
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "timeoutSeconds": 15,
+            "failureThreshold": 8,
+        },
     }
+    if readiness_path:
+        probes["readinessProbe"] = {
+            "httpGet": _http_get(probe, readiness_path),
+            "periodSeconds": 1,
+            "timeoutSeconds": 15,
+            "failureThreshold": 3,
+        }
+    probes["startupProbe"] = {
+        "httpGet": _http_get(probe, probe.path),
+        "initialDelaySeconds": 10,
+        "periodSeconds": 10,
+        "timeoutSeconds": 15,
+        "failureThreshold": 24,
+    }
+    return probes
 
 
 def files_digest(files: list[str], contents: Mapping[str, str]) -> str:
@@ -83,7 +106,17 @@ def static_pod(
     ``contents`` maps the files' paths to their text, for the pod's files digest.
     """
     files = flag_files(flags)
-    mounts = [{"name": _volume_name(f), "mountPath": f, "readOnly": True} for f in files]
+    container: dict[str, Any] = {
+        "name": component,
+        "image": image(component, inputs.version),
+        "imagePullPolicy": "IfNotPresent",
+        "command": [component, *(f"--{name}={value}" for name, value in sorted(flags.items()))],
+        **_probes(probe, readiness_path),
+        "resources": {"requests": {"cpu": cpu}},
+        "volumeMounts": [
+            {"name": _volume_name(f), "mountPath": f, "readOnly": True} for f in files
+        ],
+    }
     volumes = [
         {
             "name": _volume_name(f),
@@ -91,40 +124,6 @@ def static_pod(
         }
         for f in files
     ]
-    container: dict[str, Any] = {
-        "name": component,
-        "image": image(component, inputs.version),
-        "imagePullPolicy": "IfNotPresent",
-        "command": [component, *(f"--{name}={value}" for name, value in sorted(flags.items()))],
-        "livenessProbe": {
-            "httpGet": _http_get(probe),
-            "initialDelaySeconds": 10,
-            "periodSeconds": 10,
-            "timeoutSeconds": 15,
-            "failureThreshold": 8,
-        },
-        **(
-            {
-                "readinessProbe": {
-                    "httpGet": _http_get(probe, readiness_path),
-                    "periodSeconds": 1,
-                    "timeoutSeconds": 15,
-                    "failureThreshold": 3,
-                }
-            }
-            if readiness_path
-            else {}
-        ),
-        "startupProbe": {
-            "httpGet": _http_get(probe),
-            "initialDelaySeconds": 10,
-            "periodSeconds": 10,
-            "timeoutSeconds": 15,
-            "failureThreshold": 24,
-        },
-        "resources": {"requests": {"cpu": cpu}},
-        "volumeMounts": mounts,
-    }
     return {
         "apiVersion": "v1",
         "kind": "Pod",
