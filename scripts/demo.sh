@@ -100,8 +100,9 @@ show "$basaltctl" cluster create --name demo --controlplanes 1 --workers 1 \
 cp=127.0.0.11
 worker=127.0.0.12
 
-step "10. One endpoint, many nodes: members, services, logs"
+step "10. One endpoint, many nodes: members, services, logs, etcd"
 show "$basaltctl" get members
+show "$basaltctl" get etcdmembers
 show "$basaltctl" services -n $cp,$worker
 show "$basaltctl" logs apid -n $worker --tail 2
 show "$basaltctl" health -n $cp,$worker
