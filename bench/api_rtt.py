@@ -51,20 +51,33 @@ SSH_OPTIONS = [
 ]
 
 
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
+
+
 def ensure_openssh() -> None:
-    """Install openssh-server and -client unless sshd is there; never start a system sshd."""
-    if not SSHD.exists() or shutil.which("ssh") is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            # invoke-rc.d asks this policy first: 101 keeps the package's own sshd
-            # (listening on every address) from starting.
-            policy = Path(tmp) / "policy-rc.d"
-            policy.write_text("#!/bin/sh\nexit 101\n")
-            policy.chmod(0o755)
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "POLICYRCD": str(policy)}
-            install = ["apt-get", "install", "-y", "-q", "openssh-server", "openssh-client"]
-            if subprocess.run(install, check=False, env=env).returncode != 0:
-                subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-                subprocess.run(install, check=True, env=env)
+    """Install openssh-server and -client unless sshd is there; never start a system sshd.
+
+    invoke-rc.d reads /usr/sbin/policy-rc.d: a temporary one that exits 101 keeps the
+    package's own sshd (listening on every address) from starting; any existing policy
+    is put back afterwards.
+    """
+    if SSHD.exists() and shutil.which("ssh") is not None:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        return
+    saved = POLICY_RC.read_bytes() if POLICY_RC.exists() else None
+    POLICY_RC.write_text("#!/bin/sh\nexit 101\n")
+    POLICY_RC.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "openssh-server", "openssh-client"]
+        if subprocess.run(install, check=False, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+            subprocess.run(install, check=True, env=env)
+    finally:
+        if saved is None:
+            POLICY_RC.unlink(missing_ok=True)
+        else:
+            POLICY_RC.write_bytes(saved)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
 
 

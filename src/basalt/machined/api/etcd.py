@@ -57,7 +57,7 @@ class EtcdMethods:
                 raise InvalidRequestError("the snapshot is larger than 8 GiB")
             chunks.append(chunk.bytes)
         size = await manager.save_recover_snapshot(chunks)
-        return self.action(f"snapshot of {size} bytes stored; now run bootstrap --recover")
+        return self.action(f"snapshot of {size} bytes stored for recovery")
 
     async def EtcdMemberList(self, request: common_pb2.Empty, context: Context) -> Any:
         from ..etcd.client import member_id_text

@@ -342,9 +342,15 @@ class EtcdManager:
             if me is None:
                 raise EtcdStateError("this node is not an etcd member")
             status = await client.status()
-            if status.leader == me.ID:
-                await self._hand_over(client, me.ID)
-            await _remove(client, me.ID)
+            voters = [m for m in await client.members() if not m.isLearner]
+            if voters == [me]:
+                # etcd cannot remove its last member: stopping it and wiping the data is
+                # the end of the cluster (only reachable with force, see check_leave).
+                log.warning("%s is the last etcd member; the cluster ends with it", self.name)
+            else:
+                if status.leader == me.ID:
+                    await self._hand_over(client, me.ID)
+                await _remove(client, me.ID)
         self.left = True
         await self.node.supervisor.stop("etcd")
         await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
@@ -410,9 +416,10 @@ async def _remove(client: EtcdClient, member_id: int) -> None:
 def _pick(members: Sequence[etcd_pb2.Member], wanted: str) -> etcd_pb2.Member:
     from ..api.errors import NotFoundError
 
+    key = wanted.lower().removeprefix("0x")
     for member in members:
         ids = {member_id_text(member.ID), str(member.ID), f"{member.ID:x}"}
-        if wanted.lower() in ids or wanted == member.name:
+        if key in ids or wanted == member.name:
             return member
     names = ", ".join(f"{m.name}={member_id_text(m.ID)}" for m in members)
     raise NotFoundError(f"no etcd member {wanted!r} (members: {names})")
