@@ -80,17 +80,6 @@ class Proxy:
         self, method: str, handler: grpc.RpcMethodHandler, nodes: list[str], check: Check
     ) -> Any:
         """A raw-bytes handler that forwards ``method`` to ``nodes`` and merges answers."""
-        if handler.request_streaming:
-
-            async def unsupported(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await context.abort(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    "client-streaming requests cannot be forwarded; address the node directly",
-                )
-
-            if handler.response_streaming:
-                return grpc.stream_stream_rpc_method_handler(unsupported)
-            return grpc.stream_unary_rpc_method_handler(unsupported)
 
         async def authorize(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
             principal = await check(context)
@@ -105,6 +94,21 @@ class Proxy:
                     "certificate); use a control plane as the endpoint, or this node without -n",
                 )
             return principal
+
+        if handler.request_streaming:
+
+            async def unsupported(
+                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                await authorize(context)  # the caller's roles first, like every other call
+                await context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "client-streaming requests cannot be forwarded; address the node directly",
+                )
+
+            if handler.response_streaming:
+                return grpc.stream_stream_rpc_method_handler(unsupported)
+            return grpc.stream_unary_rpc_method_handler(unsupported)
 
         if handler.response_streaming:
 

@@ -142,6 +142,9 @@ async def wipe(node: Node, request: ResetRequest) -> None:
     wipe_ephemeral = request.wipe in (WipeMode.ALL, WipeMode.EPHEMERAL)
     if wipe_state:
         node.configs.wipe()
+        # Keys issued for this node (etcd, Kubernetes) go with its state.
+        secrets = node.paths.root / "system" / "secrets"
+        await asyncio.to_thread(shutil.rmtree, secrets, True)
     if wipe_ephemeral and node.paths.ephemeral.exists():
         await asyncio.to_thread(shutil.rmtree, node.paths.ephemeral, True)
     node.events.publish(
