@@ -102,7 +102,7 @@ worker=127.0.0.12
 
 step "10. One endpoint, many nodes: members, services, logs, etcd"
 show "$basaltctl" get members
-show "$basaltctl" get etcdmembers
+show "$basaltctl" etcd members
 show "$basaltctl" services -n $cp,$worker
 show "$basaltctl" logs apid -n $worker --tail 2
 show "$basaltctl" health -n $cp,$worker

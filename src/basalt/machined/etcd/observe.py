@@ -58,13 +58,18 @@ async def refresh(node: Node, manager: EtcdManager) -> None:
 
 
 async def observe_forever(node: Node, manager: EtcdManager) -> None:
+    """Refresh every INTERVAL while etcd runs; every second until the first refresh works."""
+    fresh = False
     while True:
         if manager.running():
             try:
                 await refresh(node, manager)
+                fresh = True
             except grpc.aio.AioRpcError as exc:
                 log.debug("etcd status not available: %s", exc.details())
+                fresh = False
         else:
             node.store.retain("EtcdMembers", set(), owner=OWNER)
             node.store.retain("EtcdStatuses", set(), owner=OWNER)
-        await asyncio.sleep(INTERVAL)
+            fresh = False
+        await asyncio.sleep(INTERVAL if fresh else 1.0)
