@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from basalt.machinery.pki import (
     issue_certificate,
     load_certificate,
     private_key_pem,
+    san_entries,
 )
 from basalt.machinery.roles import Role
 
@@ -75,12 +75,7 @@ def sign_locally(
 def certificate_request(hostname: str, sans: Sequence[str]) -> tuple[str, str]:
     """(CSR PEM, key PEM) for a worker's API certificate."""
     key = generate_private_key()
-    names: list[x509.GeneralName] = []
-    for san in sans:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(san)))
-        except ValueError:
-            names.append(x509.DNSName(san))
+    names = san_entries(sans)
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))

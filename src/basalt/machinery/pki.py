@@ -152,7 +152,8 @@ def generate_ca(common_name: str, organizations: Sequence[str] = ()) -> Certific
     )
 
 
-def _san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
+def san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
+    """Subject alternative names: IP addresses as such, anything else as a DNS name."""
     out: list[x509.GeneralName] = []
     for name in names:
         try:
@@ -215,7 +216,7 @@ def issue_certificate(
     )
     if usages:
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    san_list = _san_entries(sans)
+    san_list = san_entries(sans)
     if san_list:
         builder = builder.add_extension(x509.SubjectAlternativeName(san_list), critical=False)
     algorithm = None if isinstance(ca_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()

@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from basalt.machinery.api import common_pb2
 from basalt.machinery.pki import PKIError, certificate_organizations, load_certificate
 from basalt.machinery.roles import Role, parse_roles
 
@@ -68,3 +69,10 @@ def authenticate(auth_context: dict[str, list[bytes]], metadata: dict[str, str])
 
 #: The principal of the request being served (set by the dispatcher).
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+
+
+def answer_metadata(own_address: str) -> common_pb2.Metadata:
+    """The metadata of an answer: the node's name as the client used it when forwarded."""
+    principal = current_principal.get(None)
+    name = principal.node_name if principal and principal.node_name else own_address
+    return common_pb2.Metadata(node=name)

@@ -14,7 +14,7 @@ import grpc.aio
 from basalt.machinery.api import common_pb2, machine_pb2, machine_pb2_grpc
 from basalt.machinery.roles import CLIENT_ROLES, Role
 
-from .auth import Principal, current_principal
+from .auth import Principal, answer_metadata, current_principal
 from .errors import AccessDeniedError, InvalidRequestError, NotFoundError
 from .etcd import EtcdMethods
 
@@ -32,9 +32,7 @@ class MachineServicer(EtcdMethods, machine_pb2_grpc.MachineServiceServicer):
 
     # -- helpers ------------------------------------------------------------------------------
     def meta(self) -> common_pb2.Metadata:
-        principal = current_principal.get(None)
-        name = principal.node_name if principal and principal.node_name else self.node.address
-        return common_pb2.Metadata(node=name)
+        return answer_metadata(self.node.address)
 
     def action(self, message: str) -> common_pb2.ActionResponse:
         return common_pb2.ActionResponse(

@@ -14,7 +14,7 @@ from basalt.machinery.resources.definitions import DEFINITIONS
 from basalt.machinery.roles import Role
 
 from ..runtime.store import Resource, ResourceMeta
-from .auth import current_principal
+from .auth import answer_metadata, current_principal
 from .errors import AccessDeniedError, NotFoundError
 
 if TYPE_CHECKING:
@@ -66,9 +66,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         self.node = node
 
     def meta(self) -> common_pb2.Metadata:
-        principal = current_principal.get(None)
-        name = principal.node_name if principal and principal.node_name else self.node.address
-        return common_pb2.Metadata(node=name)
+        return answer_metadata(self.node.address)
 
     def _definition(self, type_name: str) -> ResourceDefinition:
         definition = resolve_type(type_name)

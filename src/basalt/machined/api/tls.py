@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from collections.abc import Callable
 
 import grpc
@@ -12,7 +11,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from basalt.machinery.client.client import MAINTENANCE_SERVER_NAME
-from basalt.machinery.pki import CertificateAndKey, generate_private_key, private_key_pem
+from basalt.machinery.pki import (
+    CertificateAndKey,
+    generate_private_key,
+    private_key_pem,
+    san_entries,
+)
 
 
 def self_signed_maintenance_certificate(address: str) -> CertificateAndKey:
@@ -20,11 +24,7 @@ def self_signed_maintenance_certificate(address: str) -> CertificateAndKey:
     key = generate_private_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MAINTENANCE_SERVER_NAME)])
     now = dt.datetime.now(dt.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(MAINTENANCE_SERVER_NAME)]
-    try:
-        sans.append(x509.IPAddress(ipaddress.ip_address(address)))
-    except ValueError:
-        sans.append(x509.DNSName(address))
+    sans = san_entries([MAINTENANCE_SERVER_NAME, address])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
