@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROMOTE_TIMEOUT = 300.0
+JOIN_TIMEOUT = 120.0
+#: How often joining and promotion are retried.
+POLL = 0.25
 
 
 class QuorumError(BasaltError):
@@ -190,31 +193,40 @@ class EtcdManager:
         self.node.events.publish("etcd", "etcd restored from the uploaded snapshot", actor="etcd")
 
     async def _join(self) -> list[etcd_pb2.Member]:
-        for address in self.peer_addresses():
-            async with self.client(client_url(address)) as client:
-                try:
-                    members = await client.members()
-                    if not any(self.peer_url in m.peerURLs for m in members):
-                        answer = await client.add_learner([self.peer_url])
-                        members = list(answer.members)
-                        self.node.events.publish(
-                            "etcd",
-                            f"joined etcd as learner {member_id_text(answer.member.ID)}",
-                            actor="etcd",
-                        )
-                except grpc.aio.AioRpcError as exc:
-                    log.info("etcd join through %s failed: %s", address, exc.details())
-                    continue
-            self.node.background(self._promote_when_ready(), name="etcd-promote")
-            return members
-        raise EtcdStateError("no running etcd cluster to join yet")
+        """Add this node as a learner through any reachable member; returns the members.
+
+        etcd takes one learner at a time: while another control plane is still catching
+        up, this waits its turn instead of failing the service.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JOIN_TIMEOUT
+        while loop.time() < deadline:
+            for address in self.peer_addresses():
+                async with self.client(client_url(address)) as client:
+                    try:
+                        members = await client.members()
+                        if not any(self.peer_url in m.peerURLs for m in members):
+                            answer = await client.add_learner([self.peer_url])
+                            members = list(answer.members)
+                            self.node.events.publish(
+                                "etcd",
+                                f"joined etcd as learner {member_id_text(answer.member.ID)}",
+                                actor="etcd",
+                            )
+                    except grpc.aio.AioRpcError as exc:
+                        log.info("etcd join through %s: %s", address, exc.details())
+                        continue
+                self.node.background(self._promote_when_ready(), name="etcd-promote")
+                return members
+            await asyncio.sleep(POLL)
+        raise EtcdStateError("no running etcd cluster took this node as a member")
 
     async def _promote_when_ready(self) -> None:
         """Ask a voting member (learners cannot list members) to promote this learner."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PROMOTE_TIMEOUT
         while loop.time() < deadline:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(POLL)
             for address in self.peer_addresses():
                 async with self.client(client_url(address)) as client:
                     try:
@@ -452,7 +464,7 @@ class EtcdStartable:
                     return
                 if await manager.find_cluster(timeout=1.0) is not None:
                     return
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(POLL)
 
 
 def data_dir_size(path: Path) -> int:

@@ -24,7 +24,7 @@ def etcd_service(node: Node, manager: EtcdManager) -> ServiceSpec:
         id="etcd",
         runner=EtcdRunner(manager),
         conditions=(EtcdStartable(manager),),
-        health_check=HealthCheck(healthy, interval=2.0, timeout=3.0, initial_delay=0.5),
+        health_check=HealthCheck(healthy, interval=1.0, timeout=3.0, initial_delay=0.2),
         restart=RestartPolicy.ALWAYS,
         backoff_initial=1.0,
         backoff_max=15.0,
