@@ -220,8 +220,18 @@ def download_wheels(pins: dict[str, str], into: Path) -> dict[str, LockedWheel]:
     """``pip download`` the pinned wheels for the target's tags into ``into``."""
     specs = [f"{name}=={version}" for name, version in pins.items()]
     run_tool(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *WHEEL_TAG_ARGS]
-        + ["-d", str(into), *specs],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            *WHEEL_TAG_ARGS,
+            "-d",
+            str(into),
+            *specs,
+        ],
         what="pip download",
     )
     found: dict[str, LockedWheel] = {}

@@ -53,8 +53,18 @@ class FetchWheels(Stage):
         target.mkdir()
         specs = [f"{w.name}=={w.version}" for w in self.wheels]
         run_tool(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *WHEEL_TAG_ARGS]
-            + ["-d", str(target), *specs],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                *WHEEL_TAG_ARGS,
+                "-d",
+                str(target),
+                *specs,
+            ],
             what="pip download",
         )
         for wheel in self.wheels:
