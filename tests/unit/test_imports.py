@@ -20,6 +20,10 @@ MODULES = [
     "basalt.machinery.client",
     "basalt.machinery.client.config",
     "basalt.machinery.pki",
+    "basalt.machinery.images",
+    "basalt.machinery.images.keys",
+    "basalt.machinery.images.verify",
+    "basalt.machined.boot",
 ]
 
 

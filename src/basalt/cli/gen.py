@@ -1,4 +1,4 @@
-"""``basaltctl gen``: secrets bundles, machine configs and the client config."""
+"""``basaltctl gen``: secrets bundles, machine configs, the client config, signing keys."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import typer
 from ._common import info, read_text, refuse_overwrite, warn, write_outputs
 
 app = typer.Typer(
-    help="Generate secrets, machine configs and client configs.", no_args_is_help=True
+    help="Generate secrets, machine configs, client configs and image signing keys.",
+    no_args_is_help=True,
 )
 
 OUTPUT_TYPES = ("controlplane", "worker", "basaltconfig")
@@ -30,6 +31,33 @@ def gen_secrets(
     refuse_overwrite([output], force)
     write_outputs({output: generate_secrets().to_yaml()})
     info("keep it safe: everything secret about the cluster is in this file")
+
+
+@app.command("signing-key")
+def gen_signing_key(
+    output: Annotated[
+        str,
+        typer.Option("-o", "--output", help="Path prefix: writes PREFIX.key and PREFIX.pub."),
+    ] = "signing",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+) -> None:
+    """Generate an Ed25519 key pair for signing upgrade bundles.
+
+    PREFIX.key (mode 0600) signs bundles: keep it offline. PREFIX.pub goes into
+    ImageVerificationConfig on the nodes that should accept those bundles.
+    """
+    from basalt.machinery.fileio import write_atomic
+    from basalt.machinery.images import generate_signing_key, key_id, load_public_key
+
+    private_path, public_path = Path(f"{output}.key"), Path(f"{output}.pub")
+    refuse_overwrite([private_path, public_path], force)
+    private_pem, public_pem = generate_signing_key()
+    write_atomic(private_path, private_pem, mode=0o600)
+    info(f"wrote {private_path}")
+    write_atomic(public_path, public_pem, mode=0o644)
+    info(f"wrote {public_path}")
+    print(f"key id {key_id(load_public_key(public_pem))}")
+    info(f"sign bundles with {private_path}; trust {public_path} in ImageVerificationConfig")
 
 
 def _split(values: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "cluster": ("cluster", "app"),
     "patch": ("edit", "patch_app"),
     "edit": ("edit", "edit_app"),
+    "bundle": ("bundle", "app"),
     "etcd": ("etcd", "app"),
 }
 COMMANDS: dict[str, tuple[str, str]] = {

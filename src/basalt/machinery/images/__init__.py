@@ -1,0 +1,77 @@
+"""Upgrade bundles: a signed manifest plus payload files, and their verification.
+
+A bundle is a directory or an uncompressed tar file holding ``manifest.json`` (canonical
+JSON: format version, Basalt version, schematic id, architecture, creation time, and
+every payload file with its size and sha256), ``manifest.sig`` (an Ed25519 signature
+over the exact manifest bytes, with the signer's key id) and the payload files.
+See ``docs/adr/0007-upgrade-bundles-and-boot-assessment.md``.
+"""
+
+from .create import INITRAMFS, KERNEL, ROOTFS, create_bundle
+from .errors import (
+    BundleInputError,
+    ImageArchitectureError,
+    ImageFormatError,
+    ImageManifestError,
+    ImagePayloadError,
+    ImageSignatureError,
+    ImageVerificationError,
+    SigningKeyError,
+    UnknownSigningKeyError,
+    UnsignedImageError,
+)
+from .keys import (
+    VerificationKey,
+    generate_signing_key,
+    key_id,
+    load_public_key,
+    load_signing_key,
+    trusted_keys_from_config,
+    verification_key,
+)
+from .manifest import (
+    ARCHITECTURES,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    Manifest,
+    PayloadFile,
+    parse_manifest,
+)
+from .signature import parse_signature, sign
+from .verify import VerifiedBundle, verify_bundle
+
+__all__ = [
+    "ARCHITECTURES",
+    "FORMAT_VERSION",
+    "INITRAMFS",
+    "KERNEL",
+    "MANIFEST_NAME",
+    "ROOTFS",
+    "SIGNATURE_NAME",
+    "BundleInputError",
+    "ImageArchitectureError",
+    "ImageFormatError",
+    "ImageManifestError",
+    "ImagePayloadError",
+    "ImageSignatureError",
+    "ImageVerificationError",
+    "Manifest",
+    "PayloadFile",
+    "SigningKeyError",
+    "UnknownSigningKeyError",
+    "UnsignedImageError",
+    "VerificationKey",
+    "VerifiedBundle",
+    "create_bundle",
+    "generate_signing_key",
+    "key_id",
+    "load_public_key",
+    "load_signing_key",
+    "parse_manifest",
+    "parse_signature",
+    "sign",
+    "trusted_keys_from_config",
+    "verification_key",
+    "verify_bundle",
+]

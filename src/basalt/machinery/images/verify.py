@@ -1,0 +1,403 @@
+"""Verify an upgrade bundle (a directory or an uncompressed tar file) before using it.
+
+The checks run in a fixed order and each failure has its own error class:
+
+1. ``manifest.json`` present, small, canonical, well formed  -> ImageManifestError
+2. ``manifest.sig`` present                                 -> UnsignedImageError
+3. its key id names a trusted key                           -> UnknownSigningKeyError
+4. the Ed25519 signature over the manifest bytes is valid   -> ImageSignatureError
+5. the manifest's architecture is the expected one          -> ImageArchitectureError
+6. every listed file present, of the signed size and sha256,
+   and nothing else in the bundle                           -> ImagePayloadError
+
+A tar file that holds something unsafe (absolute path, ``..``, link, device, a name
+twice) or is not a tar file at all fails with ImageFormatError when it is met.
+Nothing in the manifest is acted on before step 4 succeeds; payload files are hashed
+in 1 MiB chunks, so memory stays flat whatever their size. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Literal, cast
+
+from ..errors import BasaltError
+from ._stream import NotRegularFileError, Reader, digest, open_regular, read_small
+from .errors import (
+    ImageArchitectureError,
+    ImageFormatError,
+    ImageManifestError,
+    ImagePayloadError,
+    ImageSignatureError,
+    UnknownSigningKeyError,
+    UnsignedImageError,
+)
+from .keys import VerificationKey
+from .manifest import (
+    ARCHITECTURES,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE_NAME,
+    Manifest,
+    ManifestFormatError,
+    PayloadFile,
+    parse_manifest,
+)
+from .signature import SignatureFormatError, parse_signature, signature_valid
+
+TrustedKeys = Iterable[VerificationKey] | Mapping[str, VerificationKey]
+BundleForm = Literal["directory", "tar"]
+
+_REFETCH = "fetch the bundle again from where it was published, or rebuild it"
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signature, architecture and payload have all checked out."""
+
+    source: Path
+    form: BundleForm
+    manifest: Manifest
+    manifest_bytes: bytes
+    key: VerificationKey
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest.architecture
+
+    @property
+    def schematic_id(self) -> str:
+        return self.manifest.schematic_id
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+
+def check_architecture(arch: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise BasaltError(
+            f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(ARCHITECTURES)}"
+        )
+    return arch
+
+
+class _Checks:
+    """The checks, each raising its own error; shared by the directory and tar readers."""
+
+    def __init__(self, source: Path, keys: TrustedKeys, arch: str) -> None:
+        self.label = str(source)
+        self.keys = dict(keys) if isinstance(keys, Mapping) else {k.key_id: k for k in keys}
+        self.arch = check_architecture(arch)
+
+    # 1-5: the manifest and its signature ---------------------------------------------------
+    def manifest_problem(self, problem: str) -> ImageManifestError:
+        return ImageManifestError(
+            self.label,
+            f"{MANIFEST_NAME} {problem}",
+            hint=f"a bundle made by `basaltctl bundle create` has a valid one; {_REFETCH}",
+        )
+
+    def parse(self, manifest_bytes: bytes | None) -> Manifest:
+        """Check 1: the manifest is there and well formed (parsed, not yet trusted)."""
+        if manifest_bytes is None:
+            raise self.manifest_problem("is missing")
+        try:
+            return parse_manifest(manifest_bytes)
+        except ManifestFormatError as exc:
+            raise self.manifest_problem(f"is malformed: {exc}") from None
+
+    def authenticate(
+        self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes | None
+    ) -> VerificationKey:
+        """Checks 2-5: signed, by a trusted key, validly, for this architecture."""
+        if signature_bytes is None:
+            raise UnsignedImageError(
+                self.label,
+                f"there is no {SIGNATURE_NAME}: the bundle is not signed",
+                hint="sign it with `basaltctl bundle create --key`; unsigned bundles are refused",
+            )
+        try:
+            signature = parse_signature(signature_bytes)
+        except SignatureFormatError as exc:
+            raise ImageSignatureError(
+                self.label, f"{SIGNATURE_NAME} is malformed: {exc}", hint=_REFETCH
+            ) from None
+        key = self.keys.get(signature.key_id)
+        if key is None:
+            raise UnknownSigningKeyError(self.label, signature.key_id, sorted(self.keys))
+        if not signature_valid(manifest_bytes, signature, key.public_key):
+            raise ImageSignatureError(
+                self.label,
+                f"the signature by {key.label} does not match {MANIFEST_NAME}: "
+                "the manifest was changed after signing, or the signature belongs to another",
+                hint=f"do not use this bundle; {_REFETCH}",
+            )
+        # From here on the manifest is trusted.
+        if manifest.architecture != self.arch:
+            raise ImageArchitectureError(
+                self.label,
+                f"built for {manifest.architecture}, expected {self.arch}",
+                hint=f"use the {self.arch} bundle of version {manifest.version}",
+            )
+        return key
+
+    # 6: the payload --------------------------------------------------------------------------
+    def payload(self, path: str, problem: str, hint: str = _REFETCH) -> ImagePayloadError:
+        return ImagePayloadError(self.label, path, problem, hint=hint)
+
+    def extra(self, path: str) -> ImagePayloadError:
+        return self.payload(
+            path,
+            "is not listed in the signed manifest",
+            "a bundle may hold only the files its manifest lists; remove it or rebuild the bundle",
+        )
+
+    def missing(self, path: str) -> ImagePayloadError:
+        return self.payload(path, "is missing (the signed manifest lists it)")
+
+    def size_mismatch(self, want: PayloadFile, got: int) -> ImagePayloadError:
+        kind = "truncated" if got < want.size else "larger than signed"
+        return self.payload(want.path, f"{kind}: {got} bytes, the signed manifest says {want.size}")
+
+    def check_content(self, want: PayloadFile, reader: Reader) -> None:
+        count, sha256 = digest(reader, want.size)
+        if count != want.size:
+            raise self.size_mismatch(want, count)
+        if sha256 != want.sha256:
+            raise self.payload(
+                want.path,
+                f"tampered: sha256 {sha256}, the signed manifest says {want.sha256}",
+                f"do not use this bundle; {_REFETCH}",
+            )
+
+
+def verify_bundle(
+    source: str | os.PathLike[str], trusted_keys: TrustedKeys, expected_arch: str
+) -> VerifiedBundle:
+    """Check a bundle completely (see the module docstring for the order); write nothing.
+
+    Raises an :class:`ImageVerificationError` subclass naming the failed check.
+    """
+    path = Path(source)
+    checks = _Checks(path, trusted_keys, expected_arch)
+    if path.is_dir():
+        return _verify_directory(path, checks)
+    if path.is_file():
+        return _verify_tar(path, checks)
+    what = "does not exist" if not path.exists() else "is not a directory or a regular file"
+    raise ImageFormatError(
+        str(path), what, hint="give a bundle directory or tar file made by basaltctl bundle create"
+    )
+
+
+# -- directories ----------------------------------------------------------------------------------
+
+
+def _read_header_file(directory: Path, name: str, limit: int, checks: _Checks) -> bytes | None:
+    try:
+        return read_small(directory / name, limit)
+    except NotRegularFileError:
+        problem = "is not a regular file (a symlink, directory or device)"
+    except ValueError as exc:
+        problem = str(exc)
+    if name == MANIFEST_NAME:
+        raise checks.manifest_problem(problem)
+    raise ImageSignatureError(checks.label, f"{name} {problem}", hint=_REFETCH)
+
+
+def _verify_directory(directory: Path, checks: _Checks) -> VerifiedBundle:
+    manifest_bytes = _read_header_file(directory, MANIFEST_NAME, MAX_MANIFEST_BYTES, checks)
+    manifest = checks.parse(manifest_bytes)
+    assert manifest_bytes is not None
+    signature_bytes = _read_header_file(directory, SIGNATURE_NAME, MAX_SIGNATURE_BYTES, checks)
+    key = checks.authenticate(manifest, manifest_bytes, signature_bytes)
+
+    listed = {f.path for f in manifest.files}
+    extra = sorted(set(os.listdir(directory)) - listed - {MANIFEST_NAME, SIGNATURE_NAME})
+    if extra:
+        raise checks.extra(extra[0])
+    opened: list[tuple[PayloadFile, int]] = []
+    try:
+        for want in manifest.files:  # open and size everything before hashing anything
+            try:
+                fd, info = open_regular(directory / want.path)
+            except FileNotFoundError:
+                raise checks.missing(want.path) from None
+            except NotRegularFileError:
+                raise checks.payload(
+                    want.path, "is not a regular file", "bundles hold regular files only"
+                ) from None
+            opened.append((want, fd))
+            if info.st_size != want.size:
+                raise checks.size_mismatch(want, info.st_size)
+        for want, fd in opened:
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as handle:
+                checks.check_content(want, handle)
+    finally:
+        for _, fd in opened:
+            os.close(fd)
+    return VerifiedBundle(directory, "directory", manifest, manifest_bytes, key)
+
+
+# -- tar files ------------------------------------------------------------------------------------
+
+
+def _unsafe(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member may not be in a bundle, or None."""
+    name = member.name
+    if name.startswith("/"):
+        return f"member {name!r} has an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return f"member {name!r} has '..' in its path"
+    if member.issym() or member.islnk():
+        return f"member {name!r} is a link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return f"member {name!r} is a device"
+    if member.isfifo():
+        return f"member {name!r} is a FIFO"
+    if member.isdir():
+        return f"member {name!r} is a directory (bundles are flat)"
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        return f"member {name!r} has unsupported tar type {member.type!r}"
+    return None
+
+
+#: PAX and GNU long-name headers are read into memory whole: keep them small.
+MAX_EXTENDED_HEADER = 64 * 1024
+_EXTENDED_TYPES = frozenset(
+    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
+    | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
+)
+
+
+class _HeaderTooLargeError(tarfile.TarError):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses an oversized extended header before tarfile reads it into memory."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED_TYPES and self.size > MAX_EXTENDED_HEADER:
+            raise _HeaderTooLargeError(
+                f"an extended header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})"
+            )
+        # _proc_member is tarfile's own hook for this (private; not in typeshed).
+        process: Callable[[tarfile.TarFile], tarfile.TarInfo] = super()._proc_member  # type: ignore[misc]
+        return process(tar)
+
+
+class _TarReader:
+    """Members of a tar stream, one pass, each checked for safety before use."""
+
+    def __init__(self, tar: tarfile.TarFile, checks: _Checks) -> None:
+        self.tar = tar
+        self.checks = checks
+        self.members: Iterator[tarfile.TarInfo] = iter(tar)
+        self.seen: set[str] = set()
+
+    def next(self) -> tarfile.TarInfo | None:
+        try:
+            member = next(self.members, None)
+        except tarfile.TarError as exc:
+            raise self.format_error(f"unreadable tar header: {exc}") from None
+        if member is None:
+            return None
+        problem = _unsafe(member)
+        if problem is None and member.name in self.seen:
+            problem = f"member {member.name!r} appears twice"
+        if problem is not None:
+            raise self.format_error(problem)
+        self.seen.add(member.name)
+        return member
+
+    def format_error(self, problem: str) -> ImageFormatError:
+        return ImageFormatError(
+            self.checks.label,
+            problem,
+            hint="bundles are flat tar files of regular files; rebuild it with basaltctl",
+        )
+
+    def open(self, member: tarfile.TarInfo) -> IO[bytes]:
+        handle = self.tar.extractfile(member)
+        assert handle is not None  # regular members always have content
+        return handle
+
+    def open_reader(self, member: tarfile.TarInfo) -> Reader:
+        return cast(Reader, self.open(member))  # an io.BufferedReader: it has readinto
+
+    def read_small(self, member: tarfile.TarInfo, limit: int) -> bytes:
+        if member.size > limit:
+            raise ValueError(f"is {member.size} bytes, more than the {limit} allowed")
+        try:
+            data = self.open(member).read()
+        except tarfile.TarError:
+            raise ValueError("is cut short (the tar file is truncated)") from None
+        return data
+
+
+def _open_tar_stream(raw: IO[bytes], checks: _Checks) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=raw, mode="r|", tarinfo=_BoundedTarInfo)
+    except tarfile.TarError as exc:
+        raise ImageFormatError(
+            checks.label,
+            f"not a directory or an uncompressed tar file ({exc})",
+            hint="bundles are uncompressed tar files: decompress it first",
+        ) from None
+
+
+def _verify_tar(path: Path, checks: _Checks) -> VerifiedBundle:
+    with open(path, "rb") as raw, _open_tar_stream(raw, checks) as tar:
+        return _verify_tar_stream(path, _TarReader(tar, checks), checks)
+
+
+def _verify_tar_stream(path: Path, reader: _TarReader, checks: _Checks) -> VerifiedBundle:
+    first = reader.next()
+    if first is None or first.name != MANIFEST_NAME:
+        found = "the tar file is empty" if first is None else f"the first member is {first.name!r}"
+        raise checks.manifest_problem(f"is missing: it must be the first member; {found}")
+    try:
+        manifest_bytes = reader.read_small(first, MAX_MANIFEST_BYTES)
+    except ValueError as exc:
+        raise checks.manifest_problem(str(exc)) from None
+    manifest = checks.parse(manifest_bytes)
+    second = reader.next()
+    signature_bytes = None
+    if second is not None and second.name == SIGNATURE_NAME:
+        try:
+            signature_bytes = reader.read_small(second, MAX_SIGNATURE_BYTES)
+        except ValueError as exc:
+            raise ImageSignatureError(
+                checks.label, f"{SIGNATURE_NAME} {exc}", hint=_REFETCH
+            ) from None
+        second = None
+    key = checks.authenticate(manifest, manifest_bytes, signature_bytes)
+
+    pending = {f.path: f for f in manifest.files}
+    member = second if second is not None else reader.next()
+    while member is not None:
+        want = pending.pop(member.name, None)
+        if want is None:
+            raise checks.extra(member.name)
+        if member.size != want.size:
+            raise checks.size_mismatch(want, member.size)
+        try:
+            checks.check_content(want, reader.open_reader(member))
+        except tarfile.TarError:
+            raise checks.payload(want.path, "truncated: the tar file ends inside it") from None
+        member = reader.next()
+    if pending:
+        raise checks.missing(sorted(pending)[0])
+    return VerifiedBundle(path, "tar", manifest, manifest_bytes, key)
