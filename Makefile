@@ -64,6 +64,10 @@ $(STAMP): pyproject.toml
 # Checked on every run (cheap when present), not only when the venv is rebuilt.
 system-deps:
 	@$(INSTALL_ETCD)
+	@# DHCP server for the metal network tests (inside their own namespaces); the -base
+	@# package has no service to start. Without root those tests skip.
+	@command -v dnsmasq >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base; }
 
 install: $(STAMP) system-deps
 
@@ -93,6 +97,30 @@ bench: install
 	$(BIN)/python bench/cluster_create.py
 	$(BIN)/python bench/api_rtt.py
 	$(BIN)/python bench/etcd_cluster.py
+
+# Installs only the packages that are missing; apt-get update runs only then.
+image-deps:
+	@missing=$$(for p in $(IMAGE_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "image builds need: $$missing (apt-get install them as root)" >&2; exit 1; \
+	  fi; \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# Re-resolve image.lock (Debian packages + wheels pinned to the venv); review and commit it.
+image-lock: install
+	$(BIN)/python -m basalt.imager lock
+
+image: install image-deps
+	$(BIN)/python -m basalt.imager build
+
+vm-test: install image-deps
+	$(BIN)/pytest -q -s -m vm tests/vm $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -24,8 +24,9 @@ GROUPS: dict[str, tuple[str, str]] = {
     "cluster": ("cluster", "app"),
     "patch": ("edit", "patch_app"),
     "edit": ("edit", "edit_app"),
-    "bundle": ("bundle", "app"),
     "etcd": ("etcd", "app"),
+    "bundle": ("bundle", "app"),
+    "image": ("image", "app"),
 }
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "validate"),

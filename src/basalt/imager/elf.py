@@ -14,6 +14,7 @@ from pathlib import Path
 
 ELF_MAGIC = b"\x7fELF"
 _PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
+_ET_EXEC = 2
 _DT_NULL, _DT_NEEDED, _DT_STRTAB, _DT_SONAME = 0, 1, 5, 14
 
 
@@ -28,11 +29,13 @@ class ElfInfo:
     needed: tuple[str, ...]
     soname: str | None
     interpreter: str | None
+    static_executable: bool = False
 
     @property
     def is_program(self) -> bool:
-        """A program the kernel can exec directly (it names a dynamic loader)."""
-        return self.interpreter is not None
+        """A program (not a library): it names a dynamic loader and has no soname
+        (``libc.so.6`` and the loader itself have both), or it is a static executable."""
+        return self.static_executable or (self.interpreter is not None and self.soname is None)
 
 
 def is_elf(path: Path) -> bool:
@@ -69,6 +72,7 @@ def read_elf(path: Path) -> ElfInfo:
 
 def _read(data: bytes) -> ElfInfo:
     phoff, phnum, phentsize, _, _, _ = _header(data)
+    static = struct.unpack_from("<H", data, 0x10)[0] == _ET_EXEC
     loads: list[tuple[int, int, int]] = []  # (vaddr, offset, filesz)
     dynamic: tuple[int, int] | None = None
     interpreter = None
@@ -83,7 +87,7 @@ def _read(data: bytes) -> ElfInfo:
         elif p_type == _PT_INTERP:
             interpreter = _cstring(data, p_offset)
     if dynamic is None:
-        return ElfInfo(needed=(), soname=None, interpreter=interpreter)
+        return ElfInfo((), None, interpreter, static and interpreter is None)
     entries: list[tuple[int, int]] = []
     offset, size = dynamic
     for at in range(offset, offset + size, 16):
@@ -99,7 +103,7 @@ def _read(data: bytes) -> ElfInfo:
     soname = next(
         (_cstring(data, base + value) for tag, value in entries if tag == _DT_SONAME), None
     )
-    return ElfInfo(needed=needed, soname=soname, interpreter=interpreter)
+    return ElfInfo(needed, soname, interpreter, static and interpreter is None)
 
 
 def _file_offset(loads: list[tuple[int, int, int]], vaddr: int) -> int:

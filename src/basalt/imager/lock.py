@@ -106,17 +106,14 @@ def normalize(name: str) -> str:
 def wheel_pins(root: str = "basalt", exclude: tuple[str, ...] = CLI_ONLY) -> dict[str, str]:
     """``root``'s runtime dependencies (transitively, minus ``exclude``) pinned to the
     versions installed in this interpreter's environment."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pragma: no cover - pip always vendors it
-        from pip._vendor.packaging.requirements import Requirement
+    from packaging.requirements import Requirement  # a dev dependency: images build there
 
     skip = {normalize(name) for name in exclude}
     pins: dict[str, str] = {}
-    todo = [root]
+    todo: list[tuple[str, list[str]]] = [(root, _root_requirements(root))]
     while todo:
-        dist = metadata.distribution(todo.pop())
-        for text in dist.requires or []:
+        parent, requirements = todo.pop()
+        for text in requirements:
             req = Requirement(text)
             name = normalize(req.name)
             if name in skip or name in pins:
@@ -127,11 +124,23 @@ def wheel_pins(root: str = "basalt", exclude: tuple[str, ...] = CLI_ONLY) -> dic
                 pins[name] = metadata.version(req.name)
             except metadata.PackageNotFoundError:
                 raise ImageLockError(
-                    f"{req.name} (needed by {dist.metadata['Name']}) is not installed",
+                    f"{req.name} (needed by {parent}) is not installed",
                     hint="run 'make install' so the venv holds Basalt's dependencies",
                 ) from None
-            todo.append(req.name)
+            todo.append((req.name, metadata.requires(req.name) or []))
     return dict(sorted(pins.items()))
+
+
+def _root_requirements(root: str) -> list[str]:
+    """Basalt's own requirements from pyproject.toml in a source tree (the installed
+    metadata of an editable install lags behind it), else from the installed metadata."""
+    pyproject = REPO_ROOT / "pyproject.toml"
+    if root == "basalt" and pyproject.exists():
+        import tomllib
+
+        deps: list[str] = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        return deps
+    return metadata.requires(root) or []
 
 
 def wants_digest(pins: dict[str, str]) -> str:

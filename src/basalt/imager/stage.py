@@ -124,7 +124,8 @@ def run_tool(argv: Sequence[str], *, what: str, **kwargs: Any) -> str:
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip()[-2000:]
         raise ImageToolError(f"{what}: {' '.join(argv[:3])} ... exited {done.returncode}\n{output}")
-    return done.stdout
+    stdout: str = done.stdout
+    return stdout
 
 
 def sha256_file(path: Path) -> str:

@@ -10,8 +10,12 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from basalt.machinery.launch import EXIT_FATAL
+
+if TYPE_CHECKING:
+    from .platform import Platform
 
 log = logging.getLogger("machined")
 
@@ -20,18 +24,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="machined", description="The Basalt node agent.")
     parser.add_argument(
         "--platform",
-        choices=["container"],
+        choices=["container", "metal"],
         default="container",
-        help="container: a process on a host (metal is PID 1 on a machine)",
+        help="container: a process on a host; metal: this machine is the node (PID 1: "
+        "it mounts, manages the network and kernel settings, reboots the machine)",
     )
     parser.add_argument(
         "--node-dir",
         type=Path,
-        required=True,
-        help="the node's filesystem view (STATE, EPHEMERAL live below it)",
+        help="the node's filesystem view (STATE, EPHEMERAL live below it); metal: /",
     )
-    parser.add_argument("--address", required=True, help="the address the node serves on")
-    parser.add_argument("--hostname", required=True, help="the node's name unless config sets one")
+    parser.add_argument(
+        "--address",
+        help="the address the node serves on; metal: the first one its network sets up",
+    )
+    parser.add_argument(
+        "--hostname",
+        help="the node's name unless config sets one; metal: basalt-MAC from the first NIC",
+    )
     parser.add_argument(
         "--cert-validity",
         type=float,
@@ -40,7 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--announce-interval", type=float, default=10.0)
     parser.add_argument("--member-ttl", type=float, default=60.0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.platform == "container":
+        names = ("node_dir", "address", "hostname")
+        missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+        if missing:
+            parser.error(f"--platform container needs {', '.join(missing)}")
+    return args
 
 
 class _BufferHandler(logging.Handler):
@@ -55,18 +71,33 @@ class _BufferHandler(logging.Handler):
             self.handleError(record)
 
 
-async def run(args: argparse.Namespace) -> int:
-    from .node import Node, Tuning
-    from .platform import NodePaths, Platform, PlatformMode
-    from .sequencer import SequenceConflictError
-    from .sequencer.sequences import boot, shutdown
+def make_platform(args: argparse.Namespace) -> Platform:
+    """metal: the machine's root, the address from the network unless given."""
+    from .platform import UNSPECIFIED_ADDRESS, NodePaths, Platform, PlatformMode
 
-    platform = Platform(
+    if args.platform == "metal":
+        from .platform.metal import MetalPlatform
+
+        return MetalPlatform.create(
+            address=args.address or UNSPECIFIED_ADDRESS,
+            hostname=args.hostname or "",
+            root=(args.node_dir or Path("/")).resolve(),
+        )
+    return Platform(
         mode=PlatformMode(args.platform),
         paths=NodePaths.under(args.node_dir.resolve()),
         address=args.address,
         hostname=args.hostname,
     )
+
+
+async def run(args: argparse.Namespace) -> int:
+    from .node import Node, Tuning
+    from .sequencer import SequenceConflictError
+    from .sequencer.sequences import boot, reboot, shutdown
+
+    platform = make_platform(args)
+    platform.start()
     tuning = Tuning(
         cert_validity=dt.timedelta(seconds=args.cert_validity),
         announce_interval=args.announce_interval,
@@ -77,16 +108,18 @@ async def run(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
-    def on_signal(signum: int) -> None:
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
+    sequences = {"shutdown": shutdown, "reboot": reboot}
+
+    def on_signal(signum: int, action: str) -> None:
+        log.info("signal %s: %s", signal.Signals(signum).name, action)
         try:
-            node.sequencer.start(shutdown)
+            node.sequencer.start(sequences[action])
         except SequenceConflictError:
-            node.finish("shutdown")
+            node.finish(action)
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    for signum, action in platform.power_signals().items():
+        loop.add_signal_handler(signum, on_signal, signum, action)
 
     boot_task = node.sequencer.start(boot)
 
@@ -113,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    args = parse_args(argv)
-    return asyncio.run(run(args))
+    if os.getpid() == 1:
+        from .platform.metal import run_as_init
+
+        # PID 1 never exits (the kernel would panic): whatever ends the agent, even a bad
+        # argument, becomes a reboot or power-off (after a console message if fatal).
+        return run_as_init(lambda: asyncio.run(run(parse_args(argv))))
+    return asyncio.run(run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..runtime import ControllerEngine
+from ..runtime import Controller, ControllerEngine
 from .hostname import HostnameController
 from .kubernetes import KubernetesAssetsController
 from .members import MembersController
@@ -15,6 +15,28 @@ if TYPE_CHECKING:
     from ..node import Node
 
 
+def _machine_controllers(node: Node) -> list[Controller]:
+    """Network, resolvers, host name, sysctls and kernel modules: only where the agent
+    owns the machine (metal). Each also checks the platform's capabilities itself."""
+    mode = node.platform.mode
+    if not (mode.manages_network or mode.manages_kernel):
+        return []  # and their modules are not even imported
+    from .hostname_apply import HostnameApplyController
+    from .kernel_modules import KernelModulesController
+    from .network import NetworkController
+    from .resolvers import ResolversController
+    from .sysctls import SysctlsController
+
+    network = NetworkController(node)
+    return [
+        network,
+        ResolversController(node, network.leases),
+        HostnameApplyController(node),
+        SysctlsController(node),
+        KernelModulesController(node),
+    ]
+
+
 def start_engine(node: Node) -> ControllerEngine:
     if node.engine is None:
         node.engine = ControllerEngine(
@@ -23,6 +45,7 @@ def start_engine(node: Node) -> ControllerEngine:
                 VersionController(node),
                 HostnameController(node),
                 NodeAddressesController(node),
+                *_machine_controllers(node),
                 MembersController(node),
                 KubernetesAssetsController(node),
             ],

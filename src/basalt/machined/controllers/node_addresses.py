@@ -21,6 +21,8 @@ class NodeAddressesController(Controller):
         self.node = node
 
     async def reconcile(self, store: ResourceStore) -> None:
+        if self.node.platform.mode.manages_network:
+            return  # the network controller publishes what is configured on the links
         store.put(
             "NodeAddresses",
             "current",

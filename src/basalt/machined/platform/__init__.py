@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform as _platform
+import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -32,6 +33,16 @@ class PlatformMode(StrEnum):
     def reads_kernel_log(self) -> bool:
         return self is PlatformMode.METAL
 
+    @property
+    def manages_network(self) -> bool:
+        """Links, addresses, routes, DHCP, resolvers and /etc/hosts are the agent's job."""
+        return self is PlatformMode.METAL
+
+    @property
+    def manages_kernel(self) -> bool:
+        """Sysctls, kernel modules and the host name are the agent's job."""
+        return self is PlatformMode.METAL
+
 
 @dataclass(frozen=True)
 class NodePaths:
@@ -51,15 +62,41 @@ class NodePaths:
         os.chmod(self.state, 0o700)
 
 
+#: The address a node has before its network tells it one: listen on every address.
+UNSPECIFIED_ADDRESS = "0.0.0.0"
+
+
 @dataclass
 class Platform:
-    """The machine the agent runs on; container mode is the only one implemented here."""
+    """The machine the agent runs on. This base is container mode; ``metal`` subclasses it
+    (:class:`basalt.machined.platform.metal.MetalPlatform`)."""
 
     mode: PlatformMode
     paths: NodePaths
     address: str
     hostname: str
     arch: str = field(default_factory=_platform.machine)
+    #: Where the machine's kernel interfaces are: ``proc/sys``, ``lib/modules``, ``run``.
+    system_root: Path = Path("/")
+
+    @property
+    def generated_etc(self) -> Path:
+        """Where the agent writes the /etc files it generates (hostname, hosts, resolv.conf)."""
+        return self.system_root / "run" / "basalt" / "etc"
+
+    @property
+    def address_known(self) -> bool:
+        return self.address != UNSPECIFIED_ADDRESS
+
+    def prepare(self) -> None:
+        """Make the machine ready for the agent (mounts, /etc files); blocking, idempotent."""
+
+    def start(self) -> None:
+        """Hook run on the event loop before boot (metal as PID 1: the zombie reaper)."""
+
+    def power_signals(self) -> dict[signal.Signals, str]:
+        """Signal -> the sequence it starts: a process stops on either."""
+        return {signal.SIGTERM: "shutdown", signal.SIGINT: "shutdown"}
 
     def exit_code(self, action: str) -> int:
         """What the process exits with to make its launcher reboot or stop it."""

@@ -30,6 +30,11 @@ class ResetRequest:
 # -- boot ---------------------------------------------------------------------------------------
 
 
+async def prepare_platform(node: Node, request: Any) -> None:
+    """Mounts and generated /etc files on metal (before anything writes below them)."""
+    await asyncio.to_thread(node.platform.prepare)
+
+
 async def prepare_paths(node: Node, request: Any) -> None:
     node.paths.create()
 
@@ -73,6 +78,18 @@ async def maintenance(node: Node, request: Any) -> None:
     node.set_stage("booting")
 
 
+def address_unknown(node: Node, request: Any) -> bool:
+    return not node.platform.address_known
+
+
+async def wait_for_address(node: Node, request: Any) -> None:
+    """metal without --address: the node's address is the first one its network set up."""
+    from ..controllers.network import wait_for_address as first_address
+
+    node.address = node.platform.address = await first_address(node)
+    node.events.publish("network", f"node address is {node.address}", actor="boot")
+
+
 async def establish_identity(node: Node, request: Any) -> None:
     from ..certificates import establish
 
@@ -92,9 +109,11 @@ async def mark_running(node: Node, request: Any) -> None:
 
 boot: Sequence[Node] = (
     sequence("boot")
+    .then("platform", prepare_platform)
     .then("prepare", prepare_paths, start_controllers)
     .then("config", load_config)
     .then("maintenance", maintenance, when=no_config)
+    .then("address", wait_for_address, when=address_unknown)
     .then("identity", establish_identity)
     .then("services", start_services)
     .then("running", mark_running)

@@ -1,0 +1,99 @@
+"""``basaltctl image``: pin, build and inspect Basalt system images."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._common import info
+
+app = typer.Typer(help="Lock, build and inspect system images.", no_args_is_help=True)
+
+LockOption = Annotated[
+    Path | None, typer.Option("--lock", help="The lock file [image.lock at the repo root].")
+]
+
+
+class Format(StrEnum):
+    text = "text"
+    json = "json"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+@app.command("lock")
+def lock(lock_path: LockOption = None) -> None:
+    """Resolve the Debian packages and wheels afresh and (re)write image.lock."""
+    from basalt.imager import lock as lockfile
+
+    written = lockfile.write(lock_path or lockfile.DEFAULT_LOCK)
+    info(
+        f"locked {len(written.debs)} Debian packages (kernel {written.kernel}) and "
+        f"{len(written.wheels)} wheels in {lock_path or lockfile.DEFAULT_LOCK}"
+    )
+
+
+@app.command("build")
+def build(
+    out: Annotated[Path | None, typer.Option("--out", help="Image directory [_out/image].")] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Stage cache [_out/cache].")] = None,
+    lock_path: LockOption = None,
+) -> None:
+    """Build the image from image.lock (cached stages are reused)."""
+    import logging
+
+    from basalt.imager import lock as lockfile
+    from basalt.imager import pipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    target = out or pipeline.DEFAULT_OUT
+    manifest = pipeline.build(
+        target, cache or pipeline.DEFAULT_CACHE, lock_path or lockfile.DEFAULT_LOCK
+    )
+    for step in manifest["build"]:
+        info(f"  {step['stage']:<13} {step['result']:<7} {step['seconds']:>6.1f} s")
+    _print_text(target, manifest)
+
+
+@app.command("inspect")
+def inspect(
+    image: Annotated[Path, typer.Argument(help="An image directory made by 'image build'.")],
+    output: Annotated[Format, typer.Option("-o", "--output", help="text or json.")] = Format.text,
+) -> None:
+    """Size, package versions, squashfs sha256 and the executables of an image."""
+    from basalt.imager import pipeline
+
+    manifest = pipeline.inspect(image)
+    if output is Format.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+    else:
+        _print_text(image, manifest)
+
+
+def _print_text(image: Path, manifest: dict[str, Any]) -> None:
+    files = manifest["files"]
+    print(f"image:       {image} (basalt {manifest['version']})")
+    print(f"kernel:      {manifest['kernel']['package']}")
+    for name, described in files.items():
+        print(f"{name + ':':<12} {_mib(described['bytes']):>10}  sha256 {described['sha256']}")
+    total = sum(d["bytes"] for d in files.values())
+    root = manifest["root"]
+    print(f"total:       {_mib(total):>10}")
+    print(
+        f"root tree:   {_mib(root['bytes']):>10}  {root['files']} files, "
+        f"squashfs {root['compression']}"
+    )
+    programs = manifest["executables"]
+    print(f"executables: {len(programs)}: {' '.join(programs)}")
+    print("packages:")
+    for name, version in sorted(manifest["packages"].items()):
+        print(f"  {name:<36} {version}")
+    print("wheels:")
+    for name, version in sorted(manifest["wheels"].items()):
+        print(f"  {name:<36} {version}")

@@ -1,0 +1,176 @@
+"""The image pipeline: lock -> fetch -> unpack -> rootfs -> squashfs, and boot assets.
+
+``build`` wires the stages from the lock, runs them through the cache and copies the
+results into an image directory with ``image.json``, which ``inspect`` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import basalt
+
+from . import lock as lockfile
+from .boot import Boot
+from .elf import ElfFormatError, is_elf, read_elf
+from .errors import ImageError
+from .packages import FetchDebs, FetchWheels, Unpack
+from .rootfs import BasaltSources, Rootfs, source_digest
+from .squashfs import Squashfs
+from .stage import Cache, sha256_file, walk_sorted
+
+DEFAULT_OUT = lockfile.REPO_ROOT / "_out" / "image"
+DEFAULT_CACHE = lockfile.REPO_ROOT / "_out" / "cache"
+#: Modules that reach the root: loaded by the initramfs.
+INITRD_MODULES = ("virtio_rng", "virtio_mmio", "virtio_pci", "virtio_blk", "squashfs")
+#: Modules the node itself needs once the root is mounted: loaded by the root's init.
+ROOT_MODULES = ("virtio_net",)
+#: Kernel arguments for a direct-kernel boot (microvm needs the TSC ones under TCG).
+CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
+IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The stages of one image, wired from a lock."""
+
+    rootfs: Rootfs
+    squashfs: Squashfs
+    boot: Boot
+    lock: lockfile.Lock
+
+    @classmethod
+    def from_lock(cls, lock: lockfile.Lock) -> Pipeline:
+        release = lock.kernel.removeprefix("linux-image-")
+        unpack = Unpack(debs=FetchDebs(debs=lock.debs))
+        rootfs = Rootfs(
+            unpack=unpack,
+            wheels=FetchWheels(wheels=lock.wheels),
+            sources=BasaltSources(digest=source_digest()),
+            basalt_version=basalt.__version__,
+            kernel_release=release,
+            modules=(*INITRD_MODULES, *ROOT_MODULES),
+            root_modules=ROOT_MODULES,
+        )
+        boot = Boot(unpack=unpack, rootfs=rootfs, kernel_release=release, modules=INITRD_MODULES)
+        return cls(rootfs=rootfs, squashfs=Squashfs(rootfs=rootfs), boot=boot, lock=lock)
+
+
+def executables(root: Path) -> list[str]:
+    """Files in ``root`` that can be run: an execute bit and either a program's ELF
+    header (an interpreter and no soname, or static) or a ``#!`` line."""
+    found = []
+    for path in walk_sorted(root):
+        if path.is_symlink() or not path.is_file() or not path.stat().st_mode & 0o111:
+            continue
+        if is_elf(path):
+            try:
+                program = read_elf(path).is_program
+            except ElfFormatError:
+                program = False
+        else:
+            with path.open("rb") as stream:
+                program = stream.read(2) == b"#!"
+        if program:
+            found.append("/" + str(path.relative_to(root)))
+    return found
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    files = size = 0
+    for path in walk_sorted(root):
+        if path.is_file() and not path.is_symlink():
+            files += 1
+            size += path.stat().st_size
+    return files, size
+
+
+def build(
+    out: Path = DEFAULT_OUT,
+    cache_dir: Path = DEFAULT_CACHE,
+    lock_path: Path = lockfile.DEFAULT_LOCK,
+    pipeline: Pipeline | None = None,
+) -> dict[str, Any]:
+    """Build (or reuse) every stage and write the image directory ``out``.
+
+    ``pipeline`` defaults to the one wired from the lock at ``lock_path`` (checked first).
+    """
+    if pipeline is None:
+        lock = lockfile.read(lock_path)
+        lockfile.check(lock, lock_path)
+        pipeline = Pipeline.from_lock(lock)
+    lock = pipeline.lock
+    cache = Cache(cache_dir)
+    rootfs_dir = cache.output(pipeline.rootfs)
+    squashfs_dir = cache.output(pipeline.squashfs)
+    boot_dir = cache.output(pipeline.boot)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "vmlinuz": boot_dir / "vmlinuz",
+        "initrd.img": boot_dir / "initrd.img",
+        "root.sqfs": squashfs_dir / "root.sqfs",
+    }
+    for name, source in sources.items():
+        target = out / name
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+    root = rootfs_dir / "root"
+    files, tree_bytes = _tree_size(root)
+    programs = executables(root)
+    rootfs_manifest = json.loads((rootfs_dir / "manifest.json").read_text())
+    manifest: dict[str, Any] = {
+        "name": "basalt",
+        "version": basalt.__version__,
+        "kernel": {"package": lock.kernel, "release": pipeline.boot.kernel_release},
+        "cmdline": CMDLINE,
+        "files": {name: _describe(out / name) for name in IMAGE_FILES},
+        "root": {"files": files, "bytes": tree_bytes, "compression": pipeline.squashfs.compression},
+        "executables": programs,
+        "packages": {d.name: d.version for d in lock.debs},
+        "wheels": {w.name: w.version for w in lock.wheels},
+        "dropped_stdlib_extensions": rootfs_manifest["dropped_stdlib_extensions"],
+        "kernel_modules": rootfs_manifest["modules"],
+        "stages": {
+            stage.name: stage.stage_id()
+            for stage in (pipeline.rootfs, pipeline.squashfs, pipeline.boot)
+        },
+    }
+    (out / "image.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest["build"] = [
+        {"stage": name, "result": result, "seconds": round(seconds, 1)}
+        for name, result, seconds in cache.built
+    ]
+    return manifest
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def inspect(image_dir: Path, verify: bool = True) -> dict[str, Any]:
+    """``image.json`` of ``image_dir``, after checking its files against their sha256."""
+    manifest_path = image_dir / "image.json"
+    if not manifest_path.exists():
+        raise ImageError(
+            f"{image_dir} is not a Basalt image directory (no image.json)",
+            hint="build one with 'basaltctl image build --out DIR'",
+        )
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    if verify:
+        for name, described in manifest["files"].items():
+            path = image_dir / name
+            if not path.exists() or sha256_file(path) != described["sha256"]:
+                raise ImageError(
+                    f"{path}: missing or not the file image.json describes",
+                    hint="rebuild the image",
+                )
+    return manifest

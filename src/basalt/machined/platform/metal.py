@@ -1,0 +1,221 @@
+"""The metal platform: machined as PID 1 on a real or virtual machine.
+
+As PID 1 the agent mounts the pseudo filesystems, reaps orphans, turns SIGTERM into a
+shutdown and SIGINT (Ctrl-Alt-Del) into a reboot, and never exits: when it is done it
+ends every other process, syncs and calls reboot(2); a fatal error is printed to the
+console and the machine reboots after a delay.
+
+The root filesystem stays read-only. The /etc files the agent generates (hostname,
+hosts, resolv.conf) live in /run/basalt/etc and are bind-mounted read-only over the
+image's /etc files; controllers rewrite them in place. Until an install provides the
+STATE and EPHEMERAL partitions, /system and /var are tmpfs: a node in maintenance mode
+runs from memory.
+
+Started as ``--platform metal`` by a process that is not PID 1 (a developer's shell, a
+test), none of the machine-wide steps happen: no mounts, no reaper, plain exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
+
+from ..sys import mount, power
+from ..sys.reaper import Reaper
+from . import NodePaths, Platform, PlatformMode
+from .etc import GENERATED_ETC_FILES, render_hosts, write_generated
+
+__all__ = ["IMAGE_MOUNT_POINTS", "RUNTIME_FILESYSTEMS", "MetalPlatform", "console", "run_as_init"]
+
+log = logging.getLogger(__name__)
+
+#: What the read-only image must contain for the agent to mount over it.
+IMAGE_MOUNT_POINTS = (
+    "proc",
+    "sys",
+    "dev",
+    "run",
+    "tmp",
+    "var",
+    "system",
+    *(f"etc/{name}" for name in GENERATED_ETC_FILES),
+)
+
+#: The host name of a node whose command line and config give none, without a NIC.
+FALLBACK_HOSTNAME = "basalt"
+
+#: How long a fatal error stays on the console before the machine reboots.
+FATAL_DELAY = 10.0
+
+
+#: Writable places on the read-only root. Until install mounts the STATE and EPHEMERAL
+#: partitions on /system/state and /var, the node runs from memory.
+RUNTIME_FILESYSTEMS = (
+    mount.MountPoint("tmpfs", "/tmp", "tmpfs", "nosuid,nodev,mode=1777"),
+    mount.MountPoint("tmpfs", "/var", "tmpfs", "nosuid,nodev,mode=0755"),
+    mount.MountPoint("tmpfs", "/system", "tmpfs", "nosuid,nodev,mode=0755"),
+)
+
+
+def default_hostname(sys_class_net: Path) -> str:
+    """``basalt-`` and the last three bytes of the first Ethernet link's MAC (by index):
+    stable across reboots and distinct between machines."""
+    found = []
+    try:
+        entries = list(sys_class_net.iterdir())
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            if (entry / "type").read_text().strip() != "1":  # ARPHRD_ETHER
+                continue
+            mac = (entry / "address").read_text().strip()
+            index = int((entry / "ifindex").read_text())
+        except (OSError, ValueError):
+            continue
+        if len(mac) == 17 and mac != "00:00:00:00:00:00":
+            found.append((index, mac))
+    if not found:
+        return FALLBACK_HOSTNAME
+    return f"{FALLBACK_HOSTNAME}-{min(found)[1][9:].replace(':', '')}"
+
+
+@dataclass
+class MetalPlatform(Platform):
+    """PID 1 on a machine; ``init`` says whether the machine-wide steps happen."""
+
+    init: bool = field(default_factory=lambda: os.getpid() == 1)
+    reaper: Reaper | None = None
+
+    @classmethod
+    def create(
+        cls, *, address: str, hostname: str, root: Path = Path("/"), init: bool | None = None
+    ) -> MetalPlatform:
+        return cls(
+            mode=PlatformMode.METAL,
+            paths=NodePaths.under(root),
+            address=address,
+            hostname=hostname,
+            system_root=root,
+            init=os.getpid() == 1 if init is None else init,
+        )
+
+    def prepare(self) -> None:
+        root = self.system_root
+        if self.init:
+            mounted = mount.mount_pseudo_filesystems(root)
+            mounted += mount.mount_all(RUNTIME_FILESYSTEMS, root)
+            if mounted:
+                log.info("mounted %s", ", ".join(mounted))
+            try:
+                power.set_ctrl_alt_del(False)  # Ctrl-Alt-Del becomes SIGINT: a clean reboot
+            except power.PowerError as exc:
+                log.info("Ctrl-Alt-Del stays as it is: %s", exc)
+        if not self.hostname:
+            self.hostname = default_hostname(root / "sys" / "class" / "net")
+        hostname, _, domain = self.hostname.partition(".")
+        initial = {
+            "hostname": f"{hostname}\n",
+            "hosts": render_hosts(hostname, domain, self.address),
+            "resolv.conf": "# no name servers configured yet\n",
+        }
+        for name in GENERATED_ETC_FILES:
+            path = self.generated_etc / name
+            if not path.exists():
+                write_generated(self.generated_etc, name, initial[name])
+            if self.init:
+                self._bind_etc(name)
+
+    def _bind_etc(self, name: str) -> None:
+        target = self.system_root / "etc" / name
+        if mount.is_mounted(target):
+            return
+        if not target.exists():
+            try:
+                target.touch()
+            except OSError as exc:
+                log.warning(
+                    "/etc/%s is not in the image and cannot be created (%s): "
+                    "processes will not see the generated one",
+                    name,
+                    exc.strerror,
+                )
+                return
+        mount.bind_read_only(self.generated_etc / name, target)
+
+    def start(self) -> None:
+        if self.init:
+            self.reaper = Reaper()
+            self.reaper.install()
+
+    def power_signals(self) -> dict[signal.Signals, str]:
+        # As for any init: SIGTERM asks for a power-off, SIGINT (what the kernel sends
+        # PID 1 for Ctrl-Alt-Del once it is told to) for a reboot.
+        return {signal.SIGTERM: "shutdown", signal.SIGINT: "reboot"}
+
+
+def console(message: str) -> None:
+    """Print to the machine's console (stderr when there is none)."""
+    line = message if message.endswith("\n") else message + "\n"
+    try:
+        fd = os.open("/dev/console", os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        return
+    try:
+        os.write(fd, line.encode(errors="replace"))
+    finally:
+        os.close(fd)
+
+
+def run_as_init(main: Callable[[], int], *, fatal_delay: float = FATAL_DELAY) -> int:
+    """Run the agent; as PID 1, turn its end into a reboot or power-off, never an exit.
+
+    ``main`` returns the exit code container mode would use (EXIT_REBOOT,
+    EXIT_SHUTDOWN, anything else is fatal). Not PID 1: its code is returned as is.
+    """
+    if os.getpid() != 1:
+        return main()
+    try:
+        code = main()
+    except BaseException:  # PID 1 must not die, whatever happened
+        console("machined: fatal error:\n" + traceback.format_exc())
+        code = -1
+    if code == EXIT_REBOOT:
+        action = power.PowerAction.REBOOT
+    elif code == EXIT_SHUTDOWN:
+        action = power.PowerAction.POWEROFF
+    else:
+        console(f"machined: fatal error (exit code {code}); rebooting in {fatal_delay:g} s")
+        time.sleep(fatal_delay)
+        action = power.PowerAction.REBOOT
+    return _power(action)
+
+
+def _power(action: power.PowerAction) -> NoReturn:
+    console(f"machined: {action}: stopping every process")
+    try:
+        left = power.terminate_all()
+        if left:
+            console(f"machined: killed {len(left)} processes that ignored SIGTERM")
+        power.power(action)
+    except BaseException:
+        console("machined: " + traceback.format_exc())
+    while True:  # reboot(2) failed: PID 1 may not exit (the kernel would panic)
+        console(f"machined: {action} failed; retrying in 60 s")
+        time.sleep(60)
+        try:
+            power.power(action)
+        except BaseException:
+            console("machined: " + traceback.format_exc())

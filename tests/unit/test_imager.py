@@ -1,0 +1,218 @@
+"""The imager's pure parts: stage ids and the cache, ELF and module reading, the cpio
+writer, the lock checks, executable detection and the guest init's parsing."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import stat
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from basalt.imager import cpio, elf, init, kmod
+from basalt.imager import lock as lockfile
+from basalt.imager.errors import ImageBuildError, ImageLockError
+from basalt.imager.pipeline import executables
+from basalt.imager.stage import Cache, Stage
+
+
+@dataclass(frozen=True)
+class Leaf(Stage):
+    name = "leaf"
+    text: str
+    runs: list[str]  # not hashable by design: the test counts runs through it
+
+    def canonical_form(self) -> dict[str, object]:
+        return {"stage": self.name, "version": self.version, "options": {"text": self.text}}
+
+    def run(self, out: Path, cache: Cache) -> None:
+        self.runs.append(self.text)
+        (out / "text").write_text(self.text)
+
+
+@dataclass(frozen=True)
+class Upper(Stage):
+    name = "upper"
+    leaf: Leaf
+
+    def run(self, out: Path, cache: Cache) -> None:
+        text = (cache.output(self.leaf) / "text").read_text()
+        (out / "text").write_text(text.upper())
+
+
+@dataclass(frozen=True)
+class Broken(Stage):
+    name = "broken"
+
+    def run(self, out: Path, cache: Cache) -> None:
+        (out / "half").write_text("x")
+        raise RuntimeError("boom")
+
+
+def test_stage_id_follows_options_and_inputs() -> None:
+    runs: list[str] = []
+    assert Leaf("a", runs).stage_id() == Leaf("a", []).stage_id()
+    assert Leaf("a", runs).stage_id() != Leaf("b", runs).stage_id()
+    assert Upper(Leaf("a", runs)).stage_id() != Upper(Leaf("b", runs)).stage_id()
+    assert Upper(Leaf("a", runs)).inputs() == [Leaf("a", runs)]
+
+
+def test_cache_reuses_complete_outputs_and_drops_failed_ones(tmp_path: Path) -> None:
+    runs: list[str] = []
+    cache = Cache(tmp_path)
+    out = cache.output(Upper(Leaf("hi", runs)))
+    assert (out / "text").read_text() == "HI"
+    assert (out / "stage.json").exists()
+    assert Cache(tmp_path).output(Upper(Leaf("hi", runs))) == out
+    assert runs == ["hi"]
+    with pytest.raises(RuntimeError):
+        cache.output(Broken())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("broken")] == []
+
+
+def _relocatable(sections: dict[str, bytes]) -> bytes:
+    """A minimal ELF64 relocatable object holding ``sections`` (like a ``.ko``)."""
+    names = b"\0" + b"".join(name.encode() + b"\0" for name in [*sections, ".shstrtab"])
+    blobs = [*sections.values(), names]
+    offset, body, headers = 64, b"", [b"\0" * 64]
+    name_at = 1
+    for name, blob in zip([*sections, ".shstrtab"], blobs, strict=True):
+        headers.append(
+            struct.pack("<IIQQQQIIQQ", name_at, 1, 0, 0, offset + len(body), len(blob), 0, 0, 1, 0)
+        )
+        name_at += len(name) + 1
+        body += blob
+    shoff = offset + len(body)
+    ident = b"\x7fELF\x02\x01\x01" + b"\0" * 9
+    header = ident + struct.pack(
+        "<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(headers), len(headers) - 1
+    )
+    return header + body + b"".join(headers)
+
+
+def test_module_info_reads_modinfo(tmp_path: Path) -> None:
+    ko = tmp_path / "virtio_net.ko"
+    ko.write_bytes(
+        _relocatable(
+            {".text": b"\x90" * 8, ".modinfo": b"name=virtio_net\0depends=virtio,net_failover\0"}
+        )
+    )
+    assert elf.module_info(ko) == {"name": "virtio_net", "depends": "virtio,net_failover"}
+
+
+def test_read_elf_of_this_interpreter() -> None:
+    info = elf.read_elf(Path(sys.executable).resolve())
+    assert info.is_program and info.interpreter and info.interpreter.startswith("/lib")
+    with pytest.raises(elf.ElfFormatError):
+        elf._read(b"not an elf at all" * 8)
+
+
+def test_module_load_order_puts_dependencies_first() -> None:
+    deps = {
+        "virtio_net": ["virtio", "net_failover"],
+        "net_failover": ["failover"],
+        "virtio": ["virtio_ring"],
+    }
+    known = {"virtio_net", "net_failover", "failover", "virtio", "virtio_ring", "virtio_blk"}
+    order = kmod.load_order(["virtio-net", "virtio_blk"], lambda n: deps.get(n, []), known)
+    assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_net")
+    assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
+    assert len(order) == len(set(order)) == 6
+    with pytest.raises(ImageBuildError, match="not in the kernel"):
+        kmod.load_order(["nope"], lambda n: [], known)
+    with pytest.raises(ImageBuildError, match="cycle"):
+        kmod.load_order(["a"], lambda n: ["b"] if n == "a" else ["a"], {"a", "b"})
+
+
+def _read_newc(data: bytes) -> list[tuple[str, int, bytes]]:
+    entries, at = [], 0
+    while True:
+        fields = [int(data[at + 6 + 8 * i : at + 14 + 8 * i], 16) for i in range(13)]
+        name_size, size, mode = fields[11], fields[6], fields[1]
+        name = data[at + 110 : at + 110 + name_size - 1].decode()
+        at = (at + 110 + name_size + 3) & ~3
+        body = data[at : at + size]
+        at = (at + size + 3) & ~3
+        if name == cpio.TRAILER:
+            return entries
+        entries.append((name, mode, body))
+
+
+def test_cpio_is_sorted_reproducible_and_carries_nodes(tmp_path: Path) -> None:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "init").write_text("#!/usr/bin/python3.11 -IS\n")
+    (tmp_path / "init").chmod(0o755)
+    (tmp_path / "bin").symlink_to("usr/bin")
+    archives = []
+    for _ in range(2):
+        stream = io.BytesIO()
+        cpio.write(tmp_path, stream, 315532800, (cpio.Node("dev/console", 0o600, 5, 1),))
+        archives.append(stream.getvalue())
+    assert archives[0] == archives[1]
+    entries = _read_newc(archives[0])
+    assert [name for name, _, _ in entries] == ["bin", "init", "usr", "usr/bin", "dev/console"]
+    modes = {name: mode for name, mode, _ in entries}
+    assert stat.S_ISLNK(modes["bin"]) and stat.S_ISCHR(modes["dev/console"])
+    assert stat.S_IMODE(modes["init"]) == 0o755
+    assert {n: b for n, _, b in entries}["bin"] == b"usr/bin"
+
+
+def test_missing_lock_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ImageLockError) as caught:
+        lockfile.read(tmp_path / "image.lock")
+    assert "basaltctl image lock" in (caught.value.hint or "")
+    (tmp_path / "bad.lock").write_text("format: 1\ndebian: []\n")
+    with pytest.raises(ImageLockError, match="not a valid image lock"):
+        lockfile.read(tmp_path / "bad.lock")
+
+
+def _lock(wheels: dict[str, str], debs: tuple[str, ...]) -> lockfile.Lock:
+    return lockfile.Lock(
+        kernel="linux-image-6.1.0-1-cloud-amd64",
+        debs=tuple(lockfile.LockedDeb(n, "1", "0" * 64, f"{n}.deb") for n in debs),
+        wheels=tuple(lockfile.LockedWheel(n, v, "0" * 64, f"{n}.whl") for n, v in wheels.items()),
+        wants=lockfile.wants_digest(wheels),
+    )
+
+
+def test_lock_check_lists_every_stale_entry() -> None:
+    pins = lockfile.wheel_pins()
+    assert "grpcio" in pins and "typer" not in pins and "rich" not in pins
+    debs = (*lockfile.DEBIAN_PACKAGES, "linux-image-6.1.0-1-cloud-amd64")
+    lockfile.check(_lock(pins, debs))  # fresh: no error
+    stale = {**pins, "grpcio": "0.0.1", "left-over": "1.0"}
+    with pytest.raises(ImageLockError) as caught:
+        lockfile.check(_lock(stale, debs[1:]))
+    text = str(caught.value)
+    assert "wheel grpcio: venv has" in text
+    assert "wheel left-over: locked but no longer needed" in text
+    assert f"debian package {debs[0]}: not locked" in text
+
+
+def test_executables_are_programs_and_scripts_with_x_bits(tmp_path: Path) -> None:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    shutil.copy(Path(sys.executable).resolve(), tmp_path / "usr/bin/python")
+    (tmp_path / "usr/bin/tool").write_text("#!/usr/bin/python\n")
+    (tmp_path / "usr/bin/tool").chmod(0o755)
+    (tmp_path / "usr/bin/module.py").write_text("#!/usr/bin/python\n")  # no x bit
+    (tmp_path / "usr/bin/data").write_bytes(b"\0\0")
+    (tmp_path / "usr/bin/data").chmod(0o755)
+    assert executables(tmp_path) == ["/usr/bin/python", "/usr/bin/tool"]
+
+
+def test_init_reads_basalt_kernel_args_over_defaults() -> None:
+    args = init.parse_kernel_args(
+        "console=ttyS0 basalt.address=10.0.2.20/24 quiet basalt.root=/dev/vdb"
+    )
+    assert args["address"] == "10.0.2.20/24" and args["root"] == "/dev/vdb"
+    assert args["gateway"] == init.DEFAULTS["gateway"]
+
+
+def test_init_ioctl_requests_have_the_kernel_layout() -> None:
+    addr = init._sockaddr_in("10.0.2.15")
+    assert len(addr) == 16 and addr[4:8] == bytes([10, 0, 2, 15])
+    assert len(init._ifreq("eth0", addr)) == 40
