@@ -245,6 +245,10 @@ def root_stage() -> None:
 
 def main() -> None:
     """Run the stage this file is in; on failure, say why and let the kernel reboot."""
+    if os.getpid() != 1:
+        # This mounts over /run, /tmp and /var and reconfigures the network: only ever as
+        # the init of a VM, never on a host that runs it by mistake.
+        raise SystemExit("basalt init: refusing to run: not PID 1")
     stage = initrd_stage if os.path.exists(INITRD_MARKER) else root_stage
     try:
         stage()
