@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from basalt.machinery.api import resource_pb2
 from basalt.machinery.client.client import Client
 from basalt.machinery.client.config import Context
+from basalt.machinery.config import Patch
 from basalt.machinery.pki import CertificateAndKey
 from basalt.provision.process import ClusterRequest, create, destroy, load_context, node_ready
 from basalt.provision.state import ClusterRecord
@@ -102,6 +103,7 @@ def start_cluster(
     controlplanes: int = 1,
     workers: int = 1,
     machined_args: tuple[str, ...] = (),
+    patches: tuple[Patch, ...] = (),
 ) -> LiveCluster:
     import yaml
 
@@ -112,6 +114,7 @@ def start_cluster(
         base_address=base,
         version_contract="0.1",
         machined_args=FAST + machined_args,
+        patches=patches,
     )
     state_dir = tmp / name
     record = run(create(request, state_dir, lambda node, stage: None))

@@ -307,6 +307,7 @@ def test_prepare_mounts_pseudo_filesystems_and_binds_etc_read_only(tmp_path: Pat
         "tmp": "tmpfs",
         "var": "tmpfs",
         "system": "tmpfs",
+        "etc/kubernetes": "tmpfs",
     }
     fstypes = {k.removeprefix(f"{root}/"): v for k, v in result["fstypes"].items()}
     for target, fstype in expected.items():

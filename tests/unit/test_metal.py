@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import platform
 import struct
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -16,7 +17,14 @@ from basalt.machined.controllers.resolvers import choose_resolvers, render_resol
 from basalt.machined.controllers.sysctls import DEFAULT_SYSCTLS, apply_sysctls, wanted_sysctls
 from basalt.machined.platform import NodePaths, Platform, PlatformMode
 from basalt.machined.platform.etc import render_hosts, write_generated
-from basalt.machined.platform.metal import MetalPlatform, default_hostname, run_as_init
+from basalt.machined.platform.metal import (
+    IMAGE_MODULES,
+    MetalPlatform,
+    default_hostname,
+    kernel_hostname,
+    load_image_modules,
+    run_as_init,
+)
 from basalt.machined.sys import mount
 from basalt.machined.sys.dhcp import Lease
 from basalt.machined.sys.kmod import KernelModuleError, ModuleIndex, load_module, parse_modinfo
@@ -239,6 +247,31 @@ def test_module_index_uses_modules_dep_when_present(tmp_path: Path) -> None:
     assert index.builtin("ext4")
 
 
+def test_image_modules_load_in_order_and_failures_do_not_stop_the_rest(tmp_path: Path) -> None:
+    assert load_image_modules(tmp_path) == ([], [])  # no list: nothing to do
+    modules = tmp_path / "lib" / "modules" / platform.release() / "kernel"
+    for name, deps in {
+        "virtio_net": "net_failover",
+        "net_failover": "failover",
+        "failover": "",
+    }.items():
+        modules.mkdir(parents=True, exist_ok=True)
+        (modules / f"{name}.ko").write_bytes(fake_module({"name": name, "depends": deps}))
+    (tmp_path / "sys" / "module").mkdir(parents=True)
+    (tmp_path / IMAGE_MODULES).parent.mkdir(parents=True)
+    (tmp_path / IMAGE_MODULES).write_text("# the image's modules\nmissing\nvirtio_net\n")
+    calls: list[str] = []
+
+    def loader(path: Path, parameters: str) -> bool:
+        calls.append(path.name)
+        return True
+
+    loaded, failed = load_image_modules(tmp_path, loader)
+    assert calls == ["failover.ko", "net_failover.ko", "virtio_net.ko"]
+    assert loaded == ["failover", "net_failover", "virtio_net"]
+    assert len(failed) == 1 and "kernel module missing not found" in failed[0]
+
+
 # -- reaper ----------------------------------------------------------------------------------
 
 
@@ -317,6 +350,22 @@ def test_default_hostname_comes_from_the_first_ethernet_link(tmp_path: Path) -> 
 def _link(index: int, name: str, mac: str, kind: str | None = None) -> Link:
     loopback = name == "lo"
     return Link(index, name, True, True, loopback, 1500, mac, kind)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "hostname"),
+    [
+        ("console=ttyS0 basalt.hostname=CP-1 quiet", "cp-1"),
+        ("basalt.hostname=a basalt.hostname=b.lab.test", "b.lab.test"),
+        ("basalt.hostname=-bad", ""),
+        ("basalt.hostname=", ""),
+        ("console=ttyS0 basalt.hostnames=x", ""),
+    ],
+)
+def test_kernel_hostname(tmp_path: Path, cmdline: str, hostname: str) -> None:
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    assert kernel_hostname(tmp_path / "cmdline") == hostname
+    assert kernel_hostname(tmp_path / "missing") == ""
 
 
 def test_default_dhcp_link_prefers_physical_ethernet() -> None:

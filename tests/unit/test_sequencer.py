@@ -285,6 +285,8 @@ def test_takeover_table() -> None:
     expected = {
         "boot": {"reboot", "shutdown", "reset"},
         "apply-config": set(),
+        "upgrade": set(),
+        "rollback": set(),
         "reboot": {"shutdown"},
         "shutdown": set(),
         "reset": set(),

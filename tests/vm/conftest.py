@@ -1,13 +1,37 @@
-"""Shared fixtures of the VM tests: the image is built once per session (stages cached)."""
+"""Shared fixtures of the VM tests: the image is built once per session (stages cached),
+and boot timings are collected, printed at the end of the run and written to
+``_out/vm-timings.json``."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 TOOLS = ("qemu-system-x86_64", "mksquashfs", "unsquashfs", "apt-get", "dpkg-deb")
+TIMINGS_FILE = Path(__file__).resolve().parents[2] / "_out" / "vm-timings.json"
+
+_timings = pytest.StashKey[dict[str, float]]()
+_timelines = pytest.StashKey[dict[str, list[tuple[float, str]]]]()
+
+
+class Timings:
+    """Boot timings of this run: seconds by name, and console timelines by boot."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.values = config.stash.setdefault(_timings, {})
+        self.timelines = config.stash.setdefault(_timelines, {})
+
+    def record(self, name: str, seconds: float) -> None:
+        self.values[name] = round(seconds, 2)
+        print(f"\n[vm timing] {name}: {seconds:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def timings(request: pytest.FixtureRequest) -> Timings:
+    return Timings(request.config)
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +44,24 @@ def image_dir() -> Path:
 
     pipeline.build()
     return pipeline.DEFAULT_OUT
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    config = terminalreporter.config
+    values = config.stash.get(_timings, {})
+    timelines = config.stash.get(_timelines, {})
+    if not values:
+        return
+    terminalreporter.section("VM boot timings (host wall clock from QEMU start)")
+    for name, seconds in values.items():
+        terminalreporter.write_line(f"{seconds:7.1f} s  {name}")
+    for boot, lines in timelines.items():
+        # The guest's clock: under TCG it runs a little off the host's.
+        terminalreporter.write_line(f"{boot}: console lines by guest kernel uptime")
+        for uptime, text in lines:
+            terminalreporter.write_line(f"  {uptime:8.2f} s  {text}")
+    TIMINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    TIMINGS_FILE.write_text(
+        json.dumps({"timings": values, "timelines": timelines}, indent=2) + "\n"
+    )
+    terminalreporter.write_line(f"written to {TIMINGS_FILE}")

@@ -1,9 +1,10 @@
-"""``basaltctl cluster``: local clusters (the ``process`` provisioner)."""
+"""``basaltctl cluster``: local clusters (the ``process`` and ``qemu`` provisioners)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,17 @@ StateDirOption = Annotated[
     Path | None,
     typer.Option("--state-dir", help="Where the cluster lives [~/.basalt/clusters/NAME]."),
 ]
+
+
+class Provisioner(StrEnum):
+    process = "process"
+    qemu = "qemu"
+
+
+class Accel(StrEnum):
+    auto = "auto"
+    kvm = "kvm"
+    tcg = "tcg"
 
 
 def _state_dir(name: str, state_dir: Path | None) -> Path:
@@ -71,6 +83,13 @@ class _ProgressView:
 def create(
     ctx: typer.Context,
     name: NameOption = "basalt",
+    provisioner: Annotated[
+        Provisioner,
+        typer.Option(
+            "--provisioner",
+            help="process: node processes; qemu: VMs booting the system image (both rootless).",
+        ),
+    ] = Provisioner.process,
     controlplanes: Annotated[int, typer.Option("--controlplanes", help="Control planes.")] = 1,
     workers: Annotated[int, typer.Option("--workers", help="Workers.")] = 1,
     state_dir: StateDirOption = None,
@@ -84,19 +103,45 @@ def create(
         list[str] | None, typer.Option("--config-patch", help="Patch every node's config.")
     ] = None,
     ready_timeout: Annotated[
-        float, typer.Option("--wait-timeout", help="Seconds to wait for nodes to be ready.")
-    ] = 120.0,
+        float | None,
+        typer.Option(
+            "--wait-timeout", help="Seconds to wait for nodes to be ready [process 120, qemu 300]."
+        ),
+    ] = None,
     skip_bootstrap: Annotated[
         bool,
         typer.Option("--skip-bootstrap", help="Do not bootstrap etcd (run 'bootstrap' yourself)."),
     ] = False,
+    memory: Annotated[
+        int | None, typer.Option("--memory", help="qemu: MiB of memory per VM [512].")
+    ] = None,
+    cpus: Annotated[int | None, typer.Option("--cpus", help="qemu: vCPUs per VM [2].")] = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image", help="qemu: a built image directory [_out/image, built if missing]."
+        ),
+    ] = None,
+    accel: Annotated[
+        Accel | None,
+        typer.Option(
+            "--accel", help="qemu: auto (KVM if a probe boots a guest, else TCG), kvm, tcg."
+        ),
+    ] = None,
 ) -> None:
-    """Create a cluster of node processes on loopback addresses, without root."""
+    """Create a local cluster without root: node processes, or QEMU VMs of the image."""
     from basalt.machinery.client.config import save_client_config
     from basalt.machinery.config import load_patch
-    from basalt.provision.process import ClusterRequest, load_context, plan_nodes
-    from basalt.provision.process import create as create_cluster
+    from basalt.machinery.errors import BasaltError
+    from basalt.provision import backend
+    from basalt.provision.common import load_context
+    from basalt.provision.process import ClusterRequest
 
+    vm_flags = {"--memory": memory, "--cpus": cpus, "--image": image, "--accel": accel}
+    given = [flag for flag, value in vm_flags.items() if value is not None]
+    if provisioner is Provisioner.process and given:
+        raise BasaltError(f"{', '.join(given)} only apply to VMs", hint="add --provisioner qemu")
+    qemu = provisioner is Provisioner.qemu
     directory = _state_dir(name, state_dir)
     request = ClusterRequest(
         name=name,
@@ -105,15 +150,33 @@ def create(
         base_address=base_address,
         version_contract=version_contract or "0.1",
         patches=tuple(load_patch(p, index=i) for i, p in enumerate(config_patch or [], 1)),
-        ready_timeout=ready_timeout,
+        ready_timeout=ready_timeout if ready_timeout is not None else (300.0 if qemu else 120.0),
         bootstrap=not skip_bootstrap,
     )
-    names = [n.name for n in plan_nodes(request, directory)]
+    module = backend(provisioner.value)
+    names = [n.name for n in module.plan_nodes(request, directory)]
     started = time.monotonic()
     import asyncio
 
-    with _ProgressView(names) as view:
-        record = asyncio.run(create_cluster(request, directory, view.update))
+    if qemu:
+        from basalt.provision.qemu import VmOptions
+        from basalt.provision.state import default_clusters_dir
+
+        vm = VmOptions(
+            memory_mib=memory or 512,
+            cpus=cpus or 2,
+            image_dir=image,
+            accel=(accel or Accel.auto).value,
+        )
+        cache = default_clusters_dir() / ".kvm-probe.json"
+        with _ProgressView(names) as view:
+            record = asyncio.run(
+                module.create(request, directory, view.update, vm, kvm_cache=cache)
+            )
+        info(f"accelerator: {record.options['accel']} ({record.options['accel_reason']})")
+    else:
+        with _ProgressView(names) as view:
+            record = asyncio.run(module.create(request, directory, view.update))
     elapsed = time.monotonic() - started
     opts = options(ctx)
     client_config = opts.load_client_config(missing_ok=True)
@@ -129,37 +192,42 @@ def create(
 
 @app.command("show")
 def show(name: NameOption = "basalt", state_dir: StateDirOption = None) -> None:
-    """Show a cluster's nodes and whether their processes run."""
-    from basalt.provision.process import _alive, _is_our_launcher
+    """Show a cluster's nodes and whether their machines (processes or VMs) run."""
+    from basalt.provision import backend
     from basalt.provision.state import ClusterRecord
 
     from ._api import table
 
     record = ClusterRecord.load(_state_dir(name, state_dir))
+    module = backend(record.provisioner)
     rows = []
     for node in record.nodes:
-        running = _is_our_launcher(node.launcher_pid, node.node_dir) and _alive(node.launcher_pid)
+        running = module.machine_running(node)
         rows.append(
             (
                 node.name,
                 node.type,
                 node.address,
+                node.guest_address or node.address,
                 node.launcher_pid,
                 "running" if running else "stopped",
             )
         )
     print(f"cluster {record.name} ({record.provisioner}), endpoint {record.endpoint}")
-    table(("NODE", "TYPE", "ADDRESS", "LAUNCHER PID", "PROCESS"), rows)
+    for key, value in record.options.items():
+        print(f"{key}: {value}")
+    table(("NODE", "TYPE", "API ADDRESS", "NODE ADDRESS", "PID", "MACHINE"), rows)
 
 
 @app.command("destroy")
 def destroy(name: NameOption = "basalt", state_dir: StateDirOption = None) -> None:
-    """Stop the cluster's processes (only those it started) and remove its state."""
+    """Stop the cluster's processes or VMs (only those it started) and remove its state."""
     import asyncio
 
-    from basalt.provision.process import destroy as destroy_cluster
+    from basalt.provision import backend
     from basalt.provision.state import ClusterRecord
 
     record = ClusterRecord.load(_state_dir(name, state_dir))
-    stopped = asyncio.run(destroy_cluster(record))
-    info(f"cluster {name!r} destroyed ({len(stopped)} node processes stopped)")
+    stopped = asyncio.run(backend(record.provisioner).destroy(record))
+    what = "VMs" if record.provisioner == "qemu" else "node processes"
+    info(f"cluster {name!r} destroyed ({len(stopped)} {what} stopped)")

@@ -51,6 +51,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "read": ("files", "read"),
     "copy": ("files", "copy"),
     "kubeconfig": ("kubernetes", "kubeconfig"),
+    "upgrade": ("upgrade", "upgrade"),
+    "rollback": ("upgrade", "rollback"),
 }
 _VALUE_OPTIONS = ("--basaltconfig", "--context")
 

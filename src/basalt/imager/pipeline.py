@@ -28,7 +28,9 @@ DEFAULT_OUT = lockfile.REPO_ROOT / "_out" / "image"
 DEFAULT_CACHE = lockfile.REPO_ROOT / "_out" / "cache"
 #: Modules that reach the root: loaded by the initramfs.
 INITRD_MODULES = ("virtio_rng", "virtio_mmio", "virtio_pci", "virtio_blk", "squashfs")
-#: Modules the node itself needs once the root is mounted: loaded by the root's init.
+#: Modules the node itself needs once the root is mounted: listed by name in the root
+#: (basalt.machined.platform.metal.IMAGE_MODULES) and loaded by machined as PID 1.
+#: AF_PACKET, which its DHCP client needs, is built into the Debian cloud kernel.
 ROOT_MODULES = ("virtio_net",)
 #: Kernel arguments for a direct-kernel boot (microvm needs the TSC ones under TCG).
 CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"

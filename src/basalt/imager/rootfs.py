@@ -17,6 +17,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from basalt.machined.platform.metal import (
+    IMAGE_MODULES,
+    IMAGE_MOUNT_DIRECTORIES,
+    IMAGE_MOUNT_FILES,
+)
+
 from . import kmod, libs
 from .elf import read_elf
 from .errors import ImageBuildError
@@ -45,11 +51,18 @@ PRUNE: tuple[str, ...] = (
     "lib-dynload/nis.cpython-311-x86_64-linux-gnu.so",
 )
 PRUNE_DYNLOAD_PREFIXES = ("_test", "_xxtest", "_ctypes_test", "xxlimited", "_xxsub")
-MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "var", "system", "sysroot")
+#: Directories the metal platform mounts over (the files it binds over, /etc/hostname
+#: and the like, are written by :func:`_etc`).
+MOUNT_POINTS = IMAGE_MOUNT_DIRECTORIES
 #: What the build checks the image's interpreter can import from the finished root.
 IMPORT_CHECK = (
     "basalt.imager.init",
     "basalt.machined.main",
+    "basalt.machined.platform.metal",
+    "basalt.machined.controllers.network",
+    "basalt.machined.sys.dhcp",
+    "basalt.machined.sys.netlink",
+    "pyroute2",
     "basalt.machined.node",
     "basalt.machined.api.server",
     "basalt.machined.system_services",
@@ -61,11 +74,16 @@ IMPORT_CHECK = (
     "ssl",
     "ctypes",
 )
+#: The root's init, which the initramfs execs: machined on the metal platform, as
+#: ``python3.11 -m basalt.machined --platform metal`` would run it, without a second
+#: interpreter start (docs/adr/0008-metal-pid1.md).
 INIT_SCRIPT = """#!/usr/bin/python3.11 -I
-# Basalt's PID 1 until machined's metal platform lands: see basalt.imager.init.
-from basalt.imager.init import main
+# Basalt's PID 1: machined on the metal platform (python3.11 -m basalt.machined --platform metal).
+import sys
 
-main()
+from basalt.machined.main import main
+
+sys.exit(main(["--platform", "metal"]))
 """
 
 
@@ -158,7 +176,7 @@ def _skeleton(root: Path) -> None:
     for top in ("bin", "sbin", "lib", "lib64"):
         (root / top).symlink_to(f"usr/{top}")
     for point in MOUNT_POINTS:
-        (root / point).mkdir()
+        (root / point).mkdir(parents=True)
 
 
 def _python(tree: Path, root: Path) -> list[str]:
@@ -207,15 +225,15 @@ def _install_wheels(wheels: Path, site: Path) -> None:
 def _modules(
     tree: Path, root: Path, release: str, wanted: tuple[str, ...], root_wanted: tuple[str, ...]
 ) -> list[str]:
-    """Copy ``wanted`` modules (with dependencies); write the root stage's load list."""
+    """Copy ``wanted`` modules (with dependencies); list ``root_wanted`` by name for the
+    metal platform, which loads them (and their dependencies) at boot."""
     modules_dir = Path("usr/lib/modules") / release
     every = kmod.resolve(tree / modules_dir, wanted)
     for _, relative in every:
         copy_file(tree / modules_dir / relative, root / modules_dir / relative)
-    order = kmod.resolve(tree / modules_dir, root_wanted)
-    listing = root / "usr/lib/basalt/modules.load"
+    listing = root / IMAGE_MODULES
     listing.parent.mkdir(parents=True, exist_ok=True)
-    listing.write_text("".join(f"/{modules_dir / rel}\n" for _, rel in order))
+    listing.write_text("".join(f"{kmod.module_name(name)}\n" for name in root_wanted))
     return [name for name, _ in every]
 
 
@@ -230,8 +248,8 @@ def _etc(root: Path, version: str) -> None:
     (etc / "group").write_text("root:x:0:\n")
     # Mount targets: on metal, machined bind-mounts the files it generates over these
     # (basalt.machined.platform.etc.GENERATED_ETC_FILES); the root itself is read-only.
-    for name in ("hostname", "hosts", "resolv.conf"):
-        (etc / name).write_text("")
+    for point in IMAGE_MOUNT_FILES:
+        (root / point).write_text("")
     (root / "usr/sbin/init").write_text(INIT_SCRIPT)
     (root / "usr/sbin/init").chmod(0o755)
 

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--hostname",
-        help="the node's name unless config sets one; metal: basalt-MAC from the first NIC",
+        help="the node's name unless config sets one; metal: the kernel argument "
+        "basalt.hostname=, else basalt-MAC from the first NIC",
     )
     parser.add_argument(
         "--cert-validity",
@@ -50,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--announce-interval", type=float, default=10.0)
     parser.add_argument("--member-ttl", type=float, default=60.0)
+    parser.add_argument(
+        "--boot-assessment-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a slot on trial (the first boots after an upgrade) has to pass its "
+        "health gates; otherwise the node reboots and, once its tries run out, falls back",
+    )
     args = parser.parse_args(argv)
     if args.platform == "container":
         names = ("node_dir", "address", "hostname")
@@ -102,6 +111,7 @@ async def run(args: argparse.Namespace) -> int:
         cert_validity=dt.timedelta(seconds=args.cert_validity),
         announce_interval=args.announce_interval,
         member_ttl=args.member_ttl,
+        boot_assessment_timeout=args.boot_assessment_timeout,
     )
     node = Node(platform, tuning)
     handler = _BufferHandler(node.agent_log)
@@ -139,6 +149,20 @@ async def run(args: argparse.Namespace) -> int:
     return code
 
 
+class _UptimeFormatter(logging.Formatter):
+    """Log lines stamped like the kernel's (seconds since boot): on a machine's console
+    they interleave with kernel messages, and boot timings read off directly."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return super().format(record)
+
+
+#: The environment of PID 1 and, through it, of the services it starts: the kernel
+#: passes init little more than HOME and TERM.
+INIT_ENVIRONMENT = {"PATH": "/usr/bin:/usr/sbin", "LANG": "C.UTF-8"}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(
@@ -149,10 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     if os.getpid() == 1:
         from .platform.metal import run_as_init
 
+        for key, value in INIT_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(
+                _UptimeFormatter("[%(uptime)12.6f] machined: %(levelname)s %(name)s: %(message)s")
+            )
+        log.info("PID 1: machined %s starting", _version())
+
         # PID 1 never exits (the kernel would panic): whatever ends the agent, even a bad
         # argument, becomes a reboot or power-off (after a console message if fatal).
         return run_as_init(lambda: asyncio.run(run(parse_args(argv))))
     return asyncio.run(run(parse_args(argv)))
+
+
+def _version() -> str:
+    import basalt
+
+    return basalt.__version__
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class Tuning:
     cert_validity: dt.timedelta = DEFAULT_VALIDITY
     announce_interval: float = 10.0
     member_ttl: float = 60.0
+    #: How long a slot on trial has to pass its health gates before it counts as failed.
+    boot_assessment_timeout: float = 120.0
 
 
 @dataclass
@@ -73,6 +75,10 @@ class Node:
         self.trust_members: dict[str, Any] = {}
         #: On control planes: etcd's lifecycle (set when services are registered).
         self.etcd: Any = None
+        from .upgrade import Upgrader
+
+        #: A/B slots, upgrades, rollbacks and the boot assessment.
+        self.upgrader = Upgrader(self)
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- identity and config -------------------------------------------------------------

@@ -70,6 +70,9 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
     _SERVICE + "EtcdAlarmList": _READ | {Role.ETCD_BACKUP},
     _SERVICE + "EtcdAlarmDisarm": _OPERATE,
     _SERVICE + "Kubeconfig": _ADMIN,
+    # Installing software and choosing which slot boots: admin only.
+    _SERVICE + "Upgrade": _ADMIN,
+    _SERVICE + "Rollback": _ADMIN,
     # Resource reads; sensitive types are further limited to admin by the servicer.
     _RESOURCES + "Get": _READ,
     _RESOURCES + "List": _READ,

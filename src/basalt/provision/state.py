@@ -21,9 +21,13 @@ class ClusterStateError(BasaltError):
 class NodeRecord:
     name: str
     type: str
+    #: Where this host reaches the node's API (a loopback address).
     address: str
     node_dir: str
+    #: The node's "machine": its launcher (``process``) or its QEMU (``qemu``).
     launcher_pid: int = 0
+    #: The node's own address when it differs from ``address`` (a VM behind NAT).
+    guest_address: str = ""
 
 
 @dataclass
@@ -33,6 +37,8 @@ class ClusterRecord:
     state_dir: str
     endpoint: str
     nodes: list[NodeRecord] = field(default_factory=list)
+    #: Provisioner-specific facts worth showing (qemu: accelerator, image, memory ...).
+    options: dict[str, object] = field(default_factory=dict)
 
     def save(self) -> None:
         path = Path(self.state_dir) / STATE_FILE

@@ -31,6 +31,11 @@ _CODES: dict[str, grpc.StatusCode] = {
     "UnavailableError": grpc.StatusCode.UNAVAILABLE,
     "OutputExistsError": grpc.StatusCode.ALREADY_EXISTS,
     "AlreadyExistsError": grpc.StatusCode.ALREADY_EXISTS,
+    # Upgrades: a refused bundle is a bad argument; a refused upgrade a state problem.
+    "ImageVerificationError": grpc.StatusCode.INVALID_ARGUMENT,
+    "BundleUploadError": grpc.StatusCode.INVALID_ARGUMENT,
+    "UpgradeRefusedError": grpc.StatusCode.FAILED_PRECONDITION,
+    "SlotWriteError": grpc.StatusCode.ABORTED,
 }
 
 

@@ -17,6 +17,7 @@ from basalt.machinery.roles import CLIENT_ROLES, Role
 from .auth import Principal, answer_metadata, current_principal
 from .errors import AccessDeniedError, InvalidRequestError, NotFoundError
 from .etcd import EtcdMethods
+from .upgrade import UpgradeMethods
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -26,7 +27,7 @@ CHUNK = 64 * 1024
 AGENT_LOG = "machined"
 
 
-class MachineServicer(EtcdMethods, machine_pb2_grpc.MachineServiceServicer):
+class MachineServicer(EtcdMethods, UpgradeMethods, machine_pb2_grpc.MachineServiceServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 

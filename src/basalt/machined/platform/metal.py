@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform as _platform
 import signal
 import sys
 import time
@@ -30,26 +31,37 @@ from typing import NoReturn
 
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
-from ..sys import mount, power
+from ..sys import kmod, mount, power
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode
 from .etc import GENERATED_ETC_FILES, render_hosts, write_generated
 
-__all__ = ["IMAGE_MOUNT_POINTS", "RUNTIME_FILESYSTEMS", "MetalPlatform", "console", "run_as_init"]
+__all__ = [
+    "IMAGE_MODULES",
+    "IMAGE_MOUNT_DIRECTORIES",
+    "IMAGE_MOUNT_FILES",
+    "IMAGE_MOUNT_POINTS",
+    "RUNTIME_FILESYSTEMS",
+    "MetalPlatform",
+    "console",
+    "kernel_hostname",
+    "load_image_modules",
+    "run_as_init",
+]
 
 log = logging.getLogger(__name__)
 
-#: What the read-only image must contain for the agent to mount over it.
-IMAGE_MOUNT_POINTS = (
-    "proc",
-    "sys",
-    "dev",
-    "run",
-    "tmp",
-    "var",
-    "system",
-    *(f"etc/{name}" for name in GENERATED_ETC_FILES),
-)
+#: Directories the read-only image must contain for the agent to mount over them.
+IMAGE_MOUNT_DIRECTORIES = ("proc", "sys", "dev", "run", "tmp", "var", "system", "etc/kubernetes")
+#: Files the image must contain for the agent to bind its generated ones over them.
+IMAGE_MOUNT_FILES = tuple(f"etc/{name}" for name in GENERATED_ETC_FILES)
+#: Everything the image must contain for the agent to mount over it.
+IMAGE_MOUNT_POINTS = IMAGE_MOUNT_DIRECTORIES + IMAGE_MOUNT_FILES
+
+#: The kernel modules the machine needs once the root is mounted (virtio-net: the
+#: initramfs loads only what reaches the root), one name a line; the imager writes it
+#: and PID 1 loads them with their dependencies before the network controller starts.
+IMAGE_MODULES = "usr/lib/basalt/modules.load"
 
 #: The host name of a node whose command line and config give none, without a NIC.
 FALLBACK_HOSTNAME = "basalt"
@@ -59,12 +71,34 @@ FATAL_DELAY = 10.0
 
 
 #: Writable places on the read-only root. Until install mounts the STATE and EPHEMERAL
-#: partitions on /system/state and /var, the node runs from memory.
+#: partitions on /system/state and /var, the node runs from memory. /etc/kubernetes
+#: (static pod manifests, the kubelet config) is rendered from the config at every boot.
 RUNTIME_FILESYSTEMS = (
     mount.MountPoint("tmpfs", "/tmp", "tmpfs", "nosuid,nodev,mode=1777"),
     mount.MountPoint("tmpfs", "/var", "tmpfs", "nosuid,nodev,mode=0755"),
     mount.MountPoint("tmpfs", "/system", "tmpfs", "nosuid,nodev,mode=0755"),
+    mount.MountPoint("tmpfs", "/etc/kubernetes", "tmpfs", "nosuid,nodev,noexec,mode=0755"),
 )
+
+
+def kernel_hostname(cmdline: Path) -> str:
+    """``basalt.hostname=NAME`` from the kernel command line, '' when absent or not a
+    valid host name. It names a node before any config does (a provisioner that boots
+    many VMs from one image passes it); a HostnameConfig still wins."""
+    try:
+        words = cmdline.read_text().split()
+    except OSError:
+        return ""
+    for word in reversed(words):  # the last one wins, as for the kernel's own arguments
+        key, sep, value = word.partition("=")
+        if key == "basalt.hostname" and sep:
+            from basalt.machinery.config._types import is_hostname
+
+            if is_hostname(value.lower()):
+                return value.lower()
+            log.warning("ignoring kernel argument basalt.hostname=%s: not a host name", value)
+            return ""
+    return ""
 
 
 def default_hostname(sys_class_net: Path) -> str:
@@ -117,12 +151,15 @@ class MetalPlatform(Platform):
             mounted += mount.mount_all(RUNTIME_FILESYSTEMS, root)
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
+            self._load_image_modules()
             try:
                 power.set_ctrl_alt_del(False)  # Ctrl-Alt-Del becomes SIGINT: a clean reboot
             except power.PowerError as exc:
                 log.info("Ctrl-Alt-Del stays as it is: %s", exc)
         if not self.hostname:
-            self.hostname = default_hostname(root / "sys" / "class" / "net")
+            self.hostname = kernel_hostname(root / "proc" / "cmdline") or default_hostname(
+                root / "sys" / "class" / "net"
+            )
         hostname, _, domain = self.hostname.partition(".")
         initial = {
             "hostname": f"{hostname}\n",
@@ -135,6 +172,13 @@ class MetalPlatform(Platform):
                 write_generated(self.generated_etc, name, initial[name])
             if self.init:
                 self._bind_etc(name)
+
+    def _load_image_modules(self) -> None:
+        loaded, failed = load_image_modules(self.system_root)
+        if loaded:
+            log.info("loaded kernel modules: %s", ", ".join(loaded))
+        for reason in failed:
+            log.error("%s", reason)
 
     def _bind_etc(self, name: str) -> None:
         target = self.system_root / "etc" / name
@@ -162,6 +206,32 @@ class MetalPlatform(Platform):
         # As for any init: SIGTERM asks for a power-off, SIGINT (what the kernel sends
         # PID 1 for Ctrl-Alt-Del once it is told to) for a reboot.
         return {signal.SIGTERM: "shutdown", signal.SIGINT: "reboot"}
+
+
+def load_image_modules(
+    root: Path, loader: kmod.Loader = kmod.finit_module
+) -> tuple[list[str], list[str]]:
+    """Load the modules :data:`IMAGE_MODULES` names below ``root``, dependencies first.
+
+    Returns (modules loaded now, one reason per module that failed): a failure does not
+    stop the boot (the node may then lack a NIC, which its console and API will show).
+    """
+    try:
+        listing = (root / IMAGE_MODULES).read_text()
+    except FileNotFoundError:
+        return [], []
+    names = [n.strip() for n in listing.splitlines() if n.strip() and not n.startswith("#")]
+    index = kmod.ModuleIndex(
+        root / "lib" / "modules" / _platform.release(), sysfs=root / "sys" / "module"
+    )
+    loaded: list[str] = []
+    failed: list[str] = []
+    for name in names:
+        try:
+            loaded += kmod.load_module(name, index=index, loader=loader)
+        except kmod.KernelModuleError as exc:
+            failed.append(str(exc))
+    return loaded, failed
 
 
 def console(message: str) -> None:

@@ -27,10 +27,13 @@ Condition = Callable[[N, Any], bool]
 #: running sequence -> sequences that may cancel it and run instead.
 #: Boot can wait a long time (maintenance mode, a control plane to sign a certificate);
 #: reboot, shutdown and reset take it over. Nothing takes over reboot, shutdown or reset
-#: except shutdown taking over reboot (a power-off beats a restart).
+#: except shutdown taking over reboot (a power-off beats a restart). An upgrade or a
+#: rollback is short and changes which slot boots: nothing takes it over.
 TAKEOVER: dict[str, frozenset[str]] = {
     "boot": frozenset({"reboot", "shutdown", "reset"}),
     "apply-config": frozenset(),
+    "upgrade": frozenset(),
+    "rollback": frozenset(),
     "reboot": frozenset({"shutdown"}),
     "shutdown": frozenset(),
     "reset": frozenset(),

@@ -45,6 +45,11 @@ async def start_controllers(node: Node, request: Any) -> None:
     start_engine(node)
 
 
+async def assess_slot(node: Node, request: Any) -> None:
+    """Which A/B slot booted (BootStatus); a slot on trial starts its health gates now."""
+    await node.upgrader.on_boot()
+
+
 async def load_config(node: Node, request: Any) -> None:
     """Load the committed config (after promoting a staged one); none -> maintenance."""
     if node.configs.promote_staged():
@@ -64,6 +69,18 @@ def no_config(node: Node, request: Any) -> bool:
     return node.config is None
 
 
+def upgrade_staged(node: Node, request: Any) -> bool:
+    slots = node.upgrader.slots
+    return node.config is not None and slots is not None and slots.staged() is not None
+
+
+async def install_staged(node: Node, request: Any) -> None:
+    """``upgrade --stage``: install the staged bundle before anything starts, then reboot."""
+    if await node.upgrader.install_staged():
+        node.finish("reboot")
+        await asyncio.Future()  # the node restarts; nothing else of this boot runs
+
+
 async def maintenance(node: Node, request: Any) -> None:
     """Serve the maintenance API until a config is applied."""
     from ..api.server import ApiServer
@@ -76,6 +93,31 @@ async def maintenance(node: Node, request: Any) -> None:
     finally:
         await server.stop(grace=1.0)
     node.set_stage("booting")
+
+
+def installs_to_disk(node: Node, request: Any) -> bool:
+    return node.platform.mode.requires_install
+
+
+#: What a metal node says at boot until install-to-disk exists.
+INSTALL_NOT_IMPLEMENTED = "install to disk is not implemented yet; running from RAM"
+
+
+async def install(node: Node, request: Any) -> None:
+    """metal: install to ``install.disk`` (validated as present for metal configs).
+
+    Not implemented yet: the disk is left untouched, the node keeps running from RAM
+    with its config on the in-memory STATE, and says so. A reboot loses the config.
+    """
+    machine = node.machine
+    disk = (machine.install.disk if machine is not None else None) or ""
+    node.events.publish(
+        "install",
+        f"{INSTALL_NOT_IMPLEMENTED} ({disk or 'no install.disk'} left untouched)",
+        actor="boot",
+        disk=disk,
+    )
+    log.warning("%s; %s left untouched", INSTALL_NOT_IMPLEMENTED, disk or "no install.disk")
 
 
 def address_unknown(node: Node, request: Any) -> bool:
@@ -111,8 +153,11 @@ boot: Sequence[Node] = (
     sequence("boot")
     .then("platform", prepare_platform)
     .then("prepare", prepare_paths, start_controllers)
+    .then("slot", assess_slot)
     .then("config", load_config)
+    .then("staged upgrade", install_staged, when=upgrade_staged)
     .then("maintenance", maintenance, when=no_config)
+    .then("install", install, when=installs_to_disk)
     .then("address", wait_for_address, when=address_unknown)
     .then("identity", establish_identity)
     .then("services", start_services)
@@ -130,6 +175,70 @@ async def apply_config(node: Node, request: Any) -> None:
 
 
 apply_config_sequence: Sequence[Node] = sequence("apply-config").then("apply", apply_config)
+
+
+# -- upgrade, rollback ---------------------------------------------------------------------------
+# Each ends with the slot written (or the bundle staged); the RPC then starts ``reboot``.
+
+
+async def verify_upload(node: Node, job: Any) -> None:
+    job.verified = await node.upgrader.verify(job.upload)
+    verified = job.verified
+    job.steps.append(
+        f"verified bundle {verified.version} ({verified.architecture}), "
+        f"signed by {verified.key.label}"
+    )
+
+
+async def check_quorum(node: Node, job: Any) -> None:
+    note = await node.upgrader.check_quorum(job.options.force)
+    if note:
+        job.steps.append(note)
+
+
+async def cordon_drain(node: Node, job: Any) -> None:
+    job.steps.append(node.upgrader.check_drain(job.options.no_drain))
+
+
+def staging(node: Node, job: Any) -> bool:
+    return bool(job.options.stage)
+
+
+def installing(node: Node, job: Any) -> bool:
+    return not job.options.stage
+
+
+async def stage_bundle(node: Node, job: Any) -> None:
+    await node.upgrader.stage(job)
+    job.message = f"staged {job.verified.version}: it is installed early in the next boot"
+    job.steps.append(job.message)
+
+
+async def install_image(node: Node, job: Any) -> None:
+    previous = node.stage
+    node.set_stage("upgrading")
+    try:
+        job.slot, job.message = await node.upgrader.install(job.verified)
+    except BaseException:
+        node.set_stage(previous)
+        raise
+    job.steps.append(job.message)
+
+
+async def roll_back(node: Node, job: Any) -> None:
+    job.message = await node.upgrader.rollback()
+
+
+upgrade: Sequence[Node] = (
+    sequence("upgrade")
+    .then("verify", verify_upload)
+    .then("quorum", check_quorum)
+    .then("drain", cordon_drain)
+    .then("stage", stage_bundle, when=staging)
+    .then("install", install_image, when=installing)
+)
+
+rollback: Sequence[Node] = sequence("rollback").then("rollback", roll_back)
 
 
 # -- reboot, shutdown, reset ---------------------------------------------------------------------

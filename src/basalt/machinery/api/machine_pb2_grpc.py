@@ -195,6 +195,16 @@ class MachineServiceStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.KubeconfigResponse.FromString,
                 _registered_method=True)
+        self.Upgrade = channel.stream_unary(
+                '/basalt.api.v1alpha1.MachineService/Upgrade',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/Rollback',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
 
 
 class MachineServiceServicer:
@@ -394,6 +404,19 @@ class MachineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upgrade(self, request_iterator, context):
+        """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MachineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -556,6 +579,16 @@ def add_MachineServiceServicer_to_server(servicer, server):
                     servicer.Kubeconfig,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.KubeconfigResponse.SerializeToString,
+            ),
+            'Upgrade': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upgrade,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1422,6 +1455,60 @@ class MachineService:
             '/basalt.api.v1alpha1.MachineService/Kubeconfig',
             basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
             basalt_dot_machinery_dot_api_dot_machine__pb2.KubeconfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upgrade(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/basalt.api.v1alpha1.MachineService/Upgrade',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/Rollback',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,9 @@ class MachineServiceStub:
     EtcdAlarmDisarm: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]
     Kubeconfig: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.KubeconfigResponse]
     """Kubernetes."""
+    Upgrade: _grpc.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]
+    """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
+    Rollback: _grpc.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]
 
 @_typing.type_check_only
 class MachineServiceAsyncStub(MachineServiceStub):
@@ -104,6 +107,9 @@ class MachineServiceAsyncStub(MachineServiceStub):
     EtcdAlarmDisarm: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.ActionResponse]  # type: ignore[assignment]
     Kubeconfig: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.KubeconfigResponse]  # type: ignore[assignment]
     """Kubernetes."""
+    Upgrade: _aio.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]  # type: ignore[assignment]
+    """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
+    Rollback: _aio.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
 
 class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -331,5 +337,20 @@ class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_machine_pb2.KubeconfigResponse, _abc.Awaitable[_machine_pb2.KubeconfigResponse]]:
         """Kubernetes."""
+
+    @_abc_1.abstractmethod
+    def Upgrade(
+        self,
+        request_iterator: _MaybeAsyncIterator[_machine_pb2.UpgradeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.UpgradeResponse, _abc.Awaitable[_machine_pb2.UpgradeResponse]]:
+        """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
+
+    @_abc_1.abstractmethod
+    def Rollback(
+        self,
+        request: _machine_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
 
 def add_MachineServiceServicer_to_server(servicer: MachineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

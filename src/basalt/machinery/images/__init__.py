@@ -7,7 +7,15 @@ over the exact manifest bytes, with the signer's key id) and the payload files.
 See ``docs/adr/0007-upgrade-bundles-and-boot-assessment.md``.
 """
 
-from .create import INITRAMFS, KERNEL, ROOTFS, create_bundle
+from .create import (
+    BASALT_TREE,
+    INITRAMFS,
+    KERNEL,
+    PLATFORM_PAYLOAD,
+    ROOTFS,
+    create_bundle,
+    required_payload,
+)
 from .errors import (
     BundleInputError,
     ImageArchitectureError,
@@ -43,10 +51,12 @@ from .verify import VerifiedBundle, verify_bundle
 
 __all__ = [
     "ARCHITECTURES",
+    "BASALT_TREE",
     "FORMAT_VERSION",
     "INITRAMFS",
     "KERNEL",
     "MANIFEST_NAME",
+    "PLATFORM_PAYLOAD",
     "ROOTFS",
     "SIGNATURE_NAME",
     "BundleInputError",
@@ -70,6 +80,7 @@ __all__ = [
     "load_signing_key",
     "parse_manifest",
     "parse_signature",
+    "required_payload",
     "sign",
     "trusted_keys_from_config",
     "verification_key",

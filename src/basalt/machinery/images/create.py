@@ -46,12 +46,42 @@ from .signature import sign
 KERNEL = "kernel"
 INITRAMFS = "initramfs"
 ROOTFS = "rootfs.squashfs"
+#: A tar of the ``basalt`` Python package: what a container-mode slot runs.
+BASALT_TREE = "basalt.tar"
+
+#: The payload a bundle needs to be installable on each platform mode: metal boots a
+#: kernel, an initramfs and a root filesystem; a container-mode node runs the Basalt
+#: source tree (the launcher puts it first on PYTHONPATH).
+PLATFORM_PAYLOAD: dict[str, tuple[str, ...]] = {
+    "metal": (KERNEL, INITRAMFS, ROOTFS),
+    "container": (BASALT_TREE,),
+}
+
+
+def required_payload(platform: str) -> tuple[str, ...]:
+    """The payload names a bundle for ``platform`` (``metal`` or ``container``) must hold."""
+    try:
+        return PLATFORM_PAYLOAD[platform]
+    except KeyError:
+        known = ", ".join(PLATFORM_PAYLOAD)
+        raise BundleInputError(
+            f"unknown platform {platform!r}", hint=f"choose one of {known}"
+        ) from None
+
 
 _MAX_SIZE = 1 << 62
 
 
-def _check_inputs(files: Mapping[str, Path], version: str, schematic_id: str, arch: str) -> None:
+def _check_inputs(
+    files: Mapping[str, Path], version: str, schematic_id: str, arch: str, platform: str | None
+) -> None:
     problems = [check_version(version)]
+    if platform is not None:
+        problems.extend(
+            f"a {platform} bundle needs the payload {name!r}"
+            for name in required_payload(platform)
+            if name not in files
+        )
     if not SCHEMATIC_RE.fullmatch(schematic_id):
         problems.append(
             f"schematic id {schematic_id!r} must be lowercase letters, digits, '.', '_', '-'"
@@ -193,16 +223,18 @@ def create_bundle(
     created: dt.datetime | None = None,
     tar: bool | None = None,
     overwrite: bool = False,
+    platform: str | None = None,
 ) -> Manifest:
     """Write a signed bundle of ``files`` (payload name -> path) to ``out``; return its manifest.
 
     ``out`` is a tar file when ``tar`` is true (default: when it ends in ``.tar``), else
     a directory. ``created`` defaults to ``SOURCE_DATE_EPOCH`` when set, else now.
+    ``platform`` (``metal``, ``container``) checks that its required payload is given.
     Raises :class:`BundleInputError` (nothing written) for a bad input.
     """
     target = Path(out)
     paths = {name: Path(path) for name, path in files.items()}
-    _check_inputs(paths, version, schematic_id, arch)
+    _check_inputs(paths, version, schematic_id, arch, platform)
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise BundleInputError(f"{target} already exists", hint="pass --force to replace it")
     try:

@@ -7,7 +7,8 @@ The checks run in a fixed order and each failure has its own error class:
 3. its key id names a trusted key                           -> UnknownSigningKeyError
 4. the Ed25519 signature over the manifest bytes is valid   -> ImageSignatureError
 5. the manifest's architecture is the expected one          -> ImageArchitectureError
-6. every listed file present, of the signed size and sha256,
+6. the payload the caller requires is listed (``required``),
+   every listed file present, of the signed size and sha256,
    and nothing else in the bundle                           -> ImagePayloadError
 
 A tar file that holds something unsafe (absolute path, ``..``, link, device, a name
@@ -95,10 +96,18 @@ def check_architecture(arch: str) -> str:
 class _Checks:
     """The checks, each raising its own error; shared by the directory and tar readers."""
 
-    def __init__(self, source: Path, keys: TrustedKeys, arch: str) -> None:
-        self.label = str(source)
+    def __init__(
+        self,
+        source: Path,
+        keys: TrustedKeys,
+        arch: str,
+        required: Iterable[str] = (),
+        label: str | None = None,
+    ) -> None:
+        self.label = label or str(source)
         self.keys = dict(keys) if isinstance(keys, Mapping) else {k.key_id: k for k in keys}
         self.arch = check_architecture(arch)
+        self.required = tuple(required)
 
     # 1-5: the manifest and its signature ---------------------------------------------------
     def manifest_problem(self, problem: str) -> ImageManifestError:
@@ -153,6 +162,17 @@ class _Checks:
         return key
 
     # 6: the payload --------------------------------------------------------------------------
+    def require(self, manifest: Manifest) -> None:
+        """The (trusted) manifest lists every payload file the caller needs."""
+        for name in self.required:
+            if manifest.file(name) is None:
+                raise self.payload(
+                    name,
+                    "is required here but the signed manifest does not list it",
+                    "use a bundle built for this platform (container nodes run basalt.tar; "
+                    "metal nodes boot kernel, initramfs and rootfs.squashfs)",
+                )
+
     def payload(self, path: str, problem: str, hint: str = _REFETCH) -> ImagePayloadError:
         return ImagePayloadError(self.label, path, problem, hint=hint)
 
@@ -183,14 +203,21 @@ class _Checks:
 
 
 def verify_bundle(
-    source: str | os.PathLike[str], trusted_keys: TrustedKeys, expected_arch: str
+    source: str | os.PathLike[str],
+    trusted_keys: TrustedKeys,
+    expected_arch: str,
+    *,
+    required: Iterable[str] = (),
+    label: str | None = None,
 ) -> VerifiedBundle:
     """Check a bundle completely (see the module docstring for the order); write nothing.
 
+    ``required`` names payload files that must be listed (e.g. ``required_payload("container")``);
+    ``label`` names the bundle in messages instead of its path (an upload's temp file).
     Raises an :class:`ImageVerificationError` subclass naming the failed check.
     """
     path = Path(source)
-    checks = _Checks(path, trusted_keys, expected_arch)
+    checks = _Checks(path, trusted_keys, expected_arch, required, label)
     if path.is_dir():
         return _verify_directory(path, checks)
     if path.is_file():
@@ -222,6 +249,7 @@ def _verify_directory(directory: Path, checks: _Checks) -> VerifiedBundle:
     assert manifest_bytes is not None
     signature_bytes = _read_header_file(directory, SIGNATURE_NAME, MAX_SIGNATURE_BYTES, checks)
     key = checks.authenticate(manifest, manifest_bytes, signature_bytes)
+    checks.require(manifest)
 
     listed = {f.path for f in manifest.files}
     extra = sorted(set(os.listdir(directory)) - listed - {MANIFEST_NAME, SIGNATURE_NAME})
@@ -384,6 +412,7 @@ def _verify_tar_stream(path: Path, reader: _TarReader, checks: _Checks) -> Verif
             ) from None
         second = None
     key = checks.authenticate(manifest, manifest_bytes, signature_bytes)
+    checks.require(manifest)
 
     pending = {f.path: f for f in manifest.files}
     member = second if second is not None else reader.next()

@@ -11,6 +11,7 @@ from .definitions import (
     resolve_type,
 )
 from .specs import (
+    BootStatusSpec,
     EtcdMemberSpec,
     EtcdStatusSpec,
     HostnameSpec,
@@ -28,6 +29,7 @@ from .specs import (
 
 __all__ = [
     "DEFINITIONS",
+    "BootStatusSpec",
     "EtcdMemberSpec",
     "EtcdStatusSpec",
     "HostnameSpec",

@@ -133,6 +133,21 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         ),
     ),
     ResourceDefinition(
+        "BootStatuses",
+        "runtime",
+        specs.BootStatusSpec,
+        ("bootstatus", "bootstatuses", "boot"),
+        "The A/B slot the node runs, on trial or good, and the last fallback and why.",
+        (
+            ("SLOT", "slot"),
+            ("BASALT", "version"),
+            ("ON TRIAL", "onTrial"),
+            ("PREVIOUS", "previousVersion"),
+            ("FELL BACK FROM", "fellBackFrom"),
+            ("REASON", "reason"),
+        ),
+    ),
+    ResourceDefinition(
         "Versions",
         "runtime",
         specs.VersionSpec,

@@ -76,6 +76,24 @@ class VersionSpec(Model):
     arch: str
 
 
+class BootStatusSpec(Model):
+    """Which A/B slot the node runs, the one it would roll back to, and whether it fell back.
+
+    ``on_trial``: the running slot has not passed its health gates yet. ``fell_back_from``
+    names the slot whose upgrade failed (its boot tries ran out) and ``reason`` why.
+    """
+
+    slot: str
+    version: str
+    on_trial: bool
+    tries_left: int | None = None
+    previous_slot: str = ""
+    previous_version: str = ""
+    fell_back_from: str = ""
+    reason: str = ""
+    summary: str = ""
+
+
 class MachineConfigSpec(Model):
     """The machine config the node runs (sensitive: admin only)."""
 

@@ -1,0 +1,229 @@
+"""``basaltctl upgrade`` and ``basaltctl rollback``: A/B slot upgrades of a node.
+
+The bundle is streamed to the node itself (uploads are never forwarded: the node is
+dialled directly), verified there against the node's trusted keys before anything is
+written, and installed into the inactive slot; the node then reboots into it on trial.
+``--wait`` follows it until its health gates pass, or until it falls back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ._api import EndpointsOption, NodeFailures, NodesOption, run, split
+from ._common import info, options
+
+if TYPE_CHECKING:
+    from basalt.machinery.api import machine_pb2
+    from basalt.machinery.client.client import Client
+
+#: Size of the chunks of a bundle upload.
+UPLOAD_CHUNK = 256 * 1024
+POLL = 1.0
+
+
+def _target(ctx: typer.Context, nodes: list[str], endpoints: list[str]) -> str:
+    """The one node to upgrade: from -n, else the context's nodes, else its endpoint."""
+    from basalt.machinery.errors import BasaltError
+
+    targets = nodes
+    if not targets:
+        opts = options(ctx)
+        _, context = opts.load_client_config().current(opts.context)
+        targets = list(context.nodes) or (endpoints or list(context.endpoints))[:1]
+    if len(targets) != 1:
+        raise BasaltError(
+            f"upgrade works on one node at a time; {len(targets)} are targeted "
+            f"({', '.join(targets) or 'none'})",
+            hint="name it with -n NODE; upgrade control planes one after the other with --wait",
+        )
+    return targets[0]
+
+
+def _bundle_size(image: Path) -> int:
+    from basalt.machinery.errors import BasaltError
+
+    if not image.is_file():
+        what = "does not exist" if not image.exists() else "is not a file"
+        raise BasaltError(
+            f"bundle {image} {what}",
+            hint="give the .tar bundle made by 'basaltctl bundle create' or bundle_from_tree",
+        )
+    return image.stat().st_size
+
+
+class _Progress:
+    """A progress bar on a terminal (rich), one line otherwise."""
+
+    def __init__(self, node: str, image: Path, size: int) -> None:
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn(f"{node}: uploading {image.name}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.task = self.bar.add_task("upload", total=size)
+            self.bar.start()
+        else:
+            info(f"{node}: uploading {image} ({size} bytes)")
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+async def _requests(
+    image: Path, opts: machine_pb2.UpgradeOptions, advance: Callable[[int], None]
+) -> AsyncIterator[machine_pb2.UpgradeRequest]:
+    from basalt.machinery.api import machine_pb2
+
+    yield machine_pb2.UpgradeRequest(options=opts)
+    with image.open("rb") as handle:
+        while chunk := handle.read(UPLOAD_CHUNK):
+            yield machine_pb2.UpgradeRequest(data=chunk)
+            advance(len(chunk))
+
+
+async def _boot_status(client: Client) -> dict[str, Any] | None:
+    import json
+
+    from basalt.machinery.api import resource_pb2
+
+    answer = await client.resources.Get(
+        resource_pb2.ResourceGetRequest(type="BootStatuses", id="boot"),
+        metadata=client.metadata([]),
+        timeout=5,
+    )
+    for item in answer.messages:
+        if item.metadata.error:
+            return None
+        spec: dict[str, Any] = json.loads(item.resource.spec_json)
+        return spec
+    return None
+
+
+async def _wait_for_slot(
+    client: Client, failures: NodeFailures, node: str, slot: str, version: str, timeout: float
+) -> None:
+    """Follow the node through its reboot until the new slot is good, or it fell back."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        await asyncio.sleep(POLL)
+        try:
+            status = await _boot_status(client)
+        except Exception:  # rebooting: not answering yet
+            continue
+        if status is None:
+            continue
+        if status.get("fellBackFrom") == slot:
+            _failed(failures, node, f"upgrade to {version} failed: {status.get('summary')}")
+            return
+        if status.get("slot") == slot:
+            if not status.get("onTrial"):
+                print(f"{node}: {status.get('summary')}; health gates passed")
+                return
+            if seen != "trial":
+                seen = "trial"
+                info(f"{node}: booted slot {slot} ({version}) on trial; waiting for its gates")
+    _failed(failures, node, f"no verdict on slot {slot} ({version}) within {timeout:g}s")
+
+
+def _failed(failures: NodeFailures, node: str, message: str) -> None:
+    print(f"error: {node}: {message}", file=sys.stderr)
+    failures.count += 1
+
+
+def upgrade(
+    ctx: typer.Context,
+    image: Annotated[
+        Path, typer.Option("--image", help="Signed bundle (.tar) to install on the node.")
+    ],
+    stage: Annotated[
+        bool, typer.Option("--stage", help="Install early in the next boot instead of now.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Skip the etcd quorum pre-check (control planes).")
+    ] = False,
+    no_drain: Annotated[
+        bool, typer.Option("--no-drain", help="Do not cordon and drain through Kubernetes.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the node until the new slot is good.")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to --wait.")] = 600.0,
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
+) -> None:
+    """Upgrade a node from a signed bundle: verify, write the other slot, reboot into it.
+
+    The node refuses bundles that are unsigned, signed by a key it does not trust,
+    tampered with, or built for another architecture, before it writes anything.
+    After the reboot the new slot must pass its health gates, or the node falls back.
+    """
+    from basalt.machinery.api import machine_pb2
+
+    node = _target(ctx, split(nodes), split(endpoints))
+    size = _bundle_size(image)
+    request_options = machine_pb2.UpgradeOptions(stage=stage, force=force, no_drain=no_drain)
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        progress = _Progress(node, image, size)
+        try:
+            # No target metadata: the node answers itself (uploads are not forwarded).
+            answer = await client.machine.Upgrade(
+                _requests(image, request_options, progress.advance),
+                metadata=client.metadata([]),
+                timeout=max(600.0, timeout),
+            )
+        finally:
+            progress.close()
+        for item in failures.keep(answer.messages):
+            for step in item.steps:
+                info(f"{item.metadata.node}: {step}")
+            print(f"{item.metadata.node}: {item.message}")
+            if wait and item.slot:
+                await _wait_for_slot(client, failures, node, item.slot, item.version, timeout)
+
+    run(ctx, work, nodes=[node], endpoints=[node])
+
+
+def rollback(
+    ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
+) -> None:
+    """Boot the other slot, if it holds a good image; refused with the reason otherwise."""
+    from basalt.machinery.api import machine_pb2
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        answer = await client.machine.Rollback(
+            machine_pb2.RollbackRequest(), metadata=client.metadata(), timeout=30
+        )
+        for item in failures.keep(answer.messages):
+            print(f"{item.metadata.node}: {item.message}")
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints)

@@ -1,0 +1,99 @@
+"""The upgrade RPCs of MachineService (a mixin of MachineServicer): Upgrade and Rollback.
+
+``Upgrade`` is client-streaming (options first, then the bundle in chunks), so it is
+never forwarded: clients dial the node itself. Nothing on the node changes unless the
+bundle verifies and every pre-check passes; then the inactive slot is written and the
+node reboots into it, on trial (see :mod:`basalt.machined.upgrade`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc.aio
+
+from basalt.machinery.api import common_pb2, machine_pb2
+
+from .errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from ..node import Node
+    from ..upgrade import UpgradeOptions
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _options_then_data(
+    requests: AsyncIterator[machine_pb2.UpgradeRequest],
+) -> tuple[UpgradeOptions, AsyncIterator[bytes]]:
+    from ..upgrade import UpgradeOptions
+
+    stream = aiter(requests)
+    first = await anext(stream, None)
+    if first is None or first.WhichOneof("part") != "options":
+        raise InvalidRequestError(
+            "an Upgrade stream starts with its options, then the bundle's data",
+            hint="use basaltctl upgrade --image BUNDLE.tar",
+        )
+    options = UpgradeOptions(
+        stage=first.options.stage, force=first.options.force, no_drain=first.options.no_drain
+    )
+
+    async def data() -> AsyncIterator[bytes]:
+        async for request in stream:
+            if request.WhichOneof("part") != "data":
+                raise InvalidRequestError("options may only come first in an Upgrade stream")
+            yield request.data
+
+    return options, data()
+
+
+class UpgradeMethods:
+    node: Node
+
+    def meta(self) -> common_pb2.Metadata:
+        raise NotImplementedError
+
+    def action(self, message: str) -> common_pb2.ActionResponse:
+        raise NotImplementedError
+
+    async def Upgrade(
+        self, requests: AsyncIterator[machine_pb2.UpgradeRequest], context: Context
+    ) -> Any:
+        from ..sequencer.sequences import reboot, upgrade
+        from ..upgrade import UpgradeJob
+
+        upgrader = self.node.upgrader
+        upgrader.require_slots()  # refuse before receiving anything
+        options, chunks = await _options_then_data(requests)
+        upload = await upgrader.receive(chunks)
+        job = UpgradeJob(options, upload)
+        try:
+            await self.node.sequencer.start(upgrade, job)
+        finally:
+            upload.unlink(missing_ok=True)
+        self.node.sequencer.start(reboot)
+        assert job.verified is not None
+        job.steps.append("rebooting")
+        answer = machine_pb2.Upgrade(
+            metadata=self.meta(),
+            message=f"{job.message}; rebooting",
+            version=job.verified.version,
+            slot=job.slot.value if job.slot is not None else "",
+            steps=job.steps,
+        )
+        return machine_pb2.UpgradeResponse(messages=[answer])
+
+    async def Rollback(self, request: machine_pb2.RollbackRequest, context: Context) -> Any:
+        from ..sequencer.sequences import reboot, rollback
+
+        self.node.upgrader.require_slots()
+        job = _RollbackJob()
+        await self.node.sequencer.start(rollback, job)
+        self.node.sequencer.start(reboot)
+        return self.action(f"{job.message}; rebooting")
+
+
+class _RollbackJob:
+    message = ""

@@ -1,0 +1,366 @@
+"""Upgrades and rollbacks of a node's A/B slots (container mode; metal comes later).
+
+An upgrade is boring on purpose, and refuses before it changes anything::
+
+    receive the bundle into EPHEMERAL (bounded) -> verify it (signature by a trusted key,
+    architecture, every payload file, the payload this platform needs) -> on control
+    planes, the etcd quorum pre-check -> cordon/drain, or say why not -> write the
+    inactive slot and record Install -> reboot into it, on trial
+
+On the first boot of a slot on trial, the health gates (:mod:`.gates`) decide: passed
+marks it good; failed or timed out reboots, and once its tries run out the launcher
+boots the previous slot. The decisions are :mod:`.boot.assessment`'s; this module is the
+I/O around them: ``<node-dir>/slots`` (:mod:`.boot.slots`), events, the ``BootStatus``
+resource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from basalt.machinery.errors import BasaltError
+from basalt.machinery.images import (
+    VerifiedBundle,
+    required_payload,
+    trusted_keys_from_config,
+    verify_bundle,
+)
+from basalt.machinery.resources import BootStatusSpec
+
+from .boot import (
+    Action,
+    BootEntryError,
+    BootState,
+    Event,
+    Install,
+    Rollback,
+    Slot,
+    SlotHealth,
+    SlotName,
+    apply,
+    boot_status,
+)
+from .boot.slots import SlotDirectories
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+#: Bundles larger than this are refused while they are being received.
+MAX_BUNDLE_BYTES = 2 << 30
+#: Where uploads land (EPHEMERAL: node-owned storage, so the verified file cannot change).
+UPLOAD_DIR = "upgrade"
+#: What the launcher tells machined (see basalt.provision.launcher).
+BOOTED_SLOT_ENV = "BASALT_BOOTED_SLOT"
+NO_KUBERNETES = "Kubernetes not running on this node; skipping cordon/drain"
+
+
+class UpgradeRefusedError(BasaltError):
+    """The node cannot upgrade or roll back now; the message says why, nothing changed."""
+
+
+class BundleUploadError(BasaltError):
+    """The upload itself is unusable (no options first, empty, or too large)."""
+
+
+@dataclass(frozen=True)
+class UpgradeOptions:
+    stage: bool = False
+    force: bool = False
+    no_drain: bool = False
+
+
+@dataclass
+class UpgradeJob:
+    """One upgrade request as it goes through the ``upgrade`` sequence."""
+
+    options: UpgradeOptions
+    upload: Path
+    steps: list[str] = field(default_factory=list)
+    verified: VerifiedBundle | None = None
+    slot: SlotName | None = None
+    message: str = ""
+
+
+class Upgrader:
+    """The node's slots, its boot state, the upgrade steps and the boot assessment."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        mode = node.platform.mode
+        self.slots = SlotDirectories.of_node(node.paths.root) if mode.in_container else None
+        self.lock = asyncio.Lock()
+        self.assessment: asyncio.Task[None] | None = None
+
+    # -- the boot state ------------------------------------------------------------------
+    def require_slots(self) -> SlotDirectories:
+        if self.slots is None:
+            raise UpgradeRefusedError(
+                "A/B upgrades on metal need the systemd-boot backend, which is not built yet",
+                hint="container-mode nodes (basaltctl cluster create) can be upgraded",
+            )
+        return self.slots
+
+    async def load_state(self) -> BootState:
+        slots = self.require_slots()
+        try:
+            state = await asyncio.to_thread(slots.load)
+        except BootEntryError as exc:
+            raise UpgradeRefusedError(str(exc), hint=exc.hint) from None
+        if state is None or state.booted is None:
+            raise UpgradeRefusedError(
+                f"no boot state in {slots.state_path}: this node was not started by the "
+                "slot-aware launcher",
+                hint="start nodes with basaltctl cluster create (the process launcher)",
+            )
+        return state
+
+    async def _save(self, state: BootState) -> None:
+        await asyncio.to_thread(self.require_slots().save, state)
+        self.publish_status(state)
+
+    def publish_status(self, state: BootState) -> None:
+        status = boot_status(state)
+        if status is None or state.booted is None:
+            return
+        self.node.store.put(
+            "BootStatuses",
+            "boot",
+            BootStatusSpec(
+                slot=status.current,
+                version=status.current_version,
+                on_trial=status.on_trial,
+                tries_left=state.slot(state.booted).tries_left,
+                previous_slot=status.previous or "",
+                previous_version=status.previous_version or "",
+                fell_back_from=status.fell_back_from or "",
+                reason=status.reason or "",
+                summary=status.summary(),
+            ),
+            owner="boot",
+        )
+
+    def _event(self, message: str, **fields: str) -> None:
+        self.node.events.publish("boot", message, actor="boot", **fields)
+        log.info("%s", message)
+
+    # -- at boot -------------------------------------------------------------------------
+    async def on_boot(self) -> None:
+        """Publish which slot booted (and any fallback); start the gates on a slot on trial."""
+        if self.slots is None:
+            return
+        await asyncio.to_thread(
+            shutil.rmtree, self.node.paths.ephemeral / UPLOAD_DIR, True
+        )  # uploads a crash left behind
+        try:
+            state = await asyncio.to_thread(self.slots.load)
+        except BootEntryError as exc:
+            self._event(f"boot state unusable: {exc}")
+            return
+        if state is None or state.booted is None:
+            return
+        told = os.environ.get(BOOTED_SLOT_ENV)
+        if told and told != state.booted.value:
+            self._event(f"launcher said slot {told}, boot state says slot {state.booted}")
+        self.publish_status(state)
+        running = state.slot(state.booted)
+        status = boot_status(state)
+        assert status is not None
+        if running.health is SlotHealth.GOOD:
+            self._event(f"booted {running.label}", slot=running.name.value)
+        else:
+            total = (running.tries_left or 0) + running.tries_done
+            self._event(
+                f"booted {running.label} on trial (try {running.tries_done} of {total}): "
+                "marked good once its health gates pass",
+                slot=running.name.value,
+            )
+            self.assessment = self.node.background(self._assess(), name="boot-assessment")
+        if status.fell_back_from:
+            self._event(
+                f"fell back from slot {status.fell_back_from} ({status.previous_version}) "
+                f"because {status.reason}",
+                slot=running.name.value,
+                fellBackFrom=status.fell_back_from,
+            )
+
+    async def _assess(self) -> None:
+        from .gates import run_gates
+
+        result = await run_gates(self.node, self.node.tuning.boot_assessment_timeout)
+        await self.record(result)
+
+    async def record(self, event: Event) -> None:
+        """Apply a gate result to the stored state; reboot when the model says so."""
+        async with self.lock:
+            state = await self.load_state()
+            outcome = apply(state, event)
+            if outcome.refused:
+                self._event(f"boot assessment: {outcome.message}")
+                return
+            await self._save(outcome.state)
+        self._event(outcome.message)
+        if outcome.action is Action.REBOOT:
+            self._reboot()
+
+    def _reboot(self) -> None:
+        from .sequencer import SequenceConflictError
+        from .sequencer.sequences import reboot
+
+        try:
+            self.node.sequencer.start(reboot)
+        except SequenceConflictError:
+            self.node.finish("reboot")
+
+    def _stop_assessment(self) -> None:
+        if self.assessment is not None and not self.assessment.done():
+            self.assessment.cancel()
+
+    # -- upgrade steps (the ``upgrade`` sequence calls these) --------------------------------
+    async def receive(self, chunks: AsyncIterator[bytes], limit: int = MAX_BUNDLE_BYTES) -> Path:
+        """Stream an upload to a temp file in EPHEMERAL; refuse it once it passes ``limit``."""
+        self.require_slots()
+        directory = self.node.paths.ephemeral / UPLOAD_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="bundle-", suffix=".tar", dir=directory)
+        path = Path(name)
+        total = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in chunks:
+                    total += len(chunk)
+                    if total > limit:
+                        raise BundleUploadError(
+                            f"the bundle is larger than {limit} bytes; refused while uploading",
+                            hint="container bundles hold the Basalt source tree: a few MiB",
+                        )
+                    await asyncio.to_thread(out.write, chunk)
+                await asyncio.to_thread(_sync, out)
+            if total == 0:
+                raise BundleUploadError("no bundle data was sent", hint="give --image BUNDLE.tar")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    async def verify(self, path: Path, label: str = "uploaded bundle") -> VerifiedBundle:
+        """verify_bundle against the config's trusted keys and this node's architecture."""
+        config = self.node.config
+        keys = trusted_keys_from_config(config) if config is not None else []
+        platform = self.node.platform
+        return await asyncio.to_thread(
+            verify_bundle,
+            path,
+            keys,
+            platform.arch,
+            required=required_payload(platform.mode.value),
+            label=label,
+        )
+
+    async def check_quorum(self, force: bool) -> str | None:
+        """Control planes: refuse (QuorumError) when going down would put etcd at risk."""
+        import grpc.aio
+
+        from .etcd.manager import QuorumError
+        from .etcd.quorum import check_reboot
+
+        manager = self.node.etcd
+        if manager is None or not self.node.is_controlplane:
+            return None
+        if force:
+            return "etcd quorum pre-check skipped (--force)"
+        try:
+            return await check_reboot(manager)
+        except grpc.aio.AioRpcError as exc:
+            raise QuorumError(
+                f"cannot check etcd quorum: the local etcd answered {exc.code().name}: "
+                f"{exc.details()}",
+                hint="check 'basaltctl etcd status', or pass --force",
+            ) from None
+
+    def check_drain(self, no_drain: bool) -> str:
+        """Cordon/drain needs Kubernetes; without a kubelet there is nothing to drain."""
+        try:
+            kubelet = self.node.supervisor.status("kubelet")
+        except BasaltError:
+            return NO_KUBERNETES
+        if str(kubelet.state) in ("skipped", "waiting", "finished", "failed"):
+            return NO_KUBERNETES
+        if no_drain:
+            return "cordon/drain skipped (--no-drain)"
+        raise UpgradeRefusedError(
+            "kubelet runs on this node, and cordon/drain through the Kubernetes API is not "
+            "built yet: upgrading now would stop its pods without draining them",
+            hint="drain the node yourself (kubectl drain), then upgrade with --no-drain",
+        )
+
+    async def install(self, verified: VerifiedBundle) -> tuple[SlotName, str]:
+        """Write the inactive slot and record the install; refused before anything changes."""
+        async with self.lock:
+            slots = self.require_slots()
+            state = await self.load_state()
+            outcome = apply(state, Install(verified.version))
+            if outcome.refused or outcome.slot is None:
+                raise UpgradeRefusedError(outcome.message, hint="see basaltctl get bootstatus")
+            target = outcome.slot
+            # Like removing a boot entry first on metal: a half-written slot never boots.
+            if state.slot(target).version is not None:
+                await asyncio.to_thread(slots.save, state.with_slot(Slot(target)))
+            await asyncio.to_thread(slots.write, target, verified)
+            self._stop_assessment()
+            await self._save(outcome.state)
+        self._event(outcome.message, slot=target.value, version=verified.version)
+        return target, outcome.message
+
+    async def stage(self, job: UpgradeJob) -> None:
+        await asyncio.to_thread(self.require_slots().stage, job.upload)
+
+    async def install_staged(self) -> bool:
+        """Boot: install a bundle staged by ``upgrade --stage``; True when the node must reboot."""
+        slots = self.slots
+        path = slots.staged() if slots is not None else None
+        if slots is None or path is None:
+            return False
+        try:
+            verified = await self.verify(path, label="staged bundle")
+            _, message = await self.install(verified)
+        except BasaltError as exc:
+            self._event(f"staged upgrade refused: {exc}")
+            return False
+        finally:
+            await asyncio.to_thread(slots.clear_staged)
+        self._event(f"staged upgrade: {message}; rebooting into it")
+        return True
+
+    async def rollback(self) -> str:
+        """Boot the other slot next, if it holds a good image; refused with the reason."""
+        async with self.lock:
+            slots = self.require_slots()
+            state = await self.load_state()
+            outcome = apply(state, Rollback())
+            if outcome.refused or outcome.slot is None:
+                raise UpgradeRefusedError(outcome.message, hint="see basaltctl get bootstatus")
+            other = state.slot(outcome.slot)
+            if slots.python_path(other.name) is None and not slots.runs_installed(other):
+                raise UpgradeRefusedError(
+                    f"rollback refused: {other.label}'s files are missing from "
+                    f"{slots.directory(other.name)}"
+                )
+            self._stop_assessment()
+            await self._save(outcome.state)
+        self._event(outcome.message, slot=outcome.slot.value)
+        return outcome.message
+
+
+def _sync(handle: Any) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())

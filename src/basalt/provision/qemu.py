@@ -1,0 +1,644 @@
+"""The ``qemu`` provisioner: a cluster of Basalt VMs on this machine, without root.
+
+Each node is a QEMU process booting the image directly (kernel + initramfs + the
+squashfs root, read-only; UEFI and disks come with install-to-disk). Nodes boot into
+maintenance mode and get their configs through the insecure maintenance API, as real
+machines do; the bring-up after that is the ``process`` provisioner's (``common``).
+
+Networking is QEMU user networking (slirp), one private NAT per VM, with
+``restrict=on``: a guest reaches neither the host nor anything beyond it, only what is
+forwarded explicitly:
+
+- host -> node: ``hostfwd`` from the node's own loopback address on the host
+  (127.0.0.11, .12, ...) to its API (50000) and trust (50001) ports;
+- node -> node: every VM numbers the same virtual network 10.5.0.0/24, node *i* being
+  10.5.0.(11+i) everywhere; each VM has a ``guestfwd`` for the other nodes' API ports
+  (and the control planes' trust port) that runs :mod:`basalt.provision.relay` for each
+  connection, which connects to that node's host-side ``hostfwd``.
+
+Nothing listens or connects outside 127.0.0.0/8 on the host; no multicast, no bridge.
+What this cannot do (one control plane only, TCP only, NAT) is in
+docs/adr/0009-qemu-provisioner.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from basalt.machinery.api import API_PORT, TRUST_PORT
+from basalt.machinery.errors import BasaltError
+from basalt.machinery.fileio import write_atomic
+
+from . import common
+from .common import BringUp, Progress, ProvisionError, alive
+from .process import ClusterRequest
+from .state import ClusterRecord, NodeRecord
+
+QEMU = "qemu-system-x86_64"
+#: The virtual network every VM numbers the same way; node i is 10.5.0.(11 + i).
+GUEST_NETWORK = ipaddress.IPv4Network("10.5.0.0/24")
+#: slirp's own addresses: the gateway (the host, unreachable under restrict=on) and DNS.
+GUEST_GATEWAY = "10.5.0.2"
+GUEST_DNS = "10.5.0.3"
+GUEST_FIRST_HOST = 11
+MAX_NODES = 254 - GUEST_FIRST_HOST + 1
+#: What a node serves that the host and other nodes may reach.
+FORWARDED_PORTS = (API_PORT, TRUST_PORT)
+#: Kernel arguments of a direct-kernel boot when the image does not say (image.json).
+DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
+IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs")
+#: The image's root is the first virtio disk, each node's own (empty) disk the second:
+#: metal configs name an install disk, though install-to-disk is not implemented yet.
+ROOT_DEVICE = "/dev/vda"
+INSTALL_DISK = "/dev/vdb"
+ACCELERATORS = ("auto", "kvm", "tcg")
+
+PROBE_TIMEOUT = 10.0
+#: The probe boots the image's kernel with no root: it ends in this panic, then
+#: ``panic=-1`` + ``-no-reboot`` end QEMU. Seeing it proves guest code ran under KVM.
+PROBE_PROOF = b"Kernel panic"
+
+
+def default_image_dir() -> Path:
+    """``_out/image`` of this source tree (where ``python -m basalt.imager build`` writes)."""
+    return Path(__file__).resolve().parents[3] / "_out" / "image"
+
+
+# -- plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmOptions:
+    """What every VM of the cluster gets."""
+
+    memory_mib: int = 512
+    cpus: int = 2
+    image_dir: Path | None = None
+    accel: str = "auto"
+    qemu: str = QEMU
+    #: The node's own disk (sparse): ``install.disk``, for when install-to-disk exists.
+    disk_gib: int = 8
+    #: QEMU start to the maintenance API answering (TCG boots take 15-40 s).
+    boot_timeout: float = 240.0
+
+
+def guest_address(index: int) -> str:
+    if not 0 <= index < MAX_NODES:
+        raise ProvisionError(f"the qemu provisioner numbers at most {MAX_NODES} nodes")
+    return str(GUEST_NETWORK.network_address + GUEST_FIRST_HOST + index)
+
+
+def mac_address(index: int) -> str:
+    """Locally administered, distinct per node of a cluster (52:54:00 is QEMU's prefix)."""
+    return f"52:54:00:ba:5a:{index + 1:02x}"
+
+
+def plan_nodes(request: ClusterRequest, state_dir: Path) -> list[NodeRecord]:
+    """The process provisioner's plan (names, host loopback addresses) + guest addresses."""
+    if request.controlplanes > 1:
+        raise ProvisionError(
+            f"--controlplanes {request.controlplanes}: QEMU user networking supports one "
+            "control plane",
+            hint=(
+                "etcd members check that a peer connects from an address in its certificate; "
+                f"behind user-mode NAT every peer connects from {GUEST_GATEWAY}, so etcd "
+                "would refuse them (docs/adr/0009-qemu-provisioner.md); use --controlplanes 1 "
+                "and any number of --workers, or the process provisioner for several "
+                "control planes"
+            ),
+        )
+    nodes = common.plan_nodes(
+        request.name,
+        request.controlplanes,
+        request.workers,
+        request.base_address,
+        state_dir,
+        what="qemu",
+    )
+    for index, node in enumerate(nodes):
+        node.guest_address = guest_address(index)
+    return nodes
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A ``guestfwd``: the guest's connections to ``guest:port`` go to ``host:port``."""
+
+    guest: str
+    host: str
+    port: int
+
+
+def peer_forwards(node: NodeRecord, nodes: Sequence[NodeRecord]) -> list[Forward]:
+    """What ``node`` may reach of the others: every API, and control planes' trust port."""
+    forwards = []
+    for peer in nodes:
+        if peer.name == node.name:
+            continue
+        ports = FORWARDED_PORTS if peer.type == "controlplane" else (API_PORT,)
+        forwards += [Forward(peer.guest_address, peer.address, port) for port in ports]
+    return forwards
+
+
+@dataclass(frozen=True)
+class Image:
+    kernel: Path
+    initrd: Path
+    root: Path
+    cmdline: str
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> Image:
+        missing = [name for name in IMAGE_FILES if not (directory / name).is_file()]
+        if missing:
+            raise ProvisionError(
+                f"{directory} is not a built image: {', '.join(missing)} missing",
+                hint="build one with 'python -m basalt.imager build --out DIR'",
+            )
+        cmdline = DEFAULT_CMDLINE
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            cmdline = json.loads((directory / "image.json").read_text()).get("cmdline") or cmdline
+        return cls(
+            directory / "vmlinuz", directory / "initrd.img", directory / "root.sqfs", cmdline
+        )
+
+
+def _qemu_value(text: str) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return text.replace(",", ",,")
+
+
+def relay_command(state_dir: Path, forward: Forward, python: str = sys.executable) -> str:
+    """The ``cmd:`` of a ``guestfwd``: parsed by GLib's shell-like parser, not by a shell."""
+    argv = [python, "-m", "basalt.provision.relay", "--cluster", str(state_dir)]
+    return shlex.join([*argv, forward.host, str(forward.port)])
+
+
+def netdev(node: NodeRecord, nodes: Sequence[NodeRecord], state_dir: Path) -> str:
+    """``-netdev user,...`` of one node: its private NAT, its forwards, nothing else."""
+    parts = [
+        "user",
+        "id=n0",
+        "ipv6=off",
+        f"net={GUEST_NETWORK}",
+        f"host={GUEST_GATEWAY}",
+        f"dns={GUEST_DNS}",
+        f"dhcpstart={node.guest_address}",
+        "restrict=on",
+    ]
+    parts += [
+        f"hostfwd=tcp:{node.address}:{port}-{node.guest_address}:{port}" for port in FORWARDED_PORTS
+    ]
+    parts += [
+        f"guestfwd=tcp:{f.guest}:{f.port}-cmd:{_qemu_value(relay_command(state_dir, f))}"
+        for f in peer_forwards(node, nodes)
+    ]
+    return ",".join(parts)
+
+
+def kernel_cmdline(image: Image, node: NodeRecord) -> str:
+    """The image's arguments plus the node's address and name (DHCP offers the same)."""
+    prefix = GUEST_NETWORK.prefixlen
+    extra = (
+        f"basalt.root={ROOT_DEVICE} basalt.address={node.guest_address}/{prefix} "
+        f"basalt.gateway={GUEST_GATEWAY} basalt.hostname={node.name}"
+    )
+    return f"{image.cmdline} {extra}"
+
+
+def qemu_command(
+    node: NodeRecord,
+    nodes: Sequence[NodeRecord],
+    image: Image,
+    options: VmOptions,
+    accel: str,
+    state_dir: Path,
+) -> list[str]:
+    """The whole QEMU command line of one node (microvm, virtio-mmio, direct kernel boot)."""
+    index = [n.name for n in nodes].index(node.name)
+    node_dir = Path(node.node_dir)
+    argv = [options.qemu, "-name", _qemu_value(node.name), "-accel", accel]
+    argv += ["-m", str(options.memory_mib), "-smp", str(options.cpus), "-cpu", "max"]
+    argv += ["-nographic", "-no-reboot", "-pidfile", str(node_dir / "qemu.pid")]
+    argv += ["-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on"]
+    argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd)]
+    argv += ["-append", kernel_cmdline(image, node)]
+    root = _qemu_value(str(image.root))
+    argv += ["-drive", f"id=root,file={root},format=raw,if=none,readonly=on"]
+    argv += ["-device", "virtio-blk-device,drive=root"]
+    disk = _qemu_value(str(node_dir / "disk.raw"))
+    argv += ["-drive", f"id=disk,file={disk},format=raw,if=none,discard=unmap"]
+    argv += ["-device", "virtio-blk-device,drive=disk"]
+    argv += ["-netdev", netdev(node, nodes, state_dir)]
+    argv += ["-device", f"virtio-net-device,netdev=n0,mac={mac_address(index)}"]
+    argv += ["-device", "virtio-rng-device"]
+    return argv
+
+
+# -- KVM ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KvmProbe:
+    usable: bool
+    reason: str
+
+
+def probe_command(qemu: str, kernel: Path) -> list[str]:
+    """A KVM guest that boots the image's kernel without a root: it must panic and end."""
+    return [
+        qemu,
+        "-accel",
+        "kvm",
+        "-M",
+        "microvm,x-option-roms=off,rtc=on,isa-serial=on",
+        "-cpu",
+        "max",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-append",
+        "console=ttyS0 panic=-1 tsc_early_khz=2000000 no_timer_check",
+    ]
+
+
+def probe_kvm(
+    qemu: str, kernel: Path, *, timeout: float = PROBE_TIMEOUT, device: Path = Path("/dev/kvm")
+) -> KvmProbe:
+    """Whether a KVM guest really runs here, found out in a child QEMU with a deadline.
+
+    On some hosts ``/dev/kvm`` exists and opens, and the guest then hangs forever: only a
+    guest that boots its kernel within ``timeout`` counts.
+    """
+    if not device.exists():
+        return KvmProbe(False, f"{device} does not exist")
+    if not os.access(device, os.R_OK | os.W_OK):
+        return KvmProbe(False, f"{device} is not readable and writable by this user")
+    try:
+        child = subprocess.Popen(
+            probe_command(qemu, kernel),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return KvmProbe(False, f"cannot run {qemu}: {exc}")
+    try:
+        output, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.communicate(timeout=5)
+        return KvmProbe(False, f"a KVM guest did not boot within {timeout:g}s (KVM hangs here)")
+    if child.returncode == 0 and PROBE_PROOF in output:
+        return KvmProbe(True, "a KVM guest booted its kernel")
+    last = output.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    return KvmProbe(False, f"a KVM guest failed (exit {child.returncode}): {last[0][:200]}")
+
+
+def _probe_key(qemu: str, kernel: Path) -> str:
+    """Same boot of this host, same QEMU binary, same kernel: the same answer."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "unknown"
+    binary = shutil.which(qemu) or qemu
+    facts = [boot_id, binary]
+    for path in (Path(binary), kernel):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            facts += [str(stat.st_size), str(stat.st_mtime_ns)]
+    return hashlib.sha256("\0".join(facts).encode()).hexdigest()
+
+
+def cached_probe(
+    cache: Path | None, qemu: str, kernel: Path, probe: Callable[[], KvmProbe]
+) -> KvmProbe:
+    """``probe()``, remembered in ``cache`` until the host reboots or QEMU changes."""
+    key = _probe_key(qemu, kernel)
+    if cache is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(cache.read_text())
+            if data["key"] == key:
+                return KvmProbe(bool(data["usable"]), str(data["reason"]) + " (cached)")
+    result = probe()
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"key": key, "usable": result.usable, "reason": result.reason}
+            write_atomic(cache, json.dumps(payload) + "\n")
+    return result
+
+
+def choose_accel(requested: str, probe: Callable[[], KvmProbe]) -> tuple[str, str]:
+    """(accelerator, why): TCG unless KVM was asked for or a probe shows it works."""
+    if requested not in ACCELERATORS:
+        raise ProvisionError(f"--accel {requested!r}: expected one of {', '.join(ACCELERATORS)}")
+    if requested == "tcg":
+        return "tcg", "TCG requested"
+    result = probe()
+    if requested == "kvm":
+        if not result.usable:
+            raise ProvisionError(
+                f"--accel kvm: KVM does not work here: {result.reason}",
+                hint="use --accel tcg (or auto, which falls back to TCG)",
+            )
+        return "kvm", result.reason
+    return ("kvm", result.reason) if result.usable else ("tcg", result.reason)
+
+
+# -- image -------------------------------------------------------------------------------------
+
+
+def ensure_image(image_dir: Path | None, progress: Progress) -> Path:
+    """The image to boot; the default one (``_out/image``) is built when missing."""
+    directory = (image_dir or default_image_dir()).resolve()
+    if all((directory / name).is_file() for name in IMAGE_FILES):
+        return directory
+    if image_dir is not None and directory != default_image_dir().resolve():
+        Image.from_dir(directory)  # raises, naming what is missing
+    progress("image", f"building {directory} (python -m basalt.imager build)")
+    built = subprocess.run(
+        [sys.executable, "-m", "basalt.imager", "build", "--out", str(directory)],
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr,
+        check=False,
+    )
+    if built.returncode != 0:
+        raise ProvisionError(
+            f"building the image into {directory} failed (exit {built.returncode})",
+            hint="the imager needs qemu-system-x86, squashfs-tools and apt: 'make image-deps'",
+        )
+    return directory
+
+
+def copy_image(source: Path, state_dir: Path) -> Image:
+    """The cluster boots from its own copy: rebuilding the image leaves running VMs be."""
+    target = state_dir / "image"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (*IMAGE_FILES, "image.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    return Image.from_dir(target)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def is_ours(node: NodeRecord) -> bool:
+    """``launcher_pid`` is still the QEMU this provisioner started for ``node``."""
+    args = common.cmdline(node.launcher_pid)
+    if not args or not os.path.basename(args[0]).startswith(b"qemu-system"):
+        return False
+    return str(Path(node.node_dir) / "qemu.pid").encode() in args
+
+
+def machine_running(node: NodeRecord) -> bool:
+    return is_ours(node) and alive(node.launcher_pid)
+
+
+def relays_of(state_dir: str) -> list[int]:
+    """This cluster's relay processes (a guest connection each)."""
+    found = []
+    for pid in common.processes_naming(b"basalt.provision.relay"):
+        args = common.cmdline(pid)
+        with contextlib.suppress(ValueError, IndexError):
+            if args[args.index(b"--cluster") + 1] == state_dir.encode():
+                found.append(pid)
+    return found
+
+
+def make_disk(node: NodeRecord, gib: int) -> Path:
+    """The node's own disk: a sparse raw file (no space used until written)."""
+    path = Path(node.node_dir) / "disk.raw"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as disk:
+        disk.truncate(gib * 2**30)
+    return path
+
+
+def _launch(argv: list[str], node: NodeRecord) -> int:
+    node_dir = Path(node.node_dir)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    log = open(node_dir / "console.log", "ab")  # noqa: SIM115 (handed to the child)
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=node_dir,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+    return process.pid
+
+
+def console_tail(node: NodeRecord, lines: int = 15) -> str:
+    try:
+        text = (Path(node.node_dir) / "console.log").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _dead_machines(nodes: Sequence[NodeRecord]) -> Callable[[], str | None]:
+    def check() -> str | None:
+        for node in nodes:
+            if not alive(node.launcher_pid):
+                tail = console_tail(node)
+                return f"QEMU of {node.name} exited" + (
+                    f"; its console ends:\n{tail}" if tail else ""
+                )
+        return None
+
+    return check
+
+
+# -- create / destroy --------------------------------------------------------------------------
+
+
+def node_configs(nodes: Sequence[NodeRecord], configs: dict[str, str]) -> dict[str, str]:
+    """Each node's type config, plus its name and the host address it is reached on."""
+    from basalt.machinery.config import API_VERSION, load_bundle, parse_patch, patch_and_check
+
+    result = {}
+    for node in nodes:
+        patch = parse_patch(
+            f"apiVersion: {API_VERSION}\nkind: MachineConfig\ncertSANs: [{node.address}]\n"
+            f"---\napiVersion: {API_VERSION}\nkind: HostnameConfig\nhostname: {node.name}\n",
+            f"<qemu provisioner: {node.name}>",
+        )
+        base = load_bundle(configs[node.type], f"{node.type}.yaml")
+        bundle, _ = patch_and_check(base.to_raw(), [patch], target=node.name)
+        result[node.name] = bundle.to_yaml()
+    return result
+
+
+async def create(
+    request: ClusterRequest,
+    state_dir: Path,
+    progress: Progress,
+    options: VmOptions | None = None,
+    *,
+    kvm_cache: Path | None = None,
+) -> ClusterRecord:
+    """Create the cluster; on failure the VMs are stopped and their console logs kept."""
+    from basalt.machinery.config import GenerateOptions, generate_configs
+    from basalt.machinery.secrets import generate_secrets
+
+    options = options or VmOptions()
+    if (state_dir / "cluster.json").exists():
+        raise ProvisionError(
+            f"a cluster already exists at {state_dir}",
+            hint=f"destroy it first: basaltctl cluster destroy --name {request.name}",
+        )
+    if shutil.which(options.qemu) is None:
+        raise ProvisionError(
+            f"{options.qemu} is not installed", hint="install Debian's qemu-system-x86 package"
+        )
+    if options.memory_mib < 256 or options.cpus < 1:
+        raise ProvisionError("each VM needs --memory 256 (MiB) or more and --cpus 1 or more")
+    nodes = plan_nodes(request, state_dir)
+    common.check_ports_free(
+        nodes,
+        FORWARDED_PORTS,
+        hint="destroy the other cluster or pick other addresses with --base-address",
+    )
+    source = ensure_image(options.image_dir, progress)
+    accel, why = choose_accel(
+        options.accel,
+        lambda: cached_probe(
+            kvm_cache,
+            options.qemu,
+            source / "vmlinuz",
+            lambda: probe_kvm(options.qemu, source / "vmlinuz"),
+        ),
+    )
+    secrets = generate_secrets()
+    endpoint = f"https://{nodes[0].guest_address}:6443"
+    generated = generate_configs(
+        secrets,
+        GenerateOptions(
+            cluster_name=request.name,
+            endpoint=endpoint,
+            version_contract=request.version_contract,
+            install_disk=INSTALL_DISK,
+        ),
+        patches=request.patches,
+        controlplane_patches=request.controlplane_patches,
+        worker_patches=request.worker_patches,
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(state_dir / "secrets.yaml", secrets.to_yaml(), mode=0o600)
+    configs = {
+        "controlplane": generated.controlplane.to_yaml(),
+        "worker": generated.worker.to_yaml(),
+    }
+    for kind, text in configs.items():
+        write_atomic(state_dir / f"{kind}.yaml", text, mode=0o600)
+    per_node = node_configs(nodes, configs)
+    image = copy_image(source, state_dir)
+    record = ClusterRecord(
+        request.name,
+        "qemu",
+        str(state_dir),
+        endpoint,
+        nodes,
+        options={
+            "accel": accel,
+            "accel_reason": why,
+            "image": str(source),
+            "memory_mib": options.memory_mib,
+            "cpus": options.cpus,
+            "network": "user (restrict=on, loopback forwards)",
+        },
+    )
+    record.save()
+    try:
+        for node in nodes:
+            Path(node.node_dir).mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(node.node_dir) / "config.yaml", per_node[node.name], mode=0o600)
+            make_disk(node, options.disk_gib)
+            argv = qemu_command(node, nodes, image, options, accel, state_dir)
+            node.launcher_pid = _launch(argv, node)
+            progress(node.name, f"booting ({accel})")
+        record.save()
+        context = common.client_context(
+            request.name, state_dir, nodes, common.generated_client(secrets, nodes)
+        )
+        await common.bring_up(
+            nodes,
+            per_node,
+            context,
+            progress,
+            BringUp(
+                maintenance_timeout=options.boot_timeout,
+                ready_timeout=request.ready_timeout,
+                members_timeout=max(30.0, request.ready_timeout / 2),
+                bootstrap=request.bootstrap,
+            ),
+            give_up=_dead_machines(nodes),
+        )
+    except BaseException as exc:
+        await stop_nodes(record)
+        if isinstance(exc, BasaltError):
+            exc.hint = common.failure_hint(state_dir)
+        raise
+    return record
+
+
+async def stop_nodes(record: ClusterRecord, timeout: float = 10.0) -> list[str]:
+    """Power the VMs off (SIGTERM to QEMU, SIGKILL after ``timeout``), then the relays.
+
+    Only processes this cluster started are signalled: a QEMU pid must still be a QEMU
+    whose command line names this node's pidfile, a relay must name this cluster.
+    """
+    running = [n for n in record.nodes if is_ours(n)]
+    for node in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(node.launcher_pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(n.launcher_pid) for n in running):
+        await asyncio.sleep(0.1)
+    for node in running:
+        if alive(node.launcher_pid) and is_ours(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.launcher_pid, signal.SIGKILL)
+    for pid in relays_of(record.state_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return [n.name for n in running]
+
+
+async def destroy(record: ClusterRecord) -> list[str]:
+    stopped = await stop_nodes(record)
+    shutil.rmtree(record.state_dir, ignore_errors=True)
+    return stopped

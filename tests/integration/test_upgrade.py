@@ -1,0 +1,357 @@
+"""A/B upgrades of container-mode nodes, end to end, on a 3-control-plane + 1-worker cluster.
+
+Bundles are built from this source tree (bundle_from_tree) with other version strings,
+signed by a key the cluster trusts (ImageVerificationConfig, added with a config patch).
+The tests run in order on one cluster: refusals change nothing; v1 -> v2 comes back on
+slot b, healthy; rollback; a deliberately broken build falls back by itself; a control
+plane upgrade is refused while etcd quorum is at risk, unless forced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+import basalt
+from basalt.machinery.api import common_pb2, machine_pb2
+from basalt.machinery.config import parse_patch
+from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
+from basalt.provision.bundle_from_tree import bundle_from_tree
+from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SRC = Path(basalt.__file__).resolve().parent
+V1 = basalt.__version__
+GATES_TIMEOUT = 15
+_SCRIPT = Path(sys.executable).with_name("basaltctl")
+BASALTCTL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "basalt.cli.main"]
+BROKEN_HEALTH = '''
+
+_working_checks = run_checks
+
+
+async def run_checks(node: Node) -> list[Check]:  # type: ignore[no-redef]
+    """A deliberately broken build: one health check always fails."""
+    return [*(await _working_checks(node)), Check("broken", False, "deliberately broken build")]
+'''
+
+
+def _trust_patch(public_pem: str) -> str:
+    indented = "".join(f"      {line}\n" for line in public_pem.splitlines())
+    return (
+        "apiVersion: basalt.dev/v1alpha1\nkind: ImageVerificationConfig\nkeys:\n"
+        f"  - name: test-release\n    publicKey: |\n{indented}"
+    )
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("keys")
+    private, public = generate_signing_key()
+    (directory / "release.key").write_text(private)
+    (directory / "release.pub").write_text(public)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Any:
+    patch = parse_patch(_trust_patch((keys / "release.pub").read_text()), "trust-test-key")
+    live = start_cluster(
+        tmp_path_factory.mktemp("upgrade"),
+        "upg",
+        "127.0.0.81",
+        controlplanes=3,
+        workers=1,
+        machined_args=("--boot-assessment-timeout", str(GATES_TIMEOUT)),
+        patches=(patch,),
+    )
+    yield live
+    stop_cluster(live)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundles")
+    key = load_signing_key((keys / "release.key").read_text())
+    bundle_from_tree(SRC, out / "v2.tar", "0.2.0", key)
+    broken = out / "broken"
+    shutil.copytree(SRC, broken / "basalt", ignore=shutil.ignore_patterns("__pycache__"))
+    with (broken / "basalt" / "machined" / "health.py").open("a") as handle:
+        handle.write(BROKEN_HEALTH)
+    bundle_from_tree(broken / "basalt", out / "v3-broken.tar", "0.3.0-broken", key)
+    other_private, _ = generate_signing_key()
+    bundle_from_tree(SRC, out / "unknown-key.tar", "0.2.0", load_signing_key(other_private))
+    bundle_from_tree(SRC, out / "aarch64.tar", "0.2.0", key, arch="aarch64")
+    _unsigned(out / "v2.tar", out / "unsigned.tar")
+    _tampered(out / "v2.tar", out / "tampered.tar")
+    for name in ("kernel", "initramfs", "rootfs.squashfs"):
+        (out / name).write_bytes(name.encode() * 100)
+    metal = {n: out / n for n in ("kernel", "initramfs", "rootfs.squashfs")}
+    create_bundle(out / "metal.tar", metal, "0.2.0", "default", "x86_64", key)
+    (out / "not-a-tar.tar").write_bytes(b"this is not a tar file\n" * 100)
+    return out
+
+
+def _unsigned(source: Path, target: Path) -> None:
+    with tarfile.open(source) as tar, tarfile.open(target, "w") as out:
+        for member in tar.getmembers():
+            if member.name != "manifest.sig":
+                out.addfile(member, tar.extractfile(member))
+
+
+def _tampered(source: Path, target: Path) -> None:
+    data = bytearray(source.read_bytes())
+    with tarfile.open(source) as tar:
+        payload = tar.getmember("basalt.tar")
+    data[payload.offset_data + 4096] ^= 0x01
+    target.write_bytes(bytes(data))
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+async def _upload(
+    cluster: LiveCluster, node: str, bundle: Path, **options: bool
+) -> machine_pb2.Upgrade:
+    client = await cluster.client(node)
+    data = bundle.read_bytes()
+
+    async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
+        yield machine_pb2.UpgradeRequest(options=machine_pb2.UpgradeOptions(**options))
+        for start in range(0, len(data), 256 * 1024):
+            yield machine_pb2.UpgradeRequest(data=data[start : start + 256 * 1024])
+
+    try:
+        answer = await client.machine.Upgrade(requests(), timeout=60)
+        return answer.messages[0]
+    finally:
+        await client.close()
+
+
+def upload_refused(cluster: LiveCluster, node: str, bundle: Path, **options: bool) -> Any:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        run(_upload(cluster, node, bundle, **options))
+    return raised.value
+
+
+def boot_status(cluster: LiveCluster, node: str) -> dict[str, Any]:
+    return run(cluster.resource(node, "BootStatuses", "boot"))
+
+
+def wait_boot_status(
+    cluster: LiveCluster, node: str, ok: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            last = boot_status(cluster, node)
+            if ok(last):
+                return last
+        except Exception:
+            pass  # rebooting
+        time.sleep(0.5)
+    raise AssertionError(f"{node}: boot status not reached in {timeout}s; last: {last}")
+
+
+def basaltctl(cluster: LiveCluster, *args: str, timeout: float = 180) -> tuple[int, str, str]:
+    env = {**os.environ, "BASALTCONFIG": str(Path(cluster.record.state_dir) / "basaltconfig")}
+    done = subprocess.run(
+        [*BASALTCTL, *args], check=False, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+async def _call(cluster: LiveCluster, node: str, rpc: str, request: Any) -> Any:
+    client = await cluster.client(node)
+    try:
+        return (await getattr(client.machine, rpc)(request, timeout=30)).messages[0]
+    finally:
+        await client.close()
+
+
+def slots(cluster: LiveCluster, node: str) -> Path:
+    return cluster.node_dir(node) / "slots"
+
+
+def snapshot(cluster: LiveCluster, node: str) -> dict[str, bytes]:
+    """Every file under the node's slots directory: what a refusal must leave alone."""
+    root = slots(cluster, node)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def events(cluster: LiveCluster, node: str) -> list[str]:
+    async def go() -> list[str]:
+        client = await cluster.client(node)
+        try:
+            return [
+                e.message
+                async for e in client.machine.Events(machine_pb2.EventsRequest(), timeout=10)
+            ]
+        finally:
+            await client.close()
+
+    return run(go())
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_first_boot_runs_the_installed_basalt_as_slot_a(cluster: LiveCluster) -> None:
+    worker = cluster.workers[0]
+    status = boot_status(cluster, worker)
+    assert (status["slot"], status["version"], status["onTrial"]) == ("a", V1, False)
+    assert status["fellBackFrom"] == "" and status["previousSlot"] == ""
+    assert (slots(cluster, worker) / "boot.json").is_file()
+    assert not (slots(cluster, worker) / "a").exists()  # slot a: the installed package
+
+
+REFUSALS = [
+    ("unsigned.tar", "signature present check failed: there is no manifest.sig"),
+    ("unknown-key.tar", "signing key trusted check failed: signed by key"),
+    ("tampered.tar", "payload check failed: basalt.tar: tampered"),
+    ("aarch64.tar", "architecture check failed: built for aarch64, expected x86_64"),
+    ("metal.tar", "payload check failed: basalt.tar: is required here"),
+    ("not-a-tar.tar", "format check failed"),
+]
+
+
+@pytest.mark.parametrize(("bundle", "expected"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_bad_bundles_are_refused_before_anything_is_written(
+    cluster: LiveCluster, bundles: Path, bundle: str, expected: str
+) -> None:
+    worker = cluster.workers[0]
+    before = snapshot(cluster, worker)
+    error = upload_refused(cluster, worker, bundles / bundle)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert f"uploaded bundle: {expected}" in (error.details() or "")
+    assert snapshot(cluster, worker) == before  # no slot written, boot state unchanged
+    assert not (slots(cluster, worker) / "b").exists()
+    assert not list((cluster.node_dir(worker) / "var" / "upgrade").glob("*"))  # upload gone
+    assert boot_status(cluster, worker)["slot"] == "a"
+
+
+def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(cluster: LiveCluster, bundles: Path) -> None:
+    worker = cluster.workers[0]
+    code, out, err = basaltctl(
+        cluster, "upgrade", "-n", worker, "--image", str(bundles / "v2.tar"), "--wait",
+        "--timeout", "90",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Kubernetes not running on this node; skipping cordon/drain" in err
+    assert "verified bundle 0.2.0 (x86_64), signed by test-release" in err
+    assert f"{worker}: running slot b (0.2.0); health gates passed" in out
+    status = boot_status(cluster, worker)
+    assert (status["slot"], status["version"], status["onTrial"]) == ("b", "0.2.0", False)
+    assert (status["previousSlot"], status["previousVersion"]) == ("a", V1)
+    version = run(_call(cluster, worker, "Version", common_pb2.Empty()))
+    assert version.tag == "0.2.0"
+    health = run(_call(cluster, worker, "Health", common_pb2.Empty()))
+    assert health.healthy, [(c.name, c.message) for c in health.checks if not c.ok]
+    assert (slots(cluster, worker) / "b" / "python" / "basalt" / "__init__.py").is_file()
+    assert any(
+        "slot b (0.2.0) passed its health gates: marked good" in m for m in events(cluster, worker)
+    )
+
+
+def test_rollback_boots_the_previous_slot_and_is_refused_without_one(
+    cluster: LiveCluster,
+) -> None:
+    worker = cluster.workers[0]
+    code, out, err = basaltctl(cluster, "rollback", "-n", worker)
+    assert code == 0, err
+    assert "rolling back from slot b (0.2.0) to slot a" in out
+    status = wait_boot_status(cluster, worker, lambda s: s["slot"] == "a", 30)
+    assert status["version"] == V1 and not status["onTrial"]
+    assert "rolled back from slot b (0.2.0)" in status["reason"]
+    run(cluster.wait_ready(worker))
+
+    cp = cluster.controlplanes[0]  # never upgraded: its slot b is empty
+    code, _, err = basaltctl(cluster, "rollback", "-n", cp)
+    assert code == 1
+    assert "FAILED_PRECONDITION" in err and "rollback refused: slot b holds no image" in err
+    assert boot_status(cluster, cp)["slot"] == "a"
+
+
+def test_broken_upgrade_falls_back_to_the_good_slot_by_itself(
+    cluster: LiveCluster, bundles: Path
+) -> None:
+    worker = cluster.workers[0]
+    answer = run(_upload(cluster, worker, bundles / "v3-broken.tar"))
+    assert (answer.slot, answer.version) == ("b", "0.3.0-broken")
+    status = wait_boot_status(
+        cluster, worker, lambda s: s["fellBackFrom"] == "b", 3 * (GATES_TIMEOUT + 15)
+    )
+    assert (status["slot"], status["version"], status["onTrial"]) == ("a", V1, False)
+    assert "waiting for broken: deliberately broken build" in status["reason"]
+    assert "its 3 boot tries ran out" in status["reason"]
+    console = (cluster.node_dir(worker) / "console.log").read_text()
+    assert console.count("booting slot b (0.3.0-broken) on trial: try") == 3
+    run(cluster.wait_ready(worker))
+    assert any(
+        m.startswith("fell back from slot b (0.3.0-broken) because health gates did not pass")
+        for m in events(cluster, worker)
+    )
+    version = run(_call(cluster, worker, "Version", common_pb2.Empty()))
+    assert version.tag == V1
+
+
+def test_staged_upgrade_installs_early_in_the_next_boot(
+    cluster: LiveCluster, bundles: Path
+) -> None:
+    worker = cluster.workers[0]  # runs slot a (v1); slot b holds the failed build
+    answer = run(_upload(cluster, worker, bundles / "v2.tar", stage=True))
+    assert answer.slot == "" and answer.version == "0.2.0"
+    assert "staged 0.2.0: it is installed early in the next boot" in answer.message
+    status = wait_boot_status(
+        cluster, worker, lambda s: s["slot"] == "b" and not s["onTrial"], GATES_TIMEOUT + 60
+    )
+    assert status["version"] == "0.2.0" and status["fellBackFrom"] == ""
+    assert not (slots(cluster, worker) / "staged").exists()
+    run(cluster.wait_ready(worker))
+
+
+def test_controlplane_upgrade_refused_while_quorum_is_at_risk_unless_forced(
+    cluster: LiveCluster, bundles: Path
+) -> None:
+    _, cp2, cp3 = cluster.controlplanes
+    stop = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.STOP)
+    run(_call(cluster, cp2, "ServiceAction", stop))
+    try:
+        time.sleep(1.0)
+        before = snapshot(cluster, cp3)
+        error = upload_refused(cluster, cp3, bundles / "v2.tar")
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+        details = error.details() or ""
+        assert "would cost etcd quorum" in details
+        assert "unhealthy: upg-controlplane-2: unreachable" in details
+        assert snapshot(cluster, cp3) == before
+        assert not (slots(cluster, cp3) / "b").exists()
+
+        answer = run(_upload(cluster, cp3, bundles / "v2.tar", force=True))
+        assert answer.slot == "b"
+        assert "etcd quorum pre-check skipped (--force)" in answer.steps
+    finally:
+        start = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.START)
+        run(_call(cluster, cp2, "ServiceAction", start))
+    status = wait_boot_status(
+        cluster, cp3, lambda s: s["slot"] == "b" and not s["onTrial"], GATES_TIMEOUT + 60
+    )
+    assert status["version"] == "0.2.0"
+    run(cluster.wait_ready(cp3, timeout=60))

@@ -1,0 +1,485 @@
+"""The qemu provisioner without booting anything: plans, command lines, ports, the KVM
+probe's decision, process ownership, the guestfwd relay and the CLI's refusals."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from basalt.cli.main import main
+from basalt.machinery.config import HostnameConfig, MachineConfig, load_bundle
+from basalt.provision import backend, common, qemu
+from basalt.provision.process import ClusterRequest
+from basalt.provision.relay import relay
+from basalt.provision.state import ClusterRecord, NodeRecord
+
+
+def request(**changes: object) -> ClusterRequest:
+    fields: dict[str, object] = {"name": "t", "controlplanes": 1, "workers": 2}
+    fields.update(changes)
+    return ClusterRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> qemu.Image:
+    directory = tmp_path / "img,1"  # a comma: QEMU option values must escape it
+    directory.mkdir()
+    for name in qemu.IMAGE_FILES:
+        (directory / name).write_bytes(b"x")
+    (directory / "image.json").write_text(json.dumps({"cmdline": "console=ttyS0 quiet"}))
+    return qemu.Image.from_dir(directory)
+
+
+def options_of(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == flag]
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+
+def test_plan_gives_each_node_a_host_loopback_and_a_guest_address(tmp_path: Path) -> None:
+    nodes = qemu.plan_nodes(request(base_address="127.0.0.71"), tmp_path)
+    assert [(n.name, n.type, n.address, n.guest_address) for n in nodes] == [
+        ("t-controlplane-1", "controlplane", "127.0.0.71", "10.5.0.11"),
+        ("t-worker-1", "worker", "127.0.0.72", "10.5.0.12"),
+        ("t-worker-2", "worker", "127.0.0.73", "10.5.0.13"),
+    ]
+    assert all(Path(n.node_dir).parent == tmp_path for n in nodes)
+
+
+def test_plan_refuses_several_control_planes_and_says_why(tmp_path: Path) -> None:
+    with pytest.raises(qemu.ProvisionError) as caught:
+        qemu.plan_nodes(request(controlplanes=3), tmp_path)
+    assert "one control plane" in str(caught.value)
+    assert "etcd" in (caught.value.hint or "") and qemu.GUEST_GATEWAY in (caught.value.hint or "")
+
+
+@pytest.mark.parametrize("base", ["10.0.0.1", "127.255.255.254", "not-an-ip"])
+def test_plan_keeps_host_addresses_on_loopback(tmp_path: Path, base: str) -> None:
+    with pytest.raises(qemu.ProvisionError):
+        qemu.plan_nodes(request(base_address=base), tmp_path)
+
+
+def test_guest_addresses_and_macs_are_distinct_and_bounded() -> None:
+    addresses = {qemu.guest_address(i) for i in range(qemu.MAX_NODES)}
+    macs = {qemu.mac_address(i) for i in range(qemu.MAX_NODES)}
+    assert len(addresses) == len(macs) == qemu.MAX_NODES
+    assert qemu.guest_address(qemu.MAX_NODES - 1) == "10.5.0.254"
+    with pytest.raises(qemu.ProvisionError):
+        qemu.guest_address(qemu.MAX_NODES)
+
+
+def test_peer_forwards_reach_every_api_and_only_control_planes_trust_port(tmp_path: Path) -> None:
+    cp, w1, w2 = qemu.plan_nodes(request(), tmp_path)
+    assert qemu.peer_forwards(w1, [cp, w1, w2]) == [
+        qemu.Forward("10.5.0.11", "127.0.0.11", 50000),
+        qemu.Forward("10.5.0.11", "127.0.0.11", 50001),
+        qemu.Forward("10.5.0.13", "127.0.0.13", 50000),
+    ]
+    assert qemu.peer_forwards(cp, [cp, w1, w2]) == [
+        qemu.Forward("10.5.0.12", "127.0.0.12", 50000),
+        qemu.Forward("10.5.0.13", "127.0.0.13", 50000),
+    ]
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def test_command_line_boots_the_image_directly_and_records_its_pid(
+    tmp_path: Path, image: qemu.Image
+) -> None:
+    nodes = qemu.plan_nodes(request(base_address="127.0.0.71"), tmp_path)
+    vm = qemu.VmOptions(memory_mib=768, cpus=3)
+    argv = qemu.qemu_command(nodes[1], nodes, image, vm, "tcg", tmp_path)
+    assert argv[0] == "qemu-system-x86_64"
+    assert options_of(argv, "-accel") == ["tcg"]
+    assert options_of(argv, "-m") == ["768"] and options_of(argv, "-smp") == ["3"]
+    assert "-no-reboot" in argv
+    assert options_of(argv, "-pidfile") == [f"{nodes[1].node_dir}/qemu.pid"]
+    assert options_of(argv, "-M")[0].startswith("microvm,")
+    assert options_of(argv, "-kernel") == [str(image.kernel)]
+    assert options_of(argv, "-initrd") == [str(image.initrd)]
+    root, disk = options_of(argv, "-drive")
+    assert "img,,1/root.sqfs" in root and "readonly=on" in root
+    assert f"file={nodes[1].node_dir}/disk.raw," in disk and "readonly" not in disk
+    assert options_of(argv, "-device")[:2] == [
+        "virtio-blk-device,drive=root",  # /dev/vda: the image's root
+        "virtio-blk-device,drive=disk",  # /dev/vdb: the node's install disk
+    ]
+    (append,) = options_of(argv, "-append")
+    assert append.startswith("console=ttyS0 quiet ")
+    assert f"basalt.root={qemu.ROOT_DEVICE}" in append
+    assert "basalt.address=10.5.0.12/24" in append and "basalt.gateway=10.5.0.2" in append
+    assert "basalt.hostname=t-worker-1" in append
+    assert "virtio-net-device,netdev=n0,mac=52:54:00:ba:5a:02" in options_of(argv, "-device")
+    assert options_of(qemu.qemu_command(nodes[0], nodes, image, vm, "kvm", tmp_path), "-accel") == [
+        "kvm"
+    ]
+
+
+def test_network_is_user_mode_restricted_with_loopback_forwards_only(
+    tmp_path: Path, image: qemu.Image
+) -> None:
+    nodes = qemu.plan_nodes(request(base_address="127.0.0.71", workers=1), tmp_path)
+    argv = qemu.qemu_command(nodes[1], nodes, image, qemu.VmOptions(), "tcg", tmp_path)
+    (netdev,) = options_of(argv, "-netdev")
+    assert netdev.startswith("user,id=n0,")
+    for forbidden in ("socket", "mcast", "tap", "bridge", "vde", "l2tpv3"):
+        assert not any(arg.startswith(forbidden) for arg in options_of(argv, "-netdev"))
+    assert "restrict=on" in netdev.split(",")
+    assert "dhcpstart=10.5.0.12" in netdev.split(",")
+    hostfwds = [part for part in netdev.split(",") if part.startswith("hostfwd=")]
+    assert hostfwds == [
+        "hostfwd=tcp:127.0.0.72:50000-10.5.0.12:50000",
+        "hostfwd=tcp:127.0.0.72:50001-10.5.0.12:50001",
+    ]
+    guestfwds = netdev.split(",guestfwd=")[1:]
+    assert len(guestfwds) == 2  # the control plane's API and trust ports
+    target, _, command = guestfwds[0].partition("-cmd:")
+    assert target == "tcp:10.5.0.11:50000"
+    argv_relay = shlex.split(command)
+    assert argv_relay[1:] == [
+        "-m",
+        "basalt.provision.relay",
+        "--cluster",
+        str(tmp_path),
+        "127.0.0.71",
+        "50000",
+    ]
+
+
+def test_relay_command_survives_qemu_and_glib_parsing(tmp_path: Path) -> None:
+    state = tmp_path / "a b,c"
+    command = qemu.relay_command(state, qemu.Forward("10.5.0.11", "127.0.0.11", 50001), "/py")
+    assert shlex.split(command) == [
+        "/py",
+        "-m",
+        "basalt.provision.relay",
+        "--cluster",
+        str(state),
+        "127.0.0.11",
+        "50001",
+    ]
+    assert qemu._qemu_value(command).count(",,") == 1
+
+
+def test_image_needs_its_three_files_and_reads_its_cmdline(tmp_path: Path) -> None:
+    with pytest.raises(qemu.ProvisionError, match=r"vmlinuz, initrd\.img, root\.sqfs missing"):
+        qemu.Image.from_dir(tmp_path)
+    for name in qemu.IMAGE_FILES:
+        (tmp_path / name).write_bytes(b"")
+    assert qemu.Image.from_dir(tmp_path).cmdline == qemu.DEFAULT_CMDLINE
+
+
+def test_a_missing_image_that_is_not_the_default_is_not_built(tmp_path: Path) -> None:
+    with pytest.raises(qemu.ProvisionError, match="not a built image"):
+        qemu.ensure_image(tmp_path / "nowhere", lambda *_: None)
+
+
+def test_each_node_gets_its_name_and_host_address_in_its_config(
+    tmp_path: Path, cp_yaml: str, worker_yaml: str
+) -> None:
+    nodes = qemu.plan_nodes(request(workers=1), tmp_path)
+    configs = qemu.node_configs(nodes, {"controlplane": cp_yaml, "worker": worker_yaml})
+    for node in nodes:
+        bundle = load_bundle(configs[node.name])
+        machine = bundle.first(MachineConfig)
+        hostname = bundle.first(HostnameConfig)
+        assert machine is not None and hostname is not None
+        assert machine.type == node.type
+        assert node.address in machine.cert_sans
+        assert hostname.hostname == node.name
+
+
+# -- ports ---------------------------------------------------------------------------------------
+
+
+def test_ports_in_use_are_refused_before_anything_starts() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.213", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert not common.port_free("127.0.0.213", port)
+        node = NodeRecord("n", "worker", "127.0.0.213", "/nonexistent")
+        with pytest.raises(common.ProvisionError, match=f"127.0.0.213:{port} is in use"):
+            common.check_ports_free([node], (port,), hint="x")
+    assert common.port_free("127.0.0.213", port)
+
+
+# -- KVM -----------------------------------------------------------------------------------------
+
+
+def fake_qemu(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "qemu-system-fake"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def kvm_device(tmp_path: Path) -> Path:
+    device = tmp_path / "kvm"
+    device.write_bytes(b"")
+    return device
+
+
+def test_probe_accepts_kvm_only_when_a_guest_kernel_ran(tmp_path: Path, kvm_device: Path) -> None:
+    booted = fake_qemu(tmp_path, 'echo "Kernel panic - not syncing: VFS"; exit 0')
+    result = qemu.probe_kvm(booted, tmp_path / "vmlinuz", device=kvm_device)
+    assert result.usable
+
+
+def test_probe_rejects_a_guest_that_resets_without_booting(
+    tmp_path: Path, kvm_device: Path
+) -> None:
+    # Seen here with too little memory: QEMU exits 0 after the real-mode setup code.
+    reset = fake_qemu(tmp_path, 'echo "Probing EDD (edd=off to disable)... ok"; exit 0')
+    result = qemu.probe_kvm(reset, tmp_path / "vmlinuz", device=kvm_device)
+    assert not result.usable and "exit 0" in result.reason
+
+
+def test_probe_gives_up_on_a_hanging_guest_and_kills_it(tmp_path: Path, kvm_device: Path) -> None:
+    marker = tmp_path / "still-running"
+    hang = fake_qemu(tmp_path, f"sleep 30; touch {marker}")
+    started = time.monotonic()
+    result = qemu.probe_kvm(hang, tmp_path / "vmlinuz", timeout=0.5, device=kvm_device)
+    assert not result.usable and "did not boot within 0.5s" in result.reason
+    assert time.monotonic() - started < 10
+    assert not common.processes_naming(str(hang).encode())
+
+
+def test_probe_does_not_run_qemu_without_a_usable_device(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    spy = fake_qemu(tmp_path, f"touch {marker}")
+    result = qemu.probe_kvm(spy, tmp_path / "vmlinuz", device=tmp_path / "missing")
+    assert not result.usable and "does not exist" in result.reason
+    assert not marker.exists()
+
+
+def test_probe_command_boots_the_kernel_under_kvm_and_ends() -> None:
+    argv = qemu.probe_command("qemu-system-x86_64", Path("/img/vmlinuz"))
+    assert options_of(argv, "-accel") == ["kvm"]
+    assert options_of(argv, "-kernel") == ["/img/vmlinuz"]
+    assert "-no-reboot" in argv and "panic=-1" in options_of(argv, "-append")[0]
+    assert "-netdev" not in argv and "-initrd" not in argv
+
+
+def test_accelerator_decision() -> None:
+    calls: list[int] = []
+
+    def probe(usable: bool) -> qemu.KvmProbe:
+        calls.append(1)
+        return qemu.KvmProbe(usable, "because")
+
+    assert qemu.choose_accel("tcg", lambda: probe(True)) == ("tcg", "TCG requested")
+    assert not calls  # TCG asked for: no probe at all
+    assert qemu.choose_accel("auto", lambda: probe(True)) == ("kvm", "because")
+    assert qemu.choose_accel("auto", lambda: probe(False)) == ("tcg", "because")
+    assert qemu.choose_accel("kvm", lambda: probe(True)) == ("kvm", "because")
+    with pytest.raises(qemu.ProvisionError, match="KVM does not work here: because"):
+        qemu.choose_accel("kvm", lambda: probe(False))
+    with pytest.raises(qemu.ProvisionError, match="expected one of"):
+        qemu.choose_accel("hvf", lambda: probe(True))
+
+
+def test_probe_result_is_cached_per_boot_qemu_and_kernel(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "kvm.json"
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    calls: list[int] = []
+
+    def probe() -> qemu.KvmProbe:
+        calls.append(1)
+        return qemu.KvmProbe(False, "hangs")
+
+    first = qemu.cached_probe(cache, "qemu-system-x86_64", kernel, probe)
+    second = qemu.cached_probe(cache, "qemu-system-x86_64", kernel, probe)
+    assert (first.usable, second.usable) == (False, False)
+    assert second.reason == "hangs (cached)" and len(calls) == 1
+    kernel.write_bytes(b"another kernel")
+    qemu.cached_probe(cache, "qemu-system-x86_64", kernel, probe)
+    assert len(calls) == 2
+    cache.write_text("not json")
+    qemu.cached_probe(cache, "qemu-system-x86_64", kernel, probe)
+    assert len(calls) == 3
+
+
+# -- process ownership ---------------------------------------------------------------------------
+
+
+def spawn_named(argv0: str, *args: str) -> subprocess.Popen[bytes]:
+    """A process whose command line is ``argv0 -c 'sleep 30; :' args...`` (a shell)."""
+    return subprocess.Popen([argv0, "-c", "sleep 30; :", *args], executable="/bin/sh")
+
+
+def test_only_our_own_qemu_is_recognised_and_stopped(tmp_path: Path) -> None:
+    ours = NodeRecord("a", "controlplane", "127.0.0.1", str(tmp_path / "a"))
+    other = NodeRecord("b", "worker", "127.0.0.2", str(tmp_path / "b"))
+    vm = spawn_named("qemu-system-x86_64", "-pidfile", f"{ours.node_dir}/qemu.pid")
+    stranger = spawn_named("qemu-system-x86_64", "-pidfile", "/elsewhere/qemu.pid")
+    not_qemu = spawn_named("sh", "-pidfile", f"{other.node_dir}/qemu.pid")
+    try:
+        ours.launcher_pid = vm.pid
+        assert qemu.is_ours(ours) and qemu.machine_running(ours)
+        other.launcher_pid = stranger.pid  # a recycled pid: some other QEMU
+        assert not qemu.is_ours(other)
+        other.launcher_pid = not_qemu.pid  # a recycled pid: not a QEMU at all
+        assert not qemu.is_ours(other)
+        record = ClusterRecord("t", "qemu", str(tmp_path), "https://x:6443", [ours, other])
+        import asyncio
+
+        assert asyncio.run(qemu.stop_nodes(record, timeout=5)) == ["a"]
+        assert vm.wait(timeout=5) is not None
+        assert stranger.poll() is None and not_qemu.poll() is None
+        assert not qemu.machine_running(ours)
+    finally:
+        for process in (vm, stranger, not_qemu):
+            process.kill()
+            process.wait()
+
+
+def test_relays_are_found_by_their_cluster(tmp_path: Path) -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)", "basalt.provision.relay"]
+    mine = subprocess.Popen([*sleeper, "--cluster", str(tmp_path), "127.0.0.1", "1"])
+    theirs = subprocess.Popen([*sleeper, "--cluster", str(tmp_path / "other"), "127.0.0.1", "1"])
+    try:
+        deadline = time.monotonic() + 5
+        while mine.pid not in qemu.relays_of(str(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qemu.relays_of(str(tmp_path)) == [mine.pid]
+    finally:
+        for process in (mine, theirs):
+            process.kill()
+            process.wait()
+
+
+# -- relay ---------------------------------------------------------------------------------------
+
+
+RELAY = (sys.executable, "-m", "basalt.provision.relay")
+
+
+def echo_server() -> tuple[socket.socket, int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection:
+            while data := connection.recv(4096):
+                connection.sendall(data.upper())
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def test_relay_copies_both_ways_and_passes_the_close_on() -> None:
+    server, port = echo_server()
+    guest, inside = socket.socketpair()
+    outside = socket.create_connection(("127.0.0.1", port))
+    worker = threading.Thread(target=relay, args=(inside, outside))
+    worker.start()
+    guest.sendall(b"hello")
+    assert guest.recv(100) == b"HELLO"
+    guest.shutdown(socket.SHUT_WR)
+    assert guest.recv(100) == b""  # the server saw EOF, closed, and that came back
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+    for sock in (guest, inside, outside, server):
+        sock.close()
+
+
+def test_relay_process_talks_through_its_standard_input(tmp_path: Path) -> None:
+    server, port = echo_server()
+    guest, child_end = socket.socketpair()
+    child = subprocess.Popen(
+        [*RELAY, "--cluster", str(tmp_path), "127.0.0.1", str(port)],
+        stdin=child_end,
+        stdout=child_end,
+        stderr=child_end,
+    )
+    child_end.close()
+    try:
+        guest.sendall(b"abc")
+        assert guest.recv(100) == b"ABC"
+        guest.shutdown(socket.SHUT_WR)
+        assert child.wait(timeout=10) == 0
+    finally:
+        child.kill()
+        guest.close()
+        server.close()
+
+
+def test_relay_refuses_anything_but_loopback(tmp_path: Path) -> None:
+    guest, child_end = socket.socketpair()
+    code = subprocess.call(
+        [*RELAY, "--cluster", str(tmp_path), "192.0.2.1", "50000"],
+        stdin=child_end,
+        stdout=child_end,
+        stderr=child_end,
+        timeout=10,
+    )
+    assert code == 2
+    guest.close()
+    child_end.close()
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clusters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "clusters"
+    monkeypatch.setenv("BASALT_CLUSTERS_DIR", str(directory))
+    return directory
+
+
+def test_cli_refuses_vm_options_for_the_process_provisioner(
+    clusters: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cluster", "create", "--memory", "256", "--image", "/x"]) != 0
+    assert "--memory, --image only apply to VMs" in capsys.readouterr().err
+    assert not clusters.exists()
+
+
+def test_cli_refuses_several_qemu_control_planes_before_starting_anything(
+    clusters: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["cluster", "create", "--provisioner", "qemu", "--controlplanes", "3"])
+    assert code != 0
+    assert "one control plane" in capsys.readouterr().err
+    assert not clusters.exists()
+
+
+def test_show_and_destroy_follow_the_recorded_provisioner(
+    clusters: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = clusters / "vm"
+    node = NodeRecord("vm-controlplane-1", "controlplane", "127.0.0.71", str(state / "n"))
+    node.guest_address, node.launcher_pid = "10.5.0.11", 1  # pid 1 is nobody's QEMU
+    state.mkdir(parents=True)
+    record = ClusterRecord("vm", "qemu", str(state), "https://10.5.0.11:6443", [node])
+    record.options["accel"] = "tcg"
+    record.save()
+    assert main(["cluster", "show", "--name", "vm"]) == 0
+    out = capsys.readouterr().out
+    assert "cluster vm (qemu)" in out and "accel: tcg" in out
+    assert "10.5.0.11" in out and "stopped" in out
+    assert main(["cluster", "destroy", "--name", "vm"]) == 0
+    assert "0 VMs stopped" in capsys.readouterr().err
+    assert not state.exists()
+
+
+def test_backend_names_the_provisioners() -> None:
+    assert backend("qemu") is qemu
+    with pytest.raises(Exception, match="unknown provisioner"):
+        backend("lxc")

@@ -1,0 +1,130 @@
+"""One QEMU guest booted from a built image, for the VM tests: start, wait, read, stop.
+
+The node's API port is forwarded to a free host loopback port; the console goes to a
+file. Timings are host wall clock from just before QEMU starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from basalt.imager.qemu import direct_kernel_command, free_port
+
+T = TypeVar("T")
+
+#: Console lines stamped with the kernel's uptime by the initramfs init and by machined.
+_STAMP = re.compile(rb"^\[\s*([0-9.]+)\] (basalt-init|machined): (?:INFO \S+: )?(.*)$", re.M)
+#: The console lines worth printing for a boot timeline.
+TIMELINE = (
+    "initramfs: started",
+    "initramfs: mounted",
+    "PID 1: machined",
+    "loaded kernel modules",
+    "boot: started",
+    "API listening",
+    "DHCP lease",
+    "boot: install: phase started",
+    "boot: finished",
+)
+
+
+@dataclass
+class Vm:
+    """A running guest. ``port`` is the host port forwarded to the node's API."""
+
+    argv: list[str]
+    console: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    started: float
+    marks: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def boot(cls, image: Path, workdir: Path, *, machine: str = "microvm", cpus: int = 2) -> Vm:
+        port = free_port()
+        console = workdir / "console.log"
+        argv = direct_kernel_command(image, port, machine=machine, cpus=cpus)
+        with console.open("wb") as log:
+            started = time.monotonic()
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        return cls(argv, console, port, process, started)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def mark(self, name: str) -> float:
+        """Record (and return) the time since QEMU started under ``name``."""
+        self.marks[name] = self.elapsed()
+        return self.marks[name]
+
+    def console_text(self) -> str:
+        return self.console.read_bytes().decode(errors="replace")
+
+    def console_tail(self, chars: int = 6000) -> str:
+        return self.console_text()[-chars:]
+
+    def timeline(self) -> list[tuple[float, str]]:
+        """(kernel uptime, message) of the console lines in :data:`TIMELINE`."""
+        found = []
+        for uptime, who, message in _STAMP.findall(self.console.read_bytes()):
+            text = f"{who.decode()}: {message.decode(errors='replace')}"
+            if any(key in text for key in TIMELINE):
+                found.append((float(uptime), text))
+        return found
+
+    def wait(
+        self, attempt: Callable[[], Awaitable[T]], timeout: float, what: str, poll: float = 0.2
+    ) -> T:
+        """Run ``attempt`` until it returns without raising; fail with the console's tail
+        when QEMU exits or ``timeout`` passes."""
+
+        async def loop() -> T:
+            deadline = time.monotonic() + timeout
+            last: BaseException | None = None
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                try:
+                    return await attempt()
+                except Exception as exc:
+                    last = exc
+                    await asyncio.sleep(poll)
+            state = "QEMU exited" if self.process.poll() is not None else f"{timeout:.0f} s passed"
+            raise AssertionError(
+                f"{what}: {state}; last error: {last!r}\nconsole:\n{self.console_tail()}"
+            )
+
+        return asyncio.run(loop())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+async def call(
+    endpoint: str, method: str, request: Any, *, context: Any = None, timeout: float = 10.0
+) -> Any:
+    """One unary MachineService call: insecure (maintenance) without ``context``, else mTLS
+    with the client config context's CA and certificate."""
+    from basalt.machinery.client.client import Client
+
+    if context is None:
+        client = await Client.connect(endpoint, insecure=True)
+    else:
+        client = await Client.connect(endpoint, ca=context.ca, crt=context.crt, key=context.key)
+    try:
+        return await getattr(client.machine, method)(request, timeout=timeout)
+    finally:
+        await client.close()
