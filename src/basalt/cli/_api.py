@@ -135,3 +135,21 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         grid.add_row(*(str(v) for v in row))
     width = None if sys.stdout.isatty() else 100_000
     Console(soft_wrap=True, highlight=False, width=width).print(grid)
+
+
+def single_node(
+    ctx: typer.Context, nodes: Sequence[str], endpoints: Sequence[str], *, what: str, hint: str
+) -> str:
+    """The one node a verb works on: from -n, else the context's nodes, else its endpoint."""
+    from basalt.machinery.errors import BasaltError
+
+    targets = list(nodes)
+    if not targets:
+        opts = options(ctx)
+        _, context = opts.load_client_config().current(opts.context)
+        targets = list(context.nodes) or (list(endpoints) or list(context.endpoints))[:1]
+    if len(targets) != 1:
+        raise BasaltError(
+            f"{what}; {len(targets)} are targeted ({', '.join(targets) or 'none'})", hint=hint
+        )
+    return targets[0]

@@ -19,8 +19,8 @@ from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
-from ._api import EndpointsOption, NodeFailures, NodesOption, run, split, table
-from ._common import info, options
+from ._api import EndpointsOption, NodeFailures, NodesOption, run, single_node, split, table
+from ._common import info
 
 if TYPE_CHECKING:
     from basalt.machinery.api import common_pb2
@@ -384,21 +384,14 @@ def _check_snapshot_file(path: Path) -> int:
 
 
 def _bootstrap_node(ctx: typer.Context, nodes: list[str], endpoints: list[str]) -> str:
-    """The one node to bootstrap: from -n, else the context's nodes, else its endpoint."""
-    from basalt.machinery.errors import BasaltError
-
-    targets = nodes
-    if not targets:
-        opts = options(ctx)
-        _, context = opts.load_client_config().current(opts.context)
-        targets = list(context.nodes) or (endpoints or list(context.endpoints))[:1]
-    if len(targets) != 1:
-        raise BasaltError(
-            f"bootstrap works on exactly one control plane; "
-            f"{len(targets)} are targeted ({', '.join(targets) or 'none'})",
-            hint="name it with -n NODE",
-        )
-    return targets[0]
+    """The one control plane to bootstrap."""
+    return single_node(
+        ctx,
+        nodes,
+        endpoints,
+        what="bootstrap works on exactly one control plane",
+        hint="name it with -n NODE",
+    )
 
 
 def bootstrap(

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ._api import EndpointsOption, NodeFailures, NodesOption, run, split
-from ._common import info, options
+from ._api import EndpointsOption, NodeFailures, NodesOption, run, single_node, split
+from ._common import info
 
 if TYPE_CHECKING:
     from basalt.machinery.api import machine_pb2
@@ -29,21 +29,14 @@ POLL = 1.0
 
 
 def _target(ctx: typer.Context, nodes: list[str], endpoints: list[str]) -> str:
-    """The one node to upgrade: from -n, else the context's nodes, else its endpoint."""
-    from basalt.machinery.errors import BasaltError
-
-    targets = nodes
-    if not targets:
-        opts = options(ctx)
-        _, context = opts.load_client_config().current(opts.context)
-        targets = list(context.nodes) or (endpoints or list(context.endpoints))[:1]
-    if len(targets) != 1:
-        raise BasaltError(
-            f"upgrade works on one node at a time; {len(targets)} are targeted "
-            f"({', '.join(targets) or 'none'})",
-            hint="name it with -n NODE; upgrade control planes one after the other with --wait",
-        )
-    return targets[0]
+    """The one node to upgrade."""
+    return single_node(
+        ctx,
+        nodes,
+        endpoints,
+        what="upgrade works on one node at a time",
+        hint="name it with -n NODE; upgrade control planes one after the other with --wait",
+    )
 
 
 def _bundle_size(image: Path) -> int:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from basalt.machinery.api import common_pb2, machine_pb2, resource_pb2
 from basalt.machinery.client.client import Client
@@ -25,6 +26,10 @@ from basalt.machinery.errors import BasaltError
 from basalt.machinery.fileio import write_atomic
 
 from .state import ClusterRecord, NodeRecord
+
+if TYPE_CHECKING:
+    from basalt.machinery.config import GeneratedConfigs
+    from basalt.machinery.secrets import SecretsBundle
 
 DEFAULT_BASE = "127.0.0.11"
 #: ``progress(node name, stage)``: what a caller shows while a cluster comes up.
@@ -326,3 +331,18 @@ def failure_hint(state_dir: Path) -> str:
         f"node console logs are in {state_dir}/<node>/console.log; "
         f"clean up with 'basaltctl cluster destroy --state-dir {state_dir}'"
     )
+
+
+def write_cluster_inputs(
+    state_dir: Path, secrets: SecretsBundle, generated: GeneratedConfigs
+) -> dict[str, str]:
+    """Keep the cluster's secrets and machine configs with its state; returns the configs."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(state_dir / "secrets.yaml", secrets.to_yaml(), mode=0o600)
+    configs = {
+        "controlplane": generated.controlplane.to_yaml(),
+        "worker": generated.worker.to_yaml(),
+    }
+    for kind, text in configs.items():
+        write_atomic(state_dir / f"{kind}.yaml", text, mode=0o600)
+    return configs

@@ -23,7 +23,6 @@ from pathlib import Path
 from basalt.machinery.api import API_PORT, TRUST_PORT
 from basalt.machinery.config import GenerateOptions, Patch, generate_configs
 from basalt.machinery.errors import BasaltError
-from basalt.machinery.fileio import write_atomic
 from basalt.machinery.secrets import generate_secrets
 
 from . import common
@@ -41,6 +40,7 @@ from .common import (
     members_known,
     node_ready,
     node_running,
+    write_cluster_inputs,
 )
 from .state import ClusterRecord, NodeRecord
 
@@ -148,14 +148,7 @@ async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -
         controlplane_patches=request.controlplane_patches,
         worker_patches=request.worker_patches,
     )
-    state_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(state_dir / "secrets.yaml", secrets.to_yaml(), mode=0o600)
-    configs = {
-        "controlplane": generated.controlplane.to_yaml(),
-        "worker": generated.worker.to_yaml(),
-    }
-    for kind, text in configs.items():
-        write_atomic(state_dir / f"{kind}.yaml", text, mode=0o600)
+    configs = write_cluster_inputs(state_dir, secrets, generated)
     record = ClusterRecord(request.name, "process", str(state_dir), endpoint, nodes)
     record.save()
     try:

@@ -44,7 +44,7 @@ from basalt.machinery.errors import BasaltError
 from basalt.machinery.fileio import write_atomic
 
 from . import common
-from .common import BringUp, Progress, ProvisionError, alive
+from .common import BringUp, Progress, ProvisionError, alive, write_cluster_inputs
 from .process import ClusterRequest
 from .state import ClusterRecord, NodeRecord
 
@@ -556,14 +556,7 @@ async def create(
         controlplane_patches=request.controlplane_patches,
         worker_patches=request.worker_patches,
     )
-    state_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(state_dir / "secrets.yaml", secrets.to_yaml(), mode=0o600)
-    configs = {
-        "controlplane": generated.controlplane.to_yaml(),
-        "worker": generated.worker.to_yaml(),
-    }
-    for kind, text in configs.items():
-        write_atomic(state_dir / f"{kind}.yaml", text, mode=0o600)
+    configs = write_cluster_inputs(state_dir, secrets, generated)
     per_node = node_configs(nodes, configs)
     image = copy_image(source, state_dir)
     record = ClusterRecord(
