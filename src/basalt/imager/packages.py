@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImageBuildError, ImageLockError
-from .lock import WHEEL_TAG_ARGS, LockedDeb, LockedWheel, download_debs
+from .lock import LockedDeb, LockedWheel, download_debs, download_wheels
 from .stage import Cache, Stage, run_tool, sha256_file
 
 #: Top-level directories that merged-/usr folds into /usr.
@@ -51,22 +50,7 @@ class FetchWheels(Stage):
     def run(self, out: Path, cache: Cache) -> None:
         target = out / "wheels"
         target.mkdir()
-        specs = [f"{w.name}=={w.version}" for w in self.wheels]
-        run_tool(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                *WHEEL_TAG_ARGS,
-                "-d",
-                str(target),
-                *specs,
-            ],
-            what="pip download",
-        )
+        download_wheels({w.name: w.version for w in self.wheels}, target)
         for wheel in self.wheels:
             path = target / wheel.file
             if not path.exists() or sha256_file(path) != wheel.sha256:
