@@ -31,7 +31,8 @@ DEFAULT_LOCK = REPO_ROOT / "image.lock"
 
 #: The kernel flavour: a meta-package whose one dependency is the versioned image package.
 KERNEL_META = "linux-image-cloud-amd64"
-#: The interpreter, the libraries its stdlib and our wheels link against, and etcd.
+#: The interpreter, the libraries its stdlib and our wheels link against, etcd, the
+#: container runtime, mke2fs, systemd-boot and the packages of the shipped extensions.
 DEBIAN_PACKAGES: tuple[str, ...] = (
     "python3.11-minimal",
     "libpython3.11-minimal",
@@ -50,6 +51,26 @@ DEBIAN_PACKAGES: tuple[str, ...] = (
     "libgcc-s1",
     "libstdc++6",
     "etcd-server",
+    # The container runtime: containerd (with its shim and ctr) and runc.
+    "containerd",
+    "runc",
+    "libseccomp2",
+    # mke2fs, which formats STATE and EPHEMERAL at install.
+    "e2fsprogs",
+    "libext2fs2",
+    "libcom-err2",
+    "libblkid1",
+    # The UEFI boot manager copied onto the ESP of disk images (not into the root).
+    "systemd-boot-efi",
+    # The qemu-guest-agent system extension and the libraries it needs.
+    "qemu-guest-agent",
+    "libglib2.0-0",
+    "libnuma1",
+    "libudev1",
+    "liburing2",
+    "libmount1",
+    "libpcre2-8-0",
+    "libselinux1",
 )
 #: Basalt's dependencies that only the CLI uses; they stay out of the node image.
 CLI_ONLY: tuple[str, ...] = ("typer", "rich")

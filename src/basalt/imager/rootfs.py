@@ -54,6 +54,17 @@ PRUNE_DYNLOAD_PREFIXES = ("_test", "_xxtest", "_ctypes_test", "xxlimited", "_xxs
 #: Directories the metal platform mounts over (the files it binds over, /etc/hostname
 #: and the like, are written by :func:`_etc`).
 MOUNT_POINTS = IMAGE_MOUNT_DIRECTORIES
+#: The programs besides the interpreter, from the locked packages: etcd, the container
+#: runtime (containerd, its runc shim and runc; machined drives containerd through its
+#: gRPC API, so no ``ctr``) and mke2fs, which formats STATE and EPHEMERAL at install.
+#: Each counts toward the executable budget.
+ROOT_PROGRAMS: tuple[str, ...] = (
+    "usr/bin/etcd",
+    "usr/bin/containerd",
+    "usr/bin/containerd-shim-runc-v2",
+    "usr/sbin/runc",
+    "usr/sbin/mke2fs",
+)
 #: What the build checks the image's interpreter can import from the finished root.
 IMPORT_CHECK = (
     "basalt.imager.init",
@@ -145,7 +156,8 @@ class Rootfs(Stage):
         root = out / "root"
         _skeleton(root)
         dropped = _python(tree, root)
-        copy_file(tree / "usr/bin/etcd", root / "usr/bin/etcd")
+        for program in ROOT_PROGRAMS:
+            copy_file(tree / program, root / program)
         _install_wheels(cache.output(self.wheels) / "wheels", root / SITE)
         shutil.copytree(cache.output(self.sources) / "basalt", root / SITE / "basalt")
         modules = _modules(tree, root, self.kernel_release, self.modules, self.root_modules)

@@ -28,13 +28,16 @@ class Squashfs(Stage):
     rootfs: Rootfs
     compression: str = "zstd"
     level: int = 19
+    #: 256 KiB blocks: Go binaries (etcd, containerd, runc) compress ~3 % better than
+    #: with the default 128 KiB, which keeps the root under 60 MB.
+    block_size: str = "256K"
     epoch: int = SOURCE_DATE_EPOCH
 
     def run(self, out: Path, cache: Cache) -> None:
         root = cache.output(self.rootfs) / "root"
         image = out / "root.sqfs"
         argv = ["mksquashfs", str(root), str(image), "-noappend", "-no-progress", "-quiet"]
-        argv += ["-comp", self.compression, "-all-root", "-processors", "1"]
+        argv += ["-comp", self.compression, "-all-root", "-processors", "1", "-b", self.block_size]
         if self.compression in ("zstd", "gzip"):
             argv += ["-Xcompression-level", str(self.level)]
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(self.epoch)}
