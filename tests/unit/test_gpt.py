@@ -16,6 +16,12 @@ from basalt.machinery.disk.layout import LAYOUT, Layout
 MIB = 1024 * 1024
 
 
+def _sgdisk(option: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sgdisk", option, str(path)], capture_output=True, text=True, check=False
+    )
+
+
 def _disk(path: Path, size: int) -> int:
     with path.open("wb") as stream:
         stream.truncate(size)
@@ -118,9 +124,9 @@ def test_sgdisk_reads_what_we_write(tmp_path: Path) -> None:
         gpt.write(fd, table)
     finally:
         os.close(fd)
-    verify = subprocess.run(["sgdisk", "--verify", str(path)], capture_output=True, text=True)
+    verify = _sgdisk("--verify", path)
     assert verify.returncode == 0 and "No problems found" in verify.stdout, verify.stdout
-    listing = subprocess.run(["sgdisk", "--print", str(path)], capture_output=True, text=True)
+    listing = _sgdisk("--print", path)
     assert listing.returncode == 0, listing.stderr
     rows = [line.split() for line in listing.stdout.splitlines() if line[:4].strip().isdigit()]
     got = [(int(r[0]), int(r[1]), int(r[2]), r[5], r[-1]) for r in rows]
@@ -129,7 +135,7 @@ def test_sgdisk_reads_what_we_write(tmp_path: Path) -> None:
         for n, p in enumerate(table.partitions, start=1)
     ]
     assert got == want
-    info = subprocess.run(["sgdisk", "--info=2", str(path)], capture_output=True, text=True)
+    info = _sgdisk("--info=2", path)
     assert str(table.partitions[1].guid).upper() in info.stdout
-    disk = subprocess.run(["sgdisk", "--print", str(path)], capture_output=True, text=True)
+    disk = _sgdisk("--print", path)
     assert str(table.disk_guid).upper() in disk.stdout
