@@ -35,6 +35,10 @@ class Tuning:
     member_ttl: float = 60.0
     #: How long a slot on trial has to pass its health gates before it counts as failed.
     boot_assessment_timeout: float = 120.0
+    #: Time sync: the servers' UDP port, and the poll interval bounds once in sync.
+    ntp_port: int = 123
+    time_poll_min: float = 64.0
+    time_poll_max: float = 1024.0
 
 
 @dataclass

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def _machine_controllers(node: Node) -> list[Controller]:
-    """Network, resolvers, host name, sysctls and kernel modules: only where the agent
+    """Network, resolvers, host name, sysctls, kernel modules and time: only where the agent
     owns the machine (metal). Each also checks the platform's capabilities itself."""
     mode = node.platform.mode
     if not (mode.manages_network or mode.manages_kernel):
@@ -26,6 +26,7 @@ def _machine_controllers(node: Node) -> list[Controller]:
     from .network import NetworkController
     from .resolvers import ResolversController
     from .sysctls import SysctlsController
+    from .timesync import TimeSyncController
 
     network = NetworkController(node)
     return [
@@ -34,6 +35,7 @@ def _machine_controllers(node: Node) -> list[Controller]:
         HostnameApplyController(node),
         SysctlsController(node),
         KernelModulesController(node),
+        TimeSyncController(node),
     ]
 
 

@@ -11,8 +11,12 @@ import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
+
+if TYPE_CHECKING:
+    from ..sys.clock import Clock
 
 
 class PlatformMode(StrEnum):
@@ -97,6 +101,13 @@ class Platform:
     def power_signals(self) -> dict[signal.Signals, str]:
         """Signal -> the sequence it starts: a process stops on either."""
         return {signal.SIGTERM: "shutdown", signal.SIGINT: "shutdown"}
+
+    def clock(self) -> Clock:
+        """The clock time sync corrects: here one it only reads (a container does not own
+        the machine's clock)."""
+        from ..sys.clock import ObservingClock
+
+        return ObservingClock()
 
     def exit_code(self, action: str) -> int:
         """What the process exits with to make its launcher reboot or stop it."""

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
@@ -35,6 +35,9 @@ from ..sys import kmod, mount, power
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode
 from .etc import GENERATED_ETC_FILES, render_hosts, write_generated
+
+if TYPE_CHECKING:
+    from ..sys.clock import Clock
 
 __all__ = [
     "IMAGE_MODULES",
@@ -201,6 +204,12 @@ class MetalPlatform(Platform):
         if self.init:
             self.reaper = Reaper()
             self.reaper.install()
+
+    def clock(self) -> Clock:
+        """PID 1 owns the machine's clock; run any other way it only reads it."""
+        from ..sys.clock import ObservingClock, SystemClock
+
+        return SystemClock() if self.init else ObservingClock()
 
     def power_signals(self) -> dict[signal.Signals, str]:
         # As for any init: SIGTERM asks for a power-off, SIGINT (what the kernel sends

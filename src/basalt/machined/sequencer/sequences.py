@@ -132,6 +132,29 @@ async def wait_for_address(node: Node, request: Any) -> None:
     node.events.publish("network", f"node address is {node.address}", actor="boot")
 
 
+def syncs_time(node: Node, request: Any) -> bool:
+    from basalt.machinery.config import TimeSyncConfig
+
+    config = node.config.first(TimeSyncConfig) if node.config else None
+    return bool(node.platform.mode.manages_kernel and config and config.enabled and config.servers)
+
+
+async def wait_for_time(node: Node, request: Any) -> None:
+    """Certificates and etcd need a sane clock: wait for the first SNTP sync, at most
+    TimeSyncConfig.bootTimeoutSeconds, then go on either way (and say so)."""
+    from basalt.machinery.config import TimeSyncConfig
+
+    from ..controllers.timesync import wait_for_sync
+
+    config = node.config.first(TimeSyncConfig) if node.config else None
+    timeout = float(config.boot_timeout_seconds if config else 0)
+    if await wait_for_sync(node, timeout):
+        return
+    message = f"clock not in sync after {timeout:g} s; booting on (see 'basaltctl get time')"
+    log.warning("%s", message)
+    node.events.publish("time", message, actor="boot")
+
+
 async def establish_identity(node: Node, request: Any) -> None:
     from ..certificates import establish
 
@@ -159,6 +182,7 @@ boot: Sequence[Node] = (
     .then("maintenance", maintenance, when=no_config)
     .then("install", install, when=installs_to_disk)
     .then("address", wait_for_address, when=address_unknown)
+    .then("time", wait_for_time, when=syncs_time)
     .then("identity", establish_identity)
     .then("services", start_services)
     .then("running", mark_running)

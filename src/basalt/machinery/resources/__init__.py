@@ -23,6 +23,7 @@ from .specs import (
     NodeAddressesSpec,
     ResourceDefinitionSpec,
     ServiceStatusSpec,
+    TimeStatusSpec,
     UnmetCondition,
     VersionSpec,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ResourceDefinition",
     "ResourceDefinitionSpec",
     "ServiceStatusSpec",
+    "TimeStatusSpec",
     "UnknownResourceTypeError",
     "UnmetCondition",
     "VersionSpec",

@@ -148,6 +148,20 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         ),
     ),
     ResourceDefinition(
+        "TimeStatuses",
+        "runtime",
+        specs.TimeStatusSpec,
+        ("timestatus", "timestatuses", "time"),
+        "Time synchronisation (SNTP): in sync or not, the server, the last offset.",
+        (
+            ("SYNCED", "synced"),
+            ("SERVER", "server"),
+            ("OFFSET", "offset"),
+            ("ADJUSTMENT", "adjustment"),
+            ("ERROR", "error"),
+        ),
+    ),
+    ResourceDefinition(
         "Versions",
         "runtime",
         specs.VersionSpec,

@@ -94,6 +94,25 @@ class BootStatusSpec(Model):
     summary: str = ""
 
 
+class TimeStatusSpec(Model):
+    """The clock, as SNTP sees it: synchronised or not, against which server, how far off.
+
+    ``offset`` is the last correction measured (seconds; positive: the clock was behind);
+    ``adjustment`` says what was done about it: ``step``, ``slew``, or ``none`` when this
+    agent does not own the clock (not PID 1) and only observes.
+    """
+
+    synced: bool
+    servers: list[str]
+    server: str = ""
+    stratum: int = 0
+    offset: float = 0.0
+    delay: float = 0.0
+    adjustment: str = ""
+    last_sync: float = 0.0
+    error: str = ""
+
+
 class MachineConfigSpec(Model):
     """The machine config the node runs (sensitive: admin only)."""
 
