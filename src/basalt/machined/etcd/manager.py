@@ -77,7 +77,7 @@ class EtcdManager:
         return peer_url(self.node.address)
 
     def initialized(self) -> bool:
-        return (self.data_dir / "member").is_dir()
+        return has_wal(self.data_dir)
 
     def _cluster(self) -> ClusterConfig:
         assert self.node.config is not None
@@ -158,6 +158,12 @@ class EtcdManager:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         if self.initialized():
             return argv
+        if discard_incomplete(self.data_dir):
+            # Left by a start that never became a member (a join whose etcd could not fetch
+            # the cluster): started as is, etcd would found a one-member cluster of its own.
+            self.node.events.publish(
+                "etcd", "discarded the data of an etcd start that never joined", actor="etcd"
+            )
         initial = f"{self.name}={self.peer_url}"
         if self.bootstrap_requested.is_set() and self.recover:
             await self._restore(initial, out)
@@ -465,6 +471,20 @@ class EtcdStartable:
                 if await manager.find_cluster(timeout=1.0) is not None:
                     return
             await asyncio.sleep(POLL)
+
+
+def has_wal(data_dir: Path) -> bool:
+    """Whether etcd ever started as a member here: it writes its write-ahead log only once
+    it has a cluster (new, restored, or fetched from the peers it joins)."""
+    return any((data_dir / "member" / "wal").glob("*.wal"))
+
+
+def discard_incomplete(data_dir: Path) -> bool:
+    """Remove a data dir that holds no WAL (nothing in it is data); True if one was there."""
+    if has_wal(data_dir) or not data_dir.exists():
+        return False
+    shutil.rmtree(data_dir)
+    return True
 
 
 def data_dir_size(path: Path) -> int:
