@@ -4,17 +4,21 @@ root read-only, switch to it and exec its ``/sbin/init`` (see docs/adr/0006-init
 This file is copied as ``/init`` into the initramfs, behind ``#!/usr/bin/python3.11 -IS``.
 It mounts ``/proc``, ``/sys`` and ``devtmpfs``, loads the kernel modules listed in
 ``/etc/basalt/modules.load`` (virtio transports and block, squashfs) with
-``finit_module``, mounts the squashfs root read-only from ``basalt.root=`` (default
-``/dev/vda``), frees the initramfs, moves the API filesystems over, switches root
-(``MS_MOVE`` + ``chroot``) and execs ``/sbin/init``.
+``finit_module``, mounts the squashfs root read-only, frees the initramfs, moves the
+API filesystems over, switches root (``MS_MOVE`` + ``chroot``) and execs ``/sbin/init``.
 
 The root's ``/sbin/init`` is machined itself on the metal platform (the same as
 ``python3.11 -m basalt.machined --platform metal``; see docs/adr/0008-metal-pid1.md):
 it mounts what else it needs, loads the root's modules (virtio-net), reaps, handles power
 and configures the network by DHCP. Nothing here touches the network.
 
+The root is the partition named ``BASALT-<slot>`` (GPT PARTNAME, as the kernel reports
+it in ``/sys/class/block/*/uevent``) for ``basalt.slot=<slot>``, which a boot entry of
+the disk image passes; without ``basalt.slot=`` it is the device ``basalt.root=``
+(default ``/dev/vda``: a direct-kernel boot with ``root.sqfs`` as a raw drive).
+
 Only the standard library is used, and only what the initramfs holds (``os``, ``sys``,
-``time``, ``ctypes``). Kernel argument: ``basalt.root=``.
+``time``, ``ctypes``). Kernel arguments: ``basalt.slot=``, ``basalt.root=``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ INITRD_MARKER = "/etc/initrd-release"
 INITRD_MODULES = "/etc/basalt/modules.load"
 NEW_ROOT = "/sysroot"
 DEFAULTS = {"root": "/dev/vda"}
+SYS_BLOCK = "/sys/class/block"
+#: How long block devices get to appear (virtio-pci probing is slow under TCG).
+DEVICE_TIMEOUT = 10.0
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_MOVE = 0x1, 0x2, 0x4, 0x8, 0x2000
 _SYS_FINIT_MODULE = 313  # x86_64
@@ -104,6 +111,41 @@ def wait_for(path: str, timeout: float) -> None:
         time.sleep(0.01)
 
 
+def partition_by_name(name: str, sys_block: str = SYS_BLOCK) -> str | None:
+    """``/dev/<dev>`` of the partition whose GPT name is ``name``, None if none is there."""
+    try:
+        devices = sorted(os.listdir(sys_block))
+    except FileNotFoundError:
+        return None
+    for device in devices:
+        try:
+            with open(f"{sys_block}/{device}/uevent") as stream:
+                lines = stream.read().splitlines()
+        except OSError:
+            continue
+        if f"PARTNAME={name}" in lines:
+            return f"/dev/{device}"
+    return None
+
+
+def find_root(args: dict[str, str], timeout: float) -> str:
+    """The root's device: the slot's partition by name, else ``basalt.root=``."""
+    slot = args.get("slot", "")
+    if not slot:
+        wait_for(args["root"], timeout)
+        return args["root"]
+    name = f"BASALT-{slot.upper()}"
+    deadline = time.monotonic() + timeout
+    while (device := partition_by_name(name)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no partition named {name} (basalt.slot={slot}) within {timeout:.0f} s"
+            )
+        time.sleep(0.01)
+    wait_for(device, timeout)
+    return device
+
+
 def _free_initramfs(path: str, device: int) -> None:
     """Delete the initramfs' files (they hold RAM), staying on its own filesystem."""
     for entry in os.scandir(path):
@@ -117,15 +159,54 @@ def _free_initramfs(path: str, device: int) -> None:
             os.unlink(full)
 
 
+#: The image's system extensions and schematic record, from the initramfs' second segment
+#: (basalt/imager/extensions.py), and where they go on the new root: a tmpfs, read-only
+#: once filled, on which machined mounts each extension (basalt/machined/extensions.py).
+EXTENSIONS_SOURCE = "/extensions"
+EXTENSIONS_TARGET = "/usr/lib/basalt/extensions"
+_MS_REMOUNT = 0x20
+_COPY_CHUNK = 1 << 20
+
+
+def install_extensions(source: str, target: str) -> int:
+    """Move the files of ``source`` to a new tmpfs on ``target``, with an empty directory
+    for each ``NAME.sqfs``; make it read-only; return how many files moved."""
+    if not os.path.isdir(source) or not os.path.isdir(target):
+        return 0
+    flags = MS_NOSUID | MS_NODEV
+    mount("tmpfs", target, "tmpfs", flags, "mode=0755")
+    names = sorted(os.listdir(source))
+    for name in names:
+        _copy(f"{source}/{name}", f"{target}/{name}")
+        os.unlink(f"{source}/{name}")  # the initramfs copy holds RAM too
+        if name.endswith(".sqfs"):
+            os.mkdir(f"{target}/{name[: -len('.sqfs')]}", 0o755)
+    mount("tmpfs", target, None, _MS_REMOUNT | MS_RDONLY | flags)
+    return len(names)
+
+
+def _copy(source: str, target: str) -> None:
+    reader = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    writer = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        while chunk := os.read(reader, _COPY_CHUNK):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(writer, view) :]
+    finally:
+        os.close(writer)
+        os.close(reader)
+
+
 def initrd_stage() -> None:
     """Find the root, mount it read-only, switch to it, exec its ``/sbin/init``."""
     mount_api_filesystems()
     log("initramfs: started")
     log(f"initramfs: loaded {load_modules(INITRD_MODULES)} modules")
-    args = kernel_args()
-    wait_for(args["root"], 10)
-    mount(args["root"], NEW_ROOT, "squashfs", MS_RDONLY | MS_NODEV)
-    log(f"initramfs: mounted {args['root']} read-only; switching root")
+    root = find_root(kernel_args(), DEVICE_TIMEOUT)
+    mount(root, NEW_ROOT, "squashfs", MS_RDONLY | MS_NODEV)
+    moved = install_extensions(EXTENSIONS_SOURCE, NEW_ROOT + EXTENSIONS_TARGET)
+    log(f"initramfs: mounted {root} read-only ({moved} extension files); switching root")
     for api in ("/dev", "/proc", "/sys"):
         mount(api, NEW_ROOT + api, None, MS_MOVE)
     _free_initramfs("/", os.lstat("/").st_dev)

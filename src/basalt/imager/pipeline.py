@@ -17,6 +17,7 @@ import basalt
 
 from . import lock as lockfile
 from .boot import Boot
+from .disk import DISK_FILES, Disk
 from .elf import ElfFormatError, is_elf, read_elf
 from .errors import ImageError
 from .packages import FetchDebs, FetchWheels, Unpack
@@ -34,7 +35,7 @@ INITRD_MODULES = ("virtio_rng", "virtio_mmio", "virtio_pci", "virtio_blk", "squa
 ROOT_MODULES = ("virtio_net",)
 #: Kernel arguments for a direct-kernel boot (microvm needs the TSC ones under TCG).
 CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
-IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs")
+IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", *DISK_FILES)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Pipeline:
     squashfs: Squashfs
     boot: Boot
     lock: lockfile.Lock
+    disk: Disk | None = None
 
     @classmethod
     def from_lock(cls, lock: lockfile.Lock) -> Pipeline:
@@ -60,7 +62,15 @@ class Pipeline:
             root_modules=ROOT_MODULES,
         )
         boot = Boot(unpack=unpack, rootfs=rootfs, kernel_release=release, modules=INITRD_MODULES)
-        return cls(rootfs=rootfs, squashfs=Squashfs(rootfs=rootfs), boot=boot, lock=lock)
+        squashfs = Squashfs(rootfs=rootfs)
+        disk = Disk(
+            boot=boot,
+            squashfs=squashfs,
+            unpack=unpack,
+            basalt_version=basalt.__version__,
+            cmdline=CMDLINE,
+        )
+        return cls(rootfs=rootfs, squashfs=squashfs, boot=boot, lock=lock, disk=disk)
 
 
 def executables(root: Path) -> list[str]:
@@ -117,6 +127,9 @@ def build(
         "initrd.img": boot_dir / "initrd.img",
         "root.sqfs": squashfs_dir / "root.sqfs",
     }
+    if pipeline.disk is not None:
+        disk_dir = cache.output(pipeline.disk)
+        sources.update({name: disk_dir / name for name in DISK_FILES})
     for name, source in sources.items():
         target = out / name
         if target.exists():
@@ -134,7 +147,7 @@ def build(
         "version": basalt.__version__,
         "kernel": {"package": lock.kernel, "release": pipeline.boot.kernel_release},
         "cmdline": CMDLINE,
-        "files": {name: _describe(out / name) for name in IMAGE_FILES},
+        "files": {name: _describe(out / name) for name in IMAGE_FILES if name in sources},
         "root": {"files": files, "bytes": tree_bytes, "compression": pipeline.squashfs.compression},
         "executables": programs,
         "packages": {d.name: d.version for d in lock.debs},
@@ -144,6 +157,7 @@ def build(
         "stages": {
             stage.name: stage.stage_id()
             for stage in (pipeline.rootfs, pipeline.squashfs, pipeline.boot)
+            + ((pipeline.disk,) if pipeline.disk is not None else ())
         },
     }
     (out / "image.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
