@@ -1,4 +1,4 @@
-"""Regenerate the committed gRPC stubs from src/basalt/machinery/api/*.proto.
+"""Regenerate the committed gRPC stubs from src/basalt/machinery/api/**/*.proto.
 
     python scripts/gen_proto.py [--out DIR]
 
@@ -25,7 +25,8 @@ def generate(out: Path) -> list[Path]:
     from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    protos = sorted(str(p.relative_to(SRC)) for p in API.glob("*.proto"))
+    # Our API at the top; subsets of other projects' APIs (containerd) in subpackages.
+    protos = sorted(str(p.relative_to(SRC)) for p in API.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "protoc",
@@ -39,11 +40,12 @@ def generate(out: Path) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
-        generated = sorted((Path(tmp) / "basalt" / "machinery" / "api").iterdir())
-        out.mkdir(parents=True, exist_ok=True)
+        base = Path(tmp) / "basalt" / "machinery" / "api"
+        generated = sorted(p for p in base.rglob("*") if p.is_file())
         written = []
         for path in generated:
-            target = out / path.name
+            target = out / path.relative_to(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
             written.append(target)
         return written

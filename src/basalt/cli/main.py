@@ -27,6 +27,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "etcd": ("etcd", "app"),
     "bundle": ("bundle", "app"),
     "image": ("image", "app"),
+    "containers": ("containers", "app"),
 }
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "validate"),

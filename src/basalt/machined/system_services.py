@@ -108,6 +108,12 @@ def register_system_services(node: Node) -> None:
             node.etcd = EtcdManager(node)
             node.background(observe_forever(node, node.etcd), name="etcd-observe")
         wanted.append(etcd_service(node, node.etcd))
+    from .containerd.runtime import wanted as containerd_wanted
+
+    if containerd_wanted(node):
+        from .containerd.service import containerd_service
+
+        wanted.append(containerd_service(node))
     wanted.append(_kubelet(node))
     for spec in wanted:
         if spec.id not in known:

@@ -73,6 +73,10 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
     # Installing software and choosing which slot boots: admin only.
     _SERVICE + "Upgrade": _ADMIN,
     _SERVICE + "Rollback": _ADMIN,
+    # Containers: importing images is an operation; running one runs arbitrary code.
+    _SERVICE + "ImageImport": _OPERATE,
+    _SERVICE + "ImageList": _READ,
+    _SERVICE + "ContainerRun": _ADMIN,
     # Resource reads; sensitive types are further limited to admin by the servicer.
     _RESOURCES + "Get": _READ,
     _RESOURCES + "List": _READ,

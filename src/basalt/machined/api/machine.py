@@ -15,6 +15,7 @@ from basalt.machinery.api import common_pb2, machine_pb2, machine_pb2_grpc
 from basalt.machinery.roles import CLIENT_ROLES, Role
 
 from .auth import Principal, answer_metadata, current_principal
+from .containers import ContainerMethods
 from .errors import AccessDeniedError, InvalidRequestError, NotFoundError
 from .etcd import EtcdMethods
 from .upgrade import UpgradeMethods
@@ -27,7 +28,9 @@ CHUNK = 64 * 1024
 AGENT_LOG = "machined"
 
 
-class MachineServicer(EtcdMethods, UpgradeMethods, machine_pb2_grpc.MachineServiceServicer):
+class MachineServicer(
+    EtcdMethods, UpgradeMethods, ContainerMethods, machine_pb2_grpc.MachineServiceServicer
+):
     def __init__(self, node: Node) -> None:
         self.node = node
 
@@ -162,7 +165,7 @@ class MachineServicer(EtcdMethods, UpgradeMethods, machine_pb2_grpc.MachineServi
         buffer = (
             self.node.agent_log
             if request.id == AGENT_LOG
-            else self.node.supervisor.logs(request.id)
+            else _container_log(self.node, request.id) or self.node.supervisor.logs(request.id)
         )
         tail = None if request.tail_lines < 0 else request.tail_lines
         meta = self.meta()
@@ -396,3 +399,17 @@ async def _aiter(items: list[Any]) -> AsyncIterator[Any]:
 
 
 __all__ = ["MachineServicer", "NotFoundError"]
+
+
+def _container_log(node: Node, log_id: str) -> Any:
+    """The log of a container run (``containers/<id>``), if this node kept it."""
+    if not log_id.startswith("containers/"):
+        return None
+    from ..containerd.runtime import runtime_for
+
+    found = runtime_for(node).log(log_id)
+    if found is None:
+        raise NotFoundError(
+            f"no log {log_id!r} on this node (the last container runs' logs are kept)"
+        )
+    return found

@@ -205,6 +205,21 @@ class MachineServiceStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
                 _registered_method=True)
+        self.ImageImport = channel.stream_unary(
+                '/basalt.api.v1alpha1.MachineService/ImageImport',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ImageImportRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ImageImportResponse.FromString,
+                _registered_method=True)
+        self.ImageList = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/ImageList',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ImageListResponse.FromString,
+                _registered_method=True)
+        self.ContainerRun = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/ContainerRun',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunResponse.FromString,
+                _registered_method=True)
 
 
 class MachineServiceServicer:
@@ -417,6 +432,26 @@ class MachineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImageImport(self, request_iterator, context):
+        """Containers (containerd, namespace "basalt"). ImageImport is client-streaming:
+        never forwarded, dial the node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ContainerRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MachineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -589,6 +624,21 @@ def add_MachineServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'ImageImport': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImageImport,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ImageImportRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ImageImportResponse.SerializeToString,
+            ),
+            'ImageList': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageList,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ImageListResponse.SerializeToString,
+            ),
+            'ContainerRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContainerRun,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1509,6 +1559,87 @@ class MachineService:
             '/basalt.api.v1alpha1.MachineService/Rollback',
             basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.SerializeToString,
             basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageImport(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/basalt.api.v1alpha1.MachineService/ImageImport',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ImageImportRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ImageImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/ImageList',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ImageListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContainerRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/ContainerRun',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

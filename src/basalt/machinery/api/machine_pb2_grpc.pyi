@@ -69,6 +69,12 @@ class MachineServiceStub:
     Upgrade: _grpc.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]
     """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
     Rollback: _grpc.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]
+    ImageImport: _grpc.StreamUnaryMultiCallable[_machine_pb2.ImageImportRequest, _machine_pb2.ImageImportResponse]
+    """Containers (containerd, namespace "basalt"). ImageImport is client-streaming:
+    never forwarded, dial the node.
+    """
+    ImageList: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.ImageListResponse]
+    ContainerRun: _grpc.UnaryUnaryMultiCallable[_machine_pb2.ContainerRunRequest, _machine_pb2.ContainerRunResponse]
 
 @_typing.type_check_only
 class MachineServiceAsyncStub(MachineServiceStub):
@@ -110,6 +116,12 @@ class MachineServiceAsyncStub(MachineServiceStub):
     Upgrade: _aio.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]  # type: ignore[assignment]
     """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
     Rollback: _aio.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    ImageImport: _aio.StreamUnaryMultiCallable[_machine_pb2.ImageImportRequest, _machine_pb2.ImageImportResponse]  # type: ignore[assignment]
+    """Containers (containerd, namespace "basalt"). ImageImport is client-streaming:
+    never forwarded, dial the node.
+    """
+    ImageList: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.ImageListResponse]  # type: ignore[assignment]
+    ContainerRun: _aio.UnaryUnaryMultiCallable[_machine_pb2.ContainerRunRequest, _machine_pb2.ContainerRunResponse]  # type: ignore[assignment]
 
 class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -352,5 +364,29 @@ class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _machine_pb2.RollbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageImport(
+        self,
+        request_iterator: _MaybeAsyncIterator[_machine_pb2.ImageImportRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.ImageImportResponse, _abc.Awaitable[_machine_pb2.ImageImportResponse]]:
+        """Containers (containerd, namespace "basalt"). ImageImport is client-streaming:
+        never forwarded, dial the node.
+        """
+
+    @_abc_1.abstractmethod
+    def ImageList(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.ImageListResponse, _abc.Awaitable[_machine_pb2.ImageListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ContainerRun(
+        self,
+        request: _machine_pb2.ContainerRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.ContainerRunResponse, _abc.Awaitable[_machine_pb2.ContainerRunResponse]]: ...
 
 def add_MachineServiceServicer_to_server(servicer: MachineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

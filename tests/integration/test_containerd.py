@@ -1,0 +1,241 @@
+"""The runtime lane on a process node: a real containerd (Debian's, with runc) supervised
+by a real machined, driven through the mTLS API: import an image tar built here (no
+registry), run it to completion, read its output through the Logs RPC."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from basalt.machinery.api import common_pb2, machine_pb2
+from basalt.machinery.client.client import Client
+from basalt.machinery.client.config import issue_client_context
+from basalt.machinery.roles import Role
+from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
+from tests.fakes.oci import docker_archive_tar, oci_layout_tar
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="containers need root (runc)"),
+    pytest.mark.skipif(
+        not (shutil.which("containerd") and shutil.which("runc")),
+        reason="needs Debian's containerd and runc (make system-deps)",
+    ),
+]
+
+BASE_ADDRESS = "127.0.0.231"
+PROGRAMS = {"/hello": (b"hello from basalt\n", 0), "/fail": (b"failing on purpose\n", 3)}
+IMAGE = "example.org/basalt/hello:1.0"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LiveCluster]:
+    # Unix socket paths are short (108 bytes): keep the node dirs near the root.
+    tmp = Path(tempfile.mkdtemp(prefix="bctr-", dir="/tmp"))
+    saved = os.environ.get("BASALT_CONTAINERD")
+    os.environ["BASALT_CONTAINERD"] = "1"
+    try:
+        live = start_cluster(tmp, "ctr", BASE_ADDRESS, workers=0)
+    finally:
+        if saved is None:
+            os.environ.pop("BASALT_CONTAINERD", None)
+        else:
+            os.environ["BASALT_CONTAINERD"] = saved
+    pid = 0
+    try:
+        pid = run(_wait_containerd(live))
+        yield live
+    finally:
+        stop_cluster(live)
+        if pid and _alive(pid):  # machined stops its services; never leave one behind
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"containerd (pid {pid}) outlived its node")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"containerd")
+    except FileNotFoundError:
+        return False
+
+
+async def _wait_containerd(live: LiveCluster, timeout: float = 30.0) -> int:
+    import asyncio
+
+    client = await live.client()
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            answer = await client.machine.ServiceList(common_pb2.Empty(), timeout=10)
+            found = {s.id: s for s in answer.messages[0].services}
+            service = found.get("containerd")
+            if service and service.state == "running" and service.health == "healthy":
+                return int(service.pid)
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"containerd not healthy: {service}")
+            await asyncio.sleep(0.3)
+    finally:
+        await client.close()
+
+
+async def _chunks(data: bytes, name: str = "") -> AsyncIterator[machine_pb2.ImageImportRequest]:
+    if name:
+        yield machine_pb2.ImageImportRequest(options=machine_pb2.ImageImportOptions(name=name))
+    for start in range(0, len(data), 4096):
+        yield machine_pb2.ImageImportRequest(data=data[start : start + 4096])
+
+
+async def _import(client: Client, data: bytes, name: str = "") -> machine_pb2.ImageImport:
+    answer = await client.machine.ImageImport(_chunks(data, name), timeout=60)
+    return answer.messages[0]
+
+
+async def _images(client: Client) -> list[str]:
+    answer = await client.machine.ImageList(
+        common_pb2.Empty(), metadata=client.metadata(), timeout=10
+    )
+    return [i.name for i in answer.messages[0].images]
+
+
+async def _log(client: Client, log_id: str) -> bytes:
+    request = machine_pb2.LogsRequest(id=log_id, tail_lines=-1)
+    stream = client.machine.Logs(request, metadata=client.metadata(), timeout=10)
+    return b"".join([chunk.bytes async for chunk in stream])
+
+
+def test_import_and_run_to_completion(cluster: LiveCluster) -> None:
+    async def check() -> None:
+        client = await cluster.client()
+        try:
+            imported = await _import(client, oci_layout_tar(IMAGE, PROGRAMS, ["/hello"]))
+            assert imported.name == IMAGE
+            assert imported.digest.startswith("sha256:")
+            assert IMAGE in await _images(client)
+
+            answer = await client.machine.ContainerRun(
+                machine_pb2.ContainerRunRequest(image=IMAGE, timeout_seconds=30), timeout=90
+            )
+            ran = answer.messages[0]
+            assert (ran.exit_code, ran.timed_out) == (0, False)
+            assert ran.log_id == f"containers/{ran.id}"
+            assert await _log(client, ran.log_id) == b"hello from basalt\n"
+
+            # args replace the image's cmd; a non-zero exit is an answer, not an error
+            answer = await client.machine.ContainerRun(
+                machine_pb2.ContainerRunRequest(image=IMAGE, args=["/fail"]), timeout=90
+            )
+            failed = answer.messages[0]
+            assert failed.exit_code == 3
+            assert await _log(client, failed.log_id) == b"failing on purpose\n"
+        finally:
+            await client.close()
+
+    run(check())
+
+
+def test_docker_archive_and_forwarded_run(cluster: LiveCluster) -> None:
+    """A docker-archive imports too; ContainerRun and ImageList forward like other RPCs."""
+    name = "example.org/basalt/docker-hello:2"
+
+    async def check() -> None:
+        client = await cluster.client()
+        node = cluster.controlplanes[0]
+        try:
+            imported = await _import(client, docker_archive_tar(name, PROGRAMS, ["/fail"]))
+            assert imported.name == name
+            forwarded = await cluster.client(nodes=[node])
+            try:
+                assert name in await _images(forwarded)
+                answer = await forwarded.machine.ContainerRun(
+                    machine_pb2.ContainerRunRequest(image=name, args=["/hello"]),
+                    metadata=forwarded.metadata(),
+                    timeout=90,
+                )
+                ran = answer.messages[0]
+                assert ran.metadata.node == node and not ran.metadata.error
+                assert ran.exit_code == 0
+                assert await _log(forwarded, ran.log_id) == b"hello from basalt\n"
+            finally:
+                await forwarded.close()
+        finally:
+            await client.close()
+
+    run(check())
+
+
+def _corrupt_layer(data: bytes) -> bytes:
+    """The OCI tar with one byte of the gzip layer blob changed (its digest no longer holds)."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(data)) as source,
+        tarfile.open(fileobj=out, mode="w") as target,
+    ):
+        for member in source.getmembers():
+            body = source.extractfile(member)
+            content = body.read() if body else b""
+            if member.name.startswith("blobs/") and content[:2] == b"\x1f\x8b":
+                content = content[:-1] + bytes([content[-1] ^ 0xFF])
+            target.addfile(member, io.BytesIO(content))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "corrupt-layer", "no-name"])
+def test_bad_archives_are_refused_and_import_nothing(cluster: LiveCluster, kind: str) -> None:
+    name = f"example.org/basalt/bad-{kind}:1"
+    data = {
+        "garbage": b"this is not a tar archive\n" * 100,
+        "corrupt-layer": _corrupt_layer(oci_layout_tar(name, PROGRAMS, ["/hello"])),
+        "no-name": oci_layout_tar(name, PROGRAMS, ["/hello"], annotate=False),
+    }[kind]
+    expected = {
+        "garbage": "not a readable tar archive",
+        "corrupt-layer": "hashes to",
+        "no-name": "give a name",
+    }[kind]
+
+    async def check() -> None:
+        client = await cluster.client()
+        try:
+            before = await _images(client)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _import(client, data)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "nothing imported" in (caught.value.details() or "")
+            assert expected in (caught.value.details() or "")
+            assert await _images(client) == before
+        finally:
+            await client.close()
+
+    run(check())
+
+
+def test_reader_cannot_import_or_run(cluster: LiveCluster) -> None:
+    async def check() -> None:
+        context = issue_client_context(cluster.os_ca, endpoints=[], roles=[Role.READER])
+        client = await cluster.client(crt=context.crt, key=context.key)
+        try:
+            await _images(client)  # readers may list
+            with pytest.raises(grpc.aio.AioRpcError) as imported:
+                await _import(client, oci_layout_tar(IMAGE, PROGRAMS, ["/hello"]))
+            assert imported.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.aio.AioRpcError) as ran:
+                await client.machine.ContainerRun(
+                    machine_pb2.ContainerRunRequest(image=IMAGE), timeout=30
+                )
+            assert ran.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            await client.close()
+
+    run(check())
