@@ -64,9 +64,43 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+# The runtime-lane tests run Debian's containerd and runc (as the image does). Installed
+# only when missing, as root, with the same policy-rc.d stand-in as etcd so that the
+# package starts no system containerd; one that still appears during the install is
+# stopped (one that ran before is left alone). Without root those tests skip.
+CONTAINERD_PACKAGES := containerd runc
+define INSTALL_CONTAINERD
+{ command -v containerd >/dev/null && command -v runc >/dev/null; } || [ "$$(id -u)" != 0 ] || { \
+  before=" $$(pgrep -x containerd | tr '\n' ' ')"; \
+  saved=; \
+  if [ -e $(POLICY_RC_D) ]; then saved=$$(mktemp); cp -p $(POLICY_RC_D) "$$saved"; fi; \
+  restored=; \
+  restore() { \
+    [ -z "$$restored" ] || return 0; restored=1; \
+    if [ -n "$$saved" ]; then mv -f "$$saved" $(POLICY_RC_D); else rm -f $(POLICY_RC_D); fi; \
+  }; \
+  trap restore EXIT; trap 'restore; exit 130' INT TERM; \
+  printf '#!/bin/sh\nexit 101\n' > $(POLICY_RC_D) && chmod 755 $(POLICY_RC_D); \
+  apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends $(CONTAINERD_PACKAGES) || exit 1; \
+  restore; \
+  for pid in $$(pgrep -x containerd); do \
+    case "$$before" in *" $$pid "*) ;; *) \
+      echo "the $(CONTAINERD_PACKAGES) install started containerd ($$pid); stopping it" >&2; \
+      if [ -d /run/systemd/system ]; then systemctl stop containerd.service 2>/dev/null || true; fi; \
+      kill "$$pid" 2>/dev/null || true;; \
+    esac; \
+  done; \
+  command -v systemctl >/dev/null && systemctl disable --quiet containerd.service 2>/dev/null; \
+  command -v containerd >/dev/null && command -v runc >/dev/null || { \
+    echo "installed $(CONTAINERD_PACKAGES) but containerd or runc is still missing" >&2; exit 1; }; \
+}
+endef
+
 # Checked on every run (cheap when present), not only when the venv is rebuilt.
 system-deps:
 	@$(INSTALL_ETCD)
+	@$(INSTALL_CONTAINERD)
 	@# DHCP server for the metal network tests (inside their own namespaces); the -base
 	@# package has no service to start. Without root those tests skip.
 	@command -v dnsmasq >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \

@@ -32,7 +32,8 @@ INITRD_MODULES = ("virtio_rng", "virtio_mmio", "virtio_pci", "virtio_blk", "squa
 #: Modules the node itself needs once the root is mounted: listed by name in the root
 #: (basalt.machined.platform.metal.IMAGE_MODULES) and loaded by machined as PID 1.
 #: AF_PACKET, which its DHCP client needs, is built into the Debian cloud kernel.
-ROOT_MODULES = ("virtio_net",)
+#: overlay backs containerd's overlayfs snapshotter.
+ROOT_MODULES = ("virtio_net", "overlay")
 #: Kernel arguments for a direct-kernel boot (microvm needs the TSC ones under TCG).
 CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
 IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", *DISK_FILES)
