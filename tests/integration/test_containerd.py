@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -239,3 +241,36 @@ def test_reader_cannot_import_or_run(cluster: LiveCluster) -> None:
             await client.close()
 
     run(check())
+
+
+def _ctl(cluster: LiveCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    config = Path(cluster.record.state_dir) / "basaltconfig"
+    script = Path(sys.executable).with_name("basaltctl")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "basalt.cli.main"]
+    return subprocess.run(
+        [*argv, *args],
+        env={**os.environ, "BASALTCONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_import_images_run(cluster: LiveCluster, tmp_path: Path) -> None:
+    name = "example.org/basalt/cli-hello:3"
+    archive = tmp_path / "hello.tar"
+    archive.write_bytes(oci_layout_tar(name, PROGRAMS, ["/hello"]))
+    imported = _ctl(cluster, "containers", "import", str(archive))
+    assert imported.returncode == 0, imported.stderr
+    assert f"imported {name} (sha256:" in imported.stdout
+    listing = _ctl(cluster, "containers", "images")
+    assert name in listing.stdout, listing
+    ran = _ctl(cluster, "containers", "run", name)
+    assert (ran.returncode, ran.stdout) == (0, "hello from basalt\n"), ran.stderr
+    failed = _ctl(cluster, "containers", "run", name, "--", "/fail")
+    assert (failed.returncode, failed.stdout) == (3, "failing on purpose\n"), failed.stderr
+    assert "exited with code 3 (log containers/run-" in failed.stderr
+    missing = _ctl(cluster, "containers", "run", "example.org/nothing-here:1")
+    assert missing.returncode == 1
+    assert "is not on this node: import it first" in missing.stderr
