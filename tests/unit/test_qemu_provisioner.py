@@ -57,7 +57,7 @@ def test_plan_gives_each_node_a_host_loopback_and_a_guest_address(tmp_path: Path
 
 def test_plan_refuses_several_control_planes_and_says_why(tmp_path: Path) -> None:
     with pytest.raises(qemu.ProvisionError) as caught:
-        qemu.plan_nodes(request(controlplanes=3), tmp_path)
+        qemu.plan_nodes(request(controlplanes=3), tmp_path, "user")
     assert "one control plane" in str(caught.value)
     assert "etcd" in (caught.value.hint or "") and qemu.GUEST_GATEWAY in (caught.value.hint or "")
 
@@ -454,7 +454,9 @@ def test_cli_refuses_vm_options_for_the_process_provisioner(
 def test_cli_refuses_several_qemu_control_planes_before_starting_anything(
     clusters: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["cluster", "create", "--provisioner", "qemu", "--controlplanes", "3"])
+    code = main(
+        ["cluster", "create", "--provisioner", "qemu", "--controlplanes", "3", "--network", "user"]
+    )
     assert code != 0
     assert "one control plane" in capsys.readouterr().err
     assert not clusters.exists()
@@ -483,3 +485,31 @@ def test_backend_names_the_provisioners() -> None:
     assert backend("qemu") is qemu
     with pytest.raises(Exception, match="unknown provisioner"):
         backend("lxc")
+
+
+def test_bridge_network_takes_several_control_planes_and_runs_qemu_in_the_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qemu.bridge, "available", lambda: None)
+    nodes = qemu.plan_nodes(request(controlplanes=3, workers=0), tmp_path, "bridge")
+    assert [n.type for n in nodes] == ["controlplane"] * 3
+    image = qemu.Image(tmp_path / "k", tmp_path / "i", tmp_path / "r", "console=ttyS0")
+    argv = qemu.qemu_command(nodes[2], nodes, image, qemu.VmOptions(), "tcg", tmp_path, "bridge")
+    net = qemu.cluster_bridge(tmp_path)
+    assert argv[:4] == ["ip", "netns", "exec", net.netns] and "qemu-system" in argv[4]
+    assert options_of(argv, "-netdev") == ["tap,id=n0,ifname=tap2,script=no,downscript=no"]
+    assert f"basalt.gateway={qemu.BRIDGE_GATEWAY}" in options_of(argv, "-append")[0]
+
+
+def test_network_mode_falls_back_to_user_without_root_and_refuses_bridge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(qemu.bridge, "available", lambda: "not running as root")
+    assert qemu.network_mode("auto") == (
+        "user",
+        "user networking: root mode unavailable (not running as root)",
+    )
+    with pytest.raises(qemu.ProvisionError, match="--network bridge: not running as root"):
+        qemu.network_mode("bridge")
+    with pytest.raises(qemu.ProvisionError, match="expected one of auto, user, bridge"):
+        qemu.network_mode("tap")

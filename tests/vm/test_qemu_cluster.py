@@ -76,3 +76,71 @@ def test_qemu_cluster_create_version_destroy(image_dir: Path, tmp_path: Path) ->
                 cmdline = Path(f"/proc/{pid}/cmdline")
                 assert not cmdline.exists() or not cmdline.read_bytes(), "QEMU still runs"
     assert not state.exists()
+
+
+BRIDGE_BASE = "127.0.0.94"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the bridge network needs root")
+def test_three_control_planes_on_the_bridge_form_one_etcd_cluster(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    """Root mode: the VMs share a bridge in the cluster's own namespace, so etcd peers see
+    each other's real addresses and three control planes become three voting members."""
+    from basalt.provision.qemu import cluster_bridge
+    from basalt.provision.state import ClusterRecord
+
+    env = {**os.environ, "BASALT_CLUSTERS_DIR": str(tmp_path / "clusters")}
+    config = tmp_path / "basaltconfig"
+    state = tmp_path / "clusters" / "trio"
+    try:
+        created = basaltctl(
+            env,
+            config,
+            "cluster",
+            "create",
+            "--provisioner",
+            "qemu",
+            "--network",
+            "bridge",
+            "--name",
+            "trio",
+            "--controlplanes",
+            "3",
+            "--workers",
+            "0",
+            "--base-address",
+            BRIDGE_BASE,
+            "--image",
+            str(image_dir),
+            "--wait-timeout",
+            "900",
+            timeout=1500,
+        )
+        print(created)
+        assert "cluster 'trio' is ready" in created and "network: bridge" in created
+        assert cluster_bridge(state).exists()
+        guests = [n.guest_address for n in ClusterRecord.load(state).nodes]
+        import json
+
+        def records(kind: str, nodes: list[str]) -> list[dict[str, object]]:
+            out = basaltctl(env, config, "get", kind, "-o", "json", "-n", ",".join(nodes))
+            return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+        members = [r["spec"] for r in records("etcdmembers", guests[:1])]
+        print(members)
+        assert sorted(m["name"] for m in members) == [  # type: ignore[index]
+            "trio-controlplane-1",
+            "trio-controlplane-2",
+            "trio-controlplane-3",
+        ]
+        assert not any(m["isLearner"] for m in members)  # type: ignore[index]
+        statuses = [r["spec"] for r in records("etcdstatuses", guests)]
+        print(statuses)
+        assert len(statuses) == 3
+        leaders = {s["leader"] for s in statuses}  # type: ignore[index]
+        assert len(leaders) == 1, f"the members disagree on the leader: {leaders}"
+    finally:
+        if (state / "cluster.json").exists():
+            basaltctl(env, config, "cluster", "destroy", "--name", "trio", timeout=120)
+    assert not state.exists() and not cluster_bridge(state).exists()

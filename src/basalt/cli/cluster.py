@@ -128,6 +128,14 @@ def create(
             "--accel", help="qemu: auto (KVM if a probe boots a guest, else TCG), kvm, tcg."
         ),
     ] = None,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            "--network",
+            help="qemu: bridge (root: a namespace of the cluster's own, any number of "
+            "control planes), user (rootless: one control plane), auto [bridge if root].",
+        ),
+    ] = None,
 ) -> None:
     """Create a local cluster without root: node processes, or QEMU VMs of the image."""
     from basalt.machinery.client.config import save_client_config
@@ -137,7 +145,13 @@ def create(
     from basalt.provision.common import load_context
     from basalt.provision.process import ClusterRequest
 
-    vm_flags = {"--memory": memory, "--cpus": cpus, "--image": image, "--accel": accel}
+    vm_flags = {
+        "--memory": memory,
+        "--cpus": cpus,
+        "--image": image,
+        "--accel": accel,
+        "--network": network,
+    }
     given = [flag for flag, value in vm_flags.items() if value is not None]
     if provisioner is Provisioner.process and given:
         raise BasaltError(f"{', '.join(given)} only apply to VMs", hint="add --provisioner qemu")
@@ -154,7 +168,8 @@ def create(
         bootstrap=not skip_bootstrap,
     )
     module = backend(provisioner.value)
-    names = [n.name for n in module.plan_nodes(request, directory)]
+    plan_args = (network or "auto",) if qemu else ()
+    names = [n.name for n in module.plan_nodes(request, directory, *plan_args)]
     started = time.monotonic()
     import asyncio
 
@@ -167,6 +182,7 @@ def create(
             cpus=cpus or 2,
             image_dir=image,
             accel=(accel or Accel.auto).value,
+            network=network or "auto",
         )
         cache = default_clusters_dir() / ".kvm-probe.json"
         with _ProgressView(names) as view:
@@ -174,6 +190,7 @@ def create(
                 module.create(request, directory, view.update, vm, kvm_cache=cache)
             )
         info(f"accelerator: {record.options['accel']} ({record.options['accel_reason']})")
+        info(f"network: {record.options['network_reason']}")
     else:
         with _ProgressView(names) as view:
             record = asyncio.run(module.create(request, directory, view.update))

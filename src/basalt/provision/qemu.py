@@ -1,23 +1,26 @@
-"""The ``qemu`` provisioner: a cluster of Basalt VMs on this machine, without root.
+"""The ``qemu`` provisioner: a cluster of Basalt VMs on this machine.
 
-Each node is a QEMU process booting the image directly (kernel + initramfs + the
-squashfs root, read-only; UEFI and disks come with install-to-disk). Nodes boot into
-maintenance mode and get their configs through the insecure maintenance API, as real
-machines do; the bring-up after that is the ``process`` provisioner's (``common``).
+Each node is a QEMU process booting the image. Nodes boot into maintenance mode and get
+their configs through the insecure maintenance API, as real machines do; the bring-up
+after that is the ``process`` provisioner's (``common``).
 
-Networking is QEMU user networking (slirp), one private NAT per VM, with
-``restrict=on``: a guest reaches neither the host nor anything beyond it, only what is
-forwarded explicitly:
+Two networks:
 
-- host -> node: ``hostfwd`` from the node's own loopback address on the host
-  (127.0.0.11, .12, ...) to its API (50000) and trust (50001) ports;
-- node -> node: every VM numbers the same virtual network 10.5.0.0/24, node *i* being
-  10.5.0.(11+i) everywhere; each VM has a ``guestfwd`` for the other nodes' API ports
-  (and the control planes' trust port) that runs :mod:`basalt.provision.relay` for each
-  connection, which connects to that node's host-side ``hostfwd``.
+- **bridge** (root; the default when root mode works here): the VMs share a bridge in a
+  network namespace created for the cluster; a dnsmasq on that bridge hands each MAC its
+  address; a forwarder makes each node's API reachable on its own host loopback address
+  (:mod:`basalt.provision.bridge`). Nodes see each other's real addresses, so several
+  control planes form one etcd cluster. The namespace has no link to the host's network.
+- **user** (rootless): QEMU user networking (slirp), one private NAT per VM, with
+  ``restrict=on``: a guest reaches neither the host nor anything beyond it, only what is
+  forwarded explicitly: host -> node by ``hostfwd`` from the node's own loopback address
+  (127.0.0.11, .12, ...) to its API (50000) and trust (50001) ports; node -> node by a
+  ``guestfwd`` per peer port that runs :mod:`basalt.provision.relay`, which connects to
+  that node's host-side ``hostfwd``. Every VM numbers the same virtual network
+  10.5.0.0/24, node *i* being 10.5.0.(11+i).
 
-Nothing listens or connects outside 127.0.0.0/8 on the host; no multicast, no bridge.
-What this cannot do (one control plane only, TCP only, NAT) is in
+Either way nothing listens or connects outside 127.0.0.0/8 on the host, and nothing
+multicasts. What user networking cannot do (one control plane only, TCP only, NAT) is in
 docs/adr/0009-qemu-provisioner.md.
 """
 
@@ -43,7 +46,7 @@ from basalt.machinery.api import API_PORT, TRUST_PORT
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.fileio import write_atomic
 
-from . import common
+from . import bridge, common
 from .common import BringUp, Progress, ProvisionError, alive, write_cluster_inputs
 from .process import ClusterRequest
 from .state import ClusterRecord, NodeRecord
@@ -54,6 +57,9 @@ GUEST_NETWORK = ipaddress.IPv4Network("10.5.0.0/24")
 #: slirp's own addresses: the gateway (the host, unreachable under restrict=on) and DNS.
 GUEST_GATEWAY = "10.5.0.2"
 GUEST_DNS = "10.5.0.3"
+#: Root mode: the bridge's own address in the cluster's namespace (routes nowhere).
+BRIDGE_GATEWAY = "10.5.0.1"
+NETWORKS = ("auto", "user", "bridge")
 GUEST_FIRST_HOST = 11
 MAX_NODES = 254 - GUEST_FIRST_HOST + 1
 #: What a node serves that the host and other nodes may reach.
@@ -94,6 +100,26 @@ class VmOptions:
     disk_gib: int = 8
     #: QEMU start to the maintenance API answering (TCG boots take 15-40 s).
     boot_timeout: float = 240.0
+    #: user: QEMU user networking (rootless); bridge: one segment in a namespace of the
+    #: cluster's own (root); auto: bridge when root mode works here, else user.
+    network: str = "auto"
+
+
+def network_mode(requested: str) -> tuple[str, str]:
+    """(user | bridge, why)."""
+    if requested not in NETWORKS:
+        raise ProvisionError(f"--network {requested!r}: expected one of {', '.join(NETWORKS)}")
+    unavailable = bridge.available()
+    if requested == "bridge" and unavailable:
+        raise ProvisionError(
+            f"--network bridge: {unavailable}",
+            hint="run as root, or use --network user (rootless, one control plane)",
+        )
+    if requested == "user":
+        return "user", "user networking requested"
+    if unavailable:
+        return "user", f"user networking: root mode unavailable ({unavailable})"
+    return "bridge", "bridge in the cluster's own network namespace"
 
 
 def guest_address(index: int) -> str:
@@ -107,18 +133,18 @@ def mac_address(index: int) -> str:
     return f"52:54:00:ba:5a:{index + 1:02x}"
 
 
-def plan_nodes(request: ClusterRequest, state_dir: Path) -> list[NodeRecord]:
+def plan_nodes(request: ClusterRequest, state_dir: Path, network: str = "auto") -> list[NodeRecord]:
     """The process provisioner's plan (names, host loopback addresses) + guest addresses."""
-    if request.controlplanes > 1:
+    if request.controlplanes > 1 and network_mode(network)[0] == "user":
         raise ProvisionError(
             f"--controlplanes {request.controlplanes}: QEMU user networking supports one "
             "control plane",
             hint=(
                 "etcd members check that a peer connects from an address in its certificate; "
                 f"behind user-mode NAT every peer connects from {GUEST_GATEWAY}, so etcd "
-                "would refuse them (docs/adr/0009-qemu-provisioner.md); use --controlplanes 1 "
-                "and any number of --workers, or the process provisioner for several "
-                "control planes"
+                "would refuse them (docs/adr/0009-qemu-provisioner.md); run as root (the "
+                "bridge network), or use --controlplanes 1 and any number of --workers, or "
+                "the process provisioner for several control planes"
             ),
         )
     nodes = common.plan_nodes(
@@ -188,8 +214,14 @@ def relay_command(state_dir: Path, forward: Forward, python: str = sys.executabl
     return shlex.join([*argv, forward.host, str(forward.port)])
 
 
-def netdev(node: NodeRecord, nodes: Sequence[NodeRecord], state_dir: Path) -> str:
-    """``-netdev user,...`` of one node: its private NAT, its forwards, nothing else."""
+def netdev(
+    node: NodeRecord, nodes: Sequence[NodeRecord], state_dir: Path, network: str = "user"
+) -> str:
+    """``-netdev`` of one node. bridge: its tap in the cluster's namespace. user: its
+    private NAT, its forwards, nothing else."""
+    if network == "bridge":
+        index = [n.name for n in nodes].index(node.name)
+        return f"tap,id=n0,ifname={bridge.BridgeNetwork.tap(index)},script=no,downscript=no"
     parts = [
         "user",
         "id=n0",
@@ -210,12 +242,13 @@ def netdev(node: NodeRecord, nodes: Sequence[NodeRecord], state_dir: Path) -> st
     return ",".join(parts)
 
 
-def kernel_cmdline(image: Image, node: NodeRecord) -> str:
+def kernel_cmdline(image: Image, node: NodeRecord, network: str = "user") -> str:
     """The image's arguments plus the node's address and name (DHCP offers the same)."""
     prefix = GUEST_NETWORK.prefixlen
+    gateway = BRIDGE_GATEWAY if network == "bridge" else GUEST_GATEWAY
     extra = (
         f"basalt.root={ROOT_DEVICE} basalt.address={node.guest_address}/{prefix} "
-        f"basalt.gateway={GUEST_GATEWAY} basalt.hostname={node.name}"
+        f"basalt.gateway={gateway} basalt.hostname={node.name}"
     )
     return f"{image.cmdline} {extra}"
 
@@ -227,23 +260,32 @@ def qemu_command(
     options: VmOptions,
     accel: str,
     state_dir: Path,
+    network: str = "user",
 ) -> list[str]:
-    """The whole QEMU command line of one node (microvm, virtio-mmio, direct kernel boot)."""
+    """The whole QEMU command line of one node (microvm, virtio-mmio, direct kernel boot).
+
+    bridge: QEMU runs inside the cluster's namespace (``ip netns exec`` execs it, so the
+    pid is QEMU's), where its tap is."""
     index = [n.name for n in nodes].index(node.name)
     node_dir = Path(node.node_dir)
-    argv = [options.qemu, "-name", _qemu_value(node.name), "-accel", accel]
+    prefix = (
+        bridge.BridgeNetwork.for_cluster(state_dir, GUEST_NETWORK, BRIDGE_GATEWAY).exec_prefix()
+        if network == "bridge"
+        else []
+    )
+    argv = [*prefix, options.qemu, "-name", _qemu_value(node.name), "-accel", accel]
     argv += ["-m", str(options.memory_mib), "-smp", str(options.cpus), "-cpu", "max"]
     argv += ["-nographic", "-no-reboot", "-pidfile", str(node_dir / "qemu.pid")]
     argv += ["-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on"]
     argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd)]
-    argv += ["-append", kernel_cmdline(image, node)]
+    argv += ["-append", kernel_cmdline(image, node, network)]
     root = _qemu_value(str(image.root))
     argv += ["-drive", f"id=root,file={root},format=raw,if=none,readonly=on"]
     argv += ["-device", "virtio-blk-device,drive=root"]
     disk = _qemu_value(str(node_dir / "disk.raw"))
     argv += ["-drive", f"id=disk,file={disk},format=raw,if=none,discard=unmap"]
     argv += ["-device", "virtio-blk-device,drive=disk"]
-    argv += ["-netdev", netdev(node, nodes, state_dir)]
+    argv += ["-netdev", netdev(node, nodes, state_dir, network)]
     argv += ["-device", f"virtio-net-device,netdev=n0,mac={mac_address(index)}"]
     argv += ["-device", "virtio-rng-device"]
     return argv
@@ -526,7 +568,8 @@ async def create(
         )
     if options.memory_mib < 256 or options.cpus < 1:
         raise ProvisionError("each VM needs --memory 256 (MiB) or more and --cpus 1 or more")
-    nodes = plan_nodes(request, state_dir)
+    network, network_why = network_mode(options.network)
+    nodes = plan_nodes(request, state_dir, network)
     common.check_ports_free(
         nodes,
         FORWARDED_PORTS,
@@ -571,16 +614,19 @@ async def create(
             "image": str(source),
             "memory_mib": options.memory_mib,
             "cpus": options.cpus,
-            "network": "user (restrict=on, loopback forwards)",
+            "network": network,
+            "network_reason": network_why,
         },
     )
     record.save()
     try:
+        if network == "bridge":
+            start_bridge(record, nodes)
         for node in nodes:
             Path(node.node_dir).mkdir(parents=True, exist_ok=True)
             write_atomic(Path(node.node_dir) / "config.yaml", per_node[node.name], mode=0o600)
             make_disk(node, options.disk_gib)
-            argv = qemu_command(node, nodes, image, options, accel, state_dir)
+            argv = qemu_command(node, nodes, image, options, accel, state_dir, network)
             node.launcher_pid = _launch(argv, node)
             progress(node.name, f"booting ({accel})")
         record.save()
@@ -608,6 +654,38 @@ async def create(
     return record
 
 
+def cluster_bridge(state_dir: Path) -> bridge.BridgeNetwork:
+    return bridge.BridgeNetwork.for_cluster(state_dir, GUEST_NETWORK, BRIDGE_GATEWAY)
+
+
+def start_bridge(record: ClusterRecord, nodes: Sequence[NodeRecord]) -> None:
+    """Root mode: the namespace with its bridge and taps, DHCP, and the host forwarder."""
+    state_dir = Path(record.state_dir)
+    net = cluster_bridge(state_dir)
+    bridge.create(net, len(nodes))
+    record.options["netns"] = net.netns
+    record.save()
+    leases = [bridge.Lease(mac_address(i), n.guest_address, n.name) for i, n in enumerate(nodes)]
+    record.options["dnsmasq_pid"] = bridge.start_dhcp(net, leases, state_dir)
+    forwards = [
+        (node.address, port, node.guest_address, port)
+        for node in nodes
+        for port in (FORWARDED_PORTS if node.type == "controlplane" else (API_PORT,))
+    ]
+    record.options["forwarder_pid"] = bridge.start_forwarder(net, state_dir, forwards)
+    record.save()
+
+
+def stop_bridge(record: ClusterRecord) -> None:
+    marker = record.state_dir.encode()
+    for key in ("dnsmasq_pid", "forwarder_pid"):
+        pid = record.options.get(key)
+        if isinstance(pid, int):
+            bridge.stop_pid(pid, marker)
+    if record.options.get("netns"):
+        bridge.delete(cluster_bridge(Path(record.state_dir)))
+
+
 async def stop_nodes(record: ClusterRecord, timeout: float = 10.0) -> list[str]:
     """Power the VMs off (SIGTERM to QEMU, SIGKILL after ``timeout``), then the relays.
 
@@ -628,6 +706,8 @@ async def stop_nodes(record: ClusterRecord, timeout: float = 10.0) -> list[str]:
     for pid in relays_of(record.state_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    if record.options.get("network") == "bridge":
+        stop_bridge(record)
     return [n.name for n in running]
 
 
