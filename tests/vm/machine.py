@@ -47,10 +47,25 @@ class Vm:
     marks: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def boot(cls, image: Path, workdir: Path, *, machine: str = "microvm", cpus: int = 2) -> Vm:
+    def boot(
+        cls,
+        image: Path,
+        workdir: Path,
+        *,
+        machine: str = "microvm",
+        cpus: int = 2,
+        qga: Path | None = None,
+        extra_cmdline: str = "",
+    ) -> Vm:
+        """Boot ``image``; with ``qga``, the guest gets a virtio-serial port named
+        org.qemu.guest_agent.0 whose host end is the unix socket ``qga``."""
         port = free_port()
         console = workdir / "console.log"
-        argv = direct_kernel_command(image, port, machine=machine, cpus=cpus)
+        argv = direct_kernel_command(
+            image, port, machine=machine, cpus=cpus, extra_cmdline=extra_cmdline
+        )
+        if qga is not None:
+            argv += qga_arguments(qga, machine)
         with console.open("wb") as log:
             started = time.monotonic()
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -111,6 +126,17 @@ class Vm:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def qga_arguments(socket_path: Path, machine: str = "microvm") -> list[str]:
+    """QEMU arguments for a guest agent channel: a virtio-serial controller, a port named
+    org.qemu.guest_agent.0, and a unix socket on the host (QEMU listens on it)."""
+    bus = "device" if machine == "microvm" else "pci"
+    return [
+        *("-device", f"virtio-serial-{bus}"),
+        *("-chardev", f"socket,id=qga0,path={socket_path},server=on,wait=off"),
+        *("-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"),
+    ]
 
 
 async def call(

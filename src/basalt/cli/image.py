@@ -44,17 +44,29 @@ def build(
     out: Annotated[Path | None, typer.Option("--out", help="Image directory [_out/image].")] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Stage cache [_out/cache].")] = None,
     lock_path: LockOption = None,
+    schematic: Annotated[
+        Path | None,
+        typer.Option(
+            "--schematic",
+            help="Schematic YAML: system extensions and extra kernel args [none].",
+        ),
+    ] = None,
 ) -> None:
     """Build the image from image.lock (cached stages are reused)."""
     import logging
 
     from basalt.imager import lock as lockfile
     from basalt.imager import pipeline
+    from basalt.machinery.schematic import EMPTY, read_schematic
 
+    chosen = read_schematic(schematic) if schematic else EMPTY  # before any build work
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     target = out or pipeline.DEFAULT_OUT
     manifest = pipeline.build(
-        target, cache or pipeline.DEFAULT_CACHE, lock_path or lockfile.DEFAULT_LOCK
+        target,
+        cache or pipeline.DEFAULT_CACHE,
+        lock_path or lockfile.DEFAULT_LOCK,
+        schematic=chosen,
     )
     for step in manifest["build"]:
         info(f"  {step['stage']:<13} {step['result']:<7} {step['seconds']:>6.1f} s")
@@ -90,7 +102,22 @@ def _print_text(image: Path, manifest: dict[str, Any]) -> None:
         f"squashfs {root['compression']}"
     )
     programs = manifest["executables"]
-    print(f"executables: {len(programs)}: {' '.join(programs)}")
+    extensions = manifest.get("extensions", [])
+    schematic = manifest.get("schematic")
+    print(f"schematic:   {schematic['id'] if schematic else '(none recorded)'}")
+    if schematic and schematic.get("extraKernelArgs"):
+        print(f"kernel args: {' '.join(schematic['extraKernelArgs'])} (extra)")
+    total_programs = len(programs) + sum(len(e["executables"]) for e in extensions)
+    print(f"executables: {total_programs} ({len(programs)} in the root)")
+    print(f"  root: {' '.join(programs)}")
+    for extension in extensions:
+        print(f"  {extension['name']}: {' '.join(extension['executables'])}")
+    print(f"extensions:  {len(extensions) or 'none'}")
+    for extension in extensions:
+        print(
+            f"  {extension['name']:<24} {extension['version']:<28} "
+            f"{_mib(extension['bytes']):>10}  sha256 {extension['sha256']}"
+        )
     print("packages:")
     for name, version in sorted(manifest["packages"].items()):
         print(f"  {name:<36} {version}")

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, default=None)
     build.add_argument("--cache", type=Path, default=None)
     build.add_argument("--lock", type=Path, default=None)
+    build.add_argument(
+        "--schematic", type=Path, default=None, help="schematic YAML (extensions, kernel args)"
+    )
     inspect = verbs.add_parser("inspect", help="describe a built image directory")
     inspect.add_argument("image", type=Path)
     args = parser.parse_args(argv)
@@ -33,10 +36,13 @@ def main(argv: list[str] | None = None) -> int:
             written = lockfile.write(args.lock or lockfile.DEFAULT_LOCK)
             print(f"locked {len(written.debs)} packages and {len(written.wheels)} wheels")
         elif args.verb == "build":
+            from basalt.machinery.schematic import EMPTY, read_schematic
+
             manifest = pipeline.build(
                 args.out or pipeline.DEFAULT_OUT,
                 args.cache or pipeline.DEFAULT_CACHE,
                 args.lock or lockfile.DEFAULT_LOCK,
+                schematic=read_schematic(args.schematic) if args.schematic else EMPTY,
             )
             print(json.dumps(manifest["files"], indent=2))
         else:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import cpio, kmod, libs
 from .errors import ImageBuildError
+from .extensions import Extension, append_segment
 from .packages import Unpack, copy_file, run_interpreter
 from .rootfs import PYLIB, SITE, Rootfs
 from .squashfs import SOURCE_DATE_EPOCH
@@ -42,6 +43,10 @@ class Boot(Stage):
     kernel_release: str
     modules: tuple[str, ...]
     compression: str = "zstd"
+    #: The schematic's extensions and record (``schematic.json``), appended to the
+    #: initramfs as a second, uncompressed segment (see basalt/imager/extensions.py).
+    extensions: tuple[Extension, ...] = ()
+    schematic: str = ""
 
     def run(self, out: Path, cache: Cache) -> None:
         tree = cache.output(self.unpack) / "tree"
@@ -66,11 +71,14 @@ class Boot(Stage):
             run_tool(["zstd", "-q", "-19", "-T1", "--rm", str(raw), "-o", str(image)], what="zstd")
         else:
             raw.rename(image)
+        images = [cache.output(e) / f"{e.recipe.name}.sqfs" for e in self.extensions]
+        segment = append_segment(image, images, self.schematic, out) if self.schematic else 0
         info = {
             "kernel_release": self.kernel_release,
             "initrd_entries": entries,
             "initrd_modules": count,
             "initrd_compression": self.compression,
+            "initrd_extension_entries": segment,
         }
         (out / "boot.json").write_text(json.dumps(info, indent=2) + "\n")
 

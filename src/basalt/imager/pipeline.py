@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import basalt
+from basalt.machinery.schematic import EMPTY, Schematic
 
 from . import lock as lockfile
 from .boot import Boot
 from .disk import DISK_FILES, Disk
 from .elf import ElfFormatError, is_elf, read_elf
 from .errors import ImageError
+from .extensions import Extension, extension_stages, schematic_json
 from .packages import FetchDebs, FetchWheels, Unpack
 from .rootfs import BasaltSources, Rootfs, source_digest
 from .squashfs import Squashfs
@@ -31,9 +33,10 @@ DEFAULT_CACHE = lockfile.REPO_ROOT / "_out" / "cache"
 INITRD_MODULES = ("virtio_rng", "virtio_mmio", "virtio_pci", "virtio_blk", "squashfs")
 #: Modules the node itself needs once the root is mounted: listed by name in the root
 #: (basalt.machined.platform.metal.IMAGE_MODULES) and loaded by machined as PID 1.
-#: AF_PACKET, which its DHCP client needs, is built into the Debian cloud kernel.
+#: AF_PACKET, which its DHCP client needs, is built into the Debian cloud kernel. loop
+#: mounts the system extensions; virtio_console gives qemu-ga its virtio-serial port;
 #: overlay backs containerd's overlayfs snapshotter.
-ROOT_MODULES = ("virtio_net", "overlay")
+ROOT_MODULES = ("virtio_net", "loop", "virtio_console", "overlay")
 #: Kernel arguments for a direct-kernel boot (microvm needs the TSC ones under TCG).
 CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
 IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", *DISK_FILES)
@@ -47,10 +50,13 @@ class Pipeline:
     squashfs: Squashfs
     boot: Boot
     lock: lockfile.Lock
+    schematic: Schematic = EMPTY
+    extensions: tuple[Extension, ...] = ()
+    #: The UEFI disk image (disk.raw, disk.qcow2); see basalt/imager/disk.py.
     disk: Disk | None = None
 
     @classmethod
-    def from_lock(cls, lock: lockfile.Lock) -> Pipeline:
+    def from_lock(cls, lock: lockfile.Lock, schematic: Schematic = EMPTY) -> Pipeline:
         release = lock.kernel.removeprefix("linux-image-")
         unpack = Unpack(debs=FetchDebs(debs=lock.debs))
         rootfs = Rootfs(
@@ -62,16 +68,24 @@ class Pipeline:
             modules=(*INITRD_MODULES, *ROOT_MODULES),
             root_modules=ROOT_MODULES,
         )
-        boot = Boot(unpack=unpack, rootfs=rootfs, kernel_release=release, modules=INITRD_MODULES)
+        extensions = extension_stages(schematic, lock, unpack, rootfs)
+        boot = Boot(
+            unpack=unpack,
+            rootfs=rootfs,
+            kernel_release=release,
+            modules=INITRD_MODULES,
+            extensions=extensions,
+            schematic=schematic_json(schematic),
+        )
         squashfs = Squashfs(rootfs=rootfs)
         disk = Disk(
             boot=boot,
             squashfs=squashfs,
             unpack=unpack,
             basalt_version=basalt.__version__,
-            cmdline=CMDLINE,
+            cmdline=" ".join((CMDLINE, *schematic.extra_kernel_args)),
         )
-        return cls(rootfs=rootfs, squashfs=squashfs, boot=boot, lock=lock, disk=disk)
+        return cls(rootfs, squashfs, boot, lock, schematic, extensions, disk)
 
 
 def executables(root: Path) -> list[str]:
@@ -108,15 +122,17 @@ def build(
     cache_dir: Path = DEFAULT_CACHE,
     lock_path: Path = lockfile.DEFAULT_LOCK,
     pipeline: Pipeline | None = None,
+    schematic: Schematic = EMPTY,
 ) -> dict[str, Any]:
     """Build (or reuse) every stage and write the image directory ``out``.
 
-    ``pipeline`` defaults to the one wired from the lock at ``lock_path`` (checked first).
+    ``pipeline`` defaults to the one wired from the lock at ``lock_path`` (checked first)
+    and ``schematic`` (its extensions and kernel arguments; none by default).
     """
     if pipeline is None:
         lock = lockfile.read(lock_path)
         lockfile.check(lock, lock_path)
-        pipeline = Pipeline.from_lock(lock)
+        pipeline = Pipeline.from_lock(lock, schematic)
     lock = pipeline.lock
     cache = Cache(cache_dir)
     rootfs_dir = cache.output(pipeline.rootfs)
@@ -147,7 +163,9 @@ def build(
         "name": "basalt",
         "version": basalt.__version__,
         "kernel": {"package": lock.kernel, "release": pipeline.boot.kernel_release},
-        "cmdline": CMDLINE,
+        "cmdline": " ".join((CMDLINE, *pipeline.schematic.extra_kernel_args)),
+        "schematic": pipeline.schematic.record(),
+        "extensions": [_extension(cache, stage) for stage in pipeline.extensions],
         "files": {name: _describe(out / name) for name in IMAGE_FILES if name in sources},
         "root": {"files": files, "bytes": tree_bytes, "compression": pipeline.squashfs.compression},
         "executables": programs,
@@ -157,7 +175,7 @@ def build(
         "kernel_modules": rootfs_manifest["modules"],
         "stages": {
             stage.name: stage.stage_id()
-            for stage in (pipeline.rootfs, pipeline.squashfs, pipeline.boot)
+            for stage in (pipeline.rootfs, pipeline.squashfs, pipeline.boot, *pipeline.extensions)
             + ((pipeline.disk,) if pipeline.disk is not None else ())
         },
     }
@@ -167,6 +185,14 @@ def build(
         for name, result, seconds in cache.built
     ]
     return manifest
+
+
+def _extension(cache: Cache, stage: Extension) -> dict[str, Any]:
+    """An extension as image.json records it: name, version, size, its executables."""
+    built = cache.output(stage)
+    described = json.loads((built / "extension.json").read_text())
+    described["executables"] = executables(built / "tree")
+    return described
 
 
 def _describe(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from basalt.machined.extensions import EXTENSIONS_DIR
 from basalt.machined.platform.metal import (
     IMAGE_MODULES,
     IMAGE_MOUNT_DIRECTORIES,
@@ -189,6 +190,8 @@ def _skeleton(root: Path) -> None:
         (root / top).symlink_to(f"usr/{top}")
     for point in MOUNT_POINTS:
         (root / point).mkdir(parents=True)
+    # The initramfs mounts a tmpfs here with the image's system extensions.
+    (root / EXTENSIONS_DIR).mkdir(parents=True)
 
 
 def _python(tree: Path, root: Path) -> list[str]:

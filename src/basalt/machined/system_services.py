@@ -115,6 +115,9 @@ def register_system_services(node: Node) -> None:
 
         wanted.append(containerd_service(node))
     wanted.append(_kubelet(node))
+    from .extensions import extension_services
+
+    wanted += extension_services(node)  # the image's system extensions (metal)
     for spec in wanted:
         if spec.id not in known:
             node.supervisor.register(spec)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from basalt.machinery.resources import VersionSpec
 
+from ..extensions import schematic_record
 from ..runtime import Controller, ResourceStore
 
 if TYPE_CHECKING:
@@ -26,5 +27,10 @@ class VersionController(Controller):
             python=platform.python_version(),
             platform=str(self.node.platform.mode),
             arch=self.node.platform.arch,
+            schematic=schematic_record(self.node.platform.system_root).get("id", ""),
+            extensions=[
+                f"{e.manifest.name} {e.manifest.version}"
+                for e in getattr(self.node.platform, "extensions", ())
+            ],
         )
         store.put("Versions", "version", spec, owner=self.name)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
+from ..extensions import MountedExtension, mount_and_log
 from ..sys import kmod, mount, power
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode
@@ -133,6 +134,8 @@ class MetalPlatform(Platform):
 
     init: bool = field(default_factory=lambda: os.getpid() == 1)
     reaper: Reaper | None = None
+    #: The system extensions mounted at boot (their services run as ``ext-*`` services).
+    extensions: list[MountedExtension] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -155,6 +158,7 @@ class MetalPlatform(Platform):
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
             self._load_image_modules()
+            self.extensions = mount_and_log(root)
             try:
                 power.set_ctrl_alt_del(False)  # Ctrl-Alt-Del becomes SIGINT: a clean reboot
             except power.PowerError as exc:

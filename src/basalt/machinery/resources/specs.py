@@ -74,6 +74,10 @@ class VersionSpec(Model):
     python: str
     platform: str
     arch: str
+    #: The id of the schematic the image was built from ('' when it records none).
+    schematic: str = ""
+    #: The system extensions the image carries, as ``name version``.
+    extensions: list[str] = Field(default_factory=list)
 
 
 class BootStatusSpec(Model):

@@ -1,0 +1,79 @@
+"""Loop devices: attach a file read-only with ``LOOP_CONFIGURE`` (Linux >= 5.8).
+
+A free device comes from ``/dev/loop-control`` (``LOOP_CTL_GET_FREE``); the file is
+attached read-only with autoclear, so the device frees itself once the filesystem on it
+is unmounted and no one holds it open.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import time
+from pathlib import Path
+
+from basalt.machinery.errors import BasaltError
+
+__all__ = ["LoopError", "attach_read_only", "loop_config"]
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+#: struct loop_info64: five u64, four u32, file name (64), crypt name (64), key (32), two u64.
+_LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
+#: struct loop_config: fd, block_size, loop_info64, eight reserved u64.
+_LOOP_CONFIG_HEAD = struct.Struct("=II")
+_RESERVED = 8 * 8
+_ATTEMPTS = 5
+
+
+class LoopError(BasaltError):
+    """A file could not be attached to a loop device (no loop driver, no free device)."""
+
+
+def loop_config(fd: int, name: str, flags: int = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR) -> bytes:
+    """The ``struct loop_config`` bytes attaching ``fd`` (its name shown in sysfs)."""
+    info = _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, flags, name.encode()[:63], b"", b"", 0, 0)
+    return _LOOP_CONFIG_HEAD.pack(fd, 0) + info + b"\0" * _RESERVED
+
+
+def attach_read_only(path: Path, dev: Path = Path("/dev")) -> Path:
+    """Attach ``path`` to a free loop device read-only; return the device's path."""
+    control = dev / "loop-control"
+    try:
+        control_fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LoopError(
+            f"cannot open {control}: {exc.strerror}", hint="is the loop kernel module loaded?"
+        ) from None
+    backing = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for _ in range(_ATTEMPTS):  # another process may take the free device first
+            index = fcntl.ioctl(control_fd, LOOP_CTL_GET_FREE)
+            device = dev / f"loop{index}"
+            _wait_for(device)
+            loop_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, loop_config(backing, str(path)))
+                return device
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise LoopError(f"attach {path} to {device}: {exc.strerror}") from None
+            finally:
+                os.close(loop_fd)
+        raise LoopError(f"attach {path}: every free loop device was taken meanwhile")
+    finally:
+        os.close(backing)
+        os.close(control_fd)
+
+
+def _wait_for(device: Path, timeout: float = 2.0) -> None:
+    """devtmpfs creates the node once the device exists; give it a moment."""
+    deadline = time.monotonic() + timeout
+    while not device.exists():
+        if time.monotonic() > deadline:
+            raise LoopError(f"{device} did not appear within {timeout:g} s")
+        time.sleep(0.01)
