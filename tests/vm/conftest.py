@@ -5,6 +5,7 @@ and boot timings are collected, printed at the end of the run and written to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def image_dir() -> Path:
         pytest.skip(f"{', '.join(missing)} not installed: run 'make image-deps' as root")
     from basalt.imager import pipeline
 
-    pipeline.build()
-    return pipeline.DEFAULT_OUT
+    # BASALT_VM_IMAGE_DIR: build into another directory (parallel runs of the VM tests).
+    out = Path(os.environ.get("BASALT_VM_IMAGE_DIR") or pipeline.DEFAULT_OUT)
+    pipeline.build(out)
+    return out
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -71,6 +71,29 @@ class Vm:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         return cls(argv, console, port, process, started)
 
+    @classmethod
+    def boot_disk(
+        cls,
+        disk: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        name: str = "console",
+        cpus: int = 2,
+        memory_mib: int = 512,
+        extra_args: tuple[str, ...] = (),
+    ) -> Vm:
+        """Boot ``disk`` (a qcow2 overlay of the image's disk.raw) under OVMF through
+        systemd-boot. ``-no-reboot``: a guest reboot ends QEMU; boot again to go on."""
+        port = port or free_port()
+        console = workdir / f"{name}.log"
+        argv = uefi_disk_command(disk, port, cpus=cpus, memory_mib=memory_mib)
+        argv += list(extra_args)
+        with console.open("wb") as log:
+            started = time.monotonic()
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        return cls(argv, console, port, process, started)
+
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -137,6 +160,25 @@ def qga_arguments(socket_path: Path, machine: str = "microvm") -> list[str]:
         *("-chardev", f"socket,id=qga0,path={socket_path},server=on,wait=off"),
         *("-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"),
     ]
+
+
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+
+
+def uefi_disk_command(disk: Path, port: int, *, cpus: int = 2, memory_mib: int = 512) -> list[str]:
+    """q35 + OVMF booting ``disk`` (qcow2) from virtio-blk; the API port forwarded."""
+    from basalt.imager.qemu import GUEST_API_PORT
+
+    forward = f"hostfwd=tcp:127.0.0.1:{port}-:{GUEST_API_PORT}"
+    return [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", str(cpus),
+        "-nographic", "-no-reboot", "-M", "q35", "-cpu", "max", "-bios", str(OVMF),
+        "-vga", "none",
+        "-drive", f"file={disk},format=qcow2,if=none,id=d0",
+        "-device", "virtio-blk-pci,drive=d0,bootindex=0",
+        "-netdev", f"user,id=n0,{forward}", "-device", "virtio-net-pci,netdev=n0,romfile=",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
 
 
 async def call(

@@ -2,7 +2,8 @@
 
 A single boot serves the whole module: maintenance mode answers on the DHCP-configured
 network; a config generated for metal (``install.disk`` set) is applied with
-``apply-config --insecure``; the node skips install (not implemented yet, and says so),
+``apply-config --insecure``; the node skips install (a direct-kernel boot has no disk to
+install from; tests/vm/test_install.py boots the disk image),
 runs from RAM and answers with mTLS; etcd is bootstrapped through the API and runs as a
 child of PID 1; logs, dmesg, ls and mounts work. Boot timings are recorded (see
 conftest.py). Every client call goes to the forwarded API port on 127.0.0.1, which the
@@ -161,7 +162,7 @@ def test_config_applies_skips_install_and_answers_with_mtls(configured: Configur
     (info,) = configured.call("Version").messages
     assert (info.mode, info.machine_type, info.hostname) == ("normal", "controlplane", HOSTNAME)
     events = configured.ctl("events")
-    assert "install to disk is not implemented yet; running from RAM" in events
+    assert "not booted from a Basalt disk" in events  # a direct-kernel boot: from RAM
     assert "/dev/vda left untouched" in events
     assert f"eth0: DHCP lease {GUEST_ADDRESS}" in events
     assert f"node address is {GUEST_ADDRESS}" in events

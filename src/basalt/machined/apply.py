@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from basalt.machinery.api.machine_pb2 import ApplyMode
@@ -20,6 +21,8 @@ from basalt.machinery.config import ConfigBundle, check_bundle, load_bundle
 from basalt.machinery.config.diff import Change, config_changes, unified_diff
 from basalt.machinery.config.validate import Mode
 from basalt.machinery.errors import BasaltError
+
+from .install import install_first_config, install_target
 
 if TYPE_CHECKING:
     from .node import Node
@@ -213,12 +216,88 @@ async def apply_maintenance(node: Node, request: ApplyRequest) -> ApplyResult:
         )
     if node.config_arrived.is_set():
         raise InvalidApplyError("a config is being applied already")
+    details = "config applied; the node leaves maintenance mode and boots with it"
+    source = install_target(node) if node.platform.mode.requires_install else None
+    if source is not None:
+        # Validated first (nothing changes on a bad install.disk), then installed with
+        # the config on STATE; the boot's install phase reboots into the installed disk.
+        plan = await install_first_config(node, new, source)
+        details = f"installed to {plan.target} with this config; the node reboots into it"
     node.configs.commit(new.to_yaml())
     node.use_config(new)
     node.config_arrived.set()
     node.events.publish("config", "config applied in maintenance mode", actor="apply-config")
-    return ApplyResult(
-        ApplyMode.REBOOT,
-        "config applied; the node leaves maintenance mode and boots with it",
-        warnings,
-    )
+    return ApplyResult(ApplyMode.REBOOT, details, warnings)
+
+
+# -- basalt.config=URL --------------------------------------------------------------------------
+
+#: How long to wait between attempts to fetch ``basalt.config=`` (the network may be
+#: coming up, the server not there yet).
+FETCH_RETRY = 3.0
+FETCH_TIMEOUT = 10.0
+
+
+def kernel_config_url(cmdline: Path) -> str:
+    """``basalt.config=URL`` of the kernel command line ('' when absent)."""
+    try:
+        words = cmdline.read_text().split()
+    except OSError:
+        return ""
+    urls = [w.partition("=")[2] for w in words if w.startswith("basalt.config=")]
+    return urls[-1] if urls else ""
+
+
+def fetch_url(url: str, timeout: float = FETCH_TIMEOUT) -> bytes:
+    """The body of ``url`` (http or https), at most MAX_CONFIG_BYTES + 1 bytes."""
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise InvalidApplyError(
+            f"kernel argument basalt.config={url}: only http:// and https:// URLs are fetched"
+        )
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        body: bytes = answer.read(MAX_CONFIG_BYTES + 1)
+        return body
+
+
+async def apply_from_url(node: Node, url: str, retry: float = FETCH_RETRY) -> None:
+    """Fetch the config at ``url`` until it answers, then apply it as maintenance
+    mode's apply-config would (validate, install, boot). A config that does not
+    validate is reported (event, log) and not fetched again: apply one through the API."""
+    attempt = 0
+    while not node.config_arrived.is_set():
+        attempt += 1
+        try:
+            data = await asyncio.to_thread(fetch_url, url)
+        except BasaltError as exc:
+            node.events.publish("config", str(exc), actor="boot")
+            log.error("%s", exc)
+            return
+        except OSError as exc:
+            if attempt == 1 or attempt % 20 == 0:
+                log.warning("basalt.config=%s: %s; retrying every %gs", url, exc, retry)
+            await asyncio.sleep(retry)
+            continue
+        request = ApplyRequest(data, ApplyMode.AUTO, False, 0.0, source=url)
+        try:
+            result = await apply_maintenance(node, request)
+        except BasaltError as exc:
+            message = f"config from basalt.config={url} not applied: {exc.render()}"
+            node.events.publish("config", message, actor="boot")
+            log.error("%s", message)
+            return
+        node.events.publish("config", f"config fetched from {url}: {result.details}", actor="boot")
+        log.info("config fetched from %s: %s", url, result.details)
+        return
+
+
+def start_config_fetch(node: Node) -> asyncio.Task[None] | None:
+    """In maintenance mode on metal: fetch ``basalt.config=URL`` in the background."""
+    if not node.platform.mode.requires_install:
+        return None
+    url = kernel_config_url(node.platform.system_root / "proc" / "cmdline")
+    if not url:
+        return None
+    log.info("fetching the config from basalt.config=%s", url)
+    return asyncio.create_task(apply_from_url(node, url), name="config-url")

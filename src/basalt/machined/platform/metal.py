@@ -7,9 +7,10 @@ console and the machine reboots after a delay.
 
 The root filesystem stays read-only. The /etc files the agent generates (hostname,
 hosts, resolv.conf) live in /run/basalt/etc and are bind-mounted read-only over the
-image's /etc files; controllers rewrite them in place. Until an install provides the
-STATE and EPHEMERAL partitions, /system and /var are tmpfs: a node in maintenance mode
-runs from memory.
+image's /etc files; controllers rewrite them in place. On an installed disk the ext4
+partitions named STATE and EPHEMERAL are mounted on /system/state and /var (see
+basalt/machined/install.py); until an install provides them, /system and /var are
+tmpfs: a node in maintenance mode runs from memory.
 
 Started as ``--platform metal`` by a process that is not PID 1 (a developer's shell, a
 test), none of the machine-wide steps happen: no mounts, no reaper, plain exit codes.
@@ -134,6 +135,12 @@ class MetalPlatform(Platform):
 
     init: bool = field(default_factory=lambda: os.getpid() == 1)
     reaper: Reaper | None = None
+    #: The STATE partition mounted on /system/state ('' when running from memory).
+    state_device: str = ""
+    #: Set when maintenance mode installed to disk: the boot's install phase reboots.
+    installed_to: str = ""
+    #: True while maintenance mode installs (a second apply-config is refused).
+    installing: bool = False
     #: The system extensions mounted at boot (their services run as ``ext-*`` services).
     extensions: list[MountedExtension] = field(default_factory=list)
 
@@ -154,7 +161,7 @@ class MetalPlatform(Platform):
         root = self.system_root
         if self.init:
             mounted = mount.mount_pseudo_filesystems(root)
-            mounted += mount.mount_all(RUNTIME_FILESYSTEMS, root)
+            mounted += mount.mount_all(self._runtime_filesystems(), root)
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
             self._load_image_modules()
@@ -179,6 +186,24 @@ class MetalPlatform(Platform):
                 write_generated(self.generated_etc, name, initial[name])
             if self.init:
                 self._bind_etc(name)
+
+    def _runtime_filesystems(self) -> list[mount.MountPoint]:
+        """RUNTIME_FILESYSTEMS, with STATE and EPHEMERAL when this disk is installed."""
+        points = list(RUNTIME_FILESYSTEMS)
+        if self.system_root != Path("/"):
+            return points  # a test's node directory: never the machine's disks
+        from ..install import installed_devices
+
+        state, ephemeral = installed_devices()
+        if ephemeral is not None:
+            points = [p for p in points if p.target != "/var"]
+            points.append(mount.MountPoint(ephemeral, "/var", "ext4", "nosuid,nodev,noatime"))
+        if state is not None:
+            points.append(
+                mount.MountPoint(state, "/system/state", "ext4", "nosuid,nodev,noexec,noatime")
+            )
+            self.state_device = state
+        return points
 
     def _load_image_modules(self) -> None:
         loaded, failed = load_image_modules(self.system_root)

@@ -86,11 +86,16 @@ async def maintenance(node: Node, request: Any) -> None:
     from ..api.server import ApiServer
 
     node.set_stage("maintenance")
+    from ..apply import start_config_fetch
+
     server = ApiServer(node, maintenance=True)
     await server.start()
+    fetch = start_config_fetch(node)  # basalt.config=URL on the kernel command line
     try:
         await node.config_arrived.wait()
     finally:
+        if fetch is not None:
+            fetch.cancel()
         await server.stop(grace=1.0)
     node.set_stage("booting")
 
@@ -99,25 +104,12 @@ def installs_to_disk(node: Node, request: Any) -> bool:
     return node.platform.mode.requires_install
 
 
-#: What a metal node says at boot until install-to-disk exists.
-INSTALL_NOT_IMPLEMENTED = "install to disk is not implemented yet; running from RAM"
-
-
 async def install(node: Node, request: Any) -> None:
-    """metal: install to ``install.disk`` (validated as present for metal configs).
+    """metal: reboot into the disk maintenance mode just installed; nothing when running
+    installed; a warning when not booted from a Basalt disk (running from RAM)."""
+    from ..install import boot_phase
 
-    Not implemented yet: the disk is left untouched, the node keeps running from RAM
-    with its config on the in-memory STATE, and says so. A reboot loses the config.
-    """
-    machine = node.machine
-    disk = (machine.install.disk if machine is not None else None) or ""
-    node.events.publish(
-        "install",
-        f"{INSTALL_NOT_IMPLEMENTED} ({disk or 'no install.disk'} left untouched)",
-        actor="boot",
-        disk=disk,
-    )
-    log.warning("%s; %s left untouched", INSTALL_NOT_IMPLEMENTED, disk or "no install.disk")
+    await boot_phase(node)
 
 
 def address_unknown(node: Node, request: Any) -> bool:

@@ -1,0 +1,182 @@
+"""Install to disk in QEMU (TCG, q35, OVMF, systemd-boot): the whole first-boot path.
+
+The node boots the image's ``disk.raw`` through a 4 GiB qcow2 overlay (as the qemu
+provisioner does) and comes up in maintenance mode. A config naming a disk the node
+does not have is refused with an error naming ``MachineConfig.install.disk``, and the
+disk stays untouched (the overlay holds no written cluster). The real config installs:
+STATE and EPHEMERAL are added, the node reboots (``-no-reboot``: QEMU exits and the
+test boots the same disk again), and answers with mTLS, with the config it got in
+maintenance mode, ``/`` a read-only squashfs on BASALT-A, /var the EPHEMERAL ext4 and
+/system/state the STATE ext4. A second reboot keeps all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vm.conftest import Timings
+from tests.vm.machine import Vm, call
+from tests.vm.test_metal_node import GUEST_ADDRESS, _ctl, _empty
+
+pytestmark = pytest.mark.vm
+
+BOOT_TIMEOUT = 240.0
+INSTALL_TIMEOUT = 240.0
+DISK_SIZE = "4G"
+
+
+def _overlay(image_dir: Path, path: Path) -> Path:
+    """A qcow2 backed by the image's disk.raw, grown to DISK_SIZE."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image_dir / "disk.raw"),
+         "-F", "raw", str(path), DISK_SIZE],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+def _written_clusters(overlay: Path) -> list[dict[str, Any]]:
+    """The overlay's own data: what the guest wrote (the backing file is depth 1)."""
+    done = subprocess.run(
+        ["qemu-img", "map", "-U", "--output=json", str(overlay)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [m for m in json.loads(done.stdout) if m["depth"] == 0 and m["data"]]
+
+
+def _apply(endpoint: str, config: Path) -> subprocess.CompletedProcess[str]:
+    from tests.vm.test_metal_node import BASALTCTL
+
+    return subprocess.run(
+        [*BASALTCTL, "apply-config", "--insecure", "-n", endpoint, "-f", str(config)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+
+
+@dataclass
+class Installed:
+    disk: Path
+    workdir: Path
+    basaltconfig: Path
+    context: Any
+    vm: Vm
+    consoles: list[str] = field(default_factory=list)
+    refused: subprocess.CompletedProcess[str] | None = None
+    untouched: list[dict[str, Any]] = field(default_factory=list)
+    applied: str = ""
+
+    def call(self, method: str, request: Any = None) -> Any:
+        return asyncio.run(
+            call(self.vm.endpoint, method, request or _empty(), context=self.context)
+        )
+
+    def ctl(self, *args: str) -> str:
+        return _ctl(*args, "-e", self.vm.endpoint, config=self.basaltconfig)
+
+    def wait_mtls(self, what: str) -> Any:
+        return self.vm.wait(
+            lambda: call(self.vm.endpoint, "Version", _empty(), context=self.context, timeout=5),
+            BOOT_TIMEOUT,
+            what,
+        )
+
+    def reboot_from_disk(self, name: str) -> None:
+        """The guest rebooted (QEMU exited): boot the same disk again, same port."""
+        code = self.vm.process.wait(timeout=INSTALL_TIMEOUT)
+        assert code == 0, self.vm.console_tail()
+        self.consoles.append(self.vm.console_text())
+        self.vm = Vm.boot_disk(self.disk, self.workdir, port=self.vm.port, name=name)
+
+
+@pytest.fixture(scope="module")
+def installed(
+    image_dir: Path, tmp_path_factory: pytest.TempPathFactory, timings: Timings
+) -> Iterator[Installed]:
+    from basalt.machinery.client.config import load_client_config
+
+    work = tmp_path_factory.mktemp("install")
+    disk = _overlay(image_dir, work / "node.qcow2")
+    out = work / "config"
+    _ctl(
+        *("gen", "config", "vm", f"https://{GUEST_ADDRESS}:6443", "-o", str(out)),
+        *("--install-disk", "/dev/vda", "--additional-sans", "127.0.0.1"),
+    )
+    _, context = load_client_config(out / "basaltconfig").current()
+    vm = Vm.boot_disk(disk, work, name="console-1")
+    node = Installed(disk, work, out / "basaltconfig", context, vm)
+    try:
+        answer = vm.wait(
+            lambda: call(vm.endpoint, "Version", _empty(), timeout=5),
+            BOOT_TIMEOUT,
+            "maintenance API (UEFI disk boot)",
+        )
+        assert answer.messages[0].mode == "maintenance"
+        timings.record("uefi: QEMU start -> maintenance API answer", vm.mark("maintenance"))
+        bad = out / "vdz.yaml"
+        text = (out / "controlplane.yaml").read_text()
+        assert text.count("disk: /dev/vda\n") == 1
+        bad.write_text(text.replace("disk: /dev/vda\n", "disk: /dev/vdz\n"))
+        node.refused = _apply(vm.endpoint, bad)
+        node.untouched = _written_clusters(disk)
+        started = time.monotonic()
+        applied = _apply(vm.endpoint, out / "controlplane.yaml")
+        assert applied.returncode == 0, applied.stdout + applied.stderr + vm.console_tail()
+        node.applied = applied.stdout
+        timings.record("uefi: apply-config (install) answered", time.monotonic() - started)
+        node.reboot_from_disk("console-2")
+        node.wait_mtls("mTLS API after install and reboot")
+        elapsed = time.monotonic() - started
+        timings.record("uefi: apply-config -> installed node answers mTLS", elapsed)
+        yield node
+    finally:
+        node.vm.stop()
+        timings.timelines["uefi install"] = node.vm.timeline()
+
+
+def test_a_missing_install_disk_is_refused_and_nothing_is_written(installed: Installed) -> None:
+    refused = installed.refused
+    assert refused is not None and refused.returncode != 0
+    assert "MachineConfig.install.disk: /dev/vdz does not exist on this node" in refused.stderr
+    assert installed.untouched == []  # not one cluster written to the disk
+
+
+def test_install_reboots_into_the_installed_system(installed: Installed) -> None:
+    assert "installed to /dev/vda" in installed.applied
+    first = installed.consoles[0]
+    assert "installed: /dev/vda: EFI 128 MiB, BASALT-A 192 MiB" in first
+    assert "installed to /dev/vda; rebooting into the installed system" in first
+    (info,) = installed.call("Version").messages
+    assert (info.mode, info.machine_type) == ("normal", "controlplane")
+    assert "mounted /dev/vda2 read-only" in installed.vm.console_text()
+
+
+def test_state_and_ephemeral_are_ext4_partitions(installed: Installed) -> None:
+    (answer,) = installed.call("Mounts").messages
+    mounts = {m.mounted_on: m for m in answer.stats}
+    assert mounts["/"].type == "squashfs" and "ro" in mounts["/"].options.split(",")
+    assert (mounts["/var"].filesystem, mounts["/var"].type) == ("/dev/vda6", "ext4")
+    assert mounts["/var"].size > 3 * 1024**3  # the rest of the 4 GiB disk
+    state = mounts["/system/state"]
+    assert (state.filesystem, state.type) == ("/dev/vda5", "ext4")
+    assert state.size < 128 * 1024**2
+
+
+def test_config_and_install_survive_another_reboot(installed: Installed) -> None:
+    installed.ctl("reboot")
+    installed.reboot_from_disk("console-3")
+    (info,) = installed.wait_mtls("mTLS API after a second reboot").messages
+    assert (info.mode, info.machine_type) == ("normal", "controlplane")
+    third = installed.vm.console_text()
+    assert "maintenance" not in third.split("API listening")[-1].split("\n")[0]
+    (answer,) = installed.call("Mounts").messages
+    mounts = {m.mounted_on: m.filesystem for m in answer.stats}
+    assert (mounts["/var"], mounts["/system/state"]) == ("/dev/vda6", "/dev/vda5")
