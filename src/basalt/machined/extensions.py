@@ -83,8 +83,9 @@ def mount_extensions(root: Path = Path("/")) -> tuple[list[MountedExtension], li
         try:
             device = "(already mounted)"
             if not mount.is_mounted(target):
-                device = str(loop.attach_read_only(image, root / "dev"))
-                mount.mount(device, target, "squashfs", mount.MS_RDONLY | mount.MS_NODEV)
+                with loop.attach_read_only(image, root / "dev") as attached:
+                    device = str(attached.device)
+                    mount.mount(device, target, "squashfs", mount.MS_RDONLY | mount.MS_NODEV)
             manifest = parse_manifest(
                 (target / "manifest.yaml").read_text(), source=f"{image.name}:manifest.yaml"
             )

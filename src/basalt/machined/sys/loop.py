@@ -2,7 +2,8 @@
 
 A free device comes from ``/dev/loop-control`` (``LOOP_CTL_GET_FREE``); the file is
 attached read-only with autoclear, so the device frees itself once the filesystem on it
-is unmounted and no one holds it open.
+is unmounted and no one holds it open. That includes the opener: the device must be
+mounted before :meth:`Attached.close`, or it is detached again at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from basalt.machinery.errors import BasaltError
 
-__all__ = ["LoopError", "attach_read_only", "loop_config"]
+__all__ = ["Attached", "LoopError", "attach_read_only", "loop_config"]
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
@@ -40,8 +41,28 @@ def loop_config(fd: int, name: str, flags: int = LO_FLAGS_READ_ONLY | LO_FLAGS_A
     return _LOOP_CONFIG_HEAD.pack(fd, 0) + info + b"\0" * _RESERVED
 
 
-def attach_read_only(path: Path, dev: Path = Path("/dev")) -> Path:
-    """Attach ``path`` to a free loop device read-only; return the device's path."""
+class Attached:
+    """A loop device with ``path`` attached, held open until :meth:`close`."""
+
+    def __init__(self, device: Path, fd: int) -> None:
+        self.device = device
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Attached:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach_read_only(path: Path, dev: Path = Path("/dev")) -> Attached:
+    """Attach ``path`` to a free loop device read-only. Mount it, then close the result
+    (autoclear detaches a device nothing holds)."""
     control = dev / "loop-control"
     try:
         control_fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
@@ -58,12 +79,12 @@ def attach_read_only(path: Path, dev: Path = Path("/dev")) -> Path:
             loop_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(loop_fd, LOOP_CONFIGURE, loop_config(backing, str(path)))
-                return device
             except OSError as exc:
+                os.close(loop_fd)
                 if exc.errno != errno.EBUSY:
                     raise LoopError(f"attach {path} to {device}: {exc.strerror}") from None
-            finally:
-                os.close(loop_fd)
+                continue
+            return Attached(device, loop_fd)
         raise LoopError(f"attach {path}: every free loop device was taken meanwhile")
     finally:
         os.close(backing)
