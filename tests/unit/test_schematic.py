@@ -145,5 +145,20 @@ def test_read_schematic_of_a_missing_file_says_what_to_pass(tmp_path: Path) -> N
     assert "nope.yaml" in str(caught.value) and caught.value.hint
 
 
+def test_image_build_refuses_a_bad_schematic_before_building(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from basalt.cli.main import main
+
+    bad = tmp_path / "s.yaml"
+    bad.write_text("customization:\n  systemExtensions: {officialExtensions: [nvidia]}\n")
+    out = tmp_path / "image"
+    code = main(["image", "build", "--schematic", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()
+    assert f"{bad}:2: error: schematic.customization.systemExtensions.officialExtensions[0]" in err
+    assert "unknown extension 'nvidia'" in err and "official extensions: qemu-guest-agent" in err
+
+
 def test_the_example_names_the_guest_agent() -> None:
     assert read_schematic(EXAMPLE).extensions == ("qemu-guest-agent",)

@@ -65,7 +65,7 @@ class SchematicError(BasaltError):
     """A schematic file could not be used; ``problems`` lists every fault with its line."""
 
     def __init__(self, problems: list[Problem], *, source: str, kind: str = "schematic") -> None:
-        self.problems = problems
+        self.problems = sorted(problems, key=lambda p: p.line or 0)  # in file order
         self.source = source
         count = len(problems)
         lines = [f"{source}: {count} {'error' if count == 1 else 'errors'} in the {kind}"]
