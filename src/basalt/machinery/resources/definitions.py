@@ -166,8 +166,14 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         "runtime",
         specs.VersionSpec,
         ("version", "versions"),
-        "The running Basalt version.",
-        (("TAG", "tag"), ("PLATFORM", "platform"), ("ARCH", "arch")),
+        "The running Basalt version, and the image's schematic id and system extensions.",
+        (
+            ("TAG", "tag"),
+            ("PLATFORM", "platform"),
+            ("ARCH", "arch"),
+            ("SCHEMATIC", "schematic"),
+            ("EXTENSIONS", "extensions"),
+        ),
     ),
 )
 
