@@ -54,7 +54,7 @@ command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
 }
 endef
 
-.PHONY: install system-deps demo test lint typecheck unit docs docs-check bench clean
+.PHONY: install system-deps demo test lint typecheck unit docs docs-check bench bench-boot clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
@@ -134,6 +134,18 @@ bench: install
 	$(BIN)/python bench/cluster_create.py
 	$(BIN)/python bench/api_rtt.py
 	$(BIN)/python bench/etcd_cluster.py
+
+# Boot: Basalt to its first API answer vs a Debian minimal + systemd + openssh-server
+# image to its first SSH banner, same QEMU flags (bench/boot.py). Not part of `make bench`:
+# it builds the image and, once, the Debian peer with debootstrap (as root; cached under
+# _out/bench), then boots each guest 3 times under TCG: ~5 min or more. Run it on an
+# otherwise idle host: other VMs or builds make the figures meaningless.
+BENCH_BOOT_ARGS ?=
+bench-boot: install image-deps
+	@command -v debootstrap >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap; }
+	$(BIN)/python -m basalt.imager build
+	$(BIN)/python bench/boot.py $(BENCH_BOOT_ARGS)
 
 # Installs only the packages that are missing; apt-get update runs only then.
 image-deps:

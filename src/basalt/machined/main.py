@@ -158,6 +158,28 @@ class _UptimeFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _ApiOpenedNote(logging.Filter):
+    """Once, when the API first listens, logs machined's memory then (from
+    /proc/self/status). With the uptime stamps of the initramfs' "switching root" line
+    and of "API listening", it gives bench/boot its start-up and RSS figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.done and str(record.msg).startswith("API listening"):
+            self.done = True
+            try:
+                status = Path("/proc/self/status").read_text()
+                kib = dict(line.partition(":")[::2] for line in status.splitlines())
+                sizes = [int(kib[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")]
+            except (OSError, KeyError, ValueError):
+                sizes = [0.0, 0.0]
+            log.info("API open: machined RSS %.1f MiB (peak %.1f MiB)", *sizes)
+        return True
+
+
 #: The environment of PID 1 and, through it, of the services it starts: the kernel
 #: passes init little more than HOME and TERM.
 INIT_ENVIRONMENT = {"PATH": "/usr/bin:/usr/sbin", "LANG": "C.UTF-8"}
@@ -179,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             handler.setFormatter(
                 _UptimeFormatter("[%(uptime)12.6f] machined: %(levelname)s %(name)s: %(message)s")
             )
+            handler.addFilter(_ApiOpenedNote())
         log.info("PID 1: machined %s starting", _version())
 
         # PID 1 never exits (the kernel would panic): whatever ends the agent, even a bad

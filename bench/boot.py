@@ -1,0 +1,437 @@
+"""Boot: Basalt from QEMU start to its first maintenance API answer, against a Debian
+minimal + systemd + openssh-server image to its first SSH banner, under identical QEMU
+flags in the same run.
+
+Both guests get the same machine (TCG, q35, `-cpu max`, 512 MiB, 2 vCPUs, virtio-rng),
+a virtio-blk root, a virtio-net NIC on QEMU user networking with one port forwarded to a
+host loopback address, and a direct kernel boot (`-kernel -initrd -append`), each with
+its own distribution kernel and initramfs. Basalt boots `_out/image` (root.sqfs
+read-only); Debian boots an image this bench builds with debootstrap (bench/_debian.py,
+cached under `_out/bench/`; building it needs root). Runs alternate which guest boots
+first; the figure is the median, with the range. Target: Basalt <= 0.25x Debian.
+
+Basalt's answer is a Version call to the insecure maintenance API through
+`basalt.machinery.client` (what `basaltctl` does); Debian's is its `SSH-2.0` banner line.
+QEMU accepts a forwarded connection at once and holds it while the guest has no address,
+so until the guest answers or refuses, a fresh probe starts every 0.5 s (each dropped
+after 4 s); from then on one probe at a time, never dropped (see `_first_answer`).
+
+Also printed, from the Basalt console (lines stamped with the guest's uptime): kernel to
+PID 1 (the initramfs init's first line), machined's start to its API socket (from the
+initramfs' exec of /sbin/init to "API listening"), machined's RSS then (its own "API
+open" line), and from `image.json` the compressed root size and the executable count.
+The load average is printed with the figures: a measurement on a busy host is not one.
+
+    python bench/boot.py [--runs N] [--image DIR] [--build] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _debian
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_RATIO = 0.25
+TARGET_ROOT_MB = 60.0
+TARGET_EXECUTABLES = 12
+#: The QEMU flags both guests share (the drive, NIC and kernel follow).
+QEMU_COMMON = [
+    *("qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-cpu", "max"),
+    *("-m", "512", "-smp", "2", "-nographic", "-no-reboot", "-device", "virtio-rng-pci"),
+]
+#: microvm-only kernel arguments (it has no PIT to calibrate the TSC against).
+MICROVM_ONLY = ("tsc_early_khz=", "no_timer_check")
+BASALT_ADDRESS = "127.0.0.231"
+DEBIAN_ADDRESS = "127.0.0.232"
+PROBE_INTERVAL = 0.5
+PROBE_TIMEOUT = 4.0
+RETRY_INTERVAL = 0.1
+ANSWER_TIMEOUT = 60.0
+#: Basalt console lines: "[  uptime] basalt-init: ..." or "[  uptime] machined: INFO x: ..."
+#: (not anchored: the first one follows the firmware's terminal escapes on its line).
+STAMP = re.compile(r"\[\s*([0-9.]+)\] (basalt-init|machined): (?:\w+ \S+: )?(.*)$", re.M)
+
+
+@dataclass
+class Boot:
+    """One guest boot: host seconds from QEMU start to the first answer, and its console.
+    ``others`` is the CPU time (in CPUs) everything but this QEMU and this bench used
+    meanwhile: what the guest competed with."""
+
+    seconds: float
+    console: str
+    load: float
+    others: float
+    stamps: dict[str, float] = field(default_factory=dict)
+
+
+def busy_seconds() -> float:
+    """CPU seconds the host spent busy (all CPUs, not idle or iowait) since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (its threads included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    usage = os.times()
+    return usage.user + usage.system
+
+
+def basalt_cmdline(image: dict[str, object]) -> str:
+    words = [w for w in str(image["cmdline"]).split() if not w.startswith(MICROVM_ONLY)]
+    return " ".join([*words, "basalt.root=/dev/vda"])
+
+
+def qemu_argv(
+    kernel: Path, initrd: Path, cmdline: str, drive: str, address: str, port: int, guest: int
+) -> list[str]:
+    return [
+        *QEMU_COMMON,
+        *("-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline),
+        *("-drive", f"id=d0,format=raw,if=none,{drive}", "-device", "virtio-blk-pci,drive=d0"),
+        *("-netdev", f"user,id=n0,hostfwd=tcp:{address}:{port}-:{guest}"),
+        *("-device", "virtio-net-pci,netdev=n0,romfile="),
+    ]
+
+
+def free_port(address: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Refused(Exception):
+    """The guest itself turned the connection away (its network is up, the service not)."""
+
+
+#: A probe: True once it got the answer; raises :class:`Refused` when the guest turned
+#: it away; calls ``reached()`` as soon as it knows the guest's service took the
+#: connection (from then on it is given all the time it needs).
+Attempt = Callable[[Callable[[], None]], Awaitable[bool]]
+
+
+async def _first_answer(
+    attempt: Attempt, process: subprocess.Popen[bytes], started: float, timeout: float
+) -> float:
+    """Seconds from ``started`` until an ``attempt`` answers.
+
+    Until the guest is reached, a probe starts every PROBE_INTERVAL and is dropped after
+    PROBE_TIMEOUT: QEMU accepts every forwarded connection at once and holds it while the
+    guest has no address, so only a fresh one sees the guest come up. Once the guest
+    took or refused a connection, probes run one at a time and are never dropped: a
+    storm of abandoned connections would load the guest (sshd forks and execs itself for
+    each) and delay the very answer being measured.
+    """
+    reached = asyncio.Event()
+    probes: dict[asyncio.Task[bool], float] = {}
+    next_start = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if process.poll() is not None:
+                raise RuntimeError(f"QEMU exited with {process.returncode} before answering")
+            if now - started > timeout:
+                raise RuntimeError(f"no answer within {timeout:.0f} s")
+            if not reached.is_set():
+                for task, begun in probes.items():
+                    if now - begun > PROBE_TIMEOUT:
+                        task.cancel()
+            if now >= next_start and not (reached.is_set() and probes):
+                probes[asyncio.create_task(attempt(reached.set))] = now
+                next_start = now + PROBE_INTERVAL
+            wait = max(0.01, next_start - now)
+            if not probes:
+                await asyncio.sleep(wait)
+                continue
+            done, _ = await asyncio.wait(probes, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                del probes[task]
+                if task.cancelled():
+                    continue
+                error = task.exception()
+                if error is None and task.result():
+                    return time.monotonic() - started
+                if isinstance(error, Refused):
+                    reached.set()
+                    next_start = min(next_start, time.monotonic() + RETRY_INTERVAL)
+    finally:
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+
+
+async def grpc_version(endpoint: str, reached: Callable[[], None]) -> bool:
+    """Version from the insecure maintenance API, as `basaltctl` would call it."""
+    from basalt.machinery.api import common_pb2
+    from basalt.machinery.client.client import Client
+    from basalt.machinery.errors import BasaltError
+
+    try:
+        client = await Client.connect(endpoint, insecure=True)
+    except BasaltError as exc:
+        # The certificate fetch failed: QEMU's own refusal (no forward yet) is not the
+        # guest's; a reset or EOF is the guest's kernel answering for a closed port.
+        text = str(exc)
+        if "refused" not in text and ("reset" in text or "EOF" in text):
+            raise Refused(text) from None
+        raise
+    reached()  # the node's API served its certificate
+    try:
+        await client.machine.Version(common_pb2.Empty(), timeout=ANSWER_TIMEOUT)
+        return True
+    finally:
+        await client.close()
+
+
+async def ssh_banner(address: str, port: int, reached: Callable[[], None]) -> bool:
+    """The server's identification line, the first thing an SSH server sends."""
+    reader, writer = await asyncio.open_connection(address, port)
+    try:
+        line = await reader.readline()
+        if not line:
+            raise Refused("connection closed before any banner")
+        reached()
+        return line.startswith(b"SSH-2.0")
+    finally:
+        writer.close()
+
+
+def boot(
+    argv: list[str],
+    attempt: Attempt,
+    console: Path,
+    timeout: float,
+) -> Boot:
+    """Start QEMU, wait for the first answer, stop QEMU; the console goes to ``console``."""
+    load = os.getloadavg()[0]
+
+    async def measure(process: subprocess.Popen[bytes], started: float) -> float:
+        # Insecure connects fetch the node's certificate in a thread; overlapping probes
+        # must not queue behind the default executor's few workers.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
+        return await _first_answer(attempt, process, started, timeout)
+
+    with console.open("wb") as out:
+        busy, own = busy_seconds(), own_seconds()
+        started = time.monotonic()
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            seconds = asyncio.run(measure(process, started))
+            guest = cpu_seconds(process.pid)
+            others = busy_seconds() - busy - guest - (own_seconds() - own)
+            others /= time.monotonic() - started
+        except RuntimeError as exc:
+            tail = console.read_bytes().decode(errors="replace")[-3000:]
+            kernel = argv[argv.index("-kernel") + 1]
+            raise SystemExit(f"{kernel}: {exc}; console:\n{tail}") from None
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    return Boot(seconds, console.read_bytes().decode(errors="replace"), load, max(0.0, others))
+
+
+def basalt_stamps(console: str) -> dict[str, float]:
+    """Guest uptimes of the Basalt console lines the figures are made of."""
+    wanted = {
+        "init": "initramfs: started",
+        "exec": "switching root",
+        "machined": "PID 1: machined",
+        "api": "API listening",
+        "dhcp": "DHCP lease",
+    }
+    stamps: dict[str, float] = {}
+    for uptime, _who, message in STAMP.findall(console):
+        for name, text in wanted.items():
+            if name not in stamps and text in message:
+                stamps[name] = float(uptime)
+        if "rss" not in stamps and (
+            found := re.search(r"API open: machined RSS ([0-9.]+)", message)
+        ):
+            stamps["rss"] = float(found.group(1))
+    return stamps
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    median = statistics.median(values)
+    return f"{median:6.2f} s  [{min(values):.2f}-{max(values):.2f}]"
+
+
+def other_qemus() -> list[int]:
+    """PIDs of QEMU processes this bench did not start (they skew the figures)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("qemu-system"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="boots of each guest")
+    parser.add_argument("--image", type=Path, default=REPO / "_out" / "image")
+    parser.add_argument("--build", action="store_true", help="build (or reuse) the image first")
+    parser.add_argument("--cache", type=Path, default=_debian.DEFAULT_CACHE)
+    parser.add_argument("--mirror", help="Debian mirror (default: this host's apt source)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per boot")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if shutil.which("qemu-system-x86_64") is None:
+        raise SystemExit("qemu-system-x86_64 missing: apt-get install qemu-system-x86")
+
+    if args.build:
+        from basalt.imager import pipeline
+
+        pipeline.build(out=args.image)
+    image_json = args.image / "image.json"
+    if not image_json.exists():
+        raise SystemExit(f"{image_json} missing: build the image (make image) or pass --build")
+    image = json.loads(image_json.read_text())
+    debian = _debian.build(args.cache, args.mirror)
+    peer = json.loads((debian / "image.json").read_text())
+
+    # Imported before any QEMU starts: the probe's own import is not the guest's time.
+    import basalt.machinery.client.client  # noqa: F401
+
+    logs = args.cache / "runs" / time.strftime("%Y%m%dT%H%M%S")
+    logs.mkdir(parents=True)
+    b_port, d_port = free_port(BASALT_ADDRESS), free_port(DEBIAN_ADDRESS)
+    basalt_argv = qemu_argv(
+        args.image / "vmlinuz",
+        args.image / "initrd.img",
+        basalt_cmdline(image),
+        f"file={args.image / 'root.sqfs'},readonly=on",
+        BASALT_ADDRESS,
+        b_port,
+        50000,
+    )
+    debian_argv = qemu_argv(
+        debian / "vmlinuz",
+        debian / "initrd.img",
+        peer["cmdline"],
+        f"file={debian / 'root.ext4'},snapshot=on",  # writes go to a throwaway overlay
+        DEBIAN_ADDRESS,
+        d_port,
+        22,
+    )
+    others = other_qemus()
+    load_before = os.getloadavg()
+    guests: dict[str, tuple[list[str], Attempt]] = {
+        "basalt": (basalt_argv, lambda seen: grpc_version(f"{BASALT_ADDRESS}:{b_port}", seen)),
+        "debian": (debian_argv, lambda seen: ssh_banner(DEBIAN_ADDRESS, d_port, seen)),
+    }
+    results: dict[str, list[Boot]] = {"basalt": [], "debian": []}
+    for run in range(args.runs):
+        order = ["basalt", "debian"] if run % 2 == 0 else ["debian", "basalt"]
+        for name in order:
+            argv, attempt = guests[name]
+            result = boot(argv, attempt, logs / f"{name}-{run + 1}.log", args.timeout)
+            if name == "basalt":
+                result.stamps = basalt_stamps(result.console)
+            results[name].append(result)
+            print(
+                f"run {run + 1} {name:<6} {result.seconds:6.2f} s  (load average "
+                f"{result.load:.2f}; other processes used {result.others:.2f} CPUs meanwhile)",
+                file=sys.stderr,
+            )
+    load_after = os.getloadavg()
+    ok = report(args.runs, image, peer, results, (load_before[0], load_after[0]), len(others))
+    print(f"consoles: {logs}")
+    return 0 if ok or not args.check else 1
+
+
+def report(
+    runs: int,
+    image: dict[str, Any],
+    peer: dict[str, Any],
+    results: dict[str, list[Boot]],
+    loads: tuple[float, float],
+    others: int,
+) -> bool:
+    """Print the figures; True when every target is met."""
+    basalt_s = [b.seconds for b in results["basalt"]]
+    debian_s = [b.seconds for b in results["debian"]]
+    ratio = statistics.median(basalt_s) / statistics.median(debian_s)
+    stamps = [b.stamps for b in results["basalt"]]
+
+    def derived(first: str, last: str | None = None) -> list[float]:
+        if last is None:
+            return [s[first] for s in stamps if first in s]
+        return [s[last] - s[first] for s in stamps if first in s and last in s]
+
+    root_mb = image["files"]["root.sqfs"]["bytes"] / 1e6
+    executables = len(image["executables"])
+    rss = derived("rss")
+    counted = f"{runs} runs" if runs > 1 else "1 run"
+    print(f"boot to first answer, host wall clock from QEMU start ({counted}, median [range])")
+    print(f"  debian ssh banner (peer)   {spread(debian_s)}   kernel {peer['kernel']}")
+    print(f"  basalt maintenance API     {spread(basalt_s)}   kernel {image['kernel']['release']}")
+    verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
+    print(f"  ratio basalt/debian        {ratio:6.3f}x   target <= {TARGET_RATIO}x: {verdict}")
+    print("basalt, from its console (guest uptime; the kernel's clock starts after QEMU's)")
+    print(f"  kernel -> PID 1 (initramfs init's first line)   {spread(derived('init'))}")
+    print(f"  initramfs (first line -> exec of machined)      {spread(derived('init', 'exec'))}")
+    print(
+        f"  machined exec -> first log line                 {spread(derived('exec', 'machined'))}"
+    )
+    print(f"  machined exec -> API socket open (start-up)     {spread(derived('exec', 'api'))}")
+    print(f"  kernel -> API socket open (uptime)              {spread(derived('api'))}")
+    print(f"  kernel -> DHCP lease (uptime; no answer before) {spread(derived('dhcp'))}")
+    rss_text = f"{statistics.median(rss):.1f} MiB" if rss else "n/a (no 'API open' line)"
+    print(f"  machined RSS when the API opened                {rss_text}")
+    root_ok = "meets" if root_mb <= TARGET_ROOT_MB else "MISSES"
+    exe_ok = "meets" if executables <= TARGET_EXECUTABLES else "MISSES"
+    print(
+        f"basalt image: root.sqfs {root_mb:.1f} MB ({image['root']['compression']}), "
+        f"{root_ok} <= {TARGET_ROOT_MB:g} MB; {executables} executables, {exe_ok} <= "
+        f"{TARGET_EXECUTABLES}"
+    )
+    contention = max(b.others for bs in results.values() for b in bs)
+    print(
+        f"host: load average {loads[0]:.2f} before the first boot, {loads[1]:.2f} "
+        f"after the last ({os.cpu_count()} CPUs; the bench's own QEMU adds ~2); other "
+        f"processes used up to {contention:.2f} CPUs during a boot"
+        + (f"; {others} other QEMU processes were running" if others else "")
+    )
+    if others or contention > 0.2 or loads[0] > 0.5:
+        print("WARNING: the host was busy: not a measurement; rerun on an idle host")
+    return ratio <= TARGET_RATIO and root_mb <= TARGET_ROOT_MB and executables <= TARGET_EXECUTABLES
+
+
+if __name__ == "__main__":
+    sys.exit(main())
