@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +134,7 @@ class Refused(Exception):
 #: A probe: True once it got the answer; raises :class:`Refused` when the guest turned
 #: it away; calls ``reached()`` as soon as it knows the guest's service took the
 #: connection (from then on it is given all the time it needs).
-Attempt = Callable[[Callable[[], None]], Awaitable[bool]]
+Attempt = Callable[[Callable[[], None]], Coroutine[Any, Any, bool]]
 
 
 async def _first_answer(
