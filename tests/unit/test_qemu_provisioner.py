@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_peer_forwards_reach_every_api_and_only_control_planes_trust_port(tmp_pa
 # -- command line ---------------------------------------------------------------------------------
 
 
-def test_command_line_boots_the_image_directly_and_records_its_pid(
+def test_command_line_boots_the_node_disk_under_uefi_and_records_its_pid(
     tmp_path: Path, image: qemu.Image
 ) -> None:
     nodes = qemu.plan_nodes(request(base_address="127.0.0.71"), tmp_path)
@@ -102,27 +103,50 @@ def test_command_line_boots_the_image_directly_and_records_its_pid(
     assert argv[0] == "qemu-system-x86_64"
     assert options_of(argv, "-accel") == ["tcg"]
     assert options_of(argv, "-m") == ["768"] and options_of(argv, "-smp") == ["3"]
-    assert "-no-reboot" in argv
+    assert "-no-reboot" in argv  # a guest reboot ends QEMU; the runner starts it again
     assert options_of(argv, "-pidfile") == [f"{nodes[1].node_dir}/qemu.pid"]
-    assert options_of(argv, "-M")[0].startswith("microvm,")
-    assert options_of(argv, "-kernel") == [str(image.kernel)]
-    assert options_of(argv, "-initrd") == [str(image.initrd)]
-    root, disk = options_of(argv, "-drive")
-    assert "img,,1/root.sqfs" in root and "readonly=on" in root
-    assert f"file={nodes[1].node_dir}/disk.raw," in disk and "readonly" not in disk
-    assert options_of(argv, "-device")[:2] == [
-        "virtio-blk-device,drive=root",  # /dev/vda: the image's root
-        "virtio-blk-device,drive=disk",  # /dev/vdb: the node's install disk
-    ]
-    (append,) = options_of(argv, "-append")
-    assert append.startswith("console=ttyS0 quiet ")
-    assert f"basalt.root={qemu.ROOT_DEVICE}" in append
-    assert "basalt.address=10.5.0.12/24" in append and "basalt.gateway=10.5.0.2" in append
-    assert "basalt.hostname=t-worker-1" in append
-    assert "virtio-net-device,netdev=n0,mac=52:54:00:ba:5a:02" in options_of(argv, "-device")
+    assert options_of(argv, "-M") == ["q35"]
+    assert options_of(argv, "-bios") == [str(qemu.OVMF)]
+    assert options_of(argv, "-kernel") == [] and options_of(argv, "-append") == []
+    (disk,) = options_of(argv, "-drive")
+    assert f"file={nodes[1].node_dir}/disk.qcow2," in disk and "format=qcow2" in disk
+    assert "readonly" not in disk  # the firmware and the installer write it
+    devices = options_of(argv, "-device")
+    assert devices[0] == "virtio-blk-pci,drive=disk,bootindex=0"  # /dev/vda: boot + install
+    assert "virtio-net-pci,netdev=n0,mac=52:54:00:ba:5a:02,romfile=" in devices
+    assert "virtio-rng-pci" in devices
     assert options_of(qemu.qemu_command(nodes[0], nodes, image, vm, "kvm", tmp_path), "-accel") == [
         "kvm"
     ]
+    wrapped = qemu.runner_command(argv, nodes[1], python="/py")
+    assert wrapped[:5] == [
+        "/py",
+        "-m",
+        qemu.RUNNER,
+        "--console",
+        f"{nodes[1].node_dir}/console.log",
+    ]
+    assert wrapped[5:] == ["--", *argv]
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+def test_each_node_disk_is_a_qcow2_over_the_image_disk(tmp_path: Path) -> None:
+    source = tmp_path / "image"
+    source.mkdir()
+    for name in qemu.IMAGE_FILES:
+        (source / name).write_bytes(b"x" * 512)
+    image = qemu.copy_image(source, tmp_path / "cluster")
+    assert image.disk == tmp_path / "cluster" / "image" / "disk.raw"
+    (node,) = qemu.plan_nodes(request(workers=0), tmp_path / "cluster")
+    disk = qemu.make_disk(node, 4, image)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(disk)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    assert info["format"] == "qcow2" and info["virtual-size"] == 4 * 2**30
+    assert info["backing-filename"] == str(image.disk)
 
 
 def test_network_is_user_mode_restricted_with_loopback_forwards_only(
@@ -171,8 +195,10 @@ def test_relay_command_survives_qemu_and_glib_parsing(tmp_path: Path) -> None:
     assert qemu._qemu_value(command).count(",,") == 1
 
 
-def test_image_needs_its_three_files_and_reads_its_cmdline(tmp_path: Path) -> None:
-    with pytest.raises(qemu.ProvisionError, match=r"vmlinuz, initrd\.img, root\.sqfs missing"):
+def test_image_needs_its_files_and_reads_its_cmdline(tmp_path: Path) -> None:
+    with pytest.raises(
+        qemu.ProvisionError, match=r"vmlinuz, initrd\.img, root\.sqfs, disk\.raw missing"
+    ):
         qemu.Image.from_dir(tmp_path)
     for name in qemu.IMAGE_FILES:
         (tmp_path / name).write_bytes(b"")
@@ -493,12 +519,13 @@ def test_bridge_network_takes_several_control_planes_and_runs_qemu_in_the_namesp
     monkeypatch.setattr(qemu.bridge, "available", lambda: None)
     nodes = qemu.plan_nodes(request(controlplanes=3, workers=0), tmp_path, "bridge")
     assert [n.type for n in nodes] == ["controlplane"] * 3
-    image = qemu.Image(tmp_path / "k", tmp_path / "i", tmp_path / "r", "console=ttyS0")
+    image = qemu.Image(
+        tmp_path / "k", tmp_path / "i", tmp_path / "r", "console=ttyS0", tmp_path / "d"
+    )
     argv = qemu.qemu_command(nodes[2], nodes, image, qemu.VmOptions(), "tcg", tmp_path, "bridge")
     net = qemu.cluster_bridge(tmp_path)
     assert argv[:4] == ["ip", "netns", "exec", net.netns] and "qemu-system" in argv[4]
     assert options_of(argv, "-netdev") == ["tap,id=n0,ifname=tap2,script=no,downscript=no"]
-    assert f"basalt.gateway={qemu.BRIDGE_GATEWAY}" in options_of(argv, "-append")[0]
 
 
 def test_network_mode_falls_back_to_user_without_root_and_refuses_bridge(
@@ -513,3 +540,23 @@ def test_network_mode_falls_back_to_user_without_root_and_refuses_bridge(
         qemu.network_mode("bridge")
     with pytest.raises(qemu.ProvisionError, match="expected one of auto, user, bridge"):
         qemu.network_mode("tap")
+
+
+def test_runner_starts_qemu_again_after_a_guest_reboot_only(tmp_path: Path) -> None:
+    """A stand-in for QEMU prints the kernel's reboot line on its first two runs and
+    exits 0 (as QEMU does under -no-reboot), then powers off: three runs in all."""
+    from basalt.provision import qemu_runner
+
+    runs, console = tmp_path / "runs", tmp_path / "console.log"
+    script = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+        "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1)); "
+        "print('[ 1.0] reboot: Restarting system' if n < 2 else 'reboot: Power down')"
+    )
+    code = qemu_runner.run([sys.executable, "-c", script, str(runs)], console)
+    assert code == 0
+    assert runs.read_text() == "xxx"
+    text = console.read_text()
+    assert text.count("starting QEMU again") == 2 and text.endswith("reboot: Power down\n")
+    failing = [sys.executable, "-c", "print('reboot: Restarting system'); raise SystemExit(3)"]
+    assert qemu_runner.run(failing, tmp_path / "other.log") == 3  # a crash is not a reboot

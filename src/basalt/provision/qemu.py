@@ -1,8 +1,11 @@
 """The ``qemu`` provisioner: a cluster of Basalt VMs on this machine.
 
-Each node is a QEMU process booting the image. Nodes boot into maintenance mode and get
-their configs through the insecure maintenance API, as real machines do; the bring-up
-after that is the ``process`` provisioner's (``common``).
+Each node is a QEMU VM (q35, OVMF) booting its own qcow2 disk, backed by the image's
+``disk.raw``, through systemd-boot. Nodes boot into maintenance mode and get their configs
+through the insecure maintenance API, as real machines do: they install to that disk
+(``/dev/vda``) and reboot into it. QEMU runs with ``-no-reboot`` under
+:mod:`basalt.provision.qemu_runner`, which starts it again when the guest reboots. The
+bring-up after that is the ``process`` provisioner's (``common``).
 
 Two networks:
 
@@ -66,11 +69,15 @@ MAX_NODES = 254 - GUEST_FIRST_HOST + 1
 FORWARDED_PORTS = (API_PORT, TRUST_PORT)
 #: Kernel arguments of a direct-kernel boot when the image does not say (image.json).
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
-IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs")
-#: The image's root is the first virtio disk, each node's own (empty) disk the second:
-#: metal configs name an install disk, though install-to-disk is not implemented yet.
-ROOT_DEVICE = "/dev/vda"
-INSTALL_DISK = "/dev/vdb"
+IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", "disk.raw")
+#: Each node boots from its one virtio disk (a qcow2 over the image's disk.raw) and
+#: installs to it: STATE and EPHEMERAL go into the space beyond the image.
+INSTALL_DISK = "/dev/vda"
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+QEMU_IMG = "qemu-img"
+#: The node's disk in its directory, and the module that restarts QEMU on guest reboots.
+DISK_NAME = "disk.qcow2"
+RUNNER = "basalt.provision.qemu_runner"
 ACCELERATORS = ("auto", "kvm", "tcg")
 
 PROBE_TIMEOUT = 10.0
@@ -186,6 +193,8 @@ class Image:
     initrd: Path
     root: Path
     cmdline: str
+    #: The UEFI disk image (GPT: EFI, BASALT-A, BASALT-B, META) each node's disk is over.
+    disk: Path
 
     @classmethod
     def from_dir(cls, directory: Path) -> Image:
@@ -199,7 +208,11 @@ class Image:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             cmdline = json.loads((directory / "image.json").read_text()).get("cmdline") or cmdline
         return cls(
-            directory / "vmlinuz", directory / "initrd.img", directory / "root.sqfs", cmdline
+            directory / "vmlinuz",
+            directory / "initrd.img",
+            directory / "root.sqfs",
+            cmdline,
+            directory / "disk.raw",
         )
 
 
@@ -242,17 +255,6 @@ def netdev(
     return ",".join(parts)
 
 
-def kernel_cmdline(image: Image, node: NodeRecord, network: str = "user") -> str:
-    """The image's arguments plus the node's address and name (DHCP offers the same)."""
-    prefix = GUEST_NETWORK.prefixlen
-    gateway = BRIDGE_GATEWAY if network == "bridge" else GUEST_GATEWAY
-    extra = (
-        f"basalt.root={ROOT_DEVICE} basalt.address={node.guest_address}/{prefix} "
-        f"basalt.gateway={gateway} basalt.hostname={node.name}"
-    )
-    return f"{image.cmdline} {extra}"
-
-
 def qemu_command(
     node: NodeRecord,
     nodes: Sequence[NodeRecord],
@@ -262,7 +264,7 @@ def qemu_command(
     state_dir: Path,
     network: str = "user",
 ) -> list[str]:
-    """The whole QEMU command line of one node (microvm, virtio-mmio, direct kernel boot).
+    """The whole QEMU command line of one node (q35 + OVMF, its disk through systemd-boot).
 
     bridge: QEMU runs inside the cluster's namespace (``ip netns exec`` execs it, so the
     pid is QEMU's), where its tap is."""
@@ -276,19 +278,20 @@ def qemu_command(
     argv = [*prefix, options.qemu, "-name", _qemu_value(node.name), "-accel", accel]
     argv += ["-m", str(options.memory_mib), "-smp", str(options.cpus), "-cpu", "max"]
     argv += ["-nographic", "-no-reboot", "-pidfile", str(node_dir / "qemu.pid")]
-    argv += ["-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on"]
-    argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd)]
-    argv += ["-append", kernel_cmdline(image, node, network)]
-    root = _qemu_value(str(image.root))
-    argv += ["-drive", f"id=root,file={root},format=raw,if=none,readonly=on"]
-    argv += ["-device", "virtio-blk-device,drive=root"]
-    disk = _qemu_value(str(node_dir / "disk.raw"))
-    argv += ["-drive", f"id=disk,file={disk},format=raw,if=none,discard=unmap"]
-    argv += ["-device", "virtio-blk-device,drive=disk"]
+    argv += ["-M", "q35", "-bios", str(OVMF), "-vga", "none"]
+    disk = _qemu_value(str(node_dir / DISK_NAME))
+    argv += ["-drive", f"id=disk,file={disk},format=qcow2,if=none,discard=unmap"]
+    argv += ["-device", "virtio-blk-pci,drive=disk,bootindex=0"]
     argv += ["-netdev", netdev(node, nodes, state_dir, network)]
-    argv += ["-device", f"virtio-net-device,netdev=n0,mac={mac_address(index)}"]
-    argv += ["-device", "virtio-rng-device"]
+    argv += ["-device", f"virtio-net-pci,netdev=n0,mac={mac_address(index)},romfile="]
+    argv += ["-device", "virtio-rng-pci"]
     return argv
+
+
+def runner_command(argv: list[str], node: NodeRecord, python: str = sys.executable) -> list[str]:
+    """QEMU under :mod:`basalt.provision.qemu_runner`: started again on a guest reboot."""
+    console = str(Path(node.node_dir) / "console.log")
+    return [python, "-m", RUNNER, "--console", console, "--", *argv]
 
 
 # -- KVM ---------------------------------------------------------------------------------------
@@ -446,19 +449,46 @@ def copy_image(source: Path, state_dir: Path) -> Image:
     target.mkdir(parents=True, exist_ok=True)
     for name in (*IMAGE_FILES, "image.json"):
         if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
+            _link_or_copy(source / name, target / name)
     return Image.from_dir(target)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link when both are on one filesystem (the imager replaces its outputs by
+    new files, never in place, so the link keeps this build); a sparse copy otherwise."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
 
 
 # -- processes ---------------------------------------------------------------------------------
 
 
 def is_ours(node: NodeRecord) -> bool:
-    """``launcher_pid`` is still the QEMU this provisioner started for ``node``."""
-    args = common.cmdline(node.launcher_pid)
-    if not args or not os.path.basename(args[0]).startswith(b"qemu-system"):
+    """``launcher_pid`` is still the QEMU (or the runner of the QEMU) this provisioner
+    started for ``node``: its command line names the node's pidfile."""
+    return _names_pidfile(node.launcher_pid, node)
+
+
+def _names_pidfile(pid: int, node: NodeRecord) -> bool:
+    args = common.cmdline(pid)
+    if not args:
+        return False
+    qemu = os.path.basename(args[0]).startswith(b"qemu-system")
+    if not qemu and RUNNER.encode() not in args:
         return False
     return str(Path(node.node_dir) / "qemu.pid").encode() in args
+
+
+def _qemu_pid(node: NodeRecord) -> int | None:
+    """The node's QEMU, from its pidfile, if it still is that QEMU."""
+    try:
+        pid = int((Path(node.node_dir) / "qemu.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _names_pidfile(pid, node) else None
 
 
 def machine_running(node: NodeRecord) -> bool:
@@ -476,12 +506,17 @@ def relays_of(state_dir: str) -> list[int]:
     return found
 
 
-def make_disk(node: NodeRecord, gib: int) -> Path:
-    """The node's own disk: a sparse raw file (no space used until written)."""
-    path = Path(node.node_dir) / "disk.raw"
+def make_disk(node: NodeRecord, gib: int, image: Image, qemu_img: str = QEMU_IMG) -> Path:
+    """The node's own disk: a qcow2 over the image's disk.raw, grown to ``gib`` GiB (only
+    what the node writes takes space)."""
+    path = Path(node.node_dir) / DISK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as disk:
-        disk.truncate(gib * 2**30)
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "raw"]
+    done = subprocess.run(
+        [*argv, str(path), f"{gib}G"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise ProvisionError(f"qemu-img create {path} failed: {done.stderr.strip()}")
     return path
 
 
@@ -566,6 +601,11 @@ async def create(
         raise ProvisionError(
             f"{options.qemu} is not installed", hint="install Debian's qemu-system-x86 package"
         )
+    for tool, package in ((QEMU_IMG, "qemu-utils"), (str(OVMF), "ovmf")):
+        if shutil.which(tool) is None and not Path(tool).is_file():
+            raise ProvisionError(
+                f"{tool} is not installed", hint=f"install Debian's {package} package"
+            )
     if options.memory_mib < 256 or options.cpus < 1:
         raise ProvisionError("each VM needs --memory 256 (MiB) or more and --cpus 1 or more")
     network, network_why = network_mode(options.network)
@@ -625,9 +665,9 @@ async def create(
         for node in nodes:
             Path(node.node_dir).mkdir(parents=True, exist_ok=True)
             write_atomic(Path(node.node_dir) / "config.yaml", per_node[node.name], mode=0o600)
-            make_disk(node, options.disk_gib)
+            make_disk(node, options.disk_gib, image)
             argv = qemu_command(node, nodes, image, options, accel, state_dir, network)
-            node.launcher_pid = _launch(argv, node)
+            node.launcher_pid = _launch(runner_command(argv, node), node)
             progress(node.name, f"booting ({accel})")
         record.save()
         context = common.client_context(
@@ -703,6 +743,10 @@ async def stop_nodes(record: ClusterRecord, timeout: float = 10.0) -> list[str]:
         if alive(node.launcher_pid) and is_ours(node):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(node.launcher_pid, signal.SIGKILL)
+        qemu_pid = _qemu_pid(node)  # a runner killed before its QEMU ended
+        if qemu_pid is not None and qemu_pid != node.launcher_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu_pid, signal.SIGKILL)
     for pid in relays_of(record.state_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
