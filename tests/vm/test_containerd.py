@@ -111,10 +111,18 @@ def node(image: Path, tmp_path_factory: pytest.TempPathFactory, timings: Timings
 
         async def healthy() -> None:
             answer = await call(vm.endpoint, "ServiceList", _empty(), context=context)
-            states = {s.id: (s.state, s.health) for s in answer.messages[0].services}
-            assert states.get("containerd") == ("running", "healthy"), states
+            found = {s.id: s for s in answer.messages[0].services}
+            service = found.get("containerd")
+            assert service is not None, sorted(found)
+            state = (service.state, service.health)
+            events = [e.message for e in service.events][-3:]
+            assert state == ("running", "healthy"), (state, service.message, events)
 
-        vm.wait(healthy, CONTAINERD_TIMEOUT, "containerd healthy", poll=1.0)
+        try:
+            vm.wait(healthy, CONTAINERD_TIMEOUT, "containerd healthy", poll=1.0)
+        except AssertionError as exc:
+            logs = _ctl("logs", "containerd", "-e", vm.endpoint, config=out / "basaltconfig")
+            raise AssertionError(f"{exc}\ncontainerd log:\n{logs.stdout[-6000:]}") from None
         timings.record("microvm: mTLS API -> containerd healthy", time.monotonic() - configured)
         yield Node(vm, out / "basaltconfig", context)
     finally:

@@ -39,6 +39,11 @@ WRITE_CHUNK = 1024 * 1024
 _OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    # A fresh connection per client: with gRPC's global subchannel pool, a check that ran
+    # before containerd made its socket leaves later channels waiting out a backoff.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 

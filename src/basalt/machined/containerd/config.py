@@ -27,6 +27,8 @@ class ContainerdPaths:
     logs: Path
     snapshotter: str
     cri: bool
+    #: Where the CRI plugin watches for CNI network configs (it creates the directory).
+    cni_conf_dir: Path | None = None
 
     @property
     def socket(self) -> Path:
@@ -46,6 +48,7 @@ class ContainerdPaths:
             logs=ephemeral / "log" / "containers",
             snapshotter="overlayfs",
             cri=True,
+            cni_conf_dir=cni_conf_dir(system_root, ephemeral),
         )
 
     @classmethod
@@ -108,10 +111,14 @@ class ContainerdPaths:
             f"  path = {q(self.root / 'opt')}",
         ]
         if self.cri:
+            conf_dir = self.cni_conf_dir or Path("/etc/cni/net.d")
             lines += [
                 "",
                 '[plugins."io.containerd.grpc.v1.cri"]',
                 '  stream_server_address = "127.0.0.1"',
+                '[plugins."io.containerd.grpc.v1.cri".cni]',
+                '  bin_dir = "/opt/cni/bin"',
+                f"  conf_dir = {q(conf_dir)}",
                 '[plugins."io.containerd.grpc.v1.cri".containerd]',
                 f"  snapshotter = {q(self.snapshotter)}",
                 '  default_runtime_name = "runc"',
@@ -131,3 +138,12 @@ class ContainerdPaths:
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text(self.render())
         tmp.replace(self.config)
+
+
+def cni_conf_dir(system_root: Path, ephemeral: Path) -> Path:
+    """/etc/cni/net.d where CNI plugins put their configs, when /etc/cni is writable;
+    otherwise (the image's /etc is read-only) /var/lib/cni/net.d in EPHEMERAL."""
+    etc_cni = system_root / "etc" / "cni"
+    if etc_cni.is_dir() and os.access(etc_cni, os.W_OK):
+        return etc_cni / "net.d"
+    return ephemeral / "lib" / "cni" / "net.d"

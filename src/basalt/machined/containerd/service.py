@@ -28,10 +28,22 @@ def containerd_service(node: Node) -> ServiceSpec:
         await asyncio.to_thread(paths.write)
 
     async def healthy() -> None:
+        import grpc.aio
+
         async with ContainerdClient(paths.socket, timeout=2.0) as client:
-            await client.server_version()
+            try:
+                await client.server_version()
+            except grpc.aio.AioRpcError as exc:
+                raise RuntimeError(
+                    f"containerd Version: {exc.code().name}: {exc.details()}"
+                ) from None
             if paths.cri:
-                await client.cri_version()
+                try:
+                    await client.cri_version()
+                except grpc.aio.AioRpcError as exc:
+                    raise RuntimeError(
+                        f"CRI Version on {paths.socket}: {exc.code().name}: {exc.details()}"
+                    ) from None
 
     return ServiceSpec(
         id=SERVICE_ID,
