@@ -9,13 +9,18 @@ plane upgrade is refused while etcd quorum is at risk, unless forced.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import http.server
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +29,11 @@ import grpc.aio
 import pytest
 
 import basalt
+from basalt.machined.etcd.client import EtcdClient, client_url
 from basalt.machinery.api import common_pb2, machine_pb2
 from basalt.machinery.config import parse_patch
 from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
+from basalt.machinery.pki import CertificateAndKey, issue_certificate
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
 
@@ -104,6 +111,23 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Path:
     return out
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def bundle_server(bundles: Path) -> Iterator[str]:
+    """The bundles over HTTP on a loopback address of their own: ``http://HOST:PORT``."""
+    handler = functools.partial(_QuietHandler, directory=str(bundles))
+    server = http.server.ThreadingHTTPServer(("127.0.0.89", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.89:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
 def _unsigned(source: Path, target: Path) -> None:
     with tarfile.open(source) as tar, tarfile.open(target, "w") as out:
         for member in tar.getmembers():
@@ -123,10 +147,11 @@ def _tampered(source: Path, target: Path) -> None:
 
 
 async def _upload(
-    cluster: LiveCluster, node: str, bundle: Path, **options: bool
+    cluster: LiveCluster, node: str, bundle: Path | None, **options: Any
 ) -> machine_pb2.Upgrade:
+    """Upload ``bundle``; None: send the options only (with ``url=``, the node fetches)."""
     client = await cluster.client(node)
-    data = bundle.read_bytes()
+    data = bundle.read_bytes() if bundle is not None else b""
 
     async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
         yield machine_pb2.UpgradeRequest(options=machine_pb2.UpgradeOptions(**options))
@@ -140,7 +165,7 @@ async def _upload(
         await client.close()
 
 
-def upload_refused(cluster: LiveCluster, node: str, bundle: Path, **options: bool) -> Any:
+def upload_refused(cluster: LiveCluster, node: str, bundle: Path | None, **options: Any) -> Any:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         run(_upload(cluster, node, bundle, **options))
     return raised.value
@@ -245,6 +270,45 @@ def test_bad_bundles_are_refused_before_anything_is_written(
     assert not (slots(cluster, worker) / "b").exists()
     assert not list((cluster.node_dir(worker) / "var" / "upgrade").glob("*"))  # upload gone
     assert boot_status(cluster, worker)["slot"] == "a"
+
+
+URL_REFUSALS = [
+    ("/missing.tar", grpc.StatusCode.UNAVAILABLE, "HTTP 404 File not found"),
+    ("/tampered.tar", grpc.StatusCode.INVALID_ARGUMENT, "payload check failed: basalt.tar"),
+    ("/unsigned.tar", grpc.StatusCode.INVALID_ARGUMENT, "signature present check failed"),
+]
+
+
+@pytest.mark.parametrize(("path", "code", "expected"), URL_REFUSALS, ids=["404", "tamp", "unsig"])
+def test_bundles_the_node_fetches_are_checked_like_uploads(
+    cluster: LiveCluster, bundle_server: str, path: str, code: grpc.StatusCode, expected: str
+) -> None:
+    worker = cluster.workers[0]
+    before = snapshot(cluster, worker)
+    error = upload_refused(cluster, worker, None, url=bundle_server + path)
+    assert error.code() == code, error.details()
+    assert expected in (error.details() or "")
+    assert snapshot(cluster, worker) == before
+    assert not list((cluster.node_dir(worker) / "var" / "upgrade").glob("*"))
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://127.0.0.89/v2.tar", "http:///v2.tar", "v2.tar"]
+)
+def test_only_http_urls_with_a_host_are_fetched(cluster: LiveCluster, url: str) -> None:
+    error = upload_refused(cluster, cluster.workers[0], None, url=url)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not an http:// or https:// URL with a host" in (error.details() or "")
+
+
+def test_a_url_upgrade_carries_no_data(
+    cluster: LiveCluster, bundles: Path, bundle_server: str
+) -> None:
+    error = upload_refused(
+        cluster, cluster.workers[0], bundles / "v2.tar", url=bundle_server + "/v2.tar"
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "an Upgrade with a URL carries no bundle data" in (error.details() or "")
 
 
 def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(cluster: LiveCluster, bundles: Path) -> None:
@@ -355,3 +419,94 @@ def test_controlplane_upgrade_refused_while_quorum_is_at_risk_unless_forced(
     )
     assert status["version"] == "0.2.0"
     run(cluster.wait_ready(cp3, timeout=60))
+
+
+class EtcdWriter(threading.Thread):
+    """Writes a key every 50 ms through any control plane that answers (in turn, with
+    failover), and records when each write succeeded and how many found no member."""
+
+    def __init__(self, cluster: LiveCluster) -> None:
+        super().__init__(daemon=True)
+        etcd_ca = cluster.secrets["certs"]["etcd"]
+        self.ca = CertificateAndKey(etcd_ca["crt"], etcd_ca["key"])
+        self.addresses = cluster.controlplanes
+        self.stopping = threading.Event()
+        self.succeeded: list[float] = []
+        self.failed = 0
+
+    def run(self) -> None:
+        asyncio.run(self._write_forever())
+
+    async def _write_forever(self) -> None:
+        cert = issue_certificate(self.ca, "writer", client=True)
+        clients = [EtcdClient(client_url(a), self.ca.crt, cert, timeout=2) for a in self.addresses]
+        index = 0
+        while not self.stopping.is_set():
+            for attempt in range(len(clients)):
+                client = clients[(index + attempt) % len(clients)]
+                try:
+                    await client.put(f"/rolling/{index}".encode(), b"x")
+                except (grpc.aio.AioRpcError, TimeoutError):
+                    continue
+                self.succeeded.append(time.monotonic())
+                break
+            else:
+                self.failed += 1
+            index += 1
+            await asyncio.sleep(0.05)
+        for client in clients:
+            await client.close()
+
+    def longest_gap(self) -> float:
+        times = self.succeeded
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def test_rolling_upgrade_of_the_control_planes_keeps_etcd_writable(
+    cluster: LiveCluster, bundle_server: str
+) -> None:
+    """``--rolling`` over three control planes, the bundle fetched by each node, while a
+    client writes to etcd all along: one node at a time, each good before the next."""
+    cps = cluster.controlplanes
+    for cp in cps:
+        run(cluster.wait_ready(cp, timeout=90))
+    writer = EtcdWriter(cluster)
+    writer.start()
+    try:
+        code, out, err = basaltctl(
+            cluster, "upgrade", "-n", ",".join(cps), "--rolling",
+            "--image", bundle_server + "/v2.tar", "--timeout", "120",
+            timeout=900,
+        )  # fmt: skip
+    finally:
+        writer.stopping.set()
+        writer.join(timeout=30)
+    print(
+        f"rolling upgrade of {len(cps)} control planes: {len(writer.succeeded)} writes, "
+        f"{writer.failed} failed, longest gap {writer.longest_gap():.2f} s"
+    )
+    assert code == 0, err
+    for cp in cps:
+        assert f"{cp}: running slot" in out and "(0.2.0); health gates passed" in out
+        assert f"{cp}: fetching {bundle_server}/v2.tar" in err
+    assert "rolling upgrade: 3/3 nodes done" in err
+    assert err.index(f"{cps[0]}: fetching") < err.index(f"{cps[1]}: fetching")
+    assert writer.failed == 0, f"{writer.failed} writes found no etcd member"
+    assert writer.longest_gap() < 10.0
+    for cp in cps:
+        assert boot_status(cluster, cp)["version"] == "0.2.0"
+
+
+def test_rolling_upgrade_stops_at_the_first_failure(
+    cluster: LiveCluster, bundle_server: str
+) -> None:
+    worker, cp = cluster.workers[0], cluster.controlplanes[0]
+    before = boot_status(cluster, cp)
+    code, _, err = basaltctl(
+        cluster, "upgrade", "-n", f"{worker},{cp}", "--rolling",
+        "--image", bundle_server + "/unsigned.tar",
+    )  # fmt: skip
+    assert code == 1
+    assert "signature present check failed" in err
+    assert f"rolling upgrade stopped at {worker}; not upgraded: {cp}" in err
+    assert boot_status(cluster, cp) == before

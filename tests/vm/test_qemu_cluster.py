@@ -4,6 +4,7 @@ booted from the image, configured through the maintenance API, answering over mT
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,11 @@ def test_three_control_planes_on_the_bridge_form_one_etcd_cluster(
         leaders = {s["leader"] for s in statuses}  # type: ignore[index]
         assert len(leaders) == 1, f"the members disagree on the leader: {leaders}"
     finally:
+        keep = Path(__file__).resolve().parents[2] / "_out" / "vm-logs" / "trio"
+        shutil.rmtree(keep, ignore_errors=True)
+        for log in state.glob("*/console.log"):  # kept for a post-mortem
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, keep / f"{log.parent.name}.log")
         if (state / "cluster.json").exists():
             basaltctl(env, config, "cluster", "destroy", "--name", "trio", timeout=120)
     assert not state.exists() and not cluster_bridge(state).exists()

@@ -1,9 +1,11 @@
 """``basaltctl upgrade`` and ``basaltctl rollback``: A/B slot upgrades of a node.
 
 The bundle is streamed to the node itself (uploads are never forwarded: the node is
-dialled directly), verified there against the node's trusted keys before anything is
-written, and installed into the inactive slot; the node then reboots into it on trial.
-``--wait`` follows it until its health gates pass, or until it falls back.
+dialled directly) or, given as an http(s) URL, fetched by the node; either way it is
+verified there against the node's trusted keys before anything is written, and
+installed into the inactive slot; the node then reboots into it on trial. ``--wait``
+follows it until its health gates pass, or until it falls back; ``--rolling`` does that
+for each ``-n`` node in turn and stops at the first that does not come back good.
 """
 
 from __future__ import annotations
@@ -88,12 +90,19 @@ class _Progress:
             self.bar.stop()
 
 
+def is_url(image: str) -> bool:
+    return image.startswith(("http://", "https://"))
+
+
 async def _requests(
-    image: Path, opts: machine_pb2.UpgradeOptions, advance: Callable[[int], None]
+    image: Path | None, opts: machine_pb2.UpgradeOptions, advance: Callable[[int], None]
 ) -> AsyncIterator[machine_pb2.UpgradeRequest]:
+    """The options, then the bundle's chunks (none when the node fetches a URL)."""
     from basalt.machinery.api import machine_pb2
 
     yield machine_pb2.UpgradeRequest(options=opts)
+    if image is None:
+        return
     with image.open("rb") as handle:
         while chunk := handle.read(UPLOAD_CHUNK):
             yield machine_pb2.UpgradeRequest(data=chunk)
@@ -155,7 +164,12 @@ def _failed(failures: NodeFailures, node: str, message: str) -> None:
 def upgrade(
     ctx: typer.Context,
     image: Annotated[
-        Path, typer.Option("--image", help="Signed bundle (.tar) to install on the node.")
+        str,
+        typer.Option(
+            "--image",
+            help="Signed bundle to install: a .tar file (uploaded) or an http(s):// URL "
+            "(the node fetches it).",
+        ),
     ],
     stage: Annotated[
         bool, typer.Option("--stage", help="Install early in the next boot instead of now.")
@@ -169,6 +183,14 @@ def upgrade(
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the node until the new slot is good.")
     ] = False,
+    rolling: Annotated[
+        bool,
+        typer.Option(
+            "--rolling",
+            help="Upgrade every -n node, one at a time: each must be good on its new slot "
+            "before the next starts; stop at the first failure.",
+        ),
+    ] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to --wait.")] = 600.0,
     nodes: NodesOption = None,
     endpoints: EndpointsOption = None,
@@ -180,30 +202,69 @@ def upgrade(
     After the reboot the new slot must pass its health gates, or the node falls back.
     """
     from basalt.machinery.api import machine_pb2
+    from basalt.machinery.errors import BasaltError
 
-    node = _target(ctx, split(nodes), split(endpoints))
-    size = _bundle_size(image)
-    request_options = machine_pb2.UpgradeOptions(stage=stage, force=force, no_drain=no_drain)
-
-    async def work(client: Client, failures: NodeFailures) -> None:
-        progress = _Progress(node, image, size)
-        try:
-            # No target metadata: the node answers itself (uploads are not forwarded).
-            answer = await client.machine.Upgrade(
-                _requests(image, request_options, progress.advance),
-                metadata=client.metadata([]),
-                timeout=max(600.0, timeout),
+    targets = split(nodes)
+    if rolling:
+        if not targets:
+            raise BasaltError(
+                "--rolling upgrades the nodes named with -n", hint="e.g. -n cp1,cp2,cp3 --rolling"
             )
-        finally:
-            progress.close()
-        for item in failures.keep(answer.messages):
-            for step in item.steps:
-                info(f"{item.metadata.node}: {step}")
-            print(f"{item.metadata.node}: {item.message}")
-            if wait and item.slot:
-                await _wait_for_slot(client, failures, node, item.slot, item.version, timeout)
+        if stage:
+            raise BasaltError(
+                "--rolling with --stage: a staged upgrade waits for a reboot, so the next "
+                "node would start before this one runs its new slot",
+                hint="drop --stage, or stage each node and reboot them yourself",
+            )
+    else:
+        targets = [_target(ctx, targets, split(endpoints))]
+    path = None if is_url(image) else Path(image)
+    size = _bundle_size(path) if path is not None else 0
+    request_options = machine_pb2.UpgradeOptions(
+        stage=stage, force=force, no_drain=no_drain, url=image if path is None else ""
+    )
 
-    run(ctx, work, nodes=[node], endpoints=[node])
+    def one(node: str) -> None:
+        async def work(client: Client, failures: NodeFailures) -> None:
+            progress = _Progress(node, path, size) if path is not None else None
+            if progress is None:
+                info(f"{node}: fetching {image}")
+            try:
+                # No target metadata: the node answers itself (uploads are not forwarded).
+                answer = await client.machine.Upgrade(
+                    _requests(path, request_options, progress.advance if progress else _nothing),
+                    metadata=client.metadata([]),
+                    timeout=max(600.0, timeout),
+                )
+            finally:
+                if progress is not None:
+                    progress.close()
+            for item in failures.keep(answer.messages):
+                for step in item.steps:
+                    info(f"{item.metadata.node}: {step}")
+                print(f"{item.metadata.node}: {item.message}")
+                if (wait or rolling) and item.slot:
+                    await _wait_for_slot(client, failures, node, item.slot, item.version, timeout)
+
+        run(ctx, work, nodes=[node], endpoints=[node])
+
+    for done, node in enumerate(targets):
+        try:
+            one(node)
+        except (typer.Exit, Exception):  # a refused RPC raises; a failed --wait exits 1
+            if rolling and targets[done + 1 :]:
+                untouched = ", ".join(targets[done + 1 :])
+                print(
+                    f"error: rolling upgrade stopped at {node}; not upgraded: {untouched}",
+                    file=sys.stderr,
+                )
+            raise
+        if rolling:
+            info(f"rolling upgrade: {done + 1}/{len(targets)} nodes done")
+
+
+def _nothing(count: int) -> None:
+    """No progress to show (the node fetches the bundle)."""
 
 
 def rollback(

@@ -36,6 +36,8 @@ _CODES: dict[str, grpc.StatusCode] = {
     "BundleUploadError": grpc.StatusCode.INVALID_ARGUMENT,
     "UpgradeRefusedError": grpc.StatusCode.FAILED_PRECONDITION,
     "SlotWriteError": grpc.StatusCode.ABORTED,
+    "BundleURLError": grpc.StatusCode.INVALID_ARGUMENT,
+    "BundleFetchError": grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -1,7 +1,8 @@
 """The upgrade RPCs of MachineService (a mixin of MachineServicer): Upgrade and Rollback.
 
-``Upgrade`` is client-streaming (options first, then the bundle in chunks), so it is
-never forwarded: clients dial the node itself. Nothing on the node changes unless the
+``Upgrade`` is client-streaming (options first, then the bundle in chunks, or no chunks
+when the options name a URL the node fetches itself), so it is never forwarded: clients
+dial the node itself. Nothing on the node changes unless the
 bundle verifies and every pre-check passes; then the inactive slot is written and the
 node reboots into it, on trial (see :mod:`basalt.machined.upgrade`).
 """
@@ -27,6 +28,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 async def _options_then_data(
     requests: AsyncIterator[machine_pb2.UpgradeRequest],
 ) -> tuple[UpgradeOptions, AsyncIterator[bytes]]:
+    """The options, and the bundle's data: from the stream, or fetched from options.url."""
+    from ..fetch import check_url, fetch
     from ..upgrade import UpgradeOptions
 
     stream = aiter(requests)
@@ -39,6 +42,14 @@ async def _options_then_data(
     options = UpgradeOptions(
         stage=first.options.stage, force=first.options.force, no_drain=first.options.no_drain
     )
+    if first.options.url:
+        url = check_url(first.options.url)
+        if await anext(stream, None) is not None:
+            raise InvalidRequestError(
+                "an Upgrade with a URL carries no bundle data: the node fetches it",
+                hint="give either --image URL or --image FILE",
+            )
+        return options, fetch(url)
 
     async def data() -> AsyncIterator[bytes]:
         async for request in stream:

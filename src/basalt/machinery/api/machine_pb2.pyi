@@ -1530,22 +1530,28 @@ class UpgradeOptions(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     NO_DRAIN_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
     stage: _builtins.bool
     """Store the verified bundle and install it early in the next boot."""
     force: _builtins.bool
     """Skip the etcd quorum pre-check (control planes)."""
     no_drain: _builtins.bool
     """Do not cordon and drain the node through Kubernetes."""
+    url: _builtins.str
+    """Fetch the bundle from this http:// or https:// URL (the node does) instead of reading
+    it from the stream; the stream then carries the options only.
+    """
     def __init__(
         self,
         *,
         stage: _builtins.bool = ...,
         force: _builtins.bool = ...,
         no_drain: _builtins.bool = ...,
+        url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "no_drain", b"no_drain", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "no_drain", b"no_drain", "stage", b"stage", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
