@@ -57,7 +57,10 @@ class Node:
     context: Any
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return _ctl(*args, "-e", self.vm.endpoint, config=self.basaltconfig)
+        """basaltctl dialing the forwarded port (-e goes before a ``--``)."""
+        cut = args.index("--") if "--" in args else len(args)
+        argv = (*args[:cut], "-e", self.vm.endpoint, *args[cut:])
+        return _ctl(*argv, config=self.basaltconfig)
 
     def ok(self, *args: str) -> str:
         result = self.ctl(*args)
