@@ -18,10 +18,26 @@ BASE = 0x400000
 _HEADERS = 64 + 56
 
 
+#: ``exit_code`` for a program that never exits (it spins after writing its message).
+SPIN = -1
+
+
 def elf_program(message: bytes, exit_code: int = 0) -> bytes:
-    """A static ELF that prints ``message`` to stdout and exits with ``exit_code``."""
-    if not 0 <= exit_code <= 255:
-        raise ValueError("exit code must be 0..255")
+    """A static ELF that prints ``message`` to stdout and exits with ``exit_code``
+    (:data:`SPIN`: loops forever instead)."""
+    if not (0 <= exit_code <= 255 or exit_code == SPIN):
+        raise ValueError("exit code must be 0..255 or SPIN")
+    end = (
+        b"\xeb\xfe" + b"\x90" * 10  # jmp to itself (12 bytes, like the exit below)
+        if exit_code == SPIN
+        else b"".join(
+            [
+                b"\xb8\xe7\x00\x00\x00",  # mov eax, 231 (exit_group)
+                b"\xbf" + struct.pack("<I", exit_code),  # mov edi, code
+                b"\x0f\x05",  # syscall
+            ]
+        )
+    )
     code = b"".join(
         [
             b"\xb8\x01\x00\x00\x00",  # mov eax, 1 (write)
@@ -29,9 +45,7 @@ def elf_program(message: bytes, exit_code: int = 0) -> bytes:
             b"\x48\x8d\x35" + struct.pack("<i", 19),  # lea rsi, [rip + 19] -> message
             b"\xba" + struct.pack("<I", len(message)),  # mov edx, len
             b"\x0f\x05",  # syscall
-            b"\xb8\xe7\x00\x00\x00",  # mov eax, 231 (exit_group)
-            b"\xbf" + struct.pack("<I", exit_code),  # mov edi, code
-            b"\x0f\x05",  # syscall
+            end,
         ]
     )
     assert len(code) == 36

@@ -22,7 +22,7 @@ from basalt.machinery.client.client import Client
 from basalt.machinery.client.config import issue_client_context
 from basalt.machinery.roles import Role
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
-from tests.fakes.oci import docker_archive_tar, oci_layout_tar
+from tests.fakes.oci import SPIN, docker_archive_tar, oci_layout_tar
 
 pytestmark = [
     pytest.mark.integration,
@@ -34,7 +34,11 @@ pytestmark = [
 ]
 
 BASE_ADDRESS = "127.0.0.231"
-PROGRAMS = {"/hello": (b"hello from basalt\n", 0), "/fail": (b"failing on purpose\n", 3)}
+PROGRAMS = {
+    "/hello": (b"hello from basalt\n", 0),
+    "/fail": (b"failing on purpose\n", 3),
+    "/spin": (b"spinning\n", SPIN),
+}
 IMAGE = "example.org/basalt/hello:1.0"
 
 
@@ -138,6 +142,15 @@ def test_import_and_run_to_completion(cluster: LiveCluster) -> None:
             failed = answer.messages[0]
             assert failed.exit_code == 3
             assert await _log(client, failed.log_id) == b"failing on purpose\n"
+
+            # past its timeout a run is killed; what it wrote is kept
+            answer = await client.machine.ContainerRun(
+                machine_pb2.ContainerRunRequest(image=IMAGE, args=["/spin"], timeout_seconds=2),
+                timeout=90,
+            )
+            spun = answer.messages[0]
+            assert (spun.timed_out, spun.exit_code) == (True, 128 + 9)
+            assert await _log(client, spun.log_id) == b"spinning\n[basalt: killed after 2s]\n"
         finally:
             await client.close()
 
@@ -166,6 +179,15 @@ def test_docker_archive_and_forwarded_run(cluster: LiveCluster) -> None:
                 assert ran.metadata.node == node and not ran.metadata.error
                 assert ran.exit_code == 0
                 assert await _log(forwarded, ran.log_id) == b"hello from basalt\n"
+                # uploads are never forwarded (like Upgrade): the CLI dials the node
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await forwarded.machine.ImageImport(
+                        _chunks(docker_archive_tar(name, PROGRAMS, ["/fail"])),
+                        metadata=forwarded.metadata(),
+                        timeout=30,
+                    )
+                assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                assert "address the node directly" in (caught.value.details() or "")
             finally:
                 await forwarded.close()
         finally:
