@@ -110,6 +110,7 @@ class _Tar:
             if m.isfile()
         }
         self.workdir = workdir
+        self.copies = 0
 
     def has(self, name: str) -> bool:
         return name in self.members
@@ -137,7 +138,8 @@ class _Tar:
         stream = self.tar.extractfile(member)
         assert stream is not None
         digest = hashlib.sha256()
-        target = self.workdir / f"blob-{len(list(self.workdir.iterdir()))}"
+        self.copies += 1
+        target = self.workdir / f"blob-{self.copies}"
         size = 0
         with stream, target.open("wb") as out:
             while chunk := stream.read(1024 * 1024):

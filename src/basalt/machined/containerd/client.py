@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -137,21 +138,24 @@ class ContainerdClient:
         """
         ref = f"basalt-{digest}-{uuid.uuid4().hex[:8]}"
 
-        def chunks() -> Iterable[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
             if isinstance(data, bytes):
                 for start in range(0, len(data), WRITE_CHUNK):
                     yield data[start : start + WRITE_CHUNK]
                 return
-            with data.open("rb") as stream:
-                while chunk := stream.read(WRITE_CHUNK):
+            stream = await asyncio.to_thread(data.open, "rb")
+            try:
+                while chunk := await asyncio.to_thread(stream.read, WRITE_CHUNK):
                     yield chunk
+            finally:
+                stream.close()
 
         async def requests() -> AsyncIterator[content_pb2.WriteContentRequest]:
             yield content_pb2.WriteContentRequest(
                 action=content_pb2.STAT, ref=ref, total=size, expected=digest
             )
             offset = 0
-            for chunk in chunks():
+            async for chunk in chunks():
                 yield content_pb2.WriteContentRequest(
                     action=content_pb2.WRITE, ref=ref, offset=offset, data=chunk
                 )
