@@ -82,10 +82,13 @@ def _kubelet(node: Node) -> ServiceSpec:
         argv += kubelet_args(
             node.config, address=node.address, hostname=node.hostname, host_root=root
         )
+    from .containerd.runtime import wanted as containerd_wanted
+
     return ServiceSpec(
         id="kubelet",
         runner=ProcessRunner(argv),
-        depends_on=("apid",),
+        # its container runtime is containerd's CRI (when this node runs containerd)
+        depends_on=("apid", "containerd") if containerd_wanted(node) else ("apid",),
         conditions=(_KubernetesAssetsRendered(node),),
         skip_reason=lambda: None if binary else "kubelet binary not in image",
         restart=RestartPolicy.ALWAYS,
