@@ -212,3 +212,23 @@ def test_loop_config_has_the_kernel_layout() -> None:
     flags = int.from_bytes(config[8 + 52 : 8 + 56], "little")  # loop_info64.lo_flags
     assert flags == loop.LO_FLAGS_READ_ONLY | loop.LO_FLAGS_AUTOCLEAR
     assert config[8 + 56 : 8 + 56 + 4] == b"/usr"
+
+
+def test_pipeline_shares_the_root_and_carries_the_schematic_in_boot_and_disk() -> None:
+    import json
+
+    from basalt.imager import lock as lockfile
+    from basalt.imager.pipeline import CMDLINE, Pipeline
+
+    lock = lockfile.read()
+    schematic = Schematic(("console=ttyS1",), ("qemu-guest-agent",))
+    wired, plain = Pipeline.from_lock(lock, schematic), Pipeline.from_lock(lock)
+    assert wired.rootfs.stage_id() == plain.rootfs.stage_id()  # one root for every schematic
+    assert wired.squashfs.stage_id() == plain.squashfs.stage_id()
+    assert wired.boot.stage_id() != plain.boot.stage_id()
+    (extension,) = wired.extensions
+    versions = {deb.name: deb.version for deb in lock.debs}
+    assert extension.package_version == versions["qemu-guest-agent"]
+    assert json.loads(wired.boot.schematic)["id"] == schematic.id
+    assert json.loads(plain.boot.schematic)["extensions"] == []
+    assert wired.disk is not None and wired.disk.cmdline == f"{CMDLINE} console=ttyS1"
