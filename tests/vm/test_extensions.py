@@ -193,6 +193,11 @@ def test_host_talks_to_the_guest_agent(node: Node, image: dict[str, Any]) -> Non
     assert {"guest-ping", "guest-info", "guest-get-osinfo"} <= commands
     osinfo = _qga(node.qga, {"execute": "guest-get-osinfo"})
     assert osinfo["kernel-release"] == image["kernel"]["release"]
+    guest_time = _qga(node.qga, {"execute": "guest-get-time"}) / 1e9
+    assert abs(guest_time - time.time()) < 3600, guest_time
+    interfaces = _qga(node.qga, {"execute": "guest-network-get-interfaces"})
+    addresses = {a["ip-address"] for i in interfaces for a in i.get("ip-addresses", [])}
+    assert GUEST_ADDRESS in addresses, interfaces
 
 
 def test_node_reports_its_schematic(node: Node, image: dict[str, Any]) -> None:
