@@ -180,3 +180,77 @@ def test_config_and_install_survive_another_reboot(installed: Installed) -> None
     (answer,) = installed.call("Mounts").messages
     mounts = {m.mounted_on: m.filesystem for m in answer.stats}
     assert (mounts["/var"], mounts["/system/state"]) == ("/dev/vda6", "/dev/vda5")
+
+
+def _with_kernel_arg(image_dir: Path, disk: Path, argument: str) -> Path:
+    """A sparse copy of disk.raw whose boot entry also passes ``argument``."""
+    subprocess.run(["cp", "--sparse=always", str(image_dir / "disk.raw"), str(disk)], check=True)
+    esp = f"{disk}@@{1024 * 1024}"  # EFI starts at 1 MiB (docs/adr/0011-disk-layout.md)
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", esp, "::/loader/entries"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    (entry,) = listing
+    entry = "::" + entry.removeprefix("::")
+    text = subprocess.run(
+        ["mtype", "-i", esp, entry], capture_output=True, text=True, check=True
+    ).stdout
+    edited = "".join(
+        f"{line.rstrip()} {argument}\n" if line.startswith("options ") else line
+        for line in text.splitlines(keepends=True)
+    )
+    local = disk.with_name("entry.conf")
+    local.write_text(edited)
+    subprocess.run(["mcopy", "-o", "-i", esp, str(local), entry], check=True)
+    return disk
+
+
+@pytest.fixture
+def config_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP server on host 127.0.0.1 (the guest's 10.0.2.2) serving ``tmp_path``."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://10.0.2.2:{httpd.server_address[1]}", tmp_path
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_basalt_config_url_installs_without_the_api(
+    image_dir: Path, tmp_path: Path, config_server: tuple[str, Path], timings: Timings
+) -> None:
+    """``basalt.config=URL`` on the kernel command line: maintenance mode fetches the
+    config from a host HTTP server, installs and reboots, with no apply-config."""
+    from basalt.machinery.client.config import load_client_config
+
+    url, served = config_server
+    out = tmp_path / "config"
+    _ctl(
+        *("gen", "config", "vm", f"https://{GUEST_ADDRESS}:6443", "-o", str(out)),
+        *("--install-disk", "/dev/vda", "--additional-sans", "127.0.0.1"),
+    )
+    (served / "node.yaml").write_text((out / "controlplane.yaml").read_text())
+    _, context = load_client_config(out / "basaltconfig").current()
+    disk = _with_kernel_arg(image_dir, tmp_path / "disk.raw", f"basalt.config={url}/node.yaml")
+    overlay = tmp_path / "node.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "raw",
+         str(overlay), DISK_SIZE],
+        check=True,
+    )  # fmt: skip
+    vm = Vm.boot_disk(overlay, tmp_path, name="console-1")
+    node = Installed(overlay, tmp_path, out / "basaltconfig", context, vm)
+    try:
+        node.reboot_from_disk("console-2")  # it installs and reboots by itself
+        (info,) = node.wait_mtls("mTLS API after a config from basalt.config=").messages
+        assert (info.mode, info.machine_type) == ("normal", "controlplane")
+        timings.record("uefi: QEMU start -> installed from basalt.config=URL", node.vm.elapsed())
+        assert f"config fetched from {url}/node.yaml" in node.consoles[0]
+    finally:
+        node.vm.stop()

@@ -65,8 +65,16 @@ def test_qemu_cluster_create_version_destroy(image_dir: Path, tmp_path: Path) ->
         from basalt.provision.state import ClusterRecord
 
         (node,) = ClusterRecord.load(state).nodes
+        # The launcher is the runner that starts QEMU again on guest reboots; the node
+        # installed to its disk and rebooted once on the way (the runner says so).
         cmdline = Path(f"/proc/{node.launcher_pid}/cmdline").read_bytes().split(b"\0")
-        assert Path(cmdline[0].decode()).name.startswith("qemu-system")
+        assert b"basalt.provision.qemu_runner" in cmdline
+        qemu_pid = int((Path(node.node_dir) / "qemu.pid").read_text().split()[0])
+        qemu_cmdline = Path(f"/proc/{qemu_pid}/cmdline").read_bytes().split(b"\0")
+        assert Path(qemu_cmdline[0].decode()).name.startswith("qemu-system")
+        console = (Path(node.node_dir) / "console.log").read_text(errors="replace")
+        assert "installed to /dev/vda; rebooting" in console
+        assert "the guest rebooted; starting QEMU again" in console
     finally:
         if (state / "cluster.json").exists():
             from basalt.provision.state import ClusterRecord
