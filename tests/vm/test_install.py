@@ -250,7 +250,7 @@ def test_basalt_config_url_installs_without_the_api(
         node.reboot_from_disk("console-2")  # it installs and reboots by itself
         (info,) = node.wait_mtls("mTLS API after a config from basalt.config=").messages
         assert (info.mode, info.machine_type) == ("normal", "controlplane")
-        timings.record("uefi: QEMU start -> installed from basalt.config=URL", node.vm.elapsed())
+        timings.record("uefi: 2nd boot -> mTLS (config from URL)", node.vm.elapsed())
         assert f"config fetched from {url}/node.yaml" in node.consoles[0]
     finally:
         node.vm.stop()
