@@ -371,7 +371,16 @@ def main() -> int:
             )
     load_after = os.getloadavg()
     ok = report(args.runs, image, peer, results, (load_before[0], load_after[0]), len(others))
-    print(f"consoles: {logs}")
+    raw: dict[str, object] = {
+        name: [
+            {"seconds": b.seconds, "load": b.load, "others_cpus": b.others, **b.stamps}
+            for b in boots
+        ]
+        for name, boots in results.items()
+    }
+    raw["load_before_after"] = [load_before[0], load_after[0]]
+    (logs / "results.json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(f"consoles and results.json: {logs}")
     return 0 if ok or not args.check else 1
 
 
