@@ -18,7 +18,7 @@ import grpc.aio
 import pytest
 
 from basalt.machinery.api import common_pb2, machine_pb2
-from basalt.machinery.client.client import Client
+from basalt.machinery.client.client import Client, upload
 from basalt.machinery.client.config import issue_client_context
 from basalt.machinery.roles import Role
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
@@ -101,7 +101,7 @@ async def _chunks(data: bytes, name: str = "") -> AsyncIterator[machine_pb2.Imag
 
 
 async def _import(client: Client, data: bytes, name: str = "") -> machine_pb2.ImageImport:
-    answer = await client.machine.ImageImport(_chunks(data, name), timeout=60)
+    answer = await upload(client.machine.ImageImport, _chunks(data, name), timeout=60)
     return answer.messages[0]
 
 
@@ -181,7 +181,8 @@ def test_docker_archive_and_forwarded_run(cluster: LiveCluster) -> None:
                 assert await _log(forwarded, ran.log_id) == b"hello from basalt\n"
                 # uploads are never forwarded (like Upgrade): the CLI dials the node
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await forwarded.machine.ImageImport(
+                    await upload(
+                        forwarded.machine.ImageImport,
                         _chunks(docker_archive_tar(name, PROGRAMS, ["/fail"])),
                         metadata=forwarded.metadata(),
                         timeout=30,
@@ -251,9 +252,13 @@ def test_reader_cannot_import_or_run(cluster: LiveCluster) -> None:
         client = await cluster.client(crt=context.crt, key=context.key)
         try:
             await _images(client)  # readers may list
-            with pytest.raises(grpc.aio.AioRpcError) as imported:
-                await _import(client, oci_layout_tar(IMAGE, PROGRAMS, ["/hello"]))
-            assert imported.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            archive = oci_layout_tar(IMAGE, PROGRAMS, ["/hello"])
+            # every time: the refusal must not race the upload (grpc/grpc#36066 turned it
+            # into INTERNAL now and then before uploads waited for the node's go-ahead)
+            for _ in range(20):
+                with pytest.raises(grpc.aio.AioRpcError) as imported:
+                    await _import(client, archive)
+                assert imported.value.code() == grpc.StatusCode.PERMISSION_DENIED
             with pytest.raises(grpc.aio.AioRpcError) as ran:
                 await client.machine.ContainerRun(
                     machine_pb2.ContainerRunRequest(image=IMAGE), timeout=30

@@ -31,6 +31,7 @@ import pytest
 import basalt
 from basalt.machined.etcd.client import EtcdClient, client_url
 from basalt.machinery.api import common_pb2, machine_pb2
+from basalt.machinery.client.client import upload
 from basalt.machinery.config import parse_patch
 from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
 from basalt.machinery.pki import CertificateAndKey, issue_certificate
@@ -159,7 +160,7 @@ async def _upload(
             yield machine_pb2.UpgradeRequest(data=data[start : start + 256 * 1024])
 
     try:
-        answer = await client.machine.Upgrade(requests(), timeout=60)
+        answer = await upload(client.machine.Upgrade, requests(), timeout=60)
         return answer.messages[0]
     finally:
         await client.close()

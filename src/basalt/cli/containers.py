@@ -67,10 +67,15 @@ def import_(
         hint="name it with -n NODE (the node is dialled directly)",
     )
 
+    from basalt.machinery.client.client import upload
+
     async def work(client: Client, failures: NodeFailures) -> None:
         info(f"{node}: uploading {archive} ({archive.stat().st_size} bytes)")
-        answer = await client.machine.ImageImport(
-            _requests(archive, name), metadata=client.metadata([]), timeout=600
+        answer = await upload(
+            client.machine.ImageImport,
+            _requests(archive, name),
+            metadata=client.metadata([]),
+            timeout=600,
         )
         for item in failures.keep(answer.messages):
             print(f"{item.metadata.node}: imported {item.name} ({item.digest})")

@@ -202,6 +202,7 @@ def upgrade(
     After the reboot the new slot must pass its health gates, or the node falls back.
     """
     from basalt.machinery.api import machine_pb2
+    from basalt.machinery.client.client import upload
     from basalt.machinery.errors import BasaltError
 
     targets = split(nodes)
@@ -231,7 +232,8 @@ def upgrade(
                 info(f"{node}: fetching {image}")
             try:
                 # No target metadata: the node answers itself (uploads are not forwarded).
-                answer = await client.machine.Upgrade(
+                answer = await upload(
+                    client.machine.Upgrade,
                     _requests(path, request_options, progress.advance if progress else _nothing),
                     metadata=client.metadata([]),
                     timeout=max(600.0, timeout),

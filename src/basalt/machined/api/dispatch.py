@@ -7,6 +7,8 @@ capture object, so the dispatcher owns every method handler and wraps each one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from basalt.machinery.client.client import UPLOAD_READY
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.roles import MAINTENANCE_RPCS, Role, allowed_roles, is_allowed
 
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 Check = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
 MAINTENANCE_PRINCIPAL = Principal(frozenset(), maintenance=True)
+#: How long a refused upload is read on before its status is sent.
+DRAIN_SECONDS = 30.0
 
 
 class _Capture:
@@ -46,6 +51,22 @@ def _short(method: str) -> str:
 
 async def _abort_for(exc: BasaltError, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     await context.abort(status_for(exc), details_for(exc))
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Read what the client still sends before refusing an upload mid-stream.
+
+    A client still writing when the status arrives may lose that status to its own failed
+    write (grpc/grpc#36066), so the refusal waits for the client to finish, for at most
+    ``DRAIN_SECONDS``.
+    """
+
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(asyncio.TimeoutError, grpc.RpcError, BasaltError):
+        await asyncio.wait_for(consume(), DRAIN_SECONDS)
 
 
 def wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
@@ -83,9 +104,12 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             current_principal.set(await check(context))
+            # Tells an uploading client that it may send (basalt.machinery.client.upload).
+            await context.send_initial_metadata(UPLOAD_READY)
             try:
                 return await client_stream(requests, context)
             except BasaltError as exc:
+                await _drain(requests)
                 await _abort_for(exc, context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)

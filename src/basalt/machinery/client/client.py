@@ -7,8 +7,9 @@ target nodes in request metadata; the endpoint forwards and answers per node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from typing import Any
 
 import grpc
@@ -25,6 +26,8 @@ NODES_METADATA = "nodes"
 #: Server name in the self-signed certificate of maintenance mode.
 MAINTENANCE_SERVER_NAME = "basalt-maintenance"
 MAX_MESSAGE = 32 * 1024 * 1024
+#: Initial metadata a node sends when it accepts a client-streaming call (see upload).
+UPLOAD_READY = (("basalt-upload", "ready"),)
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -74,6 +77,39 @@ def split_endpoint(endpoint: str, default_port: int = API_PORT) -> tuple[str, in
 
 def _target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def upload(
+    method: Any,
+    requests: AsyncIterable[Any],
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
+    timeout: float | None = None,
+) -> Any:
+    """Call a client-streaming RPC so that a refusal arrives as the server's status.
+
+    The server sends ``UPLOAD_READY`` as initial metadata once the caller is authenticated
+    and allowed (see ``basalt.machined.api.dispatch``); only then is data written. A
+    refused call ends without it and is never written to; a write that fails because the
+    server already answered stops the upload, and the server's answer is read. Without
+    this the grpc aio client can replace the server's status with INTERNAL "Failed
+    execute_batch" (grpc/grpc#36066).
+    """
+    call = method(metadata=tuple(metadata), timeout=timeout)
+    accepted = await call.initial_metadata()
+    if UPLOAD_READY[0] not in tuple(accepted or ()):
+        return await call  # refused (or a node too old to say): its status is the answer
+    async for request in requests:
+        if call.done():
+            break
+        try:
+            await call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            break
+    if not call.done():
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.done_writing()
+    return await call
 
 
 class Client:
