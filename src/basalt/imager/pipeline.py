@@ -35,8 +35,19 @@ INITRD_MODULES = ("virtio_rng", "virtio_mmio", "virtio_pci", "virtio_blk", "squa
 #: (basalt.machined.platform.metal.IMAGE_MODULES) and loaded by machined as PID 1.
 #: AF_PACKET, which its DHCP client needs, is built into the Debian cloud kernel. loop
 #: mounts the system extensions; virtio_console gives qemu-ga its virtio-serial port;
-#: overlay backs containerd's overlayfs snapshotter.
-ROOT_MODULES = ("virtio_net", "loop", "virtio_console", "overlay")
+#: overlay backs containerd's overlayfs snapshotter. vfat (with fat) and the code pages
+#: its names use mount the ESP, and efivarfs reads systemd-boot's variables, for A/B
+#: upgrades (basalt/machined/boot/esp.py).
+ROOT_MODULES = (
+    "virtio_net",
+    "loop",
+    "virtio_console",
+    "overlay",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "efivarfs",
+)
 #: Kernel arguments for a direct-kernel boot (microvm needs the TSC ones under TCG).
 CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
 IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", *DISK_FILES)
