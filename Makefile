@@ -56,12 +56,15 @@ endef
 
 .PHONY: install system-deps demo test lint typecheck unit docs docs-check bench bench-boot clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml image.lock scripts/lock_constraints.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
 	  || { echo "Basalt needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@# The wheels image.lock pins (what the image carries) constrain the venv too.
+	$(PYTHON) scripts/lock_constraints.py image.lock > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check \
+	  -c $(VENV)/constraints.txt -e '.[dev]'
 	@touch $@
 
 # The runtime-lane tests run Debian's containerd and runc (as the image does). Installed
