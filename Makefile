@@ -168,8 +168,9 @@ image-deps:
 image-lock: install
 	$(BIN)/python -m basalt.imager lock
 
+# SIGNING_KEY=PREFIX.key (basaltctl gen signing-key) also writes _out/image/bundle.tar.
 image: install image-deps
-	$(BIN)/python -m basalt.imager build
+	$(BIN)/python -m basalt.imager build $(if $(SIGNING_KEY),--signing-key $(SIGNING_KEY))
 
 vm-test: install image-deps
 	$(BIN)/pytest -q -s -m vm tests/vm $(PYTEST_ARGS)

@@ -213,3 +213,74 @@ def test_init_reads_basalt_kernel_args_over_defaults() -> None:
 def test_init_refuses_to_run_outside_an_initramfs() -> None:
     with pytest.raises(SystemExit, match="refusing to run"):
         init.main()
+
+
+# -- the signed upgrade bundle --------------------------------------------------------------------
+
+
+def _image_files(out: Path) -> None:
+    out.mkdir()
+    for name, content in (("vmlinuz", b"kernel"), ("initrd.img", b"initrd"), ("root.sqfs", b"r")):
+        (out / name).write_bytes(content * 1000)
+
+
+def test_the_image_bundle_is_signed_verifiable_and_reproducible(tmp_path: Path) -> None:
+    import types
+
+    from basalt.imager.pipeline import BUNDLE, write_bundle
+    from basalt.machinery.images import (
+        generate_signing_key,
+        load_signing_key,
+        required_payload,
+        verification_key,
+        verify_bundle,
+    )
+    from basalt.machinery.schematic import EMPTY
+
+    private, public = generate_signing_key()
+    key = load_signing_key(private)
+    fake = types.SimpleNamespace(schematic=EMPTY, lock=_lock({}, ()))
+    _image_files(tmp_path / "one")
+    described = write_bundle(tmp_path / "one", fake, key)  # type: ignore[arg-type]
+    verified = verify_bundle(
+        tmp_path / "one" / BUNDLE,
+        [verification_key(public)],
+        "x86_64",
+        required=required_payload("metal"),
+    )
+    assert verified.version == described["version"]
+    assert verified.manifest.schematic_id == EMPTY.id == described["schematicId"]
+    assert {f.path: f.size for f in verified.manifest.files} == {
+        "initramfs": 6000,
+        "kernel": 6000,
+        "rootfs.squashfs": 1000,
+    }
+    _image_files(tmp_path / "two")
+    write_bundle(tmp_path / "two", fake, key)  # type: ignore[arg-type]
+    assert (tmp_path / "one" / BUNDLE).read_bytes() == (tmp_path / "two" / BUNDLE).read_bytes()
+
+
+def test_a_bad_signing_key_stops_the_build_before_any_work(tmp_path: Path) -> None:
+    from basalt.imager.errors import ImageError
+    from basalt.imager.pipeline import build, bundle_architecture
+    from basalt.machinery.images import SigningKeyError
+
+    with pytest.raises(ImageError, match=r"signing key .*missing.key: No such file"):
+        build(
+            tmp_path / "out",
+            tmp_path / "cache",
+            tmp_path / "no.lock",
+            signing_key=tmp_path / "missing.key",
+        )
+    (tmp_path / "bad.key").write_text("not a key\n")
+    with pytest.raises(SigningKeyError, match=r"bad\.key is not a PEM private key"):
+        build(
+            tmp_path / "out",
+            tmp_path / "cache",
+            tmp_path / "no.lock",
+            signing_key=tmp_path / "bad.key",
+        )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    assert bundle_architecture("linux-image-6.1.0-27-cloud-arm64") == "aarch64"
+    with pytest.raises(ImageError, match="names no known architecture"):
+        bundle_architecture("linux-image-6.1.0-27-cloud-mips")

@@ -51,6 +51,14 @@ def build(
             help="Schematic YAML: system extensions and extra kernel args [none].",
         ),
     ] = None,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--signing-key",
+            help="Signing key (PREFIX.key from 'gen signing-key'): also write bundle.tar, "
+            "the signed upgrade bundle [no bundle].",
+        ),
+    ] = None,
 ) -> None:
     """Build the image from image.lock (cached stages are reused)."""
     import logging
@@ -67,6 +75,7 @@ def build(
         cache or pipeline.DEFAULT_CACHE,
         lock_path or lockfile.DEFAULT_LOCK,
         schematic=chosen,
+        signing_key=signing_key,
     )
     for step in manifest["build"]:
         info(f"  {step['stage']:<13} {step['result']:<7} {step['seconds']:>6.1f} s")
@@ -105,6 +114,9 @@ def _print_text(image: Path, manifest: dict[str, Any]) -> None:
     extensions = manifest.get("extensions", [])
     schematic = manifest.get("schematic")
     print(f"schematic:   {schematic['id'] if schematic else '(none recorded)'}")
+    bundle = manifest.get("bundle")
+    if bundle:
+        print(f"bundle:      basalt {bundle['version']}, signed by key {bundle['keyId']}")
     if schematic and schematic.get("extraKernelArgs"):
         print(f"kernel args: {' '.join(schematic['extraKernelArgs'])} (extra)")
     total_programs = len(programs) + sum(len(e["executables"]) for e in extensions)

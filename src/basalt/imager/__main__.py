@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument(
         "--schematic", type=Path, default=None, help="schematic YAML (extensions, kernel args)"
     )
+    build.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="Ed25519 key (basaltctl gen signing-key): also write the signed bundle.tar",
+    )
     inspect = verbs.add_parser("inspect", help="describe a built image directory")
     inspect.add_argument("image", type=Path)
     args = parser.parse_args(argv)
@@ -43,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.cache or pipeline.DEFAULT_CACHE,
                 args.lock or lockfile.DEFAULT_LOCK,
                 schematic=read_schematic(args.schematic) if args.schematic else EMPTY,
+                signing_key=args.signing_key,
             )
             print(json.dumps(manifest["files"], indent=2))
         else:

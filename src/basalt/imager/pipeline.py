@@ -6,6 +6,7 @@ results into an image directory with ``image.json``, which ``inspect`` reads bac
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -13,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 import basalt
+from basalt.machinery.images import INITRAMFS, KERNEL, ROOTFS, create_bundle, key_id
 from basalt.machinery.schematic import EMPTY, Schematic
 
 from . import lock as lockfile
@@ -24,7 +28,7 @@ from .errors import ImageError
 from .extensions import Extension, extension_stages, schematic_json
 from .packages import FetchDebs, FetchWheels, Unpack
 from .rootfs import BasaltSources, Rootfs, source_digest
-from .squashfs import Squashfs
+from .squashfs import SOURCE_DATE_EPOCH, Squashfs
 from .stage import Cache, sha256_file, walk_sorted
 
 DEFAULT_OUT = lockfile.REPO_ROOT / "_out" / "image"
@@ -51,6 +55,12 @@ ROOT_MODULES = (
 #: Kernel arguments for a direct-kernel boot (microvm needs the TSC ones under TCG).
 CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
 IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", *DISK_FILES)
+#: The signed upgrade bundle (docs/adr/0007), written when a signing key is given.
+BUNDLE = "bundle.tar"
+#: Bundle payload name -> the image file it is.
+BUNDLE_PAYLOAD = {KERNEL: "vmlinuz", INITRAMFS: "initrd.img", ROOTFS: "root.sqfs"}
+#: Debian architecture (the kernel package's suffix) -> bundle architecture.
+_ARCHITECTURES = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -134,12 +144,17 @@ def build(
     lock_path: Path = lockfile.DEFAULT_LOCK,
     pipeline: Pipeline | None = None,
     schematic: Schematic = EMPTY,
+    signing_key: Path | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) every stage and write the image directory ``out``.
 
     ``pipeline`` defaults to the one wired from the lock at ``lock_path`` (checked first)
-    and ``schematic`` (its extensions and kernel arguments; none by default).
+    and ``schematic`` (its extensions and kernel arguments; none by default). With
+    ``signing_key`` (a ``basaltctl gen signing-key`` .key file, read before any build
+    work) the image also gets ``bundle.tar``: the signed upgrade bundle of its kernel,
+    initramfs and root. Without one, a bundle left by an earlier build is removed.
     """
+    key = _read_signing_key(signing_key) if signing_key is not None else None
     if pipeline is None:
         lock = lockfile.read(lock_path)
         lockfile.check(lock, lock_path)
@@ -166,6 +181,12 @@ def build(
             os.link(source, target)
         except OSError:
             shutil.copy2(source, target)
+    bundle = None
+    if key is not None:
+        bundle = write_bundle(out, pipeline, key)
+        sources[BUNDLE] = out / BUNDLE
+    else:
+        (out / BUNDLE).unlink(missing_ok=True)
     root = rootfs_dir / "root"
     files, tree_bytes = _tree_size(root)
     programs = executables(root)
@@ -177,7 +198,10 @@ def build(
         "cmdline": " ".join((CMDLINE, *pipeline.schematic.extra_kernel_args)),
         "schematic": pipeline.schematic.record(),
         "extensions": [_extension(cache, stage) for stage in pipeline.extensions],
-        "files": {name: _describe(out / name) for name in IMAGE_FILES if name in sources},
+        "files": {
+            name: _describe(out / name) for name in (*IMAGE_FILES, BUNDLE) if name in sources
+        },
+        "bundle": bundle,
         "root": {"files": files, "bytes": tree_bytes, "compression": pipeline.squashfs.compression},
         "executables": programs,
         "packages": {d.name: d.version for d in lock.debs},
@@ -196,6 +220,59 @@ def build(
         for name, result, seconds in cache.built
     ]
     return manifest
+
+
+def _read_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    from basalt.machinery.images import load_signing_key
+
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(
+            f"signing key {path}: {exc.strerror}",
+            hint="make one with 'basaltctl gen signing-key -o PREFIX' and pass PREFIX.key",
+        ) from None
+    return load_signing_key(text, str(path))
+
+
+def bundle_architecture(kernel_package: str) -> str:
+    """``x86_64`` for ``linux-image-6.1.0-27-cloud-amd64``: the bundle's architecture."""
+    for debian, arch in _ARCHITECTURES.items():
+        if kernel_package.endswith(f"-{debian}"):
+            return arch
+    raise ImageError(
+        f"kernel package {kernel_package!r} names no known architecture "
+        f"({', '.join(_ARCHITECTURES)})",
+        hint="image.lock's kernel must be an amd64 or arm64 Debian kernel",
+    )
+
+
+def write_bundle(out: Path, pipeline: Pipeline, key: ed25519.Ed25519PrivateKey) -> dict[str, Any]:
+    """Sign ``out``'s kernel, initramfs and root into ``out/bundle.tar``; describe it.
+
+    Created at SOURCE_DATE_EPOCH, like every other image file: the same image and key
+    give the same bytes.
+    """
+    created = dt.datetime.fromtimestamp(SOURCE_DATE_EPOCH, dt.UTC)
+    manifest = create_bundle(
+        out / BUNDLE,
+        {name: out / source for name, source in BUNDLE_PAYLOAD.items()},
+        basalt.__version__,
+        pipeline.schematic.id,
+        bundle_architecture(pipeline.lock.kernel),
+        key,
+        created=created,
+        tar=True,
+        overwrite=True,
+        platform="metal",
+    )
+    return {
+        "version": manifest.version,
+        "schematicId": manifest.schematic_id,
+        "architecture": manifest.architecture,
+        "keyId": key_id(key),
+        "payload": {f.path: f.sha256 for f in manifest.files},
+    }
 
 
 def _extension(cache: Cache, stage: Extension) -> dict[str, Any]:
