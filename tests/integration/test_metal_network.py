@@ -308,6 +308,7 @@ def test_prepare_mounts_pseudo_filesystems_and_binds_etc_read_only(tmp_path: Pat
         "var": "tmpfs",
         "system": "tmpfs",
         "etc/kubernetes": "tmpfs",
+        "etc/cni": "tmpfs",
     }
     fstypes = {k.removeprefix(f"{root}/"): v for k, v in result["fstypes"].items()}
     for target, fstype in expected.items():

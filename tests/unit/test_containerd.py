@@ -154,18 +154,20 @@ def test_metal_config_serves_the_cri_on_run_containerd() -> None:
     assert 'address = "/run/containerd/containerd.sock"' in text
     assert 'snapshotter = "overlayfs"' in text
     assert "disabled_plugins" not in text
-    # the image's /etc is read-only: CNI configs go to EPHEMERAL unless /etc/cni is writable
-    assert paths.cni_conf_dir in (Path("/etc/cni/net.d"), Path("/var/lib/cni/net.d"))
-    assert f'conf_dir = "{paths.cni_conf_dir}"' in text
+    # the metal platform mounts a tmpfs on /etc/cni: the CRI reads (and creates) net.d there
+    assert paths.cni_conf_dir == Path("/etc/cni/net.d")
+    assert 'conf_dir = "/etc/cni/net.d"' in text
 
 
-def test_cni_configs_go_to_etc_cni_only_when_it_is_writable(tmp_path: Path) -> None:
-    from basalt.machined.containerd.config import cni_conf_dir
+def test_metal_mounts_a_writable_etc_cni_that_the_image_provides() -> None:
+    from basalt.machined.platform.metal import IMAGE_MOUNT_DIRECTORIES, RUNTIME_FILESYSTEMS
 
-    ephemeral = tmp_path / "var"
-    assert cni_conf_dir(tmp_path, ephemeral) == ephemeral / "lib" / "cni" / "net.d"
-    (tmp_path / "etc" / "cni").mkdir(parents=True)
-    assert cni_conf_dir(tmp_path, ephemeral) == tmp_path / "etc" / "cni" / "net.d"
+    assert "etc/cni" in IMAGE_MOUNT_DIRECTORIES
+    (point,) = [p for p in RUNTIME_FILESYSTEMS if p.target == "/etc/cni"]
+    assert point.fstype == "tmpfs"
+    assert "ro" not in point.options.split(",")
+    paths = ContainerdPaths.metal(Path("/node"), Path("/node/var"))
+    assert paths.cni_conf_dir == Path("/node/etc/cni/net.d")
 
 
 def test_process_node_config_stays_under_its_own_dir(tmp_path: Path) -> None:

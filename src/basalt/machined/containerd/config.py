@@ -40,7 +40,8 @@ class ContainerdPaths:
 
     @classmethod
     def metal(cls, system_root: Path, ephemeral: Path) -> ContainerdPaths:
-        """The machine's own: /var/lib/containerd, /run/containerd; overlayfs; CRI on."""
+        """The machine's own: /var/lib/containerd, /run/containerd; overlayfs; CRI on,
+        reading CNI configs from /etc/cni/net.d."""
         return cls(
             root=ephemeral / "lib" / "containerd",
             state=system_root / "run" / "containerd",
@@ -48,7 +49,8 @@ class ContainerdPaths:
             logs=ephemeral / "log" / "containers",
             snapshotter="overlayfs",
             cri=True,
-            cni_conf_dir=cni_conf_dir(system_root, ephemeral),
+            # the metal platform mounts a tmpfs on /etc/cni; the CRI creates net.d in it
+            cni_conf_dir=system_root / "etc" / "cni" / "net.d",
         )
 
     @classmethod
@@ -138,12 +140,3 @@ class ContainerdPaths:
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text(self.render())
         tmp.replace(self.config)
-
-
-def cni_conf_dir(system_root: Path, ephemeral: Path) -> Path:
-    """/etc/cni/net.d where CNI plugins put their configs, when /etc/cni is writable;
-    otherwise (the image's /etc is read-only) /var/lib/cni/net.d in EPHEMERAL."""
-    etc_cni = system_root / "etc" / "cni"
-    if etc_cni.is_dir() and os.access(etc_cni, os.W_OK):
-        return etc_cni / "net.d"
-    return ephemeral / "lib" / "cni" / "net.d"

@@ -57,7 +57,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Directories the read-only image must contain for the agent to mount over them.
-IMAGE_MOUNT_DIRECTORIES = ("proc", "sys", "dev", "run", "tmp", "var", "system", "etc/kubernetes")
+IMAGE_MOUNT_DIRECTORIES = (
+    "proc",
+    "sys",
+    "dev",
+    "run",
+    "tmp",
+    "var",
+    "system",
+    "etc/kubernetes",
+    "etc/cni",
+)
 #: Files the image must contain for the agent to bind its generated ones over them.
 IMAGE_MOUNT_FILES = tuple(f"etc/{name}" for name in GENERATED_ETC_FILES)
 #: Everything the image must contain for the agent to mount over it.
@@ -78,11 +88,14 @@ FATAL_DELAY = 10.0
 #: Writable places on the read-only root. Until install mounts the STATE and EPHEMERAL
 #: partitions on /system/state and /var, the node runs from memory. /etc/kubernetes
 #: (static pod manifests, the kubelet config) is rendered from the config at every boot.
+#: /etc/cni is where the CRI plugin reads CNI configs (net.d) and where CNI daemonsets
+#: write them through a hostPath; they write them again at every start, so memory will do.
 RUNTIME_FILESYSTEMS = (
     mount.MountPoint("tmpfs", "/tmp", "tmpfs", "nosuid,nodev,mode=1777"),
     mount.MountPoint("tmpfs", "/var", "tmpfs", "nosuid,nodev,mode=0755"),
     mount.MountPoint("tmpfs", "/system", "tmpfs", "nosuid,nodev,mode=0755"),
     mount.MountPoint("tmpfs", "/etc/kubernetes", "tmpfs", "nosuid,nodev,noexec,mode=0755"),
+    mount.MountPoint("tmpfs", "/etc/cni", "tmpfs", "nosuid,nodev,noexec,mode=0755"),
 )
 
 
