@@ -19,7 +19,8 @@ from .health import RAFT_LAG, Check, run_checks
 if TYPE_CHECKING:
     from .node import Node
 
-POLL = 1.0
+#: Gates are polled this often while a slot is on trial (a few seconds per upgrade).
+POLL = 0.25
 #: The cluster-wide etcd checks of ``basaltctl health``, replaced here by the local one.
 _CLUSTER_ETCD_CHECKS = ("etcd members", "etcd leader", "etcd raft")
 

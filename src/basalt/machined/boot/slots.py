@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from basalt.machinery.errors import BasaltError
@@ -38,6 +39,7 @@ from .assessment import BootState, Slot, SlotName
 from .codecs import state_from_json, state_to_json
 
 STATE_FILE = "boot.json"
+_SYNC_THREADS = 8
 PYTHON_DIR = "python"
 STAGED_DIR = "staged"
 STAGED_BUNDLE = "bundle.tar"
@@ -65,6 +67,11 @@ class SlotDirectories:
     def state_path(self) -> Path:
         return self.root / STATE_FILE
 
+    @property
+    def where(self) -> str:
+        """Where the boot state is kept, for messages."""
+        return str(self.state_path)
+
     # -- the boot state ----------------------------------------------------------------------
     def load(self) -> BootState | None:
         """The stored state; None before the first boot. Raises BootEntryError when unreadable."""
@@ -89,6 +96,12 @@ class SlotDirectories:
     def runs_installed(self, slot: Slot) -> bool:
         """Slot a without a directory: the Basalt the node was installed with."""
         return slot.name is SlotName.A and not self.directory(slot.name).exists()
+
+    def missing(self, slot: Slot) -> str | None:
+        """Why ``slot``'s image cannot run (its files are gone), or None."""
+        if self.python_path(slot.name) is None and not self.runs_installed(slot):
+            return f"its files are missing from {self.directory(slot.name)}"
+        return None
 
     def write(self, name: SlotName, bundle: VerifiedBundle) -> None:
         """Write a verified tar bundle to slot ``name``: whole, or not at all.
@@ -212,14 +225,25 @@ def _unpack_tree(tar_path: Path, target: Path) -> None:
 
 
 def _sync_tree(top: Path) -> None:
+    """fsync every file and directory of a freshly written tree.
+
+    An unpacked slot has hundreds of small files; their fsyncs run on a few threads so
+    that the filesystem can commit them together instead of one journal commit each.
+    """
+    paths = []
     for directory, _, files in os.walk(top):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(directory))
+        paths += [os.path.join(directory, name) for name in files]
+        paths.append(directory)
+    with ThreadPoolExecutor(max_workers=_SYNC_THREADS) as pool:
+        list(pool.map(_fsync_path, paths))
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
