@@ -162,3 +162,17 @@ def test_import_and_run_through_the_api(node: Node, tmp_path: Path) -> None:
         "ls", "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots"
     )
     assert len(snapshots.splitlines()) >= 2, snapshots
+
+
+def test_cri_reads_cni_configs_from_a_writable_etc_cni(node: Node) -> None:
+    """The image's /etc is read-only; /etc/cni is a tmpfs the CRI plugin creates net.d in
+    and reads CNI configs from (none yet: no CNI is installed)."""
+    (answer,) = node.call("Mounts").messages
+    mounts = {m.mounted_on: m for m in answer.stats}
+    assert mounts["/etc/cni"].type == "tmpfs", mounts.get("/etc/cni")
+    assert "rw" in mounts["/etc/cni"].options.split(","), mounts["/etc/cni"]
+    assert "net.d" in node.ok("ls", "/etc/cni").split()  # made by the CRI plugin
+    logs = node.ok("logs", "containerd")
+    assert "NetworkPluginConfDir:/etc/cni/net.d" in logs, logs[-3000:]
+    assert "no network config found in /etc/cni/net.d" in logs, logs[-3000:]
+    assert "/var/lib/cni" not in logs
