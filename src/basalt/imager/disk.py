@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from basalt.machined.boot.entries import BasaltEntry
+from basalt.machined.boot.esp import entry_text
 from basalt.machinery.disk import gpt
 from basalt.machinery.disk.layout import EFI, LAYOUT, slot_partition
 
@@ -37,18 +38,6 @@ LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n"
 DISK_FILES = ("disk.raw", "disk.qcow2")
 #: The install generation of the image's own entry (entries.py: GEN grows with installs).
 FIRST_GENERATION = 1
-
-
-def entry_text(version: str, slot: str, cmdline: str) -> str:
-    """The loader entry of ``slot``: its kernel and initrd on the ESP, the image's command
-    line plus ``basalt.slot=``, which the initramfs uses to find the root by name."""
-    return (
-        f"title Basalt {version} ({slot.upper()})\n"
-        f"version {version}\n"
-        f"linux /EFI/basalt/{slot.upper()}/vmlinuz\n"
-        f"initrd /EFI/basalt/{slot.upper()}/initrd.img\n"
-        f"options {cmdline} basalt.slot={slot.upper()}\n"
-    )
 
 
 def esp_tree(staging: Path, bootloader: Path, boot_dir: Path, version: str, cmdline: str) -> str:

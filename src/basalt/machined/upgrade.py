@@ -1,4 +1,4 @@
-"""Upgrades and rollbacks of a node's A/B slots (container mode; metal comes later).
+"""Upgrades and rollbacks of a node's A/B slots, in container mode and on metal.
 
 An upgrade is boring on purpose, and refuses before it changes anything::
 
@@ -10,8 +10,11 @@ An upgrade is boring on purpose, and refuses before it changes anything::
 On the first boot of a slot on trial, the health gates (:mod:`.gates`) decide: passed
 marks it good; failed or timed out reboots, and once its tries run out the launcher
 boots the previous slot. The decisions are :mod:`.boot.assessment`'s; this module is the
-I/O around them: ``<node-dir>/slots`` (:mod:`.boot.slots`), events, the ``BootStatus``
-resource.
+I/O around them: the slot storage, events, the ``BootStatus`` resource. Container mode
+keeps slots in ``<node-dir>/slots`` (:mod:`.boot.slots`) and its launcher plays the
+firmware; a metal node booted from a Basalt disk keeps them in its ``BASALT-A``/``-B``
+partitions, the ESP's systemd-boot entries and META (:mod:`.boot.metal_slots`), and
+systemd-boot is the firmware.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from basalt.machinery.resources import BootStatusSpec
 
 from .boot import (
     Action,
-    BootEntryError,
     BootState,
     Event,
     Install,
@@ -48,6 +50,7 @@ from .boot import (
     apply,
     boot_status,
 )
+from .boot.metal_slots import MetalSlots
 from .boot.slots import SlotDirectories
 
 if TYPE_CHECKING:
@@ -96,17 +99,21 @@ class Upgrader:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        mode = node.platform.mode
-        self.slots = SlotDirectories.of_node(node.paths.root) if mode.in_container else None
+        # Metal finds its slots once the platform is prepared (/proc, /sys): in on_boot.
+        self.slots: SlotDirectories | MetalSlots | None = (
+            SlotDirectories.of_node(node.paths.root) if node.platform.mode.in_container else None
+        )
         self.lock = asyncio.Lock()
         self.assessment: asyncio.Task[None] | None = None
 
     # -- the boot state ------------------------------------------------------------------
-    def require_slots(self) -> SlotDirectories:
+    def require_slots(self) -> SlotDirectories | MetalSlots:
         if self.slots is None:
             raise UpgradeRefusedError(
-                "A/B upgrades on metal need the systemd-boot backend, which is not built yet",
-                hint="container-mode nodes (basaltctl cluster create) can be upgraded",
+                "this node has no A/B slots: it did not boot from an installed Basalt disk "
+                "(no basalt.slot= on the kernel command line, or no EFI/META partitions)",
+                hint="boot it from Basalt's disk image and install (apply-config with "
+                "install.disk), then upgrade",
             )
         return self.slots
 
@@ -114,13 +121,13 @@ class Upgrader:
         slots = self.require_slots()
         try:
             state = await asyncio.to_thread(slots.load)
-        except BootEntryError as exc:
+        except BasaltError as exc:
             raise UpgradeRefusedError(str(exc), hint=exc.hint) from None
         if state is None or state.booted is None:
             raise UpgradeRefusedError(
-                f"no boot state in {slots.state_path}: this node was not started by the "
-                "slot-aware launcher",
-                hint="start nodes with basaltctl cluster create (the process launcher)",
+                f"no boot state in {slots.where}: this node was not started by the "
+                "slot-aware launcher or booted from a Basalt disk",
+                hint="start nodes with basaltctl cluster create, or install to disk",
             )
         return state
 
@@ -156,6 +163,10 @@ class Upgrader:
     # -- at boot -------------------------------------------------------------------------
     async def on_boot(self) -> None:
         """Publish which slot booted (and any fallback); start the gates on a slot on trial."""
+        if self.slots is None and not self.node.platform.mode.in_container:
+            self.slots = await asyncio.to_thread(_slot_storage, self.node)
+            if isinstance(self.slots, MetalSlots):
+                await asyncio.to_thread(_mount_efivarfs)
         if self.slots is None:
             return
         await asyncio.to_thread(
@@ -163,12 +174,12 @@ class Upgrader:
         )  # uploads a crash left behind
         try:
             state = await asyncio.to_thread(self.slots.load)
-        except BootEntryError as exc:
+        except BasaltError as exc:
             self._event(f"boot state unusable: {exc}")
             return
         if state is None or state.booted is None:
             return
-        told = os.environ.get(BOOTED_SLOT_ENV)
+        told = os.environ.get(BOOTED_SLOT_ENV) if isinstance(self.slots, SlotDirectories) else None
         if told and told != state.booted.value:
             self._event(f"launcher said slot {told}, boot state says slot {state.booted}")
         self.publish_status(state)
@@ -350,15 +361,40 @@ class Upgrader:
             if outcome.refused or outcome.slot is None:
                 raise UpgradeRefusedError(outcome.message, hint="see basaltctl get bootstatus")
             other = state.slot(outcome.slot)
-            if slots.python_path(other.name) is None and not slots.runs_installed(other):
-                raise UpgradeRefusedError(
-                    f"rollback refused: {other.label}'s files are missing from "
-                    f"{slots.directory(other.name)}"
-                )
+            missing = await asyncio.to_thread(slots.missing, other)
+            if missing is not None:
+                raise UpgradeRefusedError(f"rollback refused: {other.label}: {missing}")
             self._stop_assessment()
             await self._save(outcome.state)
         self._event(outcome.message, slot=outcome.slot.value)
         return outcome.message
+
+
+def _slot_storage(node: Node) -> SlotDirectories | MetalSlots | None:
+    """Slot directories in container mode; on metal, the disk's slots when machined is
+    PID 1 booted from an installed Basalt disk; else None (upgrades are refused)."""
+    from .platform.metal import MetalPlatform
+
+    platform = node.platform
+    if platform.mode.in_container:
+        return SlotDirectories.of_node(node.paths.root)
+    if not isinstance(platform, MetalPlatform) or not platform.init:
+        return None
+    if platform.system_root != Path("/"):
+        return None
+    from .boot.metal_slots import of_machine
+
+    return of_machine(platform.system_root, node.paths.ephemeral)
+
+
+def _mount_efivarfs() -> None:
+    from .sys.efivars import mount_efivarfs
+    from .sys.mount import MountError
+
+    try:
+        mount_efivarfs()
+    except MountError as exc:
+        log.warning("efivarfs not mounted (%s): LoaderBootCountPath cannot be read", exc)
 
 
 def _sync(handle: Any) -> None:

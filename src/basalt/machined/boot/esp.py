@@ -1,0 +1,144 @@
+"""Files on a mounted ESP (FAT): boot entries and each slot's kernel and initrd.
+
+Layout (docs/adr/0011): ``/EFI/basalt/<SLOT>/{vmlinuz,initrd.img}`` and
+``/loader/entries/basalt-GEN-SLOT-VERSION[+LEFT[-DONE]].conf``. Every write is atomic
+and durable as far as FAT allows: a temporary file (a name systemd-boot ignores: it
+reads only ``*.conf``), written, fsynced, renamed into place, and the directory fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from basalt.machinery.errors import BasaltError
+
+from .entries import PREFIX, SUFFIX
+
+ENTRIES = Path("loader/entries")
+KERNEL_NAME = "vmlinuz"
+INITRD_NAME = "initrd.img"
+_CHUNK = 1 << 20
+
+
+class EspError(BasaltError):
+    """The ESP does not hold what Basalt expects (an entry to copy options from, a file)."""
+
+
+def slot_dir(slot: str) -> Path:
+    """``EFI/basalt/B`` for slot ``b``: where the slot's kernel and initrd live."""
+    return Path("EFI/basalt") / slot.upper()
+
+
+def entry_text(version: str, slot: str, cmdline: str) -> str:
+    """The loader entry of ``slot``: its kernel and initrd on the ESP, ``cmdline`` plus
+    ``basalt.slot=``, which the initramfs uses to find the root by partition name."""
+    where = "/" + slot_dir(slot).as_posix()
+    return (
+        f"title Basalt {version} ({slot.upper()})\n"
+        f"version {version}\n"
+        f"linux {where}/{KERNEL_NAME}\n"
+        f"initrd {where}/{INITRD_NAME}\n"
+        f"options {cmdline} basalt.slot={slot.upper()}\n"
+    )
+
+
+def entry_options(text: str) -> str:
+    """An entry's ``options`` without ``basalt.slot=`` (what a new slot's entry reuses)."""
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key == "options":
+            return " ".join(w for w in value.split() if not w.startswith("basalt.slot="))
+    raise EspError("the boot entry has no options line", hint="restore it from the image")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Esp:
+    """A mounted ESP at ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def entries_dir(self) -> Path:
+        return self.root / ENTRIES
+
+    def entries(self) -> list[str]:
+        """Basalt's entry files (``basalt-*.conf``), sorted; other files are ignored."""
+        try:
+            names = os.listdir(self.entries_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.startswith(PREFIX) and n.endswith(SUFFIX))
+
+    def read_entry(self, name: str) -> str:
+        return (self.entries_dir / name).read_text(encoding="ascii", errors="replace")
+
+    def write_entry(self, name: str, text: str) -> None:
+        self.write_file(ENTRIES / name, text.encode("ascii"))
+
+    def rename_entry(self, old: str, new: str) -> None:
+        os.rename(self.entries_dir / old, self.entries_dir / new)
+        fsync_dir(self.entries_dir)
+
+    def remove_entry(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.entries_dir / name)
+        fsync_dir(self.entries_dir)
+
+    def write_file(self, relative: Path, data: bytes) -> None:
+        """Replace ``relative`` with ``data``, whole or not at all."""
+        target = self.root / relative
+        with self.replacing(target) as handle:
+            handle.write(data)
+
+    @contextlib.contextmanager
+    def replacing(self, target: Path) -> Iterator[BinaryIO]:
+        """Write ``target`` through a temporary file; it is renamed into place (and the
+        directory synced) only when the block ends without an exception."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.tmp")
+        try:
+            with open(temp, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        fsync_dir(target.parent)
+
+    def slot_files(self, slot: str) -> list[Path]:
+        """The slot's kernel and initrd paths on the ESP."""
+        return [self.root / slot_dir(slot) / n for n in (KERNEL_NAME, INITRD_NAME)]
+
+    def missing_files(self, slot: str) -> list[str]:
+        files = self.slot_files(slot)
+        return ["/" + p.relative_to(self.root).as_posix() for p in files if not p.is_file()]
+
+
+def copy_hashed(source: IO[bytes], out: IO[bytes], limit: int | None = None) -> tuple[int, str]:
+    """Copy ``source`` to ``out`` in 1 MiB chunks: (bytes, sha256 hex). Stops with
+    :class:`EspError` once more than ``limit`` bytes came."""
+    sha = hashlib.sha256()
+    size = 0
+    while chunk := source.read(_CHUNK):
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise EspError(f"more than {limit} bytes")
+        sha.update(chunk)
+        out.write(chunk)
+    return size, sha.hexdigest()

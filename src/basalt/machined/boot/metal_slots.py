@@ -1,0 +1,359 @@
+"""Metal storage for A/B slots: the ESP's boot entries, the slot partitions and META.
+
+The boot state *is* the ``basalt-*.conf`` names in ``loader/entries`` on the ESP
+(:func:`.codecs.state_from_entries`): systemd-boot counts tries by renaming them, and
+boots the first in its order (no ``default`` line). Which slot runs comes from
+``basalt.slot=`` on the kernel command line (the entry passed it; the initramfs mounted
+that slot's partition). Reasons (why a slot stopped booting) and the pending upgrade
+live in META (:mod:`.meta`, two checksummed copies).
+
+A slot is its partition ``BASALT-<SLOT>`` (the squashfs root, raw) and its kernel and
+initrd in ``/EFI/basalt/<SLOT>/`` on the ESP. Writing one follows the order of
+:func:`.codecs.entry_changes`: the slot's old entry is removed first (so a half-written
+slot never boots), the files are written and synced, each re-hashed against the trusted
+manifest, and only then is the new entry (``+3``, newest generation: it sorts first)
+created. Marking good renames the entry that booted, which systemd-boot names in
+``LoaderBootCountPath``.
+
+The ESP is mounted (vfat) only while it is read or written, and unmounted afterwards:
+an unmount flushes everything, and a power cut finds it clean most of the time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from basalt.machinery.images import (
+    INITRAMFS,
+    KERNEL,
+    MANIFEST_NAME,
+    ROOTFS,
+    SIGNATURE_NAME,
+    VerifiedBundle,
+)
+
+from .assessment import BootState, Slot, SlotHealth, SlotName
+from .codecs import EntryChange, entry_changes, state_from_entries
+from .entries import BasaltEntry
+from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, copy_hashed, entry_options, entry_text
+from .esp import slot_dir as esp_slot_dir
+from .meta import Meta, MetaRecord, PendingUpgrade
+from .slots import SlotWriteError
+
+log = logging.getLogger(__name__)
+
+STAGED_BUNDLE = "bundle.tar"
+#: systemd-boot's entry names are ASCII; code page 437 for the 8.3 aliases FAT keeps.
+VFAT_OPTIONS = "codepage=437,iocharset=ascii,shortname=mixed"
+#: Where each payload file goes: the ESP (a path below the slot's directory) or the partition.
+_ESP_PAYLOAD = {KERNEL: KERNEL_NAME, INITRAMFS: INITRD_NAME}
+
+
+@dataclass(frozen=True)
+class MetalDevices:
+    """Where a metal node's slots live. ``esp_device`` None: ``esp_dir`` is used as it is
+    (tests, or an ESP mounted by someone else)."""
+
+    esp_dir: Path
+    meta: Path
+    partitions: dict[SlotName, Path]
+    efivars: Path
+    staged_dir: Path
+    esp_device: str | None = None
+
+
+class MetalSlots:
+    """The A/B slots of a metal node booted from a Basalt disk."""
+
+    def __init__(
+        self,
+        devices: MetalDevices,
+        booted: SlotName,
+        mounter: Callable[[str, Path], contextlib.AbstractContextManager[None]] | None = None,
+    ) -> None:
+        self.devices = devices
+        self.booted = booted
+        self.meta = Meta(devices.meta)
+        self._mounter = mounter
+        self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"the ESP's loader/entries and META ({self.devices.meta})"
+
+    @contextlib.contextmanager
+    def esp(self) -> Iterator[Esp]:
+        """The ESP, mounted for the duration of the block (one user at a time)."""
+        with self._lock:
+            device = self.devices.esp_device
+            if device is None or self._mounter is None:
+                yield Esp(self.devices.esp_dir)
+                return
+            with self._mounter(device, self.devices.esp_dir):
+                yield Esp(self.devices.esp_dir)
+
+    # -- the boot state ----------------------------------------------------------------------
+    def _state(self, esp: Esp, record: MetaRecord) -> BootState | None:
+        names = esp.entries()
+        if not names:
+            return None
+        return state_from_entries(names, self.booted, record.reasons)
+
+    def load(self) -> BootState | None:
+        """The state the entries describe (None when there are none); BootEntryError when
+        they are not Basalt's or inconsistent."""
+        record = self.meta.read()
+        with self.esp() as esp:
+            return self._state(esp, record)
+
+    def save(self, state: BootState) -> None:
+        """Make the ESP's entries and META say ``state``."""
+        record = self.meta.read()
+        with self.esp() as esp:
+            current = self._state(esp, record)
+            if current is None:
+                raise SlotWriteError(f"no boot entries on the ESP ({esp.entries_dir})")
+            for change in entry_changes(current, state):
+                self._apply(esp, change, state)
+        pending = next(
+            (
+                PendingUpgrade(s.name, s.version, s.generation)
+                for s in state.slots
+                if s.health is SlotHealth.PENDING and s.version is not None
+            ),
+            None,
+        )
+        reasons = {s.name: s.reason for s in state.slots if s.reason}
+        if (reasons, pending) != (record.reasons, record.pending):
+            self.meta.write(MetaRecord(reasons, pending))
+
+    def _apply(self, esp: Esp, change: EntryChange, state: BootState) -> None:
+        if change.old is not None and change.new is not None:
+            old = change.old
+            if change.slot is self.booted:
+                old = self._booted_entry_file(old)
+            esp.rename_entry(old, change.new)
+            log.info("boot entry %s renamed to %s", old, change.new)
+        elif change.old is not None:
+            esp.remove_entry(change.old)
+            log.info("boot entry %s removed", change.old)
+        elif change.new is not None:
+            slot = state.slot(change.slot)
+            assert slot.version is not None
+            missing = esp.missing_files(change.slot.value)
+            if missing:
+                raise SlotWriteError(
+                    f"slot {change.slot} has no {', '.join(missing)} on the ESP: "
+                    "its entry is not created"
+                )
+            text = entry_text(slot.version, change.slot.value, self._options(esp, state))
+            esp.write_entry(change.new, text)
+            log.info("boot entry %s created", change.new)
+
+    def _booted_entry_file(self, expected: str) -> str:
+        """The running slot's entry file: systemd-boot's LoaderBootCountPath when it set
+        one (the counted entry it booted, after counting), checked against the ESP."""
+        from ..sys.efivars import boot_count_entry
+
+        counted = boot_count_entry(self.devices.efivars)
+        if counted is None or counted.lower() == expected.lower():
+            return counted or expected
+        log.warning(
+            "LoaderBootCountPath names %s, the ESP holds %s for slot %s: renaming the latter",
+            counted,
+            expected,
+            self.booted,
+        )
+        return expected
+
+    def _options(self, esp: Esp, state: BootState) -> str:
+        """The running slot's kernel options (the image's, and any the entry gained)."""
+        running = state.slot(self.booted)
+        entry = running.entry()
+        names = {BasaltEntry.parse(n).slot: n for n in esp.entries()}
+        name = names.get(self.booted.value) or (entry.filename if entry else None)
+        if name is None:
+            raise EspError(f"the running slot {self.booted} has no boot entry to copy options from")
+        return entry_options(esp.read_entry(name))
+
+    # -- slot contents -----------------------------------------------------------------------
+    def missing(self, slot: Slot) -> str | None:
+        """Why ``slot``'s image cannot boot (its files are gone), or None."""
+        partition = self.devices.partitions.get(slot.name)
+        if partition is None or not partition.exists():
+            return f"its partition BASALT-{slot.name.value.upper()} is missing"
+        with self.esp() as esp:
+            gone = esp.missing_files(slot.name.value)
+        return f"{', '.join(gone)} missing from the ESP" if gone else None
+
+    def write(self, name: SlotName, bundle: VerifiedBundle) -> None:
+        """Write a verified tar bundle to slot ``name``: the root to its partition, kernel
+        and initrd to the ESP; each re-hashed and compared with the trusted manifest."""
+        if name is self.booted:
+            raise SlotWriteError(f"slot {name} is running: it cannot be written")
+        if bundle.form != "tar":
+            raise SlotWriteError(f"{bundle.source}: only tar bundles can be written to a slot")
+        partition = self.devices.partitions.get(name)
+        if partition is None:
+            raise SlotWriteError(f"this disk has no partition BASALT-{name.value.upper()}")
+        rootfs = bundle.manifest.file(ROOTFS)
+        assert rootfs is not None  # verify_bundle(required=...) checked it
+        room = _device_size(partition)
+        if rootfs.size > room:
+            raise SlotWriteError(
+                f"{ROOTFS} is {rootfs.size} bytes; partition BASALT-{name.value.upper()} "
+                f"holds {room}",
+                hint="build a smaller image, or reinstall with a newer layout",
+            )
+        changed = f"{bundle.source} changed after it was verified"
+        seen: set[str] = set()
+        with self.esp() as esp:
+            if any(BasaltEntry.parse(n).slot == name.value for n in esp.entries()):
+                raise SlotWriteError(f"slot {name} still has a boot entry: remove it first")
+            with open(bundle.source, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    if member.name in (MANIFEST_NAME, SIGNATURE_NAME):
+                        continue
+                    want = bundle.manifest.file(member.name)
+                    if not member.isreg() or want is None or member.name in seen:
+                        raise SlotWriteError(f"{changed}: unexpected member {member.name!r}")
+                    seen.add(member.name)
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    if member.name == ROOTFS:
+                        got = _write_partition(partition, source, room)
+                    elif member.name in _ESP_PAYLOAD:
+                        target = esp.root / esp_slot_dir(name.value) / _ESP_PAYLOAD[member.name]
+                        got = _write_esp_file(esp, target, source, want.size, want.sha256)
+                    else:
+                        continue  # more payload (a later format): not this platform's
+                    if got != (want.size, want.sha256):
+                        raise SlotWriteError(f"{changed}: {member.name} differs from its manifest")
+            missing = {KERNEL, INITRAMFS, ROOTFS} - seen
+            if missing:
+                raise SlotWriteError(f"{changed}: {', '.join(sorted(missing))} missing")
+
+    # -- staged upgrades ---------------------------------------------------------------------
+    @property
+    def staged_bundle(self) -> Path:
+        return self.devices.staged_dir / STAGED_BUNDLE
+
+    def stage(self, upload: Path) -> None:
+        """Keep an uploaded bundle (on EPHEMERAL) for the next boot."""
+        target = self.staged_bundle
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(upload, temp)
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+
+    def staged(self) -> Path | None:
+        return self.staged_bundle if self.staged_bundle.is_file() else None
+
+    def clear_staged(self) -> None:
+        shutil.rmtree(self.devices.staged_dir, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _device_size(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _write_partition(partition: Path, source: IO[bytes], room: int) -> tuple[int, str]:
+    """Write the root image to the start of ``partition`` and fsync; (bytes, sha256)."""
+    try:
+        with open(partition, "r+b", buffering=0) as out:
+            got = copy_hashed(source, out, room)
+            os.fsync(out.fileno())
+    except EspError as exc:
+        raise SlotWriteError(f"{partition}: the root image has {exc}") from None
+    except OSError as exc:
+        raise SlotWriteError(f"{partition}: writing the root failed: {exc.strerror}") from None
+    return got
+
+
+def _write_esp_file(
+    esp: Esp, target: Path, source: IO[bytes], size: int, sha256: str
+) -> tuple[int, str]:
+    """Write ``target`` on the ESP; it replaces the old file only if it matches."""
+    got = (0, "")
+    try:
+        with esp.replacing(target) as handle:
+            got = copy_hashed(source, handle, size)
+            if got != (size, sha256):
+                raise SlotWriteError(f"{target.name} differs from its manifest")
+    except EspError as exc:
+        raise SlotWriteError(f"{target.name}: {exc}") from None
+    except OSError as exc:
+        raise SlotWriteError(f"ESP {target}: writing failed: {exc.strerror}") from None
+    return got
+
+
+def mount_vfat(device: str, target: Path) -> contextlib.AbstractContextManager[None]:
+    """Mount the ESP at ``target`` for a block; unmount (which flushes it) afterwards."""
+    from ..sys import mount
+
+    @contextlib.contextmanager
+    def mounted() -> Iterator[None]:
+        target.mkdir(parents=True, exist_ok=True)
+        flags, _ = mount.parse_options("nosuid,nodev,noexec,noatime")
+        mount.mount(device, target, "vfat", flags, VFAT_OPTIONS)
+        try:
+            yield
+        finally:
+            os.sync()
+            mount.umount(target)
+
+    return mounted()
+
+
+def of_machine(root: Path, ephemeral: Path, sys_block: Path | None = None) -> MetalSlots | None:
+    """The slots of this machine when it booted from a Basalt disk, else None."""
+    from basalt.machinery.disk.layout import EFI, META, slot_partition
+
+    from ..install import CMDLINE, SYS_BLOCK, find_partition, kernel_slot
+    from ..sys.efivars import EFIVARS
+
+    blocks = sys_block or SYS_BLOCK
+    slot = kernel_slot(CMDLINE).lower()
+    if slot not in ("a", "b"):
+        return None
+    esp, meta = find_partition(EFI, blocks), find_partition(META, blocks)
+    if esp is None or meta is None:
+        return None
+    partitions = {}
+    for name in SlotName:
+        device = find_partition(slot_partition(name.value), blocks)
+        if device is not None:
+            partitions[name] = Path(device)
+    devices = MetalDevices(
+        esp_dir=root / "run" / "basalt" / "esp",
+        meta=Path(meta),
+        partitions=partitions,
+        efivars=EFIVARS,
+        staged_dir=ephemeral / "lib" / "basalt" / "staged",
+        esp_device=esp,
+    )
+    return MetalSlots(devices, SlotName(slot), mount_vfat)

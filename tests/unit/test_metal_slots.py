@@ -1,0 +1,298 @@
+"""Metal slot storage on real files: an ESP directory, META and slot "partitions" as
+files of their size, efivarfs as a directory. systemd-boot's part (counting a try by
+renaming the entry, and setting LoaderBootCountPath) is played with the same pure
+functions the assessment model uses (:mod:`basalt.machined.boot.entries`)."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from basalt.machined.boot import (
+    GatesPassed,
+    GatesTimedOut,
+    Install,
+    LoaderEntry,
+    Rollback,
+    Slot,
+    SlotHealth,
+    SlotName,
+    apply,
+    boot_status,
+    loader_order,
+)
+from basalt.machined.boot.esp import entry_options, entry_text
+from basalt.machined.boot.meta import (
+    OFFSETS,
+    SECOND_COPY,
+    Meta,
+    MetaRecord,
+    PendingUpgrade,
+    decode_copy,
+)
+from basalt.machined.boot.metal_slots import MetalDevices, MetalSlots
+from basalt.machined.boot.slots import SlotWriteError
+from basalt.machined.sys import efivars
+from basalt.machinery.images import (
+    VerifiedBundle,
+    create_bundle,
+    generate_signing_key,
+    load_signing_key,
+    required_payload,
+    verification_key,
+    verify_bundle,
+)
+
+A, B = SlotName.A, SlotName.B
+MIB = 1 << 20
+OPTIONS = "console=ttyS0 quiet panic=-1"
+
+
+# -- META -----------------------------------------------------------------------------------------
+
+
+def test_meta_keeps_two_copies_and_survives_a_torn_write(tmp_path: Path) -> None:
+    device = tmp_path / "meta"
+    device.write_bytes(bytes(MIB))
+    meta = Meta(device)
+    assert meta.read() == MetaRecord()  # a fresh, zeroed partition
+    first = meta.write(MetaRecord({B: "health gates failed"}, PendingUpgrade(B, "0.2.0", 2)))
+    second = meta.write(MetaRecord({B: "rolled back"}))
+    assert (first.sequence, second.sequence) == (1, 2)
+    read = meta.read()
+    assert (read.reasons, read.pending, read.sequence) == ({B: "rolled back"}, None, 2)
+    raw = device.read_bytes()
+    copies = [decode_copy(raw[o : o + SECOND_COPY]) for o in OFFSETS]
+    assert sorted(c.sequence for c in copies if c) == [1, 2]  # one in each copy
+    # Tear the newest copy (a power cut mid-write): the other one is read.
+    newest = next(o for o, c in zip(OFFSETS, copies, strict=True) if c and c.sequence == 2)
+    with open(device, "r+b") as handle:
+        handle.seek(newest + 70)
+        handle.write(b"\xff" * 16)
+    assert meta.read().reasons == {B: "health gates failed"}
+    # The next write goes over the torn copy, never over the good one.
+    meta.write(MetaRecord({A: "third"}))
+    assert meta.read().reasons == {A: "third"}
+    raw = device.read_bytes()
+    survivors = [decode_copy(raw[o : o + SECOND_COPY]) for o in OFFSETS]
+    assert sorted(c.sequence for c in survivors if c) == [1, 2]
+
+
+def test_meta_on_a_missing_device_names_it(tmp_path: Path) -> None:
+    from basalt.machined.boot.meta import MetaError
+
+    with pytest.raises(MetaError, match=r"META .*nothing: No such file"):
+        Meta(tmp_path / "nothing").read()
+
+
+# -- efivars --------------------------------------------------------------------------------------
+
+
+def _efivar(directory: Path, name: str, value: str) -> None:
+    directory.mkdir(exist_ok=True)
+    data = b"\x06\x00\x00\x00" + (value + "\0").encode("utf-16-le")
+    (directory / f"{name}-{efivars.LOADER_GUID}").write_bytes(data)
+
+
+def test_loader_boot_count_path_names_the_counted_entry(tmp_path: Path) -> None:
+    assert efivars.boot_count_entry(tmp_path) is None
+    _efivar(tmp_path, efivars.BOOT_COUNT_PATH, "\\loader\\entries\\basalt-2-b-0.2.0+2-1.conf")
+    assert efivars.boot_count_entry(tmp_path) == "basalt-2-b-0.2.0+2-1.conf"
+    _efivar(tmp_path, efivars.BOOT_COUNT_PATH, "\\EFI\\elsewhere\\x.conf")
+    assert efivars.boot_count_entry(tmp_path) is None
+
+
+# -- slots ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[str, str]:
+    return generate_signing_key()
+
+
+def _machine(tmp_path: Path, booted: SlotName = A) -> MetalSlots:
+    esp = tmp_path / "esp"
+    (esp / "loader/entries").mkdir(parents=True)
+    (esp / "EFI/basalt/A").mkdir(parents=True)
+    (esp / "EFI/basalt/A/vmlinuz").write_bytes(b"kernel-a")
+    (esp / "EFI/basalt/A/initrd.img").write_bytes(b"initrd-a")
+    (esp / "loader/entries/basalt-1-a-0.1.0.conf").write_text(entry_text("0.1.0", "a", OPTIONS))
+    (tmp_path / "meta").write_bytes(bytes(MIB))
+    for name in "ab":
+        (tmp_path / f"part-{name}").write_bytes(bytes(2 * MIB))
+    devices = MetalDevices(
+        esp_dir=esp,
+        meta=tmp_path / "meta",
+        partitions={A: tmp_path / "part-a", B: tmp_path / "part-b"},
+        efivars=tmp_path / "efivars",
+        staged_dir=tmp_path / "var/staged",
+    )
+    return MetalSlots(devices, booted)
+
+
+def _bundle(tmp_path: Path, keys: tuple[str, str], version: str, root: bytes) -> VerifiedBundle:
+    src = tmp_path / f"payload-{version}"
+    src.mkdir()
+    files = {
+        "kernel": b"kernel-" + version.encode(),
+        "initramfs": b"initrd",
+        "rootfs.squashfs": root,
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    out = tmp_path / f"{version}.tar"
+    create_bundle(
+        out, {n: src / n for n in files}, version, "default", "x86_64", load_signing_key(keys[0])
+    )
+    return verify_bundle(
+        out, [verification_key(keys[1])], "x86_64", required=required_payload("metal")
+    )
+
+
+def _install(slots: MetalSlots, bundle: VerifiedBundle) -> None:
+    """What Upgrader.install does."""
+    state = slots.load()
+    assert state is not None
+    outcome = apply(state, Install(bundle.version))
+    assert not outcome.refused and outcome.slot is not None
+    if state.slot(outcome.slot).version is not None:
+        slots.save(state.with_slot(Slot(outcome.slot)))
+    slots.write(outcome.slot, bundle)
+    slots.save(outcome.state)
+
+
+def _firmware_boot(tmp_path: Path, slots: MetalSlots) -> MetalSlots:
+    """systemd-boot: boot the first entry, counting a try; return the booted system's view."""
+    entries = slots.devices.esp_dir / "loader/entries"
+    first = loader_order(os.listdir(entries))[0]
+    entry = LoaderEntry.parse(first)
+    renamed = entry.next_name()
+    os.rename(entries / first, entries / renamed)
+    if entry.tries_left is not None:
+        _efivar(slots.devices.efivars, efivars.BOOT_COUNT_PATH, f"\\loader\\entries\\{renamed}")
+    else:
+        (slots.devices.efivars / f"{efivars.BOOT_COUNT_PATH}-{efivars.LOADER_GUID}").unlink(
+            missing_ok=True
+        )
+    slot = SlotName(renamed.split("-")[2])
+    return MetalSlots(slots.devices, slot)
+
+
+def test_upgrade_writes_the_other_slot_and_a_counted_entry_that_boots_first(
+    tmp_path: Path, keys: tuple[str, str]
+) -> None:
+    slots = _machine(tmp_path)
+    state = slots.load()
+    assert state is not None and state.a.health is SlotHealth.GOOD and state.b.version is None
+    root = os.urandom(300_000)
+    _install(slots, _bundle(tmp_path, keys, "0.2.0", root))
+    entries = sorted(os.listdir(tmp_path / "esp/loader/entries"))
+    assert entries == ["basalt-1-a-0.1.0.conf", "basalt-2-b-0.2.0+3.conf"]
+    assert loader_order(entries)[0] == "basalt-2-b-0.2.0+3.conf"
+    text = (tmp_path / "esp/loader/entries/basalt-2-b-0.2.0+3.conf").read_text()
+    assert text == entry_text("0.2.0", "b", OPTIONS)
+    assert "linux /EFI/basalt/B/vmlinuz" in text and text.endswith("basalt.slot=B\n")
+    assert entry_options(text) == OPTIONS
+    assert (tmp_path / "esp/EFI/basalt/B/vmlinuz").read_bytes() == b"kernel-0.2.0"
+    assert (tmp_path / "part-b").read_bytes()[: len(root)] == root
+    assert (tmp_path / "part-a").read_bytes() == bytes(2 * MIB)  # the running slot untouched
+    assert slots.meta.read().pending == PendingUpgrade(B, "0.2.0", 2)
+    assert not list((tmp_path / "esp").rglob(".*"))  # no temporary files left
+
+    # The firmware boots B on trial; its gates pass: the entry LoaderBootCountPath names
+    # is renamed without its counter.
+    booted = _firmware_boot(tmp_path, slots)
+    state = booted.load()
+    assert state is not None and state.booted is B and state.b.tries_left == 2
+    booted.save(apply(state, GatesPassed()).state)
+    assert sorted(os.listdir(tmp_path / "esp/loader/entries")) == [
+        "basalt-1-a-0.1.0.conf",
+        "basalt-2-b-0.2.0.conf",
+    ]
+    assert booted.meta.read().pending is None
+    again = _firmware_boot(tmp_path, booted)
+    assert again.booted is B  # the good, newest entry keeps booting
+
+
+def test_a_failing_slot_falls_back_with_its_reason_from_meta(
+    tmp_path: Path, keys: tuple[str, str]
+) -> None:
+    slots = _machine(tmp_path)
+    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"broken-root"))
+    current = slots
+    for _ in range(3):
+        current = _firmware_boot(tmp_path, current)
+        assert current.booted is B
+        state = current.load()
+        assert state is not None
+        current.save(apply(state, GatesTimedOut(20, ("broken",))).state)
+    fell_back = _firmware_boot(tmp_path, current)
+    assert fell_back.booted is A  # +0-3 sorts last: the previous entry boots
+    state = fell_back.load()
+    assert state is not None and state.b.health is SlotHealth.BAD
+    status = boot_status(state)
+    assert status is not None and status.fell_back_from == "b"
+    assert status.reason == (
+        "health gates did not pass within 20 s (waiting for broken); its 3 boot tries ran out"
+    )
+    # Rollback to the failed slot is refused; a new install replaces it.
+    assert apply(state, Rollback()).refused
+    _install(fell_back, _bundle(tmp_path, keys, "0.3.0", b"fixed-root"))
+    assert "basalt-3-b-0.3.0+3.conf" in os.listdir(tmp_path / "esp/loader/entries")
+
+
+def test_rollback_renames_both_entries_and_the_other_slot_boots(
+    tmp_path: Path, keys: tuple[str, str]
+) -> None:
+    slots = _machine(tmp_path)
+    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"root"))
+    on_b = _firmware_boot(tmp_path, slots)
+    state = on_b.load()
+    assert state is not None
+    on_b.save(apply(state, GatesPassed()).state)
+    state = on_b.load()
+    assert state is not None and on_b.missing(state.a) is None
+    outcome = apply(state, Rollback())
+    on_b.save(outcome.state)
+    assert sorted(os.listdir(tmp_path / "esp/loader/entries")) == [
+        "basalt-2-b-0.2.0.conf",
+        "basalt-3-a-0.1.0.conf",
+    ]
+    assert _firmware_boot(tmp_path, on_b).booted is A
+    (tmp_path / "esp/EFI/basalt/B/initrd.img").unlink()
+    assert on_b.missing(state.b) == "/EFI/basalt/B/initrd.img missing from the ESP"
+
+
+def test_a_bundle_changed_after_verification_leaves_the_slot_without_an_entry(
+    tmp_path: Path, keys: tuple[str, str]
+) -> None:
+    slots = _machine(tmp_path)
+    bundle = _bundle(tmp_path, keys, "0.2.0", b"R" * 5000)
+    with open(bundle.source, "r+b") as handle:  # flip a byte of the root, after verify
+        data = handle.read()
+        at = data.rindex(b"R" * 5000) + 100
+        handle.seek(at)
+        handle.write(b"X")
+    with pytest.raises(SlotWriteError, match=r"changed after it was verified: rootfs\.squashfs"):
+        _install(slots, bundle)
+    assert os.listdir(tmp_path / "esp/loader/entries") == ["basalt-1-a-0.1.0.conf"]
+
+
+def test_refusals_write_nothing(tmp_path: Path, keys: tuple[str, str]) -> None:
+    slots = _machine(tmp_path)
+    bundle = _bundle(tmp_path, keys, "0.2.0", b"r" * (2 * MIB + 1))
+    with pytest.raises(SlotWriteError, match=r"rootfs.squashfs is 2097153 bytes; partition"):
+        slots.write(B, bundle)
+    with pytest.raises(SlotWriteError, match="slot a is running"):
+        slots.write(A, bundle)
+    assert not (tmp_path / "esp/EFI/basalt/B").exists()
+    assert (tmp_path / "part-b").read_bytes() == bytes(2 * MIB)
+
+
+def test_a_tar_member_list_is_checked_while_writing(tmp_path: Path, keys: tuple[str, str]) -> None:
+    bundle = _bundle(tmp_path, keys, "0.2.0", b"root")
+    with tarfile.open(bundle.source) as tar:
+        assert tar.getnames()[:2] == ["manifest.json", "manifest.sig"]
