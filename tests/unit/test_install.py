@@ -278,3 +278,52 @@ def test_config_url_from_the_kernel_command_line(tmp_path: Path, server: str) ->
         apply.fetch_url("file:///etc/passwd")
     cmdline.write_text("quiet\n")
     assert apply.kernel_config_url(cmdline) == ""
+
+
+# -- install.extraKernelArgs ----------------------------------------------------------------------
+
+ENTRY = (
+    "title Basalt 0.1.0 (A)\nversion 0.1.0\nlinux /EFI/basalt/A/vmlinuz\n"
+    "initrd /EFI/basalt/A/initrd.img\noptions console=ttyS0 quiet basalt.slot=A\n"
+)
+
+
+def test_extra_kernel_args_go_before_the_slot_once() -> None:
+    from basalt.machined.install_entries import EntryEditError, with_kernel_args
+
+    args = ("console=tty0", "printk.devkmsg=on")
+    edited = with_kernel_args(ENTRY, args)
+    assert edited.splitlines()[-1] == (
+        "options console=ttyS0 quiet console=tty0 printk.devkmsg=on basalt.slot=A"
+    )
+    assert edited.splitlines()[:-1] == ENTRY.splitlines()[:-1]
+    assert with_kernel_args(edited, args) == edited  # an install run again adds nothing
+    assert with_kernel_args(ENTRY, ()) == ENTRY
+    with pytest.raises(EntryEditError, match="no options line"):
+        with_kernel_args("title x\n", args)
+
+
+def test_every_basalt_entry_on_the_esp_is_edited(tmp_path: Path) -> None:
+    from basalt.machined.install_entries import EntryEditError, edit_entries
+
+    with pytest.raises(EntryEditError, match="no Basalt boot entry"):
+        edit_entries(tmp_path, ("quiet",))
+    entries = tmp_path / "loader" / "entries"
+    entries.mkdir(parents=True)
+    (entries / "basalt-1-a-0.1.0.conf").write_text(ENTRY)
+    (entries / "other.conf").write_text("options untouched\n")
+    assert edit_entries(tmp_path, ("net.ifnames=0",)) == ["basalt-1-a-0.1.0.conf"]
+    text = (entries / "basalt-1-a-0.1.0.conf").read_text()
+    assert "options console=ttyS0 quiet net.ifnames=0 basalt.slot=A\n" in text
+    assert (entries / "other.conf").read_text() == "options untouched\n"
+    assert sorted(p.name for p in entries.iterdir()) == ["basalt-1-a-0.1.0.conf", "other.conf"]
+
+
+def test_the_plan_carries_the_extra_kernel_args(tmp_path: Path) -> None:
+    disk = tmp_path / "vda"
+    _image(disk, DISK)
+    plan = install.plan_install(
+        str(disk), False, str(disk), layout=LAYOUT, block_devices_only=False,
+        kernel_args=("quiet",),
+    )  # fmt: skip
+    assert plan.kernel_args == ("quiet",)

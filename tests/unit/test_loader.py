@@ -602,13 +602,18 @@ def test_sysctl_key_problem_quotes_the_key_in_the_path() -> None:
 def test_install_disk_must_be_a_device() -> None:
     def change(machine: dict[str, Any]) -> None:
         machine["install"]["disk"] = "/var/disk.img"
-        machine["install"]["extraKernelArgs"] = ["console=ttyS0", "two args"]
+        machine["install"]["extraKernelArgs"] = ["console=ttyS0", "two args", "basalt.slot=B"]
 
     found = problems(edited(change, "MachineConfig"))
     assert [(p.where, p.message) for p in found] == [
         ("MachineConfig.install.disk", "'/var/disk.img' is not a device path"),
         ("MachineConfig.install.extraKernelArgs[1]", "'two args' is not one kernel argument"),
+        (
+            "MachineConfig.install.extraKernelArgs[2]",
+            "'basalt.slot=B' is set by the image's boot path",
+        ),
     ]
+    assert "basalt.slot" in (found[2].hint or "")
 
 
 # -- all problems at once -----------------------------------------------------------------------

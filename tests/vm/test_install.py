@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +33,9 @@ pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 240.0
 INSTALL_TIMEOUT = 240.0
 DISK_SIZE = "4G"
+API = "basalt.dev/v1alpha1"
+#: install.extraKernelArgs of the installed node: a real one and a marker.
+EXTRA = ["printk.devkmsg=on", "basalt.test=installed"]
 
 
 def _overlay(image_dir: Path, path: Path) -> Path:
@@ -106,9 +110,11 @@ def installed(
     work = tmp_path_factory.mktemp("install")
     disk = _overlay(image_dir, work / "node.qcow2")
     out = work / "config"
+    patch = {"apiVersion": API, "kind": "MachineConfig", "install": {"extraKernelArgs": EXTRA}}
     _ctl(
         *("gen", "config", "vm", f"https://{GUEST_ADDRESS}:6443", "-o", str(out)),
         *("--install-disk", "/dev/vda", "--additional-sans", "127.0.0.1"),
+        *("--config-patch", json.dumps(patch)),
     )
     _, context = load_client_config(out / "basaltconfig").current()
     vm = Vm.boot_disk(disk, work, name="console-1")
@@ -157,6 +163,17 @@ def test_install_reboots_into_the_installed_system(installed: Installed) -> None
     (info,) = installed.call("Version").messages
     assert (info.mode, info.machine_type) == ("normal", "controlplane")
     assert "mounted /dev/vda2 read-only" in installed.vm.console_text()
+
+
+def test_extra_kernel_args_are_in_the_installed_boot_entry(installed: Installed) -> None:
+    """install.extraKernelArgs went into the entry on the ESP: the installed kernel got
+    them after the image's own, before basalt.slot= (the image's entry has neither)."""
+    cmdline = installed.ctl("read", "/proc/cmdline").split()
+    assert cmdline[-3:] == [*EXTRA, "basalt.slot=A"], cmdline
+    assert (
+        "kernel arguments printk.devkmsg=on basalt.test=installed added to basalt-"
+        in (installed.consoles[0])
+    )
 
 
 def test_state_and_ephemeral_are_ext4_partitions(installed: Installed) -> None:
@@ -254,3 +271,68 @@ def test_basalt_config_url_installs_without_the_api(
         assert f"config fetched from {url}/node.yaml" in node.consoles[0]
     finally:
         node.vm.stop()
+
+
+def _esp_entries(disk: Path) -> dict[str, str]:
+    """The boot entries on the ESP of a raw disk (EFI starts at 1 MiB), by name."""
+    esp = f"{disk}@@{1024 * 1024}"
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", esp, "::/loader/entries"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    entries = {}
+    for path in listing:
+        entry = "::" + path.removeprefix("::")
+        entries[entry.rsplit("/", 1)[-1]] = subprocess.run(
+            ["mtype", "-i", esp, entry], capture_output=True, text=True, check=True
+        ).stdout
+    return entries
+
+
+def test_install_to_a_second_disk_writes_the_kernel_args_there(
+    image_dir: Path, tmp_path: Path, timings: Timings
+) -> None:
+    """Booted from the image, installing to a blank second disk (/dev/vdb): the image is
+    copied there and install.extraKernelArgs go into the copy's boot entry (its ESP is
+    written through a loop device: the kernel does not know the new partitions yet)."""
+    from basalt.machinery.disk import gpt
+
+    boot = _overlay(image_dir, tmp_path / "boot.qcow2")
+    second = tmp_path / "second.raw"
+    with second.open("wb") as stream:
+        stream.truncate(2 * 1024**3)
+    out = tmp_path / "config"
+    patch = {"apiVersion": API, "kind": "MachineConfig", "install": {"extraKernelArgs": EXTRA}}
+    _ctl(
+        *("gen", "config", "vm", f"https://{GUEST_ADDRESS}:6443", "-o", str(out)),
+        *("--install-disk", "/dev/vdb", "--config-patch", json.dumps(patch)),
+    )
+    drive = ("-drive", f"file={second},format=raw,if=none,id=d1")
+    vm = Vm.boot_disk(boot, tmp_path, extra_args=(*drive, "-device", "virtio-blk-pci,drive=d1"))
+    try:
+        vm.wait(
+            lambda: call(vm.endpoint, "Version", _empty(), timeout=5),
+            BOOT_TIMEOUT,
+            "maintenance API (two disks)",
+        )
+        started = time.monotonic()
+        applied = _apply(vm.endpoint, out / "controlplane.yaml")
+        assert applied.returncode == 0, applied.stdout + applied.stderr + vm.console_tail()
+        assert "installed to /dev/vdb" in applied.stdout
+        assert vm.process.wait(timeout=INSTALL_TIMEOUT) == 0, vm.console_tail()
+        timings.record("uefi: apply-config to a second disk -> reboot", time.monotonic() - started)
+    finally:
+        vm.stop()
+    fd = os.open(second, os.O_RDONLY)
+    try:
+        table = gpt.read(fd)
+    finally:
+        os.close(fd)
+    assert [p.name for p in table.partitions] == [
+        "EFI", "BASALT-A", "BASALT-B", "META", "STATE", "EPHEMERAL",
+    ]  # fmt: skip
+    (entry,) = _esp_entries(second).values()
+    options = next(line for line in entry.splitlines() if line.startswith("options "))
+    assert options.split()[-3:] == [*EXTRA, "basalt.slot=A"], entry
+    assert "kernel arguments printk.devkmsg=on basalt.test=installed added to" in (
+        vm.console_text()
+    )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -166,6 +167,8 @@ class Plan:
     #: Partitions whose first MiB is zeroed: case (b) only (META, BASALT-B).
     clears: tuple[gpt.Partition, ...] = ()
     wipe: bool = False
+    #: ``install.extraKernelArgs``, added to the boot entries on the target's ESP.
+    kernel_args: tuple[str, ...] = ()
 
     @property
     def same_disk(self) -> bool:
@@ -211,6 +214,7 @@ def plan_install(
     *,
     layout: Layout = LAYOUT,
     block_devices_only: bool = True,
+    kernel_args: tuple[str, ...] = (),
 ) -> Plan:
     """Check ``install.disk`` against this node's disks; raise :class:`InstallError`
     naming what is wrong, having written nothing. ``source`` is the boot disk."""
@@ -267,7 +271,8 @@ def plan_install(
                 hint="set install.wipe: true to format STATE and EPHEMERAL again "
                 "(the stored config and node identity are lost)",
             )
-        return Plan(target, source, _with_state(layout, base, sectors, disk), wipe=wipe)
+        table = _with_state(layout, base, sectors, disk)
+        return Plan(target, source, table, wipe=wipe, kernel_args=kernel_args)
     if signature and not wipe:
         existing = _table(target)
         what = (
@@ -286,7 +291,7 @@ def plan_install(
     pairs = zip(base.partitions, fresh.partitions, strict=True)
     copies = tuple((old, new) for old, new in pairs if new.name in (EFI, slot_partition("A")))
     clears = tuple(p for p in fresh.partitions if p.name in (META, slot_partition("B")))
-    return Plan(target, source, table, copies, clears, wipe)
+    return Plan(target, source, table, copies, clears, wipe, kernel_args)
 
 
 def _with_state(layout: Layout, base: gpt.Table, sectors: int, disk: str) -> gpt.Table:
@@ -398,11 +403,42 @@ def execute(plan: Plan, config: str, workdir: Path, *, mke2fs: str = MKE2FS) -> 
             _place(image, target, part)
             image.unlink()
         os.fsync(target)
+        if plan.kernel_args:  # through another device: the copies above are synced
+            _add_kernel_args(plan, workdir / "install-esp")
         gpt.write(target, plan.table)  # the commit point: backup copy, fsync, primary, fsync
     finally:
         os.close(target)
         shutil.rmtree(work, ignore_errors=True)
     log.info("installed: %s", plan.describe())
+
+
+def _add_kernel_args(plan: Plan, mountpoint: Path) -> None:
+    """``install.extraKernelArgs`` into the boot entries on the target's ESP (mounted
+    through its partition on the boot disk, through a loop device on another disk)."""
+    from .install_entries import EntryEditError, edit_entries, mounted_esp
+    from .sys.loop import LoopError
+    from .sys.mount import MountError
+
+    esp = plan.table.find(EFI)
+    assert esp is not None
+    if plan.same_disk:
+        disk = os.path.basename(plan.target)
+        found = [p.device for p in block_partitions() if p.disk == disk and p.name == EFI]
+        if not found:
+            raise InstallError(f"{plan.target} has no partition named {EFI} the kernel knows")
+        where = mounted_esp(f"/dev/{found[0]}", mountpoint)
+    else:
+        where = mounted_esp(plan.target, mountpoint, offset=esp.offset, size=esp.size)
+    try:
+        with where as root:
+            names = edit_entries(root, plan.kernel_args)
+    except EntryEditError as exc:
+        raise InstallError(f"MachineConfig.install.extraKernelArgs: {exc}", hint=exc.hint) from None
+    except (LoopError, MountError, OSError) as exc:
+        raise InstallError(
+            f"MachineConfig.install.extraKernelArgs: the ESP of {plan.target}: {exc}"
+        ) from None
+    log.info("kernel arguments %s added to %s", " ".join(plan.kernel_args), ", ".join(names))
 
 
 def installed_devices(sys_block: Path = SYS_BLOCK) -> tuple[str | None, str | None]:
@@ -430,9 +466,12 @@ async def install_first_config(node: Node, bundle: ConfigBundle, source: str) ->
         raise InstallError("an install is running or done already; wait for the reboot")
     machine = bundle.first(MachineConfig)
     disk, wipe = (machine.install.disk, machine.install.wipe) if machine else (None, False)
+    kernel_args = tuple(machine.install.extra_kernel_args) if machine else ()
     platform.installing = True
     try:
-        plan = await asyncio.to_thread(plan_install, disk, wipe, source)
+        plan = await asyncio.to_thread(
+            functools.partial(plan_install, disk, wipe, source, kernel_args=kernel_args)
+        )
         node.events.publish("install", f"installing to {plan.describe()}", actor="apply-config")
         workdir = platform.system_root / "run" / "basalt"
         workdir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from basalt.machinery.errors import BasaltError
 
-__all__ = ["Attached", "LoopError", "attach_read_only", "loop_config"]
+__all__ = ["Attached", "LoopError", "attach", "attach_read_only", "loop_config"]
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
@@ -35,9 +35,19 @@ class LoopError(BasaltError):
     """A file could not be attached to a loop device (no loop driver, no free device)."""
 
 
-def loop_config(fd: int, name: str, flags: int = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR) -> bytes:
-    """The ``struct loop_config`` bytes attaching ``fd`` (its name shown in sysfs)."""
-    info = _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, flags, name.encode()[:63], b"", b"", 0, 0)
+def loop_config(
+    fd: int,
+    name: str,
+    flags: int = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+    *,
+    offset: int = 0,
+    size_limit: int = 0,
+) -> bytes:
+    """The ``struct loop_config`` bytes attaching ``fd`` (its name shown in sysfs), from
+    byte ``offset`` for ``size_limit`` bytes (0: to the end)."""
+    info = _LOOP_INFO64.pack(
+        0, 0, 0, offset, size_limit, 0, 0, 0, flags, name.encode()[:63], b"", b"", 0, 0
+    )
     return _LOOP_CONFIG_HEAD.pack(fd, 0) + info + b"\0" * _RESERVED
 
 
@@ -63,6 +73,21 @@ class Attached:
 def attach_read_only(path: Path, dev: Path = Path("/dev")) -> Attached:
     """Attach ``path`` to a free loop device read-only. Mount it, then close the result
     (autoclear detaches a device nothing holds)."""
+    return attach(path, dev=dev)
+
+
+def attach(
+    path: Path,
+    *,
+    read_only: bool = True,
+    offset: int = 0,
+    size_limit: int = 0,
+    dev: Path = Path("/dev"),
+) -> Attached:
+    """Attach ``path`` (from byte ``offset``, ``size_limit`` bytes; 0: to its end) to a
+    free loop device, with autoclear. Mount it, then close the result."""
+    flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
+    mode = os.O_RDONLY if read_only else os.O_RDWR
     control = dev / "loop-control"
     try:
         control_fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
@@ -70,15 +95,20 @@ def attach_read_only(path: Path, dev: Path = Path("/dev")) -> Attached:
         raise LoopError(
             f"cannot open {control}: {exc.strerror}", hint="is the loop kernel module loaded?"
         ) from None
-    backing = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        backing = os.open(path, mode | os.O_CLOEXEC)
+    except OSError as exc:
+        os.close(control_fd)
+        raise LoopError(f"cannot open {path}: {exc.strerror}") from None
     try:
         for _ in range(_ATTEMPTS):  # another process may take the free device first
             index = fcntl.ioctl(control_fd, LOOP_CTL_GET_FREE)
             device = dev / f"loop{index}"
             _wait_for(device)
-            loop_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            loop_fd = os.open(device, mode | os.O_CLOEXEC)
+            config = loop_config(backing, str(path), flags, offset=offset, size_limit=size_limit)
             try:
-                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, loop_config(backing, str(path)))
+                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
             except OSError as exc:
                 os.close(loop_fd)
                 if exc.errno != errno.EBUSY:

@@ -178,8 +178,15 @@ def _env_name(value: str) -> str:
 
 
 def _kernel_arg(value: str) -> str:
-    if not value or any(c.isspace() for c in value):
+    from ..schematic import RESERVED_KERNEL_ARGS
+
+    if not value or any(c.isspace() for c in value) or not value.isprintable():
         raise invalid(f"{value!r} is not one kernel argument", "give each argument as its own item")
+    if value.partition("=")[0] in RESERVED_KERNEL_ARGS:
+        raise invalid(
+            f"{value!r} is set by the image's boot path",
+            f"remove it: {', '.join(RESERVED_KERNEL_ARGS)} cannot be given here",
+        )
     return value
 
 

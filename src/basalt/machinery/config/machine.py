@@ -65,9 +65,19 @@ class InstallSpec(Model):
         default=None, description="Block device to install to, e.g. `/dev/vda`. Required on metal."
     )
     image: str = Field(description="The system image reference to install.")
-    wipe: bool = Field(default=False, description="Zero the whole disk before partitioning.")
+    wipe: bool = Field(
+        default=False,
+        description="Install even when `disk` is not blank: another disk's partition table "
+        "and first and last MiB are overwritten; on the boot disk, STATE and EPHEMERAL are "
+        "formatted again (the stored config and node identity are lost). The rest of the "
+        "disk is not zeroed. Without it, such a disk is refused and left unchanged.",
+    )
     extra_kernel_args: list[KernelArg] = Field(
-        default_factory=list, description="Extra kernel command-line arguments, one per item."
+        default_factory=list,
+        description="Extra kernel command-line arguments, one per item, appended to the "
+        "installed boot entry's options after the image's own (the last value wins). Read "
+        "at install only; `basalt.root`, `basalt.slot`, `basalt.schematic`, `init` and "
+        "`rdinit` belong to the boot path and are refused.",
     )
 
 
