@@ -382,6 +382,11 @@ def test_metal_node_as_pid_1_gets_dhcp_serves_maintenance_applies_config_and_reb
     """machined --platform metal as PID 1 of its own namespaces: the whole first boot."""
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
+    # The image's schematic record, as the initramfs leaves it (docs/adr/0012).
+    schematic_id = "5c" * 32
+    extensions = root / "usr" / "lib" / "basalt" / "extensions"
+    extensions.mkdir(parents=True)
+    (extensions / "schematic.json").write_text(json.dumps({"id": schematic_id}))
     console, log = tmp_path / "console", tmp_path / "machined.log"
     console.touch()
     script = f'mount --bind {console} /dev/console && exec "$@"'
@@ -422,6 +427,7 @@ def test_metal_node_as_pid_1_gets_dhcp_serves_maintenance_applies_config_and_reb
         address = dnsmasq.leased()
         version = eventually("version", "--insecure", "-n", address, want="maintenance mode")
         assert "Platform: metal" in version
+        assert f"Schematic: {schematic_id}" in version  # the Version RPC carries it
         # A control-plane config for this node, applied over the insecure maintenance API.
         gen = tmp_path / "gen"
         gen.mkdir()

@@ -155,13 +155,16 @@ def test_a_missing_install_disk_is_refused_and_nothing_is_written(installed: Ins
     assert installed.untouched == []  # not one cluster written to the disk
 
 
-def test_install_reboots_into_the_installed_system(installed: Installed) -> None:
+def test_install_reboots_into_the_installed_system(installed: Installed, image_dir: Path) -> None:
     assert "installed to /dev/vda" in installed.applied
     first = installed.consoles[0]
     assert "installed: /dev/vda: EFI 128 MiB, BASALT-A 192 MiB" in first
     assert "installed to /dev/vda; rebooting into the installed system" in first
     (info,) = installed.call("Version").messages
     assert (info.mode, info.machine_type) == ("normal", "controlplane")
+    schematic = json.loads((image_dir / "image.json").read_text())["schematic"]["id"]
+    assert info.schematic == schematic  # the image's (here: the empty schematic's) id
+    assert f"Schematic: {schematic}" in installed.ctl("version")
     assert "mounted /dev/vda2 read-only" in installed.vm.console_text()
 
 

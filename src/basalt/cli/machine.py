@@ -41,6 +41,8 @@ def version(
         for item in failures.keep(answer.messages):
             print(f"Node {item.metadata.node}: basalt {item.tag} ({item.mode} mode)")
             print(f"  Platform: {item.platform}/{item.arch}  Python: {item.python}")
+            if item.schematic:
+                print(f"  Schematic: {item.schematic}")
             if item.machine_type:
                 print(f"  Type: {item.machine_type}  Hostname: {item.hostname}")
 

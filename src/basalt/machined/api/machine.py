@@ -60,6 +60,7 @@ class MachineServicer(
             mode="maintenance" if node.maintenance else "normal",
             machine_type=machine.type if machine else "",
             hostname=node.hostname,
+            schematic=_schematic_id(node),
         )
         return machine_pb2.VersionResponse(messages=[info])
 
@@ -413,3 +414,14 @@ def _container_log(node: Node, log_id: str) -> Any:
             f"no log {log_id!r} on this node (the last container runs' logs are kept)"
         )
     return found
+
+
+def _schematic_id(node: Node) -> str:
+    """The image's schematic id, as the Versions resource has it (read from the image
+    before the version controller first ran)."""
+    found = node.store.get("Versions", "version")
+    if found is not None:
+        return str(getattr(found.spec, "schematic", ""))
+    from ..extensions import schematic_record
+
+    return str(schematic_record(node.platform.system_root).get("id", ""))

@@ -87,6 +87,7 @@ class VersionInfo(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     MACHINE_TYPE_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    SCHEMATIC_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     python: _builtins.str
     platform: _builtins.str
@@ -95,6 +96,10 @@ class VersionInfo(_message.Message):
     """"maintenance" before a config is applied, "normal" afterwards."""
     machine_type: _builtins.str
     hostname: _builtins.str
+    schematic: _builtins.str
+    """The image's schematic id (sha256 of its canonical form, docs/adr/0012); empty when
+    the node runs no image (container mode).
+    """
     @_builtins.property
     def metadata(self) -> _common_pb2.Metadata: ...
     def __init__(
@@ -108,10 +113,11 @@ class VersionInfo(_message.Message):
         mode: _builtins.str = ...,
         machine_type: _builtins.str = ...,
         hostname: _builtins.str = ...,
+        schematic: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "hostname", b"hostname", "machine_type", b"machine_type", "metadata", b"metadata", "mode", b"mode", "platform", b"platform", "python", b"python", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "hostname", b"hostname", "machine_type", b"machine_type", "metadata", b"metadata", "mode", b"mode", "platform", b"platform", "python", b"python", "schematic", b"schematic", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
