@@ -266,6 +266,7 @@ def basalt_stamps(console: str) -> dict[str, float]:
         "machined": "PID 1: machined",
         "api": "API listening",
         "dhcp": "DHCP lease",
+        "address": "DHCP address",
     }
     stamps: dict[str, float] = {}
     for uptime, _who, message in STAMP.findall(console):
@@ -421,6 +422,8 @@ def report(
     print(f"  machined exec -> API socket open (start-up)     {spread(derived('exec', 'api'))}")
     print(f"  kernel -> API socket open (uptime)              {spread(derived('api'))}")
     print(f"  kernel -> DHCP lease (uptime; no answer before) {spread(derived('dhcp'))}")
+    print(f"  kernel -> DHCP address on the link (uptime)     {spread(derived('address'))}")
+    print(f"  API socket open -> DHCP address on the link     {spread(derived('api', 'address'))}")
     rss_text = f"{statistics.median(rss):.1f} MiB" if rss else "n/a (no 'API open' line)"
     print(f"  machined RSS when the API opened                {rss_text}")
     root_ok = "meets" if root_mb <= TARGET_ROOT_MB else "MISSES"

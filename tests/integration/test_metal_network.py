@@ -428,6 +428,11 @@ def test_metal_node_as_pid_1_gets_dhcp_serves_maintenance_applies_config_and_reb
         version = eventually("version", "--insecure", "-n", address, want="maintenance mode")
         assert "Platform: metal" in version
         assert f"Schematic: {schematic_id}" in version  # the Version RPC carries it
+        # DHCP started while the maintenance API opened; netlink (pyroute2) waited for it.
+        text = log.read_text()
+        listening = text.index("API listening")
+        assert text.index("eth0: DHCPv4 started") < listening, text
+        assert text.index(f"eth0: DHCP address {address}/") > listening, text
         # A control-plane config for this node, applied over the insecure maintenance API.
         gen = tmp_path / "gen"
         gen.mkdir()

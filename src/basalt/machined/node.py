@@ -70,6 +70,10 @@ class Node:
         self.engine: ControllerEngine | None = None
         self.trial: TrialState | None = None
         self.config_arrived = asyncio.Event()
+        #: Cleared while the boot's maintenance API may still be opening: the network
+        #: controller then holds back its slow pyroute2 import (DHCP itself starts).
+        self.api_first = asyncio.Event()
+        self.api_first.set()
         self.exit_code: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.started = time.time()
         self.api: Any = None

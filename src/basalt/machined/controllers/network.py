@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 #: Routes learnt by DHCP; a static default route (metric 1024 too) replaces it.
 DHCP_METRIC = 1024
 _WAIT_LOG_INTERVAL = 10.0
+#: The longest the network waits for the maintenance API to open before using netlink.
+_API_FIRST_TIMEOUT = 30.0
 
 
 class NetworkConfigError(BasaltError):
@@ -114,6 +116,7 @@ class NetworkController(Controller):
         self._applied: dict[str, _Applied] = {}
         self._clients: dict[str, asyncio.Task[None]] = {}
         self._static_order: list[str] = []
+        self._first_run = True
 
     # -- reconcile ----------------------------------------------------------------------------
     async def reconcile(self, store: ResourceStore) -> None:
@@ -121,6 +124,11 @@ class NetworkController(Controller):
             return
         config = self.node.config
         wanted = config.all(LinkConfig) if config is not None else []
+        if self._first_run:
+            self._first_run = False
+            if not wanted and not self.node.api_first.is_set():
+                self._start_dhcp_early()
+        await self._netlink_allowed()
         links = {link.name: link for link in await netlink.links()}
         for link in links.values():
             if link.loopback and not link.up:
@@ -174,6 +182,37 @@ class NetworkController(Controller):
             for address in applied.addresses:
                 await netlink.delete_address(applied.index, address)
 
+    # -- the first boot: DHCP while the API opens ---------------------------------------------
+    def _start_dhcp_early(self) -> None:
+        """Start DHCP on the default link from sysfs and an ioctl, without pyroute2.
+
+        Importing pyroute2 takes seconds under TCG, and a thread importing it competes
+        for the GIL with the maintenance API's start. So at boot the DHCP exchange (small
+        and mostly waiting) starts at once, and netlink waits until the API listens
+        (:meth:`_netlink_allowed`); the first reconcile then keeps this client when
+        netlink picks the same link, and replaces it otherwise.
+        """
+        from ..sys import ifaces
+
+        root = self.node.platform.system_root
+        link = default_dhcp_link(ifaces.sysfs_links(root / "sys" / "class" / "net"))
+        if link is None:
+            return
+        try:
+            if not link.up:
+                ifaces.set_up(link.name)
+        except BasaltError as exc:
+            log.info("%s: DHCPv4 waits for netlink: %s", link.name, exc)
+            return
+        self._start_client(link)
+
+    async def _netlink_allowed(self) -> None:
+        """Wait while the boot's maintenance API is still opening (at most a while)."""
+        gate = self.node.api_first
+        if not gate.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gate.wait(), _API_FIRST_TIMEOUT)
+
     # -- DHCP ---------------------------------------------------------------------------------
     def _dhcp_links(self, wanted: list[LinkConfig], links: dict[str, netlink.Link]) -> set[str]:
         if wanted:
@@ -194,13 +233,15 @@ class NetworkController(Controller):
             link = links[name]
             if not link.up:
                 await netlink.set_link(link.index, up=True)
-            client = DhcpClient(
-                name, link.mac, hostname=self.node.hostname, timing=self.dhcp_timing
-            )
-            self._clients[name] = self.node.background(
-                self._keep_lease(client, link.index), name=f"dhcp:{name}"
-            )
-            log.info("%s: DHCPv4 started", name)
+            self._start_client(link)
+
+    def _start_client(self, link: netlink.Link) -> None:
+        hostname, timing = self.node.hostname, self.dhcp_timing
+        client = DhcpClient(link.name, link.mac, hostname=hostname, timing=timing)
+        self._clients[link.name] = self.node.background(
+            self._keep_lease(client, link.index), name=f"dhcp:{link.name}"
+        )
+        log.info("%s: DHCPv4 started", link.name)
 
     async def _keep_lease(self, client: DhcpClient, index: int) -> None:
         name = client.ifname
@@ -214,6 +255,7 @@ class NetworkController(Controller):
         await client.run(bound, lost)
 
     async def _lease_bound(self, name: str, index: int, lease: Lease) -> None:
+        await self._netlink_allowed()
         previous = dict(self.leases.items()).get(name)
         if previous is not None and previous.address != lease.address:
             await self._lease_lost(name, index, previous)
@@ -231,6 +273,7 @@ class NetworkController(Controller):
                 str(network), via, index, metric=DHCP_METRIC, protocol=netlink.PROTO_DHCP
             )
         if previous is None or previous.address != lease.address:
+            log.info("%s: DHCP address %s applied", name, lease.address)
             self.node.events.publish(
                 "network",
                 f"{name}: DHCP lease {lease.address} from {lease.server}",

@@ -42,6 +42,8 @@ async def prepare_paths(node: Node, request: Any) -> None:
 async def start_controllers(node: Node, request: Any) -> None:
     from ..controllers import start_engine
 
+    if node.platform.mode.manages_network and node.configs.committed() is None:
+        node.api_first.clear()  # a maintenance API comes: the network waits for it to open
     start_engine(node)
 
 
@@ -63,6 +65,8 @@ async def load_config(node: Node, request: Any) -> None:
         # Never lose the stored config: keep the file, wait in maintenance for a new one.
         node.events.publish("config", f"stored config is unusable: {exc}", actor="boot")
         log.error("stored config is unusable, entering maintenance mode: %s", exc)
+        return
+    node.api_first.set()  # no maintenance API: the network goes first
 
 
 def no_config(node: Node, request: Any) -> bool:
@@ -89,7 +93,10 @@ async def maintenance(node: Node, request: Any) -> None:
     from ..apply import start_config_fetch
 
     server = ApiServer(node, maintenance=True)
-    await server.start()
+    try:
+        await server.start()
+    finally:
+        node.api_first.set()  # the network may import what it needs now
     fetch = start_config_fetch(node)  # basalt.config=URL on the kernel command line
     try:
         await node.config_arrived.wait()
