@@ -296,3 +296,29 @@ def test_a_tar_member_list_is_checked_while_writing(tmp_path: Path, keys: tuple[
     bundle = _bundle(tmp_path, keys, "0.2.0", b"root")
     with tarfile.open(bundle.source) as tar:
         assert tar.getnames()[:2] == ["manifest.json", "manifest.sig"]
+
+
+def test_a_torn_rename_leaves_two_names_and_the_loader_s_first_one_counts(
+    tmp_path: Path, keys: tuple[str, str]
+) -> None:
+    slots = _machine(tmp_path)
+    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"root"))
+    entries = tmp_path / "esp/loader/entries"
+    text = (entries / "basalt-2-b-0.2.0+3.conf").read_text()
+    (entries / "basalt-2-b-0.2.0+2-1.conf").write_text(text)  # the firmware's rename, torn
+    state = MetalSlots(slots.devices, B).load()
+    assert state is not None and (state.b.tries_left, state.b.tries_done) == (3, 0)
+    with pytest.raises(SlotWriteError, match=r"slot b still has a boot entry \(basalt-2-b"):
+        slots.write(B, _bundle(tmp_path, keys, "0.3.0", b"root3"))
+
+
+def test_a_staged_bundle_waits_on_ephemeral(tmp_path: Path, keys: tuple[str, str]) -> None:
+    slots = _machine(tmp_path)
+    bundle = _bundle(tmp_path, keys, "0.2.0", b"root")
+    assert slots.staged() is None
+    slots.stage(bundle.source)
+    staged = slots.staged()
+    assert staged is not None and staged.read_bytes() == bundle.source.read_bytes()
+    assert staged.parent == tmp_path / "var/staged"
+    slots.clear_staged()
+    assert slots.staged() is None

@@ -43,7 +43,7 @@ from basalt.machinery.images import (
 
 from .assessment import BootState, Slot, SlotHealth, SlotName
 from .codecs import EntryChange, entry_changes, state_from_entries
-from .entries import BasaltEntry
+from .entries import BasaltEntry, loader_order
 from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, copy_hashed, entry_options, entry_text
 from .esp import slot_dir as esp_slot_dir
 from .meta import Meta, MetaRecord, PendingUpgrade
@@ -103,7 +103,7 @@ class MetalSlots:
 
     # -- the boot state ----------------------------------------------------------------------
     def _state(self, esp: Esp, record: MetaRecord) -> BootState | None:
-        names = esp.entries()
+        names = _one_per_slot(esp.entries())
         if not names:
             return None
         return state_from_entries(names, self.booted, record.reasons)
@@ -217,8 +217,14 @@ class MetalSlots:
         changed = f"{bundle.source} changed after it was verified"
         seen: set[str] = set()
         with self.esp() as esp:
-            if any(BasaltEntry.parse(n).slot == name.value for n in esp.entries()):
-                raise SlotWriteError(f"slot {name} still has a boot entry: remove it first")
+            left = [n for n in esp.entries() if BasaltEntry.parse(n).slot == name.value]
+            if left:
+                raise SlotWriteError(
+                    f"slot {name} still has a boot entry ({', '.join(left)}): it must be "
+                    "removed before the slot is written",
+                    hint="an interrupted rename can leave a second name for one entry; "
+                    "remove it from loader/entries on the ESP",
+                )
             with open(bundle.source, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
                 for member in tar:
                     if member.name in (MANIFEST_NAME, SIGNATURE_NAME):
@@ -263,6 +269,26 @@ class MetalSlots:
 
     def clear_staged(self) -> None:
         shutil.rmtree(self.devices.staged_dir, ignore_errors=True)
+
+
+def _one_per_slot(names: list[str]) -> list[str]:
+    """One entry per slot. A power cut in the middle of a FAT rename can leave the old and
+    the new name (one file under two names, sharing clusters): systemd-boot boots the
+    first in its order, so that one is the slot's state. The other is left alone, since
+    deleting either name would free clusters the survivor still uses."""
+    by_slot: dict[str, list[str]] = {}
+    for name in loader_order(names):
+        by_slot.setdefault(BasaltEntry.parse(name).slot, []).append(name)
+    for slot, found in by_slot.items():
+        if len(found) > 1:
+            log.warning(
+                "slot %s has %d boot entries (%s): an interrupted rename; using %s",
+                slot,
+                len(found),
+                ", ".join(found),
+                found[0],
+            )
+    return sorted(found[0] for found in by_slot.values())
 
 
 def _fsync_dir(path: Path) -> None:
