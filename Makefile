@@ -7,8 +7,10 @@ PYTEST_ARGS ?=
 
 ETCD_PACKAGES := etcd-server etcd-client
 # Host tools of image builds and VM tests: squashfs, initramfs compression, the ESP
-# (mkfs.fat + mtools), qcow2 (qemu-img), QEMU with OVMF, and sgdisk for the GPT tests.
-IMAGE_PACKAGES := squashfs-tools zstd dosfstools mtools qemu-utils qemu-system-x86 ovmf gdisk
+# (mkfs.fat + mtools), qcow2 (qemu-img), QEMU with OVMF, sgdisk for the GPT tests, and
+# strip (binutils) for wheels' unstripped extension modules.
+IMAGE_PACKAGES := squashfs-tools zstd dosfstools mtools qemu-utils qemu-system-x86 ovmf gdisk \
+                  binutils
 POLICY_RC_D   := /usr/sbin/policy-rc.d
 
 # Control planes run Debian's etcd. Installed only when etcd or etcdctl is missing, and

@@ -284,3 +284,26 @@ def test_a_bad_signing_key_stops_the_build_before_any_work(tmp_path: Path) -> No
     assert bundle_architecture("linux-image-6.1.0-27-cloud-arm64") == "aarch64"
     with pytest.raises(ImageError, match="names no known architecture"):
         bundle_architecture("linux-image-6.1.0-27-cloud-mips")
+
+
+@pytest.mark.skipif(shutil.which("strip") is None, reason="binutils not installed")
+def test_unstripped_wheel_modules_lose_their_symbol_tables_only(tmp_path: Path) -> None:
+    import yaml._yaml
+
+    from basalt.imager.elf import section
+    from basalt.imager.rootfs import _strip
+
+    original = Path(yaml._yaml.__file__)
+    if section(original.read_bytes(), ".symtab") is None:
+        pytest.skip("this PyYAML wheel ships its extension stripped")
+    copy = tmp_path / "site" / "yaml" / original.name
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(original, copy)
+    (tmp_path / "site" / "yaml" / "__init__.py").write_text("")
+    assert _strip(tmp_path, "site") == [f"site/yaml/{original.name}"]
+    data = copy.read_bytes()
+    assert section(data, ".symtab") is None
+    assert len(data) < original.stat().st_size // 2
+    dynstr = section(data, ".dynstr")
+    assert dynstr is not None and b"PyInit__yaml" in dynstr  # what the import looks up
+    assert _strip(tmp_path, "site") == []  # nothing left to strip

@@ -52,4 +52,12 @@ def test_root_has_no_shell(image_dir: Path) -> None:
     for point in (*IMAGE_MOUNT_POINTS, IMAGE_MODULES):
         assert f"/{point}" in paths, point
     manifest = pipeline.inspect(image_dir)
-    assert manifest["executables"] == ["/usr/bin/etcd", "/usr/bin/python3.11", "/usr/sbin/init"]
+    assert manifest["executables"] == [
+        "/usr/bin/containerd",
+        "/usr/bin/containerd-shim-runc-v2",
+        "/usr/bin/etcd",
+        "/usr/bin/python3.11",
+        "/usr/sbin/init",
+        "/usr/sbin/mke2fs",
+        "/usr/sbin/runc",
+    ]

@@ -25,7 +25,7 @@ from basalt.machined.platform.metal import (
 )
 
 from . import kmod, libs
-from .elf import read_elf
+from .elf import read_elf, section
 from .errors import ImageBuildError
 from .lock import WHEEL_TAG_ARGS
 from .packages import FetchWheels, Unpack, copy_file, run_interpreter
@@ -50,8 +50,31 @@ PRUNE: tuple[str, ...] = (
     "sqlite3/test",
     "sitecustomize.py",  # a symlink to Debian's /etc/python3.11, which is not shipped
     "lib-dynload/nis.cpython-311-x86_64-linux-gnu.so",
+    # Nothing on a node imports these: help() (pydoc), doctests, virtual environments,
+    # WSGI and XML-RPC servers (multiprocessing reaches xmlrpc only for its XML
+    # serializer), and decimal's pure-Python twin (the _decimal extension is shipped).
+    # unittest stays: pyroute2 imports unittest.mock.
+    "pydoc.py",
+    "doctest.py",
+    "venv",
+    "wsgiref",
+    "xmlrpc",
+    "_pydecimal.py",
 )
-PRUNE_DYNLOAD_PREFIXES = ("_test", "_xxtest", "_ctypes_test", "xxlimited", "_xxsub")
+#: Extension modules dropped by name prefix: CPython's own tests, the CJK codecs (a
+#: lookup of shift_jis, gbk, big5 and the like then raises LookupError as for any
+#: unknown encoding) and the audio modules.
+PRUNE_DYNLOAD_PREFIXES = (
+    "_test",
+    "_xxtest",
+    "_ctypes_test",
+    "xxlimited",
+    "_xxsub",
+    "_codecs_",
+    "_multibytecodec",
+    "audioop",
+    "ossaudiodev",
+)
 #: Directories the metal platform mounts over (the files it binds over, /etc/hostname
 #: and the like, are written by :func:`_etc`).
 MOUNT_POINTS = IMAGE_MOUNT_DIRECTORIES
@@ -81,6 +104,9 @@ IMPORT_CHECK = (
     "grpc",
     "cryptography.x509",
     "yaml",
+    "yaml._yaml",  # yaml itself hides a broken libyaml extension
+    "google._upb._message",
+    "_cffi_backend",
     "pydantic",
     "psutil",
     "ssl",
@@ -143,7 +169,7 @@ class Rootfs(Stage):
     """Assemble ``root/`` and ``manifest.json`` (dropped modules, copied libraries)."""
 
     name = "rootfs"
-    version = 1
+    version = 2  # 2: wheel extension modules stripped, more of the stdlib pruned
     unpack: Unpack
     wheels: FetchWheels
     sources: BasaltSources
@@ -160,6 +186,7 @@ class Rootfs(Stage):
         for program in ROOT_PROGRAMS:
             copy_file(tree / program, root / program)
         _install_wheels(cache.output(self.wheels) / "wheels", root / SITE)
+        stripped = _strip(root, SITE)
         shutil.copytree(cache.output(self.sources) / "basalt", root / SITE / "basalt")
         modules = _modules(tree, root, self.kernel_release, self.modules, self.root_modules)
         resolution = libs.closure(libs.elf_files(root), tree, root)
@@ -177,6 +204,7 @@ class Rootfs(Stage):
         _normalize(root)
         manifest = {
             "dropped_stdlib_extensions": dropped,
+            "stripped": stripped,
             "libraries": resolution.copied,
             "modules": modules,
         }
@@ -235,6 +263,20 @@ def _install_wheels(wheels: Path, site: Path) -> None:
         record = direct_url.with_name("RECORD")
         lines = record.read_text().splitlines(keepends=True)
         record.write_text("".join(ln for ln in lines if "/direct_url.json," not in ln))
+
+
+def _strip(root: Path, below: str) -> list[str]:
+    """Strip the ELF files below ``below`` that carry a symbol table: some wheels ship
+    their extension modules unstripped (cryptography's Rust module has 2.9 MB of symbols,
+    PyYAML's 2.3 MB of debug info). ``--strip-unneeded`` keeps the dynamic symbols that
+    loading needs; Debian's own binaries and libraries arrive stripped."""
+    stripped = []
+    for path in libs.elf_files(root / below):
+        if section(path.read_bytes(), ".symtab") is None:
+            continue
+        run_tool(["strip", "--strip-unneeded", str(path)], what=f"strip {path.name}")
+        stripped.append(str(path.relative_to(root)))
+    return stripped
 
 
 def _modules(
