@@ -110,6 +110,44 @@ async def dhcp(root: Path, config: str) -> dict[str, Any]:
     return out
 
 
+async def dhcp_first(root: Path) -> dict[str, Any]:
+    """A first boot's network: the gate the boot closes before its maintenance API opens
+    is closed, so DHCP starts from sysfs and the lease goes on the link through
+    rtnetlink directly; the kernel's state then, and whether pyroute2 was imported."""
+    from basalt.machined.controllers import start_engine
+    from basalt.machined.controllers.network import NetworkController, wait_for_address
+
+    node = _node(root, init=True)
+    await asyncio.to_thread(node.platform.prepare)
+    node.api_first.clear()
+    engine = start_engine(node)
+    network = next(c for c in engine.controllers if isinstance(c, NetworkController))
+    deadline = time.monotonic() + 30
+    while not network.leases.items() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    before = {
+        "pyroute2": "pyroute2" in sys.modules,
+        "published": node.store.get("NodeAddresses", "current") is not None,
+        "addresses": json.loads(_ip("-4", "address", "show", "dev", "eth0")),
+        "routes": json.loads(_ip("-4", "route")),
+    }
+    node.api_first.set()  # the API listens: netlink goes on
+    address = await asyncio.wait_for(wait_for_address(node), 30)
+    out = {
+        "before": before,
+        "address": address,
+        "pyroute2": "pyroute2" in sys.modules,
+        "errors": {k: v for k, v in engine.errors.items() if k in METAL_CONTROLLERS},
+    }
+    await engine.stop()
+    await node.stop_background()
+    return out
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout
+
+
 async def sysctls(root: Path, config: str) -> dict[str, Any]:
     from basalt.machined.controllers.sysctls import SysctlError, SysctlsController
 
@@ -217,7 +255,13 @@ def main() -> None:
 
         run_as_init(agent, fatal_delay=0.5)
         return
-    handlers = {"links": links, "dhcp": dhcp, "sysctls": sysctls, "prepare": prepare}
+    handlers = {
+        "links": links,
+        "dhcp": dhcp,
+        "dhcp_first": dhcp_first,
+        "sysctls": sysctls,
+        "prepare": prepare,
+    }
     if command == "reaper":
         result = asyncio.run(reaper())
     else:

@@ -255,8 +255,55 @@ class NetworkController(Controller):
         await client.run(bound, lost)
 
     async def _lease_bound(self, name: str, index: int, lease: Lease) -> None:
-        await self._netlink_allowed()
         previous = dict(self.leases.items()).get(name)
+        if (
+            previous is not None
+            or self.node.api_first.is_set()
+            or not await self._apply_early(name, index, lease)
+        ):
+            await self._apply_lease(name, index, lease, previous)
+        if previous is None or previous.address != lease.address:
+            log.info("%s: DHCP address %s applied", name, lease.address)
+            self.node.events.publish(
+                "network",
+                f"{name}: DHCP lease {lease.address} from {lease.server}",
+                actor=self.name,
+                link=name,
+                address=str(lease.address),
+            )
+        self.leases.set(name, lease)
+        self._kick()
+
+    async def _apply_early(self, name: str, index: int, lease: Lease) -> bool:
+        """The first lease while the maintenance API opens: its address, routes and MTU
+        through rtnetlink and ioctls directly, without waiting for pyroute2. False when
+        the kernel refused (the netlink path then tries, once the API listens)."""
+        from ..sys import ifaces
+
+        configured = any(c.name == name and c.mtu is not None for c in self._link_configs())
+
+        def apply() -> None:
+            valid = max(1, int(lease.remaining(time.monotonic())))
+            ifaces.replace_address(index, str(lease.address), valid)
+            if lease.mtu is not None and not configured:
+                ifaces.set_mtu(name, lease.mtu)
+            for network, gateway in lease.routes():
+                via = None if gateway == ipaddress.IPv4Address(0) else str(gateway)
+                ifaces.replace_route(
+                    str(network), via, index, metric=DHCP_METRIC, protocol=netlink.PROTO_DHCP
+                )
+
+        try:
+            await asyncio.to_thread(apply)
+        except BasaltError as exc:
+            log.warning("%s: DHCP lease not applied before netlink: %s", name, exc)
+            return False
+        return True
+
+    async def _apply_lease(
+        self, name: str, index: int, lease: Lease, previous: Lease | None
+    ) -> None:
+        await self._netlink_allowed()
         if previous is not None and previous.address != lease.address:
             await self._lease_lost(name, index, previous)
         await netlink.add_address(
@@ -272,17 +319,6 @@ class NetworkController(Controller):
             await netlink.replace_route(
                 str(network), via, index, metric=DHCP_METRIC, protocol=netlink.PROTO_DHCP
             )
-        if previous is None or previous.address != lease.address:
-            log.info("%s: DHCP address %s applied", name, lease.address)
-            self.node.events.publish(
-                "network",
-                f"{name}: DHCP lease {lease.address} from {lease.server}",
-                actor=self.name,
-                link=name,
-                address=str(lease.address),
-            )
-        self.leases.set(name, lease)
-        self._kick()
 
     async def _lease_lost(self, name: str, index: int, lease: Lease) -> None:
         with contextlib.suppress(BasaltError):
