@@ -272,6 +272,26 @@ def test_image_modules_load_in_order_and_failures_do_not_stop_the_rest(tmp_path:
     assert len(failed) == 1 and "kernel module missing not found" in failed[0]
 
 
+def test_efivarfs_is_loaded_only_on_a_uefi_boot(tmp_path: Path) -> None:
+    modules = tmp_path / "lib" / "modules" / platform.release() / "kernel"
+    modules.mkdir(parents=True)
+    (modules / "efivarfs.ko").write_bytes(fake_module({"name": "efivarfs", "depends": ""}))
+    (tmp_path / "sys" / "module").mkdir(parents=True)
+    (tmp_path / IMAGE_MODULES).parent.mkdir(parents=True)
+    (tmp_path / IMAGE_MODULES).write_text("efivarfs\n")
+    calls: list[str] = []
+
+    def loader(path: Path, parameters: str) -> bool:
+        calls.append(path.name)
+        return True
+
+    # direct kernel boot (no /sys/firmware/efi): skipped, not a failure
+    assert load_image_modules(tmp_path, loader) == ([], [])
+    (tmp_path / "sys" / "firmware" / "efi").mkdir(parents=True)
+    assert load_image_modules(tmp_path, loader) == (["efivarfs"], [])
+    assert calls == ["efivarfs.ko"]
+
+
 # -- reaper ----------------------------------------------------------------------------------
 
 

@@ -259,6 +259,10 @@ class MetalPlatform(Platform):
         return {signal.SIGTERM: "shutdown", signal.SIGINT: "reboot"}
 
 
+#: Image modules that only load when a path exists below the root (else they are skipped).
+_MODULE_NEEDS = {"efivarfs": "sys/firmware/efi"}
+
+
 def load_image_modules(
     root: Path, loader: kmod.Loader = kmod.finit_module
 ) -> tuple[list[str], list[str]]:
@@ -278,6 +282,9 @@ def load_image_modules(
     loaded: list[str] = []
     failed: list[str] = []
     for name in names:
+        needs = _MODULE_NEEDS.get(name)
+        if needs is not None and not (root / needs).exists():
+            continue  # efivarfs on a boot without UEFI: the kernel refuses it (ENODEV)
         try:
             loaded += kmod.load_module(name, index=index, loader=loader)
         except kmod.KernelModuleError as exc:
