@@ -307,3 +307,14 @@ def test_unstripped_wheel_modules_lose_their_symbol_tables_only(tmp_path: Path) 
     dynstr = section(data, ".dynstr")
     assert dynstr is not None and b"PyInit__yaml" in dynstr  # what the import looks up
     assert _strip(tmp_path, "site") == []  # nothing left to strip
+
+
+def test_a_build_refuses_imager_code_changed_since_it_was_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from basalt.imager import rootfs
+
+    rootfs.check_imager_unchanged()  # the files are what this process imported
+    monkeypatch.setattr(rootfs, "IMPORTED_IMAGER", "0" * 64)
+    with pytest.raises(ImageBuildError, match="changed after this process loaded it"):
+        rootfs.check_imager_unchanged()

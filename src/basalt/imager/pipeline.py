@@ -27,7 +27,7 @@ from .elf import ElfFormatError, is_elf, read_elf
 from .errors import ImageError
 from .extensions import Extension, extension_stages, schematic_json
 from .packages import FetchDebs, FetchWheels, Unpack
-from .rootfs import BasaltSources, Rootfs, source_digest
+from .rootfs import BasaltSources, Rootfs, check_imager_unchanged, source_digest
 from .squashfs import SOURCE_DATE_EPOCH, Squashfs
 from .stage import Cache, sha256_file, walk_sorted
 
@@ -78,6 +78,7 @@ class Pipeline:
 
     @classmethod
     def from_lock(cls, lock: lockfile.Lock, schematic: Schematic = EMPTY) -> Pipeline:
+        check_imager_unchanged()
         release = lock.kernel.removeprefix("linux-image-")
         unpack = Unpack(debs=FetchDebs(debs=lock.debs))
         rootfs = Rootfs(

@@ -144,6 +144,26 @@ def _basalt_sources(root: Path, exclude: tuple[str, ...]) -> list[Path]:
     ]
 
 
+def imager_digest() -> str:
+    """sha256 of the imager's own code (``basalt/imager``) as it is on disk now."""
+    return source_digest(SOURCE / "imager", ())
+
+
+#: The imager code this process imported. Stage ids follow the files on disk, and a build
+#: must not cache what older code made under the id of newer files.
+IMPORTED_IMAGER = imager_digest()
+
+
+def check_imager_unchanged() -> None:
+    """Refuse to build when the imager's code changed since this process imported it."""
+    if imager_digest() != IMPORTED_IMAGER:
+        raise ImageBuildError(
+            f"the imager's code in {SOURCE / 'imager'} changed after this process loaded it: "
+            "its outputs would be cached under the ids of the new code",
+            hint="run the build again in a new process",
+        )
+
+
 @dataclass(frozen=True)
 class BasaltSources(Stage):
     """A snapshot of the Basalt package (``basalt/``) the image ships, taken once so that
