@@ -7,8 +7,9 @@ Marked ``vm_cuts``, not ``vm``: each cut costs a boot under TCG (a minute or mor
 One node, installed as in ``test_upgrade.py`` (its API on 127.0.0.121). Each round starts
 an ``upgrade`` (to the version the node does not run: the imager's own bundle 0.1.0, or
 0.2.0) or an ``apply-config`` (its EnvironmentConfig ``CUT`` set to the round number), and
-at a random moment SIGKILLs QEMU: the guest loses everything it had not written to its
-disk, as in a power cut. QEMU is started again (``qemu_runner`` then restarts it across
+at a random moment SIGKILLs QEMU (every other upgrade: 0-30 s after the node starts
+writing the slot, seen on its console): the guest loses everything it had not written to
+its disk, as in a power cut. QEMU is started again (``qemu_runner`` then restarts it across
 the guest's own reboots), and the node must:
 
 - answer the API over mTLS (else it is **bricked**, and the run stops);
@@ -48,7 +49,12 @@ ADDRESS = "127.0.0.121"
 #: Seconds after the request starts within which the cut falls (upload, verify and the
 #: slot write of an upgrade take ~2 min under TCG; an apply a few seconds).
 UPGRADE_WINDOW = (5.0, 150.0)
-APPLY_WINDOW = (0.0, 10.0)
+APPLY_WINDOW = (0.0, 5.0)
+#: Every other upgrade is cut while the node writes the slot: this long after its console
+#: shows the install phase starting (the slot write takes 10-40 s under TCG).
+INSTALL_MARK = b"upgrade: install: phase started"
+INSTALL_WINDOW = (0.0, 30.0)
+INSTALL_TIMEOUT = 400.0
 SETTLE_TIMEOUT = 900.0
 
 
@@ -107,6 +113,21 @@ def _cut(node: Node) -> None:
         node.runner.wait(timeout=30)
 
 
+def _wait_for_install(node: Node, offset: int, request: subprocess.Popen[str]) -> bool:
+    """Until the console (after ``offset``) shows the install phase; False if the request
+    ended first or it never came."""
+    deadline = time.monotonic() + INSTALL_TIMEOUT
+    while time.monotonic() < deadline:
+        with node.console.open("rb") as stream:
+            stream.seek(offset)
+            if INSTALL_MARK in stream.read():
+                return True
+        if request.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
+
+
 def _answers(node: Node) -> bool:
     try:
         node.wait(node.mtls, BOOT_TIMEOUT, "mTLS API after the cut")
@@ -144,6 +165,8 @@ def test_power_cuts_during_upgrades_and_applies(
         committed = _running_config(node)
         for round_ in range(CUTS):
             kind = "upgrade" if round_ % 2 == 0 else "apply"
+            targeted = kind == "upgrade" and round_ % 4 == 0
+            offset = node.console.stat().st_size
             if kind == "upgrade":
                 running = node.boot_status()["version"]
                 bundle = bundles.v2 if running != "0.2.0" else bundles.v1
@@ -157,11 +180,16 @@ def test_power_cuts_during_upgrades_and_applies(
                 request = _background(node, "apply-config", "-f", str(path))
                 window = APPLY_WINDOW
             delay = rng.uniform(*window)
+            if targeted:
+                kind = "upgrade (slot write)"
+                delay = rng.uniform(*INSTALL_WINDOW)
+                if not _wait_for_install(node, offset, request):
+                    kind = "upgrade (install phase not seen)"
             deadline = time.monotonic() + delay
             while time.monotonic() < deadline and request.poll() is None:
                 time.sleep(0.1)
             answered = request.poll() == 0
-            if answered and kind == "upgrade":
+            if answered and kind.startswith("upgrade"):
                 time.sleep(max(0.0, deadline - time.monotonic()))  # may cut the reboot itself
             _cut(node)
             request.kill()
