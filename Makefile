@@ -56,7 +56,7 @@ command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
 }
 endef
 
-.PHONY: install system-deps demo test lint typecheck unit vm-smoke vm-test docs docs-check bench bench-boot image image-deps clean
+.PHONY: install system-deps demo test lint typecheck unit vm-smoke vm-test vm-cuts docs docs-check bench bench-boot image image-deps clean
 
 $(STAMP): pyproject.toml image.lock scripts/lock_constraints.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
@@ -184,7 +184,11 @@ vm-smoke: install image-deps
 	$(BIN)/pytest -q -m vm $(VM_SMOKE) -k "not second_disk and not config_url"
 
 vm-test: install image-deps
-	$(BIN)/pytest -q -s -m vm tests/vm $(PYTEST_ARGS)
+	$(BIN)/pytest -q -s -m "vm and not vm_cuts" tests/vm $(PYTEST_ARGS)
+
+# 20 power cuts of an installed QEMU node during upgrades and applies (20-30 min).
+vm-cuts: install image-deps
+	$(BIN)/pytest -q -s -m vm_cuts tests/vm/test_power_cuts.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -40,7 +40,8 @@ from tests.vm.conftest import Timings
 from tests.vm.test_metal_node import BASALTCTL
 from tests.vm.test_upgrade import BOOT_TIMEOUT, Bundles, Node, bundles, install_node
 
-pytestmark = pytest.mark.vm_cuts
+# vm: needs the image and QEMU; vm_cuts: tens of minutes, so `make vm-test` leaves it out.
+pytestmark = [pytest.mark.vm, pytest.mark.vm_cuts]
 
 __all__ = ["bundles"]  # the fixture, shared with test_upgrade.py
 
