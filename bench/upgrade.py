@@ -34,6 +34,7 @@ from basalt.machinery.api import machine_pb2, resource_pb2
 from basalt.machinery.client.client import Client, upload
 from basalt.machinery.config import parse_patch
 from basalt.machinery.images import generate_signing_key, load_signing_key
+from basalt.machinery.images.keys import trust_document
 from basalt.provision import common, process
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from basalt.provision.process import ClusterRequest, create, destroy, load_context
@@ -44,11 +45,7 @@ FAST = ("--announce-interval", "1", "--member-ttl", "10", "--boot-assessment-tim
 
 
 def trust_patch(public_pem: str) -> str:
-    indented = "".join(f"      {line}\n" for line in public_pem.splitlines())
-    return (
-        "apiVersion: basalt.dev/v1alpha1\nkind: ImageVerificationConfig\nkeys:\n"
-        f"  - name: bench\n    publicKey: |\n{indented}"
-    )
+    return trust_document(public_pem, "bench")
 
 
 class Bench:

@@ -41,6 +41,7 @@ from basalt.machinery.api import common_pb2, machine_pb2
 from basalt.machinery.client.client import upload
 from basalt.machinery.config import parse_patch
 from basalt.machinery.images import generate_signing_key, load_signing_key
+from basalt.machinery.images.keys import trust_document
 from basalt.provision import common, process
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
@@ -54,11 +55,7 @@ GATES_TIMEOUT = 20
 
 
 def _trust_patch(public_pem: str) -> str:
-    indented = "".join(f"      {line}\n" for line in public_pem.splitlines())
-    return (
-        "apiVersion: basalt.dev/v1alpha1\nkind: ImageVerificationConfig\nkeys:\n"
-        f"  - name: cuts\n    publicKey: |\n{indented}"
-    )
+    return trust_document(public_pem, "cuts")
 
 
 @pytest.fixture(scope="module")

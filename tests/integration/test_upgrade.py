@@ -34,6 +34,7 @@ from basalt.machinery.api import common_pb2, machine_pb2
 from basalt.machinery.client.client import upload
 from basalt.machinery.config import parse_patch
 from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
+from basalt.machinery.images.keys import trust_document
 from basalt.machinery.pki import CertificateAndKey, issue_certificate
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
@@ -57,11 +58,7 @@ async def run_checks(node: Node) -> list[Check]:  # type: ignore[no-redef]
 
 
 def _trust_patch(public_pem: str) -> str:
-    indented = "".join(f"      {line}\n" for line in public_pem.splitlines())
-    return (
-        "apiVersion: basalt.dev/v1alpha1\nkind: ImageVerificationConfig\nkeys:\n"
-        f"  - name: test-release\n    publicKey: |\n{indented}"
-    )
+    return trust_document(public_pem, "test-release")
 
 
 @pytest.fixture(scope="module")

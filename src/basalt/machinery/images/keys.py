@@ -124,3 +124,12 @@ def trusted_keys_from_config(bundle: ConfigBundle) -> list[VerificationKey]:
     for document in bundle.all(ImageVerificationConfig):
         found.extend(verification_key(k.public_key, k.name) for k in document.keys)
     return list(trusted_keys(found).values())
+
+
+def trust_document(public_pem: str, name: str) -> str:
+    """A machine config document (``ImageVerificationConfig``) trusting one public key."""
+    indented = "".join(f"      {line}\n" for line in public_pem.splitlines())
+    return (
+        "apiVersion: basalt.dev/v1alpha1\nkind: ImageVerificationConfig\nkeys:\n"
+        f"  - name: {name}\n    publicKey: |\n{indented}"
+    )
