@@ -47,7 +47,7 @@ from .entries import BasaltEntry, loader_order
 from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, copy_hashed, entry_options, entry_text
 from .esp import slot_dir as esp_slot_dir
 from .meta import Meta, MetaRecord, PendingUpgrade
-from .slots import SlotWriteError
+from .slots import SlotWriteError, keep_copy
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +255,7 @@ class MetalSlots:
 
     def stage(self, upload: Path) -> None:
         """Keep an uploaded bundle (on EPHEMERAL) for the next boot."""
-        target = self.staged_bundle
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(upload, temp)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        _fsync_dir(target.parent)
+        keep_copy(upload, self.staged_bundle)
 
     def staged(self) -> Path | None:
         return self.staged_bundle if self.staged_bundle.is_file() else None

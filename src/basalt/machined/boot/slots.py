@@ -142,14 +142,7 @@ class SlotDirectories:
 
     def stage(self, upload: Path) -> None:
         """Keep an uploaded bundle for the next boot (moved, or copied across filesystems)."""
-        target = self.staged_bundle
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(upload, temp)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        _fsync_dir(target.parent)
+        keep_copy(upload, self.staged_bundle)
 
     def staged(self) -> Path | None:
         return self.staged_bundle if self.staged_bundle.is_file() else None
@@ -244,6 +237,17 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def keep_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` durably: a temp file, fsync, rename, fsync of the dir."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temp)
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, target)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(path: Path) -> None:
