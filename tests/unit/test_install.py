@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from basalt.imager import init as initramfs
-from basalt.machined import apply, install
+from basalt.machined import apply, config_url, install
 from basalt.machinery.disk import gpt
 from basalt.machinery.disk.layout import Layout
 
@@ -269,7 +269,7 @@ def server() -> Iterator[str]:
 def test_config_url_from_the_kernel_command_line(tmp_path: Path, server: str) -> None:
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"quiet basalt.config={server}/node.yaml panic=-1\n")
-    url = apply.kernel_config_url(cmdline)
+    url = config_url.kernel_config_url(cmdline)
     assert url == f"{server}/node.yaml"
     assert apply.fetch_url(url) == CONFIG.encode()
     with pytest.raises(OSError, match="404"):
@@ -277,7 +277,7 @@ def test_config_url_from_the_kernel_command_line(tmp_path: Path, server: str) ->
     with pytest.raises(apply.InvalidApplyError, match="only http"):
         apply.fetch_url("file:///etc/passwd")
     cmdline.write_text("quiet\n")
-    assert apply.kernel_config_url(cmdline) == ""
+    assert config_url.kernel_config_url(cmdline) == ""
 
 
 # -- install.extraKernelArgs ----------------------------------------------------------------------

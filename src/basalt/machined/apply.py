@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from basalt.machinery.api.machine_pb2 import ApplyMode
@@ -238,16 +237,6 @@ FETCH_RETRY = 3.0
 FETCH_TIMEOUT = 10.0
 
 
-def kernel_config_url(cmdline: Path) -> str:
-    """``basalt.config=URL`` of the kernel command line ('' when absent)."""
-    try:
-        words = cmdline.read_text().split()
-    except OSError:
-        return ""
-    urls = [w.partition("=")[2] for w in words if w.startswith("basalt.config=")]
-    return urls[-1] if urls else ""
-
-
 def fetch_url(url: str, timeout: float = FETCH_TIMEOUT) -> bytes:
     """The body of ``url`` (http or https), at most MAX_CONFIG_BYTES + 1 bytes."""
     import urllib.request
@@ -290,14 +279,3 @@ async def apply_from_url(node: Node, url: str, retry: float = FETCH_RETRY) -> No
         node.events.publish("config", f"config fetched from {url}: {result.details}", actor="boot")
         log.info("config fetched from %s: %s", url, result.details)
         return
-
-
-def start_config_fetch(node: Node) -> asyncio.Task[None] | None:
-    """In maintenance mode on metal: fetch ``basalt.config=URL`` in the background."""
-    if not node.platform.mode.requires_install:
-        return None
-    url = kernel_config_url(node.platform.system_root / "proc" / "cmdline")
-    if not url:
-        return None
-    log.info("fetching the config from basalt.config=%s", url)
-    return asyncio.create_task(apply_from_url(node, url), name="config-url")

@@ -187,6 +187,9 @@ INIT_ENVIRONMENT = {"PATH": "/usr/bin:/usr/sbin", "LANG": "C.UTF-8"}
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # Basalt uses no pydantic plugins; looking for them reads every installed package's
+    # metadata, which a first boot under TCG pays for before its API opens.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

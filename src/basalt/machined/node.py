@@ -7,21 +7,25 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import basalt
-from basalt.machinery.config import ConfigBundle, MachineConfig, load_bundle
-from basalt.machinery.config.network import HostnameConfig
 from basalt.machinery.resources import MachineConfigSpec, MachineStatusSpec, UnmetCondition
 from basalt.machinery.resources.specs import Stage
 
 from .events import EventBus
-from .identity import DEFAULT_VALIDITY, NodeIdentity
 from .platform import Platform
 from .runtime import ControllerEngine, ResourceStore
 from .sequencer import Sequencer
 from .services import LogBuffer, Supervisor
 from .storage.state import ConfigStore
+
+if TYPE_CHECKING:
+    # Imported where used: a first boot opens its maintenance API before it needs
+    # config models (pydantic) or identities, and under TCG each import costs seconds.
+    from basalt.machinery.config import ConfigBundle, MachineConfig
+
+    from .identity import NodeIdentity
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,7 @@ log = logging.getLogger(__name__)
 class Tuning:
     """Timings that tests shorten; defaults are for real nodes."""
 
-    cert_validity: dt.timedelta = DEFAULT_VALIDITY
+    cert_validity: dt.timedelta = dt.timedelta(hours=24)
     announce_interval: float = 10.0
     member_ttl: float = 60.0
     #: How long a slot on trial has to pass its health gates before it counts as failed.
@@ -96,7 +100,11 @@ class Node:
 
     @property
     def machine(self) -> MachineConfig | None:
-        return self.config.first(MachineConfig) if self.config else None
+        if self.config is None:
+            return None
+        from basalt.machinery.config import MachineConfig
+
+        return self.config.first(MachineConfig)
 
     @property
     def is_controlplane(self) -> bool:
@@ -106,6 +114,8 @@ class Node:
     @property
     def hostname(self) -> str:
         if self.config is not None:
+            from basalt.machinery.config.network import HostnameConfig
+
             hostname = self.config.first(HostnameConfig)
             if hostname is not None and hostname.hostname:
                 return hostname.hostname
@@ -116,6 +126,8 @@ class Node:
         return basalt.__version__
 
     def load_text(self, text: str, source: str) -> ConfigBundle:
+        from basalt.machinery.config import load_bundle
+
         return load_bundle(text, source)
 
     def use_config(self, bundle: ConfigBundle, *, staged: ConfigBundle | None = None) -> None:

@@ -30,12 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from basalt.machinery.errors import BasaltError
-from basalt.machinery.images import (
-    VerifiedBundle,
-    required_payload,
-    trusted_keys_from_config,
-    verify_bundle,
-)
 from basalt.machinery.resources import BootStatusSpec
 
 from .boot import (
@@ -54,6 +48,8 @@ from .boot.metal_slots import MetalSlots
 from .boot.slots import SlotDirectories
 
 if TYPE_CHECKING:
+    from basalt.machinery.images import VerifiedBundle
+
     from .node import Node
 
 log = logging.getLogger(__name__)
@@ -265,6 +261,12 @@ class Upgrader:
 
     async def verify(self, path: Path, label: str = "uploaded bundle") -> VerifiedBundle:
         """verify_bundle against the config's trusted keys and this node's architecture."""
+        from basalt.machinery.images import (
+            required_payload,
+            trusted_keys_from_config,
+            verify_bundle,
+        )
+
         config = self.node.config
         keys = trusted_keys_from_config(config) if config is not None else []
         platform = self.node.platform

@@ -26,10 +26,14 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import BasaltError, ConfigSyntaxError, Problem, format_path
-from .yamlio import Loc, RawDocument, parse_documents
+
+if TYPE_CHECKING:
+    # YAML only when a schematic is parsed: machined reads the image's schematic record
+    # (JSON) on every boot, before its API opens.
+    from .yamlio import Loc, RawDocument
 
 __all__ = [
     "EMPTY",
@@ -175,6 +179,8 @@ def _kind(value: Any) -> str:
 
 
 def _one_document(text: str, source: str, kind: str) -> RawDocument | None:
+    from .yamlio import parse_documents
+
     documents = parse_documents(text, source)
     if len(documents) > 1:
         raise ConfigSyntaxError(

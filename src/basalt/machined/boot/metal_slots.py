@@ -30,16 +30,10 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from basalt.machinery.images import (
-    INITRAMFS,
-    KERNEL,
-    MANIFEST_NAME,
-    ROOTFS,
-    SIGNATURE_NAME,
-    VerifiedBundle,
-)
+from basalt.machinery.images.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from basalt.machinery.images.payload import INITRAMFS, KERNEL, ROOTFS
 
 from .assessment import BootState, Slot, SlotHealth, SlotName
 from .codecs import EntryChange, entry_changes, state_from_entries
@@ -48,6 +42,9 @@ from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, copy_hashed, entry_opt
 from .esp import slot_dir as esp_slot_dir
 from .meta import Meta, MetaRecord, PendingUpgrade
 from .slots import SlotWriteError, keep_copy
+
+if TYPE_CHECKING:
+    from basalt.machinery.images import VerifiedBundle
 
 log = logging.getLogger(__name__)
 

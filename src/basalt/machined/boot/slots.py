@@ -25,18 +25,18 @@ import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.fileio import write_atomic
-from basalt.machinery.images import (
-    BASALT_TREE,
-    MANIFEST_NAME,
-    SIGNATURE_NAME,
-    VerifiedBundle,
-)
+from basalt.machinery.images.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from basalt.machinery.images.payload import BASALT_TREE
 
 from .assessment import BootState, Slot, SlotName
 from .codecs import state_from_json, state_to_json
+
+if TYPE_CHECKING:
+    from basalt.machinery.images import VerifiedBundle
 
 STATE_FILE = "boot.json"
 _SYNC_THREADS = 8

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from basalt.machinery.fileio import write_atomic
-from basalt.machinery.kubernetes import AssetInputs, KubernetesAssetError, paths, render
+from basalt.machinery.kubernetes import paths
 from basalt.machinery.resources import KubernetesAssetFile, KubernetesAssetsSpec
 
 from ..runtime import Controller, ResourceStore
 
 if TYPE_CHECKING:
+    from basalt.machinery.kubernetes import AssetInputs
+
     from ..node import Node
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ def sync_assets(root: Path, inputs: AssetInputs) -> tuple[dict[str, str], bool]:
     before = read_ledger(root)
     if before.fingerprint == fingerprint and _intact(root, before.files):
         return before.files, False
+    from basalt.machinery.kubernetes.render import render
+
     assets = render(inputs)
     _private_dirs(root)
     _write_ledger(root, Ledger(None, before.files | dict.fromkeys(assets, "")))
@@ -149,6 +153,8 @@ class KubernetesAssetsController(Controller):
         node = self.node
         if node.config is None:
             return
+        from basalt.machinery.kubernetes import AssetInputs, KubernetesAssetError
+
         inputs = AssetInputs.from_bundle(
             node.config,
             address=node.address,

@@ -90,7 +90,7 @@ async def maintenance(node: Node, request: Any) -> None:
     from ..api.server import ApiServer
 
     node.set_stage("maintenance")
-    from ..apply import start_config_fetch
+    from ..config_url import start_config_fetch
 
     server = ApiServer(node, maintenance=True)
     try:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -19,7 +19,9 @@ from ..api import API_PORT
 from ..api.machine_pb2_grpc import MachineServiceStub
 from ..api.resource_pb2_grpc import ResourceServiceStub
 from ..errors import BasaltError
-from .config import Context
+
+if TYPE_CHECKING:
+    from .config import Context
 
 #: Metadata key with the comma-separated target nodes of a request.
 NODES_METADATA = "nodes"

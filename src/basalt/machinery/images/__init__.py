@@ -7,47 +7,107 @@ over the exact manifest bytes, with the signer's key id) and the payload files.
 See ``docs/adr/0007-upgrade-bundles-and-boot-assessment.md``.
 """
 
-from .create import (
-    BASALT_TREE,
-    INITRAMFS,
-    KERNEL,
-    PLATFORM_PAYLOAD,
-    ROOTFS,
-    create_bundle,
-    required_payload,
+from typing import TYPE_CHECKING
+
+from basalt.machinery import lazy
+
+if TYPE_CHECKING:
+    from .create import create_bundle
+    from .errors import (
+        BundleInputError,
+        ImageArchitectureError,
+        ImageFormatError,
+        ImageManifestError,
+        ImagePayloadError,
+        ImageSignatureError,
+        ImageVerificationError,
+        SigningKeyError,
+        UnknownSigningKeyError,
+        UnsignedImageError,
+    )
+    from .keys import (
+        VerificationKey,
+        generate_signing_key,
+        key_id,
+        load_public_key,
+        load_signing_key,
+        trusted_keys_from_config,
+        verification_key,
+    )
+    from .manifest import (
+        ARCHITECTURES,
+        FORMAT_VERSION,
+        MANIFEST_NAME,
+        SIGNATURE_NAME,
+        Manifest,
+        PayloadFile,
+        parse_manifest,
+    )
+    from .payload import (
+        BASALT_TREE,
+        INITRAMFS,
+        KERNEL,
+        PLATFORM_PAYLOAD,
+        ROOTFS,
+        required_payload,
+    )
+    from .signature import parse_signature, sign
+    from .verify import VerifiedBundle, verify_bundle
+
+#: Imported on first use: the boot assessment reads versions (``manifest``) on every boot;
+#: keys, signatures and verification (cryptography) only matter during an upgrade.
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "create": ("create_bundle",),
+        "payload": (
+            "BASALT_TREE",
+            "INITRAMFS",
+            "KERNEL",
+            "PLATFORM_PAYLOAD",
+            "ROOTFS",
+            "required_payload",
+        ),
+        "errors": (
+            "BundleInputError",
+            "ImageArchitectureError",
+            "ImageFormatError",
+            "ImageManifestError",
+            "ImagePayloadError",
+            "ImageSignatureError",
+            "ImageVerificationError",
+            "SigningKeyError",
+            "UnknownSigningKeyError",
+            "UnsignedImageError",
+        ),
+        "keys": (
+            "VerificationKey",
+            "generate_signing_key",
+            "key_id",
+            "load_public_key",
+            "load_signing_key",
+            "trusted_keys_from_config",
+            "verification_key",
+        ),
+        "manifest": (
+            "ARCHITECTURES",
+            "FORMAT_VERSION",
+            "MANIFEST_NAME",
+            "SIGNATURE_NAME",
+            "Manifest",
+            "PayloadFile",
+            "parse_manifest",
+        ),
+        "signature": (
+            "parse_signature",
+            "sign",
+        ),
+        "verify": (
+            "VerifiedBundle",
+            "verify_bundle",
+        ),
+    },
 )
-from .errors import (
-    BundleInputError,
-    ImageArchitectureError,
-    ImageFormatError,
-    ImageManifestError,
-    ImagePayloadError,
-    ImageSignatureError,
-    ImageVerificationError,
-    SigningKeyError,
-    UnknownSigningKeyError,
-    UnsignedImageError,
-)
-from .keys import (
-    VerificationKey,
-    generate_signing_key,
-    key_id,
-    load_public_key,
-    load_signing_key,
-    trusted_keys_from_config,
-    verification_key,
-)
-from .manifest import (
-    ARCHITECTURES,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    SIGNATURE_NAME,
-    Manifest,
-    PayloadFile,
-    parse_manifest,
-)
-from .signature import parse_signature, sign
-from .verify import VerifiedBundle, verify_bundle
 
 __all__ = [
     "ARCHITECTURES",

@@ -40,34 +40,8 @@ from .manifest import (
     created_from_epoch,
     format_created,
 )
+from .payload import required_payload
 from .signature import sign
-
-#: Payload names that `basaltctl bundle create` uses for the boot assets.
-KERNEL = "kernel"
-INITRAMFS = "initramfs"
-ROOTFS = "rootfs.squashfs"
-#: A tar of the ``basalt`` Python package: what a container-mode slot runs.
-BASALT_TREE = "basalt.tar"
-
-#: The payload a bundle needs to be installable on each platform mode: metal boots a
-#: kernel, an initramfs and a root filesystem; a container-mode node runs the Basalt
-#: source tree (the launcher puts it first on PYTHONPATH).
-PLATFORM_PAYLOAD: dict[str, tuple[str, ...]] = {
-    "metal": (KERNEL, INITRAMFS, ROOTFS),
-    "container": (BASALT_TREE,),
-}
-
-
-def required_payload(platform: str) -> tuple[str, ...]:
-    """The payload names a bundle for ``platform`` (``metal`` or ``container``) must hold."""
-    try:
-        return PLATFORM_PAYLOAD[platform]
-    except KeyError:
-        known = ", ".join(PLATFORM_PAYLOAD)
-        raise BundleInputError(
-            f"unknown platform {platform!r}", hint=f"choose one of {known}"
-        ) from None
-
 
 _MAX_SIZE = 1 << 62
 

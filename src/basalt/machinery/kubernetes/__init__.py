@@ -6,18 +6,45 @@ path in the node's filesystem view (:mod:`.paths`), each with its content and mo
 :func:`merge_kubeconfig` merges a kubeconfig into a user's file.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from basalt.machinery import lazy
+
 from . import paths
-from .inputs import AssetInputs, KubernetesAssetError
-from .kubeconfig import (
-    KubeconfigError,
-    MergeResult,
-    build_kubeconfig,
-    dump_kubeconfig,
-    merge_kubeconfig,
-    parse_kubeconfig,
+
+if TYPE_CHECKING:
+    from .inputs import AssetInputs, KubernetesAssetError
+    from .kubeconfig import (
+        KubeconfigError,
+        MergeResult,
+        build_kubeconfig,
+        dump_kubeconfig,
+        merge_kubeconfig,
+        parse_kubeconfig,
+    )
+    from .kubelet import kubelet_args
+    from .render import Asset, render_assets
+
+#: Imported on first use: the inputs need the config models, which a node in maintenance
+#: (only ``paths`` so far) has no use for.
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "inputs": ("AssetInputs", "KubernetesAssetError"),
+        "kubeconfig": (
+            "KubeconfigError",
+            "MergeResult",
+            "build_kubeconfig",
+            "dump_kubeconfig",
+            "merge_kubeconfig",
+            "parse_kubeconfig",
+        ),
+        "kubelet": ("kubelet_args",),
+        "render": ("Asset", "render_assets"),
+    },
 )
-from .kubelet import kubelet_args
-from .render import Asset, render, render_assets
 
 __all__ = [
     "Asset",
@@ -31,6 +58,5 @@ __all__ = [
     "merge_kubeconfig",
     "parse_kubeconfig",
     "paths",
-    "render",
     "render_assets",
 ]

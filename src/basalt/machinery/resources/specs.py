@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
-from ..config._base import Model as _ConfigModel
 
+class Model(BaseModel):
+    """Specs are built in code by field name and sent as camelCase JSON; unknown fields are
+    errors. (Not the config documents' base: importing that builds every config model, and
+    a first boot publishes resources long before it reads a config.)"""
 
-class Model(_ConfigModel):
-    """Specs are built in code by field name and sent as camelCase JSON."""
-
-    model_config = ConfigDict(validate_by_name=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        frozen=True,
+        defer_build=True,
+    )
 
 
 Stage = Literal[
