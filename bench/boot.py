@@ -22,7 +22,12 @@ initramfs' exec of /sbin/init to "API listening"), machined's RSS then (its own 
 open" line), and from `image.json` the compressed root size and the executable count.
 The load average is printed with the figures: a measurement on a busy host is not one.
 
-    python bench/boot.py [--runs N] [--image DIR] [--build] [--check]
+With ``--importtime`` one more Basalt boot runs with ``basalt.importtime=1`` (its
+initramfs execs machined under ``python -X importtime``) and the bench prints what
+machined imported before its API opened, at this guest's speed: the total, and the
+costliest imports. ``--runs 0 --importtime`` does only that.
+
+    python bench/boot.py [--runs N] [--image DIR] [--build] [--check] [--importtime]
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ ANSWER_TIMEOUT = 60.0
 #: Basalt console lines: "[  uptime] basalt-init: ..." or "[  uptime] machined: INFO x: ..."
 #: (not anchored: the first one follows the firmware's terminal escapes on its line).
 STAMP = re.compile(r"\[\s*([0-9.]+)\] (basalt-init|machined): (?:\w+ \S+: )?(.*)$", re.M)
+#: ``python -X importtime`` lines: self and cumulative microseconds, two spaces per level.
+IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)")
 
 
 @dataclass
@@ -280,6 +287,38 @@ def basalt_stamps(console: str) -> dict[str, float]:
     return stamps
 
 
+def import_profile(console: str, top: int = 12) -> list[str]:
+    """What machined imported before "API listening", from a ``basalt.importtime=1``
+    boot's console: the total, the costliest top-level imports and the costliest
+    modules by their own time."""
+    end = console.find("API listening")
+    rows = [
+        (int(own), int(total), len(indent) // 2, name)
+        for own, total, indent, name in IMPORT_LINE.findall(console[: max(end, 0)])
+    ]
+    if end < 0 or not rows:
+        return ["no importtime lines before 'API listening' on the console"]
+    lines = [f"  {len(rows)} modules, {sum(r[0] for r in rows) / 1e6:.2f} s importing in all"]
+    lines.append("  costliest top-level imports (cumulative):")
+    for _own, total, _depth, name in sorted((r for r in rows if r[2] == 0), key=lambda r: -r[1])[
+        :top
+    ]:
+        lines.append(f"    {total / 1e6:6.2f} s  {name}")
+    lines.append("  costliest modules (own time):")
+    for own, _total, _depth, name in sorted(rows, key=lambda r: -r[0])[:top]:
+        lines.append(f"    {own / 1e6:6.2f} s  {name}")
+    return lines
+
+
+def profile_boot(argv: list[str], attempt: Attempt, logs: Path, timeout: float) -> None:
+    """Boot Basalt once with ``basalt.importtime=1`` and print its import profile."""
+    argv = list(argv)
+    argv[argv.index("-append") + 1] += " basalt.importtime=1"
+    profiled = boot(argv, attempt, logs / "basalt-importtime.log", timeout)
+    print(f"basalt under -X importtime: first answer after {profiled.seconds:.2f} s")
+    print("\n".join(import_profile(profiled.console)))
+
+
 def spread(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -309,9 +348,14 @@ def main() -> int:
     parser.add_argument("--mirror", help="Debian mirror (default: this host's apt source)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per boot")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--importtime",
+        action="store_true",
+        help="one more Basalt boot under python -X importtime: what start-up imports cost",
+    )
     args = parser.parse_args()
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    if args.runs < 1 and not (args.runs == 0 and args.importtime):
+        parser.error("--runs must be at least 1 (0 only with --importtime)")
     if shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("qemu-system-x86_64 missing: apt-get install qemu-system-x86")
 
@@ -356,6 +400,10 @@ def main() -> int:
         "basalt": (basalt_argv, lambda seen: grpc_version(f"{BASALT_ADDRESS}:{b_port}", seen)),
         "debian": (debian_argv, lambda seen: ssh_banner(DEBIAN_ADDRESS, d_port, seen)),
     }
+    if args.importtime:
+        profile_boot(basalt_argv, guests["basalt"][1], logs, args.timeout)
+        if args.runs == 0:
+            return 0
     results: dict[str, list[Boot]] = {"basalt": [], "debian": []}
     for run in range(args.runs):
         order = ["basalt", "debian"] if run % 2 == 0 else ["debian", "basalt"]

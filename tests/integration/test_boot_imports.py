@@ -56,3 +56,20 @@ def test_the_maintenance_api_opens_before_config_models_and_signatures(tmp_path:
     assert "grpc" in modules and "basalt.machined.api.server" in modules  # it did measure
     early = sorted(name for name in LATER if name in modules)
     assert early == [], f"imported before the maintenance API opened: {early}"
+
+
+def test_the_metal_platform_and_its_controllers_import_no_config_models() -> None:
+    """Container mode does not start the metal controllers (network, kernel modules,
+    sysctls, resolvers, time): their modules must not pull the config models in either."""
+    script = (
+        "import sys\n"
+        "import basalt.machined.platform.metal, basalt.machined.controllers\n"
+        "from basalt.machined.controllers import (hostname_apply, kernel_modules, network,\n"
+        "    resolvers, sysctls, timesync)\n"
+        f"print(' '.join(m for m in {list(LATER)!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []

@@ -210,6 +210,17 @@ def test_init_reads_basalt_kernel_args_over_defaults() -> None:
     assert init.parse_kernel_args("console=ttyS0")["root"] == init.DEFAULTS["root"]
 
 
+def test_init_execs_the_roots_init_or_its_interpreter_with_importtime(tmp_path: Path) -> None:
+    script = tmp_path / "init"
+    script.write_text("#!/usr/bin/python3.11 -I\nimport sys\n")
+    assert init.init_argv(False, str(script)) == [str(script)]
+    assert init.init_argv(True, str(script)) == [
+        *("/usr/bin/python3.11", "-I", "-X", "importtime", str(script))
+    ]
+    script.write_bytes(b"\x7fELF")  # not a script: exec'd as it is
+    assert init.init_argv(True, str(script)) == [str(script)]
+
+
 def test_init_refuses_to_run_outside_an_initramfs() -> None:
     with pytest.raises(SystemExit, match="refusing to run"):
         init.main()

@@ -203,7 +203,8 @@ def initrd_stage() -> None:
     mount_api_filesystems()
     log("initramfs: started")
     log(f"initramfs: loaded {load_modules(INITRD_MODULES)} modules")
-    root = find_root(kernel_args(), DEVICE_TIMEOUT)
+    args = kernel_args()
+    root = find_root(args, DEVICE_TIMEOUT)
     mount(root, NEW_ROOT, "squashfs", MS_RDONLY | MS_NODEV)
     moved = install_extensions(EXTENSIONS_SOURCE, NEW_ROOT + EXTENSIONS_TARGET)
     log(f"initramfs: mounted {root} read-only ({moved} extension files); switching root")
@@ -214,7 +215,22 @@ def initrd_stage() -> None:
     mount(".", "/", None, MS_MOVE)
     os.chroot(".")
     os.chdir("/")
-    os.execv("/sbin/init", ["/sbin/init"])
+    argv = init_argv(args.get("importtime") == "1")
+    os.execv(argv[0], argv)
+
+
+def init_argv(importtime: bool, init: str = "/sbin/init") -> list[str]:
+    """How to exec the root's init. ``basalt.importtime=1`` on the kernel command line runs
+    its interpreter (the ``#!`` line) with ``-X importtime``: every import's cost under
+    this machine's CPU is printed on the console (bench/boot --importtime reads it)."""
+    if not importtime:
+        return [init]
+    with open(init, "rb") as stream:
+        shebang = stream.readline(256)
+    if not shebang.startswith(b"#!"):
+        return [init]
+    interpreter = shebang[2:].decode().split()
+    return [*interpreter, "-X", "importtime", init]
 
 
 def main() -> None:

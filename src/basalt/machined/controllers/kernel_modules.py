@@ -14,7 +14,6 @@ import logging
 import platform as _platform
 from typing import TYPE_CHECKING
 
-from basalt.machinery.config.system import KernelModuleConfig
 from basalt.machinery.errors import BasaltError
 
 from ..runtime import Controller, ResourceStore
@@ -47,7 +46,11 @@ class KernelModulesController(Controller):
     async def reconcile(self, store: ResourceStore) -> None:
         if not self.node.platform.mode.manages_kernel:
             return
-        documents = self.node.config.all(KernelModuleConfig) if self.node.config else []
+        documents = []
+        if self.node.config is not None:
+            from basalt.machinery.config.system import KernelModuleConfig
+
+            documents = self.node.config.all(KernelModuleConfig)
         todo = [d for d in documents if (d.name, tuple(d.parameters)) not in self._done]
         if not todo:
             return

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from basalt.machinery.config.network import LinkConfig
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.resources import NodeAddressesSpec
 
@@ -32,6 +31,8 @@ from ..sys import netlink
 from ..sys.dhcp import DhcpClient, DhcpTiming, Lease
 
 if TYPE_CHECKING:
+    from basalt.machinery.config.network import LinkConfig
+
     from ..node import Node
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class NetworkController(Controller):
         if not self.node.platform.mode.manages_network:
             return
         config = self.node.config
-        wanted = config.all(LinkConfig) if config is not None else []
+        wanted = self._link_configs()
         if self._first_run:
             self._first_run = False
             if not wanted and not self.node.api_first.is_set():
@@ -336,7 +337,11 @@ class NetworkController(Controller):
 
     def _link_configs(self) -> list[LinkConfig]:
         config = self.node.config
-        return config.all(LinkConfig) if config is not None else []
+        if config is None:  # maintenance: the config models are not even imported
+            return []
+        from basalt.machinery.config.network import LinkConfig
+
+        return config.all(LinkConfig)
 
     def _kick(self) -> None:
         if self.node.engine is not None:

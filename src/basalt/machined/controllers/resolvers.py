@@ -12,14 +12,14 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from basalt.machinery.config.network import ResolverConfig
-
 from ..platform.etc import write_generated
 from ..runtime import Controller, ResourceStore
 from ..sys.dhcp import Lease
 from .network import DhcpLeases
 
 if TYPE_CHECKING:
+    from basalt.machinery.config.network import ResolverConfig
+
     from ..node import Node
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,11 @@ class ResolversController(Controller):
     async def reconcile(self, store: ResourceStore) -> None:
         if not self.node.platform.mode.manages_network:
             return
-        config = self.node.config.first(ResolverConfig) if self.node.config else None
+        config = None
+        if self.node.config is not None:
+            from basalt.machinery.config.network import ResolverConfig
+
+            config = self.node.config.first(ResolverConfig)
         resolvers = choose_resolvers(config, self.leases.items())
         text = render_resolv_conf(resolvers)
         directory = self.node.platform.generated_etc

@@ -15,13 +15,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from basalt.machinery.config.system import SysctlConfig
 from basalt.machinery.errors import BasaltError
 
 from ..runtime import Controller, ResourceStore
 from ..sys.sysctl import sysctl_path, write_sysctl
 
 if TYPE_CHECKING:
+    from basalt.machinery.config.system import SysctlConfig
+
     from ..node import Node
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,11 @@ class SysctlsController(Controller):
         platform = self.node.platform
         if not platform.mode.manages_kernel:
             return
-        documents = self.node.config.all(SysctlConfig) if self.node.config else []
+        documents = []
+        if self.node.config is not None:
+            from basalt.machinery.config.system import SysctlConfig
+
+            documents = self.node.config.all(SysctlConfig)
         wanted = wanted_sysctls(documents)
         todo = {k: v for k, v in wanted.items() if self._written.get(k) != v}
         if not todo:

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from basalt.machinery import sntp
-from basalt.machinery.config import TimeSyncConfig
 from basalt.machinery.resources import TimeStatusSpec
 
 from ..runtime import Controller, ResourceStore
 from ..sys.clock import Clock, ObservingClock
 
 if TYPE_CHECKING:
+    from basalt.machinery.config import TimeSyncConfig
+
     from ..node import Node
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,15 @@ class TimeSyncController(Controller):
         self._settings: Settings | bool | None = False  # False: nothing decided yet
         self._loop: asyncio.Task[None] | None = None
 
+    def document(self) -> TimeSyncConfig | None:
+        if self.node.config is None:
+            return None
+        from basalt.machinery.config import TimeSyncConfig
+
+        return self.node.config.first(TimeSyncConfig)
+
     def wanted(self) -> Settings | None:
-        config = self.node.config.first(TimeSyncConfig) if self.node.config else None
+        config = self.document()
         if config is None or not config.enabled or not config.servers:
             return None
         return Settings(tuple(config.servers), self.node.tuning.ntp_port)
@@ -118,7 +126,7 @@ class TimeSyncController(Controller):
         self._settings = settings
         if settings is None:
             self.synced.clear()
-            config = self.node.config.first(TimeSyncConfig) if self.node.config else None
+            config = self.document()
             if self.node.config is None:
                 why = "no config yet"
             elif config is None:
