@@ -24,6 +24,8 @@ MODULES = [
     "basalt.machinery.images.keys",
     "basalt.machinery.images.verify",
     "basalt.machined.boot",
+    "basalt.machined.kubernetes.cordon",
+    "basalt.machined.kubernetes.intent",
 ]
 
 

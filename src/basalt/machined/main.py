@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a slot on trial (the first boots after an upgrade) has to pass its "
         "health gates; otherwise the node reboots and, once its tries run out, falls back",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        help="seconds an upgrade may spend cordoning and draining the node (when its "
+        "kubelet runs) before it is refused and the node uncordoned again",
+    )
     args = parser.parse_args(argv)
     if args.platform == "container":
         names = ("node_dir", "address", "hostname")
@@ -112,6 +119,7 @@ async def run(args: argparse.Namespace) -> int:
         announce_interval=args.announce_interval,
         member_ttl=args.member_ttl,
         boot_assessment_timeout=args.boot_assessment_timeout,
+        drain_timeout=args.drain_timeout,
     )
     node = Node(platform, tuning)
     handler = _BufferHandler(node.agent_log)

@@ -43,6 +43,18 @@ class Tuning:
     ntp_port: int = 123
     time_poll_min: float = 64.0
     time_poll_max: float = 1024.0
+    #: Upgrades of a node whose kubelet runs: how long cordon + drain may take before the
+    #: upgrade is refused, the first wait after a disruption budget refused an eviction
+    #: (it doubles), and how often evicted pods are looked for while they terminate.
+    drain_timeout: float = 300.0
+    drain_backoff: float = 1.0
+    drain_poll: float = 1.0
+    #: After the upgrade (or a refusal): attempts to uncordon, and the first wait between
+    #: them (it doubles, up to a minute): about ten minutes in all.
+    uncordon_attempts: int = 12
+    uncordon_backoff: float = 5.0
+    #: One request to the Kubernetes API server.
+    kube_request_timeout: float = 10.0
 
 
 @dataclass

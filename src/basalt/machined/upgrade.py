@@ -4,8 +4,10 @@ An upgrade is boring on purpose, and refuses before it changes anything::
 
     receive the bundle into EPHEMERAL (bounded) -> verify it (signature by a trusted key,
     architecture, every payload file, the payload this platform needs) -> on control
-    planes, the etcd quorum pre-check -> cordon/drain, or say why not -> write the
-    inactive slot and record Install -> reboot into it, on trial
+    planes, the etcd quorum pre-check -> cordon/drain through the Kubernetes API when
+    the kubelet runs (:mod:`.kubernetes`), or say why not -> write the inactive slot and
+    record Install -> reboot into it, on trial -> once a slot is good again (gates passed,
+    or a fallback), uncordon what the upgrade cordoned
 
 On the first boot of a slot on trial, the health gates (:mod:`.gates`) decide: passed
 marks it good; failed or timed out reboots, and once its tries run out the launcher
@@ -36,6 +38,7 @@ from .boot import (
     Action,
     BootState,
     Event,
+    GatesPassed,
     Install,
     Rollback,
     Slot,
@@ -50,6 +53,7 @@ from .boot.slots import SlotDirectories
 if TYPE_CHECKING:
     from basalt.machinery.images import VerifiedBundle
 
+    from .kubernetes.cordon import NodeCordon
     from .node import Node
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,7 @@ class Upgrader:
         )
         self.lock = asyncio.Lock()
         self.assessment: asyncio.Task[None] | None = None
+        self._cordon: NodeCordon | None = None
 
     # -- the boot state ------------------------------------------------------------------
     def require_slots(self) -> SlotDirectories | MetalSlots:
@@ -184,6 +189,7 @@ class Upgrader:
         assert status is not None
         if running.health is SlotHealth.GOOD:
             self._event(f"booted {running.label}", slot=running.name.value)
+            self._uncordon(f"the node runs {running.label} again")
         else:
             total = (running.tries_left or 0) + running.tries_done
             self._event(
@@ -218,6 +224,8 @@ class Upgrader:
         self._event(outcome.message)
         if outcome.action is Action.REBOOT:
             self._reboot()
+        elif isinstance(event, GatesPassed) and outcome.state.booted is not None:
+            self._uncordon(f"{outcome.state.slot(outcome.state.booted).label} passed its gates")
 
     def _reboot(self) -> None:
         from .sequencer import SequenceConflictError
@@ -300,8 +308,9 @@ class Upgrader:
                 hint="check 'basaltctl etcd status', or pass --force",
             ) from None
 
-    def check_drain(self, no_drain: bool) -> str:
-        """Cordon/drain needs Kubernetes; without a kubelet there is nothing to drain."""
+    def check_drain(self, no_drain: bool) -> str | None:
+        """Why there is nothing to cordon/drain (no kubelet, ``--no-drain``); None when the
+        kubelet runs and the node must be drained."""
         try:
             kubelet = self.node.supervisor.status("kubelet")
         except BasaltError:
@@ -310,11 +319,40 @@ class Upgrader:
             return NO_KUBERNETES
         if no_drain:
             return "cordon/drain skipped (--no-drain)"
-        raise UpgradeRefusedError(
-            "kubelet runs on this node, and cordon/drain through the Kubernetes API is not "
-            "built yet: upgrading now would stop its pods without draining them",
-            hint="drain the node yourself (kubectl drain), then upgrade with --no-drain",
-        )
+        return None
+
+    async def cordon_drain(self, no_drain: bool) -> list[str]:
+        """Cordon and drain through the Kubernetes API when the kubelet runs; the steps.
+        DrainError (FailedPrecondition) when it cannot: the node is left as it was."""
+        skipped = self.check_drain(no_drain)
+        if skipped is not None:
+            return [skipped]
+        return await self.cordon.drain_for_upgrade()
+
+    async def give_back_cordon(self, why: str) -> None:
+        """A step after the drain failed: uncordon now (or retry in the background)."""
+        from .kubernetes.intent import read_intent
+
+        if read_intent(self.node.paths.state) is not None:
+            note = await self.cordon.give_back(why)
+            log.info("%s", note)
+
+    @property
+    def cordon(self) -> NodeCordon:
+        """The upgrade's cordon of this node (:mod:`.kubernetes.cordon`), made on first use."""
+        if self._cordon is None:
+            from .kubernetes.cordon import NodeCordon
+
+            self._cordon = NodeCordon(self.node)
+        return self._cordon
+
+    def _uncordon(self, why: str) -> None:
+        """The node runs a good slot: uncordon it if an upgrade cordoned it (in the
+        background, once the node is running; failures are events)."""
+        from .kubernetes.intent import read_intent
+
+        if read_intent(self.node.paths.state) is not None:
+            self.cordon.resume(why)
 
     async def install(self, verified: VerifiedBundle) -> tuple[SlotName, str]:
         """Write the inactive slot and record the install; refused before anything changes."""

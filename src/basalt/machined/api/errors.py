@@ -35,6 +35,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "ImageVerificationError": grpc.StatusCode.INVALID_ARGUMENT,
     "BundleUploadError": grpc.StatusCode.INVALID_ARGUMENT,
     "UpgradeRefusedError": grpc.StatusCode.FAILED_PRECONDITION,
+    "DrainError": grpc.StatusCode.FAILED_PRECONDITION,
     "SlotWriteError": grpc.StatusCode.ABORTED,
     "BundleURLError": grpc.StatusCode.INVALID_ARGUMENT,
     "BundleFetchError": grpc.StatusCode.UNAVAILABLE,

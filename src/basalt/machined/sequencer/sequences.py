@@ -220,7 +220,8 @@ async def check_quorum(node: Node, job: Any) -> None:
 
 
 async def cordon_drain(node: Node, job: Any) -> None:
-    job.steps.append(node.upgrader.check_drain(job.options.no_drain))
+    """Cordon and drain when the kubelet runs (uncordoned once a good slot runs again)."""
+    job.steps.extend(await node.upgrader.cordon_drain(job.options.no_drain))
 
 
 def staging(node: Node, job: Any) -> bool:
@@ -232,7 +233,11 @@ def installing(node: Node, job: Any) -> bool:
 
 
 async def stage_bundle(node: Node, job: Any) -> None:
-    await node.upgrader.stage(job)
+    try:
+        await node.upgrader.stage(job)
+    except BaseException:
+        await node.upgrader.give_back_cordon("staging the upgrade failed")
+        raise
     job.message = f"staged {job.verified.version}: it is installed early in the next boot"
     job.steps.append(job.message)
 
@@ -244,6 +249,7 @@ async def install_image(node: Node, job: Any) -> None:
         job.slot, job.message = await node.upgrader.install(job.verified)
     except BaseException:
         node.set_stage(previous)
+        await node.upgrader.give_back_cordon("installing the upgrade failed")
         raise
     job.steps.append(job.message)
 
