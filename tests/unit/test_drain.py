@@ -287,10 +287,15 @@ def test_a_token_is_a_bearer_credential() -> None:
 
 
 def test_the_node_name_is_the_kubelet_s(tmp_path: Path) -> None:
+    from tests.fakes import inputs
+
     async def run() -> None:
         async with node_at(tmp_path, kubelet=False) as node:
             node.platform.hostname = "Worker-1"
-            assert kubelet_node_name(node) == "worker-1"
+            assert kubelet_node_name(node) == "worker-1"  # kubelet lowercases it
+            patch = "kind: MachineConfig\nkubelet:\n  extraArgs: {hostname-override: Custom}\n"
+            node.use_config(inputs.generate(patch).worker)
+            assert kubelet_node_name(node) == "custom"
 
     asyncio.run(run())
 
