@@ -725,3 +725,42 @@ def test_a_new_upgrade_keeps_an_earlier_upgrade_s_cordon(
 
     assert asyncio.run(run())[0] == "node worker-1 is still cordoned by an earlier upgrade"
     assert api.unschedulable(NODE)
+
+
+def test_a_cancelled_drain_gives_the_cordon_back(
+    tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
+) -> None:
+    """The client went away mid-drain: the sequence is cancelled, the node uncordoned."""
+    api.add_pod("db-0", pdb_refusals=-1)
+    write_kubeconfig(tmp_path, api.url, ca.crt, admin)
+
+    async def run() -> None:
+        async with node_at(tmp_path, tuning=replace(FAST, drain_timeout=60.0)) as node:
+            task = asyncio.ensure_future(node.upgrader.cordon_drain(no_drain=False))
+            await until(lambda: api.pods[0].evictions > 0)
+            assert api.unschedulable(NODE)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            done = "uncordoned node worker-1: the upgrade was cancelled"
+            await until(lambda: done in events(node))
+            assert read_intent(node.paths.state) is None
+
+    asyncio.run(run())
+    assert not api.unschedulable(NODE)
+
+
+def test_a_node_no_longer_registered_has_nothing_to_uncordon(
+    tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
+) -> None:
+    del api.nodes[NODE]
+    write_kubeconfig(tmp_path, api.url, ca.crt, admin)
+    write_intent(tmp_path / "system" / "state", UncordonIntent(NODE))
+
+    async def boot() -> None:
+        async with node_at(tmp_path) as node:
+            await _boot_good(node)
+            await until(lambda: any(e.startswith("nothing to uncordon") for e in events(node)))
+            assert read_intent(node.paths.state) is None
+
+    asyncio.run(boot())

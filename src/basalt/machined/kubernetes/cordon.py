@@ -158,7 +158,7 @@ class NodeCordon:
             return "the node was not changed"
         try:
             await self._uncordon(intent)
-        except (DrainError, KubeApiError) as exc:
+        except (BasaltError, OSError) as exc:
             self.give_back_later(why)
             return (
                 f"node {intent.node} stays cordoned for now: uncordoning failed ({exc}); "
@@ -210,8 +210,13 @@ class NodeCordon:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _MAX_UNCORDON_WAIT)
                 continue
-            what = "uncordoned node" if found else "nothing to uncordon: no longer has a Node"
-            self._event(f"{what} {intent.node}: {why}", intent.node)
+            if found:
+                self._event(f"uncordoned node {intent.node}: {why}", intent.node)
+            else:
+                self._event(
+                    f"nothing to uncordon: node {intent.node} is no longer registered ({why})",
+                    intent.node,
+                )
             return
         await asyncio.to_thread(clear_intent, self.state_dir)
         self._event(
