@@ -210,6 +210,9 @@ class FakeKubeApiServer:
         if sub == [] and method == "GET":
             return 200, pod.to_json()
         if sub == [] and method == "DELETE":
+            wanted = (body.get("preconditions") or {}).get("uid")
+            if wanted is not None and wanted != pod.uid:
+                return 409, _status(409, f"Precondition failed: UID in precondition: {wanted}")
             pod.removed_at = pod.removed_at or time.monotonic()
             return 200, pod.to_json()
         return 405, _status(405, f"{method} on pods/{'/'.join(sub)}")

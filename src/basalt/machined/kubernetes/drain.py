@@ -241,8 +241,15 @@ class Drainer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _delete(self, ref: PodRef) -> None:
-        answer = await self.client.delete(ref.path, {"gracePeriodSeconds": 0})
-        if answer.status != 404:
+        """Delete a finished pod: this one (its uid), not a new pod of the same name."""
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": ref.uid},
+        }
+        answer = await self.client.delete(ref.path, options)
+        if answer.status not in (404, 409):  # gone, or replaced (the uid precondition)
             self._check(answer.status, answer.message, f"deleting finished pod {ref}")
         self._waiting[ref] = "finished; deleted, still listed"
 
