@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from basalt.machinery.fileio import write_atomic
+from basalt.machinery.fileio import replacing, write_atomic
 
 
 def test_write_atomic_creates_directories_and_sets_the_mode(tmp_path: Path) -> None:
@@ -33,3 +33,24 @@ def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path: Path) -> None:
         write_atomic(path, ["not", "bytes"])  # type: ignore[arg-type]  # fails mid-write
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_mode_none_sets_no_mode_for_filesystems_without_modes(tmp_path: Path) -> None:
+    """vfat (the ESP) refuses a chmod it cannot represent: mode=None makes none."""
+    path = tmp_path / "entry.conf"
+    write_atomic(path, b"linux /x\n", mode=None)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # as mkstemp made it, untouched
+    assert path.read_bytes() == b"linux /x\n"
+
+
+def test_replacing_streams_and_replaces_only_a_complete_write(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinuz"
+    with replacing(path, mode=None) as handle:
+        for chunk in (b"a" * 10, b"b" * 10):
+            handle.write(chunk)
+    assert path.read_bytes() == b"a" * 10 + b"b" * 10
+    with pytest.raises(ValueError), replacing(path, mode=None) as handle:
+        handle.write(b"half")
+        raise ValueError("the hash did not match")
+    assert path.read_bytes() == b"a" * 10 + b"b" * 10
+    assert os.listdir(tmp_path) == ["vmlinuz"]

@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from basalt.machinery.errors import BasaltError
+from basalt.machinery.fileio import write_atomic
 
 ENTRIES = Path("loader/entries")
 #: systemd-boot's entry names are ASCII; code page 437 for the 8.3 aliases FAT keeps.
 VFAT_OPTIONS = "codepage=437,iocharset=ascii,shortname=mixed"
+#: dirsync: each directory change (create, rename, unlink) is on the disk when the call
+#: returns, in the order vfat makes it: a rename writes the new name whole (clusters and
+#: size) before it removes the old one, so a power cut leaves one name or two names of
+#: one file, never a name whose clusters were already freed (see boot/esp_repair.py).
+VFAT_FLAGS = "nosuid,nodev,noexec,noatime,dirsync"
 _SLOT_ARG = "basalt.slot="
 
 
@@ -54,25 +59,6 @@ def with_kernel_args(text: str, args: Sequence[str]) -> str:
     )
 
 
-def _replace(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def edit_entries(esp: Path, args: Sequence[str]) -> list[str]:
     """Add ``args`` to every Basalt entry on the ESP mounted at ``esp``; their names."""
     directory = esp / ENTRIES
@@ -92,7 +78,7 @@ def edit_entries(esp: Path, args: Sequence[str]) -> list[str]:
         text = path.read_text(encoding="ascii")
         edited = with_kernel_args(text, args)
         if edited != text:
-            _replace(path, edited)
+            write_atomic(path, edited.encode("ascii"), mode=None)  # vfat: no modes
     return names
 
 
@@ -100,11 +86,11 @@ def edit_entries(esp: Path, args: Sequence[str]) -> list[str]:
 def mounted_esp(device: str, mountpoint: Path, *, offset: int = 0, size: int = 0) -> Iterator[Path]:
     """The ESP on ``device`` mounted read-write at ``mountpoint`` for a block; with
     ``size``, the ESP is the ``size`` bytes at ``offset`` of ``device`` (a loop device
-    covers them). Unmounting flushes everything."""
+    covers them). Unmounting flushes everything. Metal slots mount the ESP this way too."""
     from .sys import loop, mount
 
     mountpoint.mkdir(parents=True, exist_ok=True)
-    flags, _ = mount.parse_options("nosuid,nodev,noexec,noatime")
+    flags, _ = mount.parse_options(VFAT_FLAGS)
     attached = None
     if size:
         attached = loop.attach(Path(device), read_only=False, offset=offset, size_limit=size)

@@ -2,8 +2,11 @@
 
 Layout (docs/adr/0011): ``/EFI/basalt/<SLOT>/{vmlinuz,initrd.img}`` and
 ``/loader/entries/basalt-GEN-SLOT-VERSION[+LEFT[-DONE]].conf``. Every write is atomic
-and durable as far as FAT allows: a temporary file (a name systemd-boot ignores: it
-reads only ``*.conf``), written, fsynced, renamed into place, and the directory fsynced.
+and durable as far as FAT allows (:func:`basalt.machinery.fileio.replacing`): a temporary
+file (``.NAME.XXXXXXXX``: systemd-boot skips names starting with a dot), written, fsynced,
+renamed into place, and the directory fsynced. vfat has no file modes: none is set.
+What a power cut in the middle of a FAT rename leaves is repaired at boot
+(:mod:`.esp_repair`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from basalt.machinery.errors import BasaltError
+from basalt.machinery.fileio import fsync_dir, replacing, write_atomic
 
 from .entries import PREFIX, SUFFIX
 
@@ -56,14 +59,6 @@ def entry_options(text: str) -> str:
     raise EspError("the boot entry has no options line", hint="restore it from the image")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Esp:
     """A mounted ESP at ``root``."""
 
@@ -93,33 +88,23 @@ class Esp:
         fsync_dir(self.entries_dir)
 
     def remove_entry(self, name: str) -> None:
+        self.remove(ENTRIES / name)
+
+    def remove(self, relative: str | Path) -> None:
+        """Unlink a file (freeing its clusters) and make that durable."""
+        path = self.root / relative
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.entries_dir / name)
-        fsync_dir(self.entries_dir)
+            os.unlink(path)
+        fsync_dir(path.parent)
 
     def write_file(self, relative: Path, data: bytes) -> None:
         """Replace ``relative`` with ``data``, whole or not at all."""
-        target = self.root / relative
-        with self.replacing(target) as handle:
-            handle.write(data)
+        write_atomic(self.root / relative, data, mode=None)
 
-    @contextlib.contextmanager
-    def replacing(self, target: Path) -> Iterator[BinaryIO]:
+    def replacing(self, target: Path) -> contextlib.AbstractContextManager[BinaryIO]:
         """Write ``target`` through a temporary file; it is renamed into place (and the
         directory synced) only when the block ends without an exception."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.tmp")
-        try:
-            with open(temp, "wb") as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        fsync_dir(target.parent)
+        return replacing(target, mode=None)
 
     def slot_files(self, slot: str) -> list[Path]:
         """The slot's kernel and initrd paths on the ESP."""
