@@ -6,6 +6,7 @@ functions the assessment model uses (:mod:`basalt.machined.boot.entries`)."""
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from basalt.machinery.images import (
     verification_key,
     verify_bundle,
 )
+from tests.fakes import fat
 
 A, B = SlotName.A, SlotName.B
 MIB = 1 << 20
@@ -113,13 +115,24 @@ def keys() -> tuple[str, str]:
     return generate_signing_key()
 
 
-def _machine(tmp_path: Path, booted: SlotName = A) -> MetalSlots:
+#: The ESP of a node installed from the image: slot A's files and entry.
+FRESH_ESP = {
+    "EFI/basalt/A/vmlinuz": b"kernel-a",
+    "EFI/basalt/A/initrd.img": b"initrd-a",
+    "loader/entries/basalt-1-a-0.1.0.conf": entry_text("0.1.0", "a", OPTIONS).encode(),
+}
+
+
+def _machine(tmp_path: Path, booted: SlotName = A, *, fat_image: bool = False) -> MetalSlots:
+    """A node's slots on files; the ESP a directory, or (``fat_image``) a real FAT32
+    image mounted through mtools (tests.fakes.fat.MtoolsMount)."""
     esp = tmp_path / "esp"
-    (esp / "loader/entries").mkdir(parents=True)
-    (esp / "EFI/basalt/A").mkdir(parents=True)
-    (esp / "EFI/basalt/A/vmlinuz").write_bytes(b"kernel-a")
-    (esp / "EFI/basalt/A/initrd.img").write_bytes(b"initrd-a")
-    (esp / "loader/entries/basalt-1-a-0.1.0.conf").write_text(entry_text("0.1.0", "a", OPTIONS))
+    if fat_image:
+        image = fat.make_image(tmp_path / "esp.img", FRESH_ESP)
+    else:
+        for path, data in FRESH_ESP.items():
+            (esp / path).parent.mkdir(parents=True, exist_ok=True)
+            (esp / path).write_bytes(data)
     (tmp_path / "meta").write_bytes(bytes(MIB))
     for name in "ab":
         (tmp_path / f"part-{name}").write_bytes(bytes(2 * MIB))
@@ -129,8 +142,9 @@ def _machine(tmp_path: Path, booted: SlotName = A) -> MetalSlots:
         partitions={A: tmp_path / "part-a", B: tmp_path / "part-b"},
         efivars=tmp_path / "efivars",
         staged_dir=tmp_path / "var/staged",
+        esp_device=str(image) if fat_image else None,
     )
-    return MetalSlots(devices, booted)
+    return MetalSlots(devices, booted, fat.MtoolsMount() if fat_image else None)
 
 
 def _bundle(tmp_path: Path, keys: tuple[str, str], version: str, root: bytes) -> VerifiedBundle:
@@ -298,7 +312,7 @@ def test_a_tar_member_list_is_checked_while_writing(tmp_path: Path, keys: tuple[
         assert tar.getnames()[:2] == ["manifest.json", "manifest.sig"]
 
 
-def test_a_torn_rename_leaves_two_names_and_the_loader_s_first_one_counts(
+def test_a_torn_rename_reads_as_the_loader_s_first_name_until_it_is_repaired(
     tmp_path: Path, keys: tuple[str, str]
 ) -> None:
     slots = _machine(tmp_path)
@@ -306,10 +320,100 @@ def test_a_torn_rename_leaves_two_names_and_the_loader_s_first_one_counts(
     entries = tmp_path / "esp/loader/entries"
     text = (entries / "basalt-2-b-0.2.0+3.conf").read_text()
     (entries / "basalt-2-b-0.2.0+2-1.conf").write_text(text)  # the firmware's rename, torn
-    state = MetalSlots(slots.devices, B).load()
+    on_b = MetalSlots(slots.devices, B)
+    state = on_b.load()
     assert state is not None and (state.b.tries_left, state.b.tries_done) == (3, 0)
     with pytest.raises(SlotWriteError, match=r"slot b still has a boot entry \(basalt-2-b"):
         slots.write(B, _bundle(tmp_path, keys, "0.3.0", b"root3"))
+    # At boot: the name systemd-boot boots first stays; the other goes.
+    (removal,) = on_b.repair().removals
+    assert removal.path == "loader/entries/basalt-2-b-0.2.0+2-1.conf"
+    assert sorted(os.listdir(entries)) == ["basalt-1-a-0.1.0.conf", "basalt-2-b-0.2.0+3.conf"]
+    assert on_b.repair().removals == ()  # idempotent
+    assert on_b.load() == state
+
+
+def _fat_upgrade(tmp_path: Path, keys: tuple[str, str]) -> tuple[MetalSlots, Path]:
+    """A FAT ESP after an upgrade to 0.2.0 whose first boot of B was cut in systemd-boot's
+    rename of its entry (+3 -> +2-1): two names, one cluster chain."""
+    slots = _machine(tmp_path, fat_image=True)
+    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"root"))
+    image = Path(str(slots.devices.esp_device))
+    assert fat.listing(image, "loader/entries") == [
+        "basalt-1-a-0.1.0.conf",
+        "basalt-2-b-0.2.0+3.conf",
+    ]
+    assert fat.fsck(image)[0] == 0
+    fat.second_name(image, "loader/entries/basalt-2-b-0.2.0+3.conf", "basalt-2-b-0.2.0+2-1.conf")
+    assert "share clusters" in fat.fsck(image)[1]
+    return slots, image
+
+
+def test_on_a_fat_esp_the_repair_erases_the_second_name_and_frees_nothing(
+    tmp_path: Path, keys: tuple[str, str]
+) -> None:
+    slots, image = _fat_upgrade(tmp_path, keys)
+    on_b = MetalSlots(slots.devices, B, slots._mounter)
+    done = on_b.repair()
+    assert [(r.path, r.how.value) for r in done.removals] == [
+        ("loader/entries/basalt-2-b-0.2.0+2-1.conf", "erase")
+    ]
+    assert done.left == ()
+    assert fat.listing(image, "loader/entries") == [
+        "basalt-1-a-0.1.0.conf",
+        "basalt-2-b-0.2.0+3.conf",
+    ]
+    assert (
+        fat.read(image, "loader/entries/basalt-2-b-0.2.0+3.conf")
+        == entry_text("0.2.0", "b", OPTIONS).encode()
+    )
+    code, said = fat.fsck(image)
+    assert code == 0, said
+    assert on_b.repair().removals == ()
+
+
+def test_on_a_fat_esp_leftovers_of_an_interrupted_install_are_removed_and_it_runs_again(
+    tmp_path: Path, keys: tuple[str, str]
+) -> None:
+    """Back on A (B fell back): an install into B was cut twice: once in the rename of
+    its kernel over the old one (the temporary name and the kernel share clusters), once
+    while writing its initrd (a temporary file of its own). The repair removes both, and
+    the next install of B works and leaves a clean FAT."""
+    slots, image = _fat_upgrade(tmp_path, keys)
+    on_a = MetalSlots(slots.devices, A, slots._mounter)
+    on_a.repair()
+    fat.second_name(image, "EFI/basalt/B/vmlinuz", ".vmlinuz.Q1w2E3")
+    fat.put(image, "EFI/basalt/B/.initrd.img.Zz9Yy8", b"half an initrd")
+    done = on_a.repair()
+    assert sorted((r.path, r.how.value) for r in done.removals) == [
+        ("EFI/basalt/B/.initrd.img.Zz9Yy8", "unlink"),
+        ("EFI/basalt/B/.vmlinuz.Q1w2E3", "erase"),
+    ]
+    code, said = fat.fsck(image)
+    assert code == 0, said
+    state = on_a.load()
+    assert state is not None
+    on_a.save(state.with_slot(Slot(B)))  # what Upgrader.install does first
+    _install(on_a, _bundle(tmp_path, keys, "0.3.0", b"root3"))
+    assert fat.listing(image, "EFI/basalt/B") == ["initrd.img", "vmlinuz"]
+    assert fat.read(image, "EFI/basalt/B/vmlinuz") == b"kernel-0.3.0"
+    assert "basalt-2-b-0.3.0+3.conf" in fat.listing(image, "loader/entries")
+    code, said = fat.fsck(image)
+    assert code == 0, said
+
+
+def test_a_problem_in_the_running_slot_is_left_alone_and_named(tmp_path: Path) -> None:
+    slots = _machine(tmp_path, fat_image=True)
+    image = Path(str(slots.devices.esp_device))
+    fat.freed(image, "EFI/basalt/A/vmlinuz")
+    done = slots.repair()
+    assert done.removals == ()
+    (left,) = done.left
+    assert re.fullmatch(
+        r"EFI/basalt/A/vmlinuz: cluster \d+ is marked free in the FAT; left alone: slot a has "
+        "a boot entry",
+        left,
+    )
 
 
 def test_a_staged_bundle_waits_on_ephemeral(tmp_path: Path, keys: tuple[str, str]) -> None:

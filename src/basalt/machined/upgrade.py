@@ -161,13 +161,32 @@ class Upgrader:
         self.node.events.publish("boot", message, actor="boot", **fields)
         log.info("%s", message)
 
+    async def repair_esp(self) -> None:
+        """Metal: repair what a power cut left on the ESP (MetalSlots.repair); each repair,
+        and each problem left alone, is an event naming the file."""
+        if not isinstance(self.slots, MetalSlots):
+            return
+        try:
+            done = await asyncio.to_thread(self.slots.repair)
+        except (BasaltError, OSError) as exc:
+            self._event(f"ESP not checked: {exc}")
+            return
+        for removal in done.removals:  # esp_check logged each one
+            self.node.events.publish(
+                "boot", f"ESP repaired: {removal.message()}", actor="boot", path=removal.path
+            )
+        for problem in done.left:
+            self.node.events.publish("boot", f"ESP check: {problem}", actor="boot")
+
     # -- at boot -------------------------------------------------------------------------
     async def on_boot(self) -> None:
-        """Publish which slot booted (and any fallback); start the gates on a slot on trial."""
+        """Repair the ESP after a power cut (metal); publish which slot booted (and any
+        fallback); start the gates on a slot on trial."""
         if self.slots is None and not self.node.platform.mode.in_container:
             self.slots = await asyncio.to_thread(_slot_storage, self.node)
             if isinstance(self.slots, MetalSlots):
                 await asyncio.to_thread(_mount_efivarfs)
+                await self.repair_esp()
         if self.slots is None:
             return
         await asyncio.to_thread(
@@ -358,6 +377,7 @@ class Upgrader:
         """Write the inactive slot and record the install; refused before anything changes."""
         async with self.lock:
             slots = self.require_slots()
+            await self.repair_esp()  # a cut since boot may have left a second entry name
             state = await self.load_state()
             outcome = apply(state, Install(verified.version))
             if outcome.refused or outcome.slot is None:

@@ -15,8 +15,11 @@ manifest, and only then is the new entry (``+3``, newest generation: it sorts fi
 created. Marking good renames the entry that booted, which systemd-boot names in
 ``LoaderBootCountPath``.
 
-The ESP is mounted (vfat) only while it is read or written, and unmounted afterwards:
-an unmount flushes everything, and a power cut finds it clean most of the time.
+The ESP is mounted (vfat, ``dirsync``) only while it is read or written, and unmounted
+afterwards: an unmount flushes everything, and a power cut finds it clean most of the
+time. What a cut in the middle of a FAT rename or write leaves (two names for one entry,
+a temporary file, a name whose clusters are free) is repaired at boot by :meth:`repair`
+(:mod:`.esp_repair` decides, :mod:`.esp_check` reads the device and carries it out).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from .codecs import EntryChange, entry_changes, state_from_entries
 from .entries import BasaltEntry, loader_order
 from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, copy_hashed, entry_options, entry_text
 from .esp import slot_dir as esp_slot_dir
+from .esp_check import repair_device, repair_directory
+from .esp_repair import EspPlan
 from .meta import Meta, MetaRecord, PendingUpgrade
 from .slots import SlotWriteError, keep_copy
 
@@ -49,8 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGED_BUNDLE = "bundle.tar"
-#: systemd-boot's entry names are ASCII; code page 437 for the 8.3 aliases FAT keeps.
-VFAT_OPTIONS = "codepage=437,iocharset=ascii,shortname=mixed"
 #: Where each payload file goes: the ESP (a path below the slot's directory) or the partition.
 _ESP_PAYLOAD = {KERNEL: KERNEL_NAME, INITRAMFS: INITRD_NAME}
 
@@ -75,7 +78,7 @@ class MetalSlots:
         self,
         devices: MetalDevices,
         booted: SlotName,
-        mounter: Callable[[str, Path], contextlib.AbstractContextManager[None]] | None = None,
+        mounter: Callable[[str, Path], contextlib.AbstractContextManager[object]] | None = None,
     ) -> None:
         self.devices = devices
         self.booted = booted
@@ -97,6 +100,17 @@ class MetalSlots:
                 return
             with self._mounter(device, self.devices.esp_dir):
                 yield Esp(self.devices.esp_dir)
+
+    def repair(self) -> EspPlan:
+        """Repair what a power cut left on the ESP (:mod:`.esp_repair`): a second name for
+        a slot's entry, temporary files, names whose clusters are free. Raises EspError
+        (or FatError) when the ESP cannot be checked; nothing is changed then."""
+        with self._lock:
+            device = self.devices.esp_device
+            if device is None or self._mounter is None:
+                return repair_directory(self.devices.esp_dir, self.booted)
+            mounter, target = self._mounter, self.devices.esp_dir
+            return repair_device(device, self.booted, lambda: mounter(device, target), target)
 
     # -- the boot state ----------------------------------------------------------------------
     def _state(self, esp: Esp, record: MetaRecord) -> BootState | None:
@@ -219,8 +233,8 @@ class MetalSlots:
                 raise SlotWriteError(
                     f"slot {name} still has a boot entry ({', '.join(left)}): it must be "
                     "removed before the slot is written",
-                    hint="an interrupted rename can leave a second name for one entry; "
-                    "remove it from loader/entries on the ESP",
+                    hint="an interrupted rename leaves a second name for one entry: machined "
+                    "removes it at boot (see the node's boot events); reboot the node",
                 )
             with open(bundle.source, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
                 for member in tar:
@@ -263,9 +277,8 @@ class MetalSlots:
 
 def _one_per_slot(names: list[str]) -> list[str]:
     """One entry per slot. A power cut in the middle of a FAT rename can leave the old and
-    the new name (one file under two names, sharing clusters): systemd-boot boots the
-    first in its order, so that one is the slot's state. The other is left alone, since
-    deleting either name would free clusters the survivor still uses."""
+    the new name; :meth:`MetalSlots.repair` removes one at boot. Until then (it could not
+    run), the name systemd-boot boots first is the slot's state."""
     by_slot: dict[str, list[str]] = {}
     for name in loader_order(names):
         by_slot.setdefault(BasaltEntry.parse(name).slot, []).append(name)
@@ -279,14 +292,6 @@ def _one_per_slot(names: list[str]) -> list[str]:
                 found[0],
             )
     return sorted(found[0] for found in by_slot.values())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _device_size(path: Path) -> int:
@@ -327,29 +332,12 @@ def _write_esp_file(
     return got
 
 
-def mount_vfat(device: str, target: Path) -> contextlib.AbstractContextManager[None]:
-    """Mount the ESP at ``target`` for a block; unmount (which flushes it) afterwards."""
-    from ..sys import mount
-
-    @contextlib.contextmanager
-    def mounted() -> Iterator[None]:
-        target.mkdir(parents=True, exist_ok=True)
-        flags, _ = mount.parse_options("nosuid,nodev,noexec,noatime")
-        mount.mount(device, target, "vfat", flags, VFAT_OPTIONS)
-        try:
-            yield
-        finally:
-            os.sync()
-            mount.umount(target)
-
-    return mounted()
-
-
 def of_machine(root: Path, ephemeral: Path, sys_block: Path | None = None) -> MetalSlots | None:
     """The slots of this machine when it booted from a Basalt disk, else None."""
     from basalt.machinery.disk.layout import EFI, META, slot_partition
 
     from ..install import CMDLINE, SYS_BLOCK, find_partition, kernel_slot
+    from ..install_entries import mounted_esp
     from ..sys.efivars import EFIVARS
 
     blocks = sys_block or SYS_BLOCK
@@ -372,4 +360,4 @@ def of_machine(root: Path, ephemeral: Path, sys_block: Path | None = None) -> Me
         staged_dir=ephemeral / "lib" / "basalt" / "staged",
         esp_device=esp,
     )
-    return MetalSlots(devices, SlotName(slot), mount_vfat)
+    return MetalSlots(devices, SlotName(slot), mounted_esp)

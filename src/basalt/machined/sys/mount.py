@@ -36,6 +36,7 @@ __all__ = [
     "is_mounted",
     "mount",
     "mount_pseudo_filesystems",
+    "mounted_from",
     "mounted_targets",
     "parse_mountinfo",
     "parse_options",
@@ -228,6 +229,20 @@ def mounted_targets(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]:
         return {target for target, _, _ in parse_mountinfo(mountinfo.read_text())}
     except OSError:
         return set()
+
+
+def mounted_from(source: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
+    """Where the device ``source`` is mounted in this mount namespace (none: [])."""
+    real = os.path.realpath(source)
+    try:
+        text = mountinfo.read_text()
+    except OSError:
+        return []
+    return [
+        target
+        for target, _, device in parse_mountinfo(text)
+        if device.startswith("/") and os.path.realpath(device) == real
+    ]
 
 
 def is_mounted(target: str | Path) -> bool:
