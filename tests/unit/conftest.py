@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from basalt.machinery.images import generate_signing_key
 from basalt.machinery.secrets import SecretsBundle
 from tests.fakes import inputs
 
@@ -26,3 +27,9 @@ def cp_yaml() -> str:
 @pytest.fixture
 def worker_yaml() -> str:
     return inputs.worker_yaml()
+
+
+@pytest.fixture(scope="session")
+def keypair() -> tuple[str, str]:
+    """An image signing key pair (private PEM, public PEM)."""
+    return generate_signing_key()

@@ -15,10 +15,8 @@ import pytest
 from basalt.machined.boot import (
     GatesPassed,
     GatesTimedOut,
-    Install,
     LoaderEntry,
     Rollback,
-    Slot,
     SlotHealth,
     SlotName,
     apply,
@@ -37,16 +35,8 @@ from basalt.machined.boot.meta import (
 from basalt.machined.boot.metal_slots import MetalDevices, MetalSlots
 from basalt.machined.boot.slots import SlotWriteError
 from basalt.machined.sys import efivars
-from basalt.machinery.images import (
-    VerifiedBundle,
-    create_bundle,
-    generate_signing_key,
-    load_signing_key,
-    required_payload,
-    verification_key,
-    verify_bundle,
-)
 from tests.fakes import fat
+from tests.fakes.bundles import install, metal_bundle
 
 A, B = SlotName.A, SlotName.B
 MIB = 1 << 20
@@ -110,11 +100,6 @@ def test_loader_boot_count_path_names_the_counted_entry(tmp_path: Path) -> None:
 # -- slots ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def keys() -> tuple[str, str]:
-    return generate_signing_key()
-
-
 #: The ESP of a node installed from the image: slot A's files and entry.
 FRESH_ESP = {
     "EFI/basalt/A/vmlinuz": b"kernel-a",
@@ -147,37 +132,6 @@ def _machine(tmp_path: Path, booted: SlotName = A, *, fat_image: bool = False) -
     return MetalSlots(devices, booted, fat.MtoolsMount() if fat_image else None)
 
 
-def _bundle(tmp_path: Path, keys: tuple[str, str], version: str, root: bytes) -> VerifiedBundle:
-    src = tmp_path / f"payload-{version}"
-    src.mkdir()
-    files = {
-        "kernel": b"kernel-" + version.encode(),
-        "initramfs": b"initrd",
-        "rootfs.squashfs": root,
-    }
-    for name, data in files.items():
-        (src / name).write_bytes(data)
-    out = tmp_path / f"{version}.tar"
-    create_bundle(
-        out, {n: src / n for n in files}, version, "default", "x86_64", load_signing_key(keys[0])
-    )
-    return verify_bundle(
-        out, [verification_key(keys[1])], "x86_64", required=required_payload("metal")
-    )
-
-
-def _install(slots: MetalSlots, bundle: VerifiedBundle) -> None:
-    """What Upgrader.install does."""
-    state = slots.load()
-    assert state is not None
-    outcome = apply(state, Install(bundle.version))
-    assert not outcome.refused and outcome.slot is not None
-    if state.slot(outcome.slot).version is not None:
-        slots.save(state.with_slot(Slot(outcome.slot)))
-    slots.write(outcome.slot, bundle)
-    slots.save(outcome.state)
-
-
 def _firmware_boot(tmp_path: Path, slots: MetalSlots) -> MetalSlots:
     """systemd-boot: boot the first entry, counting a try; return the booted system's view."""
     entries = slots.devices.esp_dir / "loader/entries"
@@ -196,13 +150,13 @@ def _firmware_boot(tmp_path: Path, slots: MetalSlots) -> MetalSlots:
 
 
 def test_upgrade_writes_the_other_slot_and_a_counted_entry_that_boots_first(
-    tmp_path: Path, keys: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
     slots = _machine(tmp_path)
     state = slots.load()
     assert state is not None and state.a.health is SlotHealth.GOOD and state.b.version is None
     root = os.urandom(300_000)
-    _install(slots, _bundle(tmp_path, keys, "0.2.0", root))
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", root))
     entries = sorted(os.listdir(tmp_path / "esp/loader/entries"))
     assert entries == ["basalt-1-a-0.1.0.conf", "basalt-2-b-0.2.0+3.conf"]
     assert loader_order(entries)[0] == "basalt-2-b-0.2.0+3.conf"
@@ -232,10 +186,10 @@ def test_upgrade_writes_the_other_slot_and_a_counted_entry_that_boots_first(
 
 
 def test_a_failing_slot_falls_back_with_its_reason_from_meta(
-    tmp_path: Path, keys: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
     slots = _machine(tmp_path)
-    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"broken-root"))
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", b"broken-root"))
     current = slots
     for _ in range(3):
         current = _firmware_boot(tmp_path, current)
@@ -254,15 +208,15 @@ def test_a_failing_slot_falls_back_with_its_reason_from_meta(
     )
     # Rollback to the failed slot is refused; a new install replaces it.
     assert apply(state, Rollback()).refused
-    _install(fell_back, _bundle(tmp_path, keys, "0.3.0", b"fixed-root"))
+    install(fell_back, metal_bundle(tmp_path, keypair, "0.3.0", b"fixed-root"))
     assert "basalt-3-b-0.3.0+3.conf" in os.listdir(tmp_path / "esp/loader/entries")
 
 
 def test_rollback_renames_both_entries_and_the_other_slot_boots(
-    tmp_path: Path, keys: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
     slots = _machine(tmp_path)
-    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"root"))
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", b"root"))
     on_b = _firmware_boot(tmp_path, slots)
     state = on_b.load()
     assert state is not None
@@ -281,23 +235,23 @@ def test_rollback_renames_both_entries_and_the_other_slot_boots(
 
 
 def test_a_bundle_changed_after_verification_leaves_the_slot_without_an_entry(
-    tmp_path: Path, keys: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
     slots = _machine(tmp_path)
-    bundle = _bundle(tmp_path, keys, "0.2.0", b"R" * 5000)
+    bundle = metal_bundle(tmp_path, keypair, "0.2.0", b"R" * 5000)
     with open(bundle.source, "r+b") as handle:  # flip a byte of the root, after verify
         data = handle.read()
         at = data.rindex(b"R" * 5000) + 100
         handle.seek(at)
         handle.write(b"X")
     with pytest.raises(SlotWriteError, match=r"changed after it was verified: rootfs\.squashfs"):
-        _install(slots, bundle)
+        install(slots, bundle)
     assert os.listdir(tmp_path / "esp/loader/entries") == ["basalt-1-a-0.1.0.conf"]
 
 
-def test_refusals_write_nothing(tmp_path: Path, keys: tuple[str, str]) -> None:
+def test_refusals_write_nothing(tmp_path: Path, keypair: tuple[str, str]) -> None:
     slots = _machine(tmp_path)
-    bundle = _bundle(tmp_path, keys, "0.2.0", b"r" * (2 * MIB + 1))
+    bundle = metal_bundle(tmp_path, keypair, "0.2.0", b"r" * (2 * MIB + 1))
     with pytest.raises(SlotWriteError, match=r"rootfs.squashfs is 2097153 bytes; partition"):
         slots.write(B, bundle)
     with pytest.raises(SlotWriteError, match="slot a is running"):
@@ -306,17 +260,19 @@ def test_refusals_write_nothing(tmp_path: Path, keys: tuple[str, str]) -> None:
     assert (tmp_path / "part-b").read_bytes() == bytes(2 * MIB)
 
 
-def test_a_tar_member_list_is_checked_while_writing(tmp_path: Path, keys: tuple[str, str]) -> None:
-    bundle = _bundle(tmp_path, keys, "0.2.0", b"root")
+def test_a_tar_member_list_is_checked_while_writing(
+    tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    bundle = metal_bundle(tmp_path, keypair, "0.2.0", b"root")
     with tarfile.open(bundle.source) as tar:
         assert tar.getnames()[:2] == ["manifest.json", "manifest.sig"]
 
 
 def test_a_torn_rename_reads_as_the_loader_s_first_name_until_it_is_repaired(
-    tmp_path: Path, keys: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
     slots = _machine(tmp_path)
-    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"root"))
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", b"root"))
     entries = tmp_path / "esp/loader/entries"
     text = (entries / "basalt-2-b-0.2.0+3.conf").read_text()
     (entries / "basalt-2-b-0.2.0+2-1.conf").write_text(text)  # the firmware's rename, torn
@@ -324,7 +280,7 @@ def test_a_torn_rename_reads_as_the_loader_s_first_name_until_it_is_repaired(
     state = on_b.load()
     assert state is not None and (state.b.tries_left, state.b.tries_done) == (3, 0)
     with pytest.raises(SlotWriteError, match=r"slot b still has a boot entry \(basalt-2-b"):
-        slots.write(B, _bundle(tmp_path, keys, "0.3.0", b"root3"))
+        slots.write(B, metal_bundle(tmp_path, keypair, "0.3.0", b"root3"))
     # At boot: the name systemd-boot boots first stays; the other goes.
     (removal,) = on_b.repair().removals
     assert removal.path == "loader/entries/basalt-2-b-0.2.0+2-1.conf"
@@ -333,11 +289,11 @@ def test_a_torn_rename_reads_as_the_loader_s_first_name_until_it_is_repaired(
     assert on_b.load() == state
 
 
-def _fat_upgrade(tmp_path: Path, keys: tuple[str, str]) -> tuple[MetalSlots, Path]:
+def _fat_upgrade(tmp_path: Path, keypair: tuple[str, str]) -> tuple[MetalSlots, Path]:
     """A FAT ESP after an upgrade to 0.2.0 whose first boot of B was cut in systemd-boot's
     rename of its entry (+3 -> +2-1): two names, one cluster chain."""
     slots = _machine(tmp_path, fat_image=True)
-    _install(slots, _bundle(tmp_path, keys, "0.2.0", b"root"))
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", b"root"))
     image = Path(str(slots.devices.esp_device))
     assert fat.listing(image, "loader/entries") == [
         "basalt-1-a-0.1.0.conf",
@@ -350,9 +306,9 @@ def _fat_upgrade(tmp_path: Path, keys: tuple[str, str]) -> tuple[MetalSlots, Pat
 
 
 def test_on_a_fat_esp_the_repair_erases_the_second_name_and_frees_nothing(
-    tmp_path: Path, keys: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
-    slots, image = _fat_upgrade(tmp_path, keys)
+    slots, image = _fat_upgrade(tmp_path, keypair)
     on_b = MetalSlots(slots.devices, B, slots._mounter)
     done = on_b.repair()
     assert [(r.path, r.how.value) for r in done.removals] == [
@@ -373,13 +329,13 @@ def test_on_a_fat_esp_the_repair_erases_the_second_name_and_frees_nothing(
 
 
 def test_on_a_fat_esp_leftovers_of_an_interrupted_install_are_removed_and_it_runs_again(
-    tmp_path: Path, keys: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
     """Back on A (B fell back): an install into B was cut twice: once in the rename of
     its kernel over the old one (the temporary name and the kernel share clusters), once
     while writing its initrd (a temporary file of its own). The repair removes both, and
     the next install of B works and leaves a clean FAT."""
-    slots, image = _fat_upgrade(tmp_path, keys)
+    slots, image = _fat_upgrade(tmp_path, keypair)
     on_a = MetalSlots(slots.devices, A, slots._mounter)
     on_a.repair()
     fat.second_name(image, "EFI/basalt/B/vmlinuz", ".vmlinuz.Q1w2E3")
@@ -391,13 +347,10 @@ def test_on_a_fat_esp_leftovers_of_an_interrupted_install_are_removed_and_it_run
     ]
     code, said = fat.fsck(image)
     assert code == 0, said
-    state = on_a.load()
-    assert state is not None
-    on_a.save(state.with_slot(Slot(B)))  # what Upgrader.install does first
-    _install(on_a, _bundle(tmp_path, keys, "0.3.0", b"root3"))
+    install(on_a, metal_bundle(tmp_path, keypair, "0.3.0", b"root3"))
     assert fat.listing(image, "EFI/basalt/B") == ["initrd.img", "vmlinuz"]
     assert fat.read(image, "EFI/basalt/B/vmlinuz") == b"kernel-0.3.0"
-    assert "basalt-2-b-0.3.0+3.conf" in fat.listing(image, "loader/entries")
+    assert "basalt-3-b-0.3.0+3.conf" in fat.listing(image, "loader/entries")
     code, said = fat.fsck(image)
     assert code == 0, said
 
@@ -416,9 +369,9 @@ def test_a_problem_in_the_running_slot_is_left_alone_and_named(tmp_path: Path) -
     )
 
 
-def test_a_staged_bundle_waits_on_ephemeral(tmp_path: Path, keys: tuple[str, str]) -> None:
+def test_a_staged_bundle_waits_on_ephemeral(tmp_path: Path, keypair: tuple[str, str]) -> None:
     slots = _machine(tmp_path)
-    bundle = _bundle(tmp_path, keys, "0.2.0", b"root")
+    bundle = metal_bundle(tmp_path, keypair, "0.2.0", b"root")
     assert slots.staged() is None
     slots.stage(bundle.source)
     staged = slots.staged()

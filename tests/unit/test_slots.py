@@ -16,7 +16,6 @@ from basalt.machined.boot import (
     Boot,
     BootState,
     GatesPassed,
-    Install,
     SlotHealth,
     SlotName,
     apply,
@@ -29,7 +28,6 @@ from basalt.machinery.images import (
     ImagePayloadError,
     VerifiedBundle,
     create_bundle,
-    generate_signing_key,
     load_signing_key,
     required_payload,
     verification_key,
@@ -43,13 +41,9 @@ from basalt.provision.launcher import (
     choose_boot,
     record_crash,
 )
+from tests.fakes import bundles
 
 A, B = SlotName.A, SlotName.B
-
-
-@pytest.fixture(scope="module")
-def keypair() -> tuple[str, str]:
-    return generate_signing_key()
 
 
 @pytest.fixture
@@ -71,8 +65,7 @@ def build(tree: Path, out: Path, keypair: tuple[str, str], version: str = "0.2.0
 
 
 def verified(bundle: Path, keypair: tuple[str, str]) -> VerifiedBundle:
-    keys = [verification_key(keypair[1], "test")]
-    return verify_bundle(bundle, keys, "x86_64", required=required_payload("container"))
+    return bundles.verified(bundle, keypair, "container")
 
 
 # -- bundles from a source tree -------------------------------------------------------------------
@@ -228,13 +221,8 @@ def state_of(node_dir: Path) -> BootState:
 
 def install(node_dir: Path, tree: Path, keypair: tuple[str, str], version: str) -> None:
     """What machined does on an upgrade: write the inactive slot, then record Install."""
-    slots = SlotDirectories.of_node(node_dir)
-    state = state_of(node_dir)
-    outcome = apply(state, Install(version))
-    assert outcome.slot is not None
     bundle = build(tree, node_dir.parent / f"{version}.tar", keypair, version)
-    slots.write(outcome.slot, verified(bundle, keypair))
-    slots.save(outcome.state)
+    bundles.install(SlotDirectories.of_node(node_dir), verified(bundle, keypair))
 
 
 def test_first_boot_is_slot_a_from_the_installed_basalt(tmp_path) -> None:
