@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 from basalt.machinery.api import resource_pb2
 from basalt.machinery.client.client import Client
 from basalt.machinery.client.config import Context
-from basalt.machinery.config import Patch
+from basalt.machinery.config import Patch, parse_patch
+from basalt.machinery.images.keys import trust_document
 from basalt.machinery.pki import CertificateAndKey
 from basalt.provision.process import ClusterRequest, create, destroy, load_context, node_ready
 from basalt.provision.state import ClusterRecord
@@ -122,6 +123,32 @@ def start_cluster(
     _, context = config.current()
     secrets = yaml.safe_load((state_dir / "secrets.yaml").read_text())
     return LiveCluster(record, context, secrets)
+
+
+def upgradable_cluster(
+    tmp: Path,
+    name: str,
+    base: str,
+    *,
+    trusted_key: str,
+    key_name: str,
+    gates_timeout: int,
+    controlplanes: int = 1,
+    workers: int = 1,
+) -> LiveCluster:
+    """:func:`start_cluster` for upgrade tests: the nodes trust ``trusted_key`` (a public
+    PEM) for bundles, through an ImageVerificationConfig patch, and a slot on trial has
+    ``gates_timeout`` seconds to pass its health gates."""
+    patch = parse_patch(trust_document(trusted_key, key_name), f"trust-{key_name}")
+    return start_cluster(
+        tmp,
+        name,
+        base,
+        controlplanes=controlplanes,
+        workers=workers,
+        machined_args=("--boot-assessment-timeout", str(gates_timeout)),
+        patches=(patch,),
+    )
 
 
 def stop_cluster(cluster: LiveCluster) -> None:

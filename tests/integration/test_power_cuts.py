@@ -39,12 +39,10 @@ import yaml
 import basalt
 from basalt.machinery.api import common_pb2, machine_pb2
 from basalt.machinery.client.client import upload
-from basalt.machinery.config import parse_patch
 from basalt.machinery.images import generate_signing_key, load_signing_key
-from basalt.machinery.images.keys import trust_document
 from basalt.provision import common, process
 from basalt.provision.bundle_from_tree import bundle_from_tree
-from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
+from tests.fakes.cluster import LiveCluster, run, stop_cluster, upgradable_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,10 +50,6 @@ CUTS = int(os.environ.get("BASALT_POWER_CUTS", "200"))
 SRC = Path(basalt.__file__).resolve().parent
 READY_TIMEOUT = 60.0
 GATES_TIMEOUT = 20
-
-
-def _trust_patch(public_pem: str) -> str:
-    return trust_document(public_pem, "cuts")
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +70,14 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, signing: tuple[str, str]) 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, signing: tuple[str, str]) -> Any:
-    patch = parse_patch(_trust_patch(signing[1]), "trust-cuts-key")
-    live = start_cluster(
+    live = upgradable_cluster(
         tmp_path_factory.mktemp("cuts"),
         "cut",
         "127.0.0.161",
-        controlplanes=1,
+        trusted_key=signing[1],
+        key_name="cuts",
+        gates_timeout=GATES_TIMEOUT,
         workers=2,
-        machined_args=("--boot-assessment-timeout", str(GATES_TIMEOUT)),
-        patches=(patch,),
     )
     yield live
     stop_cluster(live)

@@ -32,12 +32,10 @@ import basalt
 from basalt.machined.etcd.client import EtcdClient, client_url
 from basalt.machinery.api import common_pb2, machine_pb2
 from basalt.machinery.client.client import upload
-from basalt.machinery.config import parse_patch
 from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
-from basalt.machinery.images.keys import trust_document
 from basalt.machinery.pki import CertificateAndKey, issue_certificate
 from basalt.provision.bundle_from_tree import bundle_from_tree
-from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
+from tests.fakes.cluster import LiveCluster, run, stop_cluster, upgradable_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,10 +55,6 @@ async def run_checks(node: Node) -> list[Check]:  # type: ignore[no-redef]
 '''
 
 
-def _trust_patch(public_pem: str) -> str:
-    return trust_document(public_pem, "test-release")
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("keys")
@@ -72,15 +66,14 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Any:
-    patch = parse_patch(_trust_patch((keys / "release.pub").read_text()), "trust-test-key")
-    live = start_cluster(
+    live = upgradable_cluster(
         tmp_path_factory.mktemp("upgrade"),
         "upg",
         "127.0.0.81",
+        trusted_key=(keys / "release.pub").read_text(),
+        key_name="test-release",
+        gates_timeout=GATES_TIMEOUT,
         controlplanes=3,
-        workers=1,
-        machined_args=("--boot-assessment-timeout", str(GATES_TIMEOUT)),
-        patches=(patch,),
     )
     yield live
     stop_cluster(live)
