@@ -101,20 +101,18 @@ class Installed:
         self.vm = Vm.boot_disk(self.disk, self.workdir, port=self.vm.port, name=name)
 
 
-@pytest.fixture(scope="module")
-def installed(
-    image_dir: Path, tmp_path_factory: pytest.TempPathFactory, timings: Timings
-) -> Iterator[Installed]:
+def boot_for_install(image_dir: Path, work: Path, *patches: dict[str, Any]) -> Installed:
+    """A config for a control plane installing to /dev/vda (with ``patches``) in
+    ``work/config``, and a node booted from an overlay of the image's disk, its
+    maintenance API answering."""
     from basalt.machinery.client.config import load_client_config
 
-    work = tmp_path_factory.mktemp("install")
     disk = _overlay(image_dir, work / "node.qcow2")
     out = work / "config"
-    patch = {"apiVersion": API, "kind": "MachineConfig", "install": {"extraKernelArgs": EXTRA}}
     _ctl(
         *("gen", "config", "vm", f"https://{GUEST_ADDRESS}:6443", "-o", str(out)),
         *("--install-disk", "/dev/vda", "--additional-sans", "127.0.0.1"),
-        *("--config-patch", json.dumps(patch)),
+        *(a for patch in patches for a in ("--config-patch", json.dumps(patch))),
     )
     _, context = load_client_config(out / "basaltconfig").current()
     vm = Vm.boot_disk(disk, work, name="console-1")
@@ -125,14 +123,28 @@ def installed(
             BOOT_TIMEOUT,
             "maintenance API (UEFI disk boot)",
         )
-        assert answer.messages[0].mode == "maintenance"
+    except BaseException:
+        vm.stop()
+        raise
+    assert answer.messages[0].mode == "maintenance"
+    return node
+
+
+@pytest.fixture(scope="module")
+def installed(
+    image_dir: Path, tmp_path_factory: pytest.TempPathFactory, timings: Timings
+) -> Iterator[Installed]:
+    patch = {"apiVersion": API, "kind": "MachineConfig", "install": {"extraKernelArgs": EXTRA}}
+    node = boot_for_install(image_dir, tmp_path_factory.mktemp("install"), patch)
+    vm, out = node.vm, node.workdir / "config"
+    try:
         timings.record("uefi: QEMU start -> maintenance API answer", vm.mark("maintenance"))
         bad = out / "vdz.yaml"
         text = (out / "controlplane.yaml").read_text()
         assert text.count("disk: /dev/vda\n") == 1
         bad.write_text(text.replace("disk: /dev/vda\n", "disk: /dev/vdz\n"))
         node.refused = _apply(vm.endpoint, bad)
-        node.untouched = _written_clusters(disk)
+        node.untouched = _written_clusters(node.disk)
         started = time.monotonic()
         applied = _apply(vm.endpoint, out / "controlplane.yaml")
         assert applied.returncode == 0, applied.stdout + applied.stderr + vm.console_tail()
