@@ -5,10 +5,14 @@ functions the assessment model uses (:mod:`basalt.machined.boot.entries`)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -34,6 +38,7 @@ from basalt.machined.boot.meta import (
 )
 from basalt.machined.boot.metal_slots import MetalDevices, MetalSlots
 from basalt.machined.boot.slots import SlotWriteError
+from basalt.machined.events import EventBus
 from basalt.machined.sys import efivars
 from tests.fakes import fat
 from tests.fakes.bundles import install, metal_bundle
@@ -379,3 +384,40 @@ def test_a_staged_bundle_waits_on_ephemeral(tmp_path: Path, keypair: tuple[str, 
     assert staged.parent == tmp_path / "var/staged"
     slots.clear_staged()
     assert slots.staged() is None
+
+
+@dataclass
+class _Node:
+    """What Upgrader.repair_esp touches of a node: its platform mode and its events."""
+
+    events: EventBus = field(default_factory=EventBus)
+    platform: Any = field(
+        default_factory=lambda: SimpleNamespace(mode=SimpleNamespace(in_container=False))
+    )
+
+
+def test_each_repair_and_each_problem_left_is_an_event_naming_the_file(tmp_path: Path) -> None:
+    from basalt.machined.upgrade import Upgrader
+
+    slots = _machine(tmp_path, fat_image=True)
+    image = Path(str(slots.devices.esp_device))
+    fat.second_name(image, "loader/entries/basalt-1-a-0.1.0.conf", "basalt-3-a-0.1.0.conf")
+    fat.freed(image, "EFI/basalt/A/initrd.img")
+    node = _Node()
+    upgrader = Upgrader(node)  # type: ignore[arg-type]
+    upgrader.slots = slots
+    asyncio.run(upgrader.repair_esp())
+    repaired, left = (e for e in node.events.history())
+    assert (repaired.type, repaired.actor, repaired.fields) == (
+        "boot",
+        "boot",
+        {"path": "loader/entries/basalt-1-a-0.1.0.conf"},
+    )
+    assert repaired.message.startswith(
+        "ESP repaired: removed loader/entries/basalt-1-a-0.1.0.conf: a second name for slot "
+        "a's boot entry, left by an interrupted rename; basalt-3-a-0.1.0.conf stays"
+    )
+    assert left.message.startswith("ESP check: EFI/basalt/A/initrd.img: cluster ")
+    (image.parent / "esp.img").write_bytes(b"not FAT any more" * 64)
+    asyncio.run(upgrader.repair_esp())
+    assert node.events.history()[-1].message.startswith("ESP not checked: no FAT boot sector")
