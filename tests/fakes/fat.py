@@ -113,7 +113,9 @@ def second_name(image: Path, path: str, new_name: str) -> None:
     with FatVolume.open(image) as volume:
         new = volume.lookup(new_path)
         assert new is not None
-    for cluster in new.clusters:  # the copy's own clusters go back: it is the same file
+    with FatVolume.open(image) as volume:
+        own = volume.clusters(new)
+    for cluster in own:  # the copy's own clusters go back: it is the same file
         _set_fat(image, cluster, 0)
     _set_start(image, new.entry_offset, old.start, old.size)
 
@@ -128,7 +130,8 @@ def freed(image: Path, path: str) -> None:
     with FatVolume.open(image) as volume:
         found = volume.lookup(path)
         assert found is not None
-    for cluster in found.clusters:
+        clusters = volume.clusters(found)
+    for cluster in clusters:
         _set_fat(image, cluster, 0)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,19 +39,16 @@ def _is_entry(path: str) -> bool:
 def files_on_volume(volume: FatVolume) -> dict[str, tuple[EspFile, FatFile]]:
     """Every file on the volume as the repair sees it, by path."""
     walked = volume.walk()
-    owners: dict[int, list[str]] = {}
+    by_end: dict[int, list[str]] = {}  # chains that share a cluster end at the same one
     for item in walked:
-        for cluster in item.clusters:
-            owners.setdefault(cluster, []).append(item.path)
+        if item.end:
+            by_end.setdefault(item.end, []).append(item.path)
     found = {}
     for item in walked:
         if item.is_dir:
             continue
-        shared: set[str] = set()
-        if managed(item.path):
-            for cluster in item.clusters:
-                shared.update(owners[cluster])
-            shared.discard(item.path)
+        shared = set(by_end.get(item.end, ())) if managed(item.path) and item.end else set()
+        shared.discard(item.path)
         text = None
         if _is_entry(item.path) and item.size <= _ENTRY_LIMIT:
             text = volume.read(item).decode("ascii", errors="replace")
@@ -105,6 +103,7 @@ def repair_device(
             f"the ESP {device} is mounted at {', '.join(where)}: it is checked only unmounted",
             hint="it is checked again at the next boot",
         )
+    started = time.monotonic()
     with FatVolume.open(device, writable=True) as volume:
         files = files_on_volume(volume)
         done = plan((seen for seen, _ in files.values()), booted)
@@ -115,4 +114,11 @@ def repair_device(
             esp = Esp(mountpoint)
             for removal in done.unlinks:
                 esp.remove(removal.path)
+    if not done.removals and not done.left:
+        log.info(
+            "ESP %s checked: %d files, nothing to repair (%.2f s)",
+            device,
+            len(files),
+            time.monotonic() - started,
+        )
     return _report(done)

@@ -44,8 +44,11 @@ class FatError(BasaltError):
 @dataclass(frozen=True)
 class FatFile:
     """One directory entry: its path (``/``-separated, as named), where it is on the
-    volume, and its cluster chain. ``problem`` says why the chain is not a whole,
-    valid chain for its size (then ``clusters`` holds the part that could be followed)."""
+    volume, and its cluster chain: ``length`` clusters (as far as it could be followed)
+    ending at ``end``, its last cluster or the first free, bad or out-of-range one (0: no
+    clusters). Chains that share any cluster share the rest too (each FAT word has one
+    successor), so two files share clusters exactly when they have the same ``end``.
+    ``problem`` says why the chain is not a whole, valid chain for the file's size."""
 
     path: str
     size: int
@@ -53,7 +56,8 @@ class FatFile:
     is_dir: bool
     entry_offset: int
     name_slots: tuple[int, ...]
-    clusters: tuple[int, ...]
+    length: int
+    end: int
     problem: str | None = None
 
     @property
@@ -140,6 +144,10 @@ def _first_cluster(raw: bytes, fat32: bool) -> int:
     return (high << 16 | low) & 0x0FFFFFFF if fat32 else low
 
 
+def _root(start: int, length: int) -> FatFile:
+    return FatFile("", 0, start, True, 0, (), length, 0)
+
+
 def _checksum(raw: bytes) -> int:
     total = 0
     for byte in raw[:11]:
@@ -198,16 +206,13 @@ class FatVolume:
             size = os.lseek(fd, 0, os.SEEK_END) - offset
         self.geometry = _geometry(self._read(0, 512), size)
         raw = self._read(self.geometry.fat_offset, self.geometry.fat_bytes)
-        if self.geometry.fat32:
-            table = array("I")
-            table.frombytes(raw[: len(raw) // 4 * 4])
-            self.fat = [v & 0x0FFFFFFF for v in table]
-            self.end, self.bad = 0x0FFFFFF8, 0x0FFFFFF7
+        width = 4 if self.geometry.fat32 else 2
+        self.fat = array("I" if self.geometry.fat32 else "H")
+        self.fat.frombytes(raw[: len(raw) // width * width])
+        if self.geometry.fat32:  # the top 4 bits of a FAT32 word are reserved
+            self.mask, self.eoc, self.bad = 0x0FFFFFFF, 0x0FFFFFF8, 0x0FFFFFF7
         else:
-            table = array("H")
-            table.frombytes(raw[: len(raw) // 2 * 2])
-            self.fat = list(table)
-            self.end, self.bad = 0xFFF8, 0xFFF7
+            self.mask, self.eoc, self.bad = 0xFFFF, 0xFFF8, 0xFFF7
 
     @classmethod
     @contextlib.contextmanager
@@ -233,36 +238,41 @@ class FatVolume:
         return data
 
     # -- clusters ------------------------------------------------------------------------------
-    def chain(self, start: int, size: int | None = None) -> tuple[tuple[int, ...], str | None]:
-        """The clusters from ``start``; with ``size`` (a file), checked against it."""
+    def follow(self, start: int, size: int | None = None) -> tuple[int, int, str | None]:
+        """The chain from ``start``: (clusters, where it ends, what is wrong with it);
+        with ``size`` (a file), its length is checked against the size."""
         if start == 0:
-            if size:
-                return (), f"{size} bytes but no first cluster"
-            return (), None
-        found: list[int] = []
-        seen: set[int] = set()
-        last = min(self.geometry.clusters + 1, len(self.fat) - 1)
-        cluster = start
-        while True:
+            return 0, 0, (f"{size} bytes but no first cluster" if size else None)
+        fat, mask, eoc, bad = self.fat, self.mask, self.eoc, self.bad
+        last = min(self.geometry.clusters + 1, len(fat) - 1)
+        cluster, length = start, 0
+        while True:  # a plain loop: kernels are tens of thousands of clusters
             if cluster < 2 or cluster > last:
-                return tuple(found), f"cluster {cluster} is outside the volume"
-            if cluster in seen:
-                return tuple(found), f"its chain loops at cluster {cluster}"
-            value = self.fat[cluster]
+                return length, cluster, f"cluster {cluster} is outside the volume"
+            value = fat[cluster] & mask
             if value == 0:
-                return tuple(found), f"cluster {cluster} is marked free in the FAT"
-            if value == self.bad:
-                return tuple(found), f"cluster {cluster} is marked bad"
-            found.append(cluster)
-            seen.add(cluster)
-            if value >= self.end:
+                return length, cluster, f"cluster {cluster} is marked free in the FAT"
+            if value == bad:
+                return length, cluster, f"cluster {cluster} is marked bad"
+            length += 1
+            if value >= eoc:
                 break
+            if length > last:
+                return length, cluster, "its chain loops"
             cluster = value
         if size is not None:
             need = -(-size // self.geometry.cluster)
-            if len(found) != need:
-                return tuple(found), f"{len(found)} clusters for {size} bytes (needs {need})"
-        return tuple(found), None
+            if length != need:
+                return length, cluster, f"{length} clusters for {size} bytes (needs {need})"
+        return length, cluster, None
+
+    def clusters(self, file: FatFile) -> list[int]:
+        """``file``'s clusters, as far as its chain could be followed."""
+        found, cluster = [], file.start
+        for _ in range(file.length):
+            found.append(cluster)
+            cluster = self.fat[cluster] & self.mask
+        return found
 
     def _cluster_offset(self, cluster: int) -> int:
         return self.geometry.data_offset + (cluster - 2) * self.geometry.cluster
@@ -271,7 +281,7 @@ class FatVolume:
         """A file's content through its chain (as far as it goes), at most ``limit`` bytes."""
         size = min(file.size, limit)
         out = bytearray()
-        for cluster in file.clusters:
+        for cluster in self.clusters(file):
             if len(out) >= size:
                 break
             out += self._read(self._cluster_offset(cluster), self.geometry.cluster)
@@ -285,9 +295,10 @@ class FatVolume:
             spans = [(g.root_offset, g.root_bytes)]
         else:
             if directory is None:
-                clusters, problem = self.chain(g.root_cluster)
+                length, _, problem = self.follow(g.root_cluster)
+                clusters = self.clusters(_root(g.root_cluster, length))
             else:
-                clusters, problem = directory.clusters, directory.problem
+                clusters, problem = self.clusters(directory), directory.problem
             if problem and not clusters:
                 where = directory.path if directory else "the root directory"
                 raise FatError(f"{where}: {problem}")
@@ -318,7 +329,7 @@ class FatVolume:
             is_dir = bool(attributes & _ATTR_DIRECTORY)
             start = _first_cluster(raw, self.geometry.fat32)
             size = struct.unpack_from("<I", raw, 28)[0]
-            clusters, problem = self.chain(start, None if is_dir else size)
+            length, end, problem = self.follow(start, None if is_dir else size)
             found.append(
                 FatFile(
                     path=parent + (name or _short_name(raw[:11], raw[12])),
@@ -327,7 +338,8 @@ class FatVolume:
                     is_dir=is_dir,
                     entry_offset=offset,
                     name_slots=slots,
-                    clusters=clusters,
+                    length=length,
+                    end=end,
                     problem=problem,
                 )
             )
@@ -355,7 +367,7 @@ class FatVolume:
                 found.append(entry)
                 if len(found) > _MAX_FILES:
                     raise FatError(f"more than {_MAX_FILES} files: not an ESP Basalt made")
-                if entry.is_dir and entry.clusters and depth < _MAX_DEPTH:
+                if entry.is_dir and entry.length and depth < _MAX_DEPTH:
                     pending.append((entry, depth + 1))
         return found
 
