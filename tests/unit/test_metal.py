@@ -85,6 +85,20 @@ def test_parse_mountinfo_unescapes_paths() -> None:
     ]
 
 
+def test_mounted_from_names_where_a_device_is_mounted(tmp_path: Path) -> None:
+    """The ESP repair writes the device only where this finds it unmounted."""
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / /proc rw,nosuid - proc proc rw\n"
+        "41 22 254:1 / /run/basalt/esp rw - vfat /dev/vda1 rw\n"
+        "42 22 254:1 / /mnt/second rw - vfat /dev/vda1 rw\n"
+    )
+    assert mount.mounted_from("/dev/vda1", info) == ["/run/basalt/esp", "/mnt/second"]
+    assert mount.mounted_from("/dev/vda2", info) == []
+    assert mount.mounted_from("proc", info) == []  # not a device path
+    assert mount.mounted_from("/dev/vda1", tmp_path / "none") == []
+
+
 def test_mount_errors_name_the_target_and_reason(tmp_path: Path) -> None:
     with pytest.raises(mount.MountError, match=r"on .*missing.* failed: No such file"):
         mount.mount("tmpfs", tmp_path / "missing", "tmpfs", mount.MS_NOSUID, "mode=0755")

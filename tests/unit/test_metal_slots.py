@@ -420,4 +420,7 @@ def test_each_repair_and_each_problem_left_is_an_event_naming_the_file(tmp_path:
     assert left.message.startswith("ESP check: EFI/basalt/A/initrd.img: cluster ")
     (image.parent / "esp.img").write_bytes(b"not FAT any more" * 64)
     asyncio.run(upgrader.repair_esp())
-    assert node.events.history()[-1].message.startswith("ESP not checked: no FAT boot sector")
+    assert node.events.history()[-1].message == (
+        "ESP check failed (it runs again at the next boot): no FAT boot sector (signature 55 "
+        "AA missing)"
+    )

@@ -169,7 +169,7 @@ class Upgrader:
         try:
             done = await asyncio.to_thread(self.slots.repair)
         except (BasaltError, OSError) as exc:
-            self._event(f"ESP not checked: {exc}")
+            self._event(f"ESP check failed (it runs again at the next boot): {exc}")
             return
         for removal in done.removals:  # esp_check logged each one
             self.node.events.publish(

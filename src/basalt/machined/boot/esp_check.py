@@ -101,7 +101,6 @@ def repair_device(
     if where:
         raise EspError(
             f"the ESP {device} is mounted at {', '.join(where)}: it is checked only unmounted",
-            hint="it is checked again at the next boot",
         )
     started = time.monotonic()
     with FatVolume.open(device, writable=True) as volume:
