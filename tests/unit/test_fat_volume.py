@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from basalt.machined.boot.fat import FatError, FatVolume
+from basalt.machined.boot.fat import Chain, FatError, FatVolume
 from tests.fakes import fat
 
 ENTRY = "loader/entries/basalt-2-b-0.2.0+3.conf"
@@ -40,11 +40,12 @@ def test_walk_lists_every_file_with_its_content_and_a_whole_chain(image: Path) -
     with FatVolume.open(image) as volume:
         files = {f.path: f for f in volume.walk() if not f.is_dir}
         assert {p: volume.read(f) for p, f in files.items()} == FILES
-        assert all(f.problem is None for f in files.values())
+        assert all(volume.chain(f).problem is None for f in files.values())
         cluster = volume.geometry.cluster
         kernel = files["EFI/basalt/B/vmlinuz"]
-        assert kernel.length == len(volume.clusters(kernel)) == -(-5000 // cluster)
-        assert kernel.end == volume.clusters(kernel)[-1]
+        chain = volume.chain(kernel)
+        assert chain.length == len(volume.clusters(kernel)) == -(-5000 // cluster)
+        assert chain.end == volume.clusters(kernel)[-1]
         assert volume.lookup("efi/BASALT/b/VMLINUZ") == files["EFI/basalt/B/vmlinuz"]
         assert volume.lookup("loader/nothing") is None
 
@@ -55,8 +56,8 @@ def test_a_torn_rename_is_two_names_on_one_chain(image: Path) -> None:
         old = volume.lookup(ENTRY)
         new = volume.lookup("loader/entries/basalt-2-b-0.2.0+2-1.conf")
         assert old is not None and new is not None
-        assert volume.clusters(old) == volume.clusters(new) and old.end == new.end
-        assert old.problem is None and new.problem is None
+        assert volume.clusters(old) == volume.clusters(new)
+        assert volume.chain(old) == volume.chain(new) and volume.chain(old).problem is None
     code, said = fat.fsck(image)
     assert code == 1 and "share clusters" in said
 
@@ -92,8 +93,9 @@ def test_a_name_whose_clusters_were_freed_has_a_problem(image: Path) -> None:
     fat.freed(image, "EFI/basalt/B/vmlinuz")
     with FatVolume.open(image) as volume:
         kernel = volume.lookup("EFI/basalt/B/vmlinuz")
-    assert kernel is not None and kernel.problem is not None
-    assert kernel.problem.endswith("is marked free in the FAT")
+        assert kernel is not None
+        problem = volume.chain(kernel).problem
+    assert problem is not None and problem.endswith("is marked free in the FAT")
     code, said = fat.fsck(image)
     assert code == 1 and "free cluster" in said
 
@@ -102,8 +104,8 @@ def test_an_empty_name_owns_no_cluster(image: Path) -> None:
     fat.empty_name(image, "loader/entries/basalt-2-b-0.2.0.conf")
     with FatVolume.open(image) as volume:
         empty = volume.lookup("loader/entries/basalt-2-b-0.2.0.conf")
-    assert empty is not None and (empty.size, empty.start, empty.length, empty.end) == (0, 0, 0, 0)
-    assert empty.problem is None
+        assert empty is not None and (empty.size, empty.start) == (0, 0)
+        assert volume.chain(empty) == Chain(0, 0, None)
 
 
 def test_erase_refuses_an_entry_that_changed_since_it_was_read(image: Path) -> None:

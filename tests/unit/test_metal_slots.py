@@ -386,6 +386,20 @@ def test_a_staged_bundle_waits_on_ephemeral(tmp_path: Path, keypair: tuple[str, 
     assert slots.staged() is None
 
 
+def test_at_boot_large_chains_are_followed_only_next_to_a_leftover(tmp_path: Path) -> None:
+    """A boot's check follows entries, temporary files and directories holding one; an
+    install's check follows every chain (a kernel's is tens of thousands of clusters)."""
+    slots = _machine(tmp_path, fat_image=True)
+    image = Path(str(slots.devices.esp_device))
+    fat.freed(image, "EFI/basalt/A/vmlinuz")
+    assert slots.repair(thorough=False).left == ()
+    assert len(slots.repair(thorough=True).left) == 1
+    fat.second_name(image, "EFI/basalt/A/initrd.img", ".initrd.img.a1B2c3")  # a cut rename
+    done = slots.repair(thorough=False)
+    assert [r.path for r in done.removals] == ["EFI/basalt/A/.initrd.img.a1B2c3"]
+    assert len(done.left) == 1 and done.left[0].startswith("EFI/basalt/A/vmlinuz: cluster ")
+
+
 @dataclass
 class _Node:
     """What Upgrader.repair_esp touches of a node: its platform mode and its events."""

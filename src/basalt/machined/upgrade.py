@@ -161,13 +161,13 @@ class Upgrader:
         self.node.events.publish("boot", message, actor="boot", **fields)
         log.info("%s", message)
 
-    async def repair_esp(self) -> None:
+    async def repair_esp(self, thorough: bool = True) -> None:
         """Metal: repair what a power cut left on the ESP (MetalSlots.repair); each repair,
         and each problem left alone, is an event naming the file."""
         if not isinstance(self.slots, MetalSlots):
             return
         try:
-            done = await asyncio.to_thread(self.slots.repair)
+            done = await asyncio.to_thread(self.slots.repair, thorough)
         except (BasaltError, OSError) as exc:
             self._event(f"ESP check failed (it runs again at the next boot): {exc}")
             return
@@ -186,7 +186,7 @@ class Upgrader:
             self.slots = await asyncio.to_thread(_slot_storage, self.node)
             if isinstance(self.slots, MetalSlots):
                 await asyncio.to_thread(_mount_efivarfs)
-                await self.repair_esp()
+                await self.repair_esp(thorough=False)  # an install checks every chain
         if self.slots is None:
             return
         await asyncio.to_thread(

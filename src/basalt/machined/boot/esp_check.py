@@ -23,7 +23,7 @@ from ..sys import mount
 from .assessment import SlotName
 from .esp import Esp, EspError
 from .esp_repair import ENTRIES_DIR, EspFile, EspPlan, managed, plan
-from .fat import FatFile, FatVolume
+from .fat import Chain, FatFile, FatVolume
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +36,33 @@ def _is_entry(path: str) -> bool:
     return directory.lower() == ENTRIES_DIR and name.lower().endswith(".conf")
 
 
-def files_on_volume(volume: FatVolume) -> dict[str, tuple[EspFile, FatFile]]:
-    """Every file on the volume as the repair sees it, by path."""
+def files_on_volume(volume: FatVolume, thorough: bool = True) -> dict[str, tuple[EspFile, FatFile]]:
+    """Every file on the volume as the repair sees it, by path. Not ``thorough``: the
+    chains of large files (kernels, initrds) are followed only in a directory that holds
+    a leftover temporary file; a boot needs no more, and an install checks them all."""
     walked = volume.walk()
+    leftovers = {f.path.rpartition("/")[0] for f in walked if f.name.startswith(".")}
+
+    def follow(item: FatFile) -> bool:
+        small = item.is_dir or _is_entry(item.path) or item.name.startswith(".")
+        return thorough or small or item.path.rpartition("/")[0] in leftovers
+
+    chains = {item.path: volume.chain(item) for item in walked if follow(item)}
     by_end: dict[int, list[str]] = {}  # chains that share a cluster end at the same one
-    for item in walked:
-        if item.end:
-            by_end.setdefault(item.end, []).append(item.path)
+    for path, chain in chains.items():
+        if chain.end:
+            by_end.setdefault(chain.end, []).append(path)
     found = {}
     for item in walked:
         if item.is_dir:
             continue
-        shared = set(by_end.get(item.end, ())) if managed(item.path) and item.end else set()
+        chain = chains.get(item.path, Chain(0, 0))
+        shared = set(by_end.get(chain.end, ())) if managed(item.path) and chain.end else set()
         shared.discard(item.path)
         text = None
         if _is_entry(item.path) and item.size <= _ENTRY_LIMIT:
             text = volume.read(item).decode("ascii", errors="replace")
-        seen = EspFile(item.path, item.size, tuple(sorted(shared)), item.problem, text)
+        seen = EspFile(item.path, item.size, tuple(sorted(shared)), chain.problem, text)
         found[item.path] = (seen, item)
     return found
 
@@ -94,9 +104,11 @@ def repair_device(
     booted: SlotName | None,
     mounted: Callable[[], contextlib.AbstractContextManager[object]],
     mountpoint: Path,
+    thorough: bool = True,
 ) -> EspPlan:
     """Plan and carry out the repair of the (unmounted) ESP on ``device``: erasures on the
-    device, then unlinks with the ESP mounted by ``mounted()`` at ``mountpoint``."""
+    device, then unlinks with the ESP mounted by ``mounted()`` at ``mountpoint``. Not
+    ``thorough``: see :func:`files_on_volume`."""
     where = mount.mounted_from(device)
     if where:
         raise EspError(
@@ -104,7 +116,7 @@ def repair_device(
         )
     started = time.monotonic()
     with FatVolume.open(device, writable=True) as volume:
-        files = files_on_volume(volume)
+        files = files_on_volume(volume, thorough)
         done = plan((seen for seen, _ in files.values()), booted)
         for removal in done.erasures:
             volume.erase(files[removal.path][1])
@@ -115,8 +127,9 @@ def repair_device(
                 esp.remove(removal.path)
     if not done.removals and not done.left:
         log.info(
-            "ESP %s checked: %d files, nothing to repair (%.2f s)",
+            "ESP %s checked%s: %d files, nothing to repair (%.2f s)",
             device,
+            " (every chain)" if thorough else "",
             len(files),
             time.monotonic() - started,
         )

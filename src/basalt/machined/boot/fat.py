@@ -44,11 +44,7 @@ class FatError(BasaltError):
 @dataclass(frozen=True)
 class FatFile:
     """One directory entry: its path (``/``-separated, as named), where it is on the
-    volume, and its cluster chain: ``length`` clusters (as far as it could be followed)
-    ending at ``end``, its last cluster or the first free, bad or out-of-range one (0: no
-    clusters). Chains that share any cluster share the rest too (each FAT word has one
-    successor), so two files share clusters exactly when they have the same ``end``.
-    ``problem`` says why the chain is not a whole, valid chain for the file's size."""
+    volume (its short entry, its long-name slots) and its first cluster."""
 
     path: str
     size: int
@@ -56,13 +52,23 @@ class FatFile:
     is_dir: bool
     entry_offset: int
     name_slots: tuple[int, ...]
-    length: int
-    end: int
-    problem: str | None = None
 
     @property
     def name(self) -> str:
         return self.path.rpartition("/")[2]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A file's cluster chain: ``length`` clusters (as far as it could be followed) ending
+    at ``end``, its last cluster or the first free, bad or out-of-range one (0: none).
+    Chains that share any cluster share the rest too (each FAT word has one successor),
+    so two files share clusters exactly when their chains have the same ``end``.
+    ``problem`` says why it is not a whole, valid chain for the file's size."""
+
+    length: int
+    end: int
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,10 +148,6 @@ def _short_name(raw: bytes, flags: int) -> str:
 def _first_cluster(raw: bytes, fat32: bool) -> int:
     high, low = int.from_bytes(raw[20:22], "little"), int.from_bytes(raw[26:28], "little")
     return (high << 16 | low) & 0x0FFFFFFF if fat32 else low
-
-
-def _root(start: int, length: int) -> FatFile:
-    return FatFile("", 0, start, True, 0, (), length, 0)
 
 
 def _checksum(raw: bytes) -> int:
@@ -238,38 +240,38 @@ class FatVolume:
         return data
 
     # -- clusters ------------------------------------------------------------------------------
-    def follow(self, start: int, size: int | None = None) -> tuple[int, int, str | None]:
-        """The chain from ``start``: (clusters, where it ends, what is wrong with it);
-        with ``size`` (a file), its length is checked against the size."""
-        if start == 0:
-            return 0, 0, (f"{size} bytes but no first cluster" if size else None)
+    def chain(self, file: FatFile) -> Chain:
+        """Follow ``file``'s chain; a file's length is checked against its size."""
+        size = None if file.is_dir else file.size
+        if file.start == 0:
+            return Chain(0, 0, f"{size} bytes but no first cluster" if size else None)
         fat, mask, eoc, bad = self.fat, self.mask, self.eoc, self.bad
         last = min(self.geometry.clusters + 1, len(fat) - 1)
-        cluster, length = start, 0
-        while True:  # a plain loop: kernels are tens of thousands of clusters
+        cluster, length = file.start, 0
+        while True:  # a plain loop: a kernel is tens of thousands of clusters
             if cluster < 2 or cluster > last:
-                return length, cluster, f"cluster {cluster} is outside the volume"
+                return Chain(length, cluster, f"cluster {cluster} is outside the volume")
             value = fat[cluster] & mask
             if value == 0:
-                return length, cluster, f"cluster {cluster} is marked free in the FAT"
+                return Chain(length, cluster, f"cluster {cluster} is marked free in the FAT")
             if value == bad:
-                return length, cluster, f"cluster {cluster} is marked bad"
+                return Chain(length, cluster, f"cluster {cluster} is marked bad")
             length += 1
             if value >= eoc:
                 break
             if length > last:
-                return length, cluster, "its chain loops"
+                return Chain(length, cluster, "its chain loops")
             cluster = value
         if size is not None:
             need = -(-size // self.geometry.cluster)
             if length != need:
-                return length, cluster, f"{length} clusters for {size} bytes (needs {need})"
-        return length, cluster, None
+                return Chain(length, cluster, f"{length} clusters for {size} bytes (needs {need})")
+        return Chain(length, cluster)
 
     def clusters(self, file: FatFile) -> list[int]:
         """``file``'s clusters, as far as its chain could be followed."""
         found, cluster = [], file.start
-        for _ in range(file.length):
+        for _ in range(self.chain(file).length):
             found.append(cluster)
             cluster = self.fat[cluster] & self.mask
         return found
@@ -294,14 +296,11 @@ class FatVolume:
         if directory is None and not g.fat32:
             spans = [(g.root_offset, g.root_bytes)]
         else:
-            if directory is None:
-                length, _, problem = self.follow(g.root_cluster)
-                clusters = self.clusters(_root(g.root_cluster, length))
-            else:
-                clusters, problem = self.clusters(directory), directory.problem
+            directory = directory or FatFile("", 0, g.root_cluster, True, 0, ())
+            clusters = self.clusters(directory)
+            problem = self.chain(directory).problem
             if problem and not clusters:
-                where = directory.path if directory else "the root directory"
-                raise FatError(f"{where}: {problem}")
+                raise FatError(f"{directory.path or 'the root directory'}: {problem}")
             spans = [(self._cluster_offset(c), g.cluster) for c in clusters]
         for base, length in spans:
             data = self._read(base, length)
@@ -329,7 +328,6 @@ class FatVolume:
             is_dir = bool(attributes & _ATTR_DIRECTORY)
             start = _first_cluster(raw, self.geometry.fat32)
             size = struct.unpack_from("<I", raw, 28)[0]
-            length, end, problem = self.follow(start, None if is_dir else size)
             found.append(
                 FatFile(
                     path=parent + (name or _short_name(raw[:11], raw[12])),
@@ -338,9 +336,6 @@ class FatVolume:
                     is_dir=is_dir,
                     entry_offset=offset,
                     name_slots=slots,
-                    length=length,
-                    end=end,
-                    problem=problem,
                 )
             )
         return found
@@ -367,7 +362,7 @@ class FatVolume:
                 found.append(entry)
                 if len(found) > _MAX_FILES:
                     raise FatError(f"more than {_MAX_FILES} files: not an ESP Basalt made")
-                if entry.is_dir and entry.length and depth < _MAX_DEPTH:
+                if entry.is_dir and entry.start and depth < _MAX_DEPTH:
                     pending.append((entry, depth + 1))
         return found
 

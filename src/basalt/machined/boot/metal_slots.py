@@ -101,16 +101,19 @@ class MetalSlots:
             with self._mounter(device, self.devices.esp_dir):
                 yield Esp(self.devices.esp_dir)
 
-    def repair(self) -> EspPlan:
+    def repair(self, thorough: bool = True) -> EspPlan:
         """Repair what a power cut left on the ESP (:mod:`.esp_repair`): a second name for
-        a slot's entry, temporary files, names whose clusters are free. Raises EspError
-        (or FatError) when the ESP cannot be checked; nothing is changed then."""
+        a slot's entry, temporary files, names whose clusters are free. Not ``thorough``
+        (at boot), the chains of kernels and initrds are followed only next to a leftover
+        temporary file. Raises EspError (or FatError) when the ESP cannot be checked."""
         with self._lock:
             device = self.devices.esp_device
             if device is None or self._mounter is None:
                 return repair_directory(self.devices.esp_dir, self.booted)
             mounter, target = self._mounter, self.devices.esp_dir
-            return repair_device(device, self.booted, lambda: mounter(device, target), target)
+            return repair_device(
+                device, self.booted, lambda: mounter(device, target), target, thorough
+            )
 
     # -- the boot state ----------------------------------------------------------------------
     def _state(self, esp: Esp, record: MetaRecord) -> BootState | None:
