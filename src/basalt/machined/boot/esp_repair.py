@@ -78,6 +78,8 @@ class EspFile:
 
 @dataclass(frozen=True)
 class Removal:
+    """One name to remove, how, and why (what the log line and the event say)."""
+
     path: str
     how: How
     reason: str
