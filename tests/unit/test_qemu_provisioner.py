@@ -195,6 +195,17 @@ def test_relay_command_survives_qemu_and_glib_parsing(tmp_path: Path) -> None:
     assert qemu._qemu_value(command).count(",,") == 1
 
 
+def test_a_guest_forward_may_land_on_another_host_port(tmp_path: Path) -> None:
+    # A guest-only address and port (10.0.2.100:8080) onto a host server's free port.
+    forward = qemu.Forward("10.0.2.100", "127.0.0.89", 8080, host_port=41234)
+    option = qemu.guest_forward(forward, tmp_path, "/py")
+    target, _, command = option.partition("-cmd:")
+    assert target == "guestfwd=tcp:10.0.2.100:8080"
+    assert shlex.split(command)[-2:] == ["127.0.0.89", "41234"]
+    same = qemu.Forward("10.5.0.11", "127.0.0.11", 50000)
+    assert shlex.split(qemu.guest_forward(same, tmp_path, "/py"))[-1] == "50000"
+
+
 def test_image_needs_its_files_and_reads_its_cmdline(tmp_path: Path) -> None:
     with pytest.raises(
         qemu.ProvisionError, match=r"vmlinuz, initrd\.img, root\.sqfs, disk\.raw missing"

@@ -165,18 +165,29 @@ def qga_arguments(socket_path: Path, machine: str = "microvm") -> list[str]:
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 
 
-def uefi_disk_command(disk: Path, port: int, *, cpus: int = 2, memory_mib: int = 512) -> list[str]:
-    """q35 + OVMF booting ``disk`` (qcow2) from virtio-blk; the API port forwarded."""
+def uefi_disk_command(
+    disk: Path,
+    port: int,
+    *,
+    cpus: int = 2,
+    memory_mib: int = 512,
+    address: str = "127.0.0.1",
+    netdev_options: tuple[str, ...] = (),
+) -> list[str]:
+    """q35 + OVMF booting ``disk`` (qcow2) from virtio-blk; the API port forwarded from
+    ``address``; ``netdev_options`` go on the user network's ``-netdev`` (``restrict=on``,
+    a ``guestfwd=...``)."""
     from basalt.imager.qemu import GUEST_API_PORT
 
-    forward = f"hostfwd=tcp:127.0.0.1:{port}-:{GUEST_API_PORT}"
+    netdev = ",".join(["user", "id=n0", f"hostfwd=tcp:{address}:{port}-:{GUEST_API_PORT}",
+                       *netdev_options])  # fmt: skip
     return [
         "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", str(cpus),
         "-nographic", "-no-reboot", "-M", "q35", "-cpu", "max", "-bios", str(OVMF),
         "-vga", "none",
         "-drive", f"file={disk},format=qcow2,if=none,id=d0",
         "-device", "virtio-blk-pci,drive=d0,bootindex=0",
-        "-netdev", f"user,id=n0,{forward}", "-device", "virtio-net-pci,netdev=n0,romfile=",
+        "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,romfile=",
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
 

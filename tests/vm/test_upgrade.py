@@ -20,6 +20,7 @@ three times and the firmware falls back to slot A by itself, which reports it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,8 @@ from typing import Any
 
 import pytest
 
+from basalt.imager.variant import SITE
+from tests.vm.bundle_server import BundleServer, tampered_copy
 from tests.vm.conftest import Timings
 from tests.vm.machine import call, uefi_disk_command
 from tests.vm.test_metal_node import BASALTCTL, GUEST_ADDRESS, _empty
@@ -43,7 +46,6 @@ pytestmark = pytest.mark.vm
 ADDRESS = "127.0.0.120"
 DISK_SIZE = "4G"
 BOOT_TIMEOUT = 300.0
-SITE = "usr/lib/python3/dist-packages"
 BROKEN_TIMEOUT = 30
 BROKEN_HEALTH = '''
 
@@ -68,39 +70,21 @@ def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=True, **kwargs)
 
 
-def _repack(image_dir: Path, work: Path, version: str, broken: bool) -> Path:
-    """The image's root with Basalt saying ``version`` (and, ``broken``, failing a gate)."""
-    tree = work / f"root-{version}"
-    _run(["unsquashfs", "-q", "-n", "-d", str(tree), str(image_dir / "root.sqfs")])
-    package = tree / SITE / "basalt"
-    init = package / "__init__.py"
-    text = init.read_text()
-    assert '"0.1.0"' in text
-    init.write_text(text.replace('"0.1.0"', f'"{version}"'))
-    changed = [init]
-    if broken:
-        health = package / "machined" / "health.py"
-        with health.open("a") as handle:
-            handle.write(BROKEN_HEALTH)
-        changed.append(health)
-        script = tree / "usr/sbin/init"
-        before = script.read_text()
-        after = before.replace(
-            'main(["--platform", "metal"])',
-            f'main(["--platform", "metal", "--boot-assessment-timeout", "{BROKEN_TIMEOUT}"])',
-        )
-        assert after != before
-        script.write_text(after)
-    for source in changed:  # the root's .pyc are unchecked: drop the stale ones
-        for pyc in (source.parent / "__pycache__").glob(f"{source.stem}.*.pyc"):
-            pyc.unlink()
-    root = work / f"root-{version}.sqfs"
-    _run(
-        ["mksquashfs", str(tree), str(root), "-noappend", "-no-progress", "-quiet",
-         "-comp", "zstd", "-Xcompression-level", "3", "-all-root", "-b", "256K"]
-    )  # fmt: skip
-    shutil.rmtree(tree)
-    return root
+def _break(tree: Path) -> list[Path]:
+    """The broken build's edits: a health check that always fails, and in its own init a
+    short boot-assessment timeout."""
+    health = tree / SITE / "basalt" / "machined" / "health.py"
+    with health.open("a") as handle:
+        handle.write(BROKEN_HEALTH)
+    script = tree / "usr/sbin/init"
+    before = script.read_text()
+    after = before.replace(
+        'main(["--platform", "metal"])',
+        f'main(["--platform", "metal", "--boot-assessment-timeout", "{BROKEN_TIMEOUT}"])',
+    )
+    assert after != before
+    script.write_text(after)
+    return [health]
 
 
 @dataclass
@@ -115,7 +99,8 @@ class Bundles:
 @pytest.fixture(scope="module")
 def bundles(image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundles:
     from basalt.imager import pipeline
-    from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
+    from basalt.imager.variant import variant_bundle
+    from basalt.machinery.images import generate_signing_key, load_signing_key
 
     work = tmp_path_factory.mktemp("bundles")
     private, public = generate_signing_key()
@@ -125,16 +110,9 @@ def bundles(image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundle
     v1 = work / "v1.tar"
     shutil.copyfile(image_dir / pipeline.BUNDLE, v1)
     key = load_signing_key(private)
-    made = {}
-    for version, broken in (("0.2.0", False), ("0.3.0-broken", True)):
-        files = {
-            "kernel": image_dir / "vmlinuz",
-            "initramfs": image_dir / "initrd.img",
-            "rootfs.squashfs": _repack(image_dir, work, version, broken),
-        }
-        made[version] = work / f"{version}.tar"
-        create_bundle(made[version], files, version, "default", "x86_64", key, platform="metal")
-    return Bundles(work / "release.key", public, v1, made["0.2.0"], made["0.3.0-broken"])
+    v2 = variant_bundle(image_dir, work / "0.2.0.tar", "0.2.0", key)
+    broken = variant_bundle(image_dir, work / "0.3.0-broken.tar", "0.3.0-broken", key, _break)
+    return Bundles(work / "release.key", public, v1, v2, broken)
 
 
 @dataclass
@@ -149,14 +127,17 @@ class Node:
     context: Any
     runner: subprocess.Popen[bytes] | None = None
     address: str = ADDRESS
+    #: More options of the user network (restrict=on, guestfwd=...).
+    netdev_options: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
         return f"{self.address}:{self.port}"
 
     def start(self) -> None:
-        argv = uefi_disk_command(self.disk, self.port)
-        argv = [a.replace("hostfwd=tcp:127.0.0.1:", f"hostfwd=tcp:{self.address}:") for a in argv]
+        argv = uefi_disk_command(
+            self.disk, self.port, address=self.address, netdev_options=self.netdev_options
+        )
         runner = [sys.executable, "-m", "basalt.provision.qemu_runner"]
         self.runner = subprocess.Popen(
             [*runner, "--console", str(self.console), "--", *argv],
@@ -229,7 +210,12 @@ class Node:
 
 
 def install_node(
-    image_dir: Path, bundles: Bundles, work: Path, timings: Timings, address: str = ADDRESS
+    image_dir: Path,
+    bundles: Bundles,
+    work: Path,
+    timings: Timings,
+    address: str = ADDRESS,
+    netdev_options: tuple[str, ...] = (),
 ) -> Node:
     """A node booted from the image's disk, installed as a control plane that trusts the
     test key, etcd bootstrapped and healthy; its QEMU under qemu_runner."""
@@ -253,6 +239,7 @@ def install_node(
     _, context = load_client_config(out / "basaltconfig").current()
     node = Node(work, disk, work / "console.log", free_port(), out / "basaltconfig", context)
     node.address = address
+    node.netdev_options = netdev_options
     started = time.monotonic()
     node.start()
     try:
@@ -281,17 +268,36 @@ def install_node(
 
 
 @pytest.fixture(scope="module")
+def bundle_server(bundles: Bundles) -> Iterator[BundleServer]:
+    """The bundles over HTTP (``tampered.tar`` too), for the node to fetch."""
+    tampered_copy(bundles.v2, bundles.v2.parent / "tampered.tar")
+    server = BundleServer(bundles.v2.parent)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
 def node(
     image_dir: Path,
     bundles: Bundles,
+    bundle_server: BundleServer,
     tmp_path_factory: pytest.TempPathFactory,
     timings: Timings,
 ) -> Iterator[Node]:
-    node = install_node(image_dir, bundles, tmp_path_factory.mktemp("metal-upgrade"), timings)
+    from basalt.provision.qemu import relays_of
+
+    work = tmp_path_factory.mktemp("metal-upgrade")
+    options = bundle_server.netdev_options(work)
+    node = install_node(image_dir, bundles, work, timings, netdev_options=options)
     try:
         yield node
     finally:
         node.stop()
+        for pid in relays_of(str(work)):  # guest connections QEMU's end left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_imager_signs_its_own_bundle(bundles: Bundles) -> None:
@@ -369,3 +375,137 @@ def test_a_broken_upgrade_falls_back_to_slot_a_by_itself(
         for e in node.events()
     )
     assert node.mtls().tag == "0.1.0"
+
+
+# -- URL and staged upgrades ----------------------------------------------------------------
+
+
+def _other_bundle(bundles: Bundles, running: str) -> tuple[Path, str]:
+    """The good bundle of the version the node does not run."""
+    return (bundles.v1, "0.1.0") if running == "0.2.0" else (bundles.v2, "0.2.0")
+
+
+def _console_from(node: Node, offset: int) -> str:
+    return node.console.read_bytes()[offset:].decode(errors="replace")
+
+
+def _bundles_kept(node: Node, *directories: str) -> list[str]:
+    """``.tar`` files below ``directories`` on the node (a missing directory holds none)."""
+    found = []
+    for directory in directories:
+        listed = node.ctl("ls", "-r", directory, timeout=30)
+        assert listed.returncode == 0 or "no such file" in listed.stderr.lower(), listed.stderr
+        found += [line for line in listed.stdout.splitlines() if ".tar" in line]
+    return found
+
+
+def test_bundles_fetched_cut_short_or_tampered_are_refused_untouched(
+    node: Node, bundles: Bundles, bundle_server: BundleServer
+) -> None:
+    node.wait(lambda: node.mtls("Health").healthy, BOOT_TIMEOUT, "healthy before the fetches")
+    before, qemu = node.boot_status(), node.qemu_pid()
+    offset = node.console.stat().st_size
+    size = bundles.v2.stat().st_size
+    cases = [
+        (f"/cut/{bundles.v2.name}",
+         f"the download ended after {size // 2} of the {size} bytes its Content-Length "
+         "announced"),
+        ("/tampered.tar",
+         f"bundle from {bundle_server.guest_url('/tampered.tar')}: payload check failed: "
+         "rootfs.squashfs: tampered: sha256"),
+    ]  # fmt: skip
+    for path, expected in cases:
+        url = bundle_server.guest_url(path)
+        done = node.ctl("upgrade", "--image", url, timeout=300)
+        assert done.returncode != 0, done.stdout + done.stderr
+        assert expected in done.stderr, done.stderr
+        assert url in done.stderr
+    # The node fetched both through the guestfwd, whole or cut as served.
+    served = {(s.path, s.status, s.sent) for s in bundle_server.served}
+    assert (f"/cut/{bundles.v2.name}", 200, size // 2) in served
+    assert ("/tampered.tar", 200, size) in served
+    # Untouched: same boot state, no reboot, nothing kept, still healthy.
+    assert node.boot_status() == before
+    assert node.qemu_pid() == qemu
+    console = _console_from(node, offset)
+    assert "reboot: Restarting system" not in console
+    assert " in slot " not in console and "staged" not in console, console
+    upload_dir = node.ctl("ls", "/var/upgrade", timeout=30)  # made by the first fetch
+    assert upload_dir.returncode == 0, upload_dir.stderr
+    assert _bundles_kept(node, "/var/upgrade", "/var/lib/basalt/staged") == []
+    assert node.mtls("Health").healthy
+
+
+def test_upgrade_from_a_url_the_node_fetches_itself(
+    node: Node, bundles: Bundles, bundle_server: BundleServer, timings: Timings
+) -> None:
+    node.wait(lambda: node.mtls("Health").healthy, BOOT_TIMEOUT, "healthy before the upgrade")
+    before = node.boot_status()
+    bundle, version = _other_bundle(bundles, before["version"])
+    target = "b" if before["slot"] == "a" else "a"
+    url = bundle_server.guest_url(f"/{bundle.name}")
+    started = time.monotonic()
+    done = node.ctl("upgrade", "--image", url, "--wait", "--timeout", "900")
+    assert done.returncode == 0, done.stdout + done.stderr + node.tail()
+    timings.record(f"metal upgrade: URL -> {version} healthy on slot {target}",
+                   time.monotonic() - started)  # fmt: skip
+    assert f"fetching {url}" in done.stderr
+    assert f"verified bundle {version} (x86_64), signed by vm-release" in done.stderr
+    assert f"running slot {target} ({version}); health gates passed" in done.stdout
+    assert any(s.path == f"/{bundle.name}" and s.sent == bundle.stat().st_size
+               for s in bundle_server.served)  # fmt: skip
+    status = node.boot_status()
+    assert (status["slot"], status["version"], status["onTrial"]) == (target, version, False)
+    previous = (status["previousSlot"], status["previousVersion"])
+    assert previous == (before["slot"], before["version"])
+    assert node.mtls().tag == version
+
+
+def test_a_staged_upgrade_is_installed_early_in_the_next_boot(
+    node: Node, bundles: Bundles, timings: Timings
+) -> None:
+    node.wait(lambda: node.mtls("Health").healthy, BOOT_TIMEOUT, "healthy before staging")
+    before = node.boot_status()
+    bundle, version = _other_bundle(bundles, before["version"])
+    target = "b" if before["slot"] == "a" else "a"
+    offset = node.console.stat().st_size
+    started = time.monotonic()
+    done = node.ctl("upgrade", "--stage", "--image", str(bundle))
+    assert done.returncode == 0, done.stdout + done.stderr + node.tail()
+    assert f"verified bundle {version} (x86_64), signed by vm-release" in done.stderr
+    assert f"staged {version}: it is installed early in the next boot; rebooting" in done.stdout
+
+    def good_on_target() -> dict[str, Any] | None:
+        status = node.boot_status()
+        good = (status["slot"], status["version"], status["onTrial"]) == (target, version, False)
+        return status if good else None
+
+    status = node.wait(good_on_target, 2 * BOOT_TIMEOUT, f"slot {target} ({version}) good")
+    timings.record(f"metal upgrade: --stage -> {version} healthy on slot {target}",
+                   time.monotonic() - started)  # fmt: skip
+    previous = (status["previousSlot"], status["previousVersion"])
+    assert previous == (before["slot"], before["version"])
+    assert node.mtls().tag == version
+    # The order on the console: the stage answered, the node rebooted, wrote the slot
+    # early in the next boot (the old slot still running) and rebooted again, then the
+    # new slot booted on trial and passed its gates.
+    console = _console_from(node, offset)
+    marks = [
+        "reboot: Restarting system",
+        f"booted slot {before['slot']} ({before['version']})",
+        f"staged upgrade: installed {version} in slot {target}",
+        "reboot: Restarting system",
+        f"booted slot {target} ({version}) on trial (try 1 of 3)",
+        f"slot {target} ({version}) passed its health gates: marked good",
+    ]
+    at = 0
+    for mark in marks:
+        found = console.find(mark, at)
+        assert found >= 0, f"{mark!r} not after offset {at}:\n{console[-6000:]}"
+        at = found + len(mark)
+    early = console[: console.find(f"staged upgrade: installed {version}")]
+    early = early[early.rfind(f"booted slot {before['slot']}") :]
+    assert "boot: staged upgrade: phase started" in early, early
+    assert "API listening" not in early and "boot: services: phase started" not in early, early
+    assert console.count("qemu-runner: the guest rebooted") == 2
+    assert _bundles_kept(node, "/var/lib/basalt/staged") == []  # installed, then removed

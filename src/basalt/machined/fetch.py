@@ -10,6 +10,7 @@ are followed (to http(s) only); the size limit applies while downloading.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +23,7 @@ __all__ = ["BundleFetchError", "BundleURLError", "check_url", "fetch"]
 
 CHUNK = 256 * 1024
 TIMEOUT = 30.0
+_RETRY = "the server or the network cut the download short; nothing was written: try again"
 
 
 class BundleFetchError(BasaltError):
@@ -68,18 +70,45 @@ def _open(url: str) -> Any:
         ) from None
 
 
+def _announced_length(response: Any) -> int | None:
+    """The body's length from Content-Length, when the server gave one that parses."""
+    value = response.headers.get("Content-Length")
+    try:
+        length = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return length if length is not None and length >= 0 else None
+
+
 async def fetch(url: str) -> AsyncIterator[bytes]:
-    """The body of ``url`` in chunks; network reads run in a thread."""
+    """The body of ``url`` in chunks; network reads run in a thread.
+
+    A body that ends before its Content-Length is refused here (http.client reports a
+    closed connection as a short read, not as an error), so a cut download never reaches
+    verification looking like a whole one; verification would refuse it too, but could
+    only say the tar file is truncated, not that the download was cut."""
     check_url(url)
     response = await asyncio.to_thread(_open, url)
+    announced = _announced_length(response)
+    received = 0
     try:
         while True:
             try:
                 chunk = await asyncio.to_thread(response.read, CHUNK)
-            except OSError as exc:
-                raise BundleFetchError(f"fetching {url}: {exc}") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise BundleFetchError(
+                    f"fetching {url}: the download failed after {received} bytes: {exc}",
+                    hint=_RETRY,
+                ) from None
             if not chunk:
-                return
+                break
+            received += len(chunk)
             yield chunk
     finally:
         response.close()
+    if announced is not None and received < announced:
+        raise BundleFetchError(
+            f"fetching {url}: the download ended after {received} of the {announced} bytes "
+            "its Content-Length announced",
+            hint=_RETRY,
+        )

@@ -88,6 +88,8 @@ class UpgradeJob:
 
     options: UpgradeOptions
     upload: Path
+    #: What verification errors call the bundle: where it came from.
+    label: str = "uploaded bundle"
     steps: list[str] = field(default_factory=list)
     verified: VerifiedBundle | None = None
     slot: SlotName | None = None

@@ -169,11 +169,17 @@ def plan_nodes(request: ClusterRequest, state_dir: Path, network: str = "auto") 
 
 @dataclass(frozen=True)
 class Forward:
-    """A ``guestfwd``: the guest's connections to ``guest:port`` go to ``host:port``."""
+    """A ``guestfwd``: the guest's connections to ``guest:port`` go to ``host:port`` (or
+    to ``host:host_port`` when that is given)."""
 
     guest: str
     host: str
     port: int
+    host_port: int | None = None
+
+    @property
+    def target_port(self) -> int:
+        return self.port if self.host_port is None else self.host_port
 
 
 def peer_forwards(node: NodeRecord, nodes: Sequence[NodeRecord]) -> list[Forward]:
@@ -224,7 +230,18 @@ def _qemu_value(text: str) -> str:
 def relay_command(state_dir: Path, forward: Forward, python: str = sys.executable) -> str:
     """The ``cmd:`` of a ``guestfwd``: parsed by GLib's shell-like parser, not by a shell."""
     argv = [python, "-m", "basalt.provision.relay", "--cluster", str(state_dir)]
-    return shlex.join([*argv, forward.host, str(forward.port)])
+    return shlex.join([*argv, forward.host, str(forward.target_port)])
+
+
+def guest_forward(forward: Forward, state_dir: Path, python: str = sys.executable) -> str:
+    """The ``-netdev user`` option of one forward, through :mod:`basalt.provision.relay`.
+
+    Not QEMU's ``guestfwd=...-tcp:HOST:PORT`` (a socket chardev): QEMU opens that one
+    connection when it starts (and does not start when nothing listens), and every guest
+    connection shares it. A ``cmd:`` runs once per guest connection, so each gets a
+    connection of its own, made when the guest connects."""
+    command = _qemu_value(relay_command(state_dir, forward, python))
+    return f"guestfwd=tcp:{forward.guest}:{forward.port}-cmd:{command}"
 
 
 def netdev(
@@ -248,10 +265,7 @@ def netdev(
     parts += [
         f"hostfwd=tcp:{node.address}:{port}-{node.guest_address}:{port}" for port in FORWARDED_PORTS
     ]
-    parts += [
-        f"guestfwd=tcp:{f.guest}:{f.port}-cmd:{_qemu_value(relay_command(state_dir, f))}"
-        for f in peer_forwards(node, nodes)
-    ]
+    parts += [guest_forward(f, state_dir) for f in peer_forwards(node, nodes)]
     return ",".join(parts)
 
 

@@ -27,8 +27,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 async def _options_then_data(
     requests: AsyncIterator[machine_pb2.UpgradeRequest],
-) -> tuple[UpgradeOptions, AsyncIterator[bytes]]:
-    """The options, and the bundle's data: from the stream, or fetched from options.url."""
+) -> tuple[UpgradeOptions, AsyncIterator[bytes], str]:
+    """The options, the bundle's data (from the stream, or fetched from options.url), and
+    what to call the bundle."""
     from ..fetch import check_url, fetch
     from ..upgrade import UpgradeOptions
 
@@ -49,7 +50,7 @@ async def _options_then_data(
                 "an Upgrade with a URL carries no bundle data: the node fetches it",
                 hint="give either --image URL or --image FILE",
             )
-        return options, fetch(url)
+        return options, fetch(url), f"bundle from {url}"
 
     async def data() -> AsyncIterator[bytes]:
         async for request in stream:
@@ -57,7 +58,7 @@ async def _options_then_data(
                 raise InvalidRequestError("options may only come first in an Upgrade stream")
             yield request.data
 
-    return options, data()
+    return options, data(), "uploaded bundle"
 
 
 class UpgradeMethods:
@@ -77,9 +78,9 @@ class UpgradeMethods:
 
         upgrader = self.node.upgrader
         upgrader.require_slots()  # refuse before receiving anything
-        options, chunks = await _options_then_data(requests)
+        options, chunks, label = await _options_then_data(requests)
         upload = await upgrader.receive(chunks)
-        job = UpgradeJob(options, upload)
+        job = UpgradeJob(options, upload, label)
         try:
             await self.node.sequencer.start(upgrade, job)
         finally:

@@ -205,7 +205,7 @@ apply_config_sequence: Sequence[Node] = sequence("apply-config").then("apply", a
 
 
 async def verify_upload(node: Node, job: Any) -> None:
-    job.verified = await node.upgrader.verify(job.upload)
+    job.verified = await node.upgrader.verify(job.upload, label=job.label)
     verified = job.verified
     job.steps.append(
         f"verified bundle {verified.version} ({verified.architecture}), "
