@@ -195,6 +195,40 @@ def test_relay_command_survives_qemu_and_glib_parsing(tmp_path: Path) -> None:
     assert qemu._qemu_value(command).count(",,") == 1
 
 
+def test_extra_guest_forwards_reach_host_loopback_servers(
+    tmp_path: Path, image: qemu.Image
+) -> None:
+    nodes = qemu.plan_nodes(request(base_address="127.0.0.71", workers=0), tmp_path)
+    http = qemu.Forward("10.5.0.250", "127.0.0.89", 8080, host_port=41234)
+    options = qemu.VmOptions(guest_forwards=(http,))
+    qemu.check_guest_forwards(options.guest_forwards, nodes, "user")
+    argv = qemu.qemu_command(nodes[0], nodes, image, options, "tcg", tmp_path)
+    (netdev,) = options_of(argv, "-netdev")
+    (forward,) = netdev.split(",guestfwd=")[1:]  # one node: no peers, only the extra one
+    target, _, command = forward.partition("-cmd:")
+    assert target == "tcp:10.5.0.250:8080"
+    assert shlex.split(command)[-2:] == ["127.0.0.89", "41234"]
+    assert "restrict=on" in netdev.split(",")
+
+
+@pytest.mark.parametrize(
+    ("forward", "network", "message"),
+    [
+        (qemu.Forward("10.5.0.250", "127.0.0.89", 80), "bridge", "user network only"),
+        (qemu.Forward("10.5.0.250", "192.0.2.1", 80), "user", "only loopback"),
+        (qemu.Forward("10.5.0.11", "127.0.0.89", 80), "user", "pick a free address"),
+        (qemu.Forward("10.5.0.2", "127.0.0.89", 80), "user", "pick a free address"),
+        (qemu.Forward("10.0.2.100", "127.0.0.89", 80), "user", "pick a free address"),
+    ],
+)
+def test_extra_guest_forwards_are_checked(
+    tmp_path: Path, forward: qemu.Forward, network: str, message: str
+) -> None:
+    nodes = qemu.plan_nodes(request(base_address="127.0.0.71"), tmp_path)
+    with pytest.raises(qemu.ProvisionError, match=message):
+        qemu.check_guest_forwards((forward,), nodes, network)
+
+
 def test_a_guest_forward_may_land_on_another_host_port(tmp_path: Path) -> None:
     # A guest-only address and port (10.0.2.100:8080) onto a host server's free port.
     forward = qemu.Forward("10.0.2.100", "127.0.0.89", 8080, host_port=41234)

@@ -95,6 +95,21 @@ def default_image_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A ``guestfwd``: the guest's connections to ``guest:port`` go to ``host:port`` (or
+    to ``host:host_port`` when that is given)."""
+
+    guest: str
+    host: str
+    port: int
+    host_port: int | None = None
+
+    @property
+    def target_port(self) -> int:
+        return self.port if self.host_port is None else self.host_port
+
+
+@dataclass(frozen=True)
 class VmOptions:
     """What every VM of the cluster gets."""
 
@@ -110,6 +125,9 @@ class VmOptions:
     #: user: QEMU user networking (rootless); bridge: one segment in a namespace of the
     #: cluster's own (root); auto: bridge when root mode works here, else user.
     network: str = "auto"
+    #: user network only: guest-only addresses forwarded to servers on host loopback
+    #: (an HTTP server with upgrade bundles, say); every node gets them.
+    guest_forwards: tuple[Forward, ...] = ()
 
 
 def network_mode(requested: str) -> tuple[str, str]:
@@ -167,21 +185,6 @@ def plan_nodes(request: ClusterRequest, state_dir: Path, network: str = "auto") 
     return nodes
 
 
-@dataclass(frozen=True)
-class Forward:
-    """A ``guestfwd``: the guest's connections to ``guest:port`` go to ``host:port`` (or
-    to ``host:host_port`` when that is given)."""
-
-    guest: str
-    host: str
-    port: int
-    host_port: int | None = None
-
-    @property
-    def target_port(self) -> int:
-        return self.port if self.host_port is None else self.host_port
-
-
 def peer_forwards(node: NodeRecord, nodes: Sequence[NodeRecord]) -> list[Forward]:
     """What ``node`` may reach of the others: every API, and control planes' trust port."""
     forwards = []
@@ -191,6 +194,30 @@ def peer_forwards(node: NodeRecord, nodes: Sequence[NodeRecord]) -> list[Forward
         ports = FORWARDED_PORTS if peer.type == "controlplane" else (API_PORT,)
         forwards += [Forward(peer.guest_address, peer.address, port) for port in ports]
     return forwards
+
+
+def check_guest_forwards(
+    forwards: Sequence[Forward], nodes: Sequence[NodeRecord], network: str
+) -> None:
+    """Extra guest forwards: user network only, to host loopback only, from a guest
+    address of the virtual network that no node, gateway or DNS uses."""
+    if not forwards:
+        return
+    if network != "user":
+        raise ProvisionError(
+            "guest forwards to host servers work on the user network only",
+            hint="use --network user (the bridge's namespace has no way to host loopback)",
+        )
+    taken = {GUEST_GATEWAY, GUEST_DNS, *(n.guest_address for n in nodes)}
+    for forward in forwards:
+        guest, host = ipaddress.IPv4Address(forward.guest), ipaddress.IPv4Address(forward.host)
+        if not host.is_loopback:
+            raise ProvisionError(f"guest forward to {forward.host}: only loopback is allowed")
+        if guest not in GUEST_NETWORK or forward.guest in taken:
+            raise ProvisionError(
+                f"guest forward from {forward.guest}: pick a free address of {GUEST_NETWORK} "
+                f"(not {', '.join(sorted(taken))})"
+            )
 
 
 @dataclass(frozen=True)
@@ -245,10 +272,14 @@ def guest_forward(forward: Forward, state_dir: Path, python: str = sys.executabl
 
 
 def netdev(
-    node: NodeRecord, nodes: Sequence[NodeRecord], state_dir: Path, network: str = "user"
+    node: NodeRecord,
+    nodes: Sequence[NodeRecord],
+    state_dir: Path,
+    network: str = "user",
+    extra: Sequence[Forward] = (),
 ) -> str:
     """``-netdev`` of one node. bridge: its tap in the cluster's namespace. user: its
-    private NAT, its forwards, nothing else."""
+    private NAT, its forwards (to its peers, and ``extra``), nothing else."""
     if network == "bridge":
         index = [n.name for n in nodes].index(node.name)
         return f"tap,id=n0,ifname={bridge.BridgeNetwork.tap(index)},script=no,downscript=no"
@@ -265,7 +296,7 @@ def netdev(
     parts += [
         f"hostfwd=tcp:{node.address}:{port}-{node.guest_address}:{port}" for port in FORWARDED_PORTS
     ]
-    parts += [guest_forward(f, state_dir) for f in peer_forwards(node, nodes)]
+    parts += [guest_forward(f, state_dir) for f in (*peer_forwards(node, nodes), *extra)]
     return ",".join(parts)
 
 
@@ -296,7 +327,7 @@ def qemu_command(
     disk = _qemu_value(str(node_dir / DISK_NAME))
     argv += ["-drive", f"id=disk,file={disk},format=qcow2,if=none,discard=unmap"]
     argv += ["-device", "virtio-blk-pci,drive=disk,bootindex=0"]
-    argv += ["-netdev", netdev(node, nodes, state_dir, network)]
+    argv += ["-netdev", netdev(node, nodes, state_dir, network, options.guest_forwards)]
     argv += ["-device", f"virtio-net-pci,netdev=n0,mac={mac_address(index)},romfile="]
     argv += ["-device", "virtio-rng-pci"]
     return argv
@@ -624,6 +655,7 @@ async def create(
         raise ProvisionError("each VM needs --memory 256 (MiB) or more and --cpus 1 or more")
     network, network_why = network_mode(options.network)
     nodes = plan_nodes(request, state_dir, network)
+    check_guest_forwards(options.guest_forwards, nodes, network)
     common.check_ports_free(
         nodes,
         FORWARDED_PORTS,
