@@ -34,8 +34,6 @@ from basalt.machinery.roles import Role
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VALIDITY = dt.timedelta(hours=24)
-
 
 @dataclass(frozen=True)
 class NodeIdentity:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class Tuning:
     """Timings that tests shorten; defaults are for real nodes."""
 
+    #: Lifetime of the node's certificates (machined --cert-validity).
     cert_validity: dt.timedelta = dt.timedelta(hours=24)
     announce_interval: float = 10.0
     member_ttl: float = 60.0
