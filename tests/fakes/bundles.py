@@ -4,8 +4,9 @@ for both slot stores (container directories and metal slots)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from basalt.machined.boot import BootState, Install, Slot, SlotName, apply
 from basalt.machinery.images import (
@@ -43,6 +44,40 @@ def metal_bundle(
     key = load_signing_key(keypair[0])
     create_bundle(out, {n: src / n for n in files}, version, "default", ARCH, key)
     return verified(out, keypair, "metal")
+
+
+Change = Literal["written", "replaced", "grown"]
+#: The ways a verified bundle's file can change before it is written to a slot, and what
+#: the slot writer says about each.
+CHANGES: dict[Change, str] = {
+    "written": "it was written to",
+    "replaced": "it was replaced by another file",
+    "grown": "its size changed",
+}
+
+
+def change(bundle: VerifiedBundle, how: Change) -> None:
+    """Change the bundle's file after it was verified: one byte of its last payload file
+    flipped in place, the file replaced by such a copy, or bytes appended."""
+    path = bundle.source
+    data = bytearray(path.read_bytes())
+    assert bundle.layout is not None
+    last = max(bundle.layout.extents.values(), key=lambda extent: extent.offset)
+    data[last.offset + last.size // 2] ^= 0xFF
+    if how == "written":
+        before = path.stat()
+        with open(path, "r+b") as handle:
+            handle.write(data)
+        # A write in the clock tick of the last verified byte keeps the timestamps (the
+        # seal is a tripwire, see FileSeal): make it a write of a second later.
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    elif how == "replaced":
+        other = path.with_name(path.name + ".new")
+        other.write_bytes(data)
+        os.replace(other, path)
+    else:
+        with open(path, "ab") as handle:
+            handle.write(b"\0" * 512)
 
 
 class SlotStore(Protocol):

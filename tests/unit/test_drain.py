@@ -764,3 +764,97 @@ def test_a_node_no_longer_registered_has_nothing_to_uncordon(
             assert read_intent(node.paths.state) is None
 
     asyncio.run(boot())
+
+
+# -- rollback: the same drain before its reboot ---------------------------------------------------
+
+
+def _upgraded(node: Node) -> None:
+    """Slot b (0.2.0) runs, good, after an upgrade from slot a (0.1.0): a rollback can go
+    back to slot a."""
+    state = replace(initial_state("0.1.0"), booted=SlotName.A)
+    for event in (Install("0.2.0"), Boot(), GatesPassed()):
+        state = apply(state, event).state
+    assert state.booted is SlotName.B
+    node.upgrader.require_slots().save(state)
+
+
+def test_a_rollback_drains_first_and_the_uncordon_follows_the_reboot(
+    tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
+) -> None:
+    from basalt.machined.api.upgrade import RollbackJob
+    from basalt.machined.sequencer.sequences import rollback
+
+    api.add_pod("web-1")
+    write_kubeconfig(tmp_path, api.url, ca.crt, admin)
+
+    async def roll_back() -> RollbackJob:
+        async with node_at(tmp_path) as node:
+            _upgraded(node)
+            job = RollbackJob()
+            await node.sequencer.start(rollback, job)
+            assert "rollback: cordoned node worker-1" in events(node)
+            assert read_intent(node.paths.state) == UncordonIntent(NODE)
+            return job
+
+    job = asyncio.run(roll_back())
+    assert job.steps == ["cordoned node worker-1", "evicted 1 pod"]
+    assert "slot a" in job.message
+    assert api.unschedulable(NODE) and [p.gone for p in api.pods] == [True]
+
+    async def boot() -> None:  # the reboot: slot a, good
+        async with node_at(tmp_path) as node:
+            state = node.upgrader.require_slots().load()
+            assert state is not None
+            node.upgrader.require_slots().save(apply(state, Boot()).state)
+            await node.upgrader.on_boot()
+            node.set_stage("running")
+            assert "booted slot a (0.1.0)" in [e.message for e in node.events.history()]
+            await until(lambda: any(e.startswith("uncordoned") for e in events(node)))
+
+    asyncio.run(boot())
+    assert not api.unschedulable(NODE)
+
+
+def test_a_rollback_with_nothing_to_go_back_to_is_refused_before_any_cordon(
+    tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
+) -> None:
+    from basalt.machined.api.upgrade import RollbackJob
+    from basalt.machined.sequencer.sequences import rollback
+    from basalt.machined.upgrade import UpgradeRefusedError
+
+    write_kubeconfig(tmp_path, api.url, ca.crt, admin)
+
+    async def run() -> None:
+        async with node_at(tmp_path) as node:
+            await _boot_good(node)  # slot a only
+            with pytest.raises(UpgradeRefusedError, match="rollback refused"):
+                await node.sequencer.start(rollback, RollbackJob())
+
+    asyncio.run(run())
+    assert api.requests("PATCH") == [] and not api.unschedulable(NODE)
+
+
+def test_a_rollback_whose_drain_fails_is_refused_and_changes_nothing(
+    tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
+) -> None:
+    from basalt.machined.api.upgrade import RollbackJob
+    from basalt.machined.sequencer.sequences import rollback
+
+    api.add_pod("db-0", namespace="data", pdb_refusals=-1)
+    write_kubeconfig(tmp_path, api.url, ca.crt, admin)
+
+    async def run() -> tuple[DrainError, bool]:
+        async with node_at(tmp_path, tuning=replace(FAST, drain_timeout=1.0)) as node:
+            _upgraded(node)
+            before = node.upgrader.require_slots().load()
+            with pytest.raises(DrainError) as caught:
+                await node.sequencer.start(rollback, RollbackJob())
+            return caught.value, node.upgrader.require_slots().load() == before
+
+    error, unchanged = asyncio.run(run())
+    assert unchanged
+    text = error.render()
+    assert text.startswith("rollback refused: cannot cordon and drain node worker-1")
+    assert "roll back" in text or "rollback with --no-drain" in text
+    assert not api.unschedulable(NODE)

@@ -42,7 +42,9 @@ from basalt.machinery.images import (
     trusted_keys_from_config,
     verification_key,
     verify_bundle,
+    verify_tar_stream,
 )
+from basalt.machinery.images._stream import FileSeal
 from basalt.machinery.images.manifest import Manifest, canonical_json
 
 CREATED = dt.datetime(2025, 1, 31, 12, 0, tzinfo=dt.UTC)
@@ -106,7 +108,8 @@ def refused(
     *,
     root: Path | None = None,
 ) -> ImageVerificationError:
-    """Verify, expect exactly ``expected``, and check that nothing was written."""
+    """Verify, expect exactly ``expected``, and check that nothing was written. A tar
+    file is also verified as a stream (as a node receives it): the same error."""
     watched = root or bundle.parent
     before = tree(watched)
     with pytest.raises(ImageVerificationError) as caught:
@@ -115,6 +118,10 @@ def refused(
     assert tree(watched) == before
     rendered = caught.value.render()
     assert f"{expected.check} check failed" in rendered and "hint:" in rendered
+    if bundle.is_file():
+        with open(bundle, "rb") as source, pytest.raises(ImageVerificationError) as streamed:
+            verify_tar_stream(source, io.BytesIO(), bundle, keys, arch, label=str(bundle))
+        assert streamed.value.render() == rendered
     return caught.value
 
 
@@ -160,6 +167,38 @@ def test_create_and_verify_round_trip(tmp_path, payload, keypair, trusted, form)
     assert sorted(listed) == sorted(payload)
     for name, path in payload.items():
         assert listed[name].size == path.stat().st_size
+
+
+def test_a_tar_verified_as_a_stream_is_copied_whole_with_its_layout(
+    tmp_path, payload, keypair, trusted
+) -> None:
+    bundle = make(tmp_path, payload, keypair, "tar")
+    from_file = verify_bundle(bundle, trusted, "x86_64")
+    copy = tmp_path / "received.tar"
+    with open(bundle, "rb") as source, open(copy, "wb") as sink:
+        streamed = verify_tar_stream(source, sink, copy, trusted, "x86_64")
+    assert copy.read_bytes() == bundle.read_bytes()
+    assert streamed.source == copy and streamed.manifest == from_file.manifest
+    assert streamed.layout is not None and from_file.layout is not None
+    assert streamed.layout.extents == from_file.layout.extents
+    with tarfile.open(copy) as tar:
+        for info in tar.getmembers():
+            extent = streamed.layout.extents[info.name]
+            assert (extent.offset, extent.size) == (info.offset_data, info.size)
+    with open(copy, "rb") as handle:
+        assert streamed.layout.seal == FileSeal.of(handle.fileno())
+
+
+def test_a_stream_stops_at_a_bad_signature_without_reading_the_payload(
+    tmp_path, payload, keypair
+) -> None:
+    bundle = make(tmp_path, payload, keypair, "tar")
+    other = [verification_key(generate_signing_key()[1], "other")]
+    with open(bundle, "rb") as source:
+        with pytest.raises(UnknownSigningKeyError):
+            verify_tar_stream(source, io.BytesIO(), bundle, other, "x86_64")
+        read = source.tell()
+    assert read <= 512 * 1024 < bundle.stat().st_size
 
 
 def test_bundles_are_reproducible(tmp_path, payload, keypair, monkeypatch) -> None:

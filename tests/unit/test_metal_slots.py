@@ -41,7 +41,7 @@ from basalt.machined.boot.slots import SlotWriteError
 from basalt.machined.events import EventBus
 from basalt.machined.sys import efivars
 from tests.fakes import fat
-from tests.fakes.bundles import install, metal_bundle
+from tests.fakes.bundles import CHANGES, Change, change, install, metal_bundle
 
 A, B = SlotName.A, SlotName.B
 MIB = 1 << 20
@@ -239,19 +239,17 @@ def test_rollback_renames_both_entries_and_the_other_slot_boots(
     assert on_b.missing(state.b) == "/EFI/basalt/B/initrd.img missing from the ESP"
 
 
+@pytest.mark.parametrize("how", CHANGES)
 def test_a_bundle_changed_after_verification_leaves_the_slot_without_an_entry(
-    tmp_path: Path, keypair: tuple[str, str]
+    tmp_path: Path, keypair: tuple[str, str], how: Change
 ) -> None:
     slots = _machine(tmp_path)
     bundle = metal_bundle(tmp_path, keypair, "0.2.0", b"R" * 5000)
-    with open(bundle.source, "r+b") as handle:  # flip a byte of the root, after verify
-        data = handle.read()
-        at = data.rindex(b"R" * 5000) + 100
-        handle.seek(at)
-        handle.write(b"X")
-    with pytest.raises(SlotWriteError, match=r"changed after it was verified: rootfs\.squashfs"):
+    change(bundle, how)
+    with pytest.raises(SlotWriteError, match=f"changed after it was verified: {CHANGES[how]}"):
         install(slots, bundle)
     assert os.listdir(tmp_path / "esp/loader/entries") == ["basalt-1-a-0.1.0.conf"]
+    assert (tmp_path / "part-b").read_bytes() == bytes(2 * MIB)  # refused before writing
 
 
 def test_refusals_write_nothing(tmp_path: Path, keypair: tuple[str, str]) -> None:
@@ -265,7 +263,7 @@ def test_refusals_write_nothing(tmp_path: Path, keypair: tuple[str, str]) -> Non
     assert (tmp_path / "part-b").read_bytes() == bytes(2 * MIB)
 
 
-def test_a_tar_member_list_is_checked_while_writing(
+def test_manifest_and_signature_come_first_so_an_upload_is_checked_as_it_arrives(
     tmp_path: Path, keypair: tuple[str, str]
 ) -> None:
     bundle = metal_bundle(tmp_path, keypair, "0.2.0", b"root")

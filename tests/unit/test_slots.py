@@ -42,6 +42,7 @@ from basalt.provision.launcher import (
     record_crash,
 )
 from tests.fakes import bundles
+from tests.fakes.bundles import CHANGES, Change, change
 
 A, B = SlotName.A, SlotName.B
 
@@ -159,17 +160,17 @@ def test_write_slot_then_replace_it(tmp_path, tree, keypair) -> None:
     assert sorted(p.name for p in slots.root.iterdir()) == ["b"]  # no temp or old dirs left
 
 
-def test_a_bundle_changed_after_verification_is_not_written(tmp_path, tree, keypair) -> None:
+@pytest.mark.parametrize("how", CHANGES)
+def test_a_bundle_changed_after_verification_is_not_written(
+    tmp_path, tree, keypair, how: Change
+) -> None:
     slots = SlotDirectories(tmp_path / "slots")
     bundle = build(tree, tmp_path / "v2.tar", keypair)
     good = verified(bundle, keypair)
     slots.write(B, good)
     before = (slots.directory(B) / BASALT_TREE).read_bytes()
-    data = bytearray(bundle.read_bytes())
-    with tarfile.open(bundle) as tar:
-        data[tar.getmember(BASALT_TREE).offset_data + 10] ^= 1
-    bundle.write_bytes(bytes(data))  # swapped under the verified record
-    with pytest.raises(SlotWriteError, match="changed after it was verified"):
+    change(good, how)
+    with pytest.raises(SlotWriteError, match=f"changed after it was verified: {CHANGES[how]}"):
         slots.write(B, good)
     assert (slots.directory(B) / BASALT_TREE).read_bytes() == before
     assert sorted(p.name for p in slots.root.iterdir()) == ["b"]

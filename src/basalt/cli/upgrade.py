@@ -270,14 +270,26 @@ def _nothing(count: int) -> None:
 
 
 def rollback(
-    ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
+    ctx: typer.Context,
+    no_drain: Annotated[
+        bool, typer.Option("--no-drain", help="Do not cordon and drain through Kubernetes.")
+    ] = False,
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
 ) -> None:
-    """Boot the other slot, if it holds a good image; refused with the reason otherwise."""
+    """Boot the other slot, if it holds a good image; refused with the reason otherwise.
+
+    Like an upgrade, the node is cordoned and drained first when its kubelet runs, and
+    uncordoned once it runs the other slot.
+    """
     from basalt.machinery.api import machine_pb2
 
     async def work(client: Client, failures: NodeFailures) -> None:
+        # A drain waits for pods to leave: as long as machined's drain timeout allows.
         answer = await client.machine.Rollback(
-            machine_pb2.RollbackRequest(), metadata=client.metadata(), timeout=30
+            machine_pb2.RollbackRequest(no_drain=no_drain),
+            metadata=client.metadata(),
+            timeout=600,
         )
         for item in failures.keep(answer.messages):
             print(f"{item.metadata.node}: {item.message}")

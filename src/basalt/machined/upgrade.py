@@ -22,6 +22,7 @@ systemd-boot is the firmware.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.resources import BootStatusSpec
@@ -40,6 +41,7 @@ from .boot import (
     Event,
     GatesPassed,
     Install,
+    Outcome,
     Rollback,
     Slot,
     SlotHealth,
@@ -53,6 +55,7 @@ from .boot.slots import SlotDirectories
 if TYPE_CHECKING:
     from basalt.machinery.images import VerifiedBundle
 
+    from .chunk_pipe import ChunkPipe
     from .kubernetes.cordon import NodeCordon
     from .node import Node
 
@@ -262,31 +265,60 @@ class Upgrader:
             self.assessment.cancel()
 
     # -- upgrade steps (the ``upgrade`` sequence calls these) --------------------------------
-    async def receive(self, chunks: AsyncIterator[bytes], limit: int = MAX_BUNDLE_BYTES) -> Path:
-        """Stream an upload to a temp file in EPHEMERAL; refuse it once it passes ``limit``."""
+    async def receive(
+        self,
+        chunks: AsyncIterator[bytes],
+        label: str = "uploaded bundle",
+        limit: int = MAX_BUNDLE_BYTES,
+    ) -> tuple[Path, VerifiedBundle]:
+        """Stream an upload (or a download) into a temp file in EPHEMERAL, verifying it on
+        the way in: a thread checks and hashes what arrived while the next chunks come
+        (:func:`~basalt.machinery.images.verify_tar_stream`). Refused as soon as a check
+        fails or the bundle passes ``limit``; the temp file is removed then. The bundle is
+        checked against the trusted keys of the config at its start; the ``upgrade``
+        sequence checks again that the key is still trusted (:meth:`check_trust`)."""
+        from basalt.machinery.images import (
+            required_payload,
+            trusted_keys_from_config,
+            verify_tar_stream,
+        )
+
+        from .chunk_pipe import ChunkPipe
+
         self.require_slots()
         directory = self.node.paths.ephemeral / UPLOAD_DIR
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config = self.node.config
+        keys = trusted_keys_from_config(config) if config is not None else []
+        platform = self.node.platform
+        required = required_payload(platform.mode.value)
         fd, name = tempfile.mkstemp(prefix="bundle-", suffix=".tar", dir=directory)
         path = Path(name)
-        total = 0
+        pipe = ChunkPipe()
+
+        def verify(out: IO[bytes]) -> VerifiedBundle:
+            try:
+                return verify_tar_stream(
+                    pipe, out, path, keys, platform.arch, required=required, label=label
+                )
+            finally:
+                pipe.stop()
+
         try:
             with os.fdopen(fd, "wb") as out:
-                async for chunk in chunks:
-                    total += len(chunk)
-                    if total > limit:
-                        raise BundleUploadError(
-                            f"the bundle is larger than {limit} bytes; refused while uploading",
-                            hint="container bundles hold the Basalt source tree: a few MiB",
-                        )
-                    await asyncio.to_thread(out.write, chunk)
-                await asyncio.to_thread(_sync, out)
-            if total == 0:
-                raise BundleUploadError("no bundle data was sent", hint="give --image BUNDLE.tar")
+                verifying = asyncio.ensure_future(asyncio.to_thread(verify, out))
+                try:
+                    await _send(chunks, pipe, limit)
+                except BaseException as exc:
+                    await pipe.abort(str(exc) or type(exc).__name__)
+                    with contextlib.suppress(BaseException):
+                        await verifying
+                    raise
+                verified = await verifying
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        return path
+        return path, verified
 
     async def verify(self, path: Path, label: str = "uploaded bundle") -> VerifiedBundle:
         """verify_bundle against the config's trusted keys and this node's architecture."""
@@ -307,6 +339,16 @@ class Upgrader:
             required=required_payload(platform.mode.value),
             label=label,
         )
+
+    def check_trust(self, verified: VerifiedBundle, label: str) -> None:
+        """The key that signed ``verified`` is still trusted by the config (an apply-config
+        may have changed the keys while the bundle was arriving)."""
+        from basalt.machinery.images import UnknownSigningKeyError, trusted_keys_from_config
+
+        config = self.node.config
+        keys = trusted_keys_from_config(config) if config is not None else []
+        if verified.key.key_id not in {key.key_id for key in keys}:
+            raise UnknownSigningKeyError(label, verified.key.key_id, sorted(k.key_id for k in keys))
 
     async def check_quorum(self, force: bool) -> str | None:
         """Control planes: refuse (QuorumError) when going down would put etcd at risk."""
@@ -342,13 +384,13 @@ class Upgrader:
             return "cordon/drain skipped (--no-drain)"
         return None
 
-    async def cordon_drain(self, no_drain: bool) -> list[str]:
+    async def cordon_drain(self, no_drain: bool, purpose: str = "upgrade") -> list[str]:
         """Cordon and drain through the Kubernetes API when the kubelet runs; the steps.
         DrainError (FailedPrecondition) when it cannot: the node is left as it was."""
         skipped = self.check_drain(no_drain)
         if skipped is not None:
             return [skipped]
-        return await self.cordon.drain_for_upgrade()
+        return await self.cordon.drain_for_upgrade(purpose)
 
     async def give_back_cordon(self, why: str) -> None:
         """A step after the drain failed: uncordon now (or retry in the background)."""
@@ -414,22 +456,50 @@ class Upgrader:
         self._event(f"staged upgrade: {message}; rebooting into it")
         return True
 
+    async def check_rollback(self) -> None:
+        """UpgradeRefusedError when a rollback would be refused (before draining for it)."""
+        async with self.lock:
+            await self._rollback_outcome()
+
+    async def _rollback_outcome(self) -> Outcome:
+        slots = self.require_slots()
+        state = await self.load_state()
+        outcome = apply(state, Rollback())
+        if outcome.refused or outcome.slot is None:
+            raise UpgradeRefusedError(outcome.message, hint="see basaltctl get bootstatus")
+        other = state.slot(outcome.slot)
+        missing = await asyncio.to_thread(slots.missing, other)
+        if missing is not None:
+            raise UpgradeRefusedError(f"rollback refused: {other.label}: {missing}")
+        return outcome
+
     async def rollback(self) -> str:
         """Boot the other slot next, if it holds a good image; refused with the reason."""
         async with self.lock:
-            slots = self.require_slots()
-            state = await self.load_state()
-            outcome = apply(state, Rollback())
-            if outcome.refused or outcome.slot is None:
-                raise UpgradeRefusedError(outcome.message, hint="see basaltctl get bootstatus")
-            other = state.slot(outcome.slot)
-            missing = await asyncio.to_thread(slots.missing, other)
-            if missing is not None:
-                raise UpgradeRefusedError(f"rollback refused: {other.label}: {missing}")
+            outcome = await self._rollback_outcome()
+            assert outcome.slot is not None
             self._stop_assessment()
             await self._save(outcome.state)
         self._event(outcome.message, slot=outcome.slot.value)
         return outcome.message
+
+
+async def _send(chunks: AsyncIterator[bytes], pipe: ChunkPipe, limit: int) -> None:
+    """Hand the chunks to the verifying thread until the end, or until it stops (it
+    failed: its own error says why). BundleUploadError when there is nothing, or too much."""
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise BundleUploadError(
+                f"the bundle is larger than {limit} bytes; refused while uploading",
+                hint="container bundles hold the Basalt source tree: a few MiB",
+            )
+        if not await pipe.put(chunk):
+            return
+    if total == 0:
+        raise BundleUploadError("no bundle data was sent", hint="give --image BUNDLE.tar")
+    await pipe.close()
 
 
 def _slot_storage(node: Node) -> SlotDirectories | MetalSlots | None:

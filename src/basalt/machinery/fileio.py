@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+_CHUNK = 1 << 20
 
 
 def fsync_dir(directory: Path) -> None:
@@ -52,3 +55,28 @@ def write_atomic(path: Path, data: str | bytes, *, mode: int | None = 0o644) -> 
     raw = data.encode() if isinstance(data, str) else data
     with replacing(path, mode=mode) as handle:
         handle.write(raw)
+
+
+def copy_range(source: int, offset: int, size: int, out: int) -> None:
+    """Copy ``size`` bytes at ``offset`` of file descriptor ``source`` to ``out`` (at its
+    position) in the kernel (sendfile); EOFError when ``source`` ends first."""
+    end = offset + size
+    while offset < end:
+        try:
+            sent = os.sendfile(out, source, offset, min(end - offset, 1 << 30))
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            sent = _copy_through_memory(source, offset, min(end - offset, _CHUNK), out)
+        if sent == 0:
+            raise EOFError(f"the file ends {end - offset} bytes early")
+        offset += sent
+
+
+def _copy_through_memory(source: int, offset: int, size: int, out: int) -> int:
+    """One chunk with pread/write, for files sendfile cannot copy between."""
+    data = os.pread(source, size, offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(out, view) :]
+    return len(data)

@@ -10,6 +10,7 @@ node reboots into it, on trial (see :mod:`basalt.machined.upgrade`).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc.aio
@@ -79,8 +80,8 @@ class UpgradeMethods:
         upgrader = self.node.upgrader
         upgrader.require_slots()  # refuse before receiving anything
         options, chunks, label = await _options_then_data(requests)
-        upload = await upgrader.receive(chunks)
-        job = UpgradeJob(options, upload, label)
+        upload, verified = await upgrader.receive(chunks, label)
+        job = UpgradeJob(options, upload, label, verified=verified)
         try:
             await self.node.sequencer.start(upgrade, job)
         finally:
@@ -101,11 +102,16 @@ class UpgradeMethods:
         from ..sequencer.sequences import reboot, rollback
 
         self.node.upgrader.require_slots()
-        job = _RollbackJob()
+        job = RollbackJob(no_drain=request.no_drain)
         await self.node.sequencer.start(rollback, job)
         self.node.sequencer.start(reboot)
-        return self.action(f"{job.message}; rebooting")
+        return self.action("; ".join([*job.steps, job.message, "rebooting"]))
 
 
-class _RollbackJob:
-    message = ""
+@dataclass
+class RollbackJob:
+    """One rollback request as it goes through the ``rollback`` sequence."""
+
+    no_drain: bool = False
+    steps: list[str] = field(default_factory=list)
+    message: str = ""

@@ -12,10 +12,9 @@ What a power cut in the middle of a FAT rename leaves is repaired at boot
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.fileio import fsync_dir, replacing, write_atomic
@@ -113,17 +112,3 @@ class Esp:
     def missing_files(self, slot: str) -> list[str]:
         files = self.slot_files(slot)
         return ["/" + p.relative_to(self.root).as_posix() for p in files if not p.is_file()]
-
-
-def copy_hashed(source: IO[bytes], out: IO[bytes], limit: int | None = None) -> tuple[int, str]:
-    """Copy ``source`` to ``out`` in 1 MiB chunks: (bytes, sha256 hex). Stops with
-    :class:`EspError` once more than ``limit`` bytes came."""
-    sha = hashlib.sha256()
-    size = 0
-    while chunk := source.read(_CHUNK):
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise EspError(f"more than {limit} bytes")
-        sha.update(chunk)
-        out.write(chunk)
-    return size, sha.hexdigest()

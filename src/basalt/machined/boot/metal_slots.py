@@ -10,10 +10,11 @@ live in META (:mod:`.meta`, two checksummed copies).
 A slot is its partition ``BASALT-<SLOT>`` (the squashfs root, raw) and its kernel and
 initrd in ``/EFI/basalt/<SLOT>/`` on the ESP. Writing one follows the order of
 :func:`.codecs.entry_changes`: the slot's old entry is removed first (so a half-written
-slot never boots), the files are written and synced, each re-hashed against the trusted
-manifest, and only then is the new entry (``+3``, newest generation: it sorts first)
-created. Marking good renames the entry that booted, which systemd-boot names in
-``LoaderBootCountPath``.
+slot never boots), the files are written and synced (copied from where verification
+found them in the bundle, which must be unchanged since: see
+:class:`~basalt.machinery.images.verify.TarLayout`), and only then is the new entry
+(``+3``, newest generation: it sorts first) created. Marking good renames the entry
+that booted, which systemd-boot names in ``LoaderBootCountPath``.
 
 The ESP is mounted (vfat, ``dirsync``) only while it is read or written, and unmounted
 afterwards: an unmount flushes everything, and a power cut finds it clean most of the
@@ -28,28 +29,27 @@ import contextlib
 import logging
 import os
 import shutil
-import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
-from basalt.machinery.images.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from basalt.machinery.fileio import copy_range
 from basalt.machinery.images.payload import INITRAMFS, KERNEL, ROOTFS
 
 from .assessment import BootState, Slot, SlotHealth, SlotName
 from .codecs import EntryChange, entry_changes, state_from_entries
 from .entries import BasaltEntry, loader_order
-from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, copy_hashed, entry_options, entry_text
+from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, entry_options, entry_text
 from .esp import slot_dir as esp_slot_dir
 from .esp_check import repair_device, repair_directory
 from .esp_repair import EspPlan
 from .meta import Meta, MetaRecord, PendingUpgrade
-from .slots import SlotWriteError, keep_copy
+from .slots import SlotWriteError, keep_copy, unchanged
 
 if TYPE_CHECKING:
-    from basalt.machinery.images import VerifiedBundle
+    from basalt.machinery.images import Extent, VerifiedBundle
 
 log = logging.getLogger(__name__)
 
@@ -211,16 +211,17 @@ class MetalSlots:
 
     def write(self, name: SlotName, bundle: VerifiedBundle) -> None:
         """Write a verified tar bundle to slot ``name``: the root to its partition, kernel
-        and initrd to the ESP; each re-hashed and compared with the trusted manifest."""
+        and initrd to the ESP. The bytes are copied from where verification found them,
+        without hashing them again, once the file's seal shows it unchanged since."""
         if name is self.booted:
             raise SlotWriteError(f"slot {name} is running: it cannot be written")
-        if bundle.form != "tar":
+        layout = bundle.layout
+        if bundle.form != "tar" or layout is None:
             raise SlotWriteError(f"{bundle.source}: only tar bundles can be written to a slot")
         partition = self.devices.partitions.get(name)
         if partition is None:
             raise SlotWriteError(f"this disk has no partition BASALT-{name.value.upper()}")
-        rootfs = bundle.manifest.file(ROOTFS)
-        assert rootfs is not None  # verify_bundle(required=...) checked it
+        rootfs = layout.extents[ROOTFS]  # verify_bundle(required=...) checked it is there
         room = _device_size(partition)
         if rootfs.size > room:
             raise SlotWriteError(
@@ -228,8 +229,6 @@ class MetalSlots:
                 f"holds {room}",
                 hint="build a smaller image, or reinstall with a newer layout",
             )
-        changed = f"{bundle.source} changed after it was verified"
-        seen: set[str] = set()
         with self.esp() as esp:
             left = [n for n in esp.entries() if BasaltEntry.parse(n).slot == name.value]
             if left:
@@ -239,28 +238,13 @@ class MetalSlots:
                     hint="an interrupted rename leaves a second name for one entry: machined "
                     "removes it at boot (see the node's boot events); reboot the node",
                 )
-            with open(bundle.source, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-                for member in tar:
-                    if member.name in (MANIFEST_NAME, SIGNATURE_NAME):
-                        continue
-                    want = bundle.manifest.file(member.name)
-                    if not member.isreg() or want is None or member.name in seen:
-                        raise SlotWriteError(f"{changed}: unexpected member {member.name!r}")
-                    seen.add(member.name)
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    if member.name == ROOTFS:
-                        got = _write_partition(partition, source, room)
-                    elif member.name in _ESP_PAYLOAD:
-                        target = esp.root / esp_slot_dir(name.value) / _ESP_PAYLOAD[member.name]
-                        got = _write_esp_file(esp, target, source, want.size, want.sha256)
-                    else:
-                        continue  # more payload (a later format): not this platform's
-                    if got != (want.size, want.sha256):
-                        raise SlotWriteError(f"{changed}: {member.name} differs from its manifest")
-            missing = {KERNEL, INITRAMFS, ROOTFS} - seen
-            if missing:
-                raise SlotWriteError(f"{changed}: {', '.join(sorted(missing))} missing")
+            with open(bundle.source, "rb") as source:
+                unchanged(bundle, source.fileno())
+                _write_partition(partition, source.fileno(), rootfs)
+                for payload, file_name in _ESP_PAYLOAD.items():
+                    target = esp.root / esp_slot_dir(name.value) / file_name
+                    _write_esp_file(esp, target, source.fileno(), layout.extents[payload])
+                unchanged(bundle, source.fileno())  # and not while it was copied
 
     # -- staged upgrades ---------------------------------------------------------------------
     @property
@@ -305,34 +289,29 @@ def _device_size(path: Path) -> int:
         os.close(fd)
 
 
-def _write_partition(partition: Path, source: IO[bytes], room: int) -> tuple[int, str]:
-    """Write the root image to the start of ``partition`` and fsync; (bytes, sha256)."""
+def _write_partition(partition: Path, source: int, extent: Extent) -> None:
+    """Write the root image to the start of ``partition`` and fsync."""
     try:
         with open(partition, "r+b", buffering=0) as out:
-            got = copy_hashed(source, out, room)
+            copy_range(source, extent.offset, extent.size, out.fileno())
             os.fsync(out.fileno())
-    except EspError as exc:
-        raise SlotWriteError(f"{partition}: the root image has {exc}") from None
+    except EOFError as exc:
+        raise SlotWriteError(f"the bundle's {ROOTFS} is cut short: {exc}") from None
     except OSError as exc:
         raise SlotWriteError(f"{partition}: writing the root failed: {exc.strerror}") from None
-    return got
 
 
-def _write_esp_file(
-    esp: Esp, target: Path, source: IO[bytes], size: int, sha256: str
-) -> tuple[int, str]:
-    """Write ``target`` on the ESP; it replaces the old file only if it matches."""
-    got = (0, "")
+def _write_esp_file(esp: Esp, target: Path, source: int, extent: Extent) -> None:
+    """Write ``target`` on the ESP through a temporary file (it replaces the old one whole)."""
     try:
         with esp.replacing(target) as handle:
-            got = copy_hashed(source, handle, size)
-            if got != (size, sha256):
-                raise SlotWriteError(f"{target.name} differs from its manifest")
+            copy_range(source, extent.offset, extent.size, handle.fileno())
+    except EOFError as exc:
+        raise SlotWriteError(f"{target.name}: the bundle is cut short: {exc}") from None
     except EspError as exc:
         raise SlotWriteError(f"{target.name}: {exc}") from None
     except OSError as exc:
         raise SlotWriteError(f"ESP {target}: writing failed: {exc.strerror}") from None
-    return got
 
 
 def of_machine(root: Path, ephemeral: Path, sys_block: Path | None = None) -> MetalSlots | None:

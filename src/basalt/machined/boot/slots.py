@@ -19,7 +19,6 @@ is not running, and machined only while it runs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tarfile
@@ -28,8 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from basalt.machinery.errors import BasaltError
-from basalt.machinery.fileio import write_atomic
-from basalt.machinery.images.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from basalt.machinery.fileio import copy_range, write_atomic
+from basalt.machinery.images.manifest import MANIFEST_NAME
 from basalt.machinery.images.payload import BASALT_TREE
 
 from .assessment import BootState, Slot, SlotName
@@ -45,7 +44,6 @@ STAGED_DIR = "staged"
 STAGED_BUNDLE = "bundle.tar"
 #: The top-level directory a container payload's tar must hold, and nothing else.
 PACKAGE = "basalt"
-_CHUNK = 1 << 20
 
 
 class SlotWriteError(BasaltError):
@@ -106,11 +104,12 @@ class SlotDirectories:
     def write(self, name: SlotName, bundle: VerifiedBundle) -> None:
         """Write a verified tar bundle to slot ``name``: whole, or not at all.
 
-        Every payload file is hashed again while it is copied and compared with the
-        (trusted) manifest, so a bundle that changed after verification is refused.
-        The old slot directory is replaced only once the new one is complete and synced.
+        Every member is copied from where verification found it, once the bundle's seal
+        shows the file unchanged since (:func:`unchanged`); a bundle that changed after
+        verification is refused. The old slot directory is replaced only once the new one
+        is complete and synced.
         """
-        if bundle.form != "tar":
+        if bundle.form != "tar" or bundle.layout is None:
             raise SlotWriteError(f"{bundle.source}: only tar bundles can be written to a slot")
         self.root.mkdir(parents=True, exist_ok=True)
         temp = self.root / f".{name.value}.tmp"
@@ -154,36 +153,32 @@ class SlotDirectories:
 # -- writing a slot -------------------------------------------------------------------------------
 
 
+def unchanged(bundle: VerifiedBundle, fd: int) -> None:
+    """SlotWriteError unless ``fd`` (the bundle's file, opened again) is the file that was
+    verified, unchanged since: its bytes are then copied without hashing them again."""
+    assert bundle.layout is not None
+    changed = bundle.layout.seal.broken(fd)
+    if changed is not None:
+        raise SlotWriteError(
+            f"{bundle.source} changed after it was verified: {changed}",
+            hint="upgrade again: the bundle is received and verified anew",
+        )
+
+
 def _copy_verified(bundle: VerifiedBundle, target: Path) -> None:
-    """Copy the bundle's members to ``target``, checking each against the trusted manifest."""
-    manifest = bundle.manifest
-    changed = f"{bundle.source} changed after it was verified"
-    seen: set[str] = set()
-    with open(bundle.source, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-        for member in tar:
-            name = member.name
-            want = manifest.file(name)
-            known = name in (MANIFEST_NAME, SIGNATURE_NAME) or want is not None
-            if not member.isreg() or not known or name in seen:
-                raise SlotWriteError(f"{changed}: unexpected member {name!r}")
-            seen.add(name)
-            source = tar.extractfile(member)
-            assert source is not None
-            sha = hashlib.sha256()
-            size = 0
+    """Copy the bundle's members (manifest, signature, payload) to ``target``."""
+    assert bundle.layout is not None
+    with open(bundle.source, "rb") as source:
+        unchanged(bundle, source.fileno())
+        for name, extent in bundle.layout.extents.items():
             with open(target / name, "wb") as out:
-                while chunk := source.read(_CHUNK):
-                    sha.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            if name == MANIFEST_NAME:
-                if (target / name).read_bytes() != bundle.manifest_bytes:
-                    raise SlotWriteError(f"{changed}: {MANIFEST_NAME} differs")
-            elif want is not None and (size, sha.hexdigest()) != (want.size, want.sha256):
-                raise SlotWriteError(f"{changed}: {name} does not match the signed manifest")
-    missing = {f.path for f in manifest.files} - seen
-    if missing:
-        raise SlotWriteError(f"{changed}: {', '.join(sorted(missing))} missing")
+                try:
+                    copy_range(source.fileno(), extent.offset, extent.size, out.fileno())
+                except EOFError as exc:
+                    raise SlotWriteError(f"{bundle.source}: {name} is cut short: {exc}") from None
+        unchanged(bundle, source.fileno())
+    if (target / MANIFEST_NAME).read_bytes() != bundle.manifest_bytes:
+        raise SlotWriteError(f"{bundle.source} changed after it was verified: {MANIFEST_NAME}")
 
 
 def _tree_problem(member: tarfile.TarInfo) -> str | None:

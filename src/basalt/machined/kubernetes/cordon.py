@@ -62,6 +62,8 @@ class NodeCordon:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._retry: asyncio.Task[None] | None = None
+        #: What the drain is for, in messages: "upgrade" or "rollback".
+        self.purpose = "upgrade"
 
     @property
     def state_dir(self) -> Path:
@@ -100,8 +102,10 @@ class NodeCordon:
         return Drainer(client, name, timings)
 
     # -- before the upgrade --------------------------------------------------------------
-    async def drain_for_upgrade(self) -> list[str]:
-        """Cordon and drain; the steps done. DrainError (nothing changed) when it cannot."""
+    async def drain_for_upgrade(self, purpose: str = "upgrade") -> list[str]:
+        """Cordon and drain before the reboot of an upgrade (or a rollback: ``purpose``);
+        the steps done. DrainError (nothing changed) when it cannot."""
+        self.purpose = purpose
         await self._stop_retry()  # a pending uncordon must not undo this cordon
         ours = self.pending() is not None  # an earlier upgrade's cordon, not given back yet
         name = kubelet_node_name(self.node)
@@ -113,10 +117,10 @@ class NodeCordon:
                 self.give_back_later("an earlier upgrade cordoned it")
             if isinstance(exc, DrainError):
                 raise
-            raise _refused(name, exc, "the node was not changed") from None
+            raise _refused(purpose, name, exc, "the node was not changed") from None
         steps: list[str] = []
         if cordoned and not ours:
-            steps.append(f"node {name} was already cordoned; it stays cordoned after the upgrade")
+            steps.append(f"node {name} was already cordoned; it stays cordoned after the {purpose}")
         else:
             try:
                 if not ours:
@@ -129,13 +133,13 @@ class NodeCordon:
                 if cordoned
                 else f"cordoned node {name}"
             )
-            self._event(f"upgrade: cordoned node {name}", name)
+            self._event(f"{purpose}: cordoned node {name}", name)
         try:
             result = await drainer.drain()
         except BaseException as exc:
             raise await self._undo(name, exc, mine=not cordoned or ours) from None
         steps.append(result.summary())
-        self._event(f"upgrade: drained node {name}: {result.summary()}", name)
+        self._event(f"{purpose}: drained node {name}: {result.summary()}", name)
         return steps
 
     async def _undo(self, name: str, exc: BaseException, *, mine: bool = True) -> BaseException:
@@ -143,12 +147,12 @@ class NodeCordon:
         itself when it is not a drain failure: a cancellation, a bug)."""
         if not isinstance(exc, DrainError | KubeApiError | OSError):
             if mine:
-                self.give_back_later("the upgrade was cancelled")
+                self.give_back_later(f"the {self.purpose} was cancelled")
             return exc
         if not mine:
-            return _refused(name, exc, f"node {name} stays cordoned, as it was")
-        note = await self.give_back("the upgrade was refused")
-        return _refused(name, exc, note)
+            return _refused(self.purpose, name, exc, f"node {name} stays cordoned, as it was")
+        note = await self.give_back(f"the {self.purpose} was refused")
+        return _refused(self.purpose, name, exc, note)
 
     async def give_back(self, why: str) -> str:
         """Uncordon now if this upgrade's cordon is pending; else retry in the background.
@@ -233,8 +237,8 @@ class NodeCordon:
         return found
 
 
-def _refused(name: str, exc: BaseException, note: str) -> DrainError:
+def _refused(purpose: str, name: str, exc: BaseException, note: str) -> DrainError:
     return DrainError(
-        f"upgrade refused: cannot cordon and drain node {name}: {exc}; {note}",
-        hint=NO_DRAIN_HINT,
+        f"{purpose} refused: cannot cordon and drain node {name}: {exc}; {note}",
+        hint=NO_DRAIN_HINT.replace("upgrade", purpose),
     )

@@ -205,8 +205,11 @@ apply_config_sequence: Sequence[Node] = sequence("apply-config").then("apply", a
 
 
 async def verify_upload(node: Node, job: Any) -> None:
-    job.verified = await node.upgrader.verify(job.upload, label=job.label)
+    """Verified as it arrived (``Upgrader.receive``): check that its key is still trusted."""
+    if job.verified is None:
+        job.verified = await node.upgrader.verify(job.upload, label=job.label)
     verified = job.verified
+    node.upgrader.check_trust(verified, job.label)
     job.steps.append(
         f"verified bundle {verified.version} ({verified.architecture}), "
         f"signed by {verified.key.label}"
@@ -254,8 +257,22 @@ async def install_image(node: Node, job: Any) -> None:
     job.steps.append(job.message)
 
 
+async def check_rollback(node: Node, job: Any) -> None:
+    """Refused before the drain when there is no good slot to go back to."""
+    await node.upgrader.check_rollback()
+
+
+async def drain_for_rollback(node: Node, job: Any) -> None:
+    """A rollback reboots the node like an upgrade: cordon and drain it first."""
+    job.steps.extend(await node.upgrader.cordon_drain(job.no_drain, purpose="rollback"))
+
+
 async def roll_back(node: Node, job: Any) -> None:
-    job.message = await node.upgrader.rollback()
+    try:
+        job.message = await node.upgrader.rollback()
+    except BaseException:
+        await node.upgrader.give_back_cordon("the rollback failed")
+        raise
 
 
 upgrade: Sequence[Node] = (
@@ -267,7 +284,12 @@ upgrade: Sequence[Node] = (
     .then("install", install_image, when=installing)
 )
 
-rollback: Sequence[Node] = sequence("rollback").then("rollback", roll_back)
+rollback: Sequence[Node] = (
+    sequence("rollback")
+    .then("check", check_rollback)
+    .then("drain", drain_for_rollback)
+    .then("rollback", roll_back)
+)
 
 
 # -- reboot, shutdown, reset ---------------------------------------------------------------------

@@ -1651,12 +1651,17 @@ Global___UpgradeResponse: _TypeAlias = UpgradeResponse  # noqa: Y015
 class RollbackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    NO_DRAIN_FIELD_NUMBER: _builtins.int
+    no_drain: _builtins.bool
+    """Do not cordon and drain the node through Kubernetes before it reboots."""
     def __init__(
         self,
+        *,
+        no_drain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["no_drain", b"no_drain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
         required_payload,
     )
     from .signature import parse_signature, sign
-    from .verify import VerifiedBundle, verify_bundle
+    from .verify import Extent, TarLayout, VerifiedBundle, verify_bundle, verify_tar_stream
 
 #: Imported on first use: the boot assessment reads versions (``manifest``) on every boot;
 #: keys, signatures and verification (cryptography) only matter during an upgrade.
@@ -70,6 +70,7 @@ __getattr__ = lazy.exports(
         ),
         "errors": (
             "BundleInputError",
+            "Extent",
             "ImageArchitectureError",
             "ImageFormatError",
             "ImageManifestError",
@@ -103,8 +104,12 @@ __getattr__ = lazy.exports(
             "sign",
         ),
         "verify": (
+            "Extent",
+            "TarLayout",
+            "TarLayout",
             "VerifiedBundle",
             "verify_bundle",
+            "verify_tar_stream",
         ),
     },
 )
@@ -120,6 +125,7 @@ __all__ = [
     "ROOTFS",
     "SIGNATURE_NAME",
     "BundleInputError",
+    "Extent",
     "ImageArchitectureError",
     "ImageFormatError",
     "ImageManifestError",
@@ -129,6 +135,7 @@ __all__ = [
     "Manifest",
     "PayloadFile",
     "SigningKeyError",
+    "TarLayout",
     "UnknownSigningKeyError",
     "UnsignedImageError",
     "VerificationKey",
@@ -145,4 +152,5 @@ __all__ = [
     "trusted_keys_from_config",
     "verification_key",
     "verify_bundle",
+    "verify_tar_stream",
 ]

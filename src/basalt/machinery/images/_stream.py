@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import stat
+from dataclasses import dataclass
 from typing import Protocol
 
 CHUNK = 1 << 20
@@ -87,3 +88,38 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class FileSeal:
+    """The identity of a file whose bytes were hashed: which inode, how long, when last
+    written. A verified bundle's seal lets a slot writer copy the file without hashing it
+    a second time: it refuses a file that was replaced, resized or written to since.
+
+    A tripwire against accidents, not a lock: timestamps move in the kernel's clock ticks,
+    so a write in the same tick as the last hashed one keeps them. The file is machined's
+    own (a private directory on EPHEMERAL); a process that could write it could as well
+    write the slot partitions.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, fd: int) -> FileSeal:
+        info = os.fstat(fd)
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def broken(self, fd: int) -> str | None:
+        """What changed since the seal was taken (``fd`` is the file opened again), or None."""
+        now = FileSeal.of(fd)
+        if (now.device, now.inode) != (self.device, self.inode):
+            return "it was replaced by another file"
+        if now.size != self.size:
+            return f"its size changed from {self.size} to {now.size} bytes"
+        if (now.mtime_ns, now.ctime_ns) != (self.mtime_ns, self.ctime_ns):
+            return "it was written to"
+        return None

@@ -15,6 +15,12 @@ A tar file that holds something unsafe (absolute path, ``..``, link, device, a n
 twice) or is not a tar file at all fails with ImageFormatError when it is met.
 Nothing in the manifest is acted on before step 4 succeeds; payload files are hashed
 in 1 MiB chunks, so memory stays flat whatever their size. Nothing is written.
+
+A tar bundle can also be verified while it arrives (:func:`verify_tar_stream`): every
+byte read is copied to the file it is received into, so the checks end with the upload
+and each byte is hashed once. Either way a verified tar file comes with its layout (where
+each member's bytes are) and its seal (:class:`FileSeal`): a slot writer copies the
+members from there without hashing them again, and refuses a file that changed since.
 """
 
 from __future__ import annotations
@@ -25,10 +31,19 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Literal, cast
+from typing import IO, Literal, Protocol, cast
 
 from ..errors import BasaltError
-from ._stream import NotRegularFileError, Reader, digest, open_regular, read_small
+from ._stream import (
+    CHUNK,
+    FileSeal,
+    NotRegularFileError,
+    Reader,
+    Writer,
+    digest,
+    open_regular,
+    read_small,
+)
 from .errors import (
     ImageArchitectureError,
     ImageFormatError,
@@ -59,6 +74,23 @@ _REFETCH = "fetch the bundle again from where it was published, or rebuild it"
 
 
 @dataclass(frozen=True)
+class Extent:
+    """Where a member's bytes are in a tar file."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class TarLayout:
+    """Every member of a verified tar file (manifest, signature, payload) by name, and the
+    seal of the file that was verified."""
+
+    extents: Mapping[str, Extent]
+    seal: FileSeal
+
+
+@dataclass(frozen=True)
 class VerifiedBundle:
     """A bundle whose signature, architecture and payload have all checked out."""
 
@@ -67,6 +99,8 @@ class VerifiedBundle:
     manifest: Manifest
     manifest_bytes: bytes
     key: VerificationKey
+    #: Tar bundles: where each member is, and the seal of the file (None for directories).
+    layout: TarLayout | None = None
 
     @property
     def version(self) -> str:
@@ -309,6 +343,11 @@ _EXTENDED_TYPES = frozenset(
 )
 
 
+#: tarfile reads a stream 10 KiB at a time unless told; more costs less per byte, and it
+#: holds about three reads at once (it joins them), so memory stays under 1 MiB.
+_TAR_READ = 256 * 1024
+
+
 class _HeaderTooLargeError(tarfile.TarError):
     pass
 
@@ -377,7 +416,7 @@ class _TarReader:
 
 def _open_tar_stream(raw: IO[bytes], checks: _Checks) -> tarfile.TarFile:
     try:
-        return tarfile.open(fileobj=raw, mode="r|", tarinfo=_BoundedTarInfo)
+        return tarfile.open(fileobj=raw, mode="r|", tarinfo=_BoundedTarInfo, bufsize=_TAR_READ)
     except tarfile.TarError as exc:
         raise ImageFormatError(
             checks.label,
@@ -387,17 +426,95 @@ def _open_tar_stream(raw: IO[bytes], checks: _Checks) -> tarfile.TarFile:
 
 
 def _verify_tar(path: Path, checks: _Checks) -> VerifiedBundle:
-    with open(path, "rb") as raw, _open_tar_stream(raw, checks) as tar:
-        return _verify_tar_stream(path, _TarReader(tar, checks), checks)
+    with open(path, "rb") as raw:
+        seal = FileSeal.of(raw.fileno())
+        with _open_tar_stream(raw, checks) as tar:
+            found = _verify_tar_stream(_TarReader(tar, checks), checks)
+        changed = seal.broken(raw.fileno())
+    if changed is not None:
+        raise ImageFormatError(
+            checks.label,
+            f"the file changed while it was verified: {changed}",
+            hint="verify it again once nothing writes to it",
+        )
+    return found.bundle(path, seal)
 
 
-def _verify_tar_stream(path: Path, reader: _TarReader, checks: _Checks) -> VerifiedBundle:
+class _StreamSource(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _Tee:
+    """A reader that copies every byte it reads to ``sink``."""
+
+    def __init__(self, source: _StreamSource, sink: Writer) -> None:
+        self.source = source
+        self.sink = sink
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        if data:
+            self.sink.write(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def verify_tar_stream(
+    source: _StreamSource,
+    sink: IO[bytes],
+    path: str | os.PathLike[str],
+    trusted_keys: TrustedKeys,
+    expected_arch: str,
+    *,
+    required: Iterable[str] = (),
+    label: str | None = None,
+) -> VerifiedBundle:
+    """Verify a tar bundle as it is read from ``source``, copying every byte to ``sink``,
+    the file at ``path`` (opened for writing, empty). The checks are :func:`verify_bundle`'s,
+    in its order, so a bad manifest or signature stops the stream at its first kilobytes.
+    Once the checks pass, the rest of the stream (the tar's end blocks) is copied too and
+    ``sink`` is flushed and fsynced; the result is the bundle at ``path``, sealed.
+    """
+    checks = _Checks(Path(path), trusted_keys, expected_arch, required, label)
+    tee = _Tee(source, sink)
+    with _open_tar_stream(cast(IO[bytes], tee), checks) as tar:
+        found = _verify_tar_stream(_TarReader(tar, checks), checks)
+    tee.drain()
+    sink.flush()
+    os.fsync(sink.fileno())
+    return found.bundle(Path(path), FileSeal.of(sink.fileno()))
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What verifying a tar stream found, before it is tied to a file."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    key: VerificationKey
+    extents: Mapping[str, Extent]
+
+    def bundle(self, path: Path, seal: FileSeal) -> VerifiedBundle:
+        layout = TarLayout(self.extents, seal)
+        return VerifiedBundle(path, "tar", self.manifest, self.manifest_bytes, self.key, layout)
+
+
+def _verify_tar_stream(reader: _TarReader, checks: _Checks) -> _Found:
+    extents: dict[str, Extent] = {}
+
+    def at(member: tarfile.TarInfo) -> tarfile.TarInfo:
+        extents[member.name] = Extent(member.offset_data, member.size)
+        return member
+
     first = reader.next()
     if first is None or first.name != MANIFEST_NAME:
         found = "the tar file is empty" if first is None else f"the first member is {first.name!r}"
         raise checks.manifest_problem(f"is missing: it must be the first member; {found}")
     try:
-        manifest_bytes = reader.read_small(first, MAX_MANIFEST_BYTES)
+        manifest_bytes = reader.read_small(at(first), MAX_MANIFEST_BYTES)
     except ValueError as exc:
         raise checks.manifest_problem(str(exc)) from None
     manifest = checks.parse(manifest_bytes)
@@ -405,7 +522,7 @@ def _verify_tar_stream(path: Path, reader: _TarReader, checks: _Checks) -> Verif
     signature_bytes = None
     if second is not None and second.name == SIGNATURE_NAME:
         try:
-            signature_bytes = reader.read_small(second, MAX_SIGNATURE_BYTES)
+            signature_bytes = reader.read_small(at(second), MAX_SIGNATURE_BYTES)
         except ValueError as exc:
             raise ImageSignatureError(
                 checks.label, f"{SIGNATURE_NAME} {exc}", hint=_REFETCH
@@ -423,10 +540,10 @@ def _verify_tar_stream(path: Path, reader: _TarReader, checks: _Checks) -> Verif
         if member.size != want.size:
             raise checks.size_mismatch(want, member.size)
         try:
-            checks.check_content(want, reader.open_reader(member))
+            checks.check_content(want, reader.open_reader(at(member)))
         except tarfile.TarError:
             raise checks.payload(want.path, "truncated: the tar file ends inside it") from None
         member = reader.next()
     if pending:
         raise checks.missing(sorted(pending)[0])
-    return VerifiedBundle(path, "tar", manifest, manifest_bytes, key)
+    return _Found(manifest, manifest_bytes, key, extents)
