@@ -3,7 +3,9 @@
 The gates are the node's health checks (:func:`.health.run_checks`: boot stage, API
 serving, every service up, member list, controllers) with etcd judged for *this* member
 only: on a control plane its etcd must be a voting member with a leader, caught up with
-the leader's applied index. Another member's trouble must not roll this node back.
+the leader's applied index. Another member's trouble must not roll this node back (the
+cluster-wide etcd checks of ``basaltctl health`` are not even run). Until the boot has
+finished only the stage is checked.
 """
 
 from __future__ import annotations
@@ -14,15 +16,13 @@ from typing import TYPE_CHECKING
 import grpc.aio
 
 from .boot import GatesPassed, GatesTimedOut
-from .health import RAFT_LAG, Check, run_checks
+from .health import RAFT_LAG, Check, run_checks, stage_check
 
 if TYPE_CHECKING:
     from .node import Node
 
 #: Gates are polled this often while a slot is on trial (a few seconds per upgrade).
 POLL = 0.25
-#: The cluster-wide etcd checks of ``basaltctl health``, replaced here by the local one.
-_CLUSTER_ETCD_CHECKS = ("etcd members", "etcd leader", "etcd raft")
 
 
 async def etcd_member(node: Node) -> list[Check]:
@@ -65,7 +65,12 @@ async def etcd_member(node: Node) -> list[Check]:
 
 
 async def gate_checks(node: Node) -> list[Check]:
-    checks = [c for c in await run_checks(node) if c.name not in _CLUSTER_ETCD_CHECKS]
+    """The gates. Until the boot has finished only its stage is checked: the rest cannot
+    pass yet, and checking them (TLS connections to etcd) would slow the boot itself."""
+    stage = stage_check(node)
+    if not stage.ok:
+        return [stage]
+    checks = await run_checks(node, cluster_etcd=False)
     return checks + await etcd_member(node)
 
 

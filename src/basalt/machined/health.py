@@ -30,7 +30,7 @@ async def _api_answers(node: Node) -> Check:
     return Check("api", True, f"serving on {node.address}:{API_PORT}")
 
 
-def _stage(node: Node) -> Check:
+def stage_check(node: Node) -> Check:
     ok = node.stage == "running"
     return Check("stage", ok, f"node is {node.stage}")
 
@@ -122,12 +122,14 @@ async def _etcd(node: Node) -> list[Check]:
     ]
 
 
-async def run_checks(node: Node) -> list[Check]:
+async def run_checks(node: Node, *, cluster_etcd: bool = True) -> list[Check]:
+    """Every check; ``cluster_etcd`` False leaves out the cluster-wide etcd checks (each
+    connects to every member) for a caller that judges only its own member."""
     return [
-        _stage(node),
+        stage_check(node),
         await _api_answers(node),
         *_services(node),
-        *(await _etcd(node)),
+        *(await _etcd(node) if cluster_etcd else []),
         _members(node),
         _controllers(node),
     ]

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.resources import BootStatusSpec
@@ -53,7 +53,7 @@ from .boot.metal_slots import MetalSlots
 from .boot.slots import SlotDirectories
 
 if TYPE_CHECKING:
-    from basalt.machinery.images import VerifiedBundle
+    from basalt.machinery.images import VerificationKey, VerifiedBundle
 
     from .chunk_pipe import ChunkPipe
     from .kubernetes.cordon import NodeCordon
@@ -277,19 +277,14 @@ class Upgrader:
         fails or the bundle passes ``limit``; the temp file is removed then. The bundle is
         checked against the trusted keys of the config at its start; the ``upgrade``
         sequence checks again that the key is still trusted (:meth:`check_trust`)."""
-        from basalt.machinery.images import (
-            required_payload,
-            trusted_keys_from_config,
-            verify_tar_stream,
-        )
+        from basalt.machinery.images import required_payload, verify_tar_stream
 
         from .chunk_pipe import ChunkPipe
 
         self.require_slots()
         directory = self.node.paths.ephemeral / UPLOAD_DIR
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        config = self.node.config
-        keys = trusted_keys_from_config(config) if config is not None else []
+        keys = self.trusted_keys()
         platform = self.node.platform
         required = required_payload(platform.mode.value)
         fd, name = tempfile.mkstemp(prefix="bundle-", suffix=".tar", dir=directory)
@@ -322,19 +317,13 @@ class Upgrader:
 
     async def verify(self, path: Path, label: str = "uploaded bundle") -> VerifiedBundle:
         """verify_bundle against the config's trusted keys and this node's architecture."""
-        from basalt.machinery.images import (
-            required_payload,
-            trusted_keys_from_config,
-            verify_bundle,
-        )
+        from basalt.machinery.images import required_payload, verify_bundle
 
-        config = self.node.config
-        keys = trusted_keys_from_config(config) if config is not None else []
         platform = self.node.platform
         return await asyncio.to_thread(
             verify_bundle,
             path,
-            keys,
+            self.trusted_keys(),
             platform.arch,
             required=required_payload(platform.mode.value),
             label=label,
@@ -343,12 +332,18 @@ class Upgrader:
     def check_trust(self, verified: VerifiedBundle, label: str) -> None:
         """The key that signed ``verified`` is still trusted by the config (an apply-config
         may have changed the keys while the bundle was arriving)."""
-        from basalt.machinery.images import UnknownSigningKeyError, trusted_keys_from_config
+        from basalt.machinery.images import UnknownSigningKeyError
+
+        keys = sorted(key.key_id for key in self.trusted_keys())
+        if verified.key.key_id not in keys:
+            raise UnknownSigningKeyError(label, verified.key.key_id, keys)
+
+    def trusted_keys(self) -> list[VerificationKey]:
+        """The bundle signing keys the running config trusts (none without a config)."""
+        from basalt.machinery.images import trusted_keys_from_config
 
         config = self.node.config
-        keys = trusted_keys_from_config(config) if config is not None else []
-        if verified.key.key_id not in {key.key_id for key in keys}:
-            raise UnknownSigningKeyError(label, verified.key.key_id, sorted(k.key_id for k in keys))
+        return trusted_keys_from_config(config) if config is not None else []
 
     async def check_quorum(self, force: bool) -> str | None:
         """Control planes: refuse (QuorumError) when going down would put etcd at risk."""
@@ -527,8 +522,3 @@ def _mount_efivarfs() -> None:
         mount_efivarfs()
     except MountError as exc:
         log.warning("efivarfs not mounted (%s): LoaderBootCountPath cannot be read", exc)
-
-
-def _sync(handle: Any) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
