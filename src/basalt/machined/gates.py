@@ -11,6 +11,7 @@ finished only the stage is checked.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import grpc.aio
@@ -20,6 +21,8 @@ from .health import RAFT_LAG, Check, run_checks, stage_check
 
 if TYPE_CHECKING:
     from .node import Node
+
+log = logging.getLogger(__name__)
 
 #: Gates are polled this often while a slot is on trial (a few seconds per upgrade).
 POLL = 0.25
@@ -79,8 +82,15 @@ async def run_gates(node: Node, timeout: float, poll: float = POLL) -> GatesPass
     naming the gates that were still failing and why)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    waiting: set[str] = set()
     while True:
         failing = [c for c in await gate_checks(node) if not c.ok]
+        if {c.name for c in failing} != waiting:  # say what the gates wait for, as it changes
+            waiting = {c.name for c in failing}
+            log.info(
+                "health gates: %s",
+                "; ".join(f"{c.name}: {c.message}" for c in failing) or "all passed",
+            )
         if not failing:
             return GatesPassed()
         if loop.time() >= deadline:
