@@ -2,7 +2,7 @@
 minimal + systemd + openssh-server image to its first SSH banner, under identical QEMU
 flags in the same run.
 
-Both guests get the same machine (TCG, q35, `-cpu max`, 512 MiB, 2 vCPUs, virtio-rng),
+Both guests get the same machine (TCG, q35, `-cpu max,-avx2`, 512 MiB, 2 vCPUs, virtio-rng),
 a virtio-blk root, a virtio-net NIC on QEMU user networking with one port forwarded to a
 host loopback address, and a direct kernel boot (`-kernel -initrd -append`), each with
 its own distribution kernel and initramfs. Basalt boots `_out/image` (root.sqfs
@@ -51,6 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _debian
+from basalt.provision import qemu
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.25
@@ -58,7 +59,7 @@ TARGET_ROOT_MB = 60.0
 TARGET_EXECUTABLES = 12
 #: The QEMU flags both guests share (the drive, NIC and kernel follow).
 QEMU_COMMON = [
-    *("qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-cpu", "max"),
+    *("qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-cpu", qemu.TCG_CPU),
     *("-m", "512", "-smp", "2", "-nographic", "-no-reboot", "-device", "virtio-rng-pci"),
 ]
 #: microvm-only kernel arguments (it has no PIT to calibrate the TSC against).

@@ -178,12 +178,13 @@ def uefi_disk_command(
     ``address``; ``netdev_options`` go on the user network's ``-netdev`` (``restrict=on``,
     a ``guestfwd=...``)."""
     from basalt.imager.qemu import GUEST_API_PORT
+    from basalt.provision.qemu import TCG_CPU
 
     netdev = ",".join(["user", "id=n0", f"hostfwd=tcp:{address}:{port}-:{GUEST_API_PORT}",
                        *netdev_options])  # fmt: skip
     return [
         "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", str(cpus),
-        "-nographic", "-no-reboot", "-M", "q35", "-cpu", "max", "-bios", str(OVMF),
+        "-nographic", "-no-reboot", "-M", "q35", "-cpu", TCG_CPU, "-bios", str(OVMF),
         "-vga", "none",
         "-drive", f"file={disk},format=qcow2,if=none,id=d0",
         "-device", "virtio-blk-pci,drive=d0,bootindex=0",
