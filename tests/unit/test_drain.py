@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from basalt.machined.api.upgrade import RollbackJob
 from basalt.machined.boot import Boot, GatesPassed, Install, SlotName, apply, initial_state
 from basalt.machined.kubernetes.client import (
     KubeconfigError,
@@ -41,8 +42,9 @@ from basalt.machined.kubernetes.intent import (
 )
 from basalt.machined.node import Node, Tuning
 from basalt.machined.platform import NodePaths, Platform, PlatformMode
+from basalt.machined.sequencer.sequences import rollback
 from basalt.machined.services import RestartPolicy, ServiceSpec, TaskRunner
-from basalt.machined.upgrade import NO_KUBERNETES, UpgradeJob, UpgradeOptions
+from basalt.machined.upgrade import NO_KUBERNETES, UpgradeJob, UpgradeOptions, UpgradeRefusedError
 from basalt.machinery.kubernetes import build_kubeconfig, dump_kubeconfig, paths
 from basalt.machinery.pki import CertificateAndKey, generate_ca, issue_certificate
 from tests.fakes.kube_apiserver import PDB_MESSAGE, FakeKubeApiServer
@@ -692,7 +694,6 @@ def test_a_failed_install_after_the_drain_uncordons(
     tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
 ) -> None:
     from basalt.machined.sequencer.sequences import cordon_drain, install_image
-    from basalt.machined.upgrade import UpgradeRefusedError
 
     write_kubeconfig(tmp_path, api.url, ca.crt, admin)
 
@@ -782,9 +783,6 @@ def _upgraded(node: Node) -> None:
 def test_a_rollback_drains_first_and_the_uncordon_follows_the_reboot(
     tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
 ) -> None:
-    from basalt.machined.api.upgrade import RollbackJob
-    from basalt.machined.sequencer.sequences import rollback
-
     api.add_pod("web-1")
     write_kubeconfig(tmp_path, api.url, ca.crt, admin)
 
@@ -819,10 +817,6 @@ def test_a_rollback_drains_first_and_the_uncordon_follows_the_reboot(
 def test_a_rollback_with_nothing_to_go_back_to_is_refused_before_any_cordon(
     tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
 ) -> None:
-    from basalt.machined.api.upgrade import RollbackJob
-    from basalt.machined.sequencer.sequences import rollback
-    from basalt.machined.upgrade import UpgradeRefusedError
-
     write_kubeconfig(tmp_path, api.url, ca.crt, admin)
 
     async def run() -> None:
@@ -838,9 +832,6 @@ def test_a_rollback_with_nothing_to_go_back_to_is_refused_before_any_cordon(
 def test_a_rollback_whose_drain_fails_is_refused_and_changes_nothing(
     tmp_path: Path, api: FakeKubeApiServer, ca: CertificateAndKey, admin: CertificateAndKey
 ) -> None:
-    from basalt.machined.api.upgrade import RollbackJob
-    from basalt.machined.sequencer.sequences import rollback
-
     api.add_pod("db-0", namespace="data", pdb_refusals=-1)
     write_kubeconfig(tmp_path, api.url, ca.crt, admin)
 
