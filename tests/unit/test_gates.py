@@ -44,3 +44,37 @@ def test_a_timeout_names_the_gates_still_failing(tmp_path: Path) -> None:
     result = _gates(tmp_path, "running", timeout=0.3, poll=0.1)
     assert isinstance(result, GatesTimedOut)
     assert any(w.startswith("api: 127.0.0.212:") for w in result.waiting_for)
+
+
+def test_gates_that_crash_count_as_a_failed_try(tmp_path: Path, monkeypatch) -> None:
+    """An exception in the gates (a bug in the new slot) must not leave it on trial for
+    ever: it is recorded as failed gates, and the node reboots for its next try."""
+    from dataclasses import replace
+
+    from basalt.machined import gates, upgrade
+    from basalt.machined.boot import Boot, Install, SlotName, apply, initial_state
+
+    async def crash(node: Node, timeout: float) -> Any:
+        raise TypeError("run_checks() got an unexpected keyword argument")
+
+    monkeypatch.setattr(gates, "run_gates", crash)
+    reboots: list[bool] = []
+    monkeypatch.setattr(upgrade.Upgrader, "_reboot", lambda self: reboots.append(True))
+
+    async def go() -> Any:
+        platform = Platform(PlatformMode.CONTAINER, NodePaths.under(tmp_path), "127.0.0.212", "n1")
+        node = Node(platform, Tuning())
+        node.paths.create()
+        try:
+            state = replace(initial_state("0.1.0"), booted=SlotName.A)
+            state = apply(apply(state, Install("0.2.0")).state, Boot()).state
+            node.upgrader.require_slots().save(state)
+            await node.upgrader._assess()
+            return node.upgrader.require_slots().load()
+        finally:
+            await node.stop_background()
+
+    state = asyncio.run(go())
+    assert reboots == [True]
+    slot_b = state.slot(SlotName.B)
+    assert "the health gates crashed: TypeError: run_checks() got an unexpected" in str(slot_b)

@@ -231,9 +231,14 @@ class Upgrader:
             )
 
     async def _assess(self) -> None:
+        from .boot import GatesFailed
         from .gates import run_gates
 
-        result = await run_gates(self.node, self.node.tuning.boot_assessment_timeout)
+        try:
+            result: Event = await run_gates(self.node, self.node.tuning.boot_assessment_timeout)
+        except Exception as exc:  # a slot whose gates crash is not good: it counts as a try
+            log.exception("health gates crashed")
+            result = GatesFailed(f"the health gates crashed: {type(exc).__name__}: {exc}")
         await self.record(result)
 
     async def record(self, event: Event) -> None:
