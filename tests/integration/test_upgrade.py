@@ -49,9 +49,10 @@ BROKEN_HEALTH = '''
 _working_checks = run_checks
 
 
-async def run_checks(node: Node) -> list[Check]:  # type: ignore[no-redef]
+async def run_checks(node: Node, **options: bool) -> list[Check]:  # type: ignore[no-redef]
     """A deliberately broken build: one health check always fails."""
-    return [*(await _working_checks(node)), Check("broken", False, "deliberately broken build")]
+    broken = Check("broken", False, "deliberately broken build")
+    return [*(await _working_checks(node, **options)), broken]
 '''
 
 
