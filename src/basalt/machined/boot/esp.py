@@ -24,7 +24,6 @@ from .entries import PREFIX, SUFFIX
 ENTRIES = Path("loader/entries")
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.img"
-_CHUNK = 1 << 20
 
 
 class EspError(BasaltError):
