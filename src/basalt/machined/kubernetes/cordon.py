@@ -27,7 +27,7 @@ from basalt.machinery.errors import BasaltError
 from basalt.machinery.kubernetes import paths
 
 from .client import KubeApiError, KubeClient, KubeconfigError, load_kubeconfig
-from .drain import NO_DRAIN_HINT, Drainer, DrainError, DrainTimings
+from .drain import Drainer, DrainError, DrainTimings, no_drain_hint
 from .intent import UncordonIntent, clear_intent, read_intent, write_intent
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ class NodeCordon:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._retry: asyncio.Task[None] | None = None
-        #: What the drain is for, in messages: "upgrade" or "rollback".
-        self.purpose = "upgrade"
 
     @property
     def state_dir(self) -> Path:
@@ -105,7 +103,6 @@ class NodeCordon:
     async def drain_for_upgrade(self, purpose: str = "upgrade") -> list[str]:
         """Cordon and drain before the reboot of an upgrade (or a rollback: ``purpose``);
         the steps done. DrainError (nothing changed) when it cannot."""
-        self.purpose = purpose
         await self._stop_retry()  # a pending uncordon must not undo this cordon
         ours = self.pending() is not None  # an earlier upgrade's cordon, not given back yet
         name = kubelet_node_name(self.node)
@@ -127,7 +124,7 @@ class NodeCordon:
                     await asyncio.to_thread(write_intent, self.state_dir, UncordonIntent(name))
                 await drainer.set_unschedulable(True)  # also when ours: idempotent
             except BaseException as exc:
-                raise await self._undo(name, exc) from None
+                raise await self._undo(name, exc, purpose) from None
             steps.append(
                 f"node {name} is still cordoned by an earlier upgrade"
                 if cordoned
@@ -137,22 +134,24 @@ class NodeCordon:
         try:
             result = await drainer.drain()
         except BaseException as exc:
-            raise await self._undo(name, exc, mine=not cordoned or ours) from None
+            raise await self._undo(name, exc, purpose, mine=not cordoned or ours) from None
         steps.append(result.summary())
         self._event(f"{purpose}: drained node {name}: {result.summary()}", name)
         return steps
 
-    async def _undo(self, name: str, exc: BaseException, *, mine: bool = True) -> BaseException:
+    async def _undo(
+        self, name: str, exc: BaseException, purpose: str, *, mine: bool = True
+    ) -> BaseException:
         """Give the cordon back after ``exc``; the error to raise (DrainError, or ``exc``
         itself when it is not a drain failure: a cancellation, a bug)."""
         if not isinstance(exc, DrainError | KubeApiError | OSError):
             if mine:
-                self.give_back_later(f"the {self.purpose} was cancelled")
+                self.give_back_later(f"the {purpose} was cancelled")
             return exc
         if not mine:
-            return _refused(self.purpose, name, exc, f"node {name} stays cordoned, as it was")
-        note = await self.give_back(f"the {self.purpose} was refused")
-        return _refused(self.purpose, name, exc, note)
+            return _refused(purpose, name, exc, f"node {name} stays cordoned, as it was")
+        note = await self.give_back(f"the {purpose} was refused")
+        return _refused(purpose, name, exc, note)
 
     async def give_back(self, why: str) -> str:
         """Uncordon now if this upgrade's cordon is pending; else retry in the background.
@@ -240,5 +239,5 @@ class NodeCordon:
 def _refused(purpose: str, name: str, exc: BaseException, note: str) -> DrainError:
     return DrainError(
         f"{purpose} refused: cannot cordon and drain node {name}: {exc}; {note}",
-        hint=NO_DRAIN_HINT.replace("upgrade", purpose),
+        hint=no_drain_hint(purpose),
     )

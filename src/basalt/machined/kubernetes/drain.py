@@ -46,10 +46,17 @@ __all__ = [
 
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 FINISHED_PHASES = ("Succeeded", "Failed")
-NO_DRAIN_HINT = (
-    "fix what blocks the drain and upgrade again, or drain the node yourself "
-    "(kubectl drain) and upgrade with --no-drain"
-)
+
+
+def no_drain_hint(verb: str = "upgrade") -> str:
+    """What to do when a drain before ``verb`` (upgrade, rollback) cannot finish."""
+    return (
+        f"fix what blocks the drain and {verb} again, or drain the node yourself "
+        f"(kubectl drain) and {verb} with --no-drain"
+    )
+
+
+NO_DRAIN_HINT = no_drain_hint()
 
 
 class DrainError(BasaltError):
