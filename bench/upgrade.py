@@ -143,14 +143,16 @@ class Bench:
             await asyncio.sleep(self.poll)
         raise SystemExit(f"{self.node.name} not healthy on {version} within {self.timeout:g}s")
 
-    async def send(self, bundle: Path, url: str = "") -> None:
+    async def send(self, bundle: Path, url: str = "", powercycle: bool = False) -> None:
         """The Upgrade call: options, then the bundle (none with ``url``: the node fetches
         it); returns when the node answered (bundle received, verified, slot written; the
         reboot follows)."""
         data = b"" if url else bundle.read_bytes()
 
         async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
-            yield machine_pb2.UpgradeRequest(options=machine_pb2.UpgradeOptions(url=url))
+            mode = machine_pb2.POWERCYCLE if powercycle else machine_pb2.KEXEC_WHEN_ABLE
+            options = machine_pb2.UpgradeOptions(url=url, reboot_mode=mode)
+            yield machine_pb2.UpgradeRequest(options=options)
             for start in range(0, len(data), 256 * 1024):
                 yield machine_pb2.UpgradeRequest(data=data[start : start + 256 * 1024])
 
@@ -242,12 +244,21 @@ IN_BOOT = {
 #: "[  12.345678] text" (not anchored: the firmware's terminal escapes may come first).
 CONSOLE_STAMP = re.compile(r"\[\s*([0-9]+\.[0-9]+)\] (.*)$", re.M)
 FIRMWARE_START = "qemu-runner: the guest rebooted"
+#: What PID 1 prints before it ends every process for a kexec (no reset: QEMU goes on; the
+#: kernel's own "Starting new kernel" is hidden by ``quiet``).
+KEXEC_START = "machined: kexec: stopping every process"
+
+
+def new_boot_at(text: str) -> int:
+    """Where the boot after an upgrade starts in its console text (-1: none yet)."""
+    found = [i for i in (text.find(FIRMWARE_START), text.find(KEXEC_START)) if i >= 0]
+    return min(found, default=-1)
 
 
 def console_stamps(text: str) -> dict[str, float]:
-    """Guest uptimes of :data:`BEFORE_RESET` up to the guest's reset, and of
+    """Guest uptimes of :data:`BEFORE_RESET` up to the guest's reset (or kexec), and of
     :data:`IN_BOOT` in the boot after it (or in the only boot, for a cold boot)."""
-    cut = text.find(FIRMWARE_START)
+    cut = new_boot_at(text)
     parts = ((BEFORE_RESET, text[:cut]), (IN_BOOT, text[cut:])) if cut >= 0 else ((IN_BOOT, text),)
     stamps: dict[str, float] = {}
     for wanted, part in parts:
@@ -264,9 +275,10 @@ class QemuBench(Bench):
     poll = 0.5  # each poll is a TLS handshake the guest pays for under TCG
     timeout = 900.0
 
-    def __init__(self, record: Any, argv: list[str]) -> None:
+    def __init__(self, record: Any, argv: list[str], powercycle: bool = False) -> None:
         super().__init__(record, record.nodes[0])
         self.argv = argv
+        self.powercycle = powercycle
         self.console = Path(self.node.node_dir) / "console.log"
 
     def qemu_pid(self) -> int | None:
@@ -279,24 +291,32 @@ class QemuBench(Bench):
         return int(children[0]) if children else None
 
     async def upgrade_marks(self, bundle: Path, version: str, url: str = "") -> dict[str, Any]:
-        """Host seconds from the Upgrade call: its answer, the QEMU restart at the guest's
-        reboot, the first boot status answer after it, healthy; plus the console."""
+        """Host seconds from the Upgrade call: its answer, the reboot (QEMU restarted at
+        the guest's reset, or PID 1 going down for a kexec), the first boot status answer
+        after it, healthy; plus the console."""
         offset, before = self.console.stat().st_size, self.qemu_pid()
         marks: dict[str, float] = {}
         started = time.monotonic()
 
         def seen() -> None:
-            if "api" not in marks and self.qemu_pid() not in (before, None):
+            if "api" not in marks and "restart" in marks:
                 marks["api"] = time.monotonic() - started
 
+        def rebooted() -> bool:
+            if self.qemu_pid() not in (before, None):
+                return True
+            with self.console.open("rb") as console:
+                console.seek(offset)
+                return new_boot_at(console.read().decode(errors="replace")) >= 0
+
         async def watch_restart() -> None:
-            while self.qemu_pid() in (before, None):
+            while not rebooted():
                 await asyncio.sleep(0.1)
             marks["restart"] = time.monotonic() - started
 
         watcher = asyncio.create_task(watch_restart())
         try:
-            await self.send(bundle, url)
+            await self.send(bundle, url, self.powercycle)
             marks["answered"] = time.monotonic() - started
             await self.healthy_on(version, seen)
             marks["healthy"] = time.monotonic() - started
@@ -342,7 +362,13 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, int]:
 
 
 async def measure_qemu(
-    runs: int, base: str, work: Path, image_dir: Path, logs: Path, fetch: bool
+    runs: int,
+    base: str,
+    work: Path,
+    image_dir: Path,
+    logs: Path,
+    fetch: bool,
+    powercycle: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from basalt.imager import pipeline
     from basalt.imager.variant import variant_bundle
@@ -387,7 +413,7 @@ async def measure_qemu(
     record = await qemu.create(request, state_dir, lambda node, stage: None, options)
     image = qemu.Image.from_dir(state_dir / "image")
     argv = qemu.qemu_command(record.nodes[0], record.nodes, image, options, "tcg", state_dir)
-    bench = QemuBench(record, argv)
+    bench = QemuBench(record, argv, powercycle)
     upgrades: list[dict[str, Any]] = []
     boots: list[dict[str, Any]] = []
     running = next(v for v in bundles if v != "0.2.0")
@@ -441,9 +467,9 @@ def report_qemu(upgrades: list[dict[str, Any]], boots: list[dict[str, Any]]) -> 
         ("cold boot: QEMU start -> healthy", boot),
         ("upgrade, host clock: call -> answered (bundle in, verify, write)",
          host(upgrades, "answered")),
-        ("  answered -> QEMU restarted (services stop, reset)",
+        ("  answered -> reboot (services stop; QEMU restarted, or kexec)",
          host(upgrades, "restart", "answered")),
-        ("  QEMU restarted -> first API answer", host(upgrades, "api", "restart")),
+        ("  reboot -> first API answer", host(upgrades, "api", "restart")),
         ("  first API answer -> healthy (gates, ready)", host(upgrades, "healthy", "api")),
         ("cold boot, host clock: QEMU start -> first API answer", host(boots, "api")),
         ("  first API answer -> healthy (ready)", host(boots, "healthy", "api")),
@@ -478,14 +504,21 @@ def other_qemus() -> int:
 
 
 def main_qemu(args: argparse.Namespace) -> int:
-    name = "upgrade-qemu-fetch" if args.fetch else "upgrade-qemu"
+    powercycle = args.reboot_mode == "powercycle"
+    name = "upgrade-qemu" + ("-fetch" if args.fetch else "") + ("-powercycle" if powercycle else "")
     logs = REPO / "_out" / "bench" / "runs" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
     logs.mkdir(parents=True)
     others, load_before = other_qemus(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-upgrade-qemu-") as tmp:
         upgrades, boots = asyncio.run(
             measure_qemu(
-                args.runs, args.base_address or QEMU_BASE, Path(tmp), args.image, logs, args.fetch
+                args.runs,
+                args.base_address or QEMU_BASE,
+                Path(tmp),
+                args.image,
+                logs,
+                args.fetch,
+                powercycle,
             )
         )
     load_after = os.getloadavg()
@@ -500,6 +533,7 @@ def main_qemu(args: argparse.Namespace) -> int:
     results = {
         "platform": "qemu",
         "bundle": "fetched by the node over HTTP" if args.fetch else "uploaded",
+        "reboot_mode": args.reboot_mode,
         "upgrades": upgrades,
         "cold_boots": boots,
         "ratio": ratio,
@@ -524,6 +558,13 @@ def main() -> int:
         action="store_true",
         help="qemu only: the node fetches the bundle over HTTP (Upgrade with a URL) "
         "instead of receiving it in the call",
+    )
+    parser.add_argument(
+        "--reboot-mode",
+        choices=("default", "powercycle"),
+        default="default",
+        help="qemu only: default, the upgrade reboots by kexec (no firmware); powercycle, "
+        "through the firmware (a reset: QEMU starts again)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     args = parser.parse_args()

@@ -13,8 +13,10 @@ adds a health check that always fails and, in its own init, a 30 s boot-assessme
 timeout, so its three tries take minutes rather than six.
 
 In order: v1 -> v2 comes back on slot B healthy (the entry marked good by renaming it on
-the ESP); ``basaltctl rollback`` boots slot A again; the broken build fails its gates
-three times and the firmware falls back to slot A by itself, which reports it.
+the ESP), by kexec: QEMU is not restarted; ``basaltctl rollback`` boots slot A again, by
+kexec too; the broken build's first try is a kexec, its failed gates reboot through the
+firmware, which counts the other two tries and falls back to slot A by itself, which
+reports it. The URL upgrade asks ``--reboot-mode powercycle``: the firmware boots it.
 """
 
 from __future__ import annotations
@@ -166,6 +168,10 @@ class Node:
         except OSError:
             return None
         return int(pids[0]) if pids else None
+
+    def resets(self) -> int:
+        """How many times the guest reset (qemu_runner started QEMU again)."""
+        return self.console.read_bytes().count(b"qemu-runner: the guest rebooted")
 
     def tail(self, chars: int = 8000) -> str:
         return self.console.read_bytes().decode(errors="replace")[-chars:]
@@ -320,9 +326,11 @@ def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(
     node: Node, bundles: Bundles, timings: Timings
 ) -> None:
     started = time.monotonic()
+    resets = node.resets()
     done = node.ctl("upgrade", "--image", str(bundles.v2), "--wait", "--timeout", "900")
     assert done.returncode == 0, done.stdout + done.stderr + node.tail()
     timings.record("metal upgrade: v1 -> v2 healthy on slot b", time.monotonic() - started)
+    assert node.resets() == resets  # kexec: the firmware did not run, QEMU was not restarted
     assert "verified bundle 0.2.0 (x86_64), signed by vm-release" in done.stderr
     assert "running slot b (0.2.0); health gates passed" in done.stdout
     status = node.boot_status()
@@ -330,13 +338,17 @@ def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(
     assert (status["previousSlot"], status["previousVersion"]) == ("a", "0.1.0")
     assert node.mtls().tag == "0.2.0"
     console = node.console.read_text(errors="replace")
+    assert "rebooting by kexec into basalt-2-b-0.2.0+2-1.conf" in console
+    assert "machined: kexec: stopping every process" in console
     assert "booted slot b (0.2.0) on trial (try 1 of 3)" in console
     assert "boot entry basalt-2-b-0.2.0+2-1.conf renamed to basalt-2-b-0.2.0.conf" in console
+    assert "the boot names entry" not in console  # the command line named it, not the firmware
     assert any("slot b (0.2.0) passed its health gates: marked good" in e for e in node.events())
 
 
 def test_rollback_boots_slot_a_again(node: Node, timings: Timings) -> None:
     started = time.monotonic()
+    resets = node.resets()
     done = node.ctl("rollback")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rolling back from slot b (0.2.0) to slot a" in done.stdout
@@ -349,6 +361,8 @@ def test_rollback_boots_slot_a_again(node: Node, timings: Timings) -> None:
     assert status["version"] == "0.1.0" and not status["onTrial"]
     assert "rolled back from slot b (0.2.0)" in status["reason"]
     assert node.mtls().tag == "0.1.0"
+    assert node.resets() == resets
+    assert "rebooting by kexec into basalt-3-a-0.1.0.conf" in node.tail(200_000)
 
 
 def test_a_broken_upgrade_falls_back_to_slot_a_by_itself(
@@ -356,6 +370,7 @@ def test_a_broken_upgrade_falls_back_to_slot_a_by_itself(
 ) -> None:
     node.wait(lambda: node.mtls("Health").healthy, BOOT_TIMEOUT, "healthy before the upgrade")
     started = time.monotonic()
+    resets = node.resets()
     done = node.ctl("upgrade", "--image", str(bundles.broken))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "installed 0.3.0-broken in slot b" in done.stdout + done.stderr
@@ -371,6 +386,10 @@ def test_a_broken_upgrade_falls_back_to_slot_a_by_itself(
     assert status["reason"].endswith("its 3 boot tries ran out")
     console = node.console.read_text(errors="replace")
     assert console.count("booted slot b (0.3.0-broken) on trial") == 3
+    # The first try by kexec; the failed gates reset through the firmware, which counts
+    # the next two tries and then boots slot A.
+    assert "rebooting by kexec into basalt-4-b-0.3.0-broken+2-1.conf" in console
+    assert node.resets() == resets + 3
     assert any(
         "fell back from slot b (0.3.0-broken) because health gates did not pass" in e
         for e in node.events()
@@ -446,8 +465,12 @@ def test_upgrade_from_a_url_the_node_fetches_itself(
     target = "b" if before["slot"] == "a" else "a"
     url = bundle_server.guest_url(f"/{bundle.name}")
     started = time.monotonic()
-    done = node.ctl("upgrade", "--image", url, "--wait", "--timeout", "900")
+    resets = node.resets()
+    done = node.ctl(
+        "upgrade", "--image", url, "--reboot-mode", "powercycle", "--wait", "--timeout", "900"
+    )
     assert done.returncode == 0, done.stdout + done.stderr + node.tail()
+    assert node.resets() == resets + 1  # through the firmware, as asked
     timings.record(f"metal upgrade: URL -> {version} healthy on slot {target}",
                    time.monotonic() - started)  # fmt: skip
     assert f"fetching {url}" in done.stderr

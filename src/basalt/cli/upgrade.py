@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,6 +28,31 @@ if TYPE_CHECKING:
 
 #: Size of the chunks of a bundle upload.
 UPLOAD_CHUNK = 256 * 1024
+
+
+class RebootMode(StrEnum):
+    default = "default"
+    powercycle = "powercycle"
+
+
+RebootModeOption = Annotated[
+    RebootMode,
+    typer.Option(
+        "--reboot-mode",
+        help="default: kexec into the new slot's kernel where the node can (metal), skipping "
+        "the firmware; powercycle: always reboot through the firmware.",
+    ),
+]
+
+
+def _reboot_mode(mode: RebootMode) -> machine_pb2.RebootMode.ValueType:
+    from basalt.machinery.api import machine_pb2
+
+    if mode is RebootMode.powercycle:
+        return machine_pb2.POWERCYCLE
+    return machine_pb2.KEXEC_WHEN_ABLE
+
+
 POLL = 1.0
 
 
@@ -180,6 +206,7 @@ def upgrade(
     no_drain: Annotated[
         bool, typer.Option("--no-drain", help="Do not cordon and drain through Kubernetes.")
     ] = False,
+    reboot_mode: RebootModeOption = RebootMode.default,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the node until the new slot is good.")
     ] = False,
@@ -222,7 +249,11 @@ def upgrade(
     path = None if is_url(image) else Path(image)
     size = _bundle_size(path) if path is not None else 0
     request_options = machine_pb2.UpgradeOptions(
-        stage=stage, force=force, no_drain=no_drain, url=image if path is None else ""
+        stage=stage,
+        force=force,
+        no_drain=no_drain,
+        url=image if path is None else "",
+        reboot_mode=_reboot_mode(reboot_mode),
     )
 
     def one(node: str) -> None:
@@ -274,6 +305,7 @@ def rollback(
     no_drain: Annotated[
         bool, typer.Option("--no-drain", help="Do not cordon and drain through Kubernetes.")
     ] = False,
+    reboot_mode: RebootModeOption = RebootMode.default,
     nodes: NodesOption = None,
     endpoints: EndpointsOption = None,
 ) -> None:
@@ -287,7 +319,10 @@ def rollback(
     async def work(client: Client, failures: NodeFailures) -> None:
         # A drain waits for pods to leave: as long as machined's drain timeout allows.
         answer = await client.machine.Rollback(
-            machine_pb2.RollbackRequest(no_drain=no_drain),
+            machine_pb2.RollbackRequest(
+                no_drain=no_drain,
+                reboot_mode=_reboot_mode(reboot_mode),
+            ),
             metadata=client.metadata(),
             timeout=600,
         )

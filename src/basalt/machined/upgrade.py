@@ -83,6 +83,8 @@ class UpgradeOptions:
     stage: bool = False
     force: bool = False
     no_drain: bool = False
+    #: kexec into the new slot when able; False: reboot through the firmware.
+    kexec: bool = True
 
 
 @dataclass
@@ -482,6 +484,25 @@ class Upgrader:
             await self._save(outcome.state)
         self._event(outcome.message, slot=outcome.slot.value)
         return outcome.message
+
+    def prepare_kexec(self) -> str:
+        """Make the coming reboot a kexec into what the firmware would boot next (metal,
+        as PID 1); what the reboot does, in words for its event. When kexec cannot be
+        prepared, nothing changed and the reboot goes through the firmware, which boots
+        (and counts) the same entry."""
+        from .sys.kexec import KexecError
+
+        slots = self.slots
+        if not isinstance(slots, MetalSlots):
+            return "rebooting: the launcher starts the slot the boot state chooses"
+        if os.getpid() != 1:
+            return "rebooting through the firmware: only PID 1 can kexec"
+        try:
+            entry = slots.prepare_kexec()
+        except (KexecError, BasaltError, OSError) as exc:
+            log.warning("kexec not prepared: %s", exc)
+            return f"rebooting through the firmware: kexec not prepared: {exc}"
+        return f"rebooting by kexec into {entry}"
 
 
 async def _send(chunks: AsyncIterator[bytes], pipe: ChunkPipe, limit: int) -> None:

@@ -42,7 +42,10 @@ async def _options_then_data(
             hint="use basaltctl upgrade --image BUNDLE.tar",
         )
     options = UpgradeOptions(
-        stage=first.options.stage, force=first.options.force, no_drain=first.options.no_drain
+        stage=first.options.stage,
+        force=first.options.force,
+        no_drain=first.options.no_drain,
+        kexec=first.options.reboot_mode != machine_pb2.POWERCYCLE,
     )
     if first.options.url:
         url = check_url(first.options.url)
@@ -74,7 +77,7 @@ class UpgradeMethods:
     async def Upgrade(
         self, requests: AsyncIterator[machine_pb2.UpgradeRequest], context: Context
     ) -> Any:
-        from ..sequencer.sequences import reboot, upgrade
+        from ..sequencer.sequences import RebootPlan, reboot, upgrade
         from ..upgrade import UpgradeJob
 
         upgrader = self.node.upgrader
@@ -86,7 +89,8 @@ class UpgradeMethods:
             await self.node.sequencer.start(upgrade, job)
         finally:
             upload.unlink(missing_ok=True)
-        self.node.sequencer.start(reboot)
+        # A staged bundle is installed early in the next boot, which the firmware starts.
+        self.node.sequencer.start(reboot, RebootPlan(kexec=options.kexec and not options.stage))
         assert job.verified is not None
         job.steps.append("rebooting")
         answer = machine_pb2.Upgrade(
@@ -99,12 +103,13 @@ class UpgradeMethods:
         return machine_pb2.UpgradeResponse(messages=[answer])
 
     async def Rollback(self, request: machine_pb2.RollbackRequest, context: Context) -> Any:
-        from ..sequencer.sequences import reboot, rollback
+        from ..sequencer.sequences import RebootPlan, reboot, rollback
 
         self.node.upgrader.require_slots()
         job = RollbackJob(no_drain=request.no_drain)
         await self.node.sequencer.start(rollback, job)
-        self.node.sequencer.start(reboot)
+        kexec = request.reboot_mode != machine_pb2.POWERCYCLE
+        self.node.sequencer.start(reboot, RebootPlan(kexec=kexec))
         return self.action("; ".join([*job.steps, job.message, "rebooting"]))
 
 

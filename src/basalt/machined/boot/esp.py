@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from basalt.machinery.errors import BasaltError
@@ -55,6 +55,24 @@ def entry_options(text: str) -> str:
         if key == "options":
             return " ".join(w for w in value.split() if not w.startswith("basalt.slot="))
     raise EspError("the boot entry has no options line", hint="restore it from the image")
+
+
+def entry_boot(text: str) -> tuple[PurePosixPath, PurePosixPath | None, str]:
+    """What an entry boots, as systemd-boot reads it: the ``linux`` and ``initrd`` paths
+    (on the ESP, from its root) and the whole ``options`` line."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key in ("linux", "initrd", "options") and key not in fields:
+            fields[key] = value.strip()
+    if not fields.get("linux"):
+        raise EspError("the boot entry has no linux line", hint="restore it from the image")
+    initrd = fields.get("initrd")
+    return (
+        PurePosixPath(fields["linux"].replace("\\", "/")),
+        PurePosixPath(initrd.replace("\\", "/")) if initrd else None,
+        fields.get("options", ""),
+    )
 
 
 class Esp:
@@ -103,6 +121,11 @@ class Esp:
         """Write ``target`` through a temporary file; it is renamed into place (and the
         directory synced) only when the block ends without an exception."""
         return replacing(target, mode=None)
+
+    def path(self, on_esp: PurePosixPath) -> Path:
+        """Where a path named from the ESP's root (``/EFI/basalt/B/vmlinuz``) is mounted."""
+        parts = [p for p in on_esp.parts if p not in ("/", ".", "..")]
+        return self.root.joinpath(*parts)
 
     def slot_files(self, slot: str) -> list[Path]:
         """The slot's kernel and initrd paths on the ESP."""

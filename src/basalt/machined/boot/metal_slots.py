@@ -16,6 +16,12 @@ found them in the bundle, which must be unchanged since: see
 (``+3``, newest generation: it sorts first) created. Marking good renames the entry
 that booted, which systemd-boot names in ``LoaderBootCountPath``.
 
+An upgrade or a rollback may skip the firmware (:meth:`MetalSlots.prepare_kexec`, ADR
+0007): machined loads the kernel of the entry systemd-boot would boot first, with that
+entry's options, and counts the try as systemd-boot would (the same rename). The kernel
+command line then names the entry as counted (``basalt.entry=``), because the
+``LoaderBootCountPath`` left in the firmware's memory is the previous boot's.
+
 The ESP is mounted (vfat, ``dirsync``) only while it is read or written, and unmounted
 afterwards: an unmount flushes everything, and a power cut finds it clean most of the
 time. What a cut in the middle of a FAT rename or write leaves (two names for one entry,
@@ -38,10 +44,11 @@ from typing import TYPE_CHECKING
 from basalt.machinery.fileio import copy_range
 from basalt.machinery.images.payload import INITRAMFS, KERNEL, ROOTFS
 
+from ..sys import kexec
 from .assessment import BootState, Slot, SlotHealth, SlotName
 from .codecs import EntryChange, entry_changes, state_from_entries
-from .entries import BasaltEntry, loader_order
-from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, entry_options, entry_text
+from .entries import BasaltEntry, LoaderEntry, loader_order
+from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, entry_boot, entry_options, entry_text
 from .esp import slot_dir as esp_slot_dir
 from .esp_check import repair_device, repair_directory
 from .esp_repair import EspPlan
@@ -54,6 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGED_BUNDLE = "bundle.tar"
+#: Kernel argument naming the entry a kexec booted (as counted): LoaderBootCountPath's role.
+KEXEC_ENTRY_ARG = "basalt.entry"
+CMDLINE = Path("/proc/cmdline")
 #: Where each payload file goes: the ESP (a path below the slot's directory) or the partition.
 _ESP_PAYLOAD = {KERNEL: KERNEL_NAME, INITRAMFS: INITRD_NAME}
 
@@ -69,6 +79,7 @@ class MetalDevices:
     efivars: Path
     staged_dir: Path
     esp_device: str | None = None
+    cmdline: Path = CMDLINE
 
 
 class MetalSlots:
@@ -178,11 +189,15 @@ class MetalSlots:
         one (the counted entry it booted, after counting), checked against the ESP."""
         from ..sys.efivars import boot_count_entry
 
-        counted = boot_count_entry(self.devices.efivars)
+        counted = kexec_entry(self.devices.cmdline)
+        if counted is None:  # booted by the firmware, which said what it counted
+            counted = boot_count_entry(self.devices.efivars)
+        elif LoaderEntry.parse(counted).tries_left is None:
+            counted = None  # kexec into an entry without a counter
         if counted is None or counted.lower() == expected.lower():
             return counted or expected
         log.warning(
-            "LoaderBootCountPath names %s, the ESP holds %s for slot %s: renaming the latter",
+            "the boot names entry %s, the ESP holds %s for slot %s: renaming the latter",
             counted,
             expected,
             self.booted,
@@ -198,6 +213,48 @@ class MetalSlots:
         if name is None:
             raise EspError(f"the running slot {self.booted} has no boot entry to copy options from")
         return entry_options(esp.read_entry(name))
+
+    # -- kexec -------------------------------------------------------------------------------
+    def prepare_kexec(
+        self,
+        load: Callable[[Path, Path | None, str], None] | None = None,
+        unload: Callable[[], None] | None = None,
+    ) -> str:
+        """Load, for a kexec reboot, what the firmware would boot next: the first entry in
+        systemd-boot's order, its kernel and initrd, its options plus ``basalt.entry=``;
+        then count its try as systemd-boot would. Returns the entry's name as counted.
+
+        Raises KexecError or EspError (and BasaltError for entries that are not
+        Basalt's); then no entry was renamed and nothing stays loaded, and the node
+        reboots through the firmware, which chooses the same entry."""
+        load = load or kexec.load
+        unload = unload or kexec.unload
+        with self.esp() as esp:
+            names = esp.entries()
+            if not names:
+                raise EspError(f"no boot entries on the ESP ({esp.entries_dir})")
+            first = LoaderEntry.parse(loader_order(names)[0])
+            if first.tries_left == 0:
+                raise kexec.KexecError(
+                    f"{first.filename} has no tries left: the firmware chooses what boots"
+                )
+            BasaltEntry.parse(first.filename)  # only Basalt's entries are booted this way
+            counted = first.next_name()
+            kernel, initrd, options = entry_boot(esp.read_entry(first.filename))
+            cmdline = f"{options} {KEXEC_ENTRY_ARG}={counted}".strip()
+            load(esp.path(kernel), esp.path(initrd) if initrd else None, cmdline)
+            if counted != first.filename:
+                try:
+                    esp.rename_entry(first.filename, counted)
+                except OSError as exc:
+                    unload()
+                    raise EspError(
+                        f"counting the try of {first.filename} failed: {exc.strerror}"
+                    ) from None
+                log.info(
+                    "boot entry %s renamed to %s (kexec counts its try)", first.filename, counted
+                )
+        return counted
 
     # -- slot contents -----------------------------------------------------------------------
     def missing(self, slot: Slot) -> str | None:
@@ -262,6 +319,16 @@ class MetalSlots:
         shutil.rmtree(self.devices.staged_dir, ignore_errors=True)
 
 
+def kexec_entry(cmdline: Path = CMDLINE) -> str | None:
+    """The entry file a kexec booted (``basalt.entry=``), None after a firmware boot."""
+    try:
+        words = cmdline.read_text().split()
+    except OSError:
+        return None
+    named = [w.partition("=")[2] for w in words if w.startswith(KEXEC_ENTRY_ARG + "=")]
+    return named[-1] if named and named[-1] else None
+
+
 def _one_per_slot(names: list[str]) -> list[str]:
     """One entry per slot. A power cut in the middle of a FAT rename can leave the old and
     the new name; :meth:`MetalSlots.repair` removes one at boot. Until then (it could not
@@ -318,7 +385,7 @@ def of_machine(root: Path, ephemeral: Path, sys_block: Path | None = None) -> Me
     """The slots of this machine when it booted from a Basalt disk, else None."""
     from basalt.machinery.disk.layout import EFI, META, slot_partition
 
-    from ..install import CMDLINE, SYS_BLOCK, find_partition, kernel_slot
+    from ..install import SYS_BLOCK, find_partition, kernel_slot
     from ..install_entries import mounted_esp
     from ..sys.efivars import EFIVARS
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NoReturn
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
 from ..extensions import MountedExtension, mount_and_log
-from ..sys import kmod, mount, power
+from ..sys import kexec, kmod, mount, power
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode
 from .etc import GENERATED_ETC_FILES, render_hosts, write_generated
@@ -321,7 +321,9 @@ def run_as_init(main: Callable[[], int], *, fatal_delay: float = FATAL_DELAY) ->
         console("machined: fatal error:\n" + traceback.format_exc())
         code = -1
     if code == EXIT_REBOOT:
-        action = power.PowerAction.REBOOT
+        # A kernel loaded for kexec means this reboot was asked to skip the firmware
+        # (an upgrade or rollback prepared it last, after its boot entry was counted).
+        action = power.PowerAction.KEXEC if kexec.loaded() else power.PowerAction.REBOOT
     elif code == EXIT_SHUTDOWN:
         action = power.PowerAction.POWEROFF
     else:
@@ -340,6 +342,13 @@ def _power(action: power.PowerAction) -> NoReturn:
         power.power(action)
     except BaseException:
         console("machined: " + traceback.format_exc())
+    if action is power.PowerAction.KEXEC:  # the firmware boots what the entries say
+        console("machined: kexec failed; rebooting through the firmware")
+        action = power.PowerAction.REBOOT
+        try:
+            power.power(action)
+        except BaseException:
+            console("machined: " + traceback.format_exc())
     while True:  # reboot(2) failed: PID 1 may not exit (the kernel would panic)
         console(f"machined: {action} failed; retrying in 60 s")
         time.sleep(60)

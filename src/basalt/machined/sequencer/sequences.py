@@ -307,6 +307,26 @@ def _stage(stage: str) -> Any:
     return set_stage
 
 
+@dataclass(frozen=True)
+class RebootPlan:
+    """The ``reboot`` sequence's request. ``kexec``: an upgrade or a rollback may skip the
+    firmware (:meth:`~basalt.machined.upgrade.Upgrader.prepare_kexec`); any other reboot
+    (asked for, a failed health gate) resets through the firmware."""
+
+    kexec: bool = False
+
+
+def kexec_asked(node: Node, request: Any) -> bool:
+    return isinstance(request, RebootPlan) and request.kexec
+
+
+async def load_kexec(node: Node, request: Any) -> None:
+    """Last, with every service stopped: load the next kernel, count its try."""
+    message = await asyncio.to_thread(node.upgrader.prepare_kexec)
+    log.info("%s", message)
+    node.events.publish("machine", message, actor="reboot")
+
+
 async def finish_reboot(node: Node, request: Any) -> None:
     node.finish("reboot")
 
@@ -356,6 +376,7 @@ reboot: Sequence[Node] = (
     sequence("reboot")
     .then("stage", _stage("rebooting"))
     .then("stop", stop_services)
+    .then("kexec", load_kexec, when=kexec_asked)
     .then("reboot", finish_reboot)
 )
 

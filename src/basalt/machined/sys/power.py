@@ -36,6 +36,8 @@ RB_HALT_SYSTEM = 0xCDEF0123
 RB_POWER_OFF = 0x4321FEDC
 RB_ENABLE_CAD = 0x89ABCDEF
 RB_DISABLE_CAD = 0
+#: reboot(2) into the kernel kexec_file_load(2) loaded (sys/kexec.py).
+RB_KEXEC = 0x45584543
 
 #: /proc/PID/stat flags bit of kernel threads, which kill(-1) does not reach.
 _PF_KTHREAD = 0x00200000
@@ -45,12 +47,14 @@ class PowerAction(StrEnum):
     REBOOT = "reboot"
     POWEROFF = "poweroff"
     HALT = "halt"
+    KEXEC = "kexec"  #: reboot into the loaded kexec kernel, without the firmware
 
 
 _COMMANDS = {
     PowerAction.REBOOT: RB_AUTOBOOT,
     PowerAction.POWEROFF: RB_POWER_OFF,
     PowerAction.HALT: RB_HALT_SYSTEM,
+    PowerAction.KEXEC: RB_KEXEC,
 }
 
 
@@ -134,7 +138,8 @@ def terminate_all(grace: float = 5.0) -> list[int]:
 
 
 def power(action: PowerAction) -> NoReturn:
-    """Sync, then reboot, power off or halt the machine. Never returns."""
+    """Sync, then reboot (through the firmware or kexec), power off or halt the machine.
+    Never returns."""
     _require_init(str(action))
     sync()
     _reboot(_COMMANDS[action], str(action))

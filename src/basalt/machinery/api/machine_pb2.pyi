@@ -75,6 +75,32 @@ STOP: ServiceActionKind.ValueType  # 1
 RESTART: ServiceActionKind.ValueType  # 2
 Global___ServiceActionKind: _TypeAlias = ServiceActionKind  # noqa: Y015
 
+class _RebootMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RebootModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RebootMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEXEC_WHEN_ABLE: _RebootMode.ValueType  # 0
+    """kexec into that slot's kernel when the node can (metal, kexec allowed: see
+    kernel.kexec_load_disabled), counting the boot try as systemd-boot does; through the
+    firmware otherwise.
+    """
+    POWERCYCLE: _RebootMode.ValueType  # 1
+    """Through the firmware: a full reset, systemd-boot picks and counts the entry."""
+
+class RebootMode(_RebootMode, metaclass=_RebootModeEnumTypeWrapper):
+    """How a node reboots into the slot an upgrade or a rollback chose."""
+
+KEXEC_WHEN_ABLE: RebootMode.ValueType  # 0
+"""kexec into that slot's kernel when the node can (metal, kexec allowed: see
+kernel.kexec_load_disabled), counting the boot try as systemd-boot does; through the
+firmware otherwise.
+"""
+POWERCYCLE: RebootMode.ValueType  # 1
+"""Through the firmware: a full reset, systemd-boot picks and counts the entry."""
+Global___RebootMode: _TypeAlias = RebootMode  # noqa: Y015
+
 @_typing.final
 class VersionInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1537,6 +1563,7 @@ class UpgradeOptions(_message.Message):
     FORCE_FIELD_NUMBER: _builtins.int
     NO_DRAIN_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
+    REBOOT_MODE_FIELD_NUMBER: _builtins.int
     stage: _builtins.bool
     """Store the verified bundle and install it early in the next boot."""
     force: _builtins.bool
@@ -1547,6 +1574,7 @@ class UpgradeOptions(_message.Message):
     """Fetch the bundle from this http:// or https:// URL (the node does) instead of reading
     it from the stream; the stream then carries the options only.
     """
+    reboot_mode: Global___RebootMode.ValueType
     def __init__(
         self,
         *,
@@ -1554,10 +1582,11 @@ class UpgradeOptions(_message.Message):
         force: _builtins.bool = ...,
         no_drain: _builtins.bool = ...,
         url: _builtins.str = ...,
+        reboot_mode: Global___RebootMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "no_drain", b"no_drain", "stage", b"stage", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "no_drain", b"no_drain", "reboot_mode", b"reboot_mode", "stage", b"stage", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1652,16 +1681,19 @@ class RollbackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NO_DRAIN_FIELD_NUMBER: _builtins.int
+    REBOOT_MODE_FIELD_NUMBER: _builtins.int
     no_drain: _builtins.bool
     """Do not cordon and drain the node through Kubernetes before it reboots."""
+    reboot_mode: Global___RebootMode.ValueType
     def __init__(
         self,
         *,
         no_drain: _builtins.bool = ...,
+        reboot_mode: Global___RebootMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["no_drain", b"no_drain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["no_drain", b"no_drain", "reboot_mode", b"reboot_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
