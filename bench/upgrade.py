@@ -143,14 +143,14 @@ class Bench:
             await asyncio.sleep(self.poll)
         raise SystemExit(f"{self.node.name} not healthy on {version} within {self.timeout:g}s")
 
-    async def send(self, bundle: Path, url: str = "", powercycle: bool = False) -> None:
+    async def send(self, bundle: Path, url: str = "", kexec: bool = False) -> None:
         """The Upgrade call: options, then the bundle (none with ``url``: the node fetches
         it); returns when the node answered (bundle received, verified, slot written; the
         reboot follows)."""
         data = b"" if url else bundle.read_bytes()
 
         async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
-            mode = machine_pb2.POWERCYCLE if powercycle else machine_pb2.KEXEC_WHEN_ABLE
+            mode = machine_pb2.KEXEC if kexec else machine_pb2.POWERCYCLE
             options = machine_pb2.UpgradeOptions(url=url, reboot_mode=mode)
             yield machine_pb2.UpgradeRequest(options=options)
             for start in range(0, len(data), 256 * 1024):
@@ -275,10 +275,10 @@ class QemuBench(Bench):
     poll = 0.5  # each poll is a TLS handshake the guest pays for under TCG
     timeout = 900.0
 
-    def __init__(self, record: Any, argv: list[str], powercycle: bool = False) -> None:
+    def __init__(self, record: Any, argv: list[str], kexec: bool = False) -> None:
         super().__init__(record, record.nodes[0])
         self.argv = argv
-        self.powercycle = powercycle
+        self.kexec = kexec
         self.console = Path(self.node.node_dir) / "console.log"
 
     def qemu_pid(self) -> int | None:
@@ -316,7 +316,7 @@ class QemuBench(Bench):
 
         watcher = asyncio.create_task(watch_restart())
         try:
-            await self.send(bundle, url, self.powercycle)
+            await self.send(bundle, url, self.kexec)
             marks["answered"] = time.monotonic() - started
             await self.healthy_on(version, seen)
             marks["healthy"] = time.monotonic() - started
@@ -368,7 +368,7 @@ async def measure_qemu(
     image_dir: Path,
     logs: Path,
     fetch: bool,
-    powercycle: bool = False,
+    kexec: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from basalt.imager import pipeline
     from basalt.imager.variant import variant_bundle
@@ -413,7 +413,7 @@ async def measure_qemu(
     record = await qemu.create(request, state_dir, lambda node, stage: None, options)
     image = qemu.Image.from_dir(state_dir / "image")
     argv = qemu.qemu_command(record.nodes[0], record.nodes, image, options, "tcg", state_dir)
-    bench = QemuBench(record, argv, powercycle)
+    bench = QemuBench(record, argv, kexec)
     upgrades: list[dict[str, Any]] = []
     boots: list[dict[str, Any]] = []
     running = next(v for v in bundles if v != "0.2.0")
@@ -504,8 +504,8 @@ def other_qemus() -> int:
 
 
 def main_qemu(args: argparse.Namespace) -> int:
-    powercycle = args.reboot_mode == "powercycle"
-    name = "upgrade-qemu" + ("-fetch" if args.fetch else "") + ("-powercycle" if powercycle else "")
+    kexec = args.reboot_mode == "kexec"
+    name = "upgrade-qemu" + ("-fetch" if args.fetch else "") + ("-kexec" if kexec else "")
     logs = REPO / "_out" / "bench" / "runs" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
     logs.mkdir(parents=True)
     others, load_before = other_qemus(), os.getloadavg()
@@ -518,7 +518,7 @@ def main_qemu(args: argparse.Namespace) -> int:
                 args.image,
                 logs,
                 args.fetch,
-                powercycle,
+                kexec,
             )
         )
     load_after = os.getloadavg()
@@ -561,10 +561,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--reboot-mode",
-        choices=("default", "powercycle"),
-        default="default",
-        help="qemu only: default, the upgrade reboots by kexec (no firmware); powercycle, "
-        "through the firmware (a reset: QEMU starts again)",
+        choices=("powercycle", "kexec"),
+        default="powercycle",
+        help="qemu only: powercycle (the default), the upgrade reboots through the firmware "
+        "(a reset: QEMU starts again); kexec, it jumps to the new kernel (QEMU goes on)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     args = parser.parse_args()

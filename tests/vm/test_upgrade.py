@@ -12,11 +12,12 @@ same image with its root repacked so that Basalt says 0.2.0; a broken build (0.3
 adds a health check that always fails and, in its own init, a 30 s boot-assessment
 timeout, so its three tries take minutes rather than six.
 
-In order: v1 -> v2 comes back on slot B healthy (the entry marked good by renaming it on
-the ESP), by kexec: QEMU is not restarted; ``basaltctl rollback`` boots slot A again, by
-kexec too; the broken build's first try is a kexec, its failed gates reboot through the
-firmware, which counts the other two tries and falls back to slot A by itself, which
-reports it. The URL upgrade asks ``--reboot-mode powercycle``: the firmware boots it.
+In order: v1 -> v2 (``--reboot-mode kexec``) comes back on slot B healthy (the entry
+marked good by renaming it on the ESP), by kexec: QEMU is not restarted; ``basaltctl
+rollback --reboot-mode kexec`` boots slot A again, by kexec too; the broken build's first
+try is a kexec, its failed gates reboot through the firmware, which counts the other two
+tries and falls back to slot A by itself, which reports it. The URL and staged upgrades
+reboot as by default: through the firmware.
 """
 
 from __future__ import annotations
@@ -327,7 +328,16 @@ def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(
 ) -> None:
     started = time.monotonic()
     resets = node.resets()
-    done = node.ctl("upgrade", "--image", str(bundles.v2), "--wait", "--timeout", "900")
+    done = node.ctl(
+        "upgrade",
+        "--image",
+        str(bundles.v2),
+        "--reboot-mode",
+        "kexec",
+        "--wait",
+        "--timeout",
+        "900",
+    )
     assert done.returncode == 0, done.stdout + done.stderr + node.tail()
     timings.record("metal upgrade: v1 -> v2 healthy on slot b", time.monotonic() - started)
     assert node.resets() == resets  # kexec: the firmware did not run, QEMU was not restarted
@@ -349,7 +359,7 @@ def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(
 def test_rollback_boots_slot_a_again(node: Node, timings: Timings) -> None:
     started = time.monotonic()
     resets = node.resets()
-    done = node.ctl("rollback")
+    done = node.ctl("rollback", "--reboot-mode", "kexec")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rolling back from slot b (0.2.0) to slot a" in done.stdout
     status = node.wait(
@@ -371,7 +381,7 @@ def test_a_broken_upgrade_falls_back_to_slot_a_by_itself(
     node.wait(lambda: node.mtls("Health").healthy, BOOT_TIMEOUT, "healthy before the upgrade")
     started = time.monotonic()
     resets = node.resets()
-    done = node.ctl("upgrade", "--image", str(bundles.broken))
+    done = node.ctl("upgrade", "--image", str(bundles.broken), "--reboot-mode", "kexec")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "installed 0.3.0-broken in slot b" in done.stdout + done.stderr
 
@@ -466,11 +476,9 @@ def test_upgrade_from_a_url_the_node_fetches_itself(
     url = bundle_server.guest_url(f"/{bundle.name}")
     started = time.monotonic()
     resets = node.resets()
-    done = node.ctl(
-        "upgrade", "--image", url, "--reboot-mode", "powercycle", "--wait", "--timeout", "900"
-    )
+    done = node.ctl("upgrade", "--image", url, "--wait", "--timeout", "900")
     assert done.returncode == 0, done.stdout + done.stderr + node.tail()
-    assert node.resets() == resets + 1  # through the firmware, as asked
+    assert node.resets() == resets + 1  # through the firmware: the default
     timings.record(f"metal upgrade: URL -> {version} healthy on slot {target}",
                    time.monotonic() - started)  # fmt: skip
     assert f"fetching {url}" in done.stderr

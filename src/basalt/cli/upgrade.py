@@ -31,16 +31,17 @@ UPLOAD_CHUNK = 256 * 1024
 
 
 class RebootMode(StrEnum):
-    default = "default"
     powercycle = "powercycle"
+    kexec = "kexec"
 
 
 RebootModeOption = Annotated[
     RebootMode,
     typer.Option(
         "--reboot-mode",
-        help="default: kexec into the new slot's kernel where the node can (metal), skipping "
-        "the firmware; powercycle: always reboot through the firmware.",
+        help="powercycle: reboot through the firmware, which picks and counts the slot; "
+        "kexec: load the new slot's kernel and jump to it, skipping the firmware (metal; "
+        "the try is counted the same way; through the firmware when the kernel refuses).",
     ),
 ]
 
@@ -48,9 +49,9 @@ RebootModeOption = Annotated[
 def _reboot_mode(mode: RebootMode) -> machine_pb2.RebootMode.ValueType:
     from basalt.machinery.api import machine_pb2
 
-    if mode is RebootMode.powercycle:
-        return machine_pb2.POWERCYCLE
-    return machine_pb2.KEXEC_WHEN_ABLE
+    if mode is RebootMode.kexec:
+        return machine_pb2.KEXEC
+    return machine_pb2.POWERCYCLE
 
 
 POLL = 1.0
@@ -206,7 +207,7 @@ def upgrade(
     no_drain: Annotated[
         bool, typer.Option("--no-drain", help="Do not cordon and drain through Kubernetes.")
     ] = False,
-    reboot_mode: RebootModeOption = RebootMode.default,
+    reboot_mode: RebootModeOption = RebootMode.powercycle,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the node until the new slot is good.")
     ] = False,
@@ -305,7 +306,7 @@ def rollback(
     no_drain: Annotated[
         bool, typer.Option("--no-drain", help="Do not cordon and drain through Kubernetes.")
     ] = False,
-    reboot_mode: RebootModeOption = RebootMode.default,
+    reboot_mode: RebootModeOption = RebootMode.powercycle,
     nodes: NodesOption = None,
     endpoints: EndpointsOption = None,
 ) -> None:

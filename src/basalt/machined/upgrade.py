@@ -84,7 +84,7 @@ class UpgradeOptions:
     force: bool = False
     no_drain: bool = False
     #: kexec into the new slot when able; False: reboot through the firmware.
-    kexec: bool = True
+    kexec: bool = False
 
 
 @dataclass

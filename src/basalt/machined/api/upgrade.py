@@ -45,7 +45,7 @@ async def _options_then_data(
         stage=first.options.stage,
         force=first.options.force,
         no_drain=first.options.no_drain,
-        kexec=first.options.reboot_mode != machine_pb2.POWERCYCLE,
+        kexec=first.options.reboot_mode == machine_pb2.KEXEC,
     )
     if first.options.url:
         url = check_url(first.options.url)
@@ -108,7 +108,7 @@ class UpgradeMethods:
         self.node.upgrader.require_slots()
         job = RollbackJob(no_drain=request.no_drain)
         await self.node.sequencer.start(rollback, job)
-        kexec = request.reboot_mode != machine_pb2.POWERCYCLE
+        kexec = request.reboot_mode == machine_pb2.KEXEC
         self.node.sequencer.start(reboot, RebootPlan(kexec=kexec))
         return self.action("; ".join([*job.steps, job.message, "rebooting"]))
 

@@ -81,24 +81,24 @@ class _RebootMode:
 
 class _RebootModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RebootMode.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    KEXEC_WHEN_ABLE: _RebootMode.ValueType  # 0
-    """kexec into that slot's kernel when the node can (metal, kexec allowed: see
-    kernel.kexec_load_disabled), counting the boot try as systemd-boot does; through the
-    firmware otherwise.
+    POWERCYCLE: _RebootMode.ValueType  # 0
+    """Through the firmware: a full reset; systemd-boot picks and counts the entry."""
+    KEXEC: _RebootMode.ValueType  # 1
+    """kexec into that slot's kernel, skipping the firmware, when the node can (metal, kexec
+    allowed: see kernel.kexec_load_disabled), counting the boot try as systemd-boot does;
+    through the firmware otherwise.
     """
-    POWERCYCLE: _RebootMode.ValueType  # 1
-    """Through the firmware: a full reset, systemd-boot picks and counts the entry."""
 
 class RebootMode(_RebootMode, metaclass=_RebootModeEnumTypeWrapper):
     """How a node reboots into the slot an upgrade or a rollback chose."""
 
-KEXEC_WHEN_ABLE: RebootMode.ValueType  # 0
-"""kexec into that slot's kernel when the node can (metal, kexec allowed: see
-kernel.kexec_load_disabled), counting the boot try as systemd-boot does; through the
-firmware otherwise.
+POWERCYCLE: RebootMode.ValueType  # 0
+"""Through the firmware: a full reset; systemd-boot picks and counts the entry."""
+KEXEC: RebootMode.ValueType  # 1
+"""kexec into that slot's kernel, skipping the firmware, when the node can (metal, kexec
+allowed: see kernel.kexec_load_disabled), counting the boot try as systemd-boot does;
+through the firmware otherwise.
 """
-POWERCYCLE: RebootMode.ValueType  # 1
-"""Through the firmware: a full reset, systemd-boot picks and counts the entry."""
 Global___RebootMode: _TypeAlias = RebootMode  # noqa: Y015
 
 @_typing.final
