@@ -203,3 +203,35 @@ def test_the_command_line_names_the_kexec_entry(tmp_path: Path) -> None:
     assert loader_order(["basalt-1-a-0.1.0.conf", "basalt-2-b-0.2.0+2-1.conf"])[0].startswith(
         "basalt-2-b"
     )
+
+
+def test_the_reboot_goes_on_through_the_firmware_whatever_kexec_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from basalt.machined import upgrade
+
+    node = SimpleNamespace(
+        platform=SimpleNamespace(mode=SimpleNamespace(in_container=False)),
+        paths=SimpleNamespace(root=tmp_path),
+    )
+    upgrader = upgrade.Upgrader(node)  # type: ignore[arg-type]
+    assert upgrader.prepare_kexec().startswith("rebooting: the launcher")  # no metal slots
+    slots = _machine(tmp_path)
+    upgrader.slots = slots
+    assert upgrader.prepare_kexec() == "rebooting through the firmware: only PID 1 can kexec"
+    monkeypatch.setattr(upgrade.os, "getpid", lambda: 1)
+    for error in (
+        KexecError("kexec_file_load: refused"),
+        UnicodeEncodeError("ascii", "é", 0, 1, "x"),
+    ):
+
+        def failing(error: Exception = error) -> str:
+            raise error
+
+        monkeypatch.setattr(slots, "prepare_kexec", failing)
+        message = upgrader.prepare_kexec()
+        assert message.startswith("rebooting through the firmware: kexec not prepared: ")
+    monkeypatch.setattr(slots, "prepare_kexec", lambda: "basalt-2-b-0.2.0+2-1.conf")
+    assert upgrader.prepare_kexec() == "rebooting by kexec into basalt-2-b-0.2.0+2-1.conf"

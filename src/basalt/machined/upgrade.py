@@ -502,6 +502,9 @@ class Upgrader:
         except (KexecError, BasaltError, OSError) as exc:
             log.warning("kexec not prepared: %s", exc)
             return f"rebooting through the firmware: kexec not prepared: {exc}"
+        except Exception as exc:  # a bug here must not keep the node from rebooting
+            log.exception("kexec not prepared")
+            return f"rebooting through the firmware: kexec not prepared: {exc!r}"
         return f"rebooting by kexec into {entry}"
 
 
