@@ -8,9 +8,11 @@ One node, installed as in ``test_upgrade.py`` (its API on 127.0.0.121). Each rou
 an ``upgrade`` (to the version the node does not run: the imager's own bundle 0.1.0, or
 0.2.0) or an ``apply-config`` (its EnvironmentConfig ``CUT`` set to the round number), and
 at a random moment SIGKILLs QEMU (every other upgrade: 0-30 s after the node starts
-writing the slot, seen on its console): the guest loses everything it had not written to
-its disk, as in a power cut. QEMU is started again (``qemu_runner`` then restarts it across
-the guest's own reboots), and the node must:
+writing the slot, seen on its console; the others reboot with ``--reboot-mode kexec``, so
+a cut may fall while the next kernel is loaded and its try counted, or in the boot after
+the jump): the guest loses everything it had not written to its disk, as in a power cut.
+QEMU is started again (``qemu_runner`` then restarts it across the guest's own reboots),
+and the node must:
 
 - answer the API over mTLS (else it is **bricked**, and the run stops);
 - settle on a slot that is good (a cut upgrade leaves the previous slot, or the new one
@@ -171,8 +173,13 @@ def test_power_cuts_during_upgrades_and_applies(
             if kind == "upgrade":
                 running = node.boot_status()["version"]
                 bundle = bundles.v2 if running != "0.2.0" else bundles.v1
-                request = _background(node, "upgrade", "--image", str(bundle))
+                mode = "powercycle" if targeted else "kexec"
+                request = _background(
+                    node, "upgrade", "--image", str(bundle), "--reboot-mode", mode
+                )
                 window = UPGRADE_WINDOW
+                if mode == "kexec":
+                    kind = "upgrade (kexec)"
                 candidate = committed
             else:
                 candidate = _with_cut(committed, str(round_))
