@@ -602,7 +602,12 @@ def test_sysctl_key_problem_quotes_the_key_in_the_path() -> None:
 def test_install_disk_must_be_a_device() -> None:
     def change(machine: dict[str, Any]) -> None:
         machine["install"]["disk"] = "/var/disk.img"
-        machine["install"]["extraKernelArgs"] = ["console=ttyS0", "two args", "basalt.slot=B"]
+        machine["install"]["extraKernelArgs"] = [
+            "console=ttyS0",
+            "two args",
+            "basalt.slot=B",
+            "basalt.entry=basalt-1-a-0.1.0.conf",
+        ]
 
     found = problems(edited(change, "MachineConfig"))
     assert [(p.where, p.message) for p in found] == [
@@ -611,6 +616,10 @@ def test_install_disk_must_be_a_device() -> None:
         (
             "MachineConfig.install.extraKernelArgs[2]",
             "'basalt.slot=B' is set by the image's boot path",
+        ),
+        (
+            "MachineConfig.install.extraKernelArgs[3]",
+            "'basalt.entry=basalt-1-a-0.1.0.conf' is set by the image's boot path",
         ),
     ]
     assert "basalt.slot" in (found[2].hint or "")

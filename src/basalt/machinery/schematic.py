@@ -53,7 +53,14 @@ __all__ = [
 OFFICIAL_EXTENSIONS: tuple[str, ...] = ("qemu-guest-agent",)
 
 #: Kernel arguments a schematic may not set: the image and the boot path own them.
-RESERVED_KERNEL_ARGS = ("basalt.root", "basalt.slot", "basalt.schematic", "init", "rdinit")
+RESERVED_KERNEL_ARGS = (
+    "basalt.root",
+    "basalt.slot",
+    "basalt.schematic",
+    "basalt.entry",  # set by a kexec reboot: which boot entry it started
+    "init",
+    "rdinit",
+)
 
 RestartPolicyName = Literal["always", "onFailure", "never"]
 RESTART_POLICIES: tuple[str, ...] = ("always", "onFailure", "never")

@@ -76,8 +76,8 @@ class InstallSpec(Model):
         default_factory=list,
         description="Extra kernel command-line arguments, one per item, appended to the "
         "installed boot entry's options after the image's own (the last value wins). Read "
-        "at install only; `basalt.root`, `basalt.slot`, `basalt.schematic`, `init` and "
-        "`rdinit` belong to the boot path and are refused.",
+        "at install only; `basalt.root`, `basalt.slot`, `basalt.schematic`, `basalt.entry`, "
+        "`init` and `rdinit` belong to the boot path and are refused.",
     )
 
 
