@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 #: Size of the chunks of a bundle upload.
 UPLOAD_CHUNK = 256 * 1024
+POLL = 1.0
 
 
 class RebootMode(StrEnum):
@@ -52,9 +53,6 @@ def _reboot_mode(mode: RebootMode) -> machine_pb2.RebootMode.ValueType:
     if mode is RebootMode.kexec:
         return machine_pb2.KEXEC
     return machine_pb2.POWERCYCLE
-
-
-POLL = 1.0
 
 
 def _target(ctx: typer.Context, nodes: list[str], endpoints: list[str]) -> str:
