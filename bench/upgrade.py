@@ -52,9 +52,10 @@ Figures (qemu, 2026-12-03 evening, this 2-core host otherwise idle, load 0.0-0.4
 - 2026-12-04, after ``--reboot-mode`` was added (the default, ``powercycle``, reboots as
   before): 1.47x (upgrade 48.8 s [44.6-58.4], cold boot 33.2 s [30.6-42.8]; the call
   16.4 s [11.7-21.1]); ``--fetch`` 1.43x (51.2 s [50.6-59.1] against 35.8 s [32.0-43.0];
-  the call 16.8 s [14.1-18.3], no faster than an upload). ``--reboot-mode kexec`` (no firmware, QEMU not restarted): 2.02x and
-  1.88x (one run each): loading takes 3 s under TCG and the kexec'd system runs its boot
-  phases up to twice as slowly (ADR 0007, "Reboot by kexec").
+  the call 16.8 s [14.1-18.3], no faster than an upload). ``--reboot-mode kexec`` (no
+  firmware, QEMU not restarted): 2.02x, 1.88x and 1.82x (one run each): loading takes 3 s
+  under TCG and the kexec'd system runs its boot phases up to twice as slowly (ADR 0007,
+  "Reboot by kexec").
 - Before (morning, the bundle hashed twice): uploaded 1.88x (call 31.4 s: receive ~12 s,
   verify 7.7 s, slot write 11.6 s); --fetch 1.62x (call 24.9 s).
 """
