@@ -54,6 +54,8 @@ from basalt.machinery.disk.layout import (
 )
 from basalt.machinery.errors import BasaltError
 
+from .sys.cmdline import CMDLINE, kernel_arg
+
 if TYPE_CHECKING:
     from basalt.machinery.config import ConfigBundle
 
@@ -63,7 +65,6 @@ log = logging.getLogger(__name__)
 
 FIELD = "MachineConfig.install.disk"
 SYS_BLOCK = Path("/sys/class/block")
-CMDLINE = Path("/proc/cmdline")
 MKE2FS = "/usr/sbin/mke2fs"
 #: The committed config's name on STATE (basalt.machined.storage.state.COMMITTED).
 CONFIG_NAME = "config.yaml"
@@ -119,12 +120,7 @@ def find_partition(name: str, sys_block: Path = SYS_BLOCK) -> str | None:
 
 def kernel_slot(cmdline: Path = CMDLINE) -> str:
     """``basalt.slot=`` of the kernel command line (``A``), '' when absent."""
-    try:
-        words = cmdline.read_text().split()
-    except OSError:
-        return ""
-    slots = [w.partition("=")[2] for w in words if w.startswith("basalt.slot=")]
-    return slots[-1].upper() if slots else ""
+    return kernel_arg("basalt.slot", cmdline).upper()
 
 
 def boot_disk(sys_block: Path = SYS_BLOCK, cmdline: Path = CMDLINE) -> str | None:

@@ -48,23 +48,27 @@ def entry_text(version: str, slot: str, cmdline: str) -> str:
     )
 
 
-def entry_options(text: str) -> str:
-    """An entry's ``options`` without ``basalt.slot=`` (what a new slot's entry reuses)."""
+def _entry_fields(text: str) -> dict[str, str]:
+    """An entry's ``key value`` lines, the first of each key."""
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.strip().partition(" ")
-        if key == "options":
-            return " ".join(w for w in value.split() if not w.startswith("basalt.slot="))
-    raise EspError("the boot entry has no options line", hint="restore it from the image")
+        fields.setdefault(key, value.strip())
+    return fields
+
+
+def entry_options(text: str) -> str:
+    """An entry's ``options`` without ``basalt.slot=`` (what a new slot's entry reuses)."""
+    options = _entry_fields(text).get("options")
+    if options is None:
+        raise EspError("the boot entry has no options line", hint="restore it from the image")
+    return " ".join(w for w in options.split() if not w.startswith("basalt.slot="))
 
 
 def entry_boot(text: str) -> tuple[PurePosixPath, PurePosixPath | None, str]:
     """What an entry boots, as systemd-boot reads it: the ``linux`` and ``initrd`` paths
     (on the ESP, from its root) and the whole ``options`` line."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.strip().partition(" ")
-        if key in ("linux", "initrd", "options") and key not in fields:
-            fields[key] = value.strip()
+    fields = _entry_fields(text)
     if not fields.get("linux"):
         raise EspError("the boot entry has no linux line", hint="restore it from the image")
     initrd = fields.get("initrd")

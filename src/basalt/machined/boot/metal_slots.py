@@ -45,6 +45,7 @@ from basalt.machinery.fileio import copy_range
 from basalt.machinery.images.payload import INITRAMFS, KERNEL, ROOTFS
 
 from ..sys import kexec
+from ..sys.cmdline import CMDLINE, kernel_arg
 from .assessment import BootState, Slot, SlotHealth, SlotName
 from .codecs import EntryChange, entry_changes, state_from_entries
 from .entries import BasaltEntry, LoaderEntry, loader_order
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 STAGED_BUNDLE = "bundle.tar"
 #: Kernel argument naming the entry a kexec booted (as counted): LoaderBootCountPath's role.
 KEXEC_ENTRY_ARG = "basalt.entry"
-CMDLINE = Path("/proc/cmdline")
 #: Where each payload file goes: the ESP (a path below the slot's directory) or the partition.
 _ESP_PAYLOAD = {KERNEL: KERNEL_NAME, INITRAMFS: INITRD_NAME}
 
@@ -321,12 +321,7 @@ class MetalSlots:
 
 def kexec_entry(cmdline: Path = CMDLINE) -> str | None:
     """The entry file a kexec booted (``basalt.entry=``), None after a firmware boot."""
-    try:
-        words = cmdline.read_text().split()
-    except OSError:
-        return None
-    named = [w.partition("=")[2] for w in words if w.startswith(KEXEC_ENTRY_ARG + "=")]
-    return named[-1] if named and named[-1] else None
+    return kernel_arg(KEXEC_ENTRY_ARG, cmdline) or None
 
 
 def _one_per_slot(names: list[str]) -> list[str]:
