@@ -8,6 +8,7 @@ to write once the last chunk is in. Whatever fails, nothing is left in EPHEMERAL
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import tarfile
 import threading
@@ -95,8 +96,10 @@ def uploads(root: Path) -> list[str]:
 
 
 def test_a_good_bundle_is_verified_as_it_arrives(
-    tmp_path: Path, keypair: tuple[str, str], bundle: bytes
+    tmp_path: Path, keypair: tuple[str, str], bundle: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="basalt.machined.upgrade")
+
     async def run() -> None:
         async with node_at(tmp_path, keypair[1]) as node:
             path, verified = await node.upgrader.receive(Sender(bundle).chunks())
@@ -113,6 +116,11 @@ def test_a_good_bundle_is_verified_as_it_arrives(
 
     asyncio.run(run())
     assert len(uploads(tmp_path)) == 1
+    # The node says how fast the bundle came and where the time went.
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("received")]
+    assert len(said) == 1, caplog.text
+    assert said[0].startswith(f"received uploaded bundle: {len(bundle) / 1e6:.1f} MB in ")
+    assert "MB/s" in said[0] and "verifying thread" in said[0]
 
 
 def test_an_unknown_key_stops_the_upload_at_its_first_chunks(

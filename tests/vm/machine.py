@@ -19,6 +19,14 @@ from basalt.imager.qemu import direct_kernel_command, free_port
 
 T = TypeVar("T")
 
+#: A guest whose console has no line of the initramfs this long after QEMU started is
+#: stuck before Basalt runs: in firmware, systemd-boot or the kernel's early boot (a boot
+#: reaches the initramfs 4-9 s after QEMU starts under TCG). Seen once in about a hundred
+#: boots of one disk that booted again at once; :meth:`Vm.wait` then power-cycles the
+#: guest once, as a board's watchdog would, and says so.
+STALL_BEFORE_INITRAMFS = 90.0
+_INITRAMFS_LINE = b"basalt-init: "
+
 #: Console lines stamped with the kernel's uptime by the initramfs init and by machined.
 _STAMP = re.compile(rb"^\[\s*([0-9.]+)\] (basalt-init|machined): (?:INFO \S+: )?(.*)$", re.M)
 #: The console lines worth printing for a boot timeline.
@@ -45,6 +53,8 @@ class Vm:
     process: subprocess.Popen[bytes]
     started: float
     marks: dict[str, float] = field(default_factory=dict)
+    #: Power cycles :meth:`wait` made because the guest stalled before the initramfs.
+    relaunched: int = 0
 
     @classmethod
     def boot(
@@ -133,6 +143,9 @@ class Vm:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     break
+                if self._stalled_before_initramfs():
+                    self._power_cycle()
+                    deadline += STALL_BEFORE_INITRAMFS
                 try:
                     return await attempt()
                 except Exception as exc:
@@ -144,6 +157,30 @@ class Vm:
             )
 
         return asyncio.run(loop())
+
+    def _stalled_before_initramfs(self) -> bool:
+        return (
+            self.relaunched == 0
+            and self.elapsed() > STALL_BEFORE_INITRAMFS
+            and _INITRAMFS_LINE not in self.console.read_bytes()
+        )
+
+    def _power_cycle(self) -> None:
+        """Kill QEMU and start it again on the same disk and port, the console appended."""
+        self.stop()
+        note = (
+            f"\n[vm harness] no initramfs line {STALL_BEFORE_INITRAMFS:.0f} s after QEMU "
+            "started: stuck before Basalt runs; power cycle\n"
+        )
+        print(note.strip(), self.console, flush=True)
+        with self.console.open("ab") as log:
+            log.write(note.encode())
+            log.flush()
+            self.started = time.monotonic()
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        self.relaunched += 1
 
     def stop(self) -> None:
         if self.process.poll() is None:

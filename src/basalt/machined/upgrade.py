@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,7 @@ class Upgrader:
         fd, name = tempfile.mkstemp(prefix="bundle-", suffix=".tar", dir=directory)
         path = Path(name)
         pipe = ChunkPipe()
+        timing = _ReceiveTiming()
 
         def verify(out: IO[bytes]) -> VerifiedBundle:
             try:
@@ -304,13 +306,14 @@ class Upgrader:
                     pipe, out, path, keys, platform.arch, required=required, label=label
                 )
             finally:
+                timing.verifier_cpu = time.thread_time()
                 pipe.stop()
 
         try:
             with os.fdopen(fd, "wb") as out:
                 verifying = asyncio.ensure_future(asyncio.to_thread(verify, out))
                 try:
-                    await _send(chunks, pipe, limit)
+                    timing.size = await _send(chunks, pipe, limit, timing)
                 except BaseException as exc:
                     await pipe.abort(str(exc) or type(exc).__name__)
                     with contextlib.suppress(BaseException):
@@ -320,6 +323,7 @@ class Upgrader:
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        log.info("received %s: %s", label, timing.done())
         return path, verified
 
     async def verify(self, path: Path, label: str = "uploaded bundle") -> VerifiedBundle:
@@ -508,11 +512,42 @@ class Upgrader:
         return f"rebooting by kexec into {entry}"
 
 
-async def _send(chunks: AsyncIterator[bytes], pipe: ChunkPipe, limit: int) -> None:
+@dataclass
+class _ReceiveTiming:
+    """Where the time of one receive went, for the log line that ends it."""
+
+    started: float = field(default_factory=time.monotonic)
+    cpu_started: float = field(default_factory=time.process_time)
+    first: float | None = None
+    last: float | None = None
+    size: int = 0
+    verifier_cpu: float = 0.0
+
+    def done(self) -> str:
+        now = time.monotonic()
+        first = self.first if self.first is not None else now
+        last = self.last if self.last is not None else now
+        streaming = last - first
+        rate = self.size / streaming / 1e6 if streaming > 0 else 0.0
+        cpu = time.process_time() - self.cpu_started
+        return (
+            f"{self.size / 1e6:.1f} MB in {streaming:.1f} s ({rate:.1f} MB/s) after "
+            f"{first - self.started:.1f} s waiting for the first bytes; verified and "
+            f"flushed {now - last:.1f} s after the last; CPU {cpu:.1f} s (verifying thread "
+            f"{self.verifier_cpu:.1f} s)"
+        )
+
+
+async def _send(
+    chunks: AsyncIterator[bytes], pipe: ChunkPipe, limit: int, timing: _ReceiveTiming
+) -> int:
     """Hand the chunks to the verifying thread until the end, or until it stops (it
-    failed: its own error says why). BundleUploadError when there is nothing, or too much."""
+    failed: its own error says why); the bytes handed. BundleUploadError when there is
+    nothing, or too much."""
     total = 0
     async for chunk in chunks:
+        if timing.first is None:
+            timing.first = time.monotonic()
         total += len(chunk)
         if total > limit:
             raise BundleUploadError(
@@ -520,10 +555,12 @@ async def _send(chunks: AsyncIterator[bytes], pipe: ChunkPipe, limit: int) -> No
                 hint="container bundles hold the Basalt source tree: a few MiB",
             )
         if not await pipe.put(chunk):
-            return
+            return total
+    timing.last = time.monotonic()
     if total == 0:
         raise BundleUploadError("no bundle data was sent", hint="give --image BUNDLE.tar")
     await pipe.close()
+    return total
 
 
 def _slot_storage(node: Node) -> SlotDirectories | MetalSlots | None:
