@@ -378,6 +378,7 @@ async def measure_qemu(
     kexec: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from basalt.imager import pipeline
+    from basalt.imager.squashfs import Squashfs
     from basalt.imager.variant import variant_bundle
     from basalt.machinery.images import required_payload, verification_key, verify_bundle
 
@@ -388,7 +389,10 @@ async def measure_qemu(
     served.mkdir()
     shutil.copyfile(image_dir / pipeline.BUNDLE, served / "image.tar")
     key = load_signing_key(private)
-    variant = variant_bundle(image_dir, served / "variant.tar", "0.2.0", key)
+    # Packed as the imager packs a release (zstd 19): a fast level would make half of the
+    # runs upload ~9 MB more than a second release would weigh.
+    level = Squashfs.level
+    variant = variant_bundle(image_dir, served / "variant.tar", "0.2.0", key, level=level)
     trusted = [verification_key(public)]
     bundles = {
         verify_bundle(path, trusted, "x86_64", required=required_payload("metal")).version: path

@@ -233,6 +233,23 @@ def test_the_pipe_holds_back_the_sender_until_the_reader_reads() -> None:
     assert got == b"a" * 150 + b"b" * 50 + b"c"
 
 
+def test_the_pipe_hands_on_a_whole_chunk_without_copying_it_and_splits_the_others() -> None:
+    first, second = b"a" * 300, b"b" * 100
+
+    async def run() -> list[bytes]:
+        pipe = ChunkPipe()
+        for chunk in (first, second):
+            assert await pipe.put(chunk)
+        assert await pipe.close()
+        got = [pipe.read(1000), pipe.read(40), pipe.read(1000), pipe.read(1000)]
+        pipe.stop()
+        return got
+
+    whole, part, rest, end = asyncio.run(run())
+    assert whole is first  # a read of at least a chunk takes the very object sent
+    assert (part, rest, end) == (b"b" * 40, b"b" * 60, b"")
+
+
 def test_a_stopped_reader_releases_the_sender_and_an_abort_reaches_the_reader() -> None:
     async def run() -> None:
         pipe = ChunkPipe(depth=1)

@@ -28,6 +28,8 @@ class ChunkPipe:
         self._loop = asyncio.get_running_loop()
         self._taken = asyncio.Event()
         self._rest = memoryview(b"")
+        #: The chunk ``_rest`` views while none of it has been read: handed on uncopied.
+        self._whole: bytes | None = None
         self._eof = False
         #: Set by the reader when it stops reading, for good or because it failed.
         self.stopped = False
@@ -73,8 +75,13 @@ class ChunkPipe:
                 self._eof = True
                 raise item
             self._rest = memoryview(item)
+            self._whole = item
         count = len(self._rest) if size < 0 else min(size, len(self._rest))
-        data = bytes(self._rest[:count])
+        if self._whole is not None and count == len(self._whole):
+            data = self._whole
+        else:
+            data = bytes(self._rest[:count])
+        self._whole = None
         self._rest = self._rest[count:]
         return data
 

@@ -476,7 +476,10 @@ def verify_tar_stream(
     the file at ``path`` (opened for writing, empty). The checks are :func:`verify_bundle`'s,
     in its order, so a bad manifest or signature stops the stream at its first kilobytes.
     Once the checks pass, the rest of the stream (the tar's end blocks) is copied too and
-    ``sink`` is flushed and fsynced; the result is the bundle at ``path``, sealed.
+    ``sink`` is flushed; the result is the bundle at ``path``, sealed. It is not fsynced:
+    what a receiver keeps across a power cut it copies durably (a staged bundle), and what
+    it installs at once it reads back from the page cache and then removes, so the kernel
+    need never write it.
     """
     checks = _Checks(Path(path), trusted_keys, expected_arch, required, label)
     tee = _Tee(source, sink)
@@ -484,7 +487,6 @@ def verify_tar_stream(
         found = _verify_tar_stream(_TarReader(tar, checks), checks)
     tee.drain()
     sink.flush()
-    os.fsync(sink.fileno())
     return found.bundle(Path(path), FileSeal.of(sink.fileno()))
 
 
