@@ -605,3 +605,39 @@ def test_runner_starts_qemu_again_after_a_guest_reboot_only(tmp_path: Path) -> N
     assert text.count("starting QEMU again") == 2 and text.endswith("reboot: Power down\n")
     failing = [sys.executable, "-c", "print('reboot: Restarting system'); raise SystemExit(3)"]
     assert qemu_runner.run(failing, tmp_path / "other.log") == 3  # a crash is not a reboot
+
+
+def test_runner_power_cycles_a_guest_stalled_before_its_initramfs(tmp_path: Path) -> None:
+    """A stand-in for QEMU that prints nothing and hangs on its first run (as a guest stuck
+    in firmware does) and boots on its second: one power cycle, then the guest's own end."""
+    from basalt.provision import qemu_runner
+
+    runs, console = tmp_path / "runs", tmp_path / "console.log"
+    script = (
+        "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); "
+        "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1)); "
+        "n == 0 and time.sleep(60); "
+        "print('[ 3.9] basalt-init: initramfs: started'); print('reboot: Power down')"
+    )
+    started = time.monotonic()
+    assert qemu_runner.run([sys.executable, "-c", script, str(runs)], console, stall=1.0) == 0
+    assert time.monotonic() - started < 30  # the hung run was killed, not waited for
+    assert runs.read_text() == "xx"
+    text = console.read_text()
+    assert text.count("stuck before Basalt ran; power cycle (boot 2)") == 1
+    assert text.endswith("reboot: Power down\n")
+
+
+def test_runner_gives_up_on_a_guest_that_never_reaches_its_initramfs(tmp_path: Path) -> None:
+    from basalt.provision import qemu_runner
+
+    runs, console = tmp_path / "runs", tmp_path / "console.log"
+    script = (
+        "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); "
+        "p.write_text(p.read_text() + 'x' if p.exists() else 'x'); time.sleep(60)"
+    )
+    code = qemu_runner.run([sys.executable, "-c", script, str(runs)], console, stall=0.5)
+    assert code == 1
+    assert runs.read_text() == "x" * qemu_runner.MAX_STALLS
+    assert console.read_text().count("power cycle") == qemu_runner.MAX_STALLS - 1
+    assert f"{qemu_runner.MAX_STALLS} boots in a row; giving up" in console.read_text()

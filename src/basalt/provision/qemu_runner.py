@@ -6,6 +6,13 @@ runner starts QEMU, and when it exits 0 after the guest kernel printed ``reboot:
 Restarting system`` it starts the same command again; a power-off, a crash or a signal
 ends it. SIGTERM is passed to QEMU (which powers the VM off) and then ends the runner.
 
+It is the board's watchdog too. Under TCG a guest has been seen, about once in a hundred
+boots, to stop before Basalt's initramfs printed anything (in the firmware, systemd-boot or
+the kernel's early boot), and the same disk then booted at once. So a guest with no
+initramfs line :data:`STALL_SECONDS` after QEMU started is killed and started again (a
+power cycle: what a boot does with the disk's boot counters is unchanged); after
+:data:`MAX_STALLS` such cycles in a row the runner gives up and exits 1.
+
     python -m basalt.provision.qemu_runner --console FILE -- qemu-system-x86_64 ...
 """
 
@@ -22,16 +29,28 @@ from types import FrameType
 
 #: What the guest kernel prints just before it resets the machine.
 REBOOT_MARK = b"reboot: Restarting system"
+#: What Basalt's initramfs prints first: from there on, Basalt runs the boot.
+BOOTED_MARK = b"basalt-init: "
+#: No initramfs line this long after QEMU started: the guest is stuck before Basalt runs.
+#: A TCG boot gets there in 4-9 s alone, and in well under a minute on a busy host.
+STALL_SECONDS = 120.0
+#: Stalled boots in a row after which the runner stops trying.
+MAX_STALLS = 3
+
+
+def printed(console: Path, offset: int, mark: bytes) -> bool:
+    """Whether the console, after ``offset``, holds ``mark``."""
+    try:
+        with console.open("rb") as stream:
+            stream.seek(offset)
+            return mark in stream.read()
+    except OSError:
+        return False
 
 
 def rebooted(console: Path, offset: int) -> bool:
     """Whether the console, after ``offset``, shows the guest asking for a reset."""
-    try:
-        with console.open("rb") as stream:
-            stream.seek(offset)
-            return REBOOT_MARK in stream.read()
-    except OSError:
-        return False
+    return printed(console, offset, REBOOT_MARK)
 
 
 def _size(path: Path) -> int:
@@ -59,24 +78,44 @@ class Power:
             self.child.send_signal(signal.SIGTERM)
 
 
-def run(qemu: list[str], console: Path, power: Power | None = None) -> int:
-    """QEMU's exit code once it ends without a guest reboot (or ``power`` is stopped)."""
+def run(
+    qemu: list[str], console: Path, power: Power | None = None, stall: float = STALL_SECONDS
+) -> int:
+    """QEMU's exit code once it ends without a guest reboot (or ``power`` is stopped);
+    1 when :data:`MAX_STALLS` boots in a row stalled before the initramfs."""
     power = power or Power()
-    boots = 0
-    code = 0
+    boots = stalls = code = 0
     while not power.stopping:
         boots += 1
         offset = _size(console)
         with console.open("ab") as log:
+            started = time.monotonic()
             child = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         power.child = child
+        booted = stalled = False
         while True:
             try:
                 code = child.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                continue
-        if power.stopping or code != 0 or not rebooted(console, offset):
+                pass
+            if not booted:
+                booted = printed(console, offset, BOOTED_MARK)
+            if not booted and time.monotonic() - started > stall and not power.stopping:
+                stalled = True
+                child.kill()
+        if power.stopping:
+            break
+        if stalled:
+            stalls += 1
+            what = f"no initramfs line {stall:.0f} s after QEMU started: stuck before Basalt ran"
+            if stalls >= MAX_STALLS:
+                _note(console, f"{what}, {stalls} boots in a row; giving up")
+                return 1
+            _note(console, f"{what}; power cycle (boot {boots + 1})")
+            continue
+        stalls = 0
+        if code != 0 or not rebooted(console, offset):
             break
         _note(console, f"the guest rebooted; starting QEMU again (boot {boots + 1})")
     return code
