@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import tarfile
 import threading
 from collections.abc import AsyncIterator
@@ -121,6 +122,10 @@ def test_a_good_bundle_is_verified_as_it_arrives(
     assert len(said) == 1, caplog.text
     assert said[0].startswith(f"received uploaded bundle: {len(bundle) / 1e6:.1f} MB in ")
     assert "MB/s" in said[0] and "verifying thread" in said[0]
+    total, thread = map(
+        float, re.findall(r"CPU ([0-9.]+) s \(verifying thread ([0-9.]+) s", said[0])[0]
+    )
+    assert thread <= total + 0.05  # the thread's own share, not its pool thread's lifetime
 
 
 def test_an_unknown_key_stops_the_upload_at_its_first_chunks(
