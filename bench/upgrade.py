@@ -56,6 +56,16 @@ Figures (qemu, 2026-12-03 evening, this 2-core host otherwise idle, load 0.0-0.4
   firmware, QEMU not restarted): 2.02x, 1.88x and 1.82x (one run each): loading takes 3 s
   under TCG and the kexec'd system runs its boot phases up to twice as slowly (ADR 0007,
   "Reboot by kexec").
+- 2026-12-04 morning, after the receive lost a copy and an fsync (the chunk pipe hands
+  whole chunks on; the received file is not fsynced: an install reads it back and
+  removes it) and with the 0.2.0 bundle packed at the imager's zstd level (76.6 MB both
+  ways; it was 85.5 MB at level 3): uploaded 1.35x and 1.32x (two sets of 3 runs; the
+  last: upgrade 35.6 s [35.0-38.0], cold boot 26.9 s [26.9-27.5], the call 8.5 s
+  [7.8-8.5]), ``--fetch`` 1.39x (36.0 s [35.5-36.4] against 25.9 s [25.8-27.3]; the call
+  7.4 s). Load 0.8-1.2 before each set. The node's log says where the call goes
+  (``received uploaded bundle: 76.6 MB in 5.2 s (14.7 MB/s) ...; CPU 9.3 s``): both vCPUs
+  are busy while it arrives, one with gRPC and TLS, one hashing and writing the file; the
+  slot write takes 2.0-2.7 s. The same set before these changes: 1.48x (one run).
 - Before (morning, the bundle hashed twice): uploaded 1.88x (call 31.4 s: receive ~12 s,
   verify 7.7 s, slot write 11.6 s); --fetch 1.62x (call 24.9 s).
 """
