@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from basalt.imager.qemu import direct_kernel_command, free_port
+from basalt.provision.qemu_runner import BOOTED_MARK
 
 T = TypeVar("T")
 
@@ -23,9 +24,8 @@ T = TypeVar("T")
 #: stuck before Basalt runs: in firmware, systemd-boot or the kernel's early boot (a boot
 #: reaches the initramfs 4-9 s after QEMU starts under TCG). Seen once in about a hundred
 #: boots of one disk that booted again at once; :meth:`Vm.wait` then power-cycles the
-#: guest once, as a board's watchdog would, and says so.
+#: guest once, as a board's watchdog would (and the qemu runner does), and says so.
 STALL_BEFORE_INITRAMFS = 90.0
-_INITRAMFS_LINE = b"basalt-init: "
 
 #: Console lines stamped with the kernel's uptime by the initramfs init and by machined.
 _STAMP = re.compile(rb"^\[\s*([0-9.]+)\] (basalt-init|machined): (?:INFO \S+: )?(.*)$", re.M)
@@ -162,7 +162,7 @@ class Vm:
         return (
             self.relaunched == 0
             and self.elapsed() > STALL_BEFORE_INITRAMFS
-            and _INITRAMFS_LINE not in self.console.read_bytes()
+            and BOOTED_MARK not in self.console.read_bytes()
         )
 
     def _power_cycle(self) -> None:
