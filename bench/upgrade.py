@@ -401,8 +401,7 @@ async def measure_qemu(
     key = load_signing_key(private)
     # Packed as the imager packs a release (zstd 19): a fast level would make half of the
     # runs upload ~9 MB more than a second release would weigh.
-    level = Squashfs.level
-    variant = variant_bundle(image_dir, served / "variant.tar", "0.2.0", key, level=level)
+    variant = variant_bundle(image_dir, served / "variant.tar", "0.2.0", key, level=Squashfs.level)
     trusted = [verification_key(public)]
     bundles = {
         verify_bundle(path, trusted, "x86_64", required=required_payload("metal")).version: path

@@ -55,6 +55,8 @@ class Vm:
     marks: dict[str, float] = field(default_factory=dict)
     #: Power cycles :meth:`wait` made because the guest stalled before the initramfs.
     relaunched: int = 0
+    #: The console has shown the initramfs (then it need not be read for it again).
+    reached_initramfs: bool = False
 
     @classmethod
     def boot(
@@ -76,10 +78,7 @@ class Vm:
         )
         if qga is not None:
             argv += qga_arguments(qga, machine)
-        with console.open("wb") as log:
-            started = time.monotonic()
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        return cls(argv, console, port, process, started)
+        return cls(argv, console, port, *_launch(argv, console))
 
     @classmethod
     def boot_disk(
@@ -99,10 +98,7 @@ class Vm:
         console = workdir / f"{name}.log"
         argv = uefi_disk_command(disk, port, cpus=cpus, memory_mib=memory_mib)
         argv += list(extra_args)
-        with console.open("wb") as log:
-            started = time.monotonic()
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        return cls(argv, console, port, process, started)
+        return cls(argv, console, port, *_launch(argv, console))
 
     @property
     def endpoint(self) -> str:
@@ -159,11 +155,10 @@ class Vm:
         return asyncio.run(loop())
 
     def _stalled_before_initramfs(self) -> bool:
-        return (
-            self.relaunched == 0
-            and self.elapsed() > STALL_BEFORE_INITRAMFS
-            and BOOTED_MARK not in self.console.read_bytes()
-        )
+        if self.reached_initramfs or self.relaunched or self.elapsed() <= STALL_BEFORE_INITRAMFS:
+            return False
+        self.reached_initramfs = BOOTED_MARK in self.console.read_bytes()
+        return not self.reached_initramfs
 
     def _power_cycle(self) -> None:
         """Kill QEMU and start it again on the same disk and port, the console appended."""
@@ -175,17 +170,23 @@ class Vm:
         print(note.strip(), self.console, flush=True)
         with self.console.open("ab") as log:
             log.write(note.encode())
-            log.flush()
-            self.started = time.monotonic()
-            self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
+        self.process, self.started = _launch(self.argv, self.console, append=True)
         self.relaunched += 1
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def _launch(
+    argv: list[str], console: Path, append: bool = False
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Start QEMU with its output to ``console``: the process and when it started."""
+    with console.open("ab" if append else "wb") as log:
+        started = time.monotonic()
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    return process, started
 
 
 def qga_arguments(socket_path: Path, machine: str = "microvm") -> list[str]:
