@@ -56,7 +56,7 @@ command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
 }
 endef
 
-.PHONY: install system-deps demo test lint typecheck unit vm-smoke vm-test vm-cuts docs docs-check bench bench-boot image image-deps clean
+.PHONY: install system-deps demo test lint typecheck unit fuzz vm-smoke vm-test vm-cuts docs docs-check bench bench-boot image image-deps clean
 
 $(STAMP): pyproject.toml image.lock scripts/lock_constraints.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
@@ -125,6 +125,13 @@ typecheck: install
 
 unit: install
 	$(BIN)/pytest -q -m "not vm" $(PYTEST_ARGS)
+
+# The outside-facing parsers under hypothesis, FUZZ_EXAMPLES inputs each (make test runs
+# the same targets with a short budget: tests/fuzz/conftest.py).
+FUZZ_EXAMPLES ?= 10000
+fuzz: install
+	BASALT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
+	  --hypothesis-show-statistics tests/fuzz $(PYTEST_ARGS)
 
 test: lint typecheck docs-check unit vm-smoke
 
