@@ -4,6 +4,7 @@ probe's decision, process ownership, the guestfwd relay and the CLI's refusals."
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -641,3 +642,94 @@ def test_runner_gives_up_on_a_guest_that_never_reaches_its_initramfs(tmp_path: P
     assert runs.read_text() == "x" * qemu_runner.MAX_STALLS
     assert console.read_text().count("power cycle") == qemu_runner.MAX_STALLS - 1
     assert f"{qemu_runner.MAX_STALLS} boots in a row; giving up" in console.read_text()
+
+
+def test_runner_powers_off_and_ends_when_its_parent_ends(tmp_path: Path) -> None:
+    """A runner given --parent ends, and takes its QEMU with it, once that process ends:
+    a killed test run leaves no VM behind."""
+    import signal
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    pidfile, console = tmp_path / "qemu.pid", tmp_path / "console.log"
+    guest = (
+        "import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); "
+        "print('basalt-init: started', flush=True); time.sleep(120)"
+    )
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "basalt.provision.qemu_runner",
+            "--console",
+            str(console),
+            "--parent",
+            str(owner.pid),
+            "--",
+            sys.executable,
+            "-c",
+            guest,
+            str(pidfile),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        guest_pid = int(pidfile.read_text())
+        owner.kill()
+        owner.wait()
+        runner.wait(timeout=10)  # it ends (with QEMU's code)
+        assert "that owns this VM has ended; powering off" in console.read_text()
+        with pytest.raises(ProcessLookupError):
+            os.kill(guest_pid, 0)
+    finally:
+        for process in (owner, runner):
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+
+
+def test_qemu_dies_with_a_killed_runner(tmp_path: Path) -> None:
+    """SIGKILL of the runner (no handler runs) still ends its QEMU: PR_SET_PDEATHSIG."""
+    pidfile, console = tmp_path / "qemu.pid", tmp_path / "console.log"
+    guest = (
+        "import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); "
+        "time.sleep(120)"
+    )
+    qemu_argv = [sys.executable, "-c", guest, str(pidfile)]
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "basalt.provision.qemu_runner",
+            "--console",
+            str(console),
+            "--",
+            *qemu_argv,
+        ]
+    )
+    deadline = time.monotonic() + 20
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    guest_pid = int(pidfile.read_text())
+    runner.kill()
+    runner.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(guest_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(guest_pid, 9)
+        pytest.fail("QEMU outlived its killed runner")
+
+
+def test_runner_command_passes_the_harness_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = NodeRecord(name="n", type="controlplane", address="127.0.0.11", node_dir="/tmp/n")
+    monkeypatch.delenv(qemu.PARENT_ENV, raising=False)
+    assert "--parent" not in qemu.runner_command(["qemu"], node)
+    monkeypatch.setenv(qemu.PARENT_ENV, "4242")
+    argv = qemu.runner_command(["qemu"], node)
+    assert argv[argv.index("--parent") + 1] == "4242"

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -28,6 +31,24 @@ class Timings:
     def record(self, name: str, seconds: float) -> None:
         self.values[name] = round(seconds, 2)
         print(f"\n[vm timing] {name}: {seconds:.1f} s")
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def owned_vms() -> Iterator[None]:
+    """VMs die with this run: SIGTERM tears the fixtures (and their QEMUs) down as ^C
+    does, and the provisioner's QEMU runners are told this process is their owner
+    (they power off and end when it is gone, even after a SIGKILL)."""
+    from basalt.provision.qemu_runner import PARENT_ENV
+
+    os.environ[PARENT_ENV] = str(os.getpid())
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+    os.environ.pop(PARENT_ENV, None)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from basalt.imager.qemu import direct_kernel_command, free_port
-from basalt.provision.qemu_runner import BOOTED_MARK
+from basalt.provision.qemu_runner import BOOTED_MARK, die_with_runner
 
 T = TypeVar("T")
 
@@ -185,7 +185,13 @@ def _launch(
     """Start QEMU with its output to ``console``: the process and when it started."""
     with console.open("ab" if append else "wb") as log:
         started = time.monotonic()
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            preexec_fn=die_with_runner,  # noqa: PLW1509 (started from the main thread)
+        )
     return process, started
 
 

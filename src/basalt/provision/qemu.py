@@ -52,6 +52,7 @@ from basalt.machinery.fileio import write_atomic
 from . import bridge, common
 from .common import BringUp, Progress, ProvisionError, alive, write_cluster_inputs
 from .process import ClusterRequest
+from .qemu_runner import PARENT_ENV
 from .state import ClusterRecord, NodeRecord
 
 QEMU = "qemu-system-x86_64"
@@ -348,7 +349,9 @@ def cpu_model(accel: str) -> str:
 def runner_command(argv: list[str], node: NodeRecord, python: str = sys.executable) -> list[str]:
     """QEMU under :mod:`basalt.provision.qemu_runner`: started again on a guest reboot."""
     console = str(Path(node.node_dir) / "console.log")
-    return [python, "-m", RUNNER, "--console", console, "--", *argv]
+    parent = os.environ.get(PARENT_ENV, "")
+    owner = ["--parent", parent] if parent.isdigit() else []
+    return [python, "-m", RUNNER, "--console", console, *owner, "--", *argv]
 
 
 # -- KVM ---------------------------------------------------------------------------------------

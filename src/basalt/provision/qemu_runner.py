@@ -13,12 +13,19 @@ initramfs line :data:`STALL_SECONDS` after QEMU started is killed and started ag
 power cycle: what a boot does with the disk's boot counters is unchanged); after
 :data:`MAX_STALLS` such cycles in a row the runner gives up and exits 1.
 
-    python -m basalt.provision.qemu_runner --console FILE -- qemu-system-x86_64 ...
+QEMU dies with its runner (``PR_SET_PDEATHSIG``), even when the runner is killed outright.
+A runner started for a test is given ``--parent PID`` (the provisioner passes
+``$BASALT_QEMU_RUNNER_PARENT``): when that process is gone, the runner powers QEMU off and
+ends, so a killed test run leaves no VM power-cycling behind it. A cluster made by
+``basaltctl cluster create`` has no such parent: its runners outlive the command.
+
+    python -m basalt.provision.qemu_runner --console FILE [--parent PID] -- qemu-system-x86_64 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import subprocess
@@ -36,6 +43,38 @@ BOOTED_MARK = b"basalt-init: "
 STALL_SECONDS = 120.0
 #: Stalled boots in a row after which the runner stops trying.
 MAX_STALLS = 3
+#: The environment variable whose PID the provisioner hands to its runners as ``--parent``.
+PARENT_ENV = "BASALT_QEMU_RUNNER_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+#: Resolved before any fork: the child between fork and exec only calls it.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_runner() -> None:
+    """In a child before exec: SIGTERM it (QEMU powers off) when the process that started
+    it dies, whatever killed that process."""
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+class Parent:
+    """A process the runner lives no longer than (a pidfd: immune to PID reuse)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._fd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._fd = None
+
+    def gone(self) -> bool:
+        if self._fd is None:
+            return True
+        import select
+
+        readable, _, _ = select.select([self._fd], [], [], 0)
+        return bool(readable)
 
 
 def printed(console: Path, offset: int, mark: bytes) -> bool:
@@ -79,10 +118,15 @@ class Power:
 
 
 def run(
-    qemu: list[str], console: Path, power: Power | None = None, stall: float = STALL_SECONDS
+    qemu: list[str],
+    console: Path,
+    power: Power | None = None,
+    stall: float = STALL_SECONDS,
+    parent: Parent | None = None,
 ) -> int:
     """QEMU's exit code once it ends without a guest reboot (or ``power`` is stopped);
-    1 when :data:`MAX_STALLS` boots in a row stalled before the initramfs."""
+    1 when :data:`MAX_STALLS` boots in a row stalled before the initramfs. When ``parent``
+    ends, QEMU is powered off as by SIGTERM."""
     power = power or Power()
     boots = stalls = code = 0
     while not power.stopping:
@@ -90,7 +134,13 @@ def run(
         offset = _size(console)
         with console.open("ab") as log:
             started = time.monotonic()
-            child = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            child = subprocess.Popen(
+                qemu,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=die_with_runner,  # noqa: PLW1509 (the runner has no threads)
+            )
         power.child = child
         booted = stalled = False
         while True:
@@ -99,6 +149,9 @@ def run(
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if parent is not None and parent.gone() and not power.stopping:
+                _note(console, f"process {parent.pid} that owns this VM has ended; powering off")
+                power.stop()
             if not booted:
                 booted = printed(console, offset, BOOTED_MARK)
             if not booted and time.monotonic() - started > stall and not power.stopping:
@@ -124,6 +177,7 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="basalt-qemu-runner")
     parser.add_argument("--console", type=Path, required=True)
+    parser.add_argument("--parent", type=int, help="end (and power QEMU off) when PID ends")
     parser.add_argument("qemu", nargs=argparse.REMAINDER, help="the QEMU command (after --)")
     args = parser.parse_args(argv)
     qemu = args.qemu[1:] if args.qemu[:1] == ["--"] else args.qemu
@@ -132,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     power = Power()
     signal.signal(signal.SIGTERM, power.stop)
     signal.signal(signal.SIGINT, power.stop)
-    return run(qemu, args.console, power)
+    parent = Parent(args.parent) if args.parent else None
+    return run(qemu, args.console, power, parent=parent)
 
 
 if __name__ == "__main__":
