@@ -56,7 +56,7 @@ command -v etcd >/dev/null && command -v etcdctl >/dev/null || { \
 }
 endef
 
-.PHONY: install system-deps demo test lint typecheck unit fuzz vm-smoke vm-test vm-cuts docs docs-check bench bench-boot image image-deps clean
+.PHONY: install system-deps demo test lint typecheck unit integration fuzz vm-smoke vm-test vm-cuts docs docs-check bench bench-boot image image-deps clean
 
 $(STAMP): pyproject.toml image.lock scripts/lock_constraints.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
@@ -123,8 +123,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict -p basalt.machinery
 
+# Lanes: `unit` is the fast one (pure tests and the fuzz targets' short budget, under two
+# minutes on 2 cores); `integration` starts real processes (etcd, containerd, nodes).
 unit: install
-	$(BIN)/pytest -q -m "not vm" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not vm" tests/unit tests/fuzz $(PYTEST_ARGS)
+
+integration: install
+	$(BIN)/pytest -q -m "not vm" tests/integration $(PYTEST_ARGS)
 
 # The outside-facing parsers under hypothesis, FUZZ_EXAMPLES inputs each (make test runs
 # the same targets with a short budget: tests/fuzz/conftest.py).
@@ -133,7 +138,7 @@ fuzz: install
 	BASALT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
 	  --hypothesis-show-statistics tests/fuzz $(PYTEST_ARGS)
 
-test: lint typecheck docs-check unit vm-smoke
+test: lint typecheck docs-check unit integration vm-smoke
 
 docs: install
 	$(BIN)/python -m basalt.machinery.config.reference
