@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from basalt.imager import cpio, elf, init, kmod
+from basalt.imager import cpio, init, kmod
 from basalt.imager import lock as lockfile
 from basalt.imager.errors import ImageBuildError, ImageLockError
 from basalt.imager.pipeline import executables
 from basalt.imager.stage import Cache, Stage
+from basalt.machinery import elf
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,17 @@ def test_module_info_reads_modinfo(tmp_path: Path) -> None:
             {".text": b"\x90" * 8, ".modinfo": b"name=virtio_net\0depends=virtio,net_failover\0"}
         )
     )
-    assert elf.module_info(ko) == {"name": "virtio_net", "depends": "virtio,net_failover"}
+    assert elf.modinfo(ko.read_bytes()) == {
+        "name": ["virtio_net"],
+        "depends": ["virtio,net_failover"],
+    }
 
 
 def test_read_elf_of_this_interpreter() -> None:
     info = elf.read_elf(Path(sys.executable).resolve())
     assert info.is_program and info.interpreter and info.interpreter.startswith("/lib")
     with pytest.raises(elf.ElfFormatError):
-        elf._read(b"not an elf at all" * 8)
+        elf._dynamic(b"not an elf at all" * 8)
 
 
 def test_module_load_order_puts_dependencies_first() -> None:
@@ -301,8 +305,8 @@ def test_a_bad_signing_key_stops_the_build_before_any_work(tmp_path: Path) -> No
 def test_unstripped_wheel_modules_lose_their_symbol_tables_only(tmp_path: Path) -> None:
     import yaml._yaml
 
-    from basalt.imager.elf import section
     from basalt.imager.rootfs import _strip
+    from basalt.machinery.elf import section
 
     original = Path(yaml._yaml.__file__)
     if section(original.read_bytes(), ".symtab") is None:

@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .elf import module_info
+from basalt.machinery.elf import modinfo, module_name
+
 from .errors import ImageBuildError
 
-
-def module_name(filename: str) -> str:
-    """``virtio-rng.ko`` -> ``virtio_rng`` (the kernel treats ``-`` and ``_`` alike)."""
-    return filename.removesuffix(".ko").replace("-", "_")
+__all__ = ["index", "load_order", "module_name", "resolve"]
 
 
 def index(modules_dir: Path) -> dict[str, Path]:
@@ -58,7 +56,7 @@ def resolve(modules_dir: Path, wanted: Iterable[str]) -> list[tuple[str, Path]]:
     found = index(modules_dir)
 
     def depends(name: str) -> list[str]:
-        value = module_info(modules_dir / found[name]).get("depends", "")
-        return [module_name(dep) for dep in value.split(",") if dep]
+        values = modinfo((modules_dir / found[name]).read_bytes()).get("depends", [])
+        return [module_name(dep) for value in values for dep in value.split(",") if dep]
 
     return [(name, found[name]) for name in load_order(wanted, depends, set(found))]

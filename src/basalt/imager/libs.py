@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .elf import ElfInfo, is_elf, read_elf
+from basalt.machinery.elf import ElfInfo, is_elf, read_elf
+
 from .packages import copy_file
 
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib")

@@ -17,13 +17,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import basalt
+from basalt.machinery.elf import ElfFormatError, is_elf, read_elf
 from basalt.machinery.images import INITRAMFS, KERNEL, ROOTFS, create_bundle, key_id
 from basalt.machinery.schematic import EMPTY, Schematic
 
 from . import lock as lockfile
 from .boot import Boot
 from .disk import DISK_FILES, Disk
-from .elf import ElfFormatError, is_elf, read_elf
 from .errors import ImageError
 from .extensions import Extension, extension_stages, schematic_json
 from .packages import FetchDebs, FetchWheels, Unpack

@@ -23,9 +23,9 @@ from basalt.machined.platform.metal import (
     IMAGE_MOUNT_DIRECTORIES,
     IMAGE_MOUNT_FILES,
 )
+from basalt.machinery.elf import read_elf, section
 
 from . import kmod, libs
-from .elf import read_elf, section
 from .errors import ImageBuildError
 from .lock import WHEEL_TAG_ARGS
 from .packages import FetchWheels, Unpack, copy_file, run_interpreter

@@ -15,7 +15,31 @@ import socket
 import struct
 from pathlib import Path
 
-from .netlink import IFF_LOOPBACK, IFF_UP, Link, NetlinkError
+from .netlink import Link, NetlinkError
+from .rtnl import (
+    IFA_ADDRESS,
+    IFA_BROADCAST,
+    IFA_CACHEINFO,
+    IFA_LOCAL,
+    IFF_LOOPBACK,
+    IFF_UP,
+    NETLINK_ROUTE,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    RT_SCOPE_LINK,
+    RT_SCOPE_UNIVERSE,
+    RT_TABLE_MAIN,
+    RTA_DST,
+    RTA_GATEWAY,
+    RTA_OIF,
+    RTA_PRIORITY,
+    RTM_NEWADDR,
+    RTM_NEWROUTE,
+    RTN_UNICAST,
+)
 
 __all__ = [
     "SYS_CLASS_NET",
@@ -104,19 +128,6 @@ def set_up(name: str) -> None:
 # routes), so the address is on the link before pyroute2 is imported; the same
 # "replace" semantics as netlink.add_address and netlink.replace_route.
 
-NETLINK_ROUTE = 0
-RTM_NEWADDR = 20
-RTM_NEWROUTE = 24
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_REPLACE = 0x100
-NLM_F_CREATE = 0x400
-IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_CACHEINFO = 1, 2, 4, 6
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY = 1, 4, 5, 6
-RT_TABLE_MAIN = 254
-RTN_UNICAST = 1
-RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 _NLMSGHDR = struct.Struct("=IHHII")
 
 

@@ -12,10 +12,10 @@ import ctypes
 import errno
 import os
 import platform
-import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from basalt.machinery.elf import ElfFormatError, modinfo, module_name
 from basalt.machinery.errors import BasaltError
 
 from ._libc import check, libc
@@ -40,56 +40,12 @@ class KernelModuleError(BasaltError):
     """A kernel module could not be found, read or loaded; the message names it."""
 
 
-def module_name(filename: str) -> str:
-    """``"virtio-rng.ko"`` -> ``"virtio_rng"``: the kernel treats - and _ alike."""
-    base = filename.rsplit("/", 1)[-1]
-    if base.endswith(".ko"):
-        base = base[:-3]
-    return base.replace("-", "_")
-
-
-def _sections(elf: bytes) -> dict[str, bytes]:
-    """Section name -> contents, for 32- and 64-bit ELF of either byte order."""
-    if elf[:4] != b"\x7fELF" or len(elf) < 52:
-        raise ValueError("not an ELF file")
-    wide = elf[4] == 2
-    order = "<" if elf[5] == 1 else ">"
-    if wide:
-        (shoff,) = struct.unpack_from(order + "Q", elf, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", elf, 0x3A)
-        layout = order + "IIQQQQIIQQ"
-    else:
-        (shoff,) = struct.unpack_from(order + "I", elf, 0x20)
-        shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", elf, 0x2E)
-        layout = order + "IIIIIIIIII"
-    if shoff == 0 or shnum == 0 or shoff + shnum * shentsize > len(elf):
-        raise ValueError("ELF section table is missing or truncated")
-    headers = [struct.unpack_from(layout, elf, shoff + i * shentsize) for i in range(shnum)]
-    if shstrndx >= shnum:
-        raise ValueError("ELF section name table is missing")
-    names_at, names_size = headers[shstrndx][4], headers[shstrndx][5]
-    names = elf[names_at : names_at + names_size]
-    found = {}
-    for header in headers:
-        name_offset, offset, size = header[0], header[4], header[5]
-        end = names.find(b"\0", name_offset)
-        name = names[name_offset : end if end >= 0 else len(names)].decode(errors="replace")
-        found[name] = elf[offset : offset + size]
-    return found
-
-
 def parse_modinfo(elf: bytes) -> dict[str, list[str]]:
     """The ``.modinfo`` section of a module: ``{"depends": ["a,b"], "parm": [...], ...}``."""
     try:
-        section = _sections(elf).get(".modinfo", b"")
-    except (ValueError, struct.error) as exc:
+        return modinfo(elf)
+    except ElfFormatError as exc:
         raise KernelModuleError(f"not a kernel module: {exc}") from None
-    info: dict[str, list[str]] = {}
-    for entry in section.split(b"\0"):
-        key, sep, value = entry.decode(errors="replace").partition("=")
-        if sep:
-            info.setdefault(key, []).append(value)
-    return info
 
 
 def dependencies(info: dict[str, list[str]]) -> list[str]:

@@ -20,6 +20,19 @@ from typing import Any, TypeVar
 
 from basalt.machinery.errors import BasaltError
 
+from .rtnl import (
+    IFA_F_PERMANENT,
+    IFF_LOOPBACK,
+    IFF_LOWER_UP,
+    IFF_UP,
+    INFINITY_LIFE,
+    PROTO_DHCP,
+    PROTO_STATIC,
+    RT_SCOPE_LINK,
+    RT_SCOPE_UNIVERSE,
+    RT_TABLE_MAIN,
+)
+
 __all__ = [
     "PROTO_DHCP",
     "PROTO_STATIC",
@@ -39,18 +52,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-IFF_UP = 0x1
-IFF_LOOPBACK = 0x8
-IFF_LOWER_UP = 0x10000
-IFA_F_PERMANENT = 0x80
-RT_TABLE_MAIN = 254
-RT_SCOPE_UNIVERSE = 0
-RT_SCOPE_LINK = 253
-#: Route protocols (who installed a route): ``ip route`` shows them as "proto static|dhcp".
-PROTO_STATIC = 4
-PROTO_DHCP = 16
-#: The kernel's "forever" address lifetime.
-INFINITY_LIFE = 0xFFFFFFFF
 
 _lock: asyncio.Lock | None = None
 _lock_loop: asyncio.AbstractEventLoop | None = None
