@@ -18,7 +18,7 @@ import pytest
 
 from basalt.cli.main import main
 from basalt.machinery.config import HostnameConfig, MachineConfig, load_bundle
-from basalt.provision import backend, common, qemu
+from basalt.provision import backend, bridge, common, qemu, qemu_network
 from basalt.provision.process import ClusterRequest
 from basalt.provision.relay import relay
 from basalt.provision.state import ClusterRecord, NodeRecord
@@ -193,7 +193,7 @@ def test_relay_command_survives_qemu_and_glib_parsing(tmp_path: Path) -> None:
         "127.0.0.11",
         "50001",
     ]
-    assert qemu._qemu_value(command).count(",,") == 1
+    assert qemu_network.qemu_value(command).count(",,") == 1
 
 
 def test_extra_guest_forwards_reach_host_loopback_servers(
@@ -562,7 +562,7 @@ def test_backend_names_the_provisioners() -> None:
 def test_bridge_network_takes_several_control_planes_and_runs_qemu_in_the_namespace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(qemu.bridge, "available", lambda: None)
+    monkeypatch.setattr(bridge, "available", lambda: None)
     nodes = qemu.plan_nodes(request(controlplanes=3, workers=0), tmp_path, "bridge")
     assert [n.type for n in nodes] == ["controlplane"] * 3
     image = qemu.Image(
@@ -577,7 +577,7 @@ def test_bridge_network_takes_several_control_planes_and_runs_qemu_in_the_namesp
 def test_network_mode_falls_back_to_user_without_root_and_refuses_bridge(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(qemu.bridge, "available", lambda: "not running as root")
+    monkeypatch.setattr(bridge, "available", lambda: "not running as root")
     assert qemu.network_mode("auto") == (
         "user",
         "user networking: root mode unavailable (not running as root)",

@@ -31,60 +31,127 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import ipaddress
-import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from basalt.machinery.api import API_PORT, TRUST_PORT
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.fileio import write_atomic
 
-from . import bridge, common
+from . import common
 from .common import BringUp, Progress, ProvisionError, alive, write_cluster_inputs
 from .process import ClusterRequest
+from .qemu_argv import (
+    DEFAULT_CMDLINE,
+    DISK_NAME,
+    IMAGE_FILES,
+    OVMF,
+    QEMU,
+    RUNNER,
+    TCG_CPU,
+    Image,
+    VmOptions,
+    cpu_model,
+    qemu_command,
+    runner_command,
+)
+from .qemu_kvm import (
+    ACCELERATORS,
+    KvmProbe,
+    cached_probe,
+    choose_accel,
+    probe_command,
+    probe_kvm,
+)
+from .qemu_network import (
+    BRIDGE_GATEWAY,
+    FORWARDED_PORTS,
+    GUEST_DNS,
+    GUEST_GATEWAY,
+    GUEST_NETWORK,
+    MAX_NODES,
+    NETWORKS,
+    Forward,
+    check_guest_forwards,
+    cluster_bridge,
+    guest_address,
+    guest_forward,
+    mac_address,
+    netdev,
+    network_mode,
+    peer_forwards,
+    relay_command,
+    start_bridge,
+    stop_bridge,
+)
 from .qemu_runner import PARENT_ENV
 from .state import ClusterRecord, NodeRecord
 
-QEMU = "qemu-system-x86_64"
-#: The virtual network every VM numbers the same way; node i is 10.5.0.(11 + i).
-GUEST_NETWORK = ipaddress.IPv4Network("10.5.0.0/24")
-#: slirp's own addresses: the gateway (the host, unreachable under restrict=on) and DNS.
-GUEST_GATEWAY = "10.5.0.2"
-GUEST_DNS = "10.5.0.3"
-#: Root mode: the bridge's own address in the cluster's namespace (routes nowhere).
-BRIDGE_GATEWAY = "10.5.0.1"
-NETWORKS = ("auto", "user", "bridge")
-GUEST_FIRST_HOST = 11
-MAX_NODES = 254 - GUEST_FIRST_HOST + 1
-#: What a node serves that the host and other nodes may reach.
-FORWARDED_PORTS = (API_PORT, TRUST_PORT)
-#: Kernel arguments of a direct-kernel boot when the image does not say (image.json).
-DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
-IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", "disk.raw")
+# The seams: command lines (qemu_argv), networks (qemu_network), the KVM probe (qemu_kvm);
+# this module is the lifecycle (image, disks, processes, create and destroy) and the
+# provisioner's whole interface.
+__all__ = [
+    "ACCELERATORS",
+    "BRIDGE_GATEWAY",
+    "DEFAULT_CMDLINE",
+    "DISK_NAME",
+    "FORWARDED_PORTS",
+    "GUEST_DNS",
+    "GUEST_GATEWAY",
+    "GUEST_NETWORK",
+    "IMAGE_FILES",
+    "INSTALL_DISK",
+    "MAX_NODES",
+    "NETWORKS",
+    "OVMF",
+    "PARENT_ENV",
+    "QEMU",
+    "RUNNER",
+    "TCG_CPU",
+    "Forward",
+    "Image",
+    "KvmProbe",
+    "VmOptions",
+    "cached_probe",
+    "check_guest_forwards",
+    "choose_accel",
+    "cluster_bridge",
+    "copy_image",
+    "cpu_model",
+    "create",
+    "destroy",
+    "ensure_image",
+    "guest_address",
+    "guest_forward",
+    "is_ours",
+    "mac_address",
+    "machine_running",
+    "make_disk",
+    "netdev",
+    "network_mode",
+    "node_configs",
+    "peer_forwards",
+    "plan_nodes",
+    "probe_command",
+    "probe_kvm",
+    "qemu_command",
+    "relay_command",
+    "relays_of",
+    "runner_command",
+    "start_bridge",
+    "stop_bridge",
+    "stop_nodes",
+]
+
 #: Each node boots from its one virtio disk (a qcow2 over the image's disk.raw) and
 #: installs to it: STATE and EPHEMERAL go into the space beyond the image.
 INSTALL_DISK = "/dev/vda"
-OVMF = Path("/usr/share/ovmf/OVMF.fd")
 QEMU_IMG = "qemu-img"
-#: The node's disk in its directory, and the module that restarts QEMU on guest reboots.
-DISK_NAME = "disk.qcow2"
-RUNNER = "basalt.provision.qemu_runner"
-ACCELERATORS = ("auto", "kvm", "tcg")
-
-PROBE_TIMEOUT = 10.0
-#: The probe boots the image's kernel with no root: it ends in this panic, then
-#: ``panic=-1`` + ``-no-reboot`` end QEMU. Seeing it proves guest code ran under KVM.
-PROBE_PROOF = b"Kernel panic"
 
 
 def default_image_dir() -> Path:
@@ -93,70 +160,6 @@ def default_image_dir() -> Path:
 
 
 # -- plan --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Forward:
-    """A ``guestfwd``: the guest's connections to ``guest:port`` go to ``host:port`` (or
-    to ``host:host_port`` when that is given)."""
-
-    guest: str
-    host: str
-    port: int
-    host_port: int | None = None
-
-    @property
-    def target_port(self) -> int:
-        return self.port if self.host_port is None else self.host_port
-
-
-@dataclass(frozen=True)
-class VmOptions:
-    """What every VM of the cluster gets."""
-
-    memory_mib: int = 512
-    cpus: int = 2
-    image_dir: Path | None = None
-    accel: str = "auto"
-    qemu: str = QEMU
-    #: The node's own disk (sparse): ``install.disk``, for when install-to-disk exists.
-    disk_gib: int = 8
-    #: QEMU start to the maintenance API answering (TCG boots take 15-40 s).
-    boot_timeout: float = 240.0
-    #: user: QEMU user networking (rootless); bridge: one segment in a namespace of the
-    #: cluster's own (root); auto: bridge when root mode works here, else user.
-    network: str = "auto"
-    #: user network only: guest-only addresses forwarded to servers on host loopback
-    #: (an HTTP server with upgrade bundles, say); every node gets them.
-    guest_forwards: tuple[Forward, ...] = ()
-
-
-def network_mode(requested: str) -> tuple[str, str]:
-    """(user | bridge, why)."""
-    if requested not in NETWORKS:
-        raise ProvisionError(f"--network {requested!r}: expected one of {', '.join(NETWORKS)}")
-    unavailable = bridge.available()
-    if requested == "bridge" and unavailable:
-        raise ProvisionError(
-            f"--network bridge: {unavailable}",
-            hint="run as root, or use --network user (rootless, one control plane)",
-        )
-    if requested == "user":
-        return "user", "user networking requested"
-    if unavailable:
-        return "user", f"user networking: root mode unavailable ({unavailable})"
-    return "bridge", "bridge in the cluster's own network namespace"
-
-
-def guest_address(index: int) -> str:
-    if not 0 <= index < MAX_NODES:
-        raise ProvisionError(f"the qemu provisioner numbers at most {MAX_NODES} nodes")
-    return str(GUEST_NETWORK.network_address + GUEST_FIRST_HOST + index)
-
-
-def mac_address(index: int) -> str:
-    """Locally administered, distinct per node of a cluster (52:54:00 is QEMU's prefix)."""
-    return f"52:54:00:ba:5a:{index + 1:02x}"
 
 
 def plan_nodes(request: ClusterRequest, state_dir: Path, network: str = "auto") -> list[NodeRecord]:
@@ -184,298 +187,6 @@ def plan_nodes(request: ClusterRequest, state_dir: Path, network: str = "auto") 
     for index, node in enumerate(nodes):
         node.guest_address = guest_address(index)
     return nodes
-
-
-def peer_forwards(node: NodeRecord, nodes: Sequence[NodeRecord]) -> list[Forward]:
-    """What ``node`` may reach of the others: every API, and control planes' trust port."""
-    forwards = []
-    for peer in nodes:
-        if peer.name == node.name:
-            continue
-        ports = FORWARDED_PORTS if peer.type == "controlplane" else (API_PORT,)
-        forwards += [Forward(peer.guest_address, peer.address, port) for port in ports]
-    return forwards
-
-
-def check_guest_forwards(
-    forwards: Sequence[Forward], nodes: Sequence[NodeRecord], network: str
-) -> None:
-    """Extra guest forwards: user network only, to host loopback only, from a guest
-    address of the virtual network that no node, gateway or DNS uses."""
-    if not forwards:
-        return
-    if network != "user":
-        raise ProvisionError(
-            "guest forwards to host servers work on the user network only",
-            hint="use --network user (the bridge's namespace has no way to host loopback)",
-        )
-    taken = {GUEST_GATEWAY, GUEST_DNS, *(n.guest_address for n in nodes)}
-    for forward in forwards:
-        guest, host = ipaddress.IPv4Address(forward.guest), ipaddress.IPv4Address(forward.host)
-        if not host.is_loopback:
-            raise ProvisionError(f"guest forward to {forward.host}: only loopback is allowed")
-        if guest not in GUEST_NETWORK or forward.guest in taken:
-            raise ProvisionError(
-                f"guest forward from {forward.guest}: pick a free address of {GUEST_NETWORK} "
-                f"(not {', '.join(sorted(taken))})"
-            )
-
-
-@dataclass(frozen=True)
-class Image:
-    kernel: Path
-    initrd: Path
-    root: Path
-    cmdline: str
-    #: The UEFI disk image (GPT: EFI, BASALT-A, BASALT-B, META) each node's disk is over.
-    disk: Path
-
-    @classmethod
-    def from_dir(cls, directory: Path) -> Image:
-        missing = [name for name in IMAGE_FILES if not (directory / name).is_file()]
-        if missing:
-            raise ProvisionError(
-                f"{directory} is not a built image: {', '.join(missing)} missing",
-                hint="build one with 'python -m basalt.imager build --out DIR'",
-            )
-        cmdline = DEFAULT_CMDLINE
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            cmdline = json.loads((directory / "image.json").read_text()).get("cmdline") or cmdline
-        return cls(
-            directory / "vmlinuz",
-            directory / "initrd.img",
-            directory / "root.sqfs",
-            cmdline,
-            directory / "disk.raw",
-        )
-
-
-def _qemu_value(text: str) -> str:
-    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
-    return text.replace(",", ",,")
-
-
-def relay_command(state_dir: Path, forward: Forward, python: str = sys.executable) -> str:
-    """The ``cmd:`` of a ``guestfwd``: parsed by GLib's shell-like parser, not by a shell."""
-    argv = [python, "-m", "basalt.provision.relay", "--cluster", str(state_dir)]
-    return shlex.join([*argv, forward.host, str(forward.target_port)])
-
-
-def guest_forward(forward: Forward, state_dir: Path, python: str = sys.executable) -> str:
-    """The ``-netdev user`` option of one forward, through :mod:`basalt.provision.relay`.
-
-    Not QEMU's ``guestfwd=...-tcp:HOST:PORT`` (a socket chardev): QEMU opens that one
-    connection when it starts (and does not start when nothing listens), and every guest
-    connection shares it. A ``cmd:`` runs once per guest connection, so each gets a
-    connection of its own, made when the guest connects."""
-    command = _qemu_value(relay_command(state_dir, forward, python))
-    return f"guestfwd=tcp:{forward.guest}:{forward.port}-cmd:{command}"
-
-
-def netdev(
-    node: NodeRecord,
-    nodes: Sequence[NodeRecord],
-    state_dir: Path,
-    network: str = "user",
-    extra: Sequence[Forward] = (),
-) -> str:
-    """``-netdev`` of one node. bridge: its tap in the cluster's namespace. user: its
-    private NAT, its forwards (to its peers, and ``extra``), nothing else."""
-    if network == "bridge":
-        index = [n.name for n in nodes].index(node.name)
-        return f"tap,id=n0,ifname={bridge.BridgeNetwork.tap(index)},script=no,downscript=no"
-    parts = [
-        "user",
-        "id=n0",
-        "ipv6=off",
-        f"net={GUEST_NETWORK}",
-        f"host={GUEST_GATEWAY}",
-        f"dns={GUEST_DNS}",
-        f"dhcpstart={node.guest_address}",
-        "restrict=on",
-    ]
-    parts += [
-        f"hostfwd=tcp:{node.address}:{port}-{node.guest_address}:{port}" for port in FORWARDED_PORTS
-    ]
-    parts += [guest_forward(f, state_dir) for f in (*peer_forwards(node, nodes), *extra)]
-    return ",".join(parts)
-
-
-def qemu_command(
-    node: NodeRecord,
-    nodes: Sequence[NodeRecord],
-    image: Image,
-    options: VmOptions,
-    accel: str,
-    state_dir: Path,
-    network: str = "user",
-) -> list[str]:
-    """The whole QEMU command line of one node (q35 + OVMF, its disk through systemd-boot).
-
-    bridge: QEMU runs inside the cluster's namespace (``ip netns exec`` execs it, so the
-    pid is QEMU's), where its tap is."""
-    index = [n.name for n in nodes].index(node.name)
-    node_dir = Path(node.node_dir)
-    prefix = (
-        bridge.BridgeNetwork.for_cluster(state_dir, GUEST_NETWORK, BRIDGE_GATEWAY).exec_prefix()
-        if network == "bridge"
-        else []
-    )
-    argv = [*prefix, options.qemu, "-name", _qemu_value(node.name), "-accel", accel]
-    argv += ["-m", str(options.memory_mib), "-smp", str(options.cpus), "-cpu", cpu_model(accel)]
-    argv += ["-nographic", "-no-reboot", "-pidfile", str(node_dir / "qemu.pid")]
-    argv += ["-M", "q35", "-bios", str(OVMF), "-vga", "none"]
-    disk = _qemu_value(str(node_dir / DISK_NAME))
-    argv += ["-drive", f"id=disk,file={disk},format=qcow2,if=none,discard=unmap"]
-    argv += ["-device", "virtio-blk-pci,drive=disk,bootindex=0"]
-    argv += ["-netdev", netdev(node, nodes, state_dir, network, options.guest_forwards)]
-    argv += ["-device", f"virtio-net-pci,netdev=n0,mac={mac_address(index)},romfile="]
-    argv += ["-device", "virtio-rng-pci"]
-    return argv
-
-
-#: The guest CPU under TCG: everything QEMU emulates but AVX2. QEMU 7.2 emulates AVX2
-#: slowly enough that OpenSSL's AVX2 sha256 takes twice as long as its AVX path (qemu-user,
-#: 16 MiB: 655 ms with AVX2, 345 ms without); hashing an upgrade bundle and TLS are most
-#: of what an upgrade costs the guest. Debian's binaries need no AVX2.
-TCG_CPU = "max,-avx2"
-
-
-def cpu_model(accel: str) -> str:
-    """``-cpu`` for ``accel``: the host's CPU under KVM, :data:`TCG_CPU` under TCG."""
-    return "max" if accel == "kvm" else TCG_CPU
-
-
-def runner_command(argv: list[str], node: NodeRecord, python: str = sys.executable) -> list[str]:
-    """QEMU under :mod:`basalt.provision.qemu_runner`: started again on a guest reboot."""
-    console = str(Path(node.node_dir) / "console.log")
-    parent = os.environ.get(PARENT_ENV, "")
-    owner = ["--parent", parent] if parent.isdigit() else []
-    return [python, "-m", RUNNER, "--console", console, *owner, "--", *argv]
-
-
-# -- KVM ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KvmProbe:
-    usable: bool
-    reason: str
-
-
-def probe_command(qemu: str, kernel: Path) -> list[str]:
-    """A KVM guest that boots the image's kernel without a root: it must panic and end."""
-    return [
-        qemu,
-        "-accel",
-        "kvm",
-        "-M",
-        "microvm,x-option-roms=off,rtc=on,isa-serial=on",
-        "-cpu",
-        "max",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-append",
-        "console=ttyS0 panic=-1 tsc_early_khz=2000000 no_timer_check",
-    ]
-
-
-def probe_kvm(
-    qemu: str, kernel: Path, *, timeout: float = PROBE_TIMEOUT, device: Path = Path("/dev/kvm")
-) -> KvmProbe:
-    """Whether a KVM guest really runs here, found out in a child QEMU with a deadline.
-
-    On some hosts ``/dev/kvm`` exists and opens, and the guest then hangs forever: only a
-    guest that boots its kernel within ``timeout`` counts.
-    """
-    if not device.exists():
-        return KvmProbe(False, f"{device} does not exist")
-    if not os.access(device, os.R_OK | os.W_OK):
-        return KvmProbe(False, f"{device} is not readable and writable by this user")
-    try:
-        child = subprocess.Popen(
-            probe_command(qemu, kernel),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        return KvmProbe(False, f"cannot run {qemu}: {exc}")
-    try:
-        output, _ = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.communicate(timeout=5)
-        return KvmProbe(False, f"a KVM guest did not boot within {timeout:g}s (KVM hangs here)")
-    if child.returncode == 0 and PROBE_PROOF in output:
-        return KvmProbe(True, "a KVM guest booted its kernel")
-    last = output.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-    return KvmProbe(False, f"a KVM guest failed (exit {child.returncode}): {last[0][:200]}")
-
-
-def _probe_key(qemu: str, kernel: Path) -> str:
-    """Same boot of this host, same QEMU binary, same kernel: the same answer."""
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = "unknown"
-    binary = shutil.which(qemu) or qemu
-    facts = [boot_id, binary]
-    for path in (Path(binary), kernel):
-        with contextlib.suppress(OSError):
-            stat = path.stat()
-            facts += [str(stat.st_size), str(stat.st_mtime_ns)]
-    return hashlib.sha256("\0".join(facts).encode()).hexdigest()
-
-
-def cached_probe(
-    cache: Path | None, qemu: str, kernel: Path, probe: Callable[[], KvmProbe]
-) -> KvmProbe:
-    """``probe()``, remembered in ``cache`` until the host reboots or QEMU changes."""
-    key = _probe_key(qemu, kernel)
-    if cache is not None:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            data = json.loads(cache.read_text())
-            if data["key"] == key:
-                return KvmProbe(bool(data["usable"]), str(data["reason"]) + " (cached)")
-    result = probe()
-    if cache is not None:
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            payload = {"key": key, "usable": result.usable, "reason": result.reason}
-            write_atomic(cache, json.dumps(payload) + "\n")
-    return result
-
-
-def choose_accel(requested: str, probe: Callable[[], KvmProbe]) -> tuple[str, str]:
-    """(accelerator, why): TCG unless KVM was asked for or a probe shows it works."""
-    if requested not in ACCELERATORS:
-        raise ProvisionError(f"--accel {requested!r}: expected one of {', '.join(ACCELERATORS)}")
-    if requested == "tcg":
-        return "tcg", "TCG requested"
-    result = probe()
-    if requested == "kvm":
-        if not result.usable:
-            raise ProvisionError(
-                f"--accel kvm: KVM does not work here: {result.reason}",
-                hint="use --accel tcg (or auto, which falls back to TCG)",
-            )
-        return "kvm", result.reason
-    return ("kvm", result.reason) if result.usable else ("tcg", result.reason)
 
 
 # -- image -------------------------------------------------------------------------------------
@@ -753,38 +464,6 @@ async def create(
             exc.hint = common.failure_hint(state_dir)
         raise
     return record
-
-
-def cluster_bridge(state_dir: Path) -> bridge.BridgeNetwork:
-    return bridge.BridgeNetwork.for_cluster(state_dir, GUEST_NETWORK, BRIDGE_GATEWAY)
-
-
-def start_bridge(record: ClusterRecord, nodes: Sequence[NodeRecord]) -> None:
-    """Root mode: the namespace with its bridge and taps, DHCP, and the host forwarder."""
-    state_dir = Path(record.state_dir)
-    net = cluster_bridge(state_dir)
-    bridge.create(net, len(nodes))
-    record.options["netns"] = net.netns
-    record.save()
-    leases = [bridge.Lease(mac_address(i), n.guest_address, n.name) for i, n in enumerate(nodes)]
-    record.options["dnsmasq_pid"] = bridge.start_dhcp(net, leases, state_dir)
-    forwards = [
-        (node.address, port, node.guest_address, port)
-        for node in nodes
-        for port in (FORWARDED_PORTS if node.type == "controlplane" else (API_PORT,))
-    ]
-    record.options["forwarder_pid"] = bridge.start_forwarder(net, state_dir, forwards)
-    record.save()
-
-
-def stop_bridge(record: ClusterRecord) -> None:
-    marker = record.state_dir.encode()
-    for key in ("dnsmasq_pid", "forwarder_pid"):
-        pid = record.options.get(key)
-        if isinstance(pid, int):
-            bridge.stop_pid(pid, marker)
-    if record.options.get("netns"):
-        bridge.delete(cluster_bridge(Path(record.state_dir)))
 
 
 async def stop_nodes(record: ClusterRecord, timeout: float = 10.0) -> list[str]:
