@@ -175,7 +175,8 @@ async def in_process(config: Path, calls: int, node: str) -> tuple[list[float], 
         context.endpoints[0], ca=context.ca, crt=context.crt, key=context.key, nodes=[node]
     )
     try:
-        direct, targeted = [], []
+        direct: list[float] = []
+        targeted: list[float] = []
         for samples, metadata in ((direct, ()), (targeted, client.metadata())):
             await client.machine.Version(common_pb2.Empty(), metadata=metadata)  # warm
             for _ in range(calls):

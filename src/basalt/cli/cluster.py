@@ -6,11 +6,15 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ._common import info, options
+
+if TYPE_CHECKING:
+    from rich.live import Live
+    from rich.table import Table
 
 app = typer.Typer(help="Create, show and destroy local clusters.", no_args_is_help=True)
 
@@ -44,14 +48,14 @@ class _ProgressView:
     def __init__(self, names: list[str]) -> None:
         self.stages = dict.fromkeys(names, "planned")
         self.started = time.monotonic()
-        self.live = None
+        self.live: Live | None = None
         if sys.stderr.isatty():
             from rich.console import Console
             from rich.live import Live
 
             self.live = Live(self._render(), console=Console(stderr=True), refresh_per_second=8)
 
-    def _render(self) -> object:
+    def _render(self) -> Table:
         from rich.table import Table
 
         table = Table(title="basalt cluster", box=None)

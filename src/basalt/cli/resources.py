@@ -117,11 +117,13 @@ def get(
             )
             if output is Output.table:
                 print("\t".join(printer.header()), flush=True)
-            async for item in client.resources.Watch(request, metadata=md):
-                if item.metadata.error:
-                    failures.report(item.metadata.node, item.metadata.error, item.metadata.code)
-                elif item.event != resource_pb2.BOOTSTRAPPED:
-                    printer.add(item.metadata.node, item.resource, events[item.event])
+            async for change in client.resources.Watch(request, metadata=md):
+                if change.metadata.error:
+                    failures.report(
+                        change.metadata.node, change.metadata.error, change.metadata.code
+                    )
+                elif change.event != resource_pb2.BOOTSTRAPPED:
+                    printer.add(change.metadata.node, change.resource, events[change.event])
             return
         if resource_id:
             answer = await client.resources.Get(
@@ -132,8 +134,8 @@ def get(
             for got in failures.keep(answer.messages):
                 printer.add(got.metadata.node, got.resource)
         else:
-            request = resource_pb2.ResourceListRequest(type=definition.type)
-            async for item in client.resources.List(request, metadata=md, timeout=30):
+            listing = resource_pb2.ResourceListRequest(type=definition.type)
+            async for item in client.resources.List(listing, metadata=md, timeout=30):
                 if item.metadata.error:
                     failures.report(item.metadata.node, item.metadata.error, item.metadata.code)
                 else:

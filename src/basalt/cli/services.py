@@ -73,16 +73,18 @@ def service(
             for item in failures.keep(answer.messages):
                 print(f"{item.metadata.node}: {item.message}")
             return
-        listing = await client.machine.ServiceList(
+        services = await client.machine.ServiceList(
             common_pb2.Empty(), metadata=client.metadata(), timeout=15
         )
-        for item in failures.keep(listing.messages):
-            found = [s for s in item.services if s.id == name]
+        for listed in failures.keep(services.messages):
+            found = [s for s in listed.services if s.id == name]
             if not found:
-                failures.report(item.metadata.node, f"no service {name!r}", 5)
+                failures.report(listed.metadata.node, f"no service {name!r}", 5)
                 continue
             svc = found[0]
-            print(f"NODE     {item.metadata.node}\nID       {svc.id}\nSTATE    {svc.state.upper()}")
+            print(
+                f"NODE     {listed.metadata.node}\nID       {svc.id}\nSTATE    {svc.state.upper()}"
+            )
             print(f"HEALTH   {svc.health}\nPID      {svc.pid or '-'}\nRESTARTS {svc.restarts}")
             print("EVENTS")
             for event in svc.events:

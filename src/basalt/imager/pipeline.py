@@ -279,7 +279,7 @@ def write_bundle(out: Path, pipeline: Pipeline, key: ed25519.Ed25519PrivateKey) 
 def _extension(cache: Cache, stage: Extension) -> dict[str, Any]:
     """An extension as image.json records it: name, version, size, its executables."""
     built = cache.output(stage)
-    described = json.loads((built / "extension.json").read_text())
+    described: dict[str, Any] = json.loads((built / "extension.json").read_text())
     described["executables"] = executables(built / "tree")
     return described
 

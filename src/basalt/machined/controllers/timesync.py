@@ -73,8 +73,9 @@ async def query(
     if not infos:
         raise OSError(f"{server}: no address")
     family, _, _, _, address = infos[0]
+    host, service = str(address[0]), int(address[1])
     transport, protocol = await loop.create_datagram_endpoint(
-        _Exchange, remote_addr=address[:2], family=family
+        _Exchange, remote_addr=(host, service), family=family
     )
     try:
         protocol.clock = clock

@@ -111,7 +111,7 @@ class EtcdManager:
 
     def peer_addresses(self) -> list[str]:
         """Other control planes, from the member list."""
-        found = []
+        found: list[str] = []
         for member in self.node.members.values():
             if member.machine_type == "controlplane" and member.hostname != self.node.hostname:
                 found.extend(a for a in member.addresses if a != self.node.address)
