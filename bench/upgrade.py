@@ -54,8 +54,7 @@ Figures (qemu, 2026-12-03 evening, this 2-core host otherwise idle, load 0.0-0.4
   16.4 s [11.7-21.1]); ``--fetch`` 1.43x (51.2 s [50.6-59.1] against 35.8 s [32.0-43.0];
   the call 16.8 s [14.1-18.3], no faster than an upload). ``--reboot-mode kexec`` (no
   firmware, QEMU not restarted): 2.02x, 1.88x and 1.82x (one run each): loading takes 3 s
-  under TCG and the kexec'd system runs its boot phases up to twice as slowly (ADR 0007,
-  "Reboot by kexec").
+  under TCG and the kexec'd system runs its boot phases up to twice as slowly (ADR 0016).
 - 2026-12-04 morning, after the receive lost a copy and an fsync (the chunk pipe hands
   whole chunks on; the received file is not fsynced: an install reads it back and
   removes it) and with the 0.2.0 bundle packed at the imager's zstd level (76.6 MB both
