@@ -1,0 +1,97 @@
+"""ImageImport's archive reader is bounded before it does the work: a layer listed many
+times is copied once, too many layers / entries are refused, and a compressed archive may
+not unpack to more than MAX_RATIO times its size (or MAX_UNPACKED)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from basalt.machined.containerd import archive
+from tests.fakes.oci import docker_archive_tar, oci_layout_tar
+
+NAME = "example.org/t/hello:1"
+#: A layer of about 1 MiB (random, so gzip keeps it that size).
+BIG = {"/hello": (b"hello\n", 0), "/big": (os.urandom(1 << 20), 0)}
+
+
+def _written(workdir: Path) -> int:
+    return sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
+
+
+def _parse(tmp_path: Path, data: bytes) -> archive.ParsedImage:
+    path = tmp_path / "image.tar"
+    path.write_bytes(data)
+    return archive.parse(path, tmp_path / "work")
+
+
+@pytest.mark.parametrize("make", [oci_layout_tar, docker_archive_tar], ids=["oci", "docker"])
+def test_a_layer_listed_100_times_is_copied_once(tmp_path: Path, make) -> None:
+    image = _parse(tmp_path, make(NAME, BIG, ["/hello"], repeat=100))
+    assert len(image.layers) == 100 and len({layer.path for layer in image.layers}) == 1
+    assert _written(tmp_path / "work") < 3 << 20, "each layer copy is written again"
+
+
+@pytest.mark.parametrize("make", [oci_layout_tar, docker_archive_tar], ids=["oci", "docker"])
+def test_more_layers_than_allowed_are_refused_before_copying(tmp_path: Path, make) -> None:
+    data = make(NAME, BIG, ["/hello"], repeat=archive.MAX_LAYERS + 1)
+    with pytest.raises(archive.ArchiveError, match=f"more than the {archive.MAX_LAYERS}"):
+        _parse(tmp_path, data)
+    assert _written(tmp_path / "work") < 64 << 10
+
+
+def _gzip_of_empty_headers(count: int) -> bytes:
+    out = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as packed,
+        tarfile.open(fileobj=packed, mode="w|", format=tarfile.USTAR_FORMAT) as tar,
+    ):
+        for i in range(count):
+            tar.addfile(tarfile.TarInfo(f"e{i}"))
+    return out.getvalue()
+
+
+def test_an_archive_of_many_empty_entries_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    data = _gzip_of_empty_headers(50_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(archive.ArchiveError, match=f"more than {archive.MAX_ENTRIES} entries"):
+            _parse(tmp_path, data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """A gzip tar of one member of ``size`` zero bytes (and an index.json after it)."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=9) as packed:
+        info = tarfile.TarInfo("blobs/sha256/zeros")
+        info.size = size
+        packed.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+        zeros = bytes(1 << 20)
+        for _ in range(size >> 20):
+            packed.write(zeros)
+        index = tarfile.TarInfo("index.json")
+        packed.write(index.tobuf(format=tarfile.USTAR_FORMAT) + bytes(1024))
+    return out.getvalue()
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
+    data = _gzip_bomb(256 << 20)
+    assert len(data) < 1 << 20
+    with pytest.raises(archive.ArchiveError, match="unpacks to more than"):
+        _parse(tmp_path, data)
+    assert _written(tmp_path / "work") == 0
+
+
+def test_a_compressed_archive_within_the_ratio_is_imported(tmp_path: Path) -> None:
+    data = gzip.compress(oci_layout_tar(NAME, BIG, ["/hello"]), mtime=0)
+    assert _parse(tmp_path, data).name == NAME
