@@ -93,6 +93,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Path:
     other_private, _ = generate_signing_key()
     bundle_from_tree(SRC, out / "unknown-key.tar", "0.2.0", load_signing_key(other_private))
     bundle_from_tree(SRC, out / "aarch64.tar", "0.2.0", key, arch="aarch64")
+    bundle_from_tree(SRC, out / "old.tar", "0.0.1", key)
     _unsigned(out / "v2.tar", out / "unsigned.tar")
     _tampered(out / "v2.tar", out / "tampered.tar")
     for name in ("kernel", "initramfs", "rootfs.squashfs"):
@@ -262,6 +263,25 @@ def test_bad_bundles_are_refused_before_anything_is_written(
     assert not (slots(cluster, worker) / "b").exists()
     assert not list((cluster.node_dir(worker) / "var" / "upgrade").glob("*"))  # upload gone
     assert boot_status(cluster, worker)["slot"] == "a"
+
+
+@pytest.mark.parametrize("how", ["upload", "url", "stage"])
+def test_an_older_bundle_is_refused_unless_the_admin_allows_it(
+    cluster: LiveCluster, bundles: Path, bundle_server: str, how: str
+) -> None:
+    worker = cluster.workers[0]  # runs V1 (0.1.0) in slot a
+    before = snapshot(cluster, worker)
+    if how == "url":
+        error = upload_refused(cluster, worker, None, url=bundle_server + "/old.tar")
+    else:
+        error = upload_refused(cluster, worker, bundles / "old.tar", stage=how == "stage")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    details = error.details() or ""
+    assert f"bundle 0.0.1 is older than the running version {V1}: downgrade refused" in details
+    assert "--allow-downgrade" in details
+    assert snapshot(cluster, worker) == before
+    assert not list((cluster.node_dir(worker) / "var" / "upgrade").glob("*"))
+    assert boot_status(cluster, worker)["version"] == V1
 
 
 URL_REFUSALS = [
@@ -502,3 +522,17 @@ def test_rolling_upgrade_stops_at_the_first_failure(
     assert "signature present check failed" in err
     assert f"rolling upgrade stopped at {worker}; not upgraded: {cp}" in err
     assert boot_status(cluster, cp) == before
+
+
+def test_an_admin_may_downgrade_explicitly(cluster: LiveCluster, bundles: Path) -> None:
+    worker = cluster.workers[0]
+    running = boot_status(cluster, worker)["version"]
+    assert running != "0.0.1"
+    code, out, err = basaltctl(
+        cluster, "upgrade", "-n", worker, "--image", str(bundles / "old.tar"),
+        "--allow-downgrade", "--wait", "--timeout", "90",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"downgrading from {running} to 0.0.1 (allowed by --allow-downgrade)" in err
+    assert f"{worker}: running slot" in out and "(0.0.1); health gates passed" in out
+    assert boot_status(cluster, worker)["version"] == "0.0.1"
