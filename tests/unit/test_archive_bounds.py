@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import tarfile
 import tracemalloc
@@ -95,3 +96,46 @@ def test_a_decompression_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -
 def test_a_compressed_archive_within_the_ratio_is_imported(tmp_path: Path) -> None:
     data = gzip.compress(oci_layout_tar(NAME, BIG, ["/hello"]), mtime=0)
     assert _parse(tmp_path, data).name == NAME
+
+
+def _oci_index(index: object) -> bytes:
+    return _retar(oci_layout_tar(NAME, BIG, ["/hello"]), "index.json", index)
+
+
+def _retar(data: bytes, name: str, value: object) -> bytes:
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(data)) as source,
+        tarfile.open(fileobj=out, mode="w") as target,
+    ):
+        for member in source.getmembers():
+            body = source.extractfile(member)
+            content = body.read() if body else b""
+            if member.name == name:
+                content = json.dumps(value).encode()
+                member.size = len(content)
+            target.addfile(member, io.BytesIO(content))
+    return out.getvalue()
+
+
+NAMED = {archive.NAME_ANNOTATION: NAME}
+# Found by tests/fuzz/test_fuzz_archive.py: each crashed with TypeError/AttributeError/KeyError.
+MALFORMED = [
+    (_oci_index({"manifests": [7]}), "its manifest entry is not a JSON object"),
+    (_oci_index({"manifests": [{"annotations": [1]}]}), "annotations is not an object"),
+    (
+        _oci_index({"manifests": [{"mediaType": [1], "annotations": NAMED}]}),
+        "is not an image manifest",
+    ),
+    (
+        _retar(docker_archive_tar(NAME, BIG, ["/hello"]), "manifest.json",
+               [{"Config": "x.json", "RepoTags": {"a": 1}}]),
+        "RepoTags is not a list",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("data", "message"), MALFORMED, ids=["entry", "annot", "type", "tags"])
+def test_malformed_image_json_is_refused_not_a_crash(tmp_path: Path, data: bytes, message: str):
+    with pytest.raises(archive.ArchiveError, match=message):
+        _parse(tmp_path, data)

@@ -286,39 +286,24 @@ def _parse_oci(tar: _Tar, name: str, arch: str) -> ParsedImage:
             f"image index (index.json): holds {len(manifests)} images; Basalt imports one "
             "image per archive"
         )
-    entry = manifests[0]
-    annotations = entry.get("annotations") or {} if isinstance(entry, dict) else {}
+    entry = _object(manifests[0], "image index (index.json): its manifest entry")
+    annotations = entry.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise ArchiveError("image index (index.json): annotations is not an object")
     if not name:
-        name = annotations.get(NAME_ANNOTATION, "")
+        name = _text(annotations.get(NAME_ANNOTATION))
     if not name:
-        ref = annotations.get(REF_ANNOTATION, "")
+        ref = _text(annotations.get(REF_ANNOTATION))
         name = ref if ("/" in ref or ":" in ref) else ""
     if not name:
         raise ArchiveError(
             "the archive does not name its image (no io.containerd.image.name or full "
             "org.opencontainers.image.ref.name annotation): give a name (--name)"
         )
-    descriptor = entry
-    seen = 0
-    while descriptor.get("mediaType") in INDEX_TYPES:
-        seen += 1
-        if seen > 4:
-            raise ArchiveError("image index: nested more than 4 levels deep")
-        nested = tar.blob(descriptor, "image index")
-        inner = _json(nested.path.read_bytes(), f"image index {nested.digest}")
-        candidates = [
-            m
-            for m in inner.get("manifests", [])
-            if (m.get("platform") or {}).get("os", "linux") == "linux"
-            and (m.get("platform") or {}).get("architecture", arch) == arch
-        ]
-        if not candidates:
-            raise ArchiveError(f"image index {nested.digest}: no manifest for linux/{arch}")
-        descriptor = candidates[0]
-    if descriptor.get("mediaType") not in MANIFEST_TYPES:
-        raise ArchiveError(
-            f"image manifest: media type {descriptor.get('mediaType')!r} is not an image manifest"
-        )
+    descriptor = _platform_manifest(tar, entry, arch)
+    media_type = _text(descriptor.get("mediaType"))
+    if media_type not in MANIFEST_TYPES:
+        raise ArchiveError(f"image manifest: media type {media_type!r} is not an image manifest")
     manifest = tar.blob(descriptor, "image manifest")
     body = _json(manifest.path.read_bytes(), f"image manifest {manifest.digest}")
     if not isinstance(body, dict):
@@ -340,6 +325,44 @@ def _parse_oci(tar: _Tar, name: str, arch: str) -> ParsedImage:
     return ParsedImage(check_name(name), manifest, config, layers, [])
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ArchiveError(f"{what} is not a JSON object")
+    return value
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _platform_manifest(tar: _Tar, descriptor: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Follow nested image indexes (at most 4) to the manifest for linux/``arch``."""
+    seen = 0
+    while _text(descriptor.get("mediaType")) in INDEX_TYPES:
+        seen += 1
+        if seen > 4:
+            raise ArchiveError("image index: nested more than 4 levels deep")
+        nested = tar.blob(descriptor, "image index")
+        what = f"image index {nested.digest}"
+        inner = _object(_json(nested.path.read_bytes(), what), what)
+        listed = inner.get("manifests")
+        if not isinstance(listed, list):
+            raise ArchiveError(f"{what}: manifests is not a list")
+        candidates = []
+        for m in listed:
+            platform = _object(m, f"{what}: an entry").get("platform") or {}
+            platform = _object(platform, f"{what}: a platform")
+            if (
+                platform.get("os", "linux") == "linux"
+                and platform.get("architecture", arch) == arch
+            ):
+                candidates.append(m)
+        if not candidates:
+            raise ArchiveError(f"{what}: no manifest for linux/{arch}")
+        descriptor = candidates[0]
+    return descriptor
+
+
 def _parse_docker(tar: _Tar, name: str) -> ParsedImage:
     entries = tar.read_json("manifest.json", "docker-archive manifest")
     if not isinstance(entries, list) or not entries:
@@ -353,6 +376,8 @@ def _parse_docker(tar: _Tar, name: str) -> ParsedImage:
     if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
         raise ArchiveError("docker-archive manifest (manifest.json): the entry has no Config")
     tags = entry.get("RepoTags") or []
+    if not isinstance(tags, list):
+        raise ArchiveError("docker-archive manifest (manifest.json): RepoTags is not a list")
     if not name and tags:
         name = str(tags[0])
     if not name:
