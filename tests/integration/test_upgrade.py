@@ -96,6 +96,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Path:
     bundle_from_tree(SRC, out / "old.tar", "0.0.1", key)
     _unsigned(out / "v2.tar", out / "unsigned.tar")
     _tampered(out / "v2.tar", out / "tampered.tar")
+    _sparse(out / "v2.tar", out / "sparse.tar")
     for name in ("kernel", "initramfs", "rootfs.squashfs"):
         (out / name).write_bytes(name.encode() * 100)
     metal = {n: out / n for n in ("kernel", "initramfs", "rootfs.squashfs")}
@@ -126,6 +127,23 @@ def _unsigned(source: Path, target: Path) -> None:
         for member in tar.getmembers():
             if member.name != "manifest.sig":
                 out.addfile(member, tar.extractfile(member))
+
+
+def _sparse(source: Path, target: Path) -> None:
+    """v2.tar re-encoded with a GNU sparse header over basalt.tar (one data region, all of
+    it: tarfile reads the same bytes) and code after the archive's end: the shape of the
+    signature bypass through sparse members."""
+    with tarfile.open(source) as tar, target.open("wb") as out:
+        for member in tar.getmembers():
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name == "basalt.tar":
+                member.pax_headers = {
+                    "GNU.sparse.map": f"0,{len(data)}",
+                    "GNU.sparse.size": str(len(data)),
+                }
+            out.write(member.tobuf(format=tarfile.PAX_FORMAT))
+            out.write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
+        out.write(b"import os  # not signed\n" * 64)
 
 
 def _tampered(source: Path, target: Path) -> None:
@@ -247,6 +265,7 @@ REFUSALS = [
     ("aarch64.tar", "architecture check failed: built for aarch64, expected x86_64"),
     ("metal.tar", "payload check failed: basalt.tar: is required here"),
     ("not-a-tar.tar", "format check failed"),
+    ("sparse.tar", "format check failed: refused tar header: a sparse member"),
 ]
 
 
@@ -288,10 +307,13 @@ URL_REFUSALS = [
     ("/missing.tar", grpc.StatusCode.UNAVAILABLE, "HTTP 404 File not found"),
     ("/tampered.tar", grpc.StatusCode.INVALID_ARGUMENT, "payload check failed: basalt.tar"),
     ("/unsigned.tar", grpc.StatusCode.INVALID_ARGUMENT, "signature present check failed"),
+    ("/sparse.tar", grpc.StatusCode.INVALID_ARGUMENT, "refused tar header: a sparse member"),
 ]
 
 
-@pytest.mark.parametrize(("path", "code", "expected"), URL_REFUSALS, ids=["404", "tamp", "unsig"])
+@pytest.mark.parametrize(
+    ("path", "code", "expected"), URL_REFUSALS, ids=["404", "tamp", "unsig", "sparse"]
+)
 def test_bundles_the_node_fetches_are_checked_like_uploads(
     cluster: LiveCluster, bundle_server: str, path: str, code: grpc.StatusCode, expected: str
 ) -> None:
