@@ -2,7 +2,7 @@
 
 Refusal: ArchiveError. Oracle: an accepted archive yields blobs whose files hash to their
 digests and have their sizes, at most MAX_LAYERS layers with one diff id each, and no more
-bytes written than the archive unpacks to.
+bytes written than twice what the archive may unpack to (its tar, once, and the blobs).
 """
 
 from __future__ import annotations
@@ -142,4 +142,5 @@ def test_fuzz_archive_import(data: bytes) -> None:
         content = blob.path.read_bytes()
         assert (len(content), _digest(content)) == (blob.size, blob.digest), blob
     written = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
-    assert written <= archive.unpacked_limit(path) + 4096
+    # A compressed archive is unpacked once to the workdir, then its blobs copied out.
+    assert written <= 2 * archive.unpacked_limit(path) + 4096

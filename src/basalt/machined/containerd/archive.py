@@ -121,14 +121,48 @@ class _BoundedTarInfo(tarfile.TarInfo):
         return process(tar)
 
 
+def _compressed(path: Path) -> bool:
+    with path.open("rb") as raw:
+        return raw.read(6).startswith(_COMPRESSED_MAGIC)
+
+
 def unpacked_limit(path: Path) -> int:
     """How many bytes the archive at ``path`` may unpack to."""
-    with path.open("rb") as raw:
-        magic = raw.read(6)
     size = path.stat().st_size
-    if magic.startswith(_COMPRESSED_MAGIC):
+    if _compressed(path):
         return min(MAX_UNPACKED, max(size, 1024 * 1024) * MAX_RATIO)
     return min(MAX_UNPACKED, size)
+
+
+def _open(path: Path, limit: int) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
+    """The tar at ``path`` and its headers (bounded by :func:`_members`)."""
+    try:
+        tar = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 - the caller closes it
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ArchiveError(f"not a readable tar archive: {exc}") from None
+    try:
+        return tar, _members(tar, limit)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        tar.close()
+        if isinstance(exc, ArchiveError):
+            raise
+        raise ArchiveError(f"not a readable tar archive: {exc}") from None
+
+
+def _decompress(tar: tarfile.TarFile, target: Path, limit: int) -> None:
+    """Write a compressed archive's tar out once (its size was checked by the scan): its
+    blobs are read in the image's order, not the archive's, and every step back in a
+    compressed stream would decompress it again from the start."""
+    source = tar.fileobj
+    assert source is not None
+    source.seek(0)
+    written = 0
+    with target.open("wb") as out:
+        while chunk := source.read(1024 * 1024):
+            written += len(chunk)
+            if written > limit:  # the scan saw the headers only; padding may follow
+                raise ArchiveError(f"the archive unpacks to more than {limit} bytes")
+            out.write(chunk)
 
 
 def _members(tar: tarfile.TarFile, limit: int) -> list[tarfile.TarInfo]:
@@ -153,17 +187,18 @@ def _members(tar: tarfile.TarFile, limit: int) -> list[tarfile.TarInfo]:
 class _Tar:
     def __init__(self, path: Path, workdir: Path) -> None:
         limit = unpacked_limit(path)
-        try:
-            self.tar = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 - closed by parse()
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise ArchiveError(f"not a readable tar archive: {exc}") from None
-        try:
-            members = _members(self.tar, limit)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            self.tar.close()
-            if isinstance(exc, ArchiveError):
-                raise
-            raise ArchiveError(f"not a readable tar archive: {exc}") from None
+        self.tar, members = _open(path, limit)
+        if _compressed(path):
+            unpacked = workdir / "archive.tar"
+            try:
+                _decompress(self.tar, unpacked, limit)
+            except (EOFError, OSError, ValueError) as exc:
+                if isinstance(exc, ArchiveError):
+                    raise
+                raise ArchiveError(f"not a readable compressed archive: {exc}") from None
+            finally:
+                self.tar.close()
+            self.tar, members = _open(unpacked, limit)
         self.members = {
             posixpath.normpath(m.name.lstrip("/")).removeprefix("./"): m
             for m in members
