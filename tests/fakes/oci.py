@@ -109,24 +109,30 @@ def layer_files(programs: dict[str, tuple[bytes, int]]) -> dict[str, tuple[bytes
     }
 
 
-def _config(diff_id: str, cmd: list[str]) -> bytes:
+def _config(diff_id: str, cmd: list[str], repeat: int = 1) -> bytes:
     return _json(
         {
             "architecture": "amd64",
             "os": "linux",
             "config": {"Cmd": cmd, "Env": ["PATH=/"], "WorkingDir": "/"},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id] * repeat},
         }
     )
 
 
 def oci_layout_tar(
-    name: str, programs: dict[str, tuple[bytes, int]], cmd: list[str], *, annotate: bool = True
+    name: str,
+    programs: dict[str, tuple[bytes, int]],
+    cmd: list[str],
+    *,
+    annotate: bool = True,
+    repeat: int = 1,
 ) -> bytes:
-    """An OCI image layout (as a tar) with one gzip layer holding ``programs``."""
+    """An OCI image layout (as a tar) with one gzip layer holding ``programs`` (listed
+    ``repeat`` times in the manifest)."""
     layer = _tar(layer_files(programs))
     compressed = gzip.compress(layer, mtime=0)
-    config = _config(_digest(layer), cmd)
+    config = _config(_digest(layer), cmd, repeat)
     manifest = _json(
         {
             "schemaVersion": 2,
@@ -142,7 +148,8 @@ def oci_layout_tar(
                     "digest": _digest(compressed),
                     "size": len(compressed),
                 }
-            ],
+            ]
+            * repeat,
         }
     )
     entry: dict[str, object] = {
@@ -165,13 +172,16 @@ def oci_layout_tar(
     return _tar(files)
 
 
-def docker_archive_tar(name: str, programs: dict[str, tuple[bytes, int]], cmd: list[str]) -> bytes:
+def docker_archive_tar(
+    name: str, programs: dict[str, tuple[bytes, int]], cmd: list[str], *, repeat: int = 1
+) -> bytes:
     """The same image as ``docker save`` writes it (uncompressed layer, manifest.json)."""
     layer = _tar(layer_files(programs))
-    config = _config(_digest(layer), cmd)
+    config = _config(_digest(layer), cmd, repeat)
     config_name = f"{_digest(config)[7:]}.json"
     layer_name = f"{_digest(layer)[7:]}/layer.tar"
-    manifest = _json([{"Config": config_name, "RepoTags": [name], "Layers": [layer_name]}])
+    layers = [layer_name] * repeat
+    manifest = _json([{"Config": config_name, "RepoTags": [name], "Layers": layers}])
     return _tar(
         {
             "manifest.json": (manifest, 0o644),

@@ -216,18 +216,41 @@ def _corrupt_layer(data: bytes) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("kind", ["garbage", "corrupt-layer", "no-name"])
+def _empty_entries(count: int) -> bytes:
+    """A gzip tar of ``count`` empty files: small, but every header costs memory."""
+    import gzip
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as packed,
+        tarfile.open(fileobj=packed, mode="w|", format=tarfile.USTAR_FORMAT) as tar,
+    ):
+        for i in range(count):
+            tar.addfile(tarfile.TarInfo(f"e{i}"))
+    return out.getvalue()
+
+
+BAD_ARCHIVES = ["garbage", "corrupt-layer", "no-name", "too-many-layers", "too-many-entries"]
+
+
+@pytest.mark.parametrize("kind", BAD_ARCHIVES)
 def test_bad_archives_are_refused_and_import_nothing(cluster: LiveCluster, kind: str) -> None:
     name = f"example.org/basalt/bad-{kind}:1"
     data = {
-        "garbage": b"this is not a tar archive\n" * 100,
-        "corrupt-layer": _corrupt_layer(oci_layout_tar(name, PROGRAMS, ["/hello"])),
-        "no-name": oci_layout_tar(name, PROGRAMS, ["/hello"], annotate=False),
-    }[kind]
+        "garbage": lambda: b"this is not a tar archive\n" * 100,
+        "corrupt-layer": lambda: _corrupt_layer(oci_layout_tar(name, PROGRAMS, ["/hello"])),
+        "no-name": lambda: oci_layout_tar(name, PROGRAMS, ["/hello"], annotate=False),
+        "too-many-layers": lambda: oci_layout_tar(name, PROGRAMS, ["/hello"], repeat=129),
+        "too-many-entries": lambda: _empty_entries(20_000),
+    }[kind]()
     expected = {
         "garbage": "not a readable tar archive",
         "corrupt-layer": "hashes to",
         "no-name": "give a name",
+        "too-many-layers": "lists 129 layers, more than the 128",
+        "too-many-entries": "more than 4096 entries",
     }[kind]
 
     async def check() -> None:

@@ -93,8 +93,10 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Path:
     other_private, _ = generate_signing_key()
     bundle_from_tree(SRC, out / "unknown-key.tar", "0.2.0", load_signing_key(other_private))
     bundle_from_tree(SRC, out / "aarch64.tar", "0.2.0", key, arch="aarch64")
+    bundle_from_tree(SRC, out / "old.tar", "0.0.1", key)
     _unsigned(out / "v2.tar", out / "unsigned.tar")
     _tampered(out / "v2.tar", out / "tampered.tar")
+    _sparse(out / "v2.tar", out / "sparse.tar")
     for name in ("kernel", "initramfs", "rootfs.squashfs"):
         (out / name).write_bytes(name.encode() * 100)
     metal = {n: out / n for n in ("kernel", "initramfs", "rootfs.squashfs")}
@@ -125,6 +127,23 @@ def _unsigned(source: Path, target: Path) -> None:
         for member in tar.getmembers():
             if member.name != "manifest.sig":
                 out.addfile(member, tar.extractfile(member))
+
+
+def _sparse(source: Path, target: Path) -> None:
+    """v2.tar re-encoded with a GNU sparse header over basalt.tar (one data region, all of
+    it: tarfile reads the same bytes) and code after the archive's end: the shape of the
+    signature bypass through sparse members."""
+    with tarfile.open(source) as tar, target.open("wb") as out:
+        for member in tar.getmembers():
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name == "basalt.tar":
+                member.pax_headers = {
+                    "GNU.sparse.map": f"0,{len(data)}",
+                    "GNU.sparse.size": str(len(data)),
+                }
+            out.write(member.tobuf(format=tarfile.PAX_FORMAT))
+            out.write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
+        out.write(b"import os  # not signed\n" * 64)
 
 
 def _tampered(source: Path, target: Path) -> None:
@@ -246,6 +265,7 @@ REFUSALS = [
     ("aarch64.tar", "architecture check failed: built for aarch64, expected x86_64"),
     ("metal.tar", "payload check failed: basalt.tar: is required here"),
     ("not-a-tar.tar", "format check failed"),
+    ("sparse.tar", "format check failed: refused tar header: a sparse member"),
 ]
 
 
@@ -264,14 +284,36 @@ def test_bad_bundles_are_refused_before_anything_is_written(
     assert boot_status(cluster, worker)["slot"] == "a"
 
 
+@pytest.mark.parametrize("how", ["upload", "url", "stage"])
+def test_an_older_bundle_is_refused_unless_the_admin_allows_it(
+    cluster: LiveCluster, bundles: Path, bundle_server: str, how: str
+) -> None:
+    worker = cluster.workers[0]  # runs V1 (0.1.0) in slot a
+    before = snapshot(cluster, worker)
+    if how == "url":
+        error = upload_refused(cluster, worker, None, url=bundle_server + "/old.tar")
+    else:
+        error = upload_refused(cluster, worker, bundles / "old.tar", stage=how == "stage")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    details = error.details() or ""
+    assert f"bundle 0.0.1 is older than the running version {V1}: downgrade refused" in details
+    assert "--allow-downgrade" in details
+    assert snapshot(cluster, worker) == before
+    assert not list((cluster.node_dir(worker) / "var" / "upgrade").glob("*"))
+    assert boot_status(cluster, worker)["version"] == V1
+
+
 URL_REFUSALS = [
     ("/missing.tar", grpc.StatusCode.UNAVAILABLE, "HTTP 404 File not found"),
     ("/tampered.tar", grpc.StatusCode.INVALID_ARGUMENT, "payload check failed: basalt.tar"),
     ("/unsigned.tar", grpc.StatusCode.INVALID_ARGUMENT, "signature present check failed"),
+    ("/sparse.tar", grpc.StatusCode.INVALID_ARGUMENT, "refused tar header: a sparse member"),
 ]
 
 
-@pytest.mark.parametrize(("path", "code", "expected"), URL_REFUSALS, ids=["404", "tamp", "unsig"])
+@pytest.mark.parametrize(
+    ("path", "code", "expected"), URL_REFUSALS, ids=["404", "tamp", "unsig", "sparse"]
+)
 def test_bundles_the_node_fetches_are_checked_like_uploads(
     cluster: LiveCluster, bundle_server: str, path: str, code: grpc.StatusCode, expected: str
 ) -> None:
@@ -502,3 +544,17 @@ def test_rolling_upgrade_stops_at_the_first_failure(
     assert "signature present check failed" in err
     assert f"rolling upgrade stopped at {worker}; not upgraded: {cp}" in err
     assert boot_status(cluster, cp) == before
+
+
+def test_an_admin_may_downgrade_explicitly(cluster: LiveCluster, bundles: Path) -> None:
+    worker = cluster.workers[0]
+    running = boot_status(cluster, worker)["version"]
+    assert running != "0.0.1"
+    code, out, err = basaltctl(
+        cluster, "upgrade", "-n", worker, "--image", str(bundles / "old.tar"),
+        "--allow-downgrade", "--wait", "--timeout", "90",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"downgrading from {running} to 0.0.1 (allowed by --allow-downgrade)" in err
+    assert f"{worker}: running slot" in out and "(0.0.1); health gates passed" in out
+    assert boot_status(cluster, worker)["version"] == "0.0.1"

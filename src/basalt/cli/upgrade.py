@@ -205,6 +205,13 @@ def upgrade(
     no_drain: Annotated[
         bool, typer.Option("--no-drain", help="Do not cordon and drain through Kubernetes.")
     ] = False,
+    allow_downgrade: Annotated[
+        bool,
+        typer.Option(
+            "--allow-downgrade",
+            help="Install a bundle older than the running version (refused otherwise).",
+        ),
+    ] = False,
     reboot_mode: RebootModeOption = RebootMode.powercycle,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the node until the new slot is good.")
@@ -253,6 +260,7 @@ def upgrade(
         no_drain=no_drain,
         url=image if path is None else "",
         reboot_mode=_reboot_mode(reboot_mode),
+        allow_downgrade=allow_downgrade,
     )
 
     def one(node: str) -> None:

@@ -75,6 +75,10 @@ class UpgradeRefusedError(BasaltError):
     """The node cannot upgrade or roll back now; the message says why, nothing changed."""
 
 
+class DowngradeRefusedError(UpgradeRefusedError):
+    """The bundle is older than the running version, and no admin asked for a downgrade."""
+
+
 class BundleUploadError(BasaltError):
     """The upload itself is unusable (no options first, empty, or too large)."""
 
@@ -86,6 +90,8 @@ class UpgradeOptions:
     no_drain: bool = False
     #: kexec into the new slot when able; False: reboot through the firmware.
     kexec: bool = False
+    #: Install a bundle older than the running version (refused otherwise).
+    allow_downgrade: bool = False
 
 
 @dataclass
@@ -349,6 +355,25 @@ class Upgrader:
         keys = sorted(key.key_id for key in self.trusted_keys())
         if verified.key.key_id not in keys:
             raise UnknownSigningKeyError(label, verified.key.key_id, keys)
+
+    async def check_version(self, verified: VerifiedBundle, allow_downgrade: bool) -> str | None:
+        """DowngradeRefusedError when ``verified`` is older than the running version and
+        the admin did not ask for it; the step to report when they did."""
+        from basalt.machinery.images.versions import is_downgrade
+
+        state = await self.load_state()
+        assert state.booted is not None  # load_state refuses a state that never booted
+        running = state.slot(state.booted).version
+        if running is None or not is_downgrade(running, verified.version):
+            return None
+        if not allow_downgrade:
+            raise DowngradeRefusedError(
+                f"bundle {verified.version} is older than the running version {running}: "
+                "downgrade refused, nothing changed",
+                hint=f"to go back to {verified.version} on purpose, upgrade again with "
+                "--allow-downgrade (UpgradeOptions.allow_downgrade)",
+            )
+        return f"downgrading from {running} to {verified.version} (allowed by --allow-downgrade)"
 
     def trusted_keys(self) -> list[VerificationKey]:
         """The bundle signing keys the running config trusts (none without a config)."""

@@ -46,6 +46,7 @@ async def _options_then_data(
         force=first.options.force,
         no_drain=first.options.no_drain,
         kexec=first.options.reboot_mode == machine_pb2.KEXEC,
+        allow_downgrade=first.options.allow_downgrade,
     )
     if first.options.url:
         url = check_url(first.options.url)

@@ -13,6 +13,7 @@ import posixpath
 import re
 import shutil
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,15 @@ REF_ANNOTATION = "org.opencontainers.image.ref.name"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$")
 MAX_JSON = 4 * 1024 * 1024
+#: Bounds on what an archive may make the node do, each checked before the work:
+#: entries (tarfile keeps every header in memory), layers, unpacked bytes (read and
+#: written), and for a compressed archive its unpacked size over its own.
+MAX_ENTRIES = 4096
+MAX_LAYERS = 128
+MAX_UNPACKED = 4 * 1024 * 1024 * 1024
+MAX_RATIO = 100
+MAX_EXTENDED_HEADER = 64 * 1024
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
 class ArchiveError(ValueError):
@@ -97,20 +107,108 @@ def check_name(name: str) -> str:
     return name
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses an oversized PAX or GNU long-name header before tarfile reads it into memory."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        extended = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
+        extended |= {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
+        if self.type in extended and self.size > MAX_EXTENDED_HEADER:
+            raise ArchiveError(
+                f"an extended tar header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})"
+            )
+        process: Callable[[tarfile.TarFile], tarfile.TarInfo] = super()._proc_member  # type: ignore[misc]
+        return process(tar)
+
+
+def _compressed(path: Path) -> bool:
+    with path.open("rb") as raw:
+        return raw.read(6).startswith(_COMPRESSED_MAGIC)
+
+
+def unpacked_limit(path: Path) -> int:
+    """How many bytes the archive at ``path`` may unpack to."""
+    size = path.stat().st_size
+    if _compressed(path):
+        return min(MAX_UNPACKED, max(size, 1024 * 1024) * MAX_RATIO)
+    return min(MAX_UNPACKED, size)
+
+
+def _open(path: Path, limit: int) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
+    """The tar at ``path`` and its headers (bounded by :func:`_members`)."""
+    try:
+        tar = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 - the caller closes it
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ArchiveError(f"not a readable tar archive: {exc}") from None
+    try:
+        return tar, _members(tar, limit)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        tar.close()
+        if isinstance(exc, ArchiveError):
+            raise
+        raise ArchiveError(f"not a readable tar archive: {exc}") from None
+
+
+def _decompress(tar: tarfile.TarFile, target: Path, limit: int) -> None:
+    """Write a compressed archive's tar out once (its size was checked by the scan): its
+    blobs are read in the image's order, not the archive's, and every step back in a
+    compressed stream would decompress it again from the start."""
+    source = tar.fileobj
+    assert source is not None
+    source.seek(0)
+    written = 0
+    with target.open("wb") as out:
+        while chunk := source.read(1024 * 1024):
+            written += len(chunk)
+            if written > limit:  # the scan saw the headers only; padding may follow
+                raise ArchiveError(f"the archive unpacks to more than {limit} bytes")
+            out.write(chunk)
+
+
+def _members(tar: tarfile.TarFile, limit: int) -> list[tarfile.TarInfo]:
+    """The archive's headers, refusing too many, or data beyond ``limit`` unpacked bytes,
+    before tarfile reads (or decompresses) past them."""
+    members = []
+    for member in tar:
+        members.append(member)
+        if len(members) > MAX_ENTRIES:
+            raise ArchiveError(
+                f"the archive has more than {MAX_ENTRIES} entries; an image archive has a "
+                "few per layer"
+            )
+        if member.offset_data + member.size > limit:
+            raise ArchiveError(
+                f"{member.name}: the archive unpacks to more than {limit} bytes (at most "
+                f"{MAX_UNPACKED}, and {MAX_RATIO} times its compressed size)"
+            )
+    return members
+
+
 class _Tar:
     def __init__(self, path: Path, workdir: Path) -> None:
-        try:
-            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by parse()
-            members = self.tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ArchiveError(f"not a readable tar archive: {exc}") from None
+        limit = unpacked_limit(path)
+        self.tar, members = _open(path, limit)
+        if _compressed(path):
+            unpacked = workdir / "archive.tar"
+            try:
+                _decompress(self.tar, unpacked, limit)
+            except (EOFError, OSError, ValueError) as exc:
+                if isinstance(exc, ArchiveError):
+                    raise
+                raise ArchiveError(f"not a readable compressed archive: {exc}") from None
+            finally:
+                self.tar.close()
+            self.tar, members = _open(unpacked, limit)
         self.members = {
             posixpath.normpath(m.name.lstrip("/")).removeprefix("./"): m
             for m in members
             if m.isfile()
         }
         self.workdir = workdir
-        self.copies = 0
+        self.limit = limit
+        self.written = 0
+        #: Each member is copied out once, however often the image lists it.
+        self.copied: dict[str, tuple[Path, str, int]] = {}
 
     def has(self, name: str) -> bool:
         return name in self.members
@@ -130,23 +228,35 @@ class _Tar:
         with stream:
             return stream.read()
 
-    def copy(self, name: str, what: str) -> tuple[Path, str, int]:
-        """Copy a member out, hashing it: (path, digest, size)."""
+    def member(self, name: str, what: str) -> tarfile.TarInfo:
         member = self.members.get(name)
         if member is None:
             raise ArchiveError(f"{what}: {name} is missing from the archive")
+        return member
+
+    def copy(self, name: str, what: str) -> tuple[Path, str, int]:
+        """Copy a member out (once), hashing it: (path, digest, size)."""
+        if name in self.copied:
+            return self.copied[name]
+        member = self.member(name, what)
+        if self.written + member.size > self.limit:
+            raise ArchiveError(
+                f"{what}: {name} would take the bytes written past {self.limit}; the image "
+                "lists more content than the archive holds"
+            )
         stream = self.tar.extractfile(member)
         assert stream is not None
         digest = hashlib.sha256()
-        self.copies += 1
-        target = self.workdir / f"blob-{self.copies}"
+        target = self.workdir / f"blob-{len(self.copied) + 1}"
         size = 0
         with stream, target.open("wb") as out:
             while chunk := stream.read(1024 * 1024):
                 digest.update(chunk)
                 out.write(chunk)
                 size += len(chunk)
-        return target, "sha256:" + digest.hexdigest(), size
+        self.written += size
+        self.copied[name] = (target, "sha256:" + digest.hexdigest(), size)
+        return self.copied[name]
 
     def blob(self, descriptor: Any, what: str) -> Blob:
         """A blob of an OCI layout, checked against its descriptor."""
@@ -159,7 +269,11 @@ class _Tar:
             raise ArchiveError(f"{what}: digest {digest!r} is not sha256:<64 hex digits>")
         if not isinstance(size, int) or size < 0:
             raise ArchiveError(f"{what}: size {size!r} is not a byte count")
-        path, actual, actual_size = self.copy(f"blobs/sha256/{digest[7:]}", what)
+        name = f"blobs/sha256/{digest[7:]}"
+        stored = self.member(name, what).size
+        if stored != size:  # before copying anything
+            raise ArchiveError(f"{what}: {digest} has {stored} bytes, its descriptor says {size}")
+        path, actual, actual_size = self.copy(name, what)
         if actual_size != size:
             raise ArchiveError(
                 f"{what}: {digest} has {actual_size} bytes, its descriptor says {size}"
@@ -207,39 +321,24 @@ def _parse_oci(tar: _Tar, name: str, arch: str) -> ParsedImage:
             f"image index (index.json): holds {len(manifests)} images; Basalt imports one "
             "image per archive"
         )
-    entry = manifests[0]
-    annotations = entry.get("annotations") or {} if isinstance(entry, dict) else {}
+    entry = _object(manifests[0], "image index (index.json): its manifest entry")
+    annotations = entry.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise ArchiveError("image index (index.json): annotations is not an object")
     if not name:
-        name = annotations.get(NAME_ANNOTATION, "")
+        name = _text(annotations.get(NAME_ANNOTATION))
     if not name:
-        ref = annotations.get(REF_ANNOTATION, "")
+        ref = _text(annotations.get(REF_ANNOTATION))
         name = ref if ("/" in ref or ":" in ref) else ""
     if not name:
         raise ArchiveError(
             "the archive does not name its image (no io.containerd.image.name or full "
             "org.opencontainers.image.ref.name annotation): give a name (--name)"
         )
-    descriptor = entry
-    seen = 0
-    while descriptor.get("mediaType") in INDEX_TYPES:
-        seen += 1
-        if seen > 4:
-            raise ArchiveError("image index: nested more than 4 levels deep")
-        nested = tar.blob(descriptor, "image index")
-        inner = _json(nested.path.read_bytes(), f"image index {nested.digest}")
-        candidates = [
-            m
-            for m in inner.get("manifests", [])
-            if (m.get("platform") or {}).get("os", "linux") == "linux"
-            and (m.get("platform") or {}).get("architecture", arch) == arch
-        ]
-        if not candidates:
-            raise ArchiveError(f"image index {nested.digest}: no manifest for linux/{arch}")
-        descriptor = candidates[0]
-    if descriptor.get("mediaType") not in MANIFEST_TYPES:
-        raise ArchiveError(
-            f"image manifest: media type {descriptor.get('mediaType')!r} is not an image manifest"
-        )
+    descriptor = _platform_manifest(tar, entry, arch)
+    media_type = _text(descriptor.get("mediaType"))
+    if media_type not in MANIFEST_TYPES:
+        raise ArchiveError(f"image manifest: media type {media_type!r} is not an image manifest")
     manifest = tar.blob(descriptor, "image manifest")
     body = _json(manifest.path.read_bytes(), f"image manifest {manifest.digest}")
     if not isinstance(body, dict):
@@ -248,6 +347,7 @@ def _parse_oci(tar: _Tar, name: str, arch: str) -> ParsedImage:
     layers_desc = body.get("layers")
     if not isinstance(layers_desc, list):
         raise ArchiveError(f"image manifest {manifest.digest}: layers is not a list")
+    _check_layer_count(len(layers_desc), f"image manifest {manifest.digest}")
     layers = []
     for i, desc in enumerate(layers_desc):
         layer = tar.blob(desc, f"layer {i}")
@@ -258,6 +358,44 @@ def _parse_oci(tar: _Tar, name: str, arch: str) -> ParsedImage:
             )
         layers.append(layer)
     return ParsedImage(check_name(name), manifest, config, layers, [])
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ArchiveError(f"{what} is not a JSON object")
+    return value
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _platform_manifest(tar: _Tar, descriptor: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Follow nested image indexes (at most 4) to the manifest for linux/``arch``."""
+    seen = 0
+    while _text(descriptor.get("mediaType")) in INDEX_TYPES:
+        seen += 1
+        if seen > 4:
+            raise ArchiveError("image index: nested more than 4 levels deep")
+        nested = tar.blob(descriptor, "image index")
+        what = f"image index {nested.digest}"
+        inner = _object(_json(nested.path.read_bytes(), what), what)
+        listed = inner.get("manifests")
+        if not isinstance(listed, list):
+            raise ArchiveError(f"{what}: manifests is not a list")
+        candidates = []
+        for m in listed:
+            platform = _object(m, f"{what}: an entry").get("platform") or {}
+            platform = _object(platform, f"{what}: a platform")
+            if (
+                platform.get("os", "linux") == "linux"
+                and platform.get("architecture", arch) == arch
+            ):
+                candidates.append(m)
+        if not candidates:
+            raise ArchiveError(f"{what}: no manifest for linux/{arch}")
+        descriptor = candidates[0]
+    return descriptor
 
 
 def _parse_docker(tar: _Tar, name: str) -> ParsedImage:
@@ -273,14 +411,20 @@ def _parse_docker(tar: _Tar, name: str) -> ParsedImage:
     if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
         raise ArchiveError("docker-archive manifest (manifest.json): the entry has no Config")
     tags = entry.get("RepoTags") or []
+    if not isinstance(tags, list):
+        raise ArchiveError("docker-archive manifest (manifest.json): RepoTags is not a list")
     if not name and tags:
         name = str(tags[0])
     if not name:
         raise ArchiveError("the docker-archive has no RepoTags: give a name (--name)")
     path, digest, size = tar.copy(posixpath.normpath(entry["Config"]), "image config")
     config = Blob(DOCKER_CONFIG, digest, size, path)
+    listed = entry.get("Layers") or []
+    if not isinstance(listed, list):
+        raise ArchiveError("docker-archive manifest (manifest.json): Layers is not a list")
+    _check_layer_count(len(listed), "docker-archive manifest (manifest.json)")
     layers = []
-    for i, member in enumerate(entry.get("Layers") or []):
+    for i, member in enumerate(listed):
         path, digest, size = tar.copy(posixpath.normpath(str(member)), f"layer {i}")
         with path.open("rb") as stream:
             gzipped = stream.read(2) == b"\x1f\x8b"
@@ -301,6 +445,14 @@ def _parse_docker(tar: _Tar, name: str) -> ParsedImage:
         DOCKER_MANIFEST, "sha256:" + hashlib.sha256(data).hexdigest(), len(data), manifest_path
     )
     return ParsedImage(check_name(name), manifest, config, layers, [])
+
+
+def _check_layer_count(count: int, what: str) -> None:
+    if count > MAX_LAYERS:
+        raise ArchiveError(
+            f"{what}: lists {count} layers, more than the {MAX_LAYERS} Basalt imports; "
+            "squash the image"
+        )
 
 
 def _check_config(image: ParsedImage) -> None:

@@ -162,7 +162,7 @@ class ContainerRuntime:
     async def _write_and_unpack(self, client: ContainerdClient, image: archive.ParsedImage) -> None:
         chain = archive.chain_ids(image.diff_ids)
         snapshotter = self.paths.snapshotter
-        for layer in image.layers:
+        for layer in {layer.digest: layer for layer in image.layers}.values():  # each once
             await client.write_content(layer.path, layer.digest, layer.size)
         await client.write_content(
             image.config.path,

@@ -213,6 +213,10 @@ async def verify_upload(node: Node, job: Any) -> None:
         f"verified bundle {verified.version} ({verified.architecture}), "
         f"signed by {verified.key.label}"
     )
+    # Before the drain, for an install and a stage alike.
+    note = await node.upgrader.check_version(verified, job.options.allow_downgrade)
+    if note:
+        job.steps.append(note)
 
 
 async def check_quorum(node: Node, job: Any) -> None:

@@ -1564,6 +1564,7 @@ class UpgradeOptions(_message.Message):
     NO_DRAIN_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     REBOOT_MODE_FIELD_NUMBER: _builtins.int
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _builtins.int
     stage: _builtins.bool
     """Store the verified bundle and install it early in the next boot."""
     force: _builtins.bool
@@ -1575,6 +1576,8 @@ class UpgradeOptions(_message.Message):
     it from the stream; the stream then carries the options only.
     """
     reboot_mode: Global___RebootMode.ValueType
+    allow_downgrade: _builtins.bool
+    """Install a bundle older than the running version (refused otherwise)."""
     def __init__(
         self,
         *,
@@ -1583,10 +1586,11 @@ class UpgradeOptions(_message.Message):
         no_drain: _builtins.bool = ...,
         url: _builtins.str = ...,
         reboot_mode: Global___RebootMode.ValueType = ...,
+        allow_downgrade: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "no_drain", b"no_drain", "reboot_mode", b"reboot_mode", "stage", b"stage", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_downgrade", b"allow_downgrade", "force", b"force", "no_drain", b"no_drain", "reboot_mode", b"reboot_mode", "stage", b"stage", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Literal, Protocol, cast
 
 from ..errors import BasaltError
 from ._stream import (
-    CHUNK,
     FileSeal,
     NotRegularFileError,
     Reader,
@@ -44,6 +43,7 @@ from ._stream import (
     open_regular,
     read_small,
 )
+from ._tar import TarReader, open_tar_stream
 from .errors import (
     ImageArchitectureError,
     ImageFormatError,
@@ -315,121 +315,11 @@ def _verify_directory(directory: Path, checks: _Checks) -> VerifiedBundle:
 # -- tar files ------------------------------------------------------------------------------------
 
 
-def _unsafe(member: tarfile.TarInfo) -> str | None:
-    """Why a tar member may not be in a bundle, or None."""
-    name = member.name
-    if name.startswith("/"):
-        return f"member {name!r} has an absolute path"
-    if ".." in PurePosixPath(name).parts:
-        return f"member {name!r} has '..' in its path"
-    if member.issym() or member.islnk():
-        return f"member {name!r} is a link (to {member.linkname!r})"
-    if member.ischr() or member.isblk():
-        return f"member {name!r} is a device"
-    if member.isfifo():
-        return f"member {name!r} is a FIFO"
-    if member.isdir():
-        return f"member {name!r} is a directory (bundles are flat)"
-    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-        return f"member {name!r} has unsupported tar type {member.type!r}"
-    return None
-
-
-#: PAX and GNU long-name headers are read into memory whole: keep them small.
-MAX_EXTENDED_HEADER = 64 * 1024
-_EXTENDED_TYPES = frozenset(
-    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
-    | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
-)
-
-
-#: tarfile reads a stream 10 KiB at a time unless told; more costs less per byte, and it
-#: holds about three reads at once (it joins them), so memory stays under 1 MiB.
-_TAR_READ = 256 * 1024
-
-
-class _HeaderTooLargeError(tarfile.TarError):
-    pass
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses an oversized extended header before tarfile reads it into memory."""
-
-    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in _EXTENDED_TYPES and self.size > MAX_EXTENDED_HEADER:
-            raise _HeaderTooLargeError(
-                f"an extended header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})"
-            )
-        # _proc_member is tarfile's own hook for this (private; not in typeshed).
-        process: Callable[[tarfile.TarFile], tarfile.TarInfo] = super()._proc_member  # type: ignore[misc]
-        return process(tar)
-
-
-class _TarReader:
-    """Members of a tar stream, one pass, each checked for safety before use."""
-
-    def __init__(self, tar: tarfile.TarFile, checks: _Checks) -> None:
-        self.tar = tar
-        self.checks = checks
-        self.members: Iterator[tarfile.TarInfo] = iter(tar)
-        self.seen: set[str] = set()
-
-    def next(self) -> tarfile.TarInfo | None:
-        try:
-            member = next(self.members, None)
-        except tarfile.TarError as exc:
-            raise self.format_error(f"unreadable tar header: {exc}") from None
-        if member is None:
-            return None
-        problem = _unsafe(member)
-        if problem is None and member.name in self.seen:
-            problem = f"member {member.name!r} appears twice"
-        if problem is not None:
-            raise self.format_error(problem)
-        self.seen.add(member.name)
-        return member
-
-    def format_error(self, problem: str) -> ImageFormatError:
-        return ImageFormatError(
-            self.checks.label,
-            problem,
-            hint="bundles are flat tar files of regular files; rebuild it with basaltctl",
-        )
-
-    def open(self, member: tarfile.TarInfo) -> IO[bytes]:
-        handle = self.tar.extractfile(member)
-        assert handle is not None  # regular members always have content
-        return handle
-
-    def open_reader(self, member: tarfile.TarInfo) -> Reader:
-        return cast(Reader, self.open(member))  # an io.BufferedReader: it has readinto
-
-    def read_small(self, member: tarfile.TarInfo, limit: int) -> bytes:
-        if member.size > limit:
-            raise ValueError(f"is {member.size} bytes, more than the {limit} allowed")
-        try:
-            data = self.open(member).read()
-        except tarfile.TarError:
-            raise ValueError("is cut short (the tar file is truncated)") from None
-        return data
-
-
-def _open_tar_stream(raw: IO[bytes], checks: _Checks) -> tarfile.TarFile:
-    try:
-        return tarfile.open(fileobj=raw, mode="r|", tarinfo=_BoundedTarInfo, bufsize=_TAR_READ)
-    except tarfile.TarError as exc:
-        raise ImageFormatError(
-            checks.label,
-            f"not a directory or an uncompressed tar file ({exc})",
-            hint="bundles are uncompressed tar files: decompress it first",
-        ) from None
-
-
 def _verify_tar(path: Path, checks: _Checks) -> VerifiedBundle:
     with open(path, "rb") as raw:
         seal = FileSeal.of(raw.fileno())
-        with _open_tar_stream(raw, checks) as tar:
-            found = _verify_tar_stream(_TarReader(tar, checks), checks)
+        with open_tar_stream(raw, checks.label) as tar:
+            found = _verify_tar_stream(TarReader(tar, checks.label), checks)
         changed = seal.broken(raw.fileno())
     if changed is not None:
         raise ImageFormatError(
@@ -457,10 +347,6 @@ class _Tee:
             self.sink.write(data)
         return data
 
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
 
 def verify_tar_stream(
     source: _StreamSource,
@@ -483,9 +369,8 @@ def verify_tar_stream(
     """
     checks = _Checks(Path(path), trusted_keys, expected_arch, required, label)
     tee = _Tee(source, sink)
-    with _open_tar_stream(cast(IO[bytes], tee), checks) as tar:
-        found = _verify_tar_stream(_TarReader(tar, checks), checks)
-    tee.drain()
+    with open_tar_stream(cast(IO[bytes], tee), checks.label) as tar:
+        found = _verify_tar_stream(TarReader(tar, checks.label), checks)
     sink.flush()
     return found.bundle(Path(path), FileSeal.of(sink.fileno()))
 
@@ -504,7 +389,7 @@ class _Found:
         return VerifiedBundle(path, "tar", self.manifest, self.manifest_bytes, self.key, layout)
 
 
-def _verify_tar_stream(reader: _TarReader, checks: _Checks) -> _Found:
+def _verify_tar_stream(reader: TarReader, checks: _Checks) -> _Found:
     extents: dict[str, Extent] = {}
 
     def at(member: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -548,4 +433,5 @@ def _verify_tar_stream(reader: _TarReader, checks: _Checks) -> _Found:
         member = reader.next()
     if pending:
         raise checks.missing(sorted(pending)[0])
+    reader.finish()
     return _Found(manifest, manifest_bytes, key, extents)
