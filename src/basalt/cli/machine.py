@@ -78,10 +78,23 @@ DryRunOption = Annotated[
 TryTimeoutOption = Annotated[
     str, typer.Option("--timeout", help="With --mode try: revert after this long.")
 ]
+AllowIdentityOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-identity-change",
+        help="Apply even though the config changes the node's identity (cluster id or secret, "
+        "OS/etcd/Kubernetes CAs, machine type): os:admin only; clients of the current OS CA "
+        "lose access.",
+    ),
+]
 
 
 def apply_request(
-    data: bytes, mode: ApplyModeChoice, dry_run: bool, try_timeout: str
+    data: bytes,
+    mode: ApplyModeChoice,
+    dry_run: bool,
+    try_timeout: str,
+    allow_identity_change: bool = False,
 ) -> machine_pb2.ApplyConfigurationRequest:
     """The ApplyConfiguration request for a whole config text (apply-config, patch, edit)."""
     from basalt.machinery.api import machine_pb2
@@ -91,6 +104,7 @@ def apply_request(
         mode=machine_pb2.ApplyMode.Value(mode.value.upper().replace("-", "_")),
         dry_run=dry_run,
         try_timeout_seconds=int(parse_duration(try_timeout)),
+        allow_identity_change=allow_identity_change,
     )
 
 
@@ -126,6 +140,7 @@ def apply_config(
     mode: ModeOption = ApplyModeChoice.auto,
     dry_run: DryRunOption = False,
     try_timeout: TryTimeoutOption = "1m",
+    allow_identity_change: AllowIdentityOption = False,
     config_patch: Annotated[
         list[str] | None, typer.Option("-p", "--config-patch", help="Patch the file first.")
     ] = None,
@@ -141,7 +156,9 @@ def apply_config(
     if config_patch:
         patches = [load_patch(p, index=i) for i, p in enumerate(config_patch, start=1)]
         bundle, _ = patch_and_check(bundle.to_raw(), patches, target=f"{source} (patched)")
-    request = apply_request(bundle.to_yaml().encode(), mode, dry_run, try_timeout)
+    request = apply_request(
+        bundle.to_yaml().encode(), mode, dry_run, try_timeout, allow_identity_change
+    )
 
     async def work(client: Client, failures: NodeFailures) -> None:
         await send_config(client, failures, request)

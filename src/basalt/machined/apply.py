@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from basalt.machinery.api.machine_pb2 import ApplyMode
 from basalt.machinery.config import ConfigBundle, check_bundle, load_bundle
 from basalt.machinery.config.diff import Change, config_changes, unified_diff
+from basalt.machinery.config.identity import check_identity
 from basalt.machinery.config.validate import Mode
 from basalt.machinery.errors import BasaltError
 
@@ -54,6 +55,8 @@ class ApplyRequest:
     dry_run: bool
     try_timeout: float
     source: str = "apply-config request"
+    #: An admin asked to replace the node's identity (--allow-identity-change).
+    allow_identity_change: bool = False
 
 
 @dataclass
@@ -124,6 +127,13 @@ async def apply(node: Node, request: ApplyRequest) -> ApplyResult:
     new, warnings = parse_request(node, request)
     current = node.config
     assert current is not None
+    # Before anything else, dry runs and every mode alike: a config from other secrets.
+    forced = check_identity(current, new, allow=request.allow_identity_change)
+    if forced is not None:
+        warnings.append(forced)
+        if not request.dry_run:
+            node.events.publish("config", forced, actor="apply-config")
+            log.warning("%s", forced)
     if request.mode == ApplyMode.STAGED and node.trial is not None:
         raise InvalidApplyError(
             "a config is under trial; confirm it or let it revert before staging another"

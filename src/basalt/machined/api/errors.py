@@ -21,6 +21,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "InvalidApplyError": grpc.StatusCode.INVALID_ARGUMENT,
     "SequenceConflictError": grpc.StatusCode.FAILED_PRECONDITION,
     "RebootRequiredError": grpc.StatusCode.FAILED_PRECONDITION,
+    "IdentityChangeError": grpc.StatusCode.FAILED_PRECONDITION,
     "QuorumError": grpc.StatusCode.FAILED_PRECONDITION,
     "EtcdStateError": grpc.StatusCode.FAILED_PRECONDITION,
     "AlreadyBootstrappedError": grpc.StatusCode.ALREADY_EXISTS,

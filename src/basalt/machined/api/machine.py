@@ -75,6 +75,7 @@ class MachineServicer(
             mode=request.mode,
             dry_run=request.dry_run,
             try_timeout=float(request.try_timeout_seconds),
+            allow_identity_change=request.allow_identity_change,
         )
         if self.node.maintenance:
             result = await apply_maintenance(self.node, apply_request)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from basalt.machinery.api import common_pb2, resource_pb2, resource_pb2_grpc
+from basalt.machinery.config.redact import redact_config_text
 from basalt.machinery.resources import ResourceDefinition, ResourceDefinitionSpec, resolve_type
 from basalt.machinery.resources.definitions import DEFINITIONS
+from basalt.machinery.resources.specs import MachineConfigSpec
 from basalt.machinery.roles import Role
 
 from ..runtime.store import Resource, ResourceMeta
@@ -61,6 +63,14 @@ def _definition_resources() -> list[Resource]:
     return out
 
 
+def _redacted_machine_config(spec: Any) -> Any:
+    return MachineConfigSpec(yaml=redact_config_text(spec.yaml), staged=spec.staged)
+
+
+#: Sensitive types that roles below os:admin read with their secrets redacted.
+_REDACTED: dict[str, Callable[[Any], Any]] = {"MachineConfigs": _redacted_machine_config}
+
+
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -70,11 +80,29 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
 
     def _definition(self, type_name: str) -> ResourceDefinition:
         definition = resolve_type(type_name)
-        if definition.sensitive and Role.ADMIN not in current_principal.get().roles:
+        if not definition.sensitive:
+            return definition
+        principal = current_principal.get()
+        if Role.ADMIN in principal.roles:
+            # An admin reads the secrets: say who did, as for every other secret read.
+            self.node.events.publish(
+                "secrets",
+                f"{definition.type} read with its secrets",
+                actor="apid",
+                subject=principal.subject or "(unknown)",
+            )
+        elif definition.type not in _REDACTED:
             raise AccessDeniedError(
                 f"{definition.type} is sensitive (it holds secrets); only os:admin may read it"
             )
         return definition
+
+    def _out(self, resource: Resource) -> resource_pb2.Resource:
+        """The resource as the caller may see it: secrets redacted below os:admin."""
+        redact = _REDACTED.get(resource.meta.type)
+        if redact is not None and Role.ADMIN not in current_principal.get().roles:
+            resource = Resource(resource.meta, redact(resource.spec))
+        return to_proto(resource)
 
     def _list(self, definition: ResourceDefinition) -> list[Resource]:
         if definition.type == "ResourceDefinitions":
@@ -89,7 +117,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
                 f"{definition.type} {request.id!r} not found",
                 hint=f"list them with 'basaltctl get {definition.aliases[0]}'",
             )
-        answer = resource_pb2.ResourceGet(metadata=self.meta(), resource=to_proto(found[0]))
+        answer = resource_pb2.ResourceGet(metadata=self.meta(), resource=self._out(found[0]))
         return resource_pb2.ResourceGetResponse(messages=[answer])
 
     async def List(
@@ -98,7 +126,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         definition = self._definition(request.type)
         meta = self.meta()
         for resource in self._list(definition):
-            yield resource_pb2.ResourceListResponse(metadata=meta, resource=to_proto(resource))
+            yield resource_pb2.ResourceListResponse(metadata=meta, resource=self._out(resource))
 
     async def Watch(
         self, request: resource_pb2.ResourceWatchRequest, context: Context
@@ -116,5 +144,5 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         ):
             message = resource_pb2.ResourceWatchResponse(metadata=meta, event=_EVENTS[event.kind])
             if event.resource is not None:
-                message.resource.CopyFrom(to_proto(event.resource))
+                message.resource.CopyFrom(self._out(event.resource))
             yield message

@@ -177,11 +177,16 @@ class ApplyConfigurationRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     TRY_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    ALLOW_IDENTITY_CHANGE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     mode: Global___ApplyMode.ValueType
     dry_run: _builtins.bool
     try_timeout_seconds: _builtins.int
     """For TRY: revert to the previous config after this many seconds unless confirmed."""
+    allow_identity_change: _builtins.bool
+    """Apply a config that changes the node's identity (cluster id or secret, OS, etcd or
+    Kubernetes CAs, machine type). Refused without it; clients of the old CA lose access.
+    """
     def __init__(
         self,
         *,
@@ -189,10 +194,11 @@ class ApplyConfigurationRequest(_message.Message):
         mode: Global___ApplyMode.ValueType = ...,
         dry_run: _builtins.bool = ...,
         try_timeout_seconds: _builtins.int = ...,
+        allow_identity_change: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dry_run", b"dry_run", "mode", b"mode", "try_timeout_seconds", b"try_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_identity_change", b"allow_identity_change", "data", b"data", "dry_run", b"dry_run", "mode", b"mode", "try_timeout_seconds", b"try_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

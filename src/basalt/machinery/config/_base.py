@@ -11,11 +11,19 @@ API_VERSION = "basalt.dev/v1alpha1"
 
 #: Field metadata key that marks a list to be replaced, not appended to, by a merge patch.
 MERGE_KEY = "x-merge"
+#: Field metadata key that marks a secret: outputs show it only as changed or unchanged
+#: (:mod:`basalt.machinery.config.redact`).
+SECRET_KEY = "x-secret"
 
 
 def replace_on_merge() -> dict[str, Any]:
     """``json_schema_extra`` for list fields that a strategic merge patch replaces."""
     return {MERGE_KEY: "replace"}
+
+
+def secret() -> dict[str, Any]:
+    """``json_schema_extra`` for a field whose value is a secret (a private key, a token)."""
+    return {SECRET_KEY: True}
 
 
 class Model(BaseModel):

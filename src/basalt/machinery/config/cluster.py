@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from ._base import Document, Model, register, replace_on_merge
+from ._base import Document, Model, register, replace_on_merge, secret
 from ._types import Hostname, HttpsURL, Secret32, Subnet, Token, invalid
 from .machine import CertificateAndKey, _pem_private_key
 
@@ -78,7 +78,7 @@ class EtcdSpec(Model):
 class ServiceAccountKey(Model):
     """The key that signs Kubernetes service-account tokens."""
 
-    key: PEMPrivateKey = Field(description="PEM-encoded private key.")
+    key: PEMPrivateKey = Field(description="PEM-encoded private key.", json_schema_extra=secret())
 
 
 class KubernetesSpec(Model):
@@ -92,9 +92,13 @@ class KubernetesSpec(Model):
     service_account_key: ServiceAccountKey | None = Field(
         default=None, description="Service-account signing key. Control planes only."
     )
-    bootstrap_token: Token = Field(description="Token kubelets use to join the cluster.")
+    bootstrap_token: Token = Field(
+        description="Token kubelets use to join the cluster.", json_schema_extra=secret()
+    )
     secretbox_encryption_secret: Secret32 | None = Field(
-        default=None, description="Key that encrypts Secrets at rest. Control planes only."
+        default=None,
+        description="Key that encrypts Secrets at rest. Control planes only.",
+        json_schema_extra=secret(),
     )
 
 
@@ -105,7 +109,10 @@ class ClusterConfig(Document):
     kind: Literal["ClusterConfig"] = Field(description="`ClusterConfig`.")
     name: ClusterName = Field(description="The cluster's name.")
     id: Secret32 = Field(description="The cluster's id: 32 random bytes, base64.")
-    secret: Secret32 = Field(description="The cluster's shared secret: 32 random bytes, base64.")
+    secret: Secret32 = Field(
+        description="The cluster's shared secret: 32 random bytes, base64.",
+        json_schema_extra=secret(),
+    )
     control_plane: ControlPlaneSpec = Field(description="The control plane endpoint.")
     network: NetworkSpec = Field(description="Cluster networking.")
     etcd: EtcdSpec = Field(default_factory=EtcdSpec, description="etcd settings.")

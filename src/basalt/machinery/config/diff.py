@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import format_path
 from ..yamlio import dump_document
 from .bundle import ConfigBundle, document_to_raw
+from .redact import redact_document
 
 LIVE: tuple[tuple[str, str], ...] = (
     ("HostnameConfig", ""),
@@ -93,12 +94,18 @@ def config_changes(old: ConfigBundle, new: ConfigBundle) -> list[Change]:
 
 
 def unified_diff(old: ConfigBundle, new: ConfigBundle) -> str:
-    """A unified diff per changed document (``a/Kind`` -> ``b/Kind``)."""
+    """A unified diff per changed document (``a/Kind`` -> ``b/Kind``). Secret fields show
+    as ``(secret)`` and, where they differ, ``(secret, changed)``: never their values."""
     before, after = _by_name(old), _by_name(new)
     out: list[str] = []
     for name in list(before) + [n for n in after if n not in before]:
-        a = dump_document(before[name]).splitlines(keepends=True) if name in before else []
-        b = dump_document(after[name]).splitlines(keepends=True) if name in after else []
+        a: list[str] = []
+        b: list[str] = []
+        if name in before:
+            a = dump_document(redact_document(before[name])).splitlines(keepends=True)
+        if name in after:
+            redacted = redact_document(after[name], before.get(name, {}))
+            b = dump_document(redacted).splitlines(keepends=True)
         if a != b:
             out.extend(difflib.unified_diff(a, b, f"a/{name}", f"b/{name}"))
     return "".join(out)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ._base import Document, Model, register, replace_on_merge
+from ._base import Document, Model, register, replace_on_merge, secret
 from ._types import DiskPath, HostOrIP, KernelArg, Subnet, Token, invalid
 
 
@@ -37,6 +37,7 @@ class CertificateAndKey(Model):
     key: str | None = Field(
         default=None,
         description="PEM-encoded private key. Only control planes hold CA keys.",
+        json_schema_extra=secret(),
     )
 
     @model_validator(mode="after")
@@ -123,7 +124,8 @@ class MachineConfig(Document):
         description="The version contract the config was generated with (`X.Y`)."
     )
     token: Token = Field(
-        description="Join token a worker presents to get its API certificate signed."
+        description="Join token a worker presents to get its API certificate signed.",
+        json_schema_extra=secret(),
     )
     ca: CertificateAndKey = Field(
         description="The OS API CA. Control planes hold its key; workers only the certificate."

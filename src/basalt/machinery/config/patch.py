@@ -28,6 +28,7 @@ from ..yamlio import RawDocument, parse_documents
 from . import _schema
 from ._base import API_VERSION, DOCUMENT_KINDS, document_key
 from .bundle import ConfigBundle, _did_you_mean, bundle_from_raw
+from .redact import scrub
 from .validate import Mode, check_bundle
 
 DIRECTIVE = "$patch"
@@ -350,10 +351,26 @@ def _apply_json(
             AttributeError,
         ) as exc:
             raise PatchError(
-                f"{patch.source}: {label}: {exc}",
+                f"{patch.source}: {label}: {_operation_error(exc, document)}",
                 hint="JSON pointers look like /kind or /install/disk; the target path must exist "
                 "for remove, replace, move, copy and test",
             ) from None
     if not isinstance(document, dict):
         raise PatchError(f"{patch.source}: the patched document is not a mapping any more")
     return [document]
+
+
+def _operation_error(exc: Exception, document: Any) -> str:
+    """Why an operation failed, without the values it saw: the libraries quote the tested
+    value or a whole sub-document, which may hold keys (redact.scrub removes any left)."""
+    import jsonpatch
+
+    if isinstance(exc, jsonpatch.JsonPatchTestFailed):
+        return "the value there is not the value the test expects"
+    text = str(exc)
+    if " not found in " in text:
+        text = text.split(" not found in ", 1)[0] + " not found"
+    elif text.startswith("Document '"):
+        text = "a value on the path is neither a mapping nor a list"
+    raw = [document] if isinstance(document, dict) else []
+    return scrub(text, raw).strip() or type(exc).__name__

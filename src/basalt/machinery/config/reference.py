@@ -31,6 +31,7 @@ from ..yamlio import dump_documents
 from . import _schema, _types
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
 from .cluster import ClusterName, KubernetesVersion, PEMPrivateKey
+from .redact import secret_locs
 from .system import Ed25519PublicKey, EtcPath, FileMode, ModuleParameter
 
 MARKDOWN_FILE = "config.md"
@@ -38,6 +39,7 @@ SCHEMA_FILE = "config.schema.json"
 DEFAULT_OUT_DIR = Path("docs/reference")
 REGENERATE = "make docs"
 REPLACED_MARK = "Replaced by merge patches."
+SECRET_MARK = "Secret: outputs show it only as changed or unchanged."
 
 #: What the validated string types of the models are called in the tables.
 TYPE_LABELS: tuple[tuple[Any, str], ...] = (
@@ -278,6 +280,8 @@ def field_rows(
         notes = constraint_notes(info)
         if _schema.replaces_on_merge(model, key):
             notes.append(f"*{REPLACED_MARK}*")
+        if (key,) in secret_locs(model):
+            notes.append(f"*{SECRET_MARK}*")
         description = " ".join([info.description or "", *notes]).strip()
         rows.append(FieldRow(path, _field_type(info), default_label(info), description))
         nested = _schema.submodel(model, key)
