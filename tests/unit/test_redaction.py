@@ -98,7 +98,7 @@ def _outputs(old: ConfigBundle, new: ConfigBundle) -> Iterator[tuple[str, str]]:
     yield "diff-reverse", unified_diff(new, old)
     for mode in MODES:
         try:
-            chosen, details, changes = decide(old, new, mode)
+            _, details, changes = decide(old, new, mode)
             yield f"decide-{mode}", details + " ".join(c.where for c in changes)
         except BasaltError as exc:
             yield f"decide-{mode}", exc.render()
@@ -190,7 +190,7 @@ def test_errors_about_a_secret_field_never_quote_it(two_clusters: Any) -> None:
             except BasaltError as exc:
                 texts.append(exc.render())
         for text in texts:
-            assert not leaks(text, values + [current + "!"]), f"{where}: {text}"
+            assert not leaks(text, [*values, current + "!"]), f"{where}: {text}"
         assert any(where in t or "test expects" in t for t in texts), where
 
 
@@ -239,7 +239,7 @@ def test_a_config_from_other_secrets_is_refused_naming_every_field(two_clusters:
     ):
         assert name in text
     assert "--allow-identity-change" in text and "gen config" in text
-    with pytest.raises(IdentityChangeError, match="MachineConfig.type"):
+    with pytest.raises(IdentityChangeError, match=r"MachineConfig\.type"):
         check_identity(cp, worker, allow=False)
     worker_change = identity_changes(worker, other_worker)
     assert "MachineConfig.ca.crt" in [f.where for f in worker_change]
