@@ -202,3 +202,26 @@ async def _events(cluster: LiveCluster, node: str) -> list[str]:
         ]
     finally:
         await client.close()
+
+
+def test_an_admin_read_of_a_secret_file_is_an_event(cluster: LiveCluster) -> None:
+    node = cluster.workers[0]
+
+    async def read(path: str) -> bytes:
+        client = await cluster.client(node)
+        try:
+            return b"".join(
+                [
+                    chunk.bytes
+                    async for chunk in client.machine.Read(
+                        machine_pb2.ReadRequest(path=path), timeout=10
+                    )
+                ]
+            )
+        finally:
+            await client.close()
+
+    assert b"MachineConfig" in run(read("/system/state/config.yaml"))
+    events = run(_events(cluster, node))
+    assert any("read of /system/state/config.yaml with its secrets" in e for e in events)
+    assert any("CN=basaltctl" in e or "basaltctl" in e for e in events if "secrets" in e)

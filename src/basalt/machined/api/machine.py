@@ -218,16 +218,28 @@ class MachineServicer(
             )
 
     # -- files ----------------------------------------------------------------------------------
-    async def _check_path(self, path: str) -> None:
-        """NotFound / AccessDenied for bad paths; sensitive paths need os:admin."""
-        from .files import is_sensitive, resolve
+    async def _check_path(self, path: str, verb: str = "") -> None:
+        """NotFound / AccessDenied for bad paths; sensitive paths need os:admin, and an
+        admin's read of one (``verb``: read, copy) is recorded as an event."""
+        from .files import SENSITIVE_PREFIXES, is_sensitive, resolve
 
         root = self.node.paths.root
-        await asyncio.to_thread(resolve, root, path or "/")
-        sensitive = await asyncio.to_thread(is_sensitive, root, path or "/")
-        if sensitive and Role.ADMIN not in self.principal().roles:
+        view = path or "/"
+        await asyncio.to_thread(resolve, root, view)
+        sensitive = await asyncio.to_thread(is_sensitive, root, view)
+        principal = self.principal()
+        if sensitive and Role.ADMIN not in principal.roles:
             raise AccessDeniedError(
                 f"{path} holds secrets (the machine config, keys); only os:admin may read it"
+            )
+        below = f"{view.rstrip('/')}/"
+        holds_secrets = sensitive or any(p.startswith(below) for p in SENSITIVE_PREFIXES)
+        if verb and holds_secrets and Role.ADMIN in principal.roles:
+            self.node.events.publish(
+                "secrets",
+                f"{verb} of {view} with its secrets",
+                actor="apid",
+                subject=principal.subject or "(unknown)",
             )
 
     async def List(self, request: machine_pb2.ListRequest, context: Context) -> AsyncIterator[Any]:
@@ -248,7 +260,7 @@ class MachineServicer(
     async def Read(self, request: machine_pb2.ReadRequest, context: Context) -> AsyncIterator[Any]:
         from .files import read_file
 
-        await self._check_path(request.path)
+        await self._check_path(request.path, "read")
         meta = self.meta()
         async for chunk in read_file(self.node.paths.root, request.path):
             yield common_pb2.Data(metadata=meta, bytes=chunk)
@@ -256,7 +268,7 @@ class MachineServicer(
     async def Copy(self, request: machine_pb2.CopyRequest, context: Context) -> AsyncIterator[Any]:
         from .files import copy_tree
 
-        await self._check_path(request.root_path)
+        await self._check_path(request.root_path, "copy")
         meta = self.meta()
         admin = Role.ADMIN in self.principal().roles
         async for chunk in copy_tree(
@@ -353,6 +365,7 @@ class MachineServicer(
             "config",
             f"client configuration issued with roles {', '.join(request.roles)}",
             actor="apid",
+            subject=self.principal().subject or "(unknown)",
         )
         answer = machine_pb2.GenerateClientConfiguration(
             metadata=self.meta(),
@@ -383,7 +396,12 @@ class MachineServicer(
                 "the admin kubeconfig is not rendered yet",
                 hint="see 'basaltctl get kubernetesassets' and 'basaltctl events'; retry shortly",
             ) from None
-        self.node.events.publish("kubernetes", "admin kubeconfig handed out", actor="apid")
+        self.node.events.publish(
+            "kubernetes",
+            "admin kubeconfig handed out",
+            actor="apid",
+            subject=self.principal().subject or "(unknown)",
+        )
         return machine_pb2.KubeconfigResponse(
             messages=[machine_pb2.Kubeconfig(metadata=self.meta(), data=data)]
         )
