@@ -165,13 +165,23 @@ def leave(
     force: Annotated[
         bool, typer.Option("--force", help="Leave even when that costs quorum.")
     ] = False,
+    destroy_last_member: Annotated[
+        bool,
+        typer.Option(
+            "--destroy-last-member",
+            help="Let the last member leave: ends the etcd cluster and deletes its data.",
+        ),
+    ] = False,
     nodes: NodesOption = None,
     endpoints: EndpointsOption = None,
 ) -> None:
-    """Make nodes leave the etcd cluster (their member is removed, their data wiped)."""
+    """Make nodes leave the etcd cluster (their member is removed, their data wiped).
+    os:admin only."""
     from basalt.machinery.api import machine_pb2
 
-    request = machine_pb2.EtcdLeaveClusterRequest(force=force)
+    request = machine_pb2.EtcdLeaveClusterRequest(
+        force=force, destroy_last_member=destroy_last_member
+    )
 
     async def work(client: Client, failures: NodeFailures) -> None:
         await _act(client, failures, "EtcdLeaveCluster", request)

@@ -223,6 +223,13 @@ def reset(
     force: Annotated[
         bool, typer.Option("--force", help="Leave etcd even when that costs quorum.")
     ] = False,
+    destroy_last_member: Annotated[
+        bool,
+        typer.Option(
+            "--destroy-last-member",
+            help="--graceful on the last etcd member: end the etcd cluster and its data.",
+        ),
+    ] = False,
     nodes: NodesOption = None,
     endpoints: EndpointsOption = None,
 ) -> None:
@@ -234,6 +241,7 @@ def reset(
         wipe_mode=machine_pb2.WipeMode.Value(wipe_mode.value.upper()),
         reboot=reboot_after,
         force=force,
+        destroy_last_etcd_member=destroy_last_member,
     )
     _action(ctx, "Reset", request, nodes, endpoints)
 

@@ -62,8 +62,9 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
     _SERVICE + "EtcdRecover": _ADMIN,
     _SERVICE + "EtcdMemberList": _READ | {Role.ETCD_BACKUP},
     _SERVICE + "EtcdStatus": _READ | {Role.ETCD_BACKUP},
-    _SERVICE + "EtcdLeaveCluster": _OPERATE,
-    _SERVICE + "EtcdRemoveMember": _OPERATE,
+    # Membership changes can end the etcd cluster or cost its quorum: admin only.
+    _SERVICE + "EtcdLeaveCluster": _ADMIN,
+    _SERVICE + "EtcdRemoveMember": _ADMIN,
     _SERVICE + "EtcdForfeitLeadership": _OPERATE,
     _SERVICE + "EtcdSnapshot": _OPERATE | {Role.ETCD_BACKUP},
     _SERVICE + "EtcdDefragment": _OPERATE,

@@ -103,7 +103,10 @@ class EtcdMethods:
     async def EtcdLeaveCluster(
         self, request: machine_pb2.EtcdLeaveClusterRequest, context: Context
     ) -> Any:
-        return self.action(await self._call(self._etcd().leave(request.force)))
+        manager = self._etcd()
+        return self.action(
+            await self._call(manager.leave(request.force, request.destroy_last_member))
+        )
 
     async def EtcdRemoveMember(
         self, request: machine_pb2.EtcdRemoveMemberRequest, context: Context

@@ -112,10 +112,19 @@ class MachineServicer(
 
         what = machine_pb2.WipeMode.Name(request.wipe_mode).lower()
         if request.graceful and self.node.etcd is not None:
-            await self._call(self.node.etcd.check_leave(request.force))  # refuse before acting
+            # refuse before acting
+            await self._call(
+                self.node.etcd.check_leave(request.force, request.destroy_last_etcd_member)
+            )
         self.node.sequencer.start(
             reset,
-            ResetRequest(request.graceful, request.wipe_mode, request.reboot, request.force),
+            ResetRequest(
+                request.graceful,
+                request.wipe_mode,
+                request.reboot,
+                request.force,
+                request.destroy_last_etcd_member,
+            ),
         )
         then = "reboot" if request.reboot else "shut down"
         return self.action(f"reset started (wipe {what}, then {then})")

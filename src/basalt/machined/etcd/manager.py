@@ -325,9 +325,11 @@ class EtcdManager:
 
         return dict(await asyncio.gather(*(probe(m) for m in members)))
 
-    async def check_leave(self, force: bool) -> None:
-        """Refuse (QuorumError) when this member leaving would cost quorum."""
-        if force or not self.running():
+    async def check_leave(self, force: bool, destroy_last_member: bool = False) -> None:
+        """Refuse (QuorumError) when this member leaving would cost quorum (unless
+        ``force``) or end the cluster as its last member (unless ``destroy_last_member``:
+        ``force`` never skips that check)."""
+        if not self.running():
             return
         async with self.client() as client:
             members = await client.members()
@@ -341,20 +343,24 @@ class EtcdManager:
         needed = len(others) // 2 + 1
         report = ", ".join(f"{m.name or member_id_text(m.ID)}: {health[m.ID]}" for m in others)
         if not others:
+            if destroy_last_member:
+                return
             raise QuorumError(
-                f"{self.name} is the last etcd member; leaving would destroy the cluster",
-                hint="pass --force to do it anyway (take a snapshot first)",
+                f"{self.name} is the last etcd member: leaving ends the etcd cluster and "
+                "deletes its data (--force does not skip this check)",
+                hint="take a snapshot first (basaltctl etcd snapshot); to end the cluster on "
+                "purpose, an os:admin passes --destroy-last-member",
             )
-        if healthy < needed:
+        if healthy < needed and not force:
             raise QuorumError(
                 f"leaving would cost etcd quorum: {healthy} of {len(others)} remaining members "
                 f"healthy, {needed} needed ({report})",
                 hint="fix the unhealthy members first, or pass --force",
             )
 
-    async def leave(self, force: bool) -> str:
+    async def leave(self, force: bool, destroy_last_member: bool = False) -> str:
         self.require_running()
-        await self.check_leave(force)
+        await self.check_leave(force, destroy_last_member)
         async with self.client() as client:
             me = await self._me(client)
             if me is None:
@@ -363,7 +369,7 @@ class EtcdManager:
             voters = [m for m in await client.members() if not m.isLearner]
             if voters == [me]:
                 # etcd cannot remove its last member: stopping it and wiping the data is
-                # the end of the cluster (only reachable with force, see check_leave).
+                # the end of the cluster (only with destroy_last_member, see check_leave).
                 log.warning("%s is the last etcd member; the cluster ends with it", self.name)
             else:
                 if status.leader == me.ID:

@@ -25,6 +25,7 @@ class ResetRequest:
     wipe: WipeMode.ValueType
     reboot: bool
     force: bool = False
+    destroy_last_member: bool = False
 
 
 # -- boot ---------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ async def leave_cluster(node: Node, request: ResetRequest) -> None:
     node.events.publish("machine", "reset: leaving the cluster", actor="reset")
     if node.etcd is not None and node.etcd.running():
         try:
-            await node.etcd.leave(force=True)
+            await node.etcd.leave(True, request.destroy_last_member)
         except Exception as exc:  # the reset goes on: the quorum check passed when asked
             node.events.publish("machine", f"reset: leaving etcd failed: {exc}", actor="reset")
             log.warning("reset: leaving etcd failed: %s", exc)

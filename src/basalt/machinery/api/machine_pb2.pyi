@@ -301,12 +301,15 @@ class ResetRequest(_message.Message):
     WIPE_MODE_FIELD_NUMBER: _builtins.int
     REBOOT_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    DESTROY_LAST_ETCD_MEMBER_FIELD_NUMBER: _builtins.int
     graceful: _builtins.bool
     wipe_mode: Global___WipeMode.ValueType
     reboot: _builtins.bool
     """Reboot after the reset (into maintenance mode when STATE was wiped); else shut down."""
     force: _builtins.bool
     """Leave etcd even when that costs quorum."""
+    destroy_last_etcd_member: _builtins.bool
+    """A graceful reset of the last etcd member ends the etcd cluster: only with this."""
     def __init__(
         self,
         *,
@@ -314,10 +317,11 @@ class ResetRequest(_message.Message):
         wipe_mode: Global___WipeMode.ValueType = ...,
         reboot: _builtins.bool = ...,
         force: _builtins.bool = ...,
+        destroy_last_etcd_member: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "graceful", b"graceful", "reboot", b"reboot", "wipe_mode", b"wipe_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destroy_last_etcd_member", b"destroy_last_etcd_member", "force", b"force", "graceful", b"graceful", "reboot", b"reboot", "wipe_mode", b"wipe_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1416,16 +1420,20 @@ class EtcdLeaveClusterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FORCE_FIELD_NUMBER: _builtins.int
+    DESTROY_LAST_MEMBER_FIELD_NUMBER: _builtins.int
     force: _builtins.bool
-    """Leave even when that costs quorum."""
+    """Leave even when that costs quorum (never skips the last-member check)."""
+    destroy_last_member: _builtins.bool
+    """The last member leaving ends the etcd cluster and deletes its data: only with this."""
     def __init__(
         self,
         *,
         force: _builtins.bool = ...,
+        destroy_last_member: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destroy_last_member", b"destroy_last_member", "force", b"force"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
