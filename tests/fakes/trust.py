@@ -14,7 +14,7 @@ from typing import Any
 from basalt.machined.events import EventBus
 from basalt.machined.node import Tuning
 from basalt.machined.runtime import ControllerEngine, ResourceStore
-from basalt.machinery.config import MachineConfig
+from basalt.machinery.config import ConfigBundle, MachineConfig
 from basalt.machinery.pki import CertificateAndKey
 from tests.fakes import inputs
 
@@ -33,6 +33,13 @@ class TrustNode:
     engine: ControllerEngine | None = None
     store: ResourceStore = field(default_factory=ResourceStore)
     members: dict[str, Any] = field(default_factory=dict)
+    #: The control plane's own address and host name (names nobody else may get).
+    address: str = "127.0.0.229"
+    hostname: str = "cp-1"
+    #: Its own certificates (their names are its own too), when a test gives them.
+    identity: Any = None
+    #: The whole config (for the cluster endpoint), when a test gives it.
+    config: ConfigBundle | None = None
 
     @property
     def os_ca(self) -> CertificateAndKey:
@@ -42,6 +49,7 @@ class TrustNode:
 
 def controlplane_node() -> TrustNode:
     """A trust node holding the session's generated control plane MachineConfig."""
-    machine = inputs.generate().controlplane.first(MachineConfig)
+    config = inputs.generate().controlplane
+    machine = config.first(MachineConfig)
     assert machine is not None
-    return TrustNode(machine)
+    return TrustNode(machine, config=config)

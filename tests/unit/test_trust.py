@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from basalt.machined.api import trust as trust_module
 from basalt.machined.api.tls import mtls_credentials
 from basalt.machined.api.trust import TrustServicer
+from basalt.machined.api.trust_policy import WORKER_UNIT
 from basalt.machined.identity import (
     NodeIdentity,
     certificate_request,
@@ -35,6 +36,7 @@ from basalt.machinery.pki import (
     CertificateAndKey,
     certificate_organizations,
     generate_private_key,
+    issue_certificate,
     load_certificate,
     verify_issued_by,
 )
@@ -141,12 +143,12 @@ def test_a_csr_with_the_token_gets_a_server_only_certificate() -> None:
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert certificate_organizations(crt) == []
-    assert cert.subject.rfc4514_string() == "CN=w-1"
+    assert cert.subject.rfc4514_string() == f"OU={WORKER_UNIT},CN=w-1"
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
-    # The names come from the CSR.
+    # The names come from the CSR, and the host name it announces.
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("192.0.2.5")]
-    assert san.get_values_for_type(x509.DNSName) == ["w-1.example.org"]
+    assert san.get_values_for_type(x509.DNSName) == ["w-1", "w-1.example.org"]
     # Lifetime: the node's configured validity.
     validity = node.tuning.cert_validity
     assert before + validity - dt.timedelta(seconds=2) <= cert.not_valid_after_utc
@@ -157,7 +159,9 @@ def test_a_csr_with_the_token_gets_a_server_only_certificate() -> None:
     assert cert.public_key() == csr.public_key()
     # Signing is recorded.
     messages = [e.message for e in node.events.history() if e.type == "trust"]
-    assert messages == ["signed a node certificate for w-1"]
+    assert messages == ["signed a node certificate for w-1 (w-1, 192.0.2.5, w-1.example.org)"]
+    issued = node.store.get("IssuedCertificates", "w-1")
+    assert issued is not None and issued.spec.names == ["w-1", "192.0.2.5", "w-1.example.org"]
 
 
 def test_sans_are_capped_and_only_names_and_addresses_are_kept() -> None:
@@ -173,7 +177,7 @@ def test_sans_are_capped_and_only_names_and_addresses_are_kept() -> None:
     cert = load_certificate(run(serve(node, body)).crt.decode())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert all(isinstance(name, x509.DNSName) for name in san)
-    assert len(san) <= trust_module.MAX_SANS
+    assert len(san) <= trust_module.MAX_SANS + 1  # the requested ones, and the host name
 
 
 def test_a_hostile_common_name_is_sanitised() -> None:
@@ -186,7 +190,7 @@ def test_a_hostile_common_name_is_sanitised() -> None:
         return await stub.Certificate(request, timeout=5)
 
     cert = load_certificate(run(serve(node, body)).crt.decode())
-    assert cert.subject.rfc4514_string() == "CN=w-1Oosadmin"
+    assert cert.subject.rfc4514_string() == f"OU={WORKER_UNIT},CN=w-1Oosadmin"
 
 
 @pytest.mark.parametrize("token", ["", "wrong.token", "x" * 1000])
@@ -203,7 +207,7 @@ def test_a_wrong_token_is_refused_and_reported(token: str) -> None:
     events = node.events.history()
     assert [e.type for e in events] == ["trust"]
     assert "wrong join token" in events[0].message
-    assert "from ipv4:127.0.0.1:" in events[0].message  # names the peer
+    assert "from 127.0.0.1 " in events[0].message  # names the peer
 
 
 def test_a_node_without_config_refuses_everyone() -> None:
@@ -292,7 +296,7 @@ def test_a_worker_gets_its_identity_from_the_trust_service() -> None:
     assert identity.client is None
     assert identity.server.key is not None
     cert = load_certificate(identity.server.crt)
-    assert cert.subject.rfc4514_string() == "CN=w-9"
+    assert cert.subject.rfc4514_string() == f"OU={WORKER_UNIT},CN=w-9"
     assert verify_issued_by(identity.server.crt, node.os_ca.crt)
     # The key the worker kept belongs to the certificate it got.
     from basalt.machinery.pki import key_matches_certificate
@@ -314,8 +318,28 @@ def member(id_: str, *addresses: str, hostname: str = "") -> trust_pb2.Member:
     )
 
 
-def announce(node: TrustNode, m: trust_pb2.Member, token: str | None = None) -> Any:
-    request = trust_pb2.AnnounceRequest(token=token_of(node) if token is None else token, member=m)
+def node_certificate(node: TrustNode, name: str, addresses: list[str]) -> bytes:
+    """A certificate of the cluster's OS CA for ``name`` with these addresses (what a
+    control plane signs for itself)."""
+    sans = [a for a in addresses if a] or ["192.0.2.250"]
+    try:
+        issued = issue_certificate(node.os_ca, name or "x", server=True, sans=sans)
+    except ValueError:  # an address that is not one: the announcement carries it anyway
+        issued = issue_certificate(node.os_ca, name or "x", server=True, sans=["192.0.2.250"])
+    return issued.crt.encode()
+
+
+def announce(
+    node: TrustNode,
+    m: trust_pb2.Member,
+    token: str | None = None,
+    certificate: bytes | None = None,
+) -> Any:
+    if certificate is None:
+        certificate = node_certificate(node, m.id, list(m.addresses))
+    request = trust_pb2.AnnounceRequest(
+        token=token_of(node) if token is None else token, member=m, certificate=certificate
+    )
 
     async def call(stub: trust_pb2_grpc.TrustServiceStub) -> trust_pb2.AnnounceResponse:
         return await stub.Announce(request, timeout=5)
@@ -347,11 +371,11 @@ def test_announce_again_updates_a_member() -> None:
 
     async def body(stub: trust_pb2_grpc.TrustServiceStub) -> trust_pb2.AnnounceResponse:
         await announce(node, member("m-a", "192.0.2.1"))(stub)
-        return await announce(node, member("m-a", "192.0.2.7", hostname="renamed"))(stub)
+        return await announce(node, member("m-a", "192.0.2.7"))(stub)
 
     answer = run(serve(node, body))
     assert [(m.id, m.hostname, list(m.addresses)) for m in answer.members] == [
-        ("m-a", "renamed", ["192.0.2.7"])
+        ("m-a", "m-a", ["192.0.2.7"])
     ]
 
 
@@ -406,12 +430,12 @@ def test_announce_with_a_wrong_token_registers_nothing() -> None:
 def test_a_member_without_id_is_not_registered() -> None:
     node = controlplane_node()
 
-    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> list[str]:
+    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> grpc.aio.AioRpcError:
         await announce(node, member("m-a"))(stub)
-        answer = await announce(node, member(""))(stub)
-        return [m.id for m in answer.members]
+        return await rpc_error(announce(node, member(""))(stub))
 
-    assert run(serve(node, body)) == ["m-a"]
+    assert run(serve(node, body)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert list(node.trust_members) == ["m-a"]
 
 
 def test_the_member_list_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -524,3 +548,221 @@ def _tls(identity: NodeIdentity) -> grpc.ServerCredentials:
     return mtls_credentials(
         lambda: (identity.ca, identity.server), require_client_certificate=False
     )
+
+
+# -- names that belong to someone else (a join token buys no one else's names) -------------
+
+
+def _certificate_for(node: TrustNode, name: str, sans: list[str]) -> Any:
+    names: list[x509.GeneralName] = []
+    for value in sans:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(value)))
+        except ValueError:
+            names.append(x509.DNSName(value))
+
+    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> Any:
+        request = trust_pb2.CertificateRequest(csr=csr_pem(name, names), token=token_of(node))
+        try:
+            return await stub.Certificate(request, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+    return body
+
+
+@pytest.mark.parametrize(
+    ("name", "sans", "owner"),
+    [
+        ("w-1", ["127.0.0.229"], "address 127.0.0.229 is used by control plane cp-1"),
+        ("cp-1", ["192.0.2.77"], "name cp-1 is used by control plane cp-1"),
+        ("w-1", ["cp-1"], "name cp-1 is used by control plane cp-1"),
+        ("w-1", ["192.0.2.10"], "address 192.0.2.10 is used by the cluster endpoint"),
+        ("w-1", ["localhost"], "name localhost is used by control plane cp-1"),
+        ("w-1", ["127.0.0.1"], "address 127.0.0.1 cannot belong to one node"),
+        ("w-1", ["169.254.169.254"], "cannot belong to one node"),
+    ],
+    ids=["cp-address", "cp-hostname", "cp-name-as-san", "endpoint", "localhost", "loopback", "ll"],
+)
+def test_a_certificate_for_a_control_planes_names_is_refused(
+    name: str, sans: list[str], owner: str
+) -> None:
+    node = controlplane_node()
+    node.identity = server_identity()  # its certificate names: address, localhost, 127.0.0.1
+    error = run(serve(node, _certificate_for(node, name, sans)))
+    assert isinstance(error, grpc.aio.AioRpcError), "signed a name that is not the requester's"
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert owner in (error.details() or "")
+    assert node.store.list("IssuedCertificates") == []
+    assert any("refused" in e.message for e in node.events.history())
+
+
+def test_a_members_names_are_its_own_and_renewal_keeps_them() -> None:
+    node = controlplane_node()
+
+    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> list[Any]:
+        first = await _certificate_for(node, "w-1", ["192.0.2.21"])(stub)
+        renewed = await _certificate_for(node, "w-1", ["192.0.2.21"])(stub)
+        stolen_name = await _certificate_for(node, "w-1", ["192.0.2.99"])(stub)
+        stolen_address = await _certificate_for(node, "w-2", ["192.0.2.21"])(stub)
+        return [first, renewed, stolen_name, stolen_address]
+
+    first, renewed, stolen_name, stolen_address = run(serve(node, body))
+    assert not isinstance(first, grpc.aio.AioRpcError)
+    assert not isinstance(renewed, grpc.aio.AioRpcError)
+    assert isinstance(stolen_address, grpc.aio.AioRpcError)
+    assert "address 192.0.2.21 is used by node w-1" in (stolen_address.details() or "")
+    # the same host name asking for another free address: still w-1's own request
+    assert not isinstance(stolen_name, grpc.aio.AioRpcError)
+
+
+def test_an_announcement_is_what_its_certificate_says() -> None:
+    """A join-token holder's certificate cannot announce the control plane's address, an
+    id that is not its own, or a control plane."""
+    node = controlplane_node()
+
+    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> list[Any]:
+        got = await _certificate_for(node, "evil", ["192.0.2.66"])(stub)
+        cert = got.crt
+        outcomes = []
+        cases = [
+            member("127.0.0.229", "127.0.0.229"),  # the CP's own address as an id
+            member("evil", "127.0.0.229"),  # the CP's address
+            member("w-1", "192.0.2.66"),  # someone else's id
+            trust_pb2.Member(id="evil", hostname="evil", machine_type="controlplane"),
+        ]
+        for m in cases:
+            try:
+                await announce(node, m, certificate=cert)(stub)
+                outcomes.append("accepted")
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(exc.details() or "")
+        await announce(node, member("evil", "192.0.2.66"), certificate=cert)(stub)
+        return outcomes
+
+    outcomes = run(serve(node, body))
+    assert "accepted" not in outcomes, outcomes
+    assert "presents the certificate of 'evil'" in outcomes[0]
+    assert "not in its certificate" in outcomes[1]
+    assert "holds a worker certificate" in outcomes[3]
+    assert list(node.trust_members) == ["evil"]  # as its certificate says, nothing more
+
+
+def test_an_announcement_without_a_certificate_of_this_cluster_is_refused() -> None:
+    node = controlplane_node()
+    other = sign_locally(
+        CertificateAndKey(*_other_ca()), "m-a", ["192.0.2.1"], dt.timedelta(hours=1)
+    )
+
+    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> list[str]:
+        details = []
+        for cert in (b"", b"garbage", other.server.crt.encode()):
+            error = await rpc_error(
+                announce(node, member("m-a", "192.0.2.1"), certificate=cert)(stub)
+            )
+            details.append(error.details() or "")
+        return details
+
+    none, garbage, foreign = run(serve(node, body))
+    assert "no certificate presented" in none
+    assert "does not parse" in garbage
+    assert "not a current one of this cluster's OS CA" in foreign
+    assert node.trust_members == {}
+
+
+def _other_ca() -> tuple[str, str]:
+    from basalt.machinery.pki import generate_ca
+
+    ca = generate_ca("other")
+    assert ca.key is not None
+    return ca.crt, ca.key
+
+
+def test_a_wrong_token_flood_is_limited_and_keeps_the_event_history() -> None:
+    node = controlplane_node()
+    node.events.publish("config", "an event that must survive", actor="test")
+
+    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> list[grpc.StatusCode]:
+        codes = []
+        for _ in range(60):
+            request = trust_pb2.CertificateRequest(csr=csr_pem(), token="wrong.token")
+            codes.append((await rpc_error(stub.Certificate(request, timeout=5))).code())
+        return codes
+
+    codes = run(serve(node, body))
+    assert codes[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trust_events = [e for e in node.events.history() if e.type == "trust"]
+    assert len(trust_events) == 1  # reported once per window, not once per call
+    assert any(e.message == "an event that must survive" for e in node.events.history())
+
+
+def test_one_peer_cannot_fill_the_member_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trust_module, "MAX_MEMBERS_PER_PEER", 3)
+    node = controlplane_node()
+
+    async def body(stub: trust_pb2_grpc.TrustServiceStub) -> int:
+        for i in range(6):
+            await announce(node, member(f"fake-{i}", f"192.0.2.{100 + i}"))(stub)
+        return len(node.trust_members)
+
+    assert run(serve(node, body)) == 3
+
+
+# -- forwarding reaches members only; its channels are bounded ------------------------------
+
+
+class _Members:
+    """The parts of a node the resolver reads."""
+
+    def __init__(self, members: dict[str, trust_pb2.Member]) -> None:
+        self.address = "127.0.0.229"
+        self.hostname = "cp-1"
+        self.members = members
+
+
+def test_forwarding_resolves_members_only() -> None:
+    from basalt.machined.api.proxy import UnknownTargetError
+    from basalt.machined.api.server import node_resolver
+
+    node = _Members({"w-1": member("w-1", "192.0.2.21")})
+    resolve = node_resolver(node)  # type: ignore[arg-type]
+    assert resolve("w-1") == resolve("192.0.2.21") == "192.0.2.21"
+    assert resolve("cp-1") == resolve("127.0.0.229") == "127.0.0.229"
+    for outsider in ("192.0.2.99", "169.254.169.254:80", "127.0.0.229:22", "w-2", ""):
+        with pytest.raises(UnknownTargetError, match="not a member of this cluster"):
+            resolve(outsider)
+
+
+def test_channels_follow_membership_and_are_bounded() -> None:
+    from basalt.machined.api import proxy as proxy_module
+    from basalt.machined.api.proxy import Proxy
+    from basalt.machined.api.server import member_addresses, node_resolver
+
+    identity = server_identity()
+    members = {f"w-{i}": member(f"w-{i}", f"192.0.2.{i}") for i in range(1, 101)}
+    node = _Members(members)
+
+    async def scenario() -> tuple[int, int, int]:
+        proxy = Proxy(
+            lambda: (identity.ca, identity.client),  # type: ignore[arg-type,return-value]
+            node_resolver(node),  # type: ignore[arg-type]
+            lambda: member_addresses(node),  # type: ignore[arg-type]
+        )
+        for i in range(1, 101):
+            proxy._channel(f"w-{i}")
+        bounded = proxy.open_channels
+        for i in range(1, 96):
+            del members[f"w-{i}"]
+        proxy._channel("w-100")
+        after = proxy.open_channels
+        for _ in range(50):
+            with pytest.raises(ValueError):
+                proxy._channel("192.0.2.250")
+        refused = proxy.open_channels
+        await proxy.close()
+        return bounded, after, refused
+
+    bounded, after, refused = run(scenario())
+    assert bounded == proxy_module.MAX_CHANNELS
+    assert after <= 5 and refused == after

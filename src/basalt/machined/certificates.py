@@ -38,6 +38,9 @@ async def obtain(node: Node) -> NodeIdentity:
             sign_locally, ca, node.hostname, sans, node.tuning.cert_validity
         )
     endpoint = trust_endpoint(node)
+    # A worker asks only for its own names: the trust service refuses names in use by
+    # anyone else, and localhost and 127.0.0.1 are every machine's (the control plane's).
+    sans = list(dict.fromkeys(n for n in (node.address, node.hostname, *machine.cert_sans) if n))
     backoff = 0.5
     while True:
         try:

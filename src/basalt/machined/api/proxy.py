@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ import grpc
 import grpc.aio
 
 from basalt.machinery.api import API_PORT
-from basalt.machinery.client.client import CHANNEL_OPTIONS, split_endpoint
+from basalt.machinery.client.client import CHANNEL_OPTIONS
 from basalt.machinery.pki import CertificateAndKey
 
 from . import wire
@@ -27,19 +28,54 @@ from .auth import NODE_METADATA, ROLES_METADATA, Principal
 from .dispatch import Check
 
 STREAM_BUFFER = 64
+#: Channels kept open to other nodes at most (least recently used are closed first).
+MAX_CHANNELS = 64
+
+
+class UnknownTargetError(ValueError):
+    """A ``-n`` target that is not a member of the cluster: refused, never dialled."""
 
 
 class Proxy:
-    """Channels to other nodes, made with this node's client certificate."""
+    """Channels to other nodes, made with this node's client certificate.
+
+    Targets resolve through ``resolve`` (members only); channels are cached by the address
+    they dial, closed when that address is no longer a member's (``allowed``) or when more
+    than :data:`MAX_CHANNELS` are open, and made again when the certificate changes.
+    """
 
     def __init__(
         self,
         credentials: Callable[[], tuple[str, CertificateAndKey] | None],
         resolve: Callable[[str], str] = lambda name: name,
+        allowed: Callable[[], set[str]] | None = None,
     ) -> None:
         self._credentials = credentials
         self._resolve = resolve
-        self._channels: dict[str, tuple[int, grpc.aio.Channel]] = {}
+        self._allowed = allowed
+        self._channels: OrderedDict[str, tuple[int, grpc.aio.Channel]] = OrderedDict()
+        self._closing: set[asyncio.Future[None]] = set()
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        closing = asyncio.ensure_future(channel.close(None))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    def _evict(self) -> None:
+        """Close channels to addresses that are no longer members, and the least
+        recently used beyond :data:`MAX_CHANNELS`."""
+        allowed = self._allowed() if self._allowed is not None else None
+        gone = [a for a in self._channels if allowed is not None and a not in allowed]
+        while len(self._channels) - len(gone) > MAX_CHANNELS:
+            oldest = next(a for a in self._channels if a not in gone)
+            gone.append(oldest)
+        for address in gone:
+            _, channel = self._channels.pop(address)
+            self._close_later(channel)
+
+    @property
+    def open_channels(self) -> int:
+        return len(self._channels)
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         creds = self._credentials()
@@ -47,10 +83,15 @@ class Proxy:
             raise PermissionError("no client certificate to forward with")
         ca, client = creds
         key = id(client)
-        cached = self._channels.get(target)
+        host = self._resolve(target)  # raises UnknownTargetError for non-members
+        port = API_PORT
+        self._evict()
+        cached = self._channels.get(host)
         if cached is not None and cached[0] == key:
+            self._channels.move_to_end(host)
             return cached[1]
-        host, port = split_endpoint(self._resolve(target), API_PORT)
+        if cached is not None:
+            self._close_later(cached[1])
         assert client.key is not None
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca.encode(),
@@ -59,7 +100,8 @@ class Proxy:
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        self._channels[target] = (key, channel)
+        self._channels[host] = (key, channel)
+        self._evict()
         return channel
 
     @staticmethod
@@ -142,6 +184,8 @@ class Proxy:
             return answer
         except grpc.aio.AioRpcError as exc:
             return wire.unary_error(target, exc.details() or "", exc.code().value[0])
+        except UnknownTargetError as exc:
+            return wire.unary_error(target, str(exc), grpc.StatusCode.NOT_FOUND.value[0])
         except (PermissionError, ValueError, OSError) as exc:
             return wire.unary_error(target, str(exc), grpc.StatusCode.UNAVAILABLE.value[0])
 
@@ -165,6 +209,10 @@ class Proxy:
                     await queue.put(message)
             except grpc.aio.AioRpcError as exc:
                 await queue.put(wire.stream_error(target, exc.details() or "", exc.code().value[0]))
+            except UnknownTargetError as exc:
+                await queue.put(
+                    wire.stream_error(target, str(exc), grpc.StatusCode.NOT_FOUND.value[0])
+                )
             except (PermissionError, ValueError, OSError) as exc:
                 await queue.put(
                     wire.stream_error(target, str(exc), grpc.StatusCode.UNAVAILABLE.value[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -18,7 +19,7 @@ from basalt.machinery.api import (
 from basalt.machinery.client.client import MAX_MESSAGE
 
 from .dispatch import Dispatcher
-from .proxy import Proxy
+from .proxy import Proxy, UnknownTargetError
 from .tls import maintenance_credentials, mtls_credentials
 
 if TYPE_CHECKING:
@@ -55,7 +56,9 @@ class ApiServer:
         self.proxy: Proxy | None = None
         forward = None
         if not maintenance:
-            self.proxy = Proxy(self._forwarding_credentials, node_resolver(node))
+            self.proxy = Proxy(
+                self._forwarding_credentials, node_resolver(node), lambda: member_addresses(node)
+            )
             forward = self.proxy.handler
         self.dispatcher = Dispatcher(
             maintenance=maintenance, rbac_enabled=self._rbac_enabled, forward=forward
@@ -140,13 +143,31 @@ class TrustServer:
             self.server = None
 
 
-def node_resolver(node: Node) -> Any:
-    """Target names -> addresses: a member's host name resolves to its first address."""
+def node_resolver(node: Node) -> Callable[[str], str]:
+    """Target names -> addresses: this node's own name or address, a member's id or host
+    name (its first address), or a member's address. Anything else is refused before it
+    is dialled (:class:`UnknownTargetError`): forwarding reaches members only."""
 
     def resolve(name: str) -> str:
-        member = node.members.get(name)
-        if member is not None and member.addresses:
-            return str(member.addresses[0])
-        return name
+        wanted = name.strip()
+        if wanted in (node.address, node.hostname):
+            return node.address
+        for member_id, member in list(node.members.items()):
+            addresses = [str(a) for a in member.addresses]
+            if wanted in (member_id, member.hostname) and addresses:
+                return addresses[0]
+            if wanted in addresses:
+                return wanted
+        raise UnknownTargetError(
+            f"{name} is not a member of this cluster; 'basaltctl get members' lists them"
+        )
 
     return resolve
+
+
+def member_addresses(node: Node) -> set[str]:
+    """Every address forwarding may dial now (for evicting cached channels)."""
+    found = {node.address}
+    for member in list(node.members.values()):
+        found.update(str(a) for a in member.addresses)
+    return found

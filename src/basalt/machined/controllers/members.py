@@ -72,7 +72,12 @@ class MembersController(Controller):
         credentials = grpc.ssl_channel_credentials(root_certificates=identity.ca.encode())
         async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
             answer = await trust_pb2_grpc.TrustServiceStub(channel).Announce(
-                trust_pb2.AnnounceRequest(token=machine.token, member=self._member()), timeout=5
+                trust_pb2.AnnounceRequest(
+                    token=machine.token,
+                    member=self._member(),
+                    certificate=identity.server.crt.encode(),
+                ),
+                timeout=5,
             )
         publish_members(self.node, answer.members)
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n basalt/machinery/api/trust.proto\x12\x13\x62\x61salt.api.v1alpha1\"0\n\x12\x43\x65rtificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\r\n\x05token\x18\x02 \x01(\t\".\n\x13\x43\x65rtificateResponse\x12\n\n\x02\x63\x61\x18\x01 \x01(\x0c\x12\x0b\n\x03\x63rt\x18\x02 \x01(\x0c\"s\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x14\n\x0cmachine_type\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x11\n\tlast_seen\x18\x06 \x01(\x01\"M\n\x0f\x41nnounceRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12+\n\x06member\x18\x02 \x01(\x0b\x32\x1b.basalt.api.v1alpha1.Member\"@\n\x10\x41nnounceResponse\x12,\n\x07members\x18\x01 \x03(\x0b\x32\x1b.basalt.api.v1alpha1.Member2\xc9\x01\n\x0cTrustService\x12`\n\x0b\x43\x65rtificate\x12\'.basalt.api.v1alpha1.CertificateRequest\x1a(.basalt.api.v1alpha1.CertificateResponse\x12W\n\x08\x41nnounce\x12$.basalt.api.v1alpha1.AnnounceRequest\x1a%.basalt.api.v1alpha1.AnnounceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n basalt/machinery/api/trust.proto\x12\x13\x62\x61salt.api.v1alpha1\"0\n\x12\x43\x65rtificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\r\n\x05token\x18\x02 \x01(\t\".\n\x13\x43\x65rtificateResponse\x12\n\n\x02\x63\x61\x18\x01 \x01(\x0c\x12\x0b\n\x03\x63rt\x18\x02 \x01(\x0c\"s\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x14\n\x0cmachine_type\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x11\n\tlast_seen\x18\x06 \x01(\x01\"b\n\x0f\x41nnounceRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12+\n\x06member\x18\x02 \x01(\x0b\x32\x1b.basalt.api.v1alpha1.Member\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"@\n\x10\x41nnounceResponse\x12,\n\x07members\x18\x01 \x03(\x0b\x32\x1b.basalt.api.v1alpha1.Member2\xc9\x01\n\x0cTrustService\x12`\n\x0b\x43\x65rtificate\x12\'.basalt.api.v1alpha1.CertificateRequest\x1a(.basalt.api.v1alpha1.CertificateResponse\x12W\n\x08\x41nnounce\x12$.basalt.api.v1alpha1.AnnounceRequest\x1a%.basalt.api.v1alpha1.AnnounceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBER']._serialized_start=155
   _globals['_MEMBER']._serialized_end=270
   _globals['_ANNOUNCEREQUEST']._serialized_start=272
-  _globals['_ANNOUNCEREQUEST']._serialized_end=349
-  _globals['_ANNOUNCERESPONSE']._serialized_start=351
-  _globals['_ANNOUNCERESPONSE']._serialized_end=415
-  _globals['_TRUSTSERVICE']._serialized_start=418
-  _globals['_TRUSTSERVICE']._serialized_end=619
+  _globals['_ANNOUNCEREQUEST']._serialized_end=370
+  _globals['_ANNOUNCERESPONSE']._serialized_start=372
+  _globals['_ANNOUNCERESPONSE']._serialized_end=436
+  _globals['_TRUSTSERVICE']._serialized_start=439
+  _globals['_TRUSTSERVICE']._serialized_end=640
 # @@protoc_insertion_point(module_scope)

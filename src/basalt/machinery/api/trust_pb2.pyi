@@ -106,7 +106,12 @@ class AnnounceRequest(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     MEMBER_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     token: _builtins.str
+    certificate: _builtins.bytes
+    """The node's API server certificate (PEM): the member's id and addresses must be its
+    common name and IP names.
+    """
     @_builtins.property
     def member(self) -> Global___Member: ...
     def __init__(
@@ -114,10 +119,11 @@ class AnnounceRequest(_message.Message):
         *,
         token: _builtins.str = ...,
         member: Global___Member | None = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "member", b"member", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

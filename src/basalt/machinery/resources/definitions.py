@@ -111,6 +111,14 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         (("KUBERNETES", "kubernetesVersion"), ("TYPE", "machineType")),
     ),
     ResourceDefinition(
+        "IssuedCertificates",
+        "cluster",
+        specs.IssuedCertificateSpec,
+        ("issuedcertificate", "issuedcertificates", "certs"),
+        "Node certificates this control plane's trust service signed (by host name).",
+        (("NAMES", "names"), ("FROM", "requestedFrom"), ("SERIAL", "serial")),
+    ),
+    ResourceDefinition(
         "EtcdMembers",
         "etcd",
         specs.EtcdMemberSpec,

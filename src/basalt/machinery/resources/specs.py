@@ -78,6 +78,17 @@ class MemberSpec(Model):
     last_seen: float
 
 
+class IssuedCertificateSpec(Model):
+    """A node certificate this control plane's trust service signed: for which names,
+    asked from where."""
+
+    names: list[str]
+    serial: str
+    sha256: str
+    requested_from: str
+    issued: float
+
+
 class VersionSpec(Model):
     tag: str
     python: str
