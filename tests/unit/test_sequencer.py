@@ -381,3 +381,38 @@ def test_shutdown_takes_over_a_reboot_that_took_over_boot() -> None:
     assert recorder.of("boot")[-1] == ("", "cancelled")
     assert recorder.of("reboot")[-1] == ("", "cancelled")
     assert recorder.of("shutdown")[-1] == ("", "finished")
+
+
+def test_a_refusal_is_one_log_line_and_a_bug_is_a_trace(caplog: pytest.LogCaptureFixture) -> None:
+    """An expected refusal (a BasaltError with a hint) is logged as one line with the
+    reason; only a bug gets a traceback. Nobody awaiting a sequence leaves no trace either."""
+    import gc
+    import logging
+
+    from basalt.machinery.errors import BasaltError
+
+    async def refuse(node: Node, request: Any) -> None:
+        raise BasaltError("rollback refused: slot a (9.9.2) failed", hint="upgrade instead")
+
+    async def scenario() -> None:
+        sequencer = Sequencer(Node(), Recorder())
+        with pytest.raises(BasaltError):
+            await sequencer.start(sequence("rollback").then("check", refuse))
+        sequencer.start(sequence("reboot").then("check", refuse))  # fire and forget
+        await settle()
+        await asyncio.sleep(0.05)
+        with pytest.raises(ValueError):
+            await sequencer.start(sequence("upgrade").then("bad", boom))
+
+    with caplog.at_level(logging.DEBUG):
+        run(scenario())
+        gc.collect()
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert [r.getMessage() for r in refusals] == [
+        "sequence rollback refused: rollback refused: slot a (9.9.2) failed hint: upgrade instead",
+        "sequence reboot refused: rollback refused: slot a (9.9.2) failed hint: upgrade instead",
+    ]
+    assert all(r.exc_info is None and r.levelno == logging.WARNING for r in refusals)
+    assert "never retrieved" not in caplog.text
+    bugs = [r for r in caplog.records if r.exc_info is not None]
+    assert len(bugs) == 1 and "sequence upgrade failed" in bugs[0].getMessage()

@@ -35,6 +35,10 @@ class BasaltError(Exception):
             return f"{self.message}\n  hint: {self.hint}"
         return self.message
 
+    def one_line(self) -> str:
+        """The error as one log line: an expected refusal is logged so, never as a trace."""
+        return " ".join(line.strip() for line in self.render().splitlines() if line.strip())
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -111,6 +111,8 @@ class Sequencer(Generic[N]):
         return task
 
     def _finished(self, name: str, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            task.exception()  # reported by _run already; no "never retrieved" trace at GC
         self._live.discard(task)
         if self._running is not None and self._running[1] is task:
             self._running = None
@@ -132,7 +134,11 @@ class Sequencer(Generic[N]):
         except asyncio.CancelledError:
             self._on_event(seq.name, "", "cancelled")
             raise
-        except Exception as exc:
+        except BasaltError as exc:  # an expected refusal: one line with the reason
+            self._on_event(seq.name, "", f"refused: {exc.one_line()}")
+            log.warning("sequence %s refused: %s", seq.name, exc.one_line())
+            raise
+        except Exception as exc:  # a bug: the trace is for us
             self._on_event(seq.name, "", f"failed: {type(exc).__name__}: {exc}")
             log.exception("sequence %s failed", seq.name)
             raise

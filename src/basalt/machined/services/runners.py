@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from basalt.machined.services.logs import LineSplitter, LogBuffer
+from basalt.machinery.errors import BasaltError
 
 __all__ = ["ExitStatus", "ProcessRunner", "Runner", "Running", "TaskRunner"]
 
@@ -189,6 +190,9 @@ class TaskRunner:
     async def _run(self, log: LogBuffer) -> ExitStatus:
         try:
             await self.func(log)
+        except BasaltError as exc:  # an expected refusal: its reason, on one line
+            log.append(exc.one_line().encode())
+            return ExitStatus(error=exc.one_line())
         except Exception as exc:
             for chunk in traceback.format_exception(exc):
                 for line in chunk.rstrip("\n").split("\n"):
