@@ -15,13 +15,14 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from basalt.machinery.client.client import UPLOAD_READY
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.roles import MAINTENANCE_RPCS, Role, allowed_roles, is_allowed
 
 from .auth import AuthenticationError, Principal, authenticate, current_principal
-from .errors import details_for, status_for
+from .errors import InvalidRequestError, details_for, status_for
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +70,102 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
         await asyncio.wait_for(consume(), DRAIN_SECONDS)
 
 
-def wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
-    """``handler`` with ``check`` run first and BasaltErrors turned into status codes."""
-    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+class RequestTooLargeError(BasaltError):
+    """A request message is larger than its method takes (:data:`REQUEST_LIMITS`)."""
+
+
+_SERVICE = "/basalt.api.v1alpha1.MachineService/"
+#: The largest request message each method takes (for a client stream: each message);
+#: anything else takes :data:`DEFAULT_REQUEST_LIMIT`. The server refuses larger messages
+#: before they are decoded, and reads none before the caller's roles are checked.
+REQUEST_LIMITS: dict[str, int] = {
+    _SERVICE + "ApplyConfiguration": 2 * 1024 * 1024,  # a config is at most 1 MiB
+    _SERVICE + "Upgrade": 1024 * 1024,  # clients send 256 KiB chunks
+    _SERVICE + "ImageImport": 1024 * 1024,
+    _SERVICE + "EtcdRecover": 1024 * 1024,
+}
+DEFAULT_REQUEST_LIMIT = 64 * 1024
+#: What the server's transport accepts at all (the largest limit, with room to spare).
+MAX_REQUEST = 4 * 1024 * 1024
+
+
+def request_limit(method: str) -> int:
+    return REQUEST_LIMITS.get(method, DEFAULT_REQUEST_LIMIT)
+
+
+def decoder(method: str, deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """Raw request bytes -> the request, refused (RequestTooLargeError) above the
+    method's limit and (InvalidRequestError) when they do not decode."""
+    limit = request_limit(method)
+
+    def decode(data: bytes) -> Any:
+        if len(data) > limit:
+            raise RequestTooLargeError(
+                f"{_short(method)}: a request message of {len(data)} bytes is over this "
+                f"method's limit of {limit} bytes",
+                hint="send smaller messages (uploads in chunks of at most 256 KiB)",
+            )
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except (DecodeError, ValueError) as exc:
+            raise InvalidRequestError(
+                f"{_short(method)}: the request does not decode: {exc}"
+            ) from None
+
+    return decode
+
+
+async def read_one(requests: AsyncIterator[bytes], decode: Callable[[bytes], Any]) -> Any:
+    """The single message of a unary request, read only now (after the role check)."""
+    async for data in requests:
+        return decode(data)
+    raise InvalidRequestError("the request carried no message")
+
+
+async def _decoded(requests: AsyncIterator[bytes], decode: Callable[[bytes], Any]) -> Any:
+    async for data in requests:
+        yield decode(data)
+
+
+def wrap(handler: grpc.RpcMethodHandler, check: Check, method: str = "") -> grpc.RpcMethodHandler:
+    """``handler`` with ``check`` run first and BasaltErrors turned into status codes.
+
+    Every handler reads its requests as a stream of raw messages (a unary call is a stream
+    of one on the wire): nothing is read before ``check`` passed, and each message is
+    held to the method's size limit before it is decoded.
+    """
+    decode = decoder(method, handler.request_deserializer)
+    serialize = handler.response_serializer
     if not handler.request_streaming and not handler.response_streaming:
         unary = handler.unary_unary
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def unary_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             token = current_principal.set(await check(context))
             try:
-                return await unary(request, context)
+                return await unary(await read_one(requests, decode), context)
             except BasaltError as exc:
                 await _abort_for(exc, context)
             finally:
                 current_principal.reset(token)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
+        return grpc.stream_unary_rpc_method_handler(unary_unary, None, serialize)
     if not handler.request_streaming:
         stream = handler.unary_stream
 
         async def unary_stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            requests: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             current_principal.set(await check(context))
             try:
+                request = await read_one(requests, decode)
                 async for item in stream(request, context):
                     yield item
             except BasaltError as exc:
                 await _abort_for(exc, context)
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+        return grpc.stream_stream_rpc_method_handler(unary_stream, None, serialize)
     if not handler.response_streaming:
         client_stream = handler.stream_unary
 
@@ -107,12 +174,12 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
             # Tells an uploading client that it may send (basalt.machinery.client.upload).
             await context.send_initial_metadata(UPLOAD_READY)
             try:
-                return await client_stream(requests, context)
+                return await client_stream(_decoded(requests, decode), context)
             except BasaltError as exc:
                 await _drain(requests)
                 await _abort_for(exc, context)
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
     bidi = handler.stream_stream
 
     async def stream_stream(
@@ -120,16 +187,16 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
     ) -> AsyncIterator[Any]:
         current_principal.set(await check(context))
         try:
-            async for item in bidi(requests, context):
+            async for item in bidi(_decoded(requests, decode), context):
                 yield item
         except BasaltError as exc:
             await _abort_for(exc, context)
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+    return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 
 
 def denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same shape that refuses every call."""
+    """A handler of the same shape that refuses every call (reading nothing)."""
 
     async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         await context.abort(code, message)
@@ -216,9 +283,9 @@ class Dispatcher(grpc.GenericRpcHandler):
             async def maintenance(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
                 return MAINTENANCE_PRINCIPAL
 
-            return wrap(handler, maintenance)
+            return wrap(handler, maintenance, method)
         check = self.checker(method, metadata)
         nodes = [n.strip() for n in metadata.get("nodes", "").split(",") if n.strip()]
         if nodes and self._forward is not None:
             return self._forward(method, handler, nodes, check)
-        return wrap(handler, check)
+        return wrap(handler, check, method)

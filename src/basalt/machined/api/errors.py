@@ -19,6 +19,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "ContractError": grpc.StatusCode.INVALID_ARGUMENT,
     "InvalidRequestError": grpc.StatusCode.INVALID_ARGUMENT,
     "InvalidApplyError": grpc.StatusCode.INVALID_ARGUMENT,
+    "RequestTooLargeError": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "SequenceConflictError": grpc.StatusCode.FAILED_PRECONDITION,
     "RebootRequiredError": grpc.StatusCode.FAILED_PRECONDITION,
     "IdentityChangeError": grpc.StatusCode.FAILED_PRECONDITION,

@@ -21,11 +21,13 @@ import grpc.aio
 
 from basalt.machinery.api import API_PORT
 from basalt.machinery.client.client import CHANNEL_OPTIONS
+from basalt.machinery.errors import BasaltError
 from basalt.machinery.pki import CertificateAndKey
 
 from . import wire
 from .auth import NODE_METADATA, ROLES_METADATA, Principal
-from .dispatch import Check
+from .dispatch import Check, decoder, read_one
+from .errors import details_for, status_for
 
 STREAM_BUFFER = 64
 #: Channels kept open to other nodes at most (least recently used are closed first).
@@ -152,26 +154,40 @@ class Proxy:
                 return grpc.stream_stream_rpc_method_handler(unsupported)
             return grpc.stream_unary_rpc_method_handler(unsupported)
 
+        # The request is read only after the caller's roles passed, and held to the
+        # method's size limit (see dispatch.wrap).
+        decode = decoder(method, None)
+
+        async def one(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            try:
+                data: bytes = await read_one(requests, decode)
+            except BasaltError as exc:
+                await context.abort(status_for(exc), details_for(exc))
+                raise
+            return data
+
         if handler.response_streaming:
 
             async def unary_stream(
-                request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[bytes]:
                 principal = await authorize(context)
+                request = await one(requests, context)
                 async for item in self._stream(method, request, nodes, principal, context):
                     yield item
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream)
+            return grpc.stream_stream_rpc_method_handler(unary_stream)
 
-        async def unary_unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        async def unary_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             principal = await authorize(context)
+            request = await one(requests, context)
             timeout = context.time_remaining()
             answers = await asyncio.gather(
                 *(self._unary(method, request, n, principal, timeout) for n in nodes)
             )
             return b"".join(answers)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary)
+        return grpc.stream_unary_rpc_method_handler(unary_unary)
 
     async def _unary(
         self, method: str, request: bytes, target: str, principal: Principal, timeout: float | None

@@ -18,7 +18,7 @@ from basalt.machinery.api import (
 )
 from basalt.machinery.client.client import MAX_MESSAGE
 
-from .dispatch import Dispatcher
+from .dispatch import MAX_REQUEST, Dispatcher
 from .proxy import Proxy, UnknownTargetError
 from .tls import maintenance_credentials, mtls_credentials
 
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # No request message is larger than a method's limit (dispatch.REQUEST_LIMITS).
+    ("grpc.max_receive_message_length", MAX_REQUEST),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_concurrent_streams", 256),
     ("grpc.keepalive_permit_without_calls", 1),

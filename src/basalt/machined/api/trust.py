@@ -50,6 +50,8 @@ MAX_MEMBERS = 1024
 #: Members whose certificates one peer address presented: a NAT gateway carries many
 #: workers, a token holder must not fill the list.
 MAX_MEMBERS_PER_PEER = 64
+#: Seconds a newly signed node holds its names before it has announced them.
+ISSUE_GRACE = 120.0
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -66,8 +68,8 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
         self.limiter = FailureLimiter()
-        #: Host name -> the names signed for it (this control plane's record).
-        self.issued: dict[str, list[str]] = {}
+        #: Host name -> the names signed for it and when, until that node announces them.
+        self.pending: dict[str, tuple[list[str], float]] = {}
         #: Member id -> the peer address that announced it.
         self.announced_from: dict[str, str] = {}
 
@@ -136,7 +138,12 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
             for member_id, member in node.trust_members.items()
             if member_id != node.hostname
         }
-        return taken_names(node.hostname, own, endpoint or "", members, self.issued)
+        # A node signed for holds its names until it announces them (for at most
+        # ISSUE_GRACE); then its member entry does, until it stops announcing: a renamed
+        # node gets its address again once its old name has expired from the list.
+        now = time.time()
+        recent = {h: names for h, (names, at) in self.pending.items() if now - at < ISSUE_GRACE}
+        return taken_names(node.hostname, own, endpoint or "", members, recent)
 
     def _sign(
         self, csr: x509.CertificateSigningRequest, hostname: str, names: list[str]
@@ -175,8 +182,8 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
     def _record(
         self, hostname: str, names: list[str], serial: int, fingerprint: str, peer: str
     ) -> None:
-        # Names stay the host's while any certificate of it may still be in use.
-        self.issued[hostname] = list(dict.fromkeys([*self.issued.get(hostname, []), *names]))
+        earlier = self.pending.get(hostname, ([], 0.0))[0]
+        self.pending[hostname] = (list(dict.fromkeys([*earlier, *names])), time.time())
         self.node.store.put(
             "IssuedCertificates",
             hostname,
@@ -265,6 +272,7 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
                 return
         registry[member.id] = member
         self.announced_from[member.id] = peer
+        self.pending.pop(member.id, None)
 
 
 def _ip_or_none(name: str) -> Any:
