@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 F = TypeVar("F", bound=Callable[..., object])
 
 #: Inputs per target in ``make test`` (the fast lane keeps its budget).
-FUZZ_SHORT = 150
+FUZZ_SHORT = 60
 
 
 def examples() -> int:

@@ -346,3 +346,109 @@ def test_maintenance_mode_serves_only_what_it_must(tmp_path: Path) -> None:
     assert results.pop("ApplyConfiguration") == grpc.StatusCode.INVALID_ARGUMENT
     assert results.pop("forwarded") == grpc.StatusCode.FAILED_PRECONDITION
     assert set(results.values()) == {grpc.StatusCode.PERMISSION_DENIED}, results
+
+
+def test_large_requests_are_refused_by_method_and_denied_ones_are_never_read(
+    cluster: LiveCluster,
+) -> None:
+    """Every method took 32 MiB messages and read them before the role check (16 denied
+    30 MiB calls: +1.2 GB). Now: messages over 4 MiB are refused by the transport, over the
+    method's own limit before decoding, and a caller without the role is refused first."""
+    import psutil
+
+    node = cluster.controlplanes[0]
+    pid = int((cluster.node_dir(node) / "machined.pid").read_text())
+
+    async def calls() -> tuple[list[grpc.StatusCode], list[str]]:
+        reader = await _role_client(cluster, Role.READER)
+        admin = await cluster.client()
+        codes: list[grpc.StatusCode] = []
+        details: list[str] = []
+        try:
+            big = machine_pb2.ApplyConfigurationRequest(data=b"x" * (3 * 1024 * 1024))
+            for _ in range(16):  # denied: never read
+                try:
+                    await reader.machine.ApplyConfiguration(big, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+            huge = machine_pb2.ApplyConfigurationRequest(data=b"x" * (30 * 1024 * 1024))
+            over = machine_pb2.ApplyConfigurationRequest(data=b"x" * (3 * 1024 * 1024))
+            padded = resource_pb2.ResourceGetRequest(type="Members", id="x" * (100 * 1024))
+            for call, request in (
+                (admin.machine.ApplyConfiguration, huge),
+                (admin.machine.ApplyConfiguration, over),
+                (admin.resources.Get, padded),
+            ):
+                try:
+                    await call(request, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+                    details.append(exc.details() or "")
+        finally:
+            await reader.close()
+            await admin.close()
+        return codes, details
+
+    before = psutil.Process(pid).memory_info().rss
+    codes, details = run(calls())
+    grown = psutil.Process(pid).memory_info().rss - before
+    assert codes[:16] == [grpc.StatusCode.PERMISSION_DENIED] * 16
+    assert codes[16:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert "ApplyConfiguration: a request message of 3145" in details[1]
+    assert "limit of 2097152 bytes" in details[1]
+    assert "Get: a request message of" in details[2] and "limit of 65536" in details[2]
+    print(
+        f"\nmachined RSS after 16 denied 3 MiB calls and 3 oversized ones: +{grown / 2**20:.1f} MiB"
+    )
+    assert grown < 64 * 1024 * 1024
+
+
+def test_concurrent_first_configs_are_applied_once_by_the_maintenance_server(
+    cluster: LiveCluster, tmp_path: Path
+) -> None:
+    """The maintenance server decides by what it is, not by the node's state: of several
+    first configs sent at once (no client certificate), one is applied, the others are
+    refused; none reaches the authenticated apply path once the node has a config."""
+    import subprocess
+    import sys
+
+    node_dir = tmp_path / "first"
+    address = "127.0.0.108"
+    argv = ["--node-dir", str(node_dir), "--address", address, "--hostname", "first"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "basalt.machined", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    config = cluster.config_text("worker").encode()
+
+    async def apply_many() -> list[str]:
+        for _ in range(100):
+            try:
+                client = await Client.connect(address, insecure=True)
+                await client.machine.Version(common_pb2.Empty(), timeout=2)
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+
+        async def one() -> str:
+            try:
+                await client.machine.ApplyConfiguration(
+                    machine_pb2.ApplyConfigurationRequest(data=config), timeout=30
+                )
+                return "applied"
+            except grpc.aio.AioRpcError as exc:
+                return exc.details() or ""
+
+        try:
+            return list(await asyncio.gather(*(one() for _ in range(6))))
+        finally:
+            await client.close()
+
+    try:
+        outcomes = run(apply_many())
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert outcomes.count("applied") == 1, outcomes
+    assert all("applied already" in o for o in outcomes if o != "applied"), outcomes

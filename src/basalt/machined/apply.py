@@ -224,7 +224,10 @@ async def apply_maintenance(node: Node, request: ApplyRequest) -> ApplyResult:
             unified_diff(empty, new),
         )
     if node.config_arrived.is_set():
-        raise InvalidApplyError("a config is being applied already")
+        raise InvalidApplyError(
+            "a config was applied already; this node is leaving maintenance mode",
+            hint="once it is up, change its config with apply-config over mTLS",
+        )
     details = "config applied; the node leaves maintenance mode and boots with it"
     source = install_target(node) if node.platform.mode.requires_install else None
     if source is not None:

@@ -31,8 +31,13 @@ AGENT_LOG = "machined"
 class MachineServicer(
     EtcdMethods, UpgradeMethods, ContainerMethods, machine_pb2_grpc.MachineServiceServicer
 ):
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, *, maintenance: bool = False) -> None:
         self.node = node
+        #: Served by the maintenance server (no client certificates): decided by the
+        #: server this servicer runs in, never by the node's state, which changes under it.
+        self.maintenance = maintenance
+        #: First configs arrive one at a time (the second is refused, not applied twice).
+        self._first_config = asyncio.Lock()
 
     # -- helpers ------------------------------------------------------------------------------
     def meta(self) -> common_pb2.Metadata:
@@ -77,8 +82,9 @@ class MachineServicer(
             try_timeout=float(request.try_timeout_seconds),
             allow_identity_change=request.allow_identity_change,
         )
-        if self.node.maintenance:
-            result = await apply_maintenance(self.node, apply_request)
+        if self.maintenance:
+            async with self._first_config:
+                result = await apply_maintenance(self.node, apply_request)
         else:
             holder = _Holder(apply_request)
             await self.node.sequencer.start(apply_config_sequence, holder)

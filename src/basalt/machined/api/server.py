@@ -65,7 +65,8 @@ class ApiServer:
             maintenance=maintenance, rbac_enabled=self._rbac_enabled, forward=forward
         )
         self.dispatcher.register(
-            machine_pb2_grpc.add_MachineServiceServicer_to_server, MachineServicer(node)
+            machine_pb2_grpc.add_MachineServiceServicer_to_server,
+            MachineServicer(node, maintenance=maintenance),
         )
         self.dispatcher.register(
             resource_pb2_grpc.add_ResourceServiceServicer_to_server, ResourceServicer(node)
