@@ -66,7 +66,8 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
     _SERVICE + "EtcdLeaveCluster": _ADMIN,
     _SERVICE + "EtcdRemoveMember": _ADMIN,
     _SERVICE + "EtcdForfeitLeadership": _OPERATE,
-    _SERVICE + "EtcdSnapshot": _OPERATE | {Role.ETCD_BACKUP},
+    # A snapshot holds every Kubernetes Secret: the backup role and admins only (audited).
+    _SERVICE + "EtcdSnapshot": _ADMIN | {Role.ETCD_BACKUP},
     _SERVICE + "EtcdDefragment": _OPERATE,
     _SERVICE + "EtcdAlarmList": _READ | {Role.ETCD_BACKUP},
     _SERVICE + "EtcdAlarmDisarm": _OPERATE,

@@ -10,6 +10,7 @@ import grpc.aio
 
 from basalt.machinery.api import common_pb2, machine_pb2
 
+from .auth import current_principal
 from .errors import InvalidRequestError, UnavailableError
 
 if TYPE_CHECKING:
@@ -122,6 +123,13 @@ class EtcdMethods:
         manager = self._etcd()
         manager.require_running()
         meta = self.meta()
+        principal = current_principal.get()
+        self.node.events.publish(
+            "secrets",
+            "etcd snapshot taken (it holds every Kubernetes Secret)",
+            actor="apid",
+            subject=principal.subject or "(unknown)",
+        )
         async with manager.client() as client:
             try:
                 async for blob in client.snapshot():
