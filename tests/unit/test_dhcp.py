@@ -259,3 +259,13 @@ def test_bpf_filter_passes_only_udp_to_port_68() -> None:
     to_68 = build_ipv4_udp(src, dst, 67, 68, b"x")
     assert _run_bpf(to_68[:9] + b"\x06" + to_68[10:]) == 0  # TCP
     assert _run_bpf(to_68[:6] + b"\x00\x10" + to_68[8:]) == 0  # a later fragment
+
+
+def test_an_ack_with_a_mask_that_is_no_netmask_is_refused_not_a_crash() -> None:
+    """Found by tests/fuzz/test_fuzz_dhcp.py: 0.0.1.0 as the subnet mask crashed the client."""
+    from basalt.machined.sys.dhcp.packet import DhcpDecodeError, DhcpMessage, Lease
+
+    ack = bytes(236) + b"c\x82Sc" + b"\x01\x04\x00\x00\x01\x00"
+    ack = b"\x01\x01\x06" + ack[3:]
+    with pytest.raises(DhcpDecodeError, match=r"subnet mask 0\.0\.1\.0 is not a netmask"):
+        Lease.from_ack(DhcpMessage.decode(ack), 0.0)

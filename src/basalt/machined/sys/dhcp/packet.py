@@ -348,7 +348,10 @@ class Lease:
         options = ack.options
         mask = options.get(Option.SUBNET_MASK)
         if mask is not None and len(mask) == 4:
-            prefix = IPv4Network(f"0.0.0.0/{IPv4Address(mask)}").prefixlen
+            try:
+                prefix = IPv4Network(f"0.0.0.0/{IPv4Address(mask)}").prefixlen
+            except ValueError:
+                raise DhcpDecodeError(f"subnet mask {IPv4Address(mask)} is not a netmask") from None
         else:  # no mask: the address class decides, as before CIDR
             first = ack.yiaddr.packed[0]
             prefix = 8 if first < 128 else 16 if first < 192 else 24
