@@ -108,4 +108,4 @@ def test_oversized_request_is_refused_cleanly(cluster: LiveCluster) -> None:
             await client.close()
         return grpc.StatusCode.OK
 
-    assert run(send()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert run(send()) == grpc.StatusCode.RESOURCE_EXHAUSTED  # over the method's 2 MiB

@@ -9,10 +9,8 @@ import grpc
 import grpc.aio
 
 from basalt.machinery.api import common_pb2, resource_pb2, resource_pb2_grpc
-from basalt.machinery.config.redact import redact_config_text
 from basalt.machinery.resources import ResourceDefinition, ResourceDefinitionSpec, resolve_type
 from basalt.machinery.resources.definitions import DEFINITIONS
-from basalt.machinery.resources.specs import MachineConfigSpec
 from basalt.machinery.roles import Role
 
 from ..runtime.store import Resource, ResourceMeta
@@ -64,6 +62,10 @@ def _definition_resources() -> list[Resource]:
 
 
 def _redacted_machine_config(spec: Any) -> Any:
+    # Imported here: the maintenance API opens before the config models are loaded.
+    from basalt.machinery.config.redact import redact_config_text
+    from basalt.machinery.resources.specs import MachineConfigSpec
+
     return MachineConfigSpec(yaml=redact_config_text(spec.yaml), staged=spec.staged)
 
 

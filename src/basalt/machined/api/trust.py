@@ -26,7 +26,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from basalt.machinery.api import trust_pb2, trust_pb2_grpc
-from basalt.machinery.config import ClusterConfig
 from basalt.machinery.pki import PKIError, load_certificate, load_private_key, verify_issued_by
 from basalt.machinery.resources.specs import IssuedCertificateSpec
 
@@ -131,6 +130,8 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
         identity = node.identity
         if identity is not None:
             own += _certificate_names(load_certificate(identity.server.crt))
+        from basalt.machinery.config import ClusterConfig
+
         cluster = node.config.first(ClusterConfig) if node.config is not None else None
         endpoint = urlsplit(cluster.control_plane.endpoint).hostname if cluster else ""
         members = {
