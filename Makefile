@@ -120,8 +120,10 @@ lint: install
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 
+# Every module of src/basalt and the benchmarks, strictly.
 typecheck: install
-	$(BIN)/mypy --strict -p basalt.machinery
+	$(BIN)/mypy --strict -p basalt
+	$(BIN)/mypy --strict bench/*.py
 
 # Lanes: `unit` is the fast one (pure tests and the fuzz targets' short budget, under two
 # minutes on 2 cores); `integration` starts real processes (etcd, containerd, nodes).

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -27,6 +27,9 @@ from .errors import InvalidRequestError, details_for, status_for
 log = logging.getLogger(__name__)
 
 Check = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
+#: A method handler; its behaviours are called as the aio server calls them (the stubs
+#: type them for the synchronous server).
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 MAINTENANCE_PRINCIPAL = Principal(frozenset(), maintenance=True)
 #: How long a refused upload is read on before its status is sent.
 DRAIN_SECONDS = 30.0
@@ -36,7 +39,7 @@ class _Capture:
     """Stands in for a server in ``add_*Servicer_to_server`` to collect its handlers."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, Handler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass
@@ -129,7 +132,7 @@ async def _decoded(requests: AsyncIterator[bytes], decode: Callable[[bytes], Any
         yield decode(data)
 
 
-def wrap(handler: grpc.RpcMethodHandler, check: Check, method: str = "") -> grpc.RpcMethodHandler:
+def wrap(handler: Handler, check: Check, method: str = "") -> Handler:
     """``handler`` with ``check`` run first and BasaltErrors turned into status codes.
 
     Every handler reads its requests as a stream of raw messages (a unary call is a stream
@@ -139,7 +142,7 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check, method: str = "") -> grpc
     decode = decoder(method, handler.request_deserializer)
     serialize = handler.response_serializer
     if not handler.request_streaming and not handler.response_streaming:
-        unary = handler.unary_unary
+        unary: Any = handler.unary_unary
 
         async def unary_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             token = current_principal.set(await check(context))
@@ -152,7 +155,7 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check, method: str = "") -> grpc
 
         return grpc.stream_unary_rpc_method_handler(unary_unary, None, serialize)
     if not handler.request_streaming:
-        stream = handler.unary_stream
+        stream: Any = handler.unary_stream
 
         async def unary_stream(
             requests: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -167,7 +170,7 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check, method: str = "") -> grpc
 
         return grpc.stream_stream_rpc_method_handler(unary_stream, None, serialize)
     if not handler.response_streaming:
-        client_stream = handler.stream_unary
+        client_stream: Any = handler.stream_unary
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             current_principal.set(await check(context))
@@ -180,7 +183,7 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check, method: str = "") -> grpc
                 await _abort_for(exc, context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
-    bidi = handler.stream_stream
+    bidi: Any = handler.stream_stream
 
     async def stream_stream(
         requests: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -195,7 +198,7 @@ def wrap(handler: grpc.RpcMethodHandler, check: Check, method: str = "") -> grpc
     return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 
 
-def denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
+def denied(handler: Handler, code: grpc.StatusCode, message: str) -> Any:
     """A handler of the same shape that refuses every call (reading nothing)."""
 
     async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
@@ -205,7 +208,7 @@ def denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) 
     return wrap(handler, refuse)
 
 
-class Dispatcher(grpc.GenericRpcHandler):
+class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Routes each call to its (wrapped) handler, or to the proxy when it names nodes."""
 
     def __init__(
@@ -213,12 +216,12 @@ class Dispatcher(grpc.GenericRpcHandler):
         *,
         maintenance: bool,
         rbac_enabled: Callable[[], bool] = lambda: True,
-        forward: Callable[[str, grpc.RpcMethodHandler, list[str], Check], Any] | None = None,
+        forward: Callable[[str, Handler, list[str], Check], Any] | None = None,
     ) -> None:
         self.maintenance = maintenance
         self._rbac_enabled = rbac_enabled
         self._forward = forward
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, Handler] = {}
 
     def register(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
         capture = _Capture()

@@ -26,7 +26,7 @@ from basalt.machinery.pki import CertificateAndKey
 
 from . import wire
 from .auth import NODE_METADATA, ROLES_METADATA, Principal
-from .dispatch import Check, decoder, read_one
+from .dispatch import Check, Handler, decoder, read_one
 from .errors import details_for, status_for
 
 STREAM_BUFFER = 64
@@ -120,9 +120,7 @@ class Proxy:
             await channel.close(None)
         self._channels.clear()
 
-    def handler(
-        self, method: str, handler: grpc.RpcMethodHandler, nodes: list[str], check: Check
-    ) -> Any:
+    def handler(self, method: str, handler: Handler, nodes: list[str], check: Check) -> Any:
         """A raw-bytes handler that forwards ``method`` to ``nodes`` and merges answers."""
 
         async def authorize(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
@@ -193,7 +191,7 @@ class Proxy:
         self, method: str, request: bytes, target: str, principal: Principal, timeout: float | None
     ) -> bytes:
         try:
-            call = self._channel(target).unary_unary(method)
+            call = self._channel(target).unary_unary(method, None, None)
             answer: bytes = await call(
                 request, metadata=self._metadata(principal, target), timeout=timeout
             )
@@ -218,7 +216,7 @@ class Proxy:
 
         async def pump(target: str) -> None:
             try:
-                call = self._channel(target).unary_stream(method)
+                call = self._channel(target).unary_stream(method, None, None)
                 async for message in call(
                     request, metadata=self._metadata(principal, target), timeout=timeout
                 ):

@@ -76,5 +76,7 @@ def mtls_credentials(
         return _configuration(ca_now, server_now)
 
     return grpc.dynamic_ssl_server_credentials(
-        _configuration(ca, server), fetch, require_client_authentication=require_client_certificate
+        _configuration(ca, server),
+        fetch,  # type: ignore[arg-type]  # None means "keep the current one" (grpc docs)
+        require_client_authentication=require_client_certificate,
     )
