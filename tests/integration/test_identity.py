@@ -22,6 +22,7 @@ from basalt.machinery.config import GenerateOptions, generate_configs
 from basalt.machinery.roles import Role
 from basalt.machinery.secrets import SecretsBundle, generate_secrets
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
+from tests.integration.test_lifecycle import apply
 from tests.unit.test_redaction import bundle_secrets, leaks
 
 pytestmark = pytest.mark.integration
@@ -58,17 +59,7 @@ def values(cluster: LiveCluster, other: Any) -> list[str]:
 
 async def _apply(cluster: LiveCluster, node: str, text: str, mode: str, **extra: Any) -> Any:
     """Apply on ``node`` directly (its own endpoint): a refusal raises."""
-    client = await cluster.client(node)
-    try:
-        answer = await client.machine.ApplyConfiguration(
-            machine_pb2.ApplyConfigurationRequest(
-                data=text.encode(), mode=machine_pb2.ApplyMode.Value(mode), **extra
-            ),
-            timeout=30,
-        )
-        return answer.messages[0]
-    finally:
-        await client.close()
+    return await apply(cluster, node, text, mode, **extra)
 
 
 async def _apply_through(cluster: LiveCluster, node: str, text: str) -> Any:

@@ -8,7 +8,6 @@ without a connection (no port scanner), and many such targets cost nothing.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 from typing import Any
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from basalt.machinery.api import TRUST_PORT, common_pb2, trust_pb2, trust_pb2_grpc
 from basalt.machinery.client.config import issue_client_context
-from basalt.machinery.pki import generate_private_key
+from basalt.machinery.pki import generate_private_key, san_entries
 from basalt.machinery.roles import Role
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
 
@@ -45,16 +44,10 @@ def _token(cluster: LiveCluster) -> str:
 
 
 def _csr(name: str, sans: list[str]) -> bytes:
-    general: list[x509.GeneralName] = []
-    for value in sans:
-        try:
-            general.append(x509.IPAddress(ipaddress.ip_address(value)))
-        except ValueError:
-            general.append(x509.DNSName(value))
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
-        .add_extension(x509.SubjectAlternativeName(general), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san_entries(sans)), critical=False)
         .sign(generate_private_key(), hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)

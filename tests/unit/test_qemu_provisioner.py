@@ -644,6 +644,14 @@ def test_runner_gives_up_on_a_guest_that_never_reaches_its_initramfs(tmp_path: P
     assert f"{qemu_runner.MAX_STALLS} boots in a row; giving up" in console.read_text()
 
 
+def _wait_for_pid(pidfile: Path) -> int:
+    """The pid a stand-in for QEMU wrote once it runs."""
+    deadline = time.monotonic() + 20
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return int(pidfile.read_text())
+
+
 def test_runner_powers_off_and_ends_when_its_parent_ends(tmp_path: Path) -> None:
     """A runner given --parent ends, and takes its QEMU with it, once that process ends:
     a killed test run leaves no VM behind."""
@@ -672,10 +680,7 @@ def test_runner_powers_off_and_ends_when_its_parent_ends(tmp_path: Path) -> None
         ]
     )
     try:
-        deadline = time.monotonic() + 20
-        while not pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        guest_pid = int(pidfile.read_text())
+        guest_pid = _wait_for_pid(pidfile)
         owner.kill()
         owner.wait()
         runner.wait(timeout=10)  # it ends (with QEMU's code)
@@ -708,10 +713,7 @@ def test_qemu_dies_with_a_killed_runner(tmp_path: Path) -> None:
             *qemu_argv,
         ]
     )
-    deadline = time.monotonic() + 20
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    guest_pid = int(pidfile.read_text())
+    guest_pid = _wait_for_pid(pidfile)
     runner.kill()
     runner.wait()
     deadline = time.monotonic() + 10

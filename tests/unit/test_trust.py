@@ -38,6 +38,7 @@ from basalt.machinery.pki import (
     generate_private_key,
     issue_certificate,
     load_certificate,
+    san_entries,
     verify_issued_by,
 )
 from basalt.machinery.resources import MemberSpec
@@ -554,12 +555,7 @@ def _tls(identity: NodeIdentity) -> grpc.ServerCredentials:
 
 
 def _certificate_for(node: TrustNode, name: str, sans: list[str]) -> Any:
-    names: list[x509.GeneralName] = []
-    for value in sans:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(value)))
-        except ValueError:
-            names.append(x509.DNSName(value))
+    names = san_entries(sans)
 
     async def body(stub: trust_pb2_grpc.TrustServiceStub) -> Any:
         request = trust_pb2.CertificateRequest(csr=csr_pem(name, names), token=token_of(node))

@@ -26,7 +26,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from basalt.machinery.api import trust_pb2, trust_pb2_grpc
-from basalt.machinery.pki import PKIError, load_certificate, load_private_key, verify_issued_by
+from basalt.machinery.pki import (
+    PKIError,
+    load_certificate,
+    load_private_key,
+    san_entries,
+    verify_issued_by,
+)
 from basalt.machinery.resources.specs import IssuedCertificateSpec
 
 from .trust_policy import (
@@ -173,7 +179,7 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
             .add_extension(
                 x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
             )
-            .add_extension(x509.SubjectAlternativeName(_general(names)), critical=False)
+            .add_extension(x509.SubjectAlternativeName(san_entries(names)), critical=False)
         )
         cert = builder.sign(ca_key, hashes.SHA256())
         der = cert.public_bytes(serialization.Encoding.DER)
@@ -301,14 +307,6 @@ def _requested(csr: x509.CertificateSigningRequest) -> list[str]:
     names = [str(n) for n in sans.get_values_for_type(x509.IPAddress)]
     names += list(sans.get_values_for_type(x509.DNSName))
     return names[:MAX_SANS]
-
-
-def _general(names: list[str]) -> list[x509.GeneralName]:
-    out: list[x509.GeneralName] = []
-    for name in names:
-        address = _ip_or_none(name)
-        out.append(x509.IPAddress(address) if address is not None else x509.DNSName(name))
-    return out
 
 
 def _cn(csr: x509.CertificateSigningRequest) -> str:
