@@ -167,7 +167,8 @@ class Bench:
 
         async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
             mode = machine_pb2.KEXEC if kexec else machine_pb2.POWERCYCLE
-            options = machine_pb2.UpgradeOptions(url=url, reboot_mode=mode)
+            # runs alternate between two versions: every other one is a downgrade
+            options = machine_pb2.UpgradeOptions(url=url, reboot_mode=mode, allow_downgrade=True)
             yield machine_pb2.UpgradeRequest(options=options)
             for start in range(0, len(data), 256 * 1024):
                 yield machine_pb2.UpgradeRequest(data=data[start : start + 256 * 1024])

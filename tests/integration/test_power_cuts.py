@@ -201,7 +201,8 @@ async def _upgrade(cluster: LiveCluster, address: str, bundle: Path) -> None:
     data = bundle.read_bytes()
 
     async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
-        yield machine_pb2.UpgradeRequest(options=machine_pb2.UpgradeOptions())
+        # the cuts alternate between two versions: every other upgrade is a downgrade
+        yield machine_pb2.UpgradeRequest(options=machine_pb2.UpgradeOptions(allow_downgrade=True))
         for start in range(0, len(data), 64 * 1024):
             yield machine_pb2.UpgradeRequest(data=data[start : start + 64 * 1024])
 

@@ -174,8 +174,14 @@ def test_power_cuts_during_upgrades_and_applies(
                 running = node.boot_status()["version"]
                 bundle = bundles.v2 if running != "0.2.0" else bundles.v1
                 mode = "powercycle" if targeted else "kexec"
-                request = _background(
-                    node, "upgrade", "--image", str(bundle), "--reboot-mode", mode
+                request = _background(  # every other upgrade goes back: --allow-downgrade
+                    node,
+                    "upgrade",
+                    "--image",
+                    str(bundle),
+                    "--reboot-mode",
+                    mode,
+                    "--allow-downgrade",
                 )
                 window = UPGRADE_WINDOW
                 if mode == "kexec":
