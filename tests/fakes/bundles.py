@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal, Protocol
 
-from basalt.machined.boot import BootState, Install, Slot, SlotName, apply
+from basalt.machinery.boot import BootState, Install, Slot, SlotName, apply
 from basalt.machinery.images import (
     VerifiedBundle,
     create_bundle,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from basalt.machined.boot import (
+from basalt.machinery.boot import (
     MAX_TRIES,
     Action,
     BasaltEntry,
@@ -43,7 +43,7 @@ from basalt.machined.boot import (
     state_to_json,
     strverscmp_improved,
 )
-from basalt.machined.boot.codecs import EntryChange
+from basalt.machinery.boot.codecs import EntryChange
 
 A = SlotName.A
 B = SlotName.B

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from basalt.machined.api.upgrade import RollbackJob
-from basalt.machined.boot import Boot, GatesPassed, Install, SlotName, apply, initial_state
+from basalt.machinery.boot import Boot, GatesPassed, Install, SlotName, apply, initial_state
 from basalt.machined.kubernetes.client import (
     KubeconfigError,
     KubeCredentials,

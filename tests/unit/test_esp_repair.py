@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from basalt.machined.boot import SlotName, loader_order
+from basalt.machinery.boot import SlotName, loader_order
 from basalt.machined.boot.esp_repair import (
     EspFile,
     EspPlan,

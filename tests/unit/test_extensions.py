@@ -23,7 +23,6 @@ from basalt.imager.extensions import (
     schematic_json,
 )
 from basalt.machined.extensions import (
-    EXTENSIONS_DIR,
     ExtensionRunner,
     MountedExtension,
     extension_services,
@@ -33,6 +32,7 @@ from basalt.machined.extensions import (
 )
 from basalt.machined.services import LogBuffer, RestartPolicy
 from basalt.machined.sys import loop
+from basalt.machinery.images.layout import EXTENSIONS_DIR
 from basalt.machinery.schematic import (
     OFFICIAL_EXTENSIONS,
     ExtensionManifest,

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from basalt.machined.boot import GatesTimedOut
+from basalt.machinery.boot import GatesTimedOut
 from basalt.machined.gates import gate_checks, run_gates
 from basalt.machined.node import Node, Tuning
 from basalt.machined.platform import NodePaths, Platform, PlatformMode
@@ -52,7 +52,7 @@ def test_gates_that_crash_count_as_a_failed_try(tmp_path: Path, monkeypatch) -> 
     from dataclasses import replace
 
     from basalt.machined import gates, upgrade
-    from basalt.machined.boot import Boot, Install, SlotName, apply, initial_state
+    from basalt.machinery.boot import Boot, Install, SlotName, apply, initial_state
 
     async def crash(node: Node, timeout: float) -> Any:
         raise TypeError("run_checks() got an unexpected keyword argument")

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from basalt.machined.boot import GatesPassed, LoaderEntry, Rollback, SlotHealth, apply, loader_order
-from basalt.machined.boot.esp import Esp, EspError, entry_boot, entry_text
+from basalt.machinery.boot import (
+    GatesPassed,
+    LoaderEntry,
+    Rollback,
+    SlotHealth,
+    apply,
+    loader_order,
+)
+from basalt.machinery.boot.esp import Esp, EspError, entry_boot, entry_text
 from basalt.machined.boot.metal_slots import KEXEC_ENTRY_ARG, MetalSlots, kexec_entry
 from basalt.machined.sys import efivars
 from basalt.machined.sys.kexec import KexecError

@@ -1,7 +1,7 @@
 """Metal slot storage on real files: an ESP directory, META and slot "partitions" as
 files of their size, efivarfs as a directory. systemd-boot's part (counting a try by
 renaming the entry, and setting LoaderBootCountPath) is played with the same pure
-functions the assessment model uses (:mod:`basalt.machined.boot.entries`)."""
+functions the assessment model uses (:mod:`basalt.machinery.boot.entries`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from basalt.machined.boot import (
+from basalt.machinery.boot import (
     GatesPassed,
     GatesTimedOut,
     LoaderEntry,
@@ -27,7 +27,7 @@ from basalt.machined.boot import (
     boot_status,
     loader_order,
 )
-from basalt.machined.boot.esp import entry_options, entry_text
+from basalt.machinery.boot.esp import entry_options, entry_text
 from basalt.machined.boot.meta import (
     OFFSETS,
     SECOND_COPY,
@@ -37,7 +37,7 @@ from basalt.machined.boot.meta import (
     decode_copy,
 )
 from basalt.machined.boot.metal_slots import MetalDevices, MetalSlots
-from basalt.machined.boot.slots import SlotWriteError
+from basalt.machinery.boot.slots import SlotWriteError
 from basalt.machined.events import EventBus
 from basalt.machined.sys import efivars
 from tests.fakes import fat

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from basalt.machined.boot import (
+from basalt.machinery.boot import (
     Boot,
     BootState,
     GatesPassed,
@@ -21,7 +21,7 @@ from basalt.machined.boot import (
     apply,
     initial_state,
 )
-from basalt.machined.boot.slots import SlotDirectories, SlotWriteError
+from basalt.machinery.boot.slots import SlotDirectories, SlotWriteError
 from basalt.machinery.images import (
     BASALT_TREE,
     BundleInputError,

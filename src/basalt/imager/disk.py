@@ -7,7 +7,7 @@ The ESP holds Debian's ``systemd-bootx64.efi`` as ``/EFI/BOOT/BOOTX64.EFI`` (the
 removable-media path: no NVRAM entry needed), slot A's ``/EFI/basalt/A/vmlinuz`` and
 ``initrd.img``, ``loader/loader.conf`` (no ``default`` line: the first entry in
 systemd-boot's order boots, which is what A/B boot counting relies on) and one entry,
-named as :mod:`basalt.machined.boot.entries` names them. It is made on the host with
+named as :mod:`basalt.machinery.boot.entries` names them. It is made on the host with
 ``mkfs.fat --invariant`` and ``mcopy -m`` from a tree whose every timestamp is
 SOURCE_DATE_EPOCH, and the GPT's GUIDs derive from the stage id: two builds of one image
 are byte for byte equal. ``disk.raw`` is sparse; ``disk.qcow2`` is the same disk as
@@ -22,8 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from basalt.machined.boot.entries import BasaltEntry
-from basalt.machined.boot.esp import entry_text
+from basalt.machinery.boot.entries import BasaltEntry
+from basalt.machinery.boot.esp import entry_text
 from basalt.machinery.disk import gpt
 from basalt.machinery.disk.layout import EFI, LAYOUT, slot_partition
 

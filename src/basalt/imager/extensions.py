@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from basalt.machinery.images.layout import SCHEMATIC_FILE
 from basalt.machinery.schematic import (
     OFFICIAL_EXTENSIONS,
     ExtensionManifest,
@@ -40,7 +41,6 @@ from .stage import Cache, Stage, run_tool, sha256_file, walk_sorted
 
 #: Where the initramfs segment puts the extensions and the schematic record.
 SEGMENT_DIR = "extensions"
-SCHEMATIC_FILE = "schematic.json"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ INITRD_MODULES = ("virtio_rng", "virtio_mmio", "virtio_pci", "virtio_blk", "squa
 #: mounts the system extensions; virtio_console gives qemu-ga its virtio-serial port;
 #: overlay backs containerd's overlayfs snapshotter. vfat (with fat) and the code pages
 #: its names use mount the ESP, and efivarfs reads systemd-boot's variables, for A/B
-#: upgrades (basalt/machined/boot/esp.py).
+#: upgrades (basalt/machinery/boot/esp.py).
 ROOT_MODULES = (
     "virtio_net",
     "loop",

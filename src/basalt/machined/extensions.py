@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from basalt.machinery.errors import BasaltError
+from basalt.machinery.images.layout import EXTENSIONS_DIR, SCHEMATIC_FILE
 from basalt.machinery.schematic import (
     VIRTIO_PORT_PLACEHOLDER,
     ExtensionManifest,
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from .services import LogBuffer, Running, ServiceSpec
 
 __all__ = [
-    "EXTENSIONS_DIR",
     "MountedExtension",
     "extension_services",
     "find_virtio_port",
@@ -41,9 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Where the initramfs puts the extensions, relative to the root (a read-only tmpfs).
-EXTENSIONS_DIR = "usr/lib/basalt/extensions"
-SCHEMATIC_FILE = "schematic.json"
 #: Library directories inside an extension, searched before the root's.
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib")
 

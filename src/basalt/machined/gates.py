@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import grpc.aio
 
-from .boot import GatesPassed, GatesTimedOut
+from basalt.machinery.boot import GatesPassed, GatesTimedOut
+
 from .health import RAFT_LAG, Check, run_checks, stage_check
 
 if TYPE_CHECKING:

@@ -33,10 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from basalt.machinery.errors import BasaltError
-from basalt.machinery.resources import BootStatusSpec
-
-from .boot import (
+from basalt.machinery.boot import (
     Action,
     BootState,
     Event,
@@ -50,8 +47,11 @@ from .boot import (
     apply,
     boot_status,
 )
+from basalt.machinery.boot.slots import SlotDirectories
+from basalt.machinery.errors import BasaltError
+from basalt.machinery.resources import BootStatusSpec
+
 from .boot.metal_slots import MetalSlots
-from .boot.slots import SlotDirectories
 
 if TYPE_CHECKING:
     from basalt.machinery.images import VerificationKey, VerifiedBundle
@@ -240,7 +240,8 @@ class Upgrader:
             )
 
     async def _assess(self) -> None:
-        from .boot import GatesFailed
+        from basalt.machinery.boot import GatesFailed
+
         from .gates import run_gates
 
         try:

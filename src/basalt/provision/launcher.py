@@ -52,7 +52,7 @@ class BootChoice:
 
 def choose_boot(node_dir: Path, installed_version: str) -> BootChoice:
     """The firmware's part of a boot: pick a slot, count the try, persist the state."""
-    from basalt.machined.boot import (
+    from basalt.machinery.boot import (
         Action,
         Boot,
         BootEntryError,
@@ -60,7 +60,7 @@ def choose_boot(node_dir: Path, installed_version: str) -> BootChoice:
         apply,
         initial_state,
     )
-    from basalt.machined.boot.slots import SlotDirectories
+    from basalt.machinery.boot.slots import SlotDirectories
 
     slots = SlotDirectories.of_node(node_dir)
     try:
@@ -92,8 +92,8 @@ def choose_boot(node_dir: Path, installed_version: str) -> BootChoice:
 
 def record_crash(node_dir: Path, slot: str | None, code: int) -> str | None:
     """A crash of a slot on trial counts against it with the exit code as the reason."""
-    from basalt.machined.boot import BootEntryError, GatesFailed, SlotHealth, apply
-    from basalt.machined.boot.slots import SlotDirectories
+    from basalt.machinery.boot import BootEntryError, GatesFailed, SlotHealth, apply
+    from basalt.machinery.boot.slots import SlotDirectories
 
     slots = SlotDirectories.of_node(node_dir)
     try:

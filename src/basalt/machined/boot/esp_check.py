@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from basalt.machinery.boot.assessment import SlotName
+from basalt.machinery.boot.esp import Esp, EspError
+
 from ..sys import mount
-from .assessment import SlotName
-from .esp import Esp, EspError
 from .esp_repair import ENTRIES_DIR, EspFile, EspPlan, managed, plan
 from .fat import Chain, FatFile, FatVolume
 

@@ -40,8 +40,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .assessment import SlotName
-from .entries import BasaltEntry, BootEntryError, loader_order
+from basalt.machinery.boot.assessment import SlotName
+from basalt.machinery.boot.entries import BasaltEntry, BootEntryError, loader_order
 
 ENTRIES_DIR = "loader/entries"
 SLOT_DIRS = {f"efi/basalt/{slot.value}": slot for slot in SlotName}

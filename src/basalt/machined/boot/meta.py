@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from basalt.machinery.boot.assessment import SlotName
 from basalt.machinery.errors import BasaltError
-
-from .assessment import SlotName
 
 MAGIC = b"BSLTMETA"
 FORMAT = 1

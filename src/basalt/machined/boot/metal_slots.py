@@ -41,20 +41,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from basalt.machinery.boot.assessment import BootState, Slot, SlotHealth, SlotName
+from basalt.machinery.boot.codecs import EntryChange, entry_changes, state_from_entries
+from basalt.machinery.boot.entries import BasaltEntry, LoaderEntry, loader_order
+from basalt.machinery.boot.esp import (
+    INITRD_NAME,
+    KERNEL_NAME,
+    Esp,
+    EspError,
+    entry_boot,
+    entry_options,
+    entry_text,
+)
+from basalt.machinery.boot.esp import slot_dir as esp_slot_dir
+from basalt.machinery.boot.slots import SlotWriteError, keep_copy, unchanged
 from basalt.machinery.fileio import copy_range
 from basalt.machinery.images.payload import INITRAMFS, KERNEL, ROOTFS
 
 from ..sys import kexec
 from ..sys.cmdline import CMDLINE, kernel_arg
-from .assessment import BootState, Slot, SlotHealth, SlotName
-from .codecs import EntryChange, entry_changes, state_from_entries
-from .entries import BasaltEntry, LoaderEntry, loader_order
-from .esp import INITRD_NAME, KERNEL_NAME, Esp, EspError, entry_boot, entry_options, entry_text
-from .esp import slot_dir as esp_slot_dir
 from .esp_check import repair_device, repair_directory
 from .esp_repair import EspPlan
 from .meta import Meta, MetaRecord, PendingUpgrade
-from .slots import SlotWriteError, keep_copy, unchanged
 
 if TYPE_CHECKING:
     from basalt.machinery.images import Extent, VerifiedBundle

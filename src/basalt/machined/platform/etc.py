@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["GENERATED_ETC_FILES", "render_hosts", "write_generated"]
+from basalt.machinery.images.layout import GENERATED_ETC_FILES
 
-#: Files below /etc that the agent generates and bind-mounts read-only.
-GENERATED_ETC_FILES = ("hostname", "hosts", "resolv.conf")
+__all__ = ["GENERATED_ETC_FILES", "render_hosts", "write_generated"]
 
 
 def render_hosts(hostname: str, domainname: str = "", address: str | None = None) -> str:

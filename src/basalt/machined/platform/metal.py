@@ -30,13 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from basalt.machinery.images.layout import (
+    GENERATED_ETC_FILES,
+    IMAGE_MODULES,
+    IMAGE_MOUNT_DIRECTORIES,
+    IMAGE_MOUNT_FILES,
+    IMAGE_MOUNT_POINTS,
+)
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
 from ..extensions import MountedExtension, mount_and_log
 from ..sys import kexec, kmod, mount, power
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode
-from .etc import GENERATED_ETC_FILES, render_hosts, write_generated
+from .etc import render_hosts, write_generated
 
 if TYPE_CHECKING:
     from ..sys.clock import Clock
@@ -55,28 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Directories the read-only image must contain for the agent to mount over them.
-IMAGE_MOUNT_DIRECTORIES = (
-    "proc",
-    "sys",
-    "dev",
-    "run",
-    "tmp",
-    "var",
-    "system",
-    "etc/kubernetes",
-    "etc/cni",
-)
-#: Files the image must contain for the agent to bind its generated ones over them.
-IMAGE_MOUNT_FILES = tuple(f"etc/{name}" for name in GENERATED_ETC_FILES)
-#: Everything the image must contain for the agent to mount over it.
-IMAGE_MOUNT_POINTS = IMAGE_MOUNT_DIRECTORIES + IMAGE_MOUNT_FILES
-
-#: The kernel modules the machine needs once the root is mounted (virtio-net: the
-#: initramfs loads only what reaches the root), one name a line; the imager writes it
-#: and PID 1 loads them with their dependencies before the network controller starts.
-IMAGE_MODULES = "usr/lib/basalt/modules.load"
 
 #: The host name of a node whose command line and config give none, without a NIC.
 FALLBACK_HOSTNAME = "basalt"

@@ -8,11 +8,13 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
+from basalt.machinery.images.layout import GENERATED_ETC_FILES as IMAGE_GENERATED_ETC_FILES
+
 from ._base import Document, Model, register
 from ._types import URL, EnvName, ModuleName, SysctlKey, invalid
 
 #: /etc files that Basalt writes itself; EtcFileConfig may not replace them.
-GENERATED_ETC_FILES = frozenset({"hostname", "hosts", "resolv.conf", "machine-id"})
+GENERATED_ETC_FILES = frozenset({*IMAGE_GENERATED_ETC_FILES, "machine-id"})
 
 
 @register

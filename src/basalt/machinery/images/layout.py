@@ -1,0 +1,45 @@
+"""Where things are inside a Basalt image: the paths the imager creates and machined
+relies on. One place, so that the builder and the agent cannot disagree."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXTENSIONS_DIR",
+    "GENERATED_ETC_FILES",
+    "IMAGE_MODULES",
+    "IMAGE_MOUNT_DIRECTORIES",
+    "IMAGE_MOUNT_FILES",
+    "IMAGE_MOUNT_POINTS",
+    "SCHEMATIC_FILE",
+]
+
+#: Where the initramfs puts the extensions, relative to the root (a read-only tmpfs).
+EXTENSIONS_DIR = "usr/lib/basalt/extensions"
+#: The schematic the image was built from, in :data:`EXTENSIONS_DIR`.
+SCHEMATIC_FILE = "schematic.json"
+
+#: Files below /etc that the agent generates (in /run/basalt/etc) and bind-mounts
+#: read-only over the image's own.
+GENERATED_ETC_FILES = ("hostname", "hosts", "resolv.conf")
+
+#: Directories the read-only image must contain for the agent to mount over them.
+IMAGE_MOUNT_DIRECTORIES = (
+    "proc",
+    "sys",
+    "dev",
+    "run",
+    "tmp",
+    "var",
+    "system",
+    "etc/kubernetes",
+    "etc/cni",
+)
+#: Files the image must contain for the agent to bind its generated ones over them.
+IMAGE_MOUNT_FILES = tuple(f"etc/{name}" for name in GENERATED_ETC_FILES)
+#: Everything the image must contain for the agent to mount over it.
+IMAGE_MOUNT_POINTS = IMAGE_MOUNT_DIRECTORIES + IMAGE_MOUNT_FILES
+
+#: The kernel modules the machine needs once the root is mounted (virtio-net: the
+#: initramfs loads only what reaches the root), one name a line; the imager writes it
+#: and PID 1 loads them with their dependencies before the network controller starts.
+IMAGE_MODULES = "usr/lib/basalt/modules.load"
