@@ -27,10 +27,10 @@ METAL_CONTROLLERS = ("network", "resolvers", "hostname-apply", "sysctls", "kerne
 def _node(root: Path, *, init: bool = False) -> Any:
     """A metal node below ``root``; with ``init``, prepare() mounts as PID 1 would (this
     process is in a mount namespace of its own), so /proc/sys below ``root`` is real."""
-    from basalt.machined.node import Node
+    from basalt.machined.assemble import build_node
 
     platform = MetalPlatform.create(address="0.0.0.0", hostname="child-node", root=root, init=init)
-    return Node(platform)
+    return build_node(platform)
 
 
 def _bundle(text: str) -> Any:

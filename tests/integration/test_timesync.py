@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from basalt.machined.assemble import build_node
 from basalt.machined.controllers.timesync import RESOURCE, RESOURCE_ID, TimeSyncController
-from basalt.machined.node import Node, Tuning
+from basalt.machined.node import Tuning
 from basalt.machined.platform.metal import MetalPlatform
 from basalt.machinery.config import load_bundle
 from tests.fakes.tools import unpacked
@@ -50,7 +51,7 @@ def test_node_syncs_with_chronyd_and_reports_it(chronyd: str, tmp_path: Path) ->
     async def run() -> None:
         platform = MetalPlatform.create(address="127.0.0.9", hostname="n1", root=tmp_path)
         assert not platform.init  # never the host's clock
-        node = Node(platform, Tuning(ntp_port=PORT, time_poll_min=0.3, time_poll_max=0.6))
+        node = build_node(platform, Tuning(ntp_port=PORT, time_poll_min=0.3, time_poll_max=0.6))
         node.use_config(
             load_bundle(
                 f"apiVersion: basalt.dev/v1alpha1\nkind: TimeSyncConfig\nservers: [{chronyd}]\n",

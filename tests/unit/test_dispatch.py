@@ -30,7 +30,7 @@ from basalt.machined.api.errors import (
     status_for,
 )
 from basalt.machined.api.tls import maintenance_credentials, mtls_credentials
-from basalt.machined.sequencer import SequenceConflictError
+from basalt.machined.runtime.sequencer import SequenceConflictError
 from basalt.machinery.api import common_pb2, machine_pb2, machine_pb2_grpc
 from basalt.machinery.client.client import Client
 from basalt.machinery.errors import (

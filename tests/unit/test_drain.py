@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from basalt.machined.api.upgrade import RollbackJob
-from basalt.machinery.boot import Boot, GatesPassed, Install, SlotName, apply, initial_state
+from basalt.machined.assemble import build_node
 from basalt.machined.kubernetes.client import (
     KubeconfigError,
     KubeCredentials,
@@ -45,6 +45,7 @@ from basalt.machined.platform import NodePaths, Platform, PlatformMode
 from basalt.machined.sequencer.sequences import rollback
 from basalt.machined.services import RestartPolicy, ServiceSpec, TaskRunner
 from basalt.machined.upgrade import NO_KUBERNETES, UpgradeJob, UpgradeOptions, UpgradeRefusedError
+from basalt.machinery.boot import Boot, GatesPassed, Install, SlotName, apply, initial_state
 from basalt.machinery.kubernetes import build_kubeconfig, dump_kubeconfig, paths
 from basalt.machinery.pki import CertificateAndKey, generate_ca, issue_certificate
 from tests.fakes.kube_apiserver import PDB_MESSAGE, FakeKubeApiServer
@@ -104,7 +105,7 @@ async def node_at(
 ) -> AsyncIterator[Node]:
     """A container-mode node in ``root``, named NODE; its kubelet a task that runs."""
     platform = Platform(PlatformMode.CONTAINER, NodePaths.under(root), "127.0.0.209", NODE)
-    node = Node(platform, replace(tuning))
+    node = build_node(platform, replace(tuning))
     node.paths.create()
     if kubelet:
         runner = TaskRunner(_forever, stop_timeout=1.0)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from basalt.machinery.boot import SlotName, loader_order
 from basalt.machined.boot.esp_repair import (
     EspFile,
     EspPlan,
@@ -26,6 +25,7 @@ from basalt.machined.boot.esp_repair import (
     plan,
     unbootable,
 )
+from basalt.machinery.boot import SlotName, loader_order
 
 A, B = SlotName.A, SlotName.B
 ENTRIES = "loader/entries"

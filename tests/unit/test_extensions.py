@@ -8,8 +8,6 @@ import os
 import stat
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -176,10 +174,7 @@ def test_extension_service_runs_its_command_with_the_port_and_libraries(tmp_path
         "/run/demo",
     )
     extension = _extension(tmp_path, service)
-    node: Any = SimpleNamespace(
-        platform=SimpleNamespace(system_root=tmp_path, extensions=[extension])
-    )
-    (spec,) = extension_services(node)
+    (spec,) = extension_services([extension], tmp_path)
     assert spec.id == "ext-demo" and spec.restart is RestartPolicy.ON_FAILURE
     assert spec.skip_reason is not None and PORT in (spec.skip_reason() or "")
     _sysfs(tmp_path, {"vport2p1": PORT})

@@ -6,10 +6,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from basalt.machinery.boot import GatesTimedOut
+from basalt.machined.assemble import build_node
 from basalt.machined.gates import gate_checks, run_gates
 from basalt.machined.node import Node, Tuning
 from basalt.machined.platform import NodePaths, Platform, PlatformMode
+from basalt.machinery.boot import GatesTimedOut
 
 
 def _gates(root: Path, stage: str, **run: float) -> Any:
@@ -17,7 +18,7 @@ def _gates(root: Path, stage: str, **run: float) -> Any:
 
     async def go() -> Any:
         platform = Platform(PlatformMode.CONTAINER, NodePaths.under(root), "127.0.0.212", "n1")
-        node = Node(platform, Tuning())
+        node = build_node(platform, Tuning())
         node.paths.create()
         node.set_stage(stage)
         try:
@@ -63,7 +64,7 @@ def test_gates_that_crash_count_as_a_failed_try(tmp_path: Path, monkeypatch) -> 
 
     async def go() -> Any:
         platform = Platform(PlatformMode.CONTAINER, NodePaths.under(tmp_path), "127.0.0.212", "n1")
-        node = Node(platform, Tuning())
+        node = build_node(platform, Tuning())
         node.paths.create()
         try:
             state = replace(initial_state("0.1.0"), booted=SlotName.A)

@@ -17,6 +17,7 @@ import pytest
 
 from basalt.imager import init as initramfs
 from basalt.machined import apply, config_url, install
+from basalt.machined.storage import partitions
 from basalt.machinery.disk import gpt
 from basalt.machinery.disk.layout import Layout
 
@@ -221,15 +222,15 @@ def sysfs(tmp_path: Path) -> Path:
 def test_boot_disk_and_partitions_by_name(sysfs: Path, tmp_path: Path) -> None:
     cmdline = tmp_path / "cmdline"
     cmdline.write_text("console=ttyS0 basalt.slot=A\n")
-    assert install.boot_disk(sysfs, cmdline) == "/dev/vda"
-    assert install.find_partition("STATE", sysfs) == "/dev/vda3"
-    assert install.installed_devices(sysfs) == ("/dev/vda3", None)
+    assert partitions.boot_disk(sysfs, cmdline) == "/dev/vda"
+    assert partitions.find_partition("STATE", sysfs) == "/dev/vda3"
+    assert partitions.installed_devices(sysfs) == ("/dev/vda3", None)
     assert initramfs.partition_by_name("BASALT-A", str(sysfs)) == "/dev/vda2"
     assert initramfs.partition_by_name("BASALT-B", str(sysfs)) is None
     cmdline.write_text("console=ttyS0 basalt.slot=B\n")
-    assert install.boot_disk(sysfs, cmdline) is None
+    assert partitions.boot_disk(sysfs, cmdline) is None
     cmdline.write_text("console=ttyS0\n")  # a direct-kernel boot: nothing to install from
-    assert install.boot_disk(sysfs, cmdline) is None
+    assert partitions.boot_disk(sysfs, cmdline) is None
 
 
 def test_initramfs_finds_the_root_by_slot_or_device(tmp_path: Path) -> None:
@@ -289,7 +290,7 @@ ENTRY = (
 
 
 def test_extra_kernel_args_go_before_the_slot_once() -> None:
-    from basalt.machined.install_entries import EntryEditError, with_kernel_args
+    from basalt.machined.boot.install_entries import EntryEditError, with_kernel_args
 
     args = ("console=tty0", "printk.devkmsg=on")
     edited = with_kernel_args(ENTRY, args)
@@ -304,7 +305,7 @@ def test_extra_kernel_args_go_before_the_slot_once() -> None:
 
 
 def test_every_basalt_entry_on_the_esp_is_edited(tmp_path: Path) -> None:
-    from basalt.machined.install_entries import EntryEditError, edit_entries
+    from basalt.machined.boot.install_entries import EntryEditError, edit_entries
 
     with pytest.raises(EntryEditError, match="no Basalt boot entry"):
         edit_entries(tmp_path, ("quiet",))

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from basalt.machined.boot.metal_slots import KEXEC_ENTRY_ARG, MetalSlots, kexec_entry
+from basalt.machined.sys import efivars
+from basalt.machined.sys.kexec import KexecError
 from basalt.machinery.boot import (
     GatesPassed,
     LoaderEntry,
@@ -24,9 +27,6 @@ from basalt.machinery.boot import (
     loader_order,
 )
 from basalt.machinery.boot.esp import Esp, EspError, entry_boot, entry_text
-from basalt.machined.boot.metal_slots import KEXEC_ENTRY_ARG, MetalSlots, kexec_entry
-from basalt.machined.sys import efivars
-from basalt.machined.sys.kexec import KexecError
 from tests.fakes.bundles import install, metal_bundle
 from tests.unit.test_metal_slots import OPTIONS, A, B, _efivar, _firmware_boot, _machine
 

@@ -512,17 +512,17 @@ def test_metal_prepare_without_pid_1_only_writes_the_generated_files(tmp_path: P
 
 def test_container_mode_controllers_do_nothing(tmp_path: Path) -> None:
     """The metal controllers return before touching the kernel in container mode."""
+    from basalt.machined.assemble import build_node
     from basalt.machined.controllers.hostname_apply import HostnameApplyController
     from basalt.machined.controllers.kernel_modules import KernelModulesController
     from basalt.machined.controllers.network import NetworkController
     from basalt.machined.controllers.resolvers import ResolversController
     from basalt.machined.controllers.sysctls import SysctlsController
-    from basalt.machined.node import Node
     from basalt.machinery.config import load_bundle
 
     async def run() -> None:
         platform = Platform(PlatformMode.CONTAINER, NodePaths.under(tmp_path), "127.0.0.9", "n1")
-        node = Node(platform)
+        node = build_node(platform)
         node.use_config(
             load_bundle(
                 f"apiVersion: {API}\nkind: SysctlConfig\nsysctls:\n  kernel.pid_max: '1'\n"

@@ -16,6 +16,17 @@ from typing import Any
 
 import pytest
 
+from basalt.machined.boot.meta import (
+    OFFSETS,
+    SECOND_COPY,
+    Meta,
+    MetaRecord,
+    PendingUpgrade,
+    decode_copy,
+)
+from basalt.machined.boot.metal_slots import MetalDevices, MetalSlots
+from basalt.machined.events import EventBus
+from basalt.machined.sys import efivars
 from basalt.machinery.boot import (
     GatesPassed,
     GatesTimedOut,
@@ -28,18 +39,7 @@ from basalt.machinery.boot import (
     loader_order,
 )
 from basalt.machinery.boot.esp import entry_options, entry_text
-from basalt.machined.boot.meta import (
-    OFFSETS,
-    SECOND_COPY,
-    Meta,
-    MetaRecord,
-    PendingUpgrade,
-    decode_copy,
-)
-from basalt.machined.boot.metal_slots import MetalDevices, MetalSlots
 from basalt.machinery.boot.slots import SlotWriteError
-from basalt.machined.events import EventBus
-from basalt.machined.sys import efivars
 from tests.fakes import fat
 from tests.fakes.bundles import CHANGES, Change, change, install, metal_bundle
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from basalt.machined.assemble import build_node
 from basalt.machined.chunk_pipe import ChunkPipe, PipeAborted
 from basalt.machined.node import Node, Tuning
 from basalt.machined.platform import NodePaths, Platform, PlatformMode
@@ -66,7 +67,7 @@ def _trusting(public_pem: str) -> object:
 @asynccontextmanager
 async def node_at(root: Path, trusted_pem: str) -> AsyncIterator[Node]:
     platform = Platform(PlatformMode.CONTAINER, NodePaths.under(root), "127.0.0.211", "n1")
-    node = Node(platform, Tuning())
+    node = build_node(platform, Tuning())
     node.paths.create()
     node.config = _trusting(trusted_pem)  # type: ignore[assignment]
     try:

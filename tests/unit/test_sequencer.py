@@ -10,8 +10,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from basalt.machined.sequencer import Sequence, SequenceConflictError, Sequencer, sequence
-from basalt.machined.sequencer.sequencer import TAKEOVER
+from basalt.machined.runtime.sequencer import (
+    TAKEOVER,
+    Sequence,
+    SequenceConflictError,
+    Sequencer,
+    sequence,
+)
 
 T = TypeVar("T")
 NAMES = ("boot", "apply-config", "reboot", "shutdown", "reset")
@@ -416,3 +421,27 @@ def test_a_refusal_is_one_log_line_and_a_bug_is_a_trace(caplog: pytest.LogCaptur
     assert "never retrieved" not in caplog.text
     bugs = [r for r in caplog.records if r.exc_info is not None]
     assert len(bugs) == 1 and "sequence upgrade failed" in bugs[0].getMessage()
+
+
+def test_sequences_are_started_by_the_name_they_are_registered_under() -> None:
+    async def body() -> None:
+        node = Node()
+        sequencer = Sequencer(node, Recorder())
+        sequencer.register({"reboot": sequence("reboot").then("go", step("r"))})
+        await sequencer.start("reboot")
+        assert node.log == ["r start", "r end"]
+        with pytest.raises(KeyError, match="shutdown"):
+            sequencer.start("shutdown")
+        with pytest.raises(ValueError, match="registered as"):
+            sequencer.register({"reset": sequence("reboot")})
+
+    run(body())
+
+
+def test_the_node_registers_every_sequence_by_its_own_name() -> None:
+    from basalt.machined.runtime.sequencer import SEQUENCE_NAMES
+    from basalt.machined.sequencer.sequences import SEQUENCES
+
+    assert set(SEQUENCES) == set(SEQUENCE_NAMES) == set(TAKEOVER)
+    for name, seq in SEQUENCES.items():
+        assert seq.name == name

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from basalt.machined.assemble import build_node
 from basalt.machined.controllers.timesync import (
     RESOURCE,
     RESOURCE_ID,
@@ -135,7 +136,7 @@ def test_query_times_out_on_a_silent_server(servers: list[FakeSntpServer]) -> No
 
 def _node(tmp_path: Path, port: int, *servers_: str, enabled: bool = True) -> Node:
     platform = Platform(PlatformMode.METAL, NodePaths.under(tmp_path), "127.0.0.9", "n1")
-    node = Node(platform, Tuning(ntp_port=port, time_poll_min=0.2, time_poll_max=0.4))
+    node = build_node(platform, Tuning(ntp_port=port, time_poll_min=0.2, time_poll_max=0.4))
     listed = ", ".join(servers_)
     node.use_config(
         load_bundle(

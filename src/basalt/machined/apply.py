@@ -20,7 +20,7 @@ from basalt.machinery.config import ConfigBundle, check_bundle, load_bundle
 from basalt.machinery.config.diff import Change, config_changes, unified_diff
 from basalt.machinery.config.identity import check_identity
 from basalt.machinery.config.validate import Mode
-from basalt.machinery.errors import BasaltError
+from basalt.machinery.errors import BasaltError, ErrorKind
 
 from .install import install_first_config, install_target
 
@@ -46,6 +46,8 @@ class RebootRequiredError(BasaltError):
 
 class InvalidApplyError(BasaltError):
     """The request cannot be applied as asked (not a config problem)."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,6 @@ from basalt.machinery.schematic import (
 )
 
 if TYPE_CHECKING:
-    from .node import Node
     from .services import LogBuffer, Running, ServiceSpec
 
 __all__ = [
@@ -151,13 +151,12 @@ class ExtensionRunner:
 _RESTART = {"always": "always", "onFailure": "on_failure", "never": "never"}
 
 
-def extension_services(node: Node) -> list[ServiceSpec]:
-    """Service specs of every service of the extensions the platform mounted."""
+def extension_services(extensions: Iterable[MountedExtension], root: Path) -> list[ServiceSpec]:
+    """Service specs of every service of ``extensions`` (those the platform mounted)."""
     from .services import RestartPolicy, ServiceSpec
 
-    root = node.platform.system_root
     specs = []
-    for extension in getattr(node.platform, "extensions", ()):
+    for extension in extensions:
         for service in extension.manifest.services:
             runner = ExtensionRunner(extension, service, root)
 

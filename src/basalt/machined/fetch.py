@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
-from basalt.machinery.errors import BasaltError
+from basalt.machinery.errors import BasaltError, ErrorKind
 
 __all__ = ["BundleFetchError", "BundleURLError", "check_url", "fetch"]
 
@@ -29,9 +29,13 @@ _RETRY = "the server or the network cut the download short; nothing was written:
 class BundleFetchError(BasaltError):
     """The node could not fetch the bundle; the message names the URL and the reason."""
 
+    kind = ErrorKind.UNAVAILABLE
+
 
 class BundleURLError(BundleFetchError):
     """The URL itself is not one the node fetches (scheme, host)."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
 
 
 def check_url(url: str) -> str:

@@ -31,7 +31,9 @@ POLL = 0.25
 
 async def etcd_member(node: Node) -> list[Check]:
     """Control planes: this node's etcd member is healthy, voting and caught up."""
-    manager = node.etcd
+    from .etcd.manager import manager_of
+
+    manager = manager_of(node)
     if not node.is_controlplane:
         return []
     if manager is None or not manager.running():

@@ -73,7 +73,9 @@ RAFT_LAG = 1000
 
 async def _etcd(node: Node) -> list[Check]:
     """On control planes: every member healthy, one leader, raft indexes converging."""
-    manager = node.etcd
+    from .etcd.manager import manager_of
+
+    manager = manager_of(node)
     if manager is None or not manager.running():
         return []
     import grpc.aio

@@ -47,14 +47,13 @@ from basalt.machinery.disk.layout import (
     EPHEMERAL,
     LAYOUT,
     META,
-    SLOTS,
     STATE,
     Layout,
     slot_partition,
 )
 from basalt.machinery.errors import BasaltError
 
-from .sys.cmdline import CMDLINE, kernel_arg
+from .storage.partitions import block_partitions, boot_disk
 
 if TYPE_CHECKING:
     from basalt.machinery.config import ConfigBundle
@@ -64,7 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FIELD = "MachineConfig.install.disk"
-SYS_BLOCK = Path("/sys/class/block")
 MKE2FS = "/usr/sbin/mke2fs"
 #: The committed config's name on STATE (basalt.machined.storage.state.COMMITTED).
 CONFIG_NAME = "config.yaml"
@@ -76,63 +74,6 @@ class InstallError(BasaltError):
     """Install to disk was refused (bad ``install.disk``, wrong platform) or failed.
 
     A refusal changes nothing on any disk; the message names the field and what to do."""
-
-
-# -- where the node booted from -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockPartition:
-    """A partition as sysfs shows it: ``vda2`` on disk ``vda``, GPT name ``BASALT-A``."""
-
-    device: str
-    disk: str
-    name: str
-
-
-def block_partitions(sys_block: Path = SYS_BLOCK) -> list[BlockPartition]:
-    """Every partition with a GPT name (``PARTNAME=`` in its uevent), sorted by device."""
-    found = []
-    try:
-        entries = sorted(sys_block.iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            fields = dict(
-                line.partition("=")[::2] for line in (entry / "uevent").read_text().splitlines()
-            )
-        except OSError:
-            continue
-        if fields.get("DEVTYPE") == "partition" and "PARTNAME" in fields:
-            disk = entry.resolve().parent.name
-            found.append(BlockPartition(entry.name, disk, fields["PARTNAME"]))
-    return found
-
-
-def find_partition(name: str, sys_block: Path = SYS_BLOCK) -> str | None:
-    """``/dev/<device>`` of the partition named ``name`` (the first one), or None."""
-    for part in block_partitions(sys_block):
-        if part.name == name:
-            return f"/dev/{part.device}"
-    return None
-
-
-def kernel_slot(cmdline: Path = CMDLINE) -> str:
-    """``basalt.slot=`` of the kernel command line (``A``), '' when absent."""
-    return kernel_arg("basalt.slot", cmdline).upper()
-
-
-def boot_disk(sys_block: Path = SYS_BLOCK, cmdline: Path = CMDLINE) -> str | None:
-    """``/dev/<disk>`` holding the booted slot's partition; None when the node did not
-    boot from a Basalt disk (no ``basalt.slot=``, or no such partition)."""
-    slot = kernel_slot(cmdline)
-    if slot not in SLOTS:
-        return None
-    for part in block_partitions(sys_block):
-        if part.name == slot_partition(slot):
-            return f"/dev/{part.disk}"
-    return None
 
 
 def install_target(node: Node) -> str | None:
@@ -411,7 +352,7 @@ def execute(plan: Plan, config: str, workdir: Path, *, mke2fs: str = MKE2FS) -> 
 def _add_kernel_args(plan: Plan, mountpoint: Path) -> None:
     """``install.extraKernelArgs`` into the boot entries on the target's ESP (mounted
     through its partition on the boot disk, through a loop device on another disk)."""
-    from .install_entries import EntryEditError, edit_entries, mounted_esp
+    from .boot.install_entries import EntryEditError, edit_entries, mounted_esp
     from .sys.loop import LoopError
     from .sys.mount import MountError
 
@@ -435,11 +376,6 @@ def _add_kernel_args(plan: Plan, mountpoint: Path) -> None:
             f"MachineConfig.install.extraKernelArgs: the ESP of {plan.target}: {exc}"
         ) from None
     log.info("kernel arguments %s added to %s", " ".join(plan.kernel_args), ", ".join(names))
-
-
-def installed_devices(sys_block: Path = SYS_BLOCK) -> tuple[str | None, str | None]:
-    """(STATE, EPHEMERAL) devices of this machine, None where there is none."""
-    return find_partition(STATE, sys_block), find_partition(EPHEMERAL, sys_block)
 
 
 # -- in the node ----------------------------------------------------------------------------------

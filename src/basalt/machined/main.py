@@ -108,9 +108,10 @@ def make_platform(args: argparse.Namespace) -> Platform:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from .node import Node, Tuning
-    from .sequencer import SequenceConflictError
-    from .sequencer.sequences import boot, reboot, shutdown
+    from .assemble import build_node
+    from .node import Tuning
+    from .platform import PowerAction
+    from .runtime import SequenceConflictError
 
     platform = make_platform(args)
     platform.start()
@@ -121,17 +122,15 @@ async def run(args: argparse.Namespace) -> int:
         boot_assessment_timeout=args.boot_assessment_timeout,
         drain_timeout=args.drain_timeout,
     )
-    node = Node(platform, tuning)
+    node = build_node(platform, tuning)
     handler = _BufferHandler(node.agent_log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
-    sequences = {"shutdown": shutdown, "reboot": reboot}
-
-    def on_signal(signum: int, action: str) -> None:
+    def on_signal(signum: int, action: PowerAction) -> None:
         log.info("signal %s: %s", signal.Signals(signum).name, action)
         try:
-            node.sequencer.start(sequences[action])
+            node.sequencer.start(action)
         except SequenceConflictError:
             node.finish(action)
 
@@ -139,7 +138,7 @@ async def run(args: argparse.Namespace) -> int:
     for signum, action in platform.power_signals().items():
         loop.add_signal_handler(signum, on_signal, signum, action)
 
-    boot_task = node.sequencer.start(boot)
+    boot_task = node.sequencer.start("boot")
 
     def boot_done(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

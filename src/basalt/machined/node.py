@@ -1,4 +1,10 @@
-"""The node: the state every part of machined shares, and its lifecycle entry points."""
+"""The node: the state every part of machined shares, and its lifecycle entry points.
+
+A :class:`Node` is plain state. It builds none of the parts above it: the composition
+root (:mod:`basalt.machined.assemble`) creates the upgrader, the servers, the etcd
+manager and the controllers, and sets the narrow interfaces (:mod:`.ports`) that the
+sequences and the API reach them through.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,18 +21,20 @@ from basalt.machinery.resources import MachineConfigSpec, MachineStatusSpec, Unm
 from basalt.machinery.resources.specs import Stage
 
 from .events import EventBus
-from .platform import Platform
-from .runtime import ControllerEngine, ResourceStore
-from .sequencer import Sequencer
+from .platform import Platform, PowerAction
+from .ports import EtcdMember, Upgrades, Wiring
+from .runtime import ControllerEngine, ResourceStore, Sequencer
 from .services import LogBuffer, Supervisor
 from .storage.state import ConfigStore
 
 if TYPE_CHECKING:
     # Imported where used: a first boot opens its maintenance API before it needs
     # config models (pydantic) or identities, and under TCG each import costs seconds.
+    from basalt.machinery.api import trust_pb2
     from basalt.machinery.config import ConfigBundle, MachineConfig
 
     from .identity import NodeIdentity
+    from .services import ServiceStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +76,15 @@ class TrialState:
     task: asyncio.Task[None] | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Node:
     platform: Platform
     tuning: Tuning = field(default_factory=Tuning)
+    #: Set by the composition root (:func:`basalt.machined.assemble.build_node`).
+    #: A/B slots, upgrades, rollbacks and the boot assessment.
+    upgrader: Upgrades = field(init=False)
+    #: What the boot sequence asks of the composition root (servers, services).
+    wiring: Wiring = field(init=False)
 
     def __post_init__(self) -> None:
         self.paths = self.platform.paths
@@ -93,17 +107,12 @@ class Node:
         self.api_first.set()
         self.exit_code: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.started = time.time()
-        self.api: Any = None
-        self.trust: Any = None
-        self.members: dict[str, Any] = {}
+        #: The cluster's members as the control planes list them (node id -> member).
+        self.members: dict[str, trust_pb2.Member] = {}
         #: On control planes: the member registry the trust service keeps.
-        self.trust_members: dict[str, Any] = {}
+        self.trust_members: dict[str, trust_pb2.Member] = {}
         #: On control planes: etcd's lifecycle (set when services are registered).
-        self.etcd: Any = None
-        from .upgrade import Upgrader
-
-        #: A/B slots, upgrades, rollbacks and the boot assessment.
-        self.upgrader = Upgrader(self)
+        self.etcd: EtcdMember | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- identity and config -------------------------------------------------------------
@@ -192,7 +201,7 @@ class Node:
             owner="machined",
         )
 
-    def _service_changed(self, status: Any) -> None:
+    def _service_changed(self, status: ServiceStatus) -> None:
         from basalt.machinery.resources import ServiceStatusSpec
 
         self.store.put(
@@ -217,7 +226,7 @@ class Node:
         self.events.publish("sequence", text, actor="sequencer", **fields)
         log.info("%s", text)
 
-    def background(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
+    def background(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         """Run ``coro`` for the node's lifetime; it is cancelled when the node stops."""
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
@@ -230,7 +239,7 @@ class Node:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     # -- the end -----------------------------------------------------------------------------
-    def finish(self, action: str) -> None:
+    def finish(self, action: PowerAction) -> None:
         """End the process so the launcher reboots or stops the node."""
         if not self.exit_code.done():
             self.exit_code.set_result(self.platform.exit_code(action))

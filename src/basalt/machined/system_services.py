@@ -1,4 +1,7 @@
-"""The services a configured node runs, by machine type and platform."""
+"""The services a configured node runs, by machine type and platform.
+
+Part of the composition root (:mod:`.assemble` calls it when the boot reaches its
+services phase): it creates the API servers and the etcd manager."""
 
 from __future__ import annotations
 
@@ -31,8 +34,6 @@ def _server_service(node: Node, factory: type, port: int, name: str) -> ServiceS
         server = factory(node, **({"maintenance": False} if name == "apid" else {}))
         await server.start()
         log.append(f"{name} listening on {node.address}:{port}".encode())
-        if name == "apid":
-            node.api = server
         try:
             await asyncio.Event().wait()
         finally:
@@ -101,16 +102,17 @@ def register_system_services(node: Node) -> None:
     known = {s.id for s in node.supervisor.statuses()}
     wanted = [_server_service(node, ApiServer, API_PORT, "apid")]
     if node.is_controlplane:
-        from .etcd.manager import EtcdManager
+        from .etcd.manager import EtcdManager, manager_of
         from .etcd.service import etcd_service
 
         wanted.append(_server_service(node, TrustServer, TRUST_PORT, "trustd"))
-        if node.etcd is None:
+        manager = manager_of(node)
+        if manager is None:
             from .etcd.observe import observe_forever
 
-            node.etcd = EtcdManager(node)
-            node.background(observe_forever(node, node.etcd), name="etcd-observe")
-        wanted.append(etcd_service(node, node.etcd))
+            node.etcd = manager = EtcdManager(node)
+            node.background(observe_forever(node, manager), name="etcd-observe")
+        wanted.append(etcd_service(node, manager))
     from .containerd.runtime import wanted as containerd_wanted
 
     if containerd_wanted(node):
@@ -120,7 +122,8 @@ def register_system_services(node: Node) -> None:
     wanted.append(_kubelet(node))
     from .extensions import extension_services
 
-    wanted += extension_services(node)  # the image's system extensions (metal)
+    # The image's system extensions (metal).
+    wanted += extension_services(node.platform.extensions, node.platform.system_root)
     for spec in wanted:
         if spec.id not in known:
             node.supervisor.register(spec)

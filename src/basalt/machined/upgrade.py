@@ -48,7 +48,7 @@ from basalt.machinery.boot import (
     boot_status,
 )
 from basalt.machinery.boot.slots import SlotDirectories
-from basalt.machinery.errors import BasaltError
+from basalt.machinery.errors import BasaltError, ErrorKind
 from basalt.machinery.resources import BootStatusSpec
 
 from .boot.metal_slots import MetalSlots
@@ -81,6 +81,8 @@ class DowngradeRefusedError(UpgradeRefusedError):
 
 class BundleUploadError(BasaltError):
     """The upload itself is unusable (no options first, empty, or too large)."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)
@@ -267,11 +269,10 @@ class Upgrader:
             self._uncordon(f"{outcome.state.slot(outcome.state.booted).label} passed its gates")
 
     def _reboot(self) -> None:
-        from .sequencer import SequenceConflictError
-        from .sequencer.sequences import reboot
+        from .runtime import SequenceConflictError
 
         try:
-            self.node.sequencer.start(reboot)
+            self.node.sequencer.start("reboot")
         except SequenceConflictError:
             self.node.finish("reboot")
 
@@ -387,10 +388,10 @@ class Upgrader:
         """Control planes: refuse (QuorumError) when going down would put etcd at risk."""
         import grpc.aio
 
-        from .etcd.manager import QuorumError
+        from .etcd.manager import QuorumError, manager_of
         from .etcd.quorum import check_reboot
 
-        manager = self.node.etcd
+        manager = manager_of(self.node)
         if manager is None or not self.node.is_controlplane:
             return None
         if force:
@@ -469,8 +470,8 @@ class Upgrader:
         self._event(outcome.message, slot=target.value, version=verified.version)
         return target, outcome.message
 
-    async def stage(self, job: UpgradeJob) -> None:
-        await asyncio.to_thread(self.require_slots().stage, job.upload)
+    async def stage(self, upload: Path) -> None:
+        await asyncio.to_thread(self.require_slots().stage, upload)
 
     async def install_staged(self) -> bool:
         """Boot: install a bundle staged by ``upgrade --stage``; True when the node must reboot."""

@@ -6,20 +6,38 @@ Every error says what was wrong, where, and what to do. Callers catch
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 Severity = Literal["error", "warning"]
+
+
+class ErrorKind(enum.Enum):
+    """What kind of refusal an error is, whoever reports it: the API turns a kind into a
+    gRPC status code (basalt.machined.api.errors), a web form into an HTTP status."""
+
+    INVALID_ARGUMENT = "invalid-argument"  # the request itself is wrong
+    FAILED_PRECONDITION = "failed-precondition"  # the request is fine; the state refuses it
+    NOT_FOUND = "not-found"
+    ALREADY_EXISTS = "already-exists"
+    PERMISSION_DENIED = "permission-denied"
+    UNAVAILABLE = "unavailable"  # try again later
+    RESOURCE_EXHAUSTED = "resource-exhausted"
+    ABORTED = "aborted"  # interrupted half-way; nothing was left half-done
 
 
 class BasaltError(Exception):
     """The base of every error Basalt raises on purpose.
 
-    ``hint`` says what the user can do about it; it is printed on its own line.
+    ``hint`` says what the user can do about it; it is printed on its own line. ``kind``
+    is the class's kind of refusal; a subclass that is not a state problem sets its own.
     """
+
+    kind: ClassVar[ErrorKind] = ErrorKind.FAILED_PRECONDITION
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -99,6 +117,8 @@ def format_path(loc: Sequence[str | int]) -> str:
 class ConfigError(BasaltError):
     """A machine config, secrets bundle or patch could not be used."""
 
+    kind = ErrorKind.INVALID_ARGUMENT
+
 
 class ConfigSyntaxError(ConfigError):
     """A YAML or JSON text could not be parsed; names the source, line and column."""
@@ -176,9 +196,41 @@ class ClientConfigError(BasaltError):
 class OutputExistsError(BasaltError):
     """A command would overwrite a file that exists; pass --force to allow it."""
 
+    kind = ErrorKind.ALREADY_EXISTS
+
     def __init__(self, path: str) -> None:
         super().__init__(
             f"{path} already exists; refusing to overwrite it",
             hint="pass --force to overwrite, or choose another output path",
         )
         self.path = path
+
+
+class InvalidRequestError(BasaltError):
+    """The request itself is malformed (a bad argument)."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
+
+
+class NotFoundError(BasaltError):
+    """The thing the request names does not exist here."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
+class AccessDeniedError(BasaltError):
+    """The caller's roles do not allow this (e.g. a sensitive resource)."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+
+
+class UnavailableError(BasaltError):
+    """This cannot be served now (e.g. the kernel log is not readable); try again later."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+class AlreadyExistsError(BasaltError):
+    """The request would create something that exists already."""
+
+    kind = ErrorKind.ALREADY_EXISTS

@@ -18,7 +18,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from basalt.machinery.client.client import UPLOAD_READY
-from basalt.machinery.errors import BasaltError
+from basalt.machinery.errors import BasaltError, ErrorKind
 from basalt.machinery.roles import MAINTENANCE_RPCS, Role, allowed_roles, is_allowed
 
 from .auth import AuthenticationError, Principal, authenticate, current_principal
@@ -75,6 +75,8 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
 
 class RequestTooLargeError(BasaltError):
     """A request message is larger than its method takes (:data:`REQUEST_LIMITS`)."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
 _SERVICE = "/basalt.api.v1alpha1.MachineService/"

@@ -31,12 +31,14 @@ class EtcdMethods:
         raise NotImplementedError
 
     def _etcd(self) -> EtcdManager:
-        if not self.node.is_controlplane or self.node.etcd is None:
+        from ..etcd.manager import manager_of
+
+        manager = manager_of(self.node)
+        if not self.node.is_controlplane or manager is None:
             raise InvalidRequestError(
                 "etcd runs on control planes only",
                 hint="target a control plane with -n",
             )
-        manager: EtcdManager = self.node.etcd
         return manager
 
     async def _call(self, coro: Any) -> Any:

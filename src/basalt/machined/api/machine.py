@@ -73,7 +73,6 @@ class MachineServicer(
         self, request: machine_pb2.ApplyConfigurationRequest, context: Context
     ) -> Any:
         from ..apply import ApplyRequest, apply_maintenance
-        from ..sequencer.sequences import apply_config_sequence, reboot
 
         apply_request = ApplyRequest(
             data=request.data,
@@ -87,10 +86,10 @@ class MachineServicer(
                 result = await apply_maintenance(self.node, apply_request)
         else:
             holder = _Holder(apply_request)
-            await self.node.sequencer.start(apply_config_sequence, holder)
+            await self.node.sequencer.start("apply-config", holder)
             result = holder.result
             if result.then_reboot:
-                self.node.sequencer.start(reboot)
+                self.node.sequencer.start("reboot")
         answer = machine_pb2.ApplyConfiguration(
             metadata=self.meta(),
             warnings=result.warnings,
@@ -102,19 +101,15 @@ class MachineServicer(
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def Reboot(self, request: machine_pb2.RebootRequest, context: Context) -> Any:
-        from ..sequencer.sequences import reboot
-
-        self.node.sequencer.start(reboot)
+        self.node.sequencer.start("reboot")
         return self.action("reboot started")
 
     async def Shutdown(self, request: machine_pb2.ShutdownRequest, context: Context) -> Any:
-        from ..sequencer.sequences import shutdown
-
-        self.node.sequencer.start(shutdown)
+        self.node.sequencer.start("shutdown")
         return self.action("shutdown started")
 
     async def Reset(self, request: machine_pb2.ResetRequest, context: Context) -> Any:
-        from ..sequencer.sequences import ResetRequest, reset
+        from ..sequencer.sequences import ResetRequest
 
         what = machine_pb2.WipeMode.Name(request.wipe_mode).lower()
         if request.graceful and self.node.etcd is not None:
@@ -123,7 +118,7 @@ class MachineServicer(
                 self.node.etcd.check_leave(request.force, request.destroy_last_etcd_member)
             )
         self.node.sequencer.start(
-            reset,
+            "reset",
             ResetRequest(
                 request.graceful,
                 request.wipe_mode,

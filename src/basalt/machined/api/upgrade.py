@@ -78,7 +78,7 @@ class UpgradeMethods:
     async def Upgrade(
         self, requests: AsyncIterator[machine_pb2.UpgradeRequest], context: Context
     ) -> Any:
-        from ..sequencer.sequences import RebootPlan, reboot, upgrade
+        from ..sequencer.sequences import RebootPlan
         from ..upgrade import UpgradeJob
 
         upgrader = self.node.upgrader
@@ -87,11 +87,11 @@ class UpgradeMethods:
         upload, verified = await upgrader.receive(chunks, label)
         job = UpgradeJob(options, upload, label, verified=verified)
         try:
-            await self.node.sequencer.start(upgrade, job)
+            await self.node.sequencer.start("upgrade", job)
         finally:
             upload.unlink(missing_ok=True)
         # A staged bundle is installed early in the next boot, which the firmware starts.
-        self.node.sequencer.start(reboot, RebootPlan(kexec=options.kexec and not options.stage))
+        self.node.sequencer.start("reboot", RebootPlan(kexec=options.kexec and not options.stage))
         assert job.verified is not None
         job.steps.append("rebooting")
         answer = machine_pb2.Upgrade(
@@ -104,13 +104,13 @@ class UpgradeMethods:
         return machine_pb2.UpgradeResponse(messages=[answer])
 
     async def Rollback(self, request: machine_pb2.RollbackRequest, context: Context) -> Any:
-        from ..sequencer.sequences import RebootPlan, reboot, rollback
+        from ..sequencer.sequences import RebootPlan
 
         self.node.upgrader.require_slots()
         job = RollbackJob(no_drain=request.no_drain)
-        await self.node.sequencer.start(rollback, job)
+        await self.node.sequencer.start("rollback", job)
         kexec = request.reboot_mode == machine_pb2.KEXEC
-        self.node.sequencer.start(reboot, RebootPlan(kexec=kexec))
+        self.node.sequencer.start("reboot", RebootPlan(kexec=kexec))
         return self.action("; ".join([*job.steps, job.message, "rebooting"]))
 
 

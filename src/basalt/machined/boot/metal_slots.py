@@ -388,9 +388,9 @@ def of_machine(root: Path, ephemeral: Path, sys_block: Path | None = None) -> Me
     """The slots of this machine when it booted from a Basalt disk, else None."""
     from basalt.machinery.disk.layout import EFI, META, slot_partition
 
-    from ..install import SYS_BLOCK, find_partition, kernel_slot
-    from ..install_entries import mounted_esp
+    from ..storage.partitions import SYS_BLOCK, find_partition, kernel_slot
     from ..sys.efivars import EFIVARS
+    from .install_entries import mounted_esp
 
     blocks = sys_block or SYS_BLOCK
     slot = kernel_slot(CMDLINE).lower()

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ SERVICE_ID = "containerd"
 LOG_PREFIX = "containers/"
 KEEP_LOGS = 64
 RUNTIME = "io.containerd.runc.v2"
-_ATTR = "_basalt_containerd"
+#: Each node's one runtime, made on first use and gone with its node.
+_RUNTIMES: weakref.WeakKeyDictionary[Node, ContainerRuntime] = weakref.WeakKeyDictionary()
 
 
 class ContainerdUnavailable(RuntimeError):
@@ -78,11 +80,9 @@ def paths_for(node: Node) -> ContainerdPaths:
 
 def runtime_for(node: Node) -> ContainerRuntime:
     """The node's one :class:`ContainerRuntime` (made on first use)."""
-    found = node.__dict__.get(_ATTR)
+    found = _RUNTIMES.get(node)
     if found is None:
-        found = ContainerRuntime(node)
-        node.__dict__[_ATTR] = found
-    assert isinstance(found, ContainerRuntime)
+        found = _RUNTIMES[node] = ContainerRuntime(node)
     return found
 
 

@@ -20,7 +20,7 @@ import grpc.aio
 
 from basalt.machinery.api import etcd_pb2
 from basalt.machinery.config import ClusterConfig
-from basalt.machinery.errors import BasaltError
+from basalt.machinery.errors import BasaltError, ErrorKind
 from basalt.machinery.pki import CertificateAndKey
 
 from ..services import LogBuffer, ProcessRunner, Running
@@ -48,6 +48,8 @@ class EtcdStateError(BasaltError):
 
 class AlreadyBootstrappedError(BasaltError):
     """The etcd cluster exists already; bootstrap runs once per cluster."""
+
+    kind = ErrorKind.ALREADY_EXISTS
 
 
 def etcd_binary() -> str | None:
@@ -438,7 +440,7 @@ async def _remove(client: EtcdClient, member_id: int) -> None:
 
 
 def _pick(members: Sequence[etcd_pb2.Member], wanted: str) -> etcd_pb2.Member:
-    from ..api.errors import NotFoundError
+    from basalt.machinery.errors import NotFoundError
 
     key = wanted.lower().removeprefix("0x")
     for member in members:
@@ -495,3 +497,14 @@ def discard_incomplete(data_dir: Path) -> bool:
 
 def data_dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def manager_of(node: Node) -> EtcdManager | None:
+    """The node's etcd manager: on a control plane once its services are registered,
+    else None. (The node holds it as the narrow :class:`~basalt.machined.ports.EtcdMember`;
+    the parts above etcd that need its client come here.)"""
+    found = node.etcd
+    if found is None:
+        return None
+    assert isinstance(found, EtcdManager), f"node.etcd is a {type(found).__name__}"
+    return found

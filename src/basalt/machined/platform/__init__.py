@@ -11,11 +11,12 @@ import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
 if TYPE_CHECKING:
+    from ..extensions import MountedExtension
     from ..sys.clock import Clock
 
 
@@ -69,6 +70,9 @@ class NodePaths:
 #: The address a node has before its network tells it one: listen on every address.
 UNSPECIFIED_ADDRESS = "0.0.0.0"
 
+#: How the agent ends: the launcher (or, as PID 1, the kernel) restarts or stops the machine.
+PowerAction = Literal["reboot", "shutdown"]
+
 
 @dataclass
 class Platform:
@@ -82,6 +86,8 @@ class Platform:
     arch: str = field(default_factory=_platform.machine)
     #: Where the machine's kernel interfaces are: ``proc/sys``, ``lib/modules``, ``run``.
     system_root: Path = Path("/")
+    #: The system extensions mounted at boot (metal; their services run as ``ext-*``).
+    extensions: list[MountedExtension] = field(default_factory=list)
 
     @property
     def generated_etc(self) -> Path:
@@ -98,7 +104,7 @@ class Platform:
     def start(self) -> None:
         """Hook run on the event loop before boot (metal as PID 1: the zombie reaper)."""
 
-    def power_signals(self) -> dict[signal.Signals, str]:
+    def power_signals(self) -> dict[signal.Signals, PowerAction]:
         """Signal -> the sequence it starts: a process stops on either."""
         return {signal.SIGTERM: "shutdown", signal.SIGINT: "shutdown"}
 
@@ -109,6 +115,6 @@ class Platform:
 
         return ObservingClock()
 
-    def exit_code(self, action: str) -> int:
+    def exit_code(self, action: PowerAction) -> int:
         """What the process exits with to make its launcher reboot or stop it."""
         return EXIT_REBOOT if action == "reboot" else EXIT_SHUTDOWN

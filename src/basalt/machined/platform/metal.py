@@ -39,10 +39,10 @@ from basalt.machinery.images.layout import (
 )
 from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
-from ..extensions import MountedExtension, mount_and_log
+from ..extensions import mount_and_log
 from ..sys import kexec, kmod, mount, power
 from ..sys.reaper import Reaper
-from . import NodePaths, Platform, PlatformMode
+from . import NodePaths, Platform, PlatformMode, PowerAction
 from .etc import render_hosts, write_generated
 
 if TYPE_CHECKING:
@@ -139,8 +139,6 @@ class MetalPlatform(Platform):
     installed_to: str = ""
     #: True while maintenance mode installs (a second apply-config is refused).
     installing: bool = False
-    #: The system extensions mounted at boot (their services run as ``ext-*`` services).
-    extensions: list[MountedExtension] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -190,7 +188,7 @@ class MetalPlatform(Platform):
         points = list(RUNTIME_FILESYSTEMS)
         if self.system_root != Path("/"):
             return points  # a test's node directory: never the machine's disks
-        from ..install import installed_devices
+        from ..storage.partitions import installed_devices
 
         state, ephemeral = installed_devices()
         if ephemeral is not None:
@@ -238,7 +236,7 @@ class MetalPlatform(Platform):
 
         return SystemClock() if self.init else ObservingClock()
 
-    def power_signals(self) -> dict[signal.Signals, str]:
+    def power_signals(self) -> dict[signal.Signals, PowerAction]:
         # As for any init: SIGTERM asks for a power-off, SIGINT (what the kernel sends
         # PID 1 for Ctrl-Alt-Del once it is told to) for a reboot.
         return {signal.SIGTERM: "shutdown", signal.SIGINT: "reboot"}

@@ -1,5 +1,3 @@
-"""Sequences (boot, apply-config, reboot, shutdown, reset) as declared lists of phases."""
-
-from .sequencer import Phase, Sequence, SequenceConflictError, Sequencer, sequence
-
-__all__ = ["Phase", "Sequence", "SequenceConflictError", "Sequencer", "sequence"]
+"""Basalt's sequences (boot, apply-config, upgrade, rollback, reboot, shutdown, reset) as
+declared lists of phases, in :mod:`.sequences`. The engine that runs them is the
+runtime's (:mod:`basalt.machined.runtime.sequencer`)."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from basalt.machinery.api.machine_pb2 import WipeMode
 from basalt.machinery.errors import BasaltError
 
-from .sequencer import Sequence, sequence
+from ..runtime.sequencer import Sequence, SequenceName, sequence
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -88,12 +88,10 @@ async def install_staged(node: Node, request: Any) -> None:
 
 async def maintenance(node: Node, request: Any) -> None:
     """Serve the maintenance API until a config is applied."""
-    from ..api.server import ApiServer
-
     node.set_stage("maintenance")
     from ..config_url import start_config_fetch
 
-    server = ApiServer(node, maintenance=True)
+    server = node.wiring.maintenance_api()
     try:
         await server.start()
     finally:
@@ -162,9 +160,7 @@ async def establish_identity(node: Node, request: Any) -> None:
 
 
 async def start_services(node: Node, request: Any) -> None:
-    from ..system_services import register_system_services
-
-    register_system_services(node)
+    node.wiring.register_services()
     await node.supervisor.start_all()
 
 
@@ -241,7 +237,7 @@ def installing(node: Node, job: Any) -> bool:
 
 async def stage_bundle(node: Node, job: Any) -> None:
     try:
-        await node.upgrader.stage(job)
+        await node.upgrader.stage(job.upload)
     except BaseException:
         await node.upgrader.give_back_cordon("staging the upgrade failed")
         raise
@@ -400,3 +396,14 @@ reset: Sequence[Node] = (
     .then("wipe", wipe)
     .then("finish", finish_reset)
 )
+
+#: Every sequence, by the name it is started by (``node.sequencer.start("reboot")``).
+SEQUENCES: dict[SequenceName, Sequence[Node]] = {
+    "boot": boot,
+    "apply-config": apply_config_sequence,
+    "upgrade": upgrade,
+    "rollback": rollback,
+    "reboot": reboot,
+    "shutdown": shutdown,
+    "reset": reset,
+}

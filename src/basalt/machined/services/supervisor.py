@@ -22,7 +22,7 @@ from basalt.machined.events import EventBus
 from basalt.machined.services.logs import LogBuffer
 from basalt.machined.services.runners import ExitStatus, Running
 from basalt.machined.services.service import Condition, HealthCheck, ServiceSpec, ServiceState
-from basalt.machinery.errors import BasaltError
+from basalt.machinery.errors import BasaltError, ErrorKind
 
 __all__ = ["Health", "ServiceEvent", "ServiceStatus", "Supervisor", "UnknownServiceError"]
 
@@ -36,6 +36,8 @@ HISTORY = 20  # transitions kept per service in ServiceStatus.events
 
 class UnknownServiceError(BasaltError):
     """A service id that is not registered was asked for; the hint lists the known ones."""
+
+    kind = ErrorKind.NOT_FOUND
 
     def __init__(self, service_id: str, known: Iterable[str]) -> None:
         names = ", ".join(sorted(known)) or "none"

@@ -7,7 +7,7 @@ import errno
 import os
 from collections.abc import AsyncIterator
 
-from basalt.machined.api.errors import UnavailableError
+from basalt.machinery.errors import UnavailableError
 
 __all__ = ["KMSG", "format_record", "read_kmsg"]
 

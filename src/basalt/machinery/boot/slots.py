@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from basalt.machinery.errors import BasaltError
+from basalt.machinery.errors import BasaltError, ErrorKind
 from basalt.machinery.fileio import copy_range, write_atomic
 from basalt.machinery.images.manifest import MANIFEST_NAME
 from basalt.machinery.images.payload import BASALT_TREE
@@ -49,6 +49,8 @@ PACKAGE = "basalt"
 class SlotWriteError(BasaltError):
     """A verified bundle could not be written to a slot (it changed after verification,
     or its basalt.tar is not a plain tree of the ``basalt`` package). The slot is untouched."""
+
+    kind = ErrorKind.ABORTED
 
 
 class SlotDirectories:

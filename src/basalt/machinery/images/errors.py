@@ -8,7 +8,7 @@ means the bundle was refused and nothing was written. :class:`SigningKeyError` a
 
 from __future__ import annotations
 
-from ..errors import BasaltError
+from ..errors import BasaltError, ErrorKind
 
 
 class SigningKeyError(BasaltError):
@@ -32,6 +32,8 @@ class ImageVerificationError(BasaltError):
     The subclass says which check; the message names the bundle and what was wrong,
     and the hint what to do. Nothing was written or changed.
     """
+
+    kind = ErrorKind.INVALID_ARGUMENT
 
     check: str = "bundle"
 

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from ..errors import BasaltError
+from ..errors import BasaltError, ErrorKind
 from . import specs
 
 
 class UnknownResourceTypeError(BasaltError):
     """A resource type or alias that no definition has."""
+
+    kind = ErrorKind.NOT_FOUND
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The sequencer: runs one sequence at a time, phase by phase.
 
-A sequence is data: ``sequence("reboot").then("stop", stop_services).then(...)``. Tasks
+A sequence is data: ``sequence("reboot").then("stop", stop_services).then(...)``; the
+node's sequences (:mod:`basalt.machined.sequencer.sequences`) are registered by the
+composition root and started by name: ``node.sequencer.start("reboot")``. Tasks
 of one phase run concurrently; phases run in order; a phase with ``when`` is skipped
 when its condition is false. A request for a sequence while another runs is refused
 with :class:`SequenceConflictError`, unless :data:`TAKEOVER` lets the new one cancel
@@ -12,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 from basalt.machinery.errors import BasaltError
 
@@ -24,12 +26,16 @@ N = TypeVar("N")
 Task = Callable[[N, Any], Awaitable[None]]
 Condition = Callable[[N, Any], bool]
 
+#: The node's sequences, by name.
+SequenceName = Literal["boot", "apply-config", "upgrade", "rollback", "reboot", "shutdown", "reset"]
+SEQUENCE_NAMES: tuple[SequenceName, ...] = get_args(SequenceName)
+
 #: running sequence -> sequences that may cancel it and run instead.
 #: Boot can wait a long time (maintenance mode, a control plane to sign a certificate);
 #: reboot, shutdown and reset take it over. Nothing takes over reboot, shutdown or reset
 #: except shutdown taking over reboot (a power-off beats a restart). An upgrade or a
 #: rollback is short and changes which slot boots: nothing takes it over.
-TAKEOVER: dict[str, frozenset[str]] = {
+TAKEOVER: dict[str, frozenset[SequenceName]] = {
     "boot": frozenset({"reboot", "shutdown", "reset"}),
     "apply-config": frozenset(),
     "upgrade": frozenset(),
@@ -87,16 +93,32 @@ class Sequencer(Generic[N]):
     def __init__(self, node: N, on_event: Callable[[str, str, str], None]) -> None:
         self.node = node
         self._on_event = on_event
+        self._sequences: dict[str, Sequence[N]] = {}
         self._running: tuple[str, asyncio.Task[None]] | None = None
         #: Every sequence task not yet done, including taken-over ones still unwinding.
         self._live: set[asyncio.Task[None]] = set()
+
+    def register(self, sequences: Mapping[SequenceName, Sequence[N]]) -> None:
+        """Make ``sequences`` startable by name (the composition root does this once)."""
+        for name, seq in sequences.items():
+            if seq.name != name:
+                raise ValueError(f"sequence {seq.name!r} registered as {name!r}")
+            self._sequences[name] = seq
 
     @property
     def running(self) -> str | None:
         return self._running[0] if self._running else None
 
-    def start(self, seq: Sequence[N], request: Any = None) -> asyncio.Task[None]:
-        """Start ``seq`` in the background, or raise SequenceConflictError right away."""
+    def start(self, what: SequenceName | Sequence[N], request: Any = None) -> asyncio.Task[None]:
+        """Start a registered sequence (by name) or ``what`` itself in the background, or
+        raise SequenceConflictError right away."""
+        if isinstance(what, Sequence):
+            seq = what
+        else:
+            found = self._sequences.get(what)
+            if found is None:
+                raise KeyError(f"no sequence {what!r} is registered")
+            seq = found
         if self._running is not None:
             name, task = self._running
             if seq.name not in TAKEOVER.get(name, frozenset()):

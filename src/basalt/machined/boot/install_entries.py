@@ -87,7 +87,7 @@ def mounted_esp(device: str, mountpoint: Path, *, offset: int = 0, size: int = 0
     """The ESP on ``device`` mounted read-write at ``mountpoint`` for a block; with
     ``size``, the ESP is the ``size`` bytes at ``offset`` of ``device`` (a loop device
     covers them). Unmounting flushes everything. Metal slots mount the ESP this way too."""
-    from .sys import loop, mount
+    from ..sys import loop, mount
 
     mountpoint.mkdir(parents=True, exist_ok=True)
     flags, _ = mount.parse_options(VFAT_FLAGS)
