@@ -116,9 +116,11 @@ install: $(STAMP) system-deps
 demo: install
 	@bash scripts/demo.sh
 
+# ruff, and the import contracts in .importlinter: the layers, no cycles anywhere.
 lint: install
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/lint-imports --config .importlinter --no-cache
 
 # Every module of src/basalt and the benchmarks, strictly.
 typecheck: install

@@ -310,7 +310,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 async def latency(
     state_dir: Path, cp1: str, peer_addresses: list[str], root: Path, writes: int
 ) -> tuple[dict[str, tuple[float, float]], list[str], bool]:
-    from basalt.machinery.secrets import load_secrets
+    from basalt.machinery.config.secrets import load_secrets
 
     argv = basalt_etcd_argv(state_dir, cp1)
     flags = shared_flags(argv)

@@ -18,7 +18,7 @@ from basalt.machinery.config import (
     generate_configs,
     parse_patch,
 )
-from basalt.machinery.secrets import SecretsBundle, generate_secrets
+from basalt.machinery.config.secrets import SecretsBundle, generate_secrets
 
 API = "basalt.dev/v1alpha1"
 ENDPOINT = "https://192.0.2.10:6443"

@@ -19,8 +19,8 @@ import yaml
 from basalt.machinery.api import common_pb2, machine_pb2, resource_pb2
 from basalt.machinery.client.config import issue_client_context
 from basalt.machinery.config import GenerateOptions, generate_configs
+from basalt.machinery.config.secrets import SecretsBundle, generate_secrets
 from basalt.machinery.roles import Role
-from basalt.machinery.secrets import SecretsBundle, generate_secrets
 from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
 from tests.integration.test_lifecycle import apply
 from tests.unit.test_redaction import bundle_secrets, leaks

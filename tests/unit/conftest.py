@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from basalt.machinery.config.secrets import SecretsBundle
 from basalt.machinery.images import generate_signing_key
-from basalt.machinery.secrets import SecretsBundle
 from tests.fakes import inputs
 
 

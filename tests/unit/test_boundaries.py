@@ -1,48 +1,71 @@
-"""Architecture boundaries: machinery imports nothing else from basalt; the CLI starts light."""
+"""Architecture boundaries: the import contracts (.importlinter) hold, and they break on an
+upward import or a cycle; the CLI starts light."""
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "basalt"
 
 
-def _imports(path: Path, root: Path = SRC.parent) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text(), str(path))
-    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join([*base, node.module] if node.module else base)
-            else:
-                module = node.module or ""
-            found.append((node.lineno, module))
-    return found
+ROOT = SRC.parents[1]
+CONTRACTS = ROOT / ".importlinter"
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
-def test_machinery_imports_nothing_else_from_basalt() -> None:
-    offenders = []
-    for path in sorted((SRC / "machinery").rglob("*.py")):
-        for line, module in _imports(path):
-            if module.startswith("basalt") and not module.startswith("basalt.machinery"):
-                offenders.append(f"{path.relative_to(SRC.parent)}:{line} imports {module}")
-    assert not offenders, "basalt.machinery must stay self-contained:\n" + "\n".join(offenders)
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """lint-imports on the tree under ``root`` (its src/ first on the path)."""
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(CONTRACTS), "--no-cache"],
+        check=False,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def test_boundary_check_sees_relative_imports(tmp_path: Path) -> None:
-    # The checker itself must resolve `from ...cli import x` inside machinery to basalt.cli
-    # (probed in a copy of the package's shape: the source tree may be read-only).
-    probe = tmp_path / "basalt" / "machinery" / "config" / "_probe_boundary.py"
-    probe.parent.mkdir(parents=True)
-    probe.write_text("from ...cli import main\n")
-    assert (1, "basalt.cli") in _imports(probe, tmp_path)
+def test_the_import_contracts_hold() -> None:
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _copy_with(tmp_path: Path, module: str, line: str) -> Path:
+    """A copy of the source tree whose ``module`` also imports ``line``, inside a function
+    (an import there counts like any other)."""
+    shutil.copytree(SRC, tmp_path / "src" / "basalt", ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / "src" / Path(*module.split(".")).with_suffix(".py")
+    path.write_text(path.read_text() + f"\n\ndef _probe() -> None:\n    {line}  # noqa\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "broken"),
+    [
+        # The kernel interfaces reaching up into the API.
+        ("basalt.machined.sys.mount", "from basalt.machined.api import server", "machined:"),
+        # The shared library importing the node agent.
+        ("basalt.machinery.pki", "import basalt.machined.node", "Packages:"),
+        # Two siblings of one layer (apply imports install) importing each other.
+        ("basalt.machined.install", "from basalt.machined import apply", "No import cycles"),
+    ],
+    ids=["upward in machined", "upward between packages", "cycle between siblings"],
+)
+def test_an_upward_import_or_a_cycle_breaks_a_contract(
+    tmp_path: Path, module: str, line: str, broken: str
+) -> None:
+    result = _lint_imports(_copy_with(tmp_path, module, line))
+    assert result.returncode != 0, result.stdout
+    report = result.stdout.split("Broken contracts")[-1]
+    assert broken in report, result.stdout
 
 
 def test_cli_help_does_not_import_heavy_libraries() -> None:

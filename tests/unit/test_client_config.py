@@ -20,6 +20,7 @@ from basalt.machinery.client.config import (
     parse_client_config,
     save_client_config,
 )
+from basalt.machinery.config.secrets import SecretsBundle
 from basalt.machinery.errors import (
     ClientConfigError,
     ConfigSyntaxError,
@@ -32,7 +33,6 @@ from basalt.machinery.pki import (
     verify_issued_by,
 )
 from basalt.machinery.roles import Role
-from basalt.machinery.secrets import SecretsBundle
 from tests.fakes import inputs
 
 

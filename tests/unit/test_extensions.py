@@ -30,7 +30,7 @@ from basalt.machined.extensions import (
 )
 from basalt.machined.services import LogBuffer, RestartPolicy
 from basalt.machined.sys import loop
-from basalt.machinery.images.layout import EXTENSIONS_DIR
+from basalt.machinery.image_layout import EXTENSIONS_DIR
 from basalt.machinery.schematic import (
     OFFICIAL_EXTENSIONS,
     ExtensionManifest,

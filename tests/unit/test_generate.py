@@ -15,8 +15,8 @@ from basalt.machinery.config import (
     load_bundle,
     parse_patch,
 )
+from basalt.machinery.config.secrets import SecretsBundle, load_secrets
 from basalt.machinery.errors import ConfigValidationError, ContractError, PatchError
-from basalt.machinery.secrets import SecretsBundle, load_secrets
 from tests.fakes import inputs
 from tests.fakes.pki import make_certificate
 

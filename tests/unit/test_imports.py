@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 MODULES = [
-    "basalt.machinery.secrets",
+    "basalt.machinery.config.secrets",
     "basalt.machinery.config",
     "basalt.machinery.config.generate",
     "basalt.machinery.config.patch",
@@ -54,7 +54,7 @@ def test_each_module_imports_first() -> None:
 def test_machinery_imports_nothing_else_from_basalt() -> None:
     script = (
         "import sys\n"
-        "import basalt.machinery.config, basalt.machinery.client, basalt.machinery.secrets\n"
+        "import basalt.machinery.config, basalt.machinery.client, basalt.machinery.config.secrets\n"
         "others = sorted(m for m in sys.modules if m.startswith('basalt.')\n"
         "                and not m.startswith('basalt.machinery'))\n"
         "print(others)\n"

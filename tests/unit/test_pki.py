@@ -9,9 +9,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from basalt.machinery import pki
+from basalt.machinery.config.secrets import SecretsBundle
 from basalt.machinery.pki import CertificateAndKey, PKIError
 from basalt.machinery.roles import CLIENT_ROLES, parse_roles
-from basalt.machinery.secrets import SecretsBundle
 from tests.fakes.pki import ed25519_public_pem
 
 

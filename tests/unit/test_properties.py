@@ -42,8 +42,8 @@ from basalt.machinery.config import (
     patch_and_check,
 )
 from basalt.machinery.config.contract import Contract, resolve_contract
+from basalt.machinery.config.secrets import load_secrets
 from basalt.machinery.errors import BasaltError, ConfigError
-from basalt.machinery.secrets import load_secrets
 from basalt.machinery.yamlio import dump_document
 from tests.fakes import inputs
 

@@ -33,8 +33,8 @@ from basalt.machinery.config.redact import (
     scrub,
     secret_values,
 )
+from basalt.machinery.config.secrets import SecretsBundle
 from basalt.machinery.errors import BasaltError
-from basalt.machinery.secrets import SecretsBundle
 from tests.fakes import inputs
 
 MODES = (ApplyMode.AUTO, ApplyMode.NO_REBOOT, ApplyMode.REBOOT, ApplyMode.STAGED, ApplyMode.TRY)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
+from basalt.machinery.config.secrets import SecretsBundle, generate_secrets, load_secrets
 from basalt.machinery.errors import ConfigSyntaxError, ConfigValidationError, SecretsError
 from basalt.machinery.pki import key_matches_certificate, load_certificate
-from basalt.machinery.secrets import SecretsBundle, generate_secrets, load_secrets
 from tests.fakes import inputs
 
 

@@ -47,7 +47,7 @@ def test_root_has_no_shell(image_dir: Path) -> None:
         for directory in ("/usr/bin", "/usr/sbin", "/bin", "/sbin"):
             assert f"{directory}/{name}" not in paths
     from basalt.imager import pipeline
-    from basalt.machinery.images.layout import IMAGE_MODULES, IMAGE_MOUNT_POINTS
+    from basalt.machinery.image_layout import IMAGE_MODULES, IMAGE_MOUNT_POINTS
 
     for point in (*IMAGE_MOUNT_POINTS, IMAGE_MODULES):
         assert f"/{point}" in paths, point

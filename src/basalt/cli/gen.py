@@ -26,7 +26,7 @@ def gen_secrets(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Generate a secrets bundle: CAs, service-account key, tokens, cluster id and secret."""
-    from basalt.machinery.secrets import generate_secrets
+    from basalt.machinery.config.secrets import generate_secrets
 
     refuse_overwrite([output], force)
     write_outputs({output: generate_secrets().to_yaml()})
@@ -122,9 +122,9 @@ def gen_config(
     """
     from basalt.machinery.client.config import ClientConfig, issue_client_context
     from basalt.machinery.config import GenerateOptions, generate_configs, load_patch
+    from basalt.machinery.config.secrets import generate_secrets, load_secrets
     from basalt.machinery.errors import BasaltError
     from basalt.machinery.pki import CertificateAndKey
-    from basalt.machinery.secrets import generate_secrets, load_secrets
 
     types = _split([output_types])
     unknown = [t for t in types if t not in OUTPUT_TYPES]

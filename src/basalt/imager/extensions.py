@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from basalt.machinery.images.layout import SCHEMATIC_FILE
+from basalt.machinery.image_layout import SCHEMATIC_FILE
 from basalt.machinery.schematic import (
     OFFICIAL_EXTENSIONS,
     ExtensionManifest,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from basalt.machinery.elf import read_elf, section
-from basalt.machinery.images.layout import (
+from basalt.machinery.image_layout import (
     EXTENSIONS_DIR,
     IMAGE_MODULES,
     IMAGE_MOUNT_DIRECTORIES,
@@ -324,7 +324,7 @@ def _etc(root: Path, version: str) -> None:
     (etc / "passwd").write_text("root:x:0:0:root:/var:/nonexistent\n")
     (etc / "group").write_text("root:x:0:\n")
     # Mount targets: on metal, machined bind-mounts the files it generates over these
-    # (basalt.machinery.images.layout.GENERATED_ETC_FILES); the root itself is read-only.
+    # (basalt.machinery.image_layout.GENERATED_ETC_FILES); the root itself is read-only.
     for point in IMAGE_MOUNT_FILES:
         (root / point).write_text("")
     (root / "usr/sbin/init").write_text(INIT_SCRIPT)

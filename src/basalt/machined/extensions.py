@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from basalt.machinery.errors import BasaltError
-from basalt.machinery.images.layout import EXTENSIONS_DIR, SCHEMATIC_FILE
+from basalt.machinery.image_layout import EXTENSIONS_DIR, SCHEMATIC_FILE
 from basalt.machinery.schematic import (
     VIRTIO_PORT_PLACEHOLDER,
     ExtensionManifest,

@@ -29,7 +29,7 @@ from .state import ClusterRecord, NodeRecord
 
 if TYPE_CHECKING:
     from basalt.machinery.config import GeneratedConfigs
-    from basalt.machinery.secrets import SecretsBundle
+    from basalt.machinery.config.secrets import SecretsBundle
 
 DEFAULT_BASE = "127.0.0.11"
 #: ``progress(node name, stage)``: what a caller shows while a cluster comes up.

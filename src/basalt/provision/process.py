@@ -22,8 +22,8 @@ from pathlib import Path
 
 from basalt.machinery.api import API_PORT, TRUST_PORT
 from basalt.machinery.config import GenerateOptions, Patch, generate_configs
+from basalt.machinery.config.secrets import generate_secrets
 from basalt.machinery.errors import BasaltError
-from basalt.machinery.secrets import generate_secrets
 
 from . import common
 from .common import (

@@ -360,7 +360,7 @@ async def create(
 ) -> ClusterRecord:
     """Create the cluster; on failure the VMs are stopped and their console logs kept."""
     from basalt.machinery.config import GenerateOptions, generate_configs
-    from basalt.machinery.secrets import generate_secrets
+    from basalt.machinery.config.secrets import generate_secrets
 
     options = options or VmOptions()
     if (state_dir / "cluster.json").exists():

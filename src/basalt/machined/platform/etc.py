@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from basalt.machinery.images.layout import GENERATED_ETC_FILES
+from basalt.machinery.image_layout import GENERATED_ETC_FILES
 
 __all__ = ["GENERATED_ETC_FILES", "render_hosts", "write_generated"]
 

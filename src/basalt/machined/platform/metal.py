@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from basalt.machinery.images.layout import (
+from basalt.machinery.image_layout import (
     GENERATED_ETC_FILES,
     IMAGE_MODULES,
     IMAGE_MOUNT_DIRECTORIES,

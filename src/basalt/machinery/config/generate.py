@@ -15,9 +15,7 @@ from .contract import Contract, ContractDefaults, resolve_contract
 from .patch import Patch, patch_and_check
 
 if TYPE_CHECKING:
-    # Only for annotations: secrets.py imports this package, so a runtime import here
-    # would make 'import basalt.machinery.secrets' fail as a circular import.
-    from ..secrets import SecretsBundle
+    from .secrets import SecretsBundle
 
 MachineType = Literal["controlplane", "worker"]
 

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from basalt.machinery.images.layout import GENERATED_ETC_FILES as IMAGE_GENERATED_ETC_FILES
+from basalt.machinery.image_layout import GENERATED_ETC_FILES as IMAGE_GENERATED_ETC_FILES
 
 from ._base import Document, Model, register
 from ._types import URL, EnvName, ModuleName, SysctlKey, invalid

@@ -13,13 +13,13 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from .config._base import Model
-from .config._types import Secret32, Token
-from .config.cluster import PEMPrivateKey
-from .config.machine import CertificateAndKey
-from .errors import ConfigValidationError, Problem, SecretsError, format_path
-from .pki import generate_ca, generate_private_key, private_key_pem
-from .yamlio import dump_document, parse_documents
+from ..errors import ConfigValidationError, Problem, SecretsError, format_path
+from ..pki import generate_ca, generate_private_key, private_key_pem
+from ..yamlio import dump_document, parse_documents
+from ._base import Model
+from ._types import Secret32, Token
+from .cluster import PEMPrivateKey
+from .machine import CertificateAndKey
 
 SECRETS_VERSION = "v1alpha1"
 _TOKEN_ALPHABET = string.ascii_lowercase + string.digits
@@ -102,7 +102,7 @@ def generate_secrets() -> SecretsBundle:
 
 def load_secrets(text: str, source: str | None = None) -> SecretsBundle:
     """Parse a secrets bundle; every problem is reported with its field path and line."""
-    from .config.bundle import translate_error
+    from .bundle import translate_error
 
     documents = parse_documents(text, source)
     if len(documents) != 1 or not isinstance(documents[0].data, dict):
