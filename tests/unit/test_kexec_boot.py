@@ -217,7 +217,7 @@ def test_the_reboot_goes_on_through_the_firmware_whatever_kexec_raised(
 ) -> None:
     from types import SimpleNamespace
 
-    from basalt.machined import upgrade
+    from basalt.machined.upgrade import upgrader as upgrade
 
     node = SimpleNamespace(
         platform=SimpleNamespace(mode=SimpleNamespace(in_container=False)),

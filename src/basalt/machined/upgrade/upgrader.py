@@ -1,37 +1,17 @@
-"""Upgrades and rollbacks of a node's A/B slots, in container mode and on metal.
-
-An upgrade is boring on purpose, and refuses before it changes anything::
-
-    receive the bundle into EPHEMERAL (bounded) -> verify it (signature by a trusted key,
-    architecture, every payload file, the payload this platform needs) -> on control
-    planes, the etcd quorum pre-check -> cordon/drain through the Kubernetes API when
-    the kubelet runs (:mod:`.kubernetes`), or say why not -> write the inactive slot and
-    record Install -> reboot into it, on trial -> once a slot is good again (gates passed,
-    or a fallback), uncordon what the upgrade cordoned
-
-On the first boot of a slot on trial, the health gates (:mod:`.gates`) decide: passed
-marks it good; failed or timed out reboots, and once its tries run out the launcher
-boots the previous slot. The decisions are :mod:`.boot.assessment`'s; this module is the
-I/O around them: the slot storage, events, the ``BootStatus`` resource. Container mode
-keeps slots in ``<node-dir>/slots`` (:mod:`.boot.slots`) and its launcher plays the
-firmware; a metal node booted from a Basalt disk keeps them in its ``BASALT-A``/``-B``
-partitions, the ESP's systemd-boot entries and META (:mod:`.boot.metal_slots`), and
-systemd-boot is the firmware.
-"""
+"""The upgrader: a node's A/B slots and boot state, the boot assessment, and the steps
+of upgrades and rollbacks that the sequences call (each refuses before it changes
+anything). Receiving bundles (:mod:`.receive`), draining (:mod:`.drain`) and finding
+the slot storage (:mod:`.slots`) are their own modules."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
-import tempfile
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from basalt.machinery.boot import (
     Action,
@@ -48,66 +28,27 @@ from basalt.machinery.boot import (
     boot_status,
 )
 from basalt.machinery.boot.slots import SlotDirectories
-from basalt.machinery.errors import BasaltError, ErrorKind
+from basalt.machinery.errors import BasaltError
 from basalt.machinery.resources import BootStatusSpec
 
-from .boot.metal_slots import MetalSlots
+from ..boot.metal_slots import MetalSlots
+from .drain import UpgradeDrain
+from .jobs import (
+    BOOTED_SLOT_ENV,
+    MAX_BUNDLE_BYTES,
+    UPLOAD_DIR,
+    DowngradeRefusedError,
+    UpgradeRefusedError,
+)
+from .receive import receive_bundle, verify_file
+from .slots import mount_efivarfs, slot_storage
 
 if TYPE_CHECKING:
     from basalt.machinery.images import VerificationKey, VerifiedBundle
 
-    from .chunk_pipe import ChunkPipe
-    from .kubernetes.cordon import NodeCordon
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger(__name__)
-
-#: Bundles larger than this are refused while they are being received.
-MAX_BUNDLE_BYTES = 2 << 30
-#: Where uploads land (EPHEMERAL: node-owned storage, so the verified file cannot change).
-UPLOAD_DIR = "upgrade"
-#: What the launcher tells machined (see basalt.provision.launcher).
-BOOTED_SLOT_ENV = "BASALT_BOOTED_SLOT"
-NO_KUBERNETES = "Kubernetes not running on this node; skipping cordon/drain"
-
-
-class UpgradeRefusedError(BasaltError):
-    """The node cannot upgrade or roll back now; the message says why, nothing changed."""
-
-
-class DowngradeRefusedError(UpgradeRefusedError):
-    """The bundle is older than the running version, and no admin asked for a downgrade."""
-
-
-class BundleUploadError(BasaltError):
-    """The upload itself is unusable (no options first, empty, or too large)."""
-
-    kind = ErrorKind.INVALID_ARGUMENT
-
-
-@dataclass(frozen=True)
-class UpgradeOptions:
-    stage: bool = False
-    force: bool = False
-    no_drain: bool = False
-    #: kexec into the new slot when able; False: reboot through the firmware.
-    kexec: bool = False
-    #: Install a bundle older than the running version (refused otherwise).
-    allow_downgrade: bool = False
-
-
-@dataclass
-class UpgradeJob:
-    """One upgrade request as it goes through the ``upgrade`` sequence."""
-
-    options: UpgradeOptions
-    upload: Path
-    #: What verification errors call the bundle: where it came from.
-    label: str = "uploaded bundle"
-    steps: list[str] = field(default_factory=list)
-    verified: VerifiedBundle | None = None
-    slot: SlotName | None = None
-    message: str = ""
 
 
 class Upgrader:
@@ -121,7 +62,7 @@ class Upgrader:
         )
         self.lock = asyncio.Lock()
         self.assessment: asyncio.Task[None] | None = None
-        self._cordon: NodeCordon | None = None
+        self.drain = UpgradeDrain(node)
 
     # -- the boot state ------------------------------------------------------------------
     def require_slots(self) -> SlotDirectories | MetalSlots:
@@ -199,9 +140,9 @@ class Upgrader:
         """Repair the ESP after a power cut (metal); publish which slot booted (and any
         fallback); start the gates on a slot on trial."""
         if self.slots is None and not self.node.platform.mode.in_container:
-            self.slots = await asyncio.to_thread(_slot_storage, self.node)
+            self.slots = await asyncio.to_thread(slot_storage, self.node)
             if isinstance(self.slots, MetalSlots):
-                await asyncio.to_thread(_mount_efivarfs)
+                await asyncio.to_thread(mount_efivarfs)
                 await self.repair_esp(thorough=False)  # an install checks every chain
         if self.slots is None:
             return
@@ -224,7 +165,7 @@ class Upgrader:
         assert status is not None
         if running.health is SlotHealth.GOOD:
             self._event(f"booted {running.label}", slot=running.name.value)
-            self._uncordon(f"the node runs {running.label} again")
+            self.drain.uncordon(f"the node runs {running.label} again")
         else:
             total = (running.tries_left or 0) + running.tries_done
             self._event(
@@ -244,7 +185,7 @@ class Upgrader:
     async def _assess(self) -> None:
         from basalt.machinery.boot import GatesFailed
 
-        from .gates import run_gates
+        from ..gates import run_gates
 
         try:
             result: Event = await run_gates(self.node, self.node.tuning.boot_assessment_timeout)
@@ -266,10 +207,12 @@ class Upgrader:
         if outcome.action is Action.REBOOT:
             self._reboot()
         elif isinstance(event, GatesPassed) and outcome.state.booted is not None:
-            self._uncordon(f"{outcome.state.slot(outcome.state.booted).label} passed its gates")
+            self.drain.uncordon(
+                f"{outcome.state.slot(outcome.state.booted).label} passed its gates"
+            )
 
     def _reboot(self) -> None:
-        from .runtime import SequenceConflictError
+        from ..runtime import SequenceConflictError
 
         try:
             self.node.sequencer.start("reboot")
@@ -287,67 +230,15 @@ class Upgrader:
         label: str = "uploaded bundle",
         limit: int = MAX_BUNDLE_BYTES,
     ) -> tuple[Path, VerifiedBundle]:
-        """Stream an upload (or a download) into a temp file in EPHEMERAL, verifying it on
-        the way in: a thread checks and hashes what arrived while the next chunks come
-        (:func:`~basalt.machinery.images.verify_tar_stream`). Refused as soon as a check
-        fails or the bundle passes ``limit``; the temp file is removed then. The bundle is
-        checked against the trusted keys of the config at its start; the ``upgrade``
-        sequence checks again that the key is still trusted (:meth:`check_trust`)."""
-        from basalt.machinery.images import required_payload, verify_tar_stream
-
-        from .chunk_pipe import ChunkPipe
-
+        """Receive and verify a bundle (:func:`.receive.receive_bundle`) against the keys
+        the config trusts as it starts; the ``upgrade`` sequence checks again that its key
+        is still trusted (:meth:`check_trust`)."""
         self.require_slots()
-        directory = self.node.paths.ephemeral / UPLOAD_DIR
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        keys = self.trusted_keys()
-        platform = self.node.platform
-        required = required_payload(platform.mode.value)
-        fd, name = tempfile.mkstemp(prefix="bundle-", suffix=".tar", dir=directory)
-        path = Path(name)
-        pipe = ChunkPipe()
-        timing = _ReceiveTiming()
-
-        def verify(out: IO[bytes]) -> VerifiedBundle:
-            begun = time.thread_time()  # a pool thread: its clock counts its earlier work
-            try:
-                return verify_tar_stream(
-                    pipe, out, path, keys, platform.arch, required=required, label=label
-                )
-            finally:
-                timing.verifier_cpu = time.thread_time() - begun
-                pipe.stop()
-
-        try:
-            with os.fdopen(fd, "wb") as out:
-                verifying = asyncio.ensure_future(asyncio.to_thread(verify, out))
-                try:
-                    timing.size = await _send(chunks, pipe, limit, timing)
-                except BaseException as exc:
-                    await pipe.abort(str(exc) or type(exc).__name__)
-                    with contextlib.suppress(BaseException):
-                        await verifying
-                    raise
-                verified = await verifying
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        log.info("received %s: %s", label, timing.done())
-        return path, verified
+        return await receive_bundle(self.node, chunks, self.trusted_keys(), label, limit)
 
     async def verify(self, path: Path, label: str = "uploaded bundle") -> VerifiedBundle:
-        """verify_bundle against the config's trusted keys and this node's architecture."""
-        from basalt.machinery.images import required_payload, verify_bundle
-
-        platform = self.node.platform
-        return await asyncio.to_thread(
-            verify_bundle,
-            path,
-            self.trusted_keys(),
-            platform.arch,
-            required=required_payload(platform.mode.value),
-            label=label,
-        )
+        """A bundle file on the node, verified against the config's trusted keys."""
+        return await verify_file(self.node, path, self.trusted_keys(), label)
 
     def check_trust(self, verified: VerifiedBundle, label: str) -> None:
         """The key that signed ``verified`` is still trusted by the config (an apply-config
@@ -388,8 +279,8 @@ class Upgrader:
         """Control planes: refuse (QuorumError) when going down would put etcd at risk."""
         import grpc.aio
 
-        from .etcd.manager import QuorumError, manager_of
-        from .etcd.quorum import check_reboot
+        from ..etcd.manager import QuorumError, manager_of
+        from ..etcd.quorum import check_reboot
 
         manager = manager_of(self.node)
         if manager is None or not self.node.is_controlplane:
@@ -405,51 +296,15 @@ class Upgrader:
                 hint="check 'basaltctl etcd status', or pass --force",
             ) from None
 
-    def check_drain(self, no_drain: bool) -> str | None:
-        """Why there is nothing to cordon/drain (no kubelet, ``--no-drain``); None when the
-        kubelet runs and the node must be drained."""
-        try:
-            kubelet = self.node.supervisor.status("kubelet")
-        except BasaltError:
-            return NO_KUBERNETES
-        if str(kubelet.state) in ("skipped", "waiting", "finished", "failed"):
-            return NO_KUBERNETES
-        if no_drain:
-            return "cordon/drain skipped (--no-drain)"
-        return None
-
     async def cordon_drain(self, no_drain: bool, purpose: str = "upgrade") -> list[str]:
-        """Cordon and drain through the Kubernetes API when the kubelet runs; the steps.
-        DrainError (FailedPrecondition) when it cannot: the node is left as it was."""
-        skipped = self.check_drain(no_drain)
-        if skipped is not None:
-            return [skipped]
-        return await self.cordon.drain_for_upgrade(purpose)
+        """Cordon and drain when the kubelet runs (:mod:`.drain`); the steps."""
+        return await self.drain.cordon_drain(no_drain, purpose)
+
+    def check_drain(self, no_drain: bool) -> str | None:
+        return self.drain.check_drain(no_drain)
 
     async def give_back_cordon(self, why: str) -> None:
-        """A step after the drain failed: uncordon now (or retry in the background)."""
-        from .kubernetes.intent import read_intent
-
-        if read_intent(self.node.paths.state) is not None:
-            note = await self.cordon.give_back(why)
-            log.info("%s", note)
-
-    @property
-    def cordon(self) -> NodeCordon:
-        """The upgrade's cordon of this node (:mod:`.kubernetes.cordon`), made on first use."""
-        if self._cordon is None:
-            from .kubernetes.cordon import NodeCordon
-
-            self._cordon = NodeCordon(self.node)
-        return self._cordon
-
-    def _uncordon(self, why: str) -> None:
-        """The node runs a good slot: uncordon it if an upgrade cordoned it (in the
-        background, once the node is running; failures are events)."""
-        from .kubernetes.intent import read_intent
-
-        if read_intent(self.node.paths.state) is not None:
-            self.cordon.resume(why)
+        await self.drain.give_back_cordon(why)
 
     async def install(self, verified: VerifiedBundle) -> tuple[SlotName, str]:
         """Write the inactive slot and record the install; refused before anything changes."""
@@ -522,7 +377,7 @@ class Upgrader:
         as PID 1); what the reboot does, in words for its event. When kexec cannot be
         prepared, nothing changed and the reboot goes through the firmware, which boots
         (and counts) the same entry."""
-        from .sys.kexec import KexecError
+        from ..sys.kexec import KexecError
 
         slots = self.slots
         if not isinstance(slots, MetalSlots):
@@ -538,81 +393,3 @@ class Upgrader:
             log.exception("kexec not prepared")
             return f"rebooting through the firmware: kexec not prepared: {exc!r}"
         return f"rebooting by kexec into {entry}"
-
-
-@dataclass
-class _ReceiveTiming:
-    """Where the time of one receive went, for the log line that ends it."""
-
-    started: float = field(default_factory=time.monotonic)
-    cpu_started: float = field(default_factory=time.process_time)
-    first: float | None = None
-    last: float | None = None
-    size: int = 0
-    verifier_cpu: float = 0.0
-
-    def done(self) -> str:
-        now = time.monotonic()
-        first = self.first if self.first is not None else now
-        last = self.last if self.last is not None else now
-        streaming = last - first
-        rate = self.size / streaming / 1e6 if streaming > 0 else 0.0
-        cpu = time.process_time() - self.cpu_started
-        return (
-            f"{self.size / 1e6:.1f} MB in {streaming:.1f} s ({rate:.1f} MB/s) after "
-            f"{first - self.started:.1f} s waiting for the first bytes; verified and "
-            f"flushed {now - last:.1f} s after the last; CPU {cpu:.1f} s (verifying thread "
-            f"{self.verifier_cpu:.1f} s)"
-        )
-
-
-async def _send(
-    chunks: AsyncIterator[bytes], pipe: ChunkPipe, limit: int, timing: _ReceiveTiming
-) -> int:
-    """Hand the chunks to the verifying thread until the end, or until it stops (it
-    failed: its own error says why); the bytes handed. BundleUploadError when there is
-    nothing, or too much."""
-    total = 0
-    async for chunk in chunks:
-        if timing.first is None:
-            timing.first = time.monotonic()
-        total += len(chunk)
-        if total > limit:
-            raise BundleUploadError(
-                f"the bundle is larger than {limit} bytes; refused while uploading",
-                hint="container bundles hold the Basalt source tree: a few MiB",
-            )
-        if not await pipe.put(chunk):
-            return total
-    timing.last = time.monotonic()
-    if total == 0:
-        raise BundleUploadError("no bundle data was sent", hint="give --image BUNDLE.tar")
-    await pipe.close()
-    return total
-
-
-def _slot_storage(node: Node) -> SlotDirectories | MetalSlots | None:
-    """Slot directories in container mode; on metal, the disk's slots when machined is
-    PID 1 booted from an installed Basalt disk; else None (upgrades are refused)."""
-    from .platform.metal import MetalPlatform
-
-    platform = node.platform
-    if platform.mode.in_container:
-        return SlotDirectories.of_node(node.paths.root)
-    if not isinstance(platform, MetalPlatform) or not platform.init:
-        return None
-    if platform.system_root != Path("/"):
-        return None
-    from .boot.metal_slots import of_machine
-
-    return of_machine(platform.system_root, node.paths.ephemeral)
-
-
-def _mount_efivarfs() -> None:
-    from .sys.efivars import mount_efivarfs
-    from .sys.mount import MountError
-
-    try:
-        mount_efivarfs()
-    except MountError as exc:
-        log.warning("efivarfs not mounted (%s): LoaderBootCountPath cannot be read", exc)
