@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -121,6 +121,40 @@ async def _run(
         raise rpc_error(exc, client.endpoint) from None
     finally:
         await client.close()
+
+
+async def print_chunks(client: Client, failures: NodeFailures, chunks: AsyncIterable[Any]) -> None:
+    """Write a streamed log (Logs, Dmesg) to stdout as it comes, each line's node first
+    when there are several; a node's error is reported, the others go on."""
+    many = len(client.nodes) > 1
+    async for chunk in chunks:
+        if chunk.metadata.error:
+            failures.report(chunk.metadata.node, chunk.metadata.error, chunk.metadata.code)
+            continue
+        prefix = f"{chunk.metadata.node}: " if many else ""
+        sys.stdout.write(prefix + chunk.bytes.decode(errors="replace"))
+        sys.stdout.flush()
+
+
+def list_verb(
+    ctx: typer.Context,
+    rpc: str,
+    columns: Sequence[str],
+    rows_of: Callable[[Any], Iterable[Sequence[Any]]],
+    *,
+    nodes: Sequence[str] | None,
+    endpoints: Sequence[str] | None,
+) -> None:
+    """A listing verb: MachineService's ``rpc`` (an Empty request) on every node, and one
+    table of the rows ``rows_of`` makes of each node's answer."""
+    from basalt.machinery.api import common_pb2
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        call = getattr(client.machine, rpc)
+        answer = await call(common_pb2.Empty(), metadata=client.metadata(), timeout=15)
+        table(columns, [row for item in failures.keep(answer.messages) for row in rows_of(item)])
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints)
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import sys
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ._api import EndpointsOption, NodeFailures, NodesOption, run, table
+from ._api import EndpointsOption, NodeFailures, NodesOption, list_verb, print_chunks, run, table
 
 if TYPE_CHECKING:
     from basalt.machinery.api import machine_pb2
@@ -40,14 +40,8 @@ def dmesg(
 
     async def work(client: Client, failures: NodeFailures) -> None:
         request = machine_pb2.DmesgRequest(follow=follow, tail=tail)
-        many = len(client.nodes) > 1
-        async for chunk in client.machine.Dmesg(request, metadata=client.metadata()):
-            if chunk.metadata.error:
-                failures.report(chunk.metadata.node, chunk.metadata.error, chunk.metadata.code)
-                continue
-            prefix = f"{chunk.metadata.node}: " if many else ""
-            sys.stdout.write(prefix + chunk.bytes.decode(errors="replace"))
-            sys.stdout.flush()
+        chunks = client.machine.Dmesg(request, metadata=client.metadata())
+        await print_chunks(client, failures, chunks)
 
     run(ctx, work, nodes=nodes, endpoints=endpoints)
 
@@ -169,64 +163,47 @@ def memory(
     ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
 ) -> None:
     """Show nodes' memory in MiB, and how much the node agent itself uses."""
-    from basalt.machinery.api import common_pb2
 
-    async def work(client: Client, failures: NodeFailures) -> None:
-        answer = await client.machine.Memory(
-            common_pb2.Empty(), metadata=client.metadata(), timeout=15
-        )
-        rows = []
-        for m in failures.keep(answer.messages):
-            used = m.total - m.available  # what free(1) calls used
-            values = (m.total, used, m.free, m.shared, m.buffers, m.cached, m.available)
-            rows.append((m.metadata.node, *(v // _MIB for v in values), m.agent_rss // _MIB))
-        table(
-            (
-                "NODE",
-                "TOTAL",
-                "USED",
-                "FREE",
-                "SHARED",
-                "BUFFERS",
-                "CACHE",
-                "AVAILABLE",
-                "AGENT-RSS",
-            ),
-            rows,
-        )
+    def rows(m: Any) -> Iterator[tuple[object, ...]]:
+        used = m.total - m.available  # what free(1) calls used
+        values = (m.total, used, m.free, m.shared, m.buffers, m.cached, m.available)
+        yield (m.metadata.node, *(v // _MIB for v in values), m.agent_rss // _MIB)
 
-    run(ctx, work, nodes=nodes, endpoints=endpoints)
+    columns = (
+        "NODE",
+        "TOTAL",
+        "USED",
+        "FREE",
+        "SHARED",
+        "BUFFERS",
+        "CACHE",
+        "AVAILABLE",
+        "AGENT-RSS",
+    )
+    list_verb(ctx, "Memory", columns, rows, nodes=nodes, endpoints=endpoints)
 
 
 def mounts(
     ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
 ) -> None:
     """List nodes' mounted filesystems with their size and use (pseudo filesystems left out)."""
-    from basalt.machinery.api import common_pb2
 
-    async def work(client: Client, failures: NodeFailures) -> None:
-        answer = await client.machine.Mounts(
-            common_pb2.Empty(), metadata=client.metadata(), timeout=15
-        )
-        rows = []
-        for item in failures.keep(answer.messages):
-            for mount in item.stats:
-                if not mount.size:
-                    continue
-                used = mount.size - mount.available
-                rows.append(
-                    (
-                        item.metadata.node,
-                        mount.filesystem,
-                        f"{mount.size / _GB:.2f}",
-                        f"{used / _GB:.2f}",
-                        f"{100 * used / mount.size:.1f}%",
-                        mount.mounted_on,
-                    )
-                )
-        table(("NODE", "FILESYSTEM", "SIZE(GB)", "USED(GB)", "USED%", "MOUNTED ON"), rows)
+    def rows(item: Any) -> Iterator[tuple[object, ...]]:
+        for mount in item.stats:
+            if not mount.size:
+                continue
+            used = mount.size - mount.available
+            yield (
+                item.metadata.node,
+                mount.filesystem,
+                f"{mount.size / _GB:.2f}",
+                f"{used / _GB:.2f}",
+                f"{100 * used / mount.size:.1f}%",
+                mount.mounted_on,
+            )
 
-    run(ctx, work, nodes=nodes, endpoints=endpoints)
+    columns = ("NODE", "FILESYSTEM", "SIZE(GB)", "USED(GB)", "USED%", "MOUNTED ON")
+    list_verb(ctx, "Mounts", columns, rows, nodes=nodes, endpoints=endpoints)
 
 
 def _address(ip: str, port: int) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import sys
+from collections.abc import Iterator
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ._api import EndpointsOption, NodeFailures, NodesOption, run, table
+from ._api import EndpointsOption, NodeFailures, NodesOption, list_verb, print_chunks, run
 
 if TYPE_CHECKING:
     from basalt.machinery.client.client import Client
@@ -19,28 +19,14 @@ def services(
     ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
 ) -> None:
     """List each node's services with state and health."""
-    from basalt.machinery.api import common_pb2
 
-    async def work(client: Client, failures: NodeFailures) -> None:
-        answer = await client.machine.ServiceList(
-            common_pb2.Empty(), metadata=client.metadata(), timeout=15
-        )
-        rows = []
-        for item in failures.keep(answer.messages):
-            for svc in item.services:
-                rows.append(
-                    (
-                        item.metadata.node,
-                        svc.id,
-                        svc.state.upper(),
-                        svc.health,
-                        svc.restarts,
-                        svc.message,
-                    )
-                )
-        table(("NODE", "SERVICE", "STATE", "HEALTH", "RESTARTS", "MESSAGE"), rows)
+    def rows(item: Any) -> Iterator[tuple[object, ...]]:
+        for svc in item.services:
+            state = svc.state.upper()
+            yield (item.metadata.node, svc.id, state, svc.health, svc.restarts, svc.message)
 
-    run(ctx, work, nodes=nodes, endpoints=endpoints)
+    columns = ("NODE", "SERVICE", "STATE", "HEALTH", "RESTARTS", "MESSAGE")
+    list_verb(ctx, "ServiceList", columns, rows, nodes=nodes, endpoints=endpoints)
 
 
 class ServiceVerb(StrEnum):
@@ -109,13 +95,7 @@ def logs(
 
     async def work(client: Client, failures: NodeFailures) -> None:
         request = machine_pb2.LogsRequest(id=name, follow=follow, tail_lines=tail)
-        many = len(client.nodes) > 1
-        async for chunk in client.machine.Logs(request, metadata=client.metadata()):
-            if chunk.metadata.error:
-                failures.report(chunk.metadata.node, chunk.metadata.error, chunk.metadata.code)
-                continue
-            prefix = f"{chunk.metadata.node}: " if many else ""
-            sys.stdout.write(prefix + chunk.bytes.decode(errors="replace"))
-            sys.stdout.flush()
+        chunks = client.machine.Logs(request, metadata=client.metadata())
+        await print_chunks(client, failures, chunks)
 
     run(ctx, work, nodes=nodes, endpoints=endpoints)

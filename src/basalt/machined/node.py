@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import basalt
 from basalt.machinery.resources import MachineConfigSpec, MachineStatusSpec, UnmetCondition
@@ -113,7 +113,7 @@ class Node:
         self.trust_members: dict[str, trust_pb2.Member] = {}
         #: On control planes: etcd's lifecycle (set when services are registered).
         self.etcd: EtcdMember | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- identity and config -------------------------------------------------------------
     @property
@@ -226,7 +226,7 @@ class Node:
         self.events.publish("sequence", text, actor="sequencer", **fields)
         log.info("%s", text)
 
-    def background(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+    def background(self, coro: Coroutine[object, object, None], *, name: str) -> asyncio.Task[None]:
         """Run ``coro`` for the node's lifetime; it is cancelled when the node stops."""
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)

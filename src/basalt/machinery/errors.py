@@ -78,10 +78,7 @@ class Problem:
     @property
     def where(self) -> str:
         """``ClusterConfig.network.podSubnets[1]`` (the document plus field path)."""
-        if not self.path:
-            return self.document
-        sep = "" if self.path.startswith("[") else "."
-        return f"{self.document}{sep}{self.path}"
+        return field_where(self.document, self.path)
 
     def render(self) -> str:
         location = self.source or ""
@@ -92,6 +89,15 @@ class Problem:
         if self.hint:
             text += f"\n    hint: {self.hint}"
         return text
+
+
+def field_where(document: str, path: str) -> str:
+    """``document`` and the field ``path`` inside it as one name: ``LinkConfig(eth0).mtu``,
+    ``ClusterConfig.network.podSubnets[1]``; the document alone when ``path`` is empty."""
+    if not path:
+        return document
+    sep = "" if path.startswith("[") else "."
+    return f"{document}{sep}{path}"
 
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z_$][A-Za-z0-9_]*$")

@@ -115,20 +115,29 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def generate_ca(common_name: str, organizations: Sequence[str] = ()) -> CertificateAndKey:
-    """A new self-signed CA, valid for ten years."""
-    key = generate_private_key()
-    name = _name(common_name, organizations)
+def self_signed(
+    key: ec.EllipticCurvePrivateKey, name: x509.Name, validity: dt.timedelta
+) -> x509.CertificateBuilder:
+    """The start of a self-signed certificate for ``key``: subject and issuer ``name``,
+    valid from five minutes ago (clocks differ) for ``validity``; extensions to add."""
     now = _now()
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + CA_VALIDITY)
+        .not_valid_after(now + validity)
+    )
+
+
+def generate_ca(common_name: str, organizations: Sequence[str] = ()) -> CertificateAndKey:
+    """A new self-signed CA, valid for ten years."""
+    key = generate_private_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        self_signed(key, _name(common_name, organizations), CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

@@ -9,12 +9,14 @@ it, joins the member list, and the first control plane bootstraps etcd.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
+import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,6 +127,17 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+async def terminate_then_wait(pids: Sequence[int], timeout: float) -> None:
+    """SIGTERM each of ``pids`` (a graceful stop), then wait up to ``timeout`` seconds for
+    all of them to end; the caller SIGKILLs those it still owns afterwards."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        await asyncio.sleep(0.1)
 
 
 def processes_naming(marker: bytes) -> list[int]:
@@ -331,6 +344,21 @@ def failure_hint(state_dir: Path) -> str:
         f"node console logs are in {state_dir}/<node>/console.log; "
         f"clean up with 'basaltctl cluster destroy --state-dir {state_dir}'"
     )
+
+
+@contextlib.asynccontextmanager
+async def stopped_on_failure(
+    stop: Callable[[], Awaitable[object]], state_dir: Path
+) -> AsyncIterator[None]:
+    """A cluster's bring-up: when it fails, ``stop`` what was started but keep the state
+    (the console logs say what went wrong), and say where they are in the error's hint."""
+    try:
+        yield
+    except BaseException as exc:
+        await stop()
+        if isinstance(exc, BasaltError):
+            exc.hint = failure_hint(state_dir)
+        raise
 
 
 def write_cluster_inputs(

@@ -8,14 +8,12 @@ same path a real machine takes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,6 @@ from pathlib import Path
 from basalt.machinery.api import API_PORT, TRUST_PORT
 from basalt.machinery.config import GenerateOptions, Patch, generate_configs
 from basalt.machinery.config.secrets import generate_secrets
-from basalt.machinery.errors import BasaltError
 
 from . import common
 from .common import (
@@ -151,7 +148,7 @@ async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -
     configs = write_cluster_inputs(state_dir, secrets, generated)
     record = ClusterRecord(request.name, "process", str(state_dir), endpoint, nodes)
     record.save()
-    try:
+    async with common.stopped_on_failure(lambda: stop_nodes(record), state_dir):
         for node in nodes:
             node.launcher_pid = _launch(node, request.machined_args)
             progress(node.name, "starting")
@@ -164,12 +161,6 @@ async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -
             progress,
             BringUp(ready_timeout=request.ready_timeout, bootstrap=request.bootstrap),
         )
-    except BaseException as exc:
-        # Stop what was started, but keep the state: the console logs say what went wrong.
-        await stop_nodes(record)
-        if isinstance(exc, BasaltError):
-            exc.hint = common.failure_hint(state_dir)
-        raise
     return record
 
 
@@ -188,11 +179,7 @@ async def stop_nodes(record: ClusterRecord, timeout: float = 25.0) -> list[str]:
     """SIGTERM each node's launcher (graceful shutdown), SIGKILL stragglers; returns names."""
     stopped = []
     running = [n for n in record.nodes if is_ours(n)]
-    for node in running:
-        os.kill(node.launcher_pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(n.launcher_pid) for n in running):
-        await asyncio.sleep(0.1)
+    await common.terminate_then_wait([n.launcher_pid for n in running], timeout)
     for node in running:
         if alive(node.launcher_pid) and is_ours(node):
             os.killpg(node.launcher_pid, signal.SIGKILL)

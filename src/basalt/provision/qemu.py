@@ -29,18 +29,15 @@ docs/adr/0009-qemu-provisioner.md.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from basalt.machinery.errors import BasaltError
 from basalt.machinery.fileio import write_atomic
 
 from . import common
@@ -431,7 +428,7 @@ async def create(
         },
     )
     record.save()
-    try:
+    async with common.stopped_on_failure(lambda: stop_nodes(record), state_dir):
         if network == "bridge":
             start_bridge(record, nodes)
         for node in nodes:
@@ -458,11 +455,6 @@ async def create(
             ),
             give_up=_dead_machines(nodes),
         )
-    except BaseException as exc:
-        await stop_nodes(record)
-        if isinstance(exc, BasaltError):
-            exc.hint = common.failure_hint(state_dir)
-        raise
     return record
 
 
@@ -473,12 +465,7 @@ async def stop_nodes(record: ClusterRecord, timeout: float = 10.0) -> list[str]:
     whose command line names this node's pidfile, a relay must name this cluster.
     """
     running = [n for n in record.nodes if is_ours(n)]
-    for node in running:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(node.launcher_pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(n.launcher_pid) for n in running):
-        await asyncio.sleep(0.1)
+    await common.terminate_then_wait([n.launcher_pid for n in running], timeout)
     for node in running:
         if alive(node.launcher_pid) and is_ours(node):
             with contextlib.suppress(ProcessLookupError):

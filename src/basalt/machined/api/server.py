@@ -23,6 +23,8 @@ from .proxy import Proxy, UnknownTargetError
 from .tls import maintenance_credentials, mtls_credentials
 
 if TYPE_CHECKING:
+    from basalt.machinery.pki import CertificateAndKey
+
     from ..node import Node
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,14 @@ class ServerStartError(Exception):
 
 def _bind(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def server_identity(node: Node) -> tuple[str, CertificateAndKey]:
+    """The OS CA and the node's server certificate, as the TLS handshake wants them now
+    (a renewed certificate is used from the next handshake on)."""
+    identity = node.identity
+    assert identity is not None, "a server with mTLS starts once the node has its identity"
+    return identity.ca, identity.server
 
 
 class ApiServer:
@@ -83,10 +93,8 @@ class ApiServer:
             return None
         return identity.ca, identity.client
 
-    def _current_identity(self) -> Any:
-        identity = self.node.identity
-        assert identity is not None
-        return identity.ca, identity.server
+    def _current_identity(self) -> tuple[str, CertificateAndKey]:
+        return server_identity(self.node)
 
     async def start(self) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -122,10 +130,8 @@ class TrustServer:
         self.servicer = TrustServicer(node)
         self.server: grpc.aio.Server | None = None
 
-    def _current_identity(self) -> Any:
-        identity = self.node.identity
-        assert identity is not None
-        return identity.ca, identity.server
+    def _current_identity(self) -> tuple[str, CertificateAndKey]:
+        return server_identity(self.node)
 
     async def start(self) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -16,6 +16,7 @@ from basalt.machinery.pki import (
     generate_private_key,
     private_key_pem,
     san_entries,
+    self_signed,
 )
 
 
@@ -23,16 +24,9 @@ def self_signed_maintenance_certificate(address: str) -> CertificateAndKey:
     """A throw-away certificate for maintenance mode; clients take it on first use."""
     key = generate_private_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MAINTENANCE_SERVER_NAME)])
-    now = dt.datetime.now(dt.UTC)
     sans = san_entries([MAINTENANCE_SERVER_NAME, address])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=7))
+        self_signed(key, name, dt.timedelta(days=7))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from basalt.machinery.api.machine_pb2 import WipeMode
 from basalt.machinery.errors import BasaltError
+from basalt.machinery.resources.specs import Stage
 
-from ..runtime.sequencer import Sequence, SequenceName, sequence
+from ..runtime.sequencer import Sequence, SequenceName, Task, sequence
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -300,9 +301,9 @@ async def stop_services(node: Node, request: Any) -> None:
     await node.supervisor.stop_all()
 
 
-def _stage(stage: str) -> Any:
+def _stage(stage: Stage) -> Task[Node]:
     async def set_stage(node: Node, request: Any) -> None:
-        node.set_stage(stage)  # type: ignore[arg-type]
+        node.set_stage(stage)
 
     set_stage.__name__ = f"stage_{stage}"
     return set_stage

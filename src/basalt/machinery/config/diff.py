@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import format_path
+from ..errors import field_where, format_path
 from ..yamlio import dump_document
 from .bundle import ConfigBundle, document_to_raw
 from .redact import redact_document
@@ -46,10 +46,7 @@ class Change:
 
     @property
     def where(self) -> str:
-        if not self.path:
-            return self.document
-        sep = "" if self.path.startswith("[") else "."
-        return f"{self.document}{sep}{self.path}"
+        return field_where(self.document, self.path)
 
 
 def _kind(document: str) -> str:
