@@ -2,7 +2,8 @@
 
 :func:`build_node` makes the plain :class:`~.node.Node`, then the parts above it — the
 upgrader, the sequences (registered by name), and the :class:`Wiring` through which the
-boot sequence gets its servers and services — and hands each what it needs. Nothing
+boot sequence gets its controllers, servers and services (the API servers and the etcd
+manager: :mod:`.system_services`) — and hands each what it needs. Nothing
 below this module constructs a part of a higher layer; it is reached through the
 interfaces in :mod:`.ports` instead (docs/architecture.md).
 
@@ -26,6 +27,11 @@ class Wiring:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+
+    def start_controllers(self) -> None:
+        from .controllers import start_engine
+
+        start_engine(self.node)
 
     def maintenance_api(self) -> Server:
         from .api.server import ApiServer

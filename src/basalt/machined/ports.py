@@ -27,6 +27,10 @@ class Server(Protocol):
 class Wiring(Protocol):
     """What the boot sequence asks of the composition root: parts it may not build itself."""
 
+    def start_controllers(self) -> None:
+        """Build the node's controllers and start their engine (once)."""
+        ...
+
     def maintenance_api(self) -> Server:
         """The maintenance API server (not started) of a node waiting for its config."""
         ...

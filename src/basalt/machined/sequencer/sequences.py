@@ -42,11 +42,9 @@ async def prepare_paths(node: Node, request: Any) -> None:
 
 
 async def start_controllers(node: Node, request: Any) -> None:
-    from ..controllers import start_engine
-
     if node.platform.mode.manages_network and node.configs.committed() is None:
         node.api_first.clear()  # a maintenance API comes: the network waits for it to open
-    start_engine(node)
+    node.wiring.start_controllers()
 
 
 async def assess_slot(node: Node, request: Any) -> None:
