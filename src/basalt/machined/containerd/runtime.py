@@ -322,28 +322,32 @@ class ContainerRuntime:
             created: list[str] = []
             timed_out = False
             try:
-                prepared = await client.call(
-                    client.snapshots.Prepare,
-                    snapshots_pb2.PrepareSnapshotRequest(
-                        snapshotter=snapshotter, key=container_id, parent=chain_id
-                    ),
-                )
-                created.append("snapshot")
-                await client.call(
-                    client.containers.Create,
-                    containers_pb2.CreateContainerRequest(
-                        container=containers_pb2.Container(
-                            id=container_id,
-                            image=name,
-                            labels={"io.basalt.run": "api"},
-                            runtime=containers_pb2.Container.Runtime(name=RUNTIME),
-                            spec=any_pb2.Any(type_url=SPEC_TYPE_URL, value=spec),
-                            snapshotter=snapshotter,
-                            snapshot_key=container_id,
-                        )
-                    ),
-                )
-                created.append("container")
+                # Under a lease until the container refers to the new snapshot: the
+                # garbage collector (set off by an earlier run's removal) may not take
+                # an active snapshot that nothing references yet.
+                async with client.leased():
+                    prepared = await client.call(
+                        client.snapshots.Prepare,
+                        snapshots_pb2.PrepareSnapshotRequest(
+                            snapshotter=snapshotter, key=container_id, parent=chain_id
+                        ),
+                    )
+                    created.append("snapshot")
+                    await client.call(
+                        client.containers.Create,
+                        containers_pb2.CreateContainerRequest(
+                            container=containers_pb2.Container(
+                                id=container_id,
+                                image=name,
+                                labels={"io.basalt.run": "api"},
+                                runtime=containers_pb2.Container.Runtime(name=RUNTIME),
+                                spec=any_pb2.Any(type_url=SPEC_TYPE_URL, value=spec),
+                                snapshotter=snapshotter,
+                                snapshot_key=container_id,
+                            )
+                        ),
+                    )
+                    created.append("container")
                 await client.call(
                     client.tasks.Create,
                     tasks_pb2.CreateTaskRequest(
