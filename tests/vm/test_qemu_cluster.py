@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,13 @@ def test_three_control_planes_on_the_bridge_form_one_etcd_cluster(
             out = basaltctl(env, config, "get", kind, "-o", "json", "-n", ",".join(nodes))
             return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
+        # EtcdMembers is refreshed every few seconds (etcd.observe.INTERVAL): the last
+        # member to join may still show as added but not started (no name yet) at first.
+        deadline = time.monotonic() + 60
         members = [r["spec"] for r in records("etcdmembers", guests[:1])]
+        while time.monotonic() < deadline and not all(m["name"] for m in members):  # type: ignore[index]
+            time.sleep(2)
+            members = [r["spec"] for r in records("etcdmembers", guests[:1])]
         print(members)
         assert sorted(m["name"] for m in members) == [  # type: ignore[index]
             "trio-controlplane-1",
