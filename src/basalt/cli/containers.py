@@ -6,7 +6,6 @@ Everything runs in containerd namespace ``basalt`` (the kubelet's CRI uses ``k8s
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +13,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._api import EndpointsOption, NodeFailures, NodesOption, run, single_node, split, table
+from ._api import (
+    EndpointsOption,
+    NodeFailures,
+    NodesOption,
+    print_chunks,
+    run,
+    single_node,
+    split,
+    table,
+)
 from ._common import info
 
 if TYPE_CHECKING:
@@ -134,18 +142,12 @@ def run_(
         answer = await client.machine.ContainerRun(
             request, metadata=client.metadata(), timeout=timeout + 120
         )
-        many = len(client.nodes) > 1
         for item in failures.keep(answer.messages):
             node = item.metadata.node
             logs = machine_pb2.LogsRequest(id=item.log_id, tail_lines=-1)
             target = client.metadata([node]) if client.nodes else client.metadata([])
-            async for chunk in client.machine.Logs(logs, metadata=target, timeout=30):
-                if chunk.metadata.error:
-                    failures.report(chunk.metadata.node, chunk.metadata.error, chunk.metadata.code)
-                    continue
-                prefix = f"{node}: " if many else ""
-                sys.stdout.write(prefix + chunk.bytes.decode(errors="replace"))
-            sys.stdout.flush()
+            chunks = client.machine.Logs(logs, metadata=target, timeout=30)
+            await print_chunks(client, failures, chunks)
             how = "was killed after its timeout" if item.timed_out else "exited"
             info(f"{node}: {item.id} {how} with code {item.exit_code} (log {item.log_id})")
             codes.append(item.exit_code)
