@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds an upgrade may spend cordoning and draining the node (when its "
         "kubelet runs) before it is refused and the node uncordoned again",
     )
+    parser.add_argument(
+        "--fleet",
+        default="",
+        help="the fleet to enrol with and link to (https://HOST:PORT/?token=...&ca=sha256:...); "
+        "metal: the kernel argument basalt.fleet=",
+    )
     args = parser.parse_args(argv)
     if args.platform == "container":
         names = ("node_dir", "address", "hostname")
@@ -121,6 +127,7 @@ async def run(args: argparse.Namespace) -> int:
         member_ttl=args.member_ttl,
         boot_assessment_timeout=args.boot_assessment_timeout,
         drain_timeout=args.drain_timeout,
+        fleet_url=args.fleet,
     )
     node = build_node(platform, tuning)
     handler = _BufferHandler(node.agent_log)

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import BasaltError
@@ -182,13 +183,18 @@ def issue_certificate(
     sans: Iterable[str] = (),
     validity: dt.timedelta = LEAF_VALIDITY,
     key: PrivateKey | None = None,
+    public_key: CertificatePublicKeyTypes | None = None,
 ) -> CertificateAndKey:
-    """Sign a leaf certificate with ``ca``; returns it with its (new or given) key."""
+    """Sign a leaf certificate with ``ca``; returns it with its (new or given) key.
+
+    With ``public_key`` (a CSR's: the holder keeps its key) the result's ``key`` is ''."""
     if ca.key is None:
         raise PKIError(f"cannot sign {common_name!r}: this CA has no private key here")
     ca_cert = load_certificate(ca.crt)
     ca_key = load_private_key(ca.key)
-    leaf_key = key or generate_private_key()
+    leaf_key = key or (None if public_key is not None else generate_private_key())
+    subject_key = leaf_key.public_key() if leaf_key is not None else public_key
+    assert subject_key is not None
     usages = []
     if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
@@ -199,7 +205,7 @@ def issue_certificate(
         x509.CertificateBuilder()
         .subject_name(_name(common_name, organizations))
         .issuer_name(ca_cert.subject)
-        .public_key(leaf_key.public_key())
+        .public_key(subject_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
@@ -208,7 +214,8 @@ def issue_certificate(
             x509.KeyUsage(
                 digital_signature=True,
                 content_commitment=False,
-                key_encipherment=isinstance(leaf_key, rsa.RSAPrivateKey),
+                key_encipherment=isinstance(leaf_key, rsa.RSAPrivateKey)
+                or isinstance(public_key, rsa.RSAPublicKey),
                 data_encipherment=False,
                 key_agreement=False,
                 key_cert_sign=False,
@@ -231,7 +238,8 @@ def issue_certificate(
     algorithm = None if isinstance(ca_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     cert = builder.sign(ca_key, algorithm)
     return CertificateAndKey(
-        crt=cert.public_bytes(serialization.Encoding.PEM).decode(), key=private_key_pem(leaf_key)
+        crt=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        key="" if leaf_key is None else private_key_pem(leaf_key),
     )
 
 

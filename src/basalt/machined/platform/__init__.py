@@ -67,6 +67,22 @@ class NodePaths:
         os.chmod(self.state, 0o700)
 
 
+def stored_uuid(path: Path) -> str:
+    """The UUID in ``path``, made (random) and kept there when it has none."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(path.read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    made = str(uuid.uuid4())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(made + "\n")
+    os.replace(tmp, path)
+    return made
+
+
 #: The address a node has before its network tells it one: listen on every address.
 UNSPECIFIED_ADDRESS = "0.0.0.0"
 
@@ -97,6 +113,23 @@ class Platform:
     @property
     def address_known(self) -> bool:
         return self.address != UNSPECIFIED_ADDRESS
+
+    @property
+    def fleet_dir(self) -> Path:
+        """Where the link to a fleet keeps its identity. Container mode: beside the node's
+        disks, so a reset (which wipes STATE) keeps the machine enrolled, as the
+        firmware's UUID stays with a real machine."""
+        return self.paths.root / "fleet"
+
+    def machine_uuid(self) -> str:
+        """The machine's UUID: container mode makes one on first use and keeps it beside
+        the node's disks (as firmware keeps a machine's)."""
+        return stored_uuid(self.paths.root / "machine-uuid")
+
+    def kernel_arg(self, name: str) -> str:
+        """A ``name=value`` kernel argument of this machine ('' in container mode, whose
+        kernel is the host's)."""
+        return ""
 
     def prepare(self) -> None:
         """Make the machine ready for the agent (mounts, /etc files); blocking, idempotent."""

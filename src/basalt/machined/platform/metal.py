@@ -140,6 +140,30 @@ class MetalPlatform(Platform):
     #: True while maintenance mode installs (a second apply-config is refused).
     installing: bool = False
 
+    @property
+    def fleet_dir(self) -> Path:
+        return self.paths.state / "fleet"
+
+    def machine_uuid(self) -> str:
+        """The firmware's (SMBIOS) UUID; a kept random one when the firmware has none."""
+        import uuid
+
+        dmi = self.system_root / "sys" / "class" / "dmi" / "id" / "product_uuid"
+        try:
+            value = uuid.UUID(dmi.read_text().strip())
+        except (OSError, ValueError):
+            value = None
+        if value is not None and value.int not in (0, (1 << 128) - 1):
+            return str(value)
+        from . import stored_uuid
+
+        return stored_uuid(self.paths.state / "machine-uuid")
+
+    def kernel_arg(self, name: str) -> str:
+        from ..sys.cmdline import kernel_arg
+
+        return kernel_arg(name, self.system_root / "proc" / "cmdline")
+
     @classmethod
     def create(
         cls, *, address: str, hostname: str, root: Path = Path("/"), init: bool | None = None

@@ -69,6 +69,14 @@ async def load_config(node: Node, request: Any) -> None:
     node.api_first.set()  # no maintenance API: the network goes first
 
 
+async def link_fleet(node: Node, request: Any) -> None:
+    """basalt.fleet= (or --fleet, or FleetConfig): enrol and link in the background, so a
+    machine in maintenance mode is manageable from its fleet before it has any config."""
+    from .. import fleet
+
+    fleet.start(node)
+
+
 def no_config(node: Node, request: Any) -> bool:
     return node.config is None
 
@@ -173,6 +181,7 @@ boot: Sequence[Node] = (
     .then("prepare", prepare_paths, start_controllers)
     .then("slot", assess_slot)
     .then("config", load_config)
+    .then("fleet", link_fleet)
     .then("staged upgrade", install_staged, when=upgrade_staged)
     .then("maintenance", maintenance, when=no_config)
     .then("install", install, when=installs_to_disk)

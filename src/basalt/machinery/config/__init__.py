@@ -8,6 +8,7 @@ from .bundle import ConfigBundle, bundle_from_raw, load_bundle
 from .cluster import ClusterConfig
 from .contract import CURRENT as CURRENT_CONTRACT
 from .contract import Contract, resolve_contract
+from .fleet import FleetConfig
 from .generate import GeneratedConfigs, GenerateOptions, generate_configs
 from .machine import MachineConfig
 from .network import HostnameConfig, LinkConfig, ResolverConfig, TimeSyncConfig
@@ -40,6 +41,7 @@ __all__ = [
     "Document",
     "EnvironmentConfig",
     "EtcFileConfig",
+    "FleetConfig",
     "GenerateOptions",
     "GeneratedConfigs",
     "HostnameConfig",

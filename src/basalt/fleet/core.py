@@ -1,0 +1,109 @@
+"""One fleet process's state: its database, secrets key, CA, links and metrics.
+
+Built once by ``server.serve`` (and by tests); the REST app and the link service hold it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from basalt.machinery.fileio import write_atomic
+from basalt.machinery.fleetlink.url import FleetURL, ca_fingerprint
+from basalt.machinery.pki import CertificateAndKey
+
+from . import service
+from .auth import ADMIN_TOKEN_FILE
+from .db import Database, Machine
+from .link import LinkService
+from .metrics import Metrics
+from .migrations import upgrade
+from .pki import load_or_create_ca, server_certificate
+from .secretbox import SecretBox
+
+log = logging.getLogger("basalt.fleet")
+
+DEFAULT_PORT = 8443
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".basalt" / "fleet"
+
+
+@dataclass
+class FleetOptions:
+    data_dir: Path = field(default_factory=default_data_dir)
+    database: str = ""
+    secrets_key: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    #: The machines' gRPC link port (0: port + 1).
+    link_port: int = 0
+    #: Extra names and addresses for the server certificate (what machines dial).
+    advertise: tuple[str, ...] = ()
+    replica: str = ""
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.data_dir / 'fleet.db'}"
+
+    @property
+    def secrets_key_path(self) -> Path:
+        return self.secrets_key or self.data_dir / "secrets.key"
+
+    @property
+    def effective_link_port(self) -> int:
+        return self.link_port or self.port + 1
+
+
+class Fleet:
+    def __init__(self, options: FleetOptions) -> None:
+        self.options = options
+        options.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(options.data_dir, 0o700)
+        self.replica = options.replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.box = SecretBox.from_file(options.secrets_key_path, create=options.secrets_key is None)
+        self.database = Database(options.database_url)
+        upgrade(self.database.engine)
+        with self.database.session() as session:
+            self.ca: CertificateAndKey = load_or_create_ca(session, self.box)
+            admin_token = service.bootstrap_admin(session)
+        write_atomic(options.data_dir / "ca.crt", self.ca.crt)
+        if admin_token is not None:
+            write_atomic(options.data_dir / ADMIN_TOKEN_FILE, admin_token + "\n", mode=0o600)
+            log.info("first start: the admin's API token is in %s", self.admin_token_path)
+        hosts = [options.host, *options.advertise]
+        self.server_cert = server_certificate(self.ca, [h for h in hosts if h != "0.0.0.0"])
+        self.ca_sha256 = ca_fingerprint(self.ca.crt)
+        self.metrics = Metrics()
+        self.links = LinkService(
+            self.database, self.metrics, self.replica, options.data_dir / "tunnels"
+        )
+        self.links.socket_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.options.data_dir / ADMIN_TOKEN_FILE
+
+    def fleet_url(self, token: str, host: str | None = None) -> str:
+        chosen = host or (
+            self.options.advertise[0] if self.options.advertise else self.options.host
+        )
+        return str(FleetURL(chosen, self.options.port, token, self.ca_sha256))
+
+    def machine_counts(self) -> dict[str, int]:
+        with self.database.session() as session:
+            rows = session.execute(select(Machine.state, func.count()).group_by(Machine.state))
+            counts = {"free": 0, "allocated": 0, "removed": 0}
+            counts.update(dict(rows.tuples()))
+        counts["connected"] = len(self.links.links)
+        return counts
+
+    def close(self) -> None:
+        self.links.close_all()
+        self.database.dispose()

@@ -1,0 +1,82 @@
+"""``basalt-fleet``: run the fleet manager.
+
+    basalt-fleet serve [--listen HOST:PORT] [--database URL] [--secrets-key FILE]
+                       [--data-dir DIR] [--advertise HOST ...] [--link-port PORT]
+
+With no options it listens on 127.0.0.1:8443 (machine links on 8444) with an embedded
+SQLite database and its CA under ``~/.basalt/fleet/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from basalt.machinery.errors import BasaltError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="basalt-fleet", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the fleet (REST API and machine links)")
+    serve.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT of the REST API")
+    serve.add_argument(
+        "--link-port", type=int, default=0, help="port of machine links (default: PORT+1)"
+    )
+    serve.add_argument("--database", default="", help="SQLAlchemy URL (default: SQLite)")
+    serve.add_argument("--secrets-key", type=Path, help="key file sealing secrets at rest")
+    serve.add_argument("--data-dir", type=Path, help="default: ~/.basalt/fleet")
+    serve.add_argument(
+        "--advertise",
+        action="append",
+        default=[],
+        help="a name or address machines reach the fleet by (in join URLs and the "
+        "server certificate); repeat for more",
+    )
+    serve.add_argument("--replica", default="", help="this process's name among replicas")
+    serve.add_argument("--debug", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from .core import FleetOptions, default_data_dir
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"basalt-fleet: --listen {args.listen!r}: expected HOST:PORT", file=sys.stderr)
+        return 2
+    options = FleetOptions(
+        data_dir=args.data_dir or default_data_dir(),
+        database=args.database,
+        secrets_key=args.secrets_key,
+        host=host.strip("[]"),
+        port=int(port),
+        link_port=args.link_port,
+        advertise=tuple(args.advertise),
+        replica=args.replica,
+    )
+    try:
+        from .core import Fleet
+        from .server import serve
+
+        fleet = Fleet(options)
+        asyncio.run(serve(fleet))
+    except BasaltError as exc:
+        print(f"basalt-fleet: {exc.render()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

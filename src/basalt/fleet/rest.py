@@ -1,0 +1,345 @@
+"""The REST API (FastAPI): for people, ``basaltctl fleet`` and other tools.
+
+Every route is declared with :func:`route` and a role (or ``PUBLIC``), which both
+enforces it and records it in ``ROUTE_ROLES``; ``tests/unit/test_fleet_rest.py`` checks
+that every route of the app is in that table and tries each with each role. Errors are
+``{"detail": ..., "hint": ...}`` with the field or object that was wrong named in
+``detail``; a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from basalt.machinery.errors import BasaltError, ErrorKind
+
+from . import audit, service
+from .auth import Caller, FleetRole, Scope
+from .core import Fleet
+
+PUBLIC = "public"
+RouteRole = FleetRole | Literal["public"]
+#: (method, path) -> the least role that may call it.
+ROUTE_ROLES: dict[tuple[str, str], RouteRole] = {}
+
+_STATUS = {
+    ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.FAILED_PRECONDITION: 409,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.ALREADY_EXISTS: 409,
+    ErrorKind.PERMISSION_DENIED: 403,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.RESOURCE_EXHAUSTED: 429,
+    ErrorKind.ABORTED: 409,
+}
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnrolRequest(Model):
+    token: str = Field(max_length=200)
+    machine_uuid: str = Field(max_length=64)
+    hostname: str = Field(default="", max_length=253)
+    csr: str = Field(max_length=16384)
+
+
+class EnrolResponse(Model):
+    certificate: str
+    ca: str
+    link_port: int
+
+
+class JoinTokenRequest(Model):
+    ttl: float | None = Field(
+        default=3600.0, description="seconds the token is valid (null: until revoked)"
+    )
+    uses: int = Field(default=1, description="how many machines may enrol with it")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class UserRequest(Model):
+    name: str = Field(max_length=64)
+    role: str
+    clusters: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class TokenRequest(Model):
+    description: str = Field(default="", max_length=200)
+
+
+class LabelsRequest(Model):
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+
+def _error(exc: BasaltError) -> JSONResponse:
+    status = 401 if isinstance(exc, service.Unauthenticated) else _STATUS.get(exc.kind, 400)
+    body: dict[str, Any] = {"detail": str(exc)}
+    if exc.hint:
+        body["hint"] = exc.hint
+    return JSONResponse(body, status_code=status)
+
+
+def caller_of(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """The user an ``Authorization: Bearer`` token belongs to."""
+    if credentials is None:
+        raise service.Unauthenticated(
+            "this route needs an API token (Authorization: Bearer ...)",
+            hint="log in with 'basaltctl fleet login URL --token TOKEN'",
+        )
+    fleet: Fleet = request.app.state.fleet
+    with fleet.database.session() as session:
+        return service.authenticate(session, credentials.credentials)
+
+
+Authed = Annotated[Caller, Depends(caller_of)]
+
+
+def make_app(fleet: Fleet) -> FastAPI:
+    app = FastAPI(
+        title="Basalt Fleet",
+        version="v1alpha1",
+        description="The open fleet manager of Basalt nodes.",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.fleet = fleet
+
+    @app.exception_handler(BasaltError)
+    async def basalt_error(_request: Request, exc: BasaltError) -> JSONResponse:
+        return _error(exc)
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        fleet.metrics.requests.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    def route(method: str, path: str, role: RouteRole, **kwargs: Any) -> Callable[[Any], Any]:
+        ROUTE_ROLES[(method, path)] = role
+        dependencies = list(kwargs.pop("dependencies", []))
+        if role != PUBLIC:
+            needed = FleetRole(role)
+
+            def check(caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
+                if not caller.role.allows(needed):
+                    raise service.Refused(
+                        f"{method} {path} needs {needed.value}; {caller.name} is {caller.role}"
+                    )
+                return caller
+
+            dependencies.append(Depends(check))
+        return app.api_route(path, methods=[method], dependencies=dependencies, **kwargs)
+
+    _public(app, fleet, route)
+    _readers(app, fleet, route)
+    _operators(fleet, route)
+    _admins(fleet, route)
+    return app
+
+
+Route = Callable[..., Callable[[Any], Any]]
+
+
+def _public(app: FastAPI, fleet: Fleet, route: Route) -> None:
+    """Routes without a token: health, the CA, enrolment (join token)."""
+
+    @route("GET", "/healthz", PUBLIC)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "replica": fleet.replica}
+
+    @route("GET", "/v1/ca", PUBLIC, response_class=PlainTextResponse)
+    def ca() -> str:
+        return fleet.ca.crt
+
+    @route("POST", "/v1/enrol", PUBLIC)
+    def enrol(body: EnrolRequest) -> EnrolResponse:
+        with fleet.database.session() as session:
+            certificate = service.enrol(
+                session,
+                fleet.ca,
+                token=body.token,
+                machine_uuid=body.machine_uuid,
+                hostname=body.hostname,
+                csr=body.csr,
+            )
+        return EnrolResponse(
+            certificate=certificate,
+            ca=fleet.ca.crt,
+            link_port=fleet.options.effective_link_port,
+        )
+
+
+def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
+    """fleet:reader and up."""
+
+    @route("GET", "/openapi.json", FleetRole.READER, include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @route("GET", "/metrics", FleetRole.READER, response_class=PlainTextResponse)
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        fleet.metrics.machine_counts(fleet.machine_counts)
+        return Response(generate_latest(fleet.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @route("GET", "/v1/whoami", FleetRole.READER)
+    def whoami(caller: Authed) -> dict[str, Any]:
+        return {"name": caller.name, "role": caller.role.value, "scope": caller.scope.to_json()}
+
+    @route("GET", "/v1/machines", FleetRole.READER)
+    def machines(
+        state: str | None = None, cluster: str | None = None, label: str | None = None
+    ) -> list[dict[str, Any]]:
+        wanted = service.parse_labels(label.split(","), "label") if label else {}
+        from sqlalchemy import select
+
+        from .db import Machine
+
+        with fleet.database.session() as session:
+            query = select(Machine).order_by(Machine.enrolled, Machine.uuid)
+            if state:
+                query = query.where(Machine.state == state)
+            if cluster:
+                query = query.where(Machine.cluster == cluster)
+            rows = list(session.execute(query).scalars())
+        linked = fleet.links.links
+        return [
+            service.machine_info(m, m.uuid in linked)
+            for m in rows
+            if all(m.labels.get(k) == v for k, v in wanted.items())
+        ]
+
+    @route("GET", "/v1/machines/{uuid}", FleetRole.READER)
+    def machine(uuid: str) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            row = service.get_machine(session, uuid)
+        return service.machine_info(row, row.uuid in fleet.links.links)
+
+    @route("GET", "/v1/machines/{uuid}/version", FleetRole.READER)
+    async def machine_version(uuid: str) -> dict[str, Any]:
+        from google.protobuf.json_format import MessageToDict
+
+        from basalt.machinery.api import common_pb2
+
+        from .nodes import NotLinked, node_client
+
+        link = fleet.links.links.get(uuid.lower())
+        if link is None:
+            raise NotLinked(f"machine {uuid} has no link to this fleet now")
+        socket = await link.socket_path(fleet.links.socket_dir)
+        async with node_client(socket) as client:
+            answer = await asyncio.wait_for(client.machine.Version(common_pb2.Empty()), 30)
+        fleet.metrics.calls.labels("Version", "ok").inc()
+        return MessageToDict(answer, preserving_proto_field_name=True)
+
+    @route("GET", "/v1/audit/verify", FleetRole.READER)
+    def audit_verify() -> dict[str, Any]:
+        with fleet.database.session() as session:
+            breaks = service.audit_verify(session)
+            count = len(service.audit_entries(session, 1_000_000))
+        return {
+            "intact": not breaks,
+            "entries": count,
+            "breaks": [{"entry": b.entry, "reason": b.reason} for b in breaks],
+        }
+
+
+def _operators(fleet: Fleet, route: Route) -> None:
+    """fleet:operator and up."""
+
+    @route("GET", "/v1/join-tokens", FleetRole.OPERATOR)
+    def join_tokens() -> list[dict[str, Any]]:
+        with fleet.database.session() as session:
+            return service.join_tokens(session)
+
+    @route("POST", "/v1/join-tokens", FleetRole.OPERATOR, status_code=201)
+    def create_join_token(body: JoinTokenRequest, caller: Authed) -> dict[str, Any]:
+        ttl = dt.timedelta(seconds=body.ttl) if body.ttl is not None else None
+        with fleet.database.session() as session:
+            row, token = service.create_join_token(
+                session, caller, ttl=ttl, uses=body.uses, labels=body.labels
+            )
+            info = service.join_token_info(row)
+        return {**info, "token": token, "url": fleet.fleet_url(token)}
+
+    @route("DELETE", "/v1/join-tokens/{token_id}", FleetRole.OPERATOR, status_code=204)
+    def revoke_join_token(token_id: str, caller: Authed) -> Response:
+        with fleet.database.session() as session:
+            service.revoke_join_token(session, caller, token_id)
+        return Response(status_code=204)
+
+    @route("PATCH", "/v1/machines/{uuid}/labels", FleetRole.OPERATOR)
+    def machine_labels(uuid: str, body: LabelsRequest, caller: Authed) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            row = service.set_labels(session, caller, uuid, body.set, body.remove)
+        return service.machine_info(row, row.uuid in fleet.links.links)
+
+
+def _admins(fleet: Fleet, route: Route) -> None:
+    """fleet:admin only."""
+
+    @route("GET", "/v1/audit", FleetRole.ADMIN)
+    def audit_log(after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        if not 1 <= limit <= 10_000:
+            raise service.FleetError(f"limit: {limit} is not between 1 and 10000")
+        with fleet.database.session() as session:
+            return [audit.as_dict(e) for e in service.audit_entries(session, limit, after)]
+
+    @route("GET", "/v1/users", FleetRole.ADMIN)
+    def users() -> list[dict[str, Any]]:
+        with fleet.database.session() as session:
+            return service.users(session)
+
+    @route("POST", "/v1/users", FleetRole.ADMIN, status_code=201)
+    def create_user(body: UserRequest, caller: Authed) -> dict[str, Any]:
+        scope = Scope(tuple(body.clusters), service.check_labels(body.labels, "labels"))
+        with fleet.database.session() as session:
+            user, token = service.create_user(session, caller, body.name, body.role, scope)
+        return {"name": user.name, "role": user.role, "scope": user.scope, "token": token}
+
+    @route("POST", "/v1/users/{name}/tokens", FleetRole.ADMIN, status_code=201)
+    def user_token(name: str, body: TokenRequest, caller: Authed) -> dict[str, str]:
+        with fleet.database.session() as session:
+            token = service.user_token(session, caller, name, body.description)
+        return {"name": name, "token": token}
+
+    @route("DELETE", "/v1/machines/{uuid}", FleetRole.ADMIN)
+    async def remove_machine(uuid: str, caller: Authed) -> dict[str, Any]:
+        def remove() -> Any:
+            with fleet.database.session() as session:
+                return service.remove_machine(session, caller, uuid)
+
+        row = await asyncio.to_thread(remove)
+        link = fleet.links.links.pop(row.uuid, None)
+        if link is not None:
+            link.close()
+        return service.machine_info(row, False)
+
+    @route("POST", "/v1/machines/{uuid}/readmit", FleetRole.ADMIN)
+    def readmit_machine(uuid: str, caller: Authed) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            row = service.readmit_machine(session, caller, uuid)
+        return service.machine_info(row, False)

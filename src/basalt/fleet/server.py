@@ -1,0 +1,173 @@
+"""``basalt-fleet serve``: the REST API (uvicorn) and the link service (grpc.aio) in one
+event loop, both with TLS from the fleet's CA."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from basalt.machinery.api import fleet_pb2_grpc
+from basalt.machinery.errors import BasaltError, ErrorKind
+
+from .core import Fleet
+
+
+class ListenError(BasaltError):
+    kind = ErrorKind.UNAVAILABLE
+
+
+log = logging.getLogger("basalt.fleet")
+
+
+def _tls_files(fleet: Fleet, directory: Path) -> tuple[str, str]:
+    crt = directory / "server.crt"
+    key = directory / "server.key"
+    assert fleet.server_cert.key is not None
+    crt.write_text(fleet.server_cert.crt + fleet.ca.crt)
+    key.touch(mode=0o600)
+    key.write_text(fleet.server_cert.key)
+    return str(crt), str(key)
+
+
+async def start_link_server(fleet: Fleet) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.max_concurrent_streams", 100_000),
+            # Two replicas on one host must not share a port silently.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    fleet_pb2_grpc.add_FleetLinkServicer_to_server(fleet.links, server)
+    assert fleet.server_cert.key is not None
+    credentials = grpc.ssl_server_credentials(
+        [(fleet.server_cert.key.encode(), (fleet.server_cert.crt + fleet.ca.crt).encode())],
+        root_certificates=fleet.ca.crt.encode(),
+        require_client_auth=True,
+    )
+    host = fleet.options.host
+    address = f"[{host}]" if ":" in host else host
+    try:
+        port = server.add_secure_port(f"{address}:{fleet.options.effective_link_port}", credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise ListenError(
+            f"cannot serve machine links on {host}:{fleet.options.effective_link_port}: "
+            "the port is in use or the address is not this host's",
+            hint="pick another with --link-port",
+        )
+    await server.start()
+    return server
+
+
+def _quiet_server_class() -> type[Any]:
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        """uvicorn's server without its signal handlers: ``serve`` owns SIGTERM/SIGINT
+        (they stop the link service too)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return QuietServer
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"cannot serve the REST API on {host}:{port}: {exc.strerror}",
+            hint="pick another address or port with --listen HOST:PORT",
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
+    import uvicorn
+
+    from .rest import make_app
+
+    _QuietServer = _quiet_server_class()
+
+    app = make_app(fleet)
+    rest_socket = _bind(fleet.options.host, fleet.options.port)
+    try:
+        link_server = await start_link_server(fleet)
+    except BaseException:
+        rest_socket.close()
+        raise
+    flusher = asyncio.create_task(fleet.links.flush_loop(), name="last-seen")
+    with tempfile.TemporaryDirectory(prefix="basalt-fleet-tls-") as tmp:
+        certfile, keyfile = _tls_files(fleet, Path(tmp))
+        config = uvicorn.Config(
+            app,
+            host=fleet.options.host,
+            port=fleet.options.port,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+            ssl_version=ssl.PROTOCOL_TLS_SERVER,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        server = _QuietServer(config)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
+        web = asyncio.create_task(server.serve(sockets=[rest_socket]), name="rest")
+        while not server.started and not web.done():
+            await asyncio.sleep(0.05)
+        if web.done():
+            flusher.cancel()
+            await link_server.stop(None)
+            with contextlib.suppress(BaseException):
+                web.result()
+            raise ListenError(
+                f"cannot serve the REST API on {fleet.options.host}:{fleet.options.port} "
+                "(see the error above: is the port in use?)",
+                hint="pick another with --listen HOST:PORT",
+            )
+        log.info(
+            "basalt-fleet %s: REST on https://%s:%d, machine links on port %d",
+            fleet.replica,
+            fleet.options.host,
+            fleet.options.port,
+            fleet.options.effective_link_port,
+        )
+        if ready is not None:
+            ready.set()
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({web, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        flusher.cancel()
+        fleet.links.close_all()
+        await link_server.stop(2)
+        with contextlib.suppress(Exception):
+            await web
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(fleet.links.flush_seen)
+        fleet.close()
