@@ -110,6 +110,12 @@ system-deps:
 	@# package has no service to start. Without root those tests skip.
 	@command -v dnsmasq >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base; }
+	@# PostgreSQL for the fleet's replica tests: the server binaries only (the tests run
+	@# their own clusters with initdb + pg_ctl), no system cluster is started.
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends postgresql-common postgresql-15 \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; }
 
 install: $(STAMP) system-deps
 

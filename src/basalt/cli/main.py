@@ -28,6 +28,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "bundle": ("bundle", "app"),
     "image": ("image", "app"),
     "containers": ("containers", "app"),
+    "fleet": ("fleet", "app"),
 }
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "validate"),

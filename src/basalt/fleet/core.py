@@ -100,7 +100,7 @@ class Fleet:
         with self.database.session() as session:
             rows = session.execute(select(Machine.state, func.count()).group_by(Machine.state))
             counts = {"free": 0, "allocated": 0, "removed": 0}
-            counts.update(dict(rows.tuples()))
+            counts.update({str(row[0]): int(row[1]) for row in rows})
         counts["connected"] = len(self.links.links)
         return counts
 

@@ -53,11 +53,25 @@ _REQUIRED = ("ca", "crt", "key")
 
 
 @dataclass
+class FleetLogin:
+    """How ``basaltctl fleet`` reaches a Basalt Fleet: its URL, an API token, its CA."""
+
+    url: str
+    token: str
+    ca: str
+
+
+_FLEET_FIELDS = ("url", "token", "ca")
+
+
+@dataclass
 class ClientConfig:
-    """The whole file: the current context's name and every context by name."""
+    """The whole file: the current context's name, every context by name, and the fleet
+    ``basaltctl fleet login`` stored."""
 
     context: str | None = None
     contexts: dict[str, Context] = field(default_factory=dict)
+    fleet: FleetLogin | None = None
 
     def current(self, name: str | None = None) -> tuple[str, Context]:
         """The context called ``name``, or the current one; raises when there is none."""
@@ -111,6 +125,8 @@ class ClientConfig:
             }
             for name, c in self.contexts.items()
         }
+        if self.fleet is not None:
+            data["fleet"] = {"url": self.fleet.url, "token": self.fleet.token, "ca": self.fleet.ca}
         return dump_document(data)
 
 
@@ -125,8 +141,9 @@ def _unknown(key: str, allowed: Sequence[str]) -> tuple[str, str]:
 def _validate(data: dict[str, Any]) -> tuple[ClientConfig, list[tuple[Loc, str, str | None]]]:
     errors: list[tuple[Loc, str, str | None]] = []
     for key in data:
-        if key not in ("context", "contexts"):
-            errors.append(((str(key),), *_unknown(str(key), ["context", "contexts"])))
+        if key not in ("context", "contexts", "fleet"):
+            errors.append(((str(key),), *_unknown(str(key), ["context", "contexts", "fleet"])))
+    fleet = _validate_fleet(data.get("fleet"), errors)
     current = data.get("context")
     if current is not None and not isinstance(current, str):
         errors.append((("context",), "must be a string", None))
@@ -157,7 +174,27 @@ def _validate(data: dict[str, Any]) -> tuple[ClientConfig, list[tuple[Loc, str, 
         errors.extend(((*loc, k), "required field is missing", None) for k in missing)
         if not missing and len(values) == len(raw):
             contexts[str(name)] = Context(**values)
-    return ClientConfig(current if isinstance(current, str) else None, contexts), errors
+    return ClientConfig(current if isinstance(current, str) else None, contexts, fleet), errors
+
+
+def _validate_fleet(raw: Any, errors: list[tuple[Loc, str, str | None]]) -> FleetLogin | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        errors.append((("fleet",), "must be a mapping", "fleet: {url: ..., token: ..., ca: ...}"))
+        return None
+    bad = len(errors)
+    for key, value in raw.items():
+        if key not in _FLEET_FIELDS:
+            errors.append((("fleet", str(key)), *_unknown(str(key), list(_FLEET_FIELDS))))
+        elif not isinstance(value, str):
+            errors.append((("fleet", str(key)), "must be a string", None))
+    errors.extend(
+        (("fleet", k), "required field is missing", None) for k in _FLEET_FIELDS if k not in raw
+    )
+    if len(errors) != bad:
+        return None
+    return FleetLogin(str(raw["url"]), str(raw["token"]), str(raw["ca"]))
 
 
 def parse_client_config(text: str, source: str) -> ClientConfig:

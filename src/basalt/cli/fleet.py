@@ -1,0 +1,389 @@
+"""``basaltctl fleet``: talk to a Basalt Fleet's REST API.
+
+``fleet login`` checks the fleet's CA (a file, or its fingerprint) and an API token, and
+stores them in the client config; every other verb uses them. Plain ``urllib`` with the
+fleet's CA as the only trust root: no HTTP library is loaded at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._api import table
+from ._common import info, options, read_text
+
+app = typer.Typer(
+    help="Basalt Fleet: log in, join tokens, machines, users, the audit log.",
+    no_args_is_help=True,
+)
+token_app = typer.Typer(help="Join tokens: what machines enrol with.", no_args_is_help=True)
+user_app = typer.Typer(help="Fleet users and their API tokens (fleet:admin).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(user_app, name="user")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class FleetAPIError(Exception):
+    pass
+
+
+def _error(message: str, hint: str | None = None) -> Exception:
+    from basalt.machinery.errors import BasaltError
+
+    return BasaltError(message, hint=hint)
+
+
+def parse_duration(text: str, where: str = "--ttl") -> float | None:
+    """``90s``, ``30m``, ``1h``, ``7d``; ``never`` -> None."""
+    if text == "never":
+        return None
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise _error(f"{where} {text!r}: expected a number with s, m, h or d (or 'never')")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _context(ca: str) -> Any:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The fleet's own CA is the only trust root; its certificate may not name the
+    # address an operator reaches it by (a tunnel, a load balancer).
+    context.check_hostname = False
+    context.load_verify_locations(cadata=ca)
+    return context
+
+
+def request(
+    url: str,
+    token: str,
+    ca: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+) -> Any:
+    """One call; a refusal raises with the fleet's detail and hint."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {token}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=_context(ca)) as answer:
+            raw = answer.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            payload = json.loads(exc.read())
+        except ValueError:
+            payload = {}
+        detail = payload.get("detail", exc.reason)
+        if isinstance(detail, list):  # request validation: name each field
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
+            )
+        raise _error(f"fleet: {detail}", payload.get("hint")) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _error(
+            f"cannot reach the fleet at {url}: {reason}",
+            "is basalt-fleet running, and the URL of 'basaltctl fleet login' right?",
+        ) from None
+    if not raw:
+        return None
+    if raw[:1] in (b"{", b"["):
+        return json.loads(raw)
+    return raw.decode()
+
+
+def _call(ctx: typer.Context, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    config = options(ctx).load_client_config(missing_ok=True)
+    if config.fleet is None:
+        raise _error(
+            "not logged in to a fleet",
+            "run 'basaltctl fleet login https://HOST:PORT --token TOKEN --ca CA.crt'",
+        )
+    fleet = config.fleet
+    return request(fleet.url, fleet.token, fleet.ca, method, path, body)
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    print()
+
+
+@app.command()
+def login(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="The fleet's REST API: https://HOST:PORT")],
+    token: Annotated[str | None, typer.Option(help="An API token.")] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="A file holding the API token (e.g. admin-token).")
+    ] = None,
+    ca: Annotated[Path | None, typer.Option(help="The fleet's CA certificate (ca.crt).")] = None,
+    ca_fingerprint: Annotated[
+        str | None, typer.Option(help="sha256:HEX of the fleet's CA, instead of --ca.")
+    ] = None,
+) -> None:
+    """Check the fleet's CA and the token, and store both in the client config."""
+    import ssl
+    import urllib.request
+
+    from basalt.machinery.client.config import FleetLogin, save_client_config
+    from basalt.machinery.fleetlink.url import ca_fingerprint as fingerprint_of
+
+    if (token is None) == (token_file is None):
+        raise _error("give the API token with exactly one of --token and --token-file")
+    secret = token if token is not None else read_text(token_file, "token file").strip()  # type: ignore[arg-type]
+    if not url.startswith("https://"):
+        raise _error(f"URL {url!r}: the fleet is reached over https://")
+    if ca is not None:
+        ca_pem = read_text(ca, "CA file")
+    elif ca_fingerprint is not None:
+        unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(
+                url.rstrip("/") + "/v1/ca", timeout=30, context=unverified
+            ) as answer:
+                ca_pem = answer.read().decode()
+        except OSError as exc:
+            raise _error(f"cannot reach the fleet at {url}: {exc}") from None
+        wanted = ca_fingerprint.removeprefix("sha256:").lower()
+        got = fingerprint_of(ca_pem)
+        if got != wanted:
+            raise _error(
+                f"the fleet at {url} presents CA sha256:{got}, not sha256:{wanted}",
+                "check the fingerprint with the fleet's operator; do not log in",
+            )
+    else:
+        raise _error("give the fleet's CA with --ca FILE or --ca-fingerprint sha256:HEX")
+    me = request(url, secret, ca_pem, "GET", "/v1/whoami")
+    state = options(ctx)
+    config = state.load_client_config(missing_ok=True)
+    config.fleet = FleetLogin(url=url.rstrip("/"), token=secret, ca=ca_pem)
+    save_client_config(config, state.client_config_path)
+    info(f"logged in to {url} as {me['name']} ({me['role']}); stored in {state.client_config_path}")
+
+
+@app.command()
+def whoami(ctx: typer.Context) -> None:
+    """The user and role of the stored token."""
+    me = _call(ctx, "GET", "/v1/whoami")
+    print(f"{me['name']}\t{me['role']}")
+
+
+# -- join tokens ---------------------------------------------------------------------------
+@token_app.command("create")
+def token_create(
+    ctx: typer.Context,
+    ttl: Annotated[str, typer.Option(help="How long it is valid: 30m, 1h, 7d, or never.")] = "1h",
+    uses: Annotated[int, typer.Option(help="How many machines may enrol with it.")] = 1,
+    label: Annotated[
+        list[str] | None, typer.Option(help="key=value put on each machine that enrols.")
+    ] = None,
+) -> None:
+    """Make a join token; prints the URL machines enrol with (basalt.fleet=URL)."""
+    labels = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _error(f"--label {item!r}: expected key=value")
+        labels[key] = value
+    body = {"ttl": parse_duration(ttl), "uses": uses, "labels": labels}
+    made = _call(ctx, "POST", "/v1/join-tokens", body)
+    info(f"join token {made['id']}: {uses} use(s), expires {made['expires'] or 'never'}")
+    print(made["url"])
+
+
+@token_app.command("list")
+def token_list(ctx: typer.Context) -> None:
+    """Join tokens with their uses and expiry (never the secret)."""
+    rows = _call(ctx, "GET", "/v1/join-tokens")
+    table(
+        ["ID", "USED", "USES", "EXPIRES", "REVOKED", "LABELS"],
+        (
+            [
+                r["id"],
+                r["used"],
+                r["uses"],
+                r["expires"] or "never",
+                "yes" if r["revoked"] else "",
+                ",".join(f"{k}={v}" for k, v in r["labels"].items()),
+            ]
+            for r in rows
+        ),
+    )
+
+
+@token_app.command("revoke")
+def token_revoke(ctx: typer.Context, token_id: str) -> None:
+    """Refuse further enrolments with a join token."""
+    _call(ctx, "DELETE", f"/v1/join-tokens/{token_id}")
+    info(f"join token {token_id} revoked")
+
+
+# -- machines ----------------------------------------------------------------------------
+@app.command()
+def machines(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="free, allocated or removed")] = None,
+    label: Annotated[str | None, typer.Option(help="k=v[,k=v]: only machines with these")] = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
+) -> None:
+    """The fleet's machines: state, cluster, link, labels."""
+    query = []
+    if state:
+        query.append(f"state={state}")
+    if label:
+        query.append(f"label={label}")
+    rows = _call(ctx, "GET", "/v1/machines" + ("?" + "&".join(query) if query else ""))
+    if output == "json":
+        _print_json(rows)
+        return
+    table(
+        ["UUID", "HOSTNAME", "STATE", "CLUSTER", "LINK", "STAGE", "VERSION", "LABELS"],
+        (
+            [
+                r["uuid"],
+                r["hostname"],
+                r["state"],
+                r["cluster"] or "",
+                "up" if r["connected"] else "down",
+                r["inventory"].get("stage", ""),
+                r["inventory"].get("version", ""),
+                ",".join(f"{k}={v}" for k, v in r["labels"].items()),
+            ]
+            for r in rows
+        ),
+    )
+
+
+@app.command()
+def machine(ctx: typer.Context, uuid: str) -> None:
+    """One machine, with its inventory (JSON)."""
+    _print_json(_call(ctx, "GET", f"/v1/machines/{uuid}"))
+
+
+@app.command()
+def label(
+    ctx: typer.Context,
+    uuid: str,
+    labels: Annotated[list[str] | None, typer.Argument(help="key=value to set")] = None,
+    remove: Annotated[list[str] | None, typer.Option(help="a label key to remove")] = None,
+) -> None:
+    """Set or remove a machine's labels."""
+    wanted = {}
+    for item in labels or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _error(f"label {item!r}: expected key=value")
+        wanted[key] = value
+    body = {"set": wanted, "remove": list(remove or [])}
+    done = _call(ctx, "PATCH", f"/v1/machines/{uuid}/labels", body)
+    print(",".join(f"{k}={v}" for k, v in done["labels"].items()))
+
+
+@app.command()
+def remove(ctx: typer.Context, uuid: str) -> None:
+    """Remove a machine: its link is cut and it cannot reconnect (fleet:admin)."""
+    _call(ctx, "DELETE", f"/v1/machines/{uuid}")
+    info(f"machine {uuid} removed")
+
+
+@app.command()
+def readmit(ctx: typer.Context, uuid: str) -> None:
+    """Let a removed machine enrol again (with a new join token use)."""
+    _call(ctx, "POST", f"/v1/machines/{uuid}/readmit")
+    info(f"machine {uuid} may enrol again")
+
+
+@app.command()
+def version(ctx: typer.Context, uuid: str) -> None:
+    """Ask a machine's own API for its version, through its link."""
+    answer = _call(ctx, "GET", f"/v1/machines/{uuid}/version")
+    for message in answer.get("messages", []):
+        print(f"{message.get('hostname', '')}\t{message.get('tag', '')}\t{message.get('mode', '')}")
+
+
+# -- the audit log -------------------------------------------------------------------------
+@app.command()
+def audit(
+    ctx: typer.Context,
+    verify: Annotated[bool, typer.Option(help="Check the hash chain; exit 1 if broken.")] = False,
+    after: Annotated[int, typer.Option(help="Entries after this id.")] = 0,
+    limit: Annotated[int, typer.Option(help="At most this many entries.")] = 200,
+) -> None:
+    """The fleet's audit log: who changed or read what, hash-chained."""
+    if verify:
+        result = _call(ctx, "GET", "/v1/audit/verify")
+        if result["intact"]:
+            print(f"audit log intact: {result['entries']} entries, chain verified")
+            return
+        for item in result["breaks"]:
+            print(f"entry {item['entry']}: {item['reason']}")
+        raise typer.Exit(1)
+    rows = _call(ctx, "GET", f"/v1/audit?after={after}&limit={limit}")
+    table(
+        ["ID", "AT", "ACTOR", "ACTION", "TARGET"],
+        ([r["id"], r["at"][:19], r["actor"], r["action"], r["target"]] for r in rows),
+    )
+
+
+# -- users ---------------------------------------------------------------------------------
+@user_app.command("list")
+def user_list(ctx: typer.Context) -> None:
+    """Users and roles."""
+    rows = _call(ctx, "GET", "/v1/users")
+    table(
+        ["NAME", "ROLE", "CLUSTERS", "LABELS"],
+        (
+            [
+                r["name"],
+                r["role"],
+                ",".join(r["scope"].get("clusters", [])),
+                ",".join(f"{k}={v}" for k, v in r["scope"].get("labels", {}).items()),
+            ]
+            for r in rows
+        ),
+    )
+
+
+@user_app.command("create")
+def user_create(
+    ctx: typer.Context,
+    name: str,
+    role: Annotated[str, typer.Option(help="fleet:admin, fleet:operator or fleet:reader")],
+    cluster: Annotated[list[str] | None, typer.Option(help="limit to this cluster")] = None,
+) -> None:
+    """Make a user; prints their first API token (shown once)."""
+    made = _call(
+        ctx,
+        "POST",
+        "/v1/users",
+        {"name": name, "role": role, "clusters": list(cluster or [])},
+    )
+    info(f"user {made['name']} ({made['role']}) created; their API token (shown once):")
+    print(made["token"])
+
+
+@user_app.command("token")
+def user_token(
+    ctx: typer.Context,
+    name: str,
+    description: Annotated[str, typer.Option(help="what the token is for")] = "",
+) -> None:
+    """A new API token for a user (shown once)."""
+    made = _call(ctx, "POST", f"/v1/users/{name}/tokens", {"description": description})
+    print(made["token"])

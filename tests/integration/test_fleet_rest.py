@@ -1,0 +1,333 @@
+"""Basalt Fleet's REST API and its database, against SQLite and a real PostgreSQL.
+
+Every test runs twice: on the embedded SQLite and on a PostgreSQL cluster this module
+starts (tests/fakes/postgres.py). The app is served in-process (FastAPI's test client);
+enrolment uses real CSRs and the fleet's real CA.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from basalt.fleet import audit
+from basalt.fleet.core import Fleet, FleetOptions
+from basalt.fleet.db import AuditEntry
+from basalt.fleet.migrations import current, upgrade
+from basalt.fleet.rest import PUBLIC, ROUTE_ROLES, make_app
+from basalt.machinery.fleetlink.url import ca_fingerprint, parse_fleet_url
+from basalt.machinery.pki import generate_private_key
+from tests.fakes.postgres import PostgresServer, remove_postgres, start_postgres
+
+pytestmark = pytest.mark.integration
+
+ROLES = ("fleet:reader", "fleet:operator", "fleet:admin")
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = start_postgres("127.0.0.61")
+    yield server
+    remove_postgres(server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database(f"t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, database_url: str) -> Iterator[Fleet]:
+    made = Fleet(FleetOptions(data_dir=tmp_path / "fleet", database=database_url, port=18443))
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def api(fleet: Fleet) -> TestClient:
+    return TestClient(make_app(fleet))
+
+
+def admin_headers(fleet: Fleet) -> dict[str, str]:
+    return {"Authorization": f"Bearer {fleet.admin_token_path.read_text().strip()}"}
+
+
+def user_headers(api: TestClient, fleet: Fleet, role: str, name: str = "") -> dict[str, str]:
+    name = name or role.replace(":", "-")
+    made = api.post("/v1/users", json={"name": name, "role": role}, headers=admin_headers(fleet))
+    assert made.status_code == 201, made.text
+    return {"Authorization": f"Bearer {made.json()['token']}"}
+
+
+def csr_for(machine_uuid: str) -> str:
+    key = generate_private_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def join_token(api: TestClient, fleet: Fleet, **body: Any) -> dict[str, Any]:
+    made = api.post("/v1/join-tokens", json=body, headers=admin_headers(fleet))
+    assert made.status_code == 201, made.text
+    return dict(made.json())
+
+
+def enrol(api: TestClient, token: str, machine_uuid: str | None = None) -> Any:
+    body = {"token": token, "machine_uuid": machine_uuid or str(uuid.uuid4()), "csr": ""}
+    body["csr"] = csr_for(body["machine_uuid"])
+    return api.post("/v1/enrol", json=body)
+
+
+# -- the database -------------------------------------------------------------------------------
+
+
+def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fleet) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from basalt.fleet.db import Base
+
+    engine = fleet.database.engine
+    assert current(engine) == "0001"
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    # Down to nothing and back: the history replays on a database that had it.
+    from alembic import command
+
+    from basalt.fleet.migrations import _config
+
+    with engine.begin() as connection:
+        command.downgrade(_config(connection), "base")  # type: ignore[arg-type]
+    assert current(engine) is None
+    upgrade(engine)
+    assert current(engine) == "0001"
+
+
+def test_secrets_are_sealed_at_rest(fleet: Fleet) -> None:
+    """The CA key in the database is ciphertext; the secrets key (a file) opens it."""
+    with fleet.database.engine.connect() as connection:
+        rows = {r[0]: r[1] for r in connection.execute(text("SELECT name, value FROM settings"))}
+    assert b"PRIVATE KEY" not in bytes(rows["ca.key"])
+    assert fleet.ca.key is not None and "PRIVATE KEY" in fleet.ca.key
+    # Another secrets key on the same database: refused by name, not as corrupt data.
+    from basalt.fleet.secretbox import SecretsKeyError
+
+    with pytest.raises(SecretsKeyError, match="another secrets key") as refused:
+        Fleet(
+            FleetOptions(
+                data_dir=fleet.options.data_dir.parent / "other",
+                database=fleet.options.database_url,
+                port=18443,
+            )
+        )
+    assert "--secrets-key" in (refused.value.hint or "")
+
+
+# -- roles --------------------------------------------------------------------------------------
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", lambda m: {"{uuid}": str(uuid.UUID(int=1))}.get(m[0], "x"), path)
+
+
+def test_every_route_has_a_role_and_the_matrix_holds(api: TestClient, fleet: Fleet) -> None:
+    from fastapi.routing import APIRoute
+
+    declared = {(m, r.path) for r in api.app.routes if isinstance(r, APIRoute) for m in r.methods}
+    assert declared == set(ROUTE_ROLES), "every route is declared with route(..., role)"
+    headers = {role: user_headers(api, fleet, role) for role in ROLES}
+    rank = {role: i for i, role in enumerate(ROLES)}
+    for (method, path), needed in sorted(ROUTE_ROLES.items()):
+        url = _concrete(path)
+        anonymous = api.request(method, url, json={})
+        if needed == PUBLIC:
+            assert anonymous.status_code not in (401, 403), (method, path)
+            continue
+        assert anonymous.status_code == 401, (method, path, anonymous.text)
+        bogus = api.request(method, url, json={}, headers={"Authorization": "Bearer bft_nope"})
+        assert bogus.status_code == 401, (method, path)
+        for role in ROLES:
+            answer = api.request(method, url, json={}, headers=headers[role])
+            if rank[role] < rank[str(needed)]:
+                assert answer.status_code == 403, (method, path, role, answer.text)
+                assert needed in answer.json()["detail"]
+            else:
+                assert answer.status_code not in (401, 403), (method, path, role, answer.text)
+
+
+def test_a_refused_role_changes_nothing(api: TestClient, fleet: Fleet) -> None:
+    reader = user_headers(api, fleet, "fleet:reader")
+    before = api.get("/v1/audit", headers=admin_headers(fleet)).json()
+    refused = api.post("/v1/join-tokens", json={"uses": 1}, headers=reader)
+    assert refused.status_code == 403
+    assert api.get("/v1/join-tokens", headers=admin_headers(fleet)).json() == []
+    assert api.get("/v1/audit", headers=admin_headers(fleet)).json() == before
+
+
+# -- join tokens and enrolment ------------------------------------------------------------------
+
+
+def test_join_token_url_pins_the_ca_and_uses_run_out(api: TestClient, fleet: Fleet) -> None:
+    made = join_token(api, fleet, uses=2, labels={"rack": "r1"})
+    url = parse_fleet_url(made["url"])
+    assert url.ca_sha256 == ca_fingerprint(api.get("/v1/ca").text)
+    assert url.token == made["token"]
+    first, second = enrol(api, made["token"]), enrol(api, made["token"])
+    assert first.status_code == second.status_code == 200
+    cert = x509.load_pem_x509_certificate(first.json()["certificate"].encode())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value != "ignored"
+    third = enrol(api, made["token"])
+    assert third.status_code == 403
+    assert "used up" in third.json()["detail"]
+    machines = api.get("/v1/machines", headers=admin_headers(fleet)).json()
+    assert len(machines) == 2
+    assert all(m["labels"] == {"rack": "r1"} and m["state"] == "free" for m in machines)
+    tokens = api.get("/v1/join-tokens", headers=admin_headers(fleet)).json()
+    assert tokens[0]["used"] == 2 and "token" not in tokens[0]
+
+
+def test_expired_revoked_and_unknown_tokens_are_refused(api: TestClient, fleet: Fleet) -> None:
+    revoked = join_token(api, fleet, uses=5)
+    assert (
+        api.delete(f"/v1/join-tokens/{revoked['id']}", headers=admin_headers(fleet)).status_code
+        == 204
+    )
+    answer = enrol(api, revoked["token"])
+    assert answer.status_code == 403 and "revoked" in answer.json()["detail"]
+    short = join_token(api, fleet, uses=5, ttl=1)
+    from sqlalchemy import update
+
+    from basalt.fleet.db import JoinToken
+
+    with fleet.database.session() as session:
+        session.execute(
+            update(JoinToken)
+            .where(JoinToken.id == short["id"])
+            .values(expires=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        )
+    answer = enrol(api, short["token"])
+    assert answer.status_code == 403 and "expired" in answer.json()["detail"]
+    answer = enrol(api, "bfj_0000.nope")
+    assert answer.status_code == 403 and "not known" in answer.json()["detail"]
+    assert api.get("/v1/machines", headers=admin_headers(fleet)).json() == []
+
+
+def test_a_removed_machine_cannot_enrol_again_until_readmitted(
+    api: TestClient, fleet: Fleet
+) -> None:
+    made = join_token(api, fleet, uses=5)
+    machine = str(uuid.uuid4())
+    assert enrol(api, made["token"], machine).status_code == 200
+    removed = api.delete(f"/v1/machines/{machine}", headers=admin_headers(fleet))
+    assert removed.json()["state"] == "removed"
+    again = enrol(api, made["token"], machine)
+    assert again.status_code == 403 and "removed" in again.json()["detail"]
+    assert "readmit" in again.json()["hint"]
+    api.post(f"/v1/machines/{machine}/readmit", headers=admin_headers(fleet))
+    assert enrol(api, made["token"], machine).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"uses": 0}, "uses"),
+        ({"uses": 1, "ttl": -5}, "ttl"),
+        ({"uses": 1, "labels": {"bad key!": "x"}}, "label key"),
+        ({"uses": 1, "labels": {"k": "not valid!"}}, "labels.k"),
+        ({"uses": "many"}, "uses"),
+        ({"uses": 1, "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_join_token_requests_name_the_field(
+    api: TestClient, fleet: Fleet, body: dict[str, Any], field: str
+) -> None:
+    answer = api.post("/v1/join-tokens", json=body, headers=admin_headers(fleet))
+    assert answer.status_code in (400, 422)
+    assert field in answer.text
+    assert api.get("/v1/join-tokens", headers=admin_headers(fleet)).json() == []
+
+
+def test_bad_enrolment_input_is_refused(api: TestClient, fleet: Fleet) -> None:
+    made = join_token(api, fleet, uses=5)
+    body = {"token": made["token"], "machine_uuid": "not-a-uuid", "csr": csr_for("x")}
+    answer = api.post("/v1/enrol", json=body)
+    assert answer.status_code == 400 and "machine_uuid" in answer.json()["detail"]
+    body = {"token": made["token"], "machine_uuid": str(uuid.uuid4()), "csr": "garbage"}
+    answer = api.post("/v1/enrol", json=body)
+    assert answer.status_code == 400 and "csr" in answer.json()["detail"]
+    tokens = api.get("/v1/join-tokens", headers=admin_headers(fleet)).json()
+    assert tokens[0]["used"] == 0
+
+
+# -- the audit chain ----------------------------------------------------------------------------
+
+
+def test_audit_chain_verifies_and_detects_edits_and_removals(api: TestClient, fleet: Fleet) -> None:
+    join_token(api, fleet, uses=1)
+    join_token(api, fleet, uses=2)
+    user_headers(api, fleet, "fleet:reader", "carol")
+    verified = api.get("/v1/audit/verify", headers=admin_headers(fleet)).json()
+    assert verified == {"intact": True, "entries": 5, "breaks": []}
+    entries = api.get("/v1/audit", headers=admin_headers(fleet)).json()
+    assert [e["action"] for e in entries] == [
+        "user.create",
+        "join-token.create",
+        "join-token.create",
+        "token.create",
+        "user.create",
+    ]
+    with fleet.database.engine.begin() as connection:
+        connection.execute(text("UPDATE audit SET actor = 'mallory' WHERE id = 2"))
+    broken = api.get("/v1/audit/verify", headers=admin_headers(fleet)).json()
+    assert not broken["intact"]
+    assert broken["breaks"] == [{"entry": 2, "reason": "its content does not match its digest "
+                                                       "(edited)"}]  # fmt: skip
+    with fleet.database.engine.begin() as connection:
+        connection.execute(text("UPDATE audit SET actor = 'admin' WHERE id = 2"))
+        connection.execute(text("DELETE FROM audit WHERE id = 3"))
+    broken = api.get("/v1/audit/verify", headers=admin_headers(fleet)).json()
+    assert [b["entry"] for b in broken["breaks"]] == [4, 4]
+    assert "missing" in broken["breaks"][0]["reason"]
+
+
+def test_audit_verify_function_on_a_clean_chain(fleet: Fleet) -> None:
+    with fleet.database.session() as session:
+        for n in range(5):
+            audit.record(session, "t", "test", str(n), {"n": n, "nested": {"b": 1, "a": [1]}})
+    with fleet.database.session() as session:
+        from sqlalchemy import select
+
+        rows = list(session.execute(select(AuditEntry).order_by(AuditEntry.id)).scalars())
+        assert audit.verify(rows) == []
+        assert rows[-1].previous == rows[-2].digest
+
+
+# -- metrics and the OpenAPI document -----------------------------------------------------------
+
+
+def test_metrics_and_openapi(api: TestClient, fleet: Fleet) -> None:
+    made = join_token(api, fleet, uses=3)
+    enrol(api, made["token"])
+    metrics = api.get("/metrics", headers=admin_headers(fleet)).text
+    assert 'basalt_fleet_machines{state="free"} 1.0' in metrics
+    assert "basalt_fleet_http_request_seconds" in metrics
+    document = api.get("/openapi.json", headers=admin_headers(fleet)).json()
+    assert "/v1/machines" in document["paths"]
+    assert api.get("/openapi.json").status_code == 401
