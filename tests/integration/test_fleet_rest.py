@@ -105,7 +105,7 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
     from basalt.fleet.db import Base
 
     engine = fleet.database.engine
-    assert current(engine) == "0001"
+    assert current(engine) == "0002"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     # Down to nothing and back: the history replays on a database that had it.
@@ -116,8 +116,21 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
     with engine.begin() as connection:
         command.downgrade(_config(connection), "base")  # type: ignore[arg-type]
     assert current(engine) is None
+    # From the previous migration to the newest, with data in the old schema.
+    upgrade(engine, "0001")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO machines (uuid, state, hostname, labels, inventory, cert_serial, "
+                "join_token, enrolled, replica) VALUES ('m1', 'free', 'h', '{}', '{}', 'ab', "
+                "'t', '2026-01-01 00:00:00', '')"
+            )
+        )
     upgrade(engine)
-    assert current(engine) == "0001"
+    assert current(engine) == "0002"
+    with engine.connect() as connection:
+        row = connection.execute(text("SELECT role, machine_set FROM machines")).one()
+    assert tuple(row) == ("", "")
 
 
 def test_secrets_are_sealed_at_rest(fleet: Fleet) -> None:

@@ -211,6 +211,54 @@ def create(
         print(f"{node.name}\t{node.type}\t{node.address}")
 
 
+@app.command("machines")
+def machines(
+    name: NameOption = "pool",
+    count: Annotated[int, typer.Option("--count", help="How many machines.")] = 3,
+    fleet: Annotated[
+        str,
+        typer.Option(
+            "--fleet",
+            help="The fleet they enrol with: the URL 'basaltctl fleet token create' prints.",
+        ),
+    ] = "",
+    state_dir: StateDirOption = None,
+    base_address: Annotated[
+        str, typer.Option("--base-address", help="First machine address (loopback).")
+    ] = "127.0.0.41",
+) -> None:
+    """Start machines (node processes) that stay in maintenance mode: a pool for a fleet."""
+    import asyncio
+
+    from basalt.machinery.errors import BasaltError
+    from basalt.provision.process import create_machines
+
+    if fleet:
+        from basalt.machinery.fleetlink.url import parse_fleet_url
+
+        parse_fleet_url(fleet, "--fleet")
+    elif count > 0:
+        raise BasaltError(
+            "--fleet URL is required: machines without a fleet or a config do nothing",
+            hint="make one with 'basaltctl fleet token create --uses N'",
+        )
+    directory = _state_dir(name, state_dir)
+    args = ("--fleet", fleet) if fleet else ()
+    names = [f"{name}-machine-{i}" for i in range(1, count + 1)]
+    with _ProgressView(names) as view:
+        record = asyncio.run(
+            create_machines(
+                name, count, directory, view.update, base_address=base_address, machined_args=args
+            )
+        )
+    info(
+        f"{len(record.nodes)} machines in maintenance mode; stop them with "
+        f"'basaltctl cluster destroy --name {name}'"
+    )
+    for node in record.nodes:
+        print(f"{node.name}\t{node.address}")
+
+
 @app.command("show")
 def show(name: NameOption = "basalt", state_dir: StateDirOption = None) -> None:
     """Show a cluster's nodes and whether their machines (processes or VMs) run."""

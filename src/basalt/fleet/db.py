@@ -105,6 +105,36 @@ class Machine(Base):
     last_seen: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     #: The replica that holds the machine's link now ('' when none does).
     replica: Mapped[str] = mapped_column(String(64), default="")
+    #: In a cluster: controlplane | worker, and the worker set's name.
+    role: Mapped[str] = mapped_column(String(16), default="")
+    machine_set: Mapped[str] = mapped_column(String(63), default="")
+    #: The config the fleet means the machine to run (sealed: it holds keys).
+    intended: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    intended_digest: Mapped[str] = mapped_column(String(64), default="")
+    #: When the machine was allocated (scale-down releases the newest first).
+    allocated: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+
+class Cluster(Base):
+    """A cluster as its template says it, with the secrets generated for it once."""
+
+    __tablename__ = "clusters"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    #: The template as applied (YAML text, kept for export and for the next plan).
+    template: Mapped[str] = mapped_column(Text)
+    #: The secrets bundle (YAML), sealed with the secrets key.
+    secrets: Mapped[bytes] = mapped_column(LargeBinary)
+    endpoint: Mapped[str] = mapped_column(String(253))
+    #: applying | ready | failed | deleting
+    status: Mapped[str] = mapped_column(String(16), default="applying")
+    message: Mapped[str] = mapped_column(Text, default="")
+    bootstrapped: Mapped[bool] = mapped_column(Boolean, default=False)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    #: Nodes whose running config differs from the intended one, at the last check.
+    drifted: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class AuditEntry(Base):

@@ -81,6 +81,15 @@ class TokenRequest(Model):
     description: str = Field(default="", max_length=200)
 
 
+class ApplyRequest(Model):
+    template: str = Field(max_length=1 << 20, description="the Cluster template (YAML)")
+    source: str = Field(default="cluster.yaml", max_length=200)
+
+
+class BasaltconfigRequest(Model):
+    roles: list[str] = Field(default_factory=lambda: ["os:admin"])
+
+
 class LabelsRequest(Model):
     set: dict[str, str] = Field(default_factory=dict)
     remove: list[str] = Field(default_factory=list)
@@ -156,6 +165,7 @@ def make_app(fleet: Fleet) -> FastAPI:
     _readers(app, fleet, route)
     _operators(fleet, route)
     _admins(fleet, route)
+    _clusters(app, fleet, route)
     return app
 
 
@@ -343,3 +353,138 @@ def _admins(fleet: Fleet, route: Route) -> None:
         with fleet.database.session() as session:
             row = service.readmit_machine(session, caller, uuid)
         return service.machine_info(row, False)
+
+
+def _in_scope(caller: Caller, cluster: str) -> None:
+    if not caller.scope.covers(cluster, {}):
+        raise service.Refused(f"{caller.name} may not act on cluster {cluster}")
+
+
+def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
+    """Clusters from templates: plan and apply, status, drift, export, secrets."""
+    from . import clusters as cl
+    from .operations import Reconciler
+    from .template import parse_template
+
+    reconciler = Reconciler(fleet)
+    app.state.reconciler = reconciler
+
+    def members_of(name: str) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            row = cl.get_cluster(session, name)
+            return cl.cluster_info(row, cl.members(session, name), fleet.links.links)
+
+    @route("GET", "/v1/clusters", FleetRole.READER)
+    def list_clusters(caller: Authed) -> list[dict[str, Any]]:
+        from sqlalchemy import select
+
+        from .db import Cluster
+
+        with fleet.database.session() as session:
+            rows = list(session.execute(select(Cluster).order_by(Cluster.name)).scalars())
+            return [
+                cl.cluster_info(r, cl.members(session, r.name), fleet.links.links)
+                for r in rows
+                if caller.scope.covers(r.name, {})
+            ]
+
+    @route("GET", "/v1/clusters/{name}", FleetRole.READER)
+    def get_cluster(name: str, caller: Authed) -> dict[str, Any]:
+        _in_scope(caller, name)
+        return members_of(name)
+
+    @route("POST", "/v1/clusters", FleetRole.OPERATOR)
+    async def apply_cluster(
+        body: ApplyRequest, caller: Authed, dry_run: bool = False
+    ) -> dict[str, Any]:
+        template = parse_template(body.template, body.source)
+        _in_scope(caller, template.spec.name)
+
+        def plan_and_commit() -> dict[str, Any]:
+            with fleet.database.session() as session:
+                plan = cl.plan(session, template, fleet.box, list(fleet.links.links))
+                if not dry_run and plan.changes:
+                    cl.commit(session, caller, template, plan, fleet.box)
+                return {**plan.to_json(), "dry_run": dry_run}
+
+        result = await asyncio.to_thread(plan_and_commit)
+        if not dry_run and result["changes"]:
+            reconciler.start(template.spec.name)
+        return result
+
+    @route("DELETE", "/v1/clusters/{name}", FleetRole.OPERATOR)
+    async def delete_cluster(name: str, caller: Authed) -> dict[str, Any]:
+        _in_scope(caller, name)
+
+        def mark() -> None:
+            with fleet.database.session() as session:
+                row = cl.get_cluster(session, name)
+                row.status = "deleting"
+                for machine in cl.members(session, name):
+                    machine.state = "releasing"
+                audit.record(session, caller.name, "cluster.delete", name)
+
+        await asyncio.to_thread(mark)
+        reconciler.start(name)
+        return await asyncio.to_thread(members_of, name)
+
+    @route("GET", "/v1/clusters/{name}/diff", FleetRole.READER)
+    async def cluster_diff(name: str, caller: Authed) -> dict[str, Any]:
+        _in_scope(caller, name)
+        await asyncio.to_thread(members_of, name)  # 404 for an unknown cluster
+        nodes = await reconciler.drift(name)
+        return {"cluster": name, "drifted": sum(1 for n in nodes if n["changes"]), "nodes": nodes}
+
+    _cluster_secrets(fleet, route, reconciler)
+
+
+def _cluster_secrets(fleet: Fleet, route: Route, reconciler: Any) -> None:
+    """Reads of a cluster's secrets: each one is audited."""
+    from . import clusters as cl
+
+    def secret_read(caller: Caller, name: str, what: str, detail: dict[str, Any]) -> None:
+        with fleet.database.session() as session:
+            cl.get_cluster(session, name)
+            audit.record(session, caller.name, f"secret.read.{what}", name, detail)
+
+    @route("GET", "/v1/clusters/{name}/export", FleetRole.ADMIN)
+    def export_cluster(name: str, caller: Authed) -> dict[str, Any]:
+        _in_scope(caller, name)
+        secret_read(caller, name, "export", {})
+        with fleet.database.session() as session:
+            files = cl.export_files(session, cl.get_cluster(session, name), fleet.box)
+        return {"cluster": name, "files": files}
+
+    @route("POST", "/v1/clusters/{name}/basaltconfig", FleetRole.ADMIN)
+    def cluster_basaltconfig(
+        name: str, body: BasaltconfigRequest, caller: Authed
+    ) -> dict[str, Any]:
+        from basalt.machinery.roles import Role
+
+        _in_scope(caller, name)
+        roles = []
+        for index, value in enumerate(body.roles):
+            try:
+                roles.append(Role(value))
+            except ValueError:
+                known = ", ".join(r.value for r in Role)
+                raise service.FleetError(
+                    f"roles[{index}]: {value!r} is not a node API role ({known})"
+                ) from None
+        secret_read(caller, name, "basaltconfig", {"roles": body.roles})
+        with fleet.database.session() as session:
+            row = cl.get_cluster(session, name)
+            endpoints = [
+                str((m.inventory or {}).get("api_address", ""))
+                for m in cl.members(session, name)
+                if m.role == cl.CONTROLPLANE
+            ]
+            text = cl.client_config_yaml(row, fleet.box, roles, [e for e in endpoints if e])
+        return {"cluster": name, "basaltconfig": text}
+
+    @route("GET", "/v1/clusters/{name}/kubeconfig", FleetRole.OPERATOR)
+    async def cluster_kubeconfig(name: str, caller: Authed) -> dict[str, Any]:
+        _in_scope(caller, name)
+        await asyncio.to_thread(secret_read, caller, name, "kubeconfig", {})
+        data = await reconciler.kubeconfig(name)
+        return {"cluster": name, "kubeconfig": data.decode()}

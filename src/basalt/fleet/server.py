@@ -158,12 +158,14 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
             fleet.options.port,
             fleet.options.effective_link_port,
         )
+        await app.state.reconciler.resume()
         if ready is not None:
             ready.set()
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({web, stopper}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         flusher.cancel()
+        await app.state.reconciler.stop()
         fleet.links.close_all()
         await link_server.stop(2)
         with contextlib.suppress(Exception):

@@ -49,6 +49,7 @@ __all__ = [
     "bootstrap",
     "client_context",
     "create",
+    "create_machines",
     "destroy",
     "generated_client",
     "is_ours",
@@ -161,6 +162,56 @@ async def create(request: ClusterRequest, state_dir: Path, progress: Progress) -
             progress,
             BringUp(ready_timeout=request.ready_timeout, bootstrap=request.bootstrap),
         )
+    return record
+
+
+async def create_machines(
+    name: str,
+    count: int,
+    state_dir: Path,
+    progress: Progress,
+    *,
+    base_address: str = DEFAULT_BASE,
+    machined_args: Sequence[str] = (),
+    timeout: float = 60.0,
+) -> ClusterRecord:
+    """Start ``count`` machines that stay in maintenance mode (no config): a pool for a
+    fleet to enrol (``machined_args``: ``--fleet URL``) and build clusters from."""
+    if (state_dir / "cluster.json").exists():
+        raise ProvisionError(
+            f"machines or a cluster already exist at {state_dir}",
+            hint=f"destroy them first: basaltctl cluster destroy --name {name}",
+        )
+    if count < 1:
+        raise ProvisionError("--count must be at least 1")
+    # plan_nodes checks the addresses stay on loopback; machines have no role yet.
+    planned = common.plan_nodes(name, 1, count - 1, base_address, state_dir, what="process")
+    nodes = [
+        NodeRecord(
+            f"{name}-machine-{i}", "machine", n.address, str(state_dir / f"{name}-machine-{i}")
+        )
+        for i, n in enumerate(planned, 1)
+    ]
+    common.check_ports_free(
+        nodes,
+        (API_PORT, TRUST_PORT),
+        hint="destroy the other cluster or pick other addresses with --base-address",
+    )
+    record = ClusterRecord(name, "process", str(state_dir), "", nodes, {"machines": True})
+    state_dir.mkdir(parents=True, exist_ok=True)
+    record.save()
+    async with common.stopped_on_failure(lambda: stop_nodes(record), state_dir):
+        for node in nodes:
+            node.launcher_pid = _launch(node, machined_args)
+            progress(node.name, "starting")
+        record.save()
+        for node in nodes:
+            await common.wait_for(
+                f"{node.name} maintenance API",
+                lambda n=node: common.maintenance_up(n.address),  # type: ignore[misc]
+                timeout,
+            )
+            progress(node.name, "maintenance")
     return record
 
 

@@ -1,0 +1,391 @@
+"""What the fleet does to nodes: make a cluster match its plan, read drift, fetch
+secrets from nodes. Everything travels through machines' links (``nodes.node_client``).
+
+A cluster whose status is ``applying`` is reconciled until it is ``ready`` or
+``failed``: configs sent (maintenance ``apply-config`` to new machines, the least
+disruptive mode to running ones), etcd bootstrapped once, every node waited for, and
+released machines reset (a graceful reset leaves etcd) back to maintenance, where they
+are free again. Each step is idempotent and the state is in the database, so a fleet
+that restarts mid-way picks the cluster up where it was (``resume``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from basalt.machinery.api import common_pb2, machine_pb2, resource_pb2
+from basalt.machinery.client.client import MAINTENANCE_SERVER_NAME, APIError, Client
+from basalt.machinery.errors import BasaltError
+from basalt.machinery.pki import CertificateAndKey, issue_certificate
+from basalt.machinery.roles import Role
+
+from . import clusters as cl
+from .core import Fleet
+from .db import Cluster, Machine, utcnow
+from .nodes import NotLinked, maintenance_certificate, node_client
+
+log = logging.getLogger("basalt.fleet.operations")
+
+LINK_WAIT = 120.0
+READY_TIMEOUT = 300.0
+POLL = 1.0
+
+
+class OperationError(BasaltError):
+    pass
+
+
+class Nodes:
+    """Calls to nodes of the fleet's clusters, with the fleet's own admin certificate."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self._credentials: dict[str, tuple[float, str, CertificateAndKey]] = {}
+
+    def credentials(self, cluster: str) -> tuple[str, CertificateAndKey]:
+        cached = self._credentials.get(cluster)
+        if cached is not None and cached[0] > time.time():
+            return cached[1], cached[2]
+        with self.fleet.database.session() as session:
+            secrets = cl.cluster_secrets(cl.get_cluster(session, cluster), self.fleet.box)
+        os_ca = CertificateAndKey(secrets.certs.os.crt, secrets.certs.os.key)
+        issued = issue_certificate(
+            os_ca,
+            "basalt-fleet",
+            organizations=[Role.ADMIN.value],
+            client=True,
+            validity=dt.timedelta(hours=12),
+        )
+        self._credentials[cluster] = (time.time() + 6 * 3600, os_ca.crt, issued)
+        return os_ca.crt, issued
+
+    async def socket(self, uuid: str, wait: float = 0.0) -> Any:
+        deadline = time.monotonic() + wait
+        while True:
+            link = self.fleet.links.links.get(uuid)
+            if link is not None:
+                return await link.socket_path(self.fleet.links.socket_dir)
+            if time.monotonic() >= deadline:
+                raise NotLinked(f"machine {uuid} has no link to this fleet now")
+            await asyncio.sleep(POLL)
+
+    @asynccontextmanager
+    async def client(
+        self, uuid: str, cluster: str | None, wait: float = 0.0
+    ) -> AsyncIterator[Client]:
+        """mTLS with the cluster's admin certificate, or (``cluster`` None) the maintenance
+        API's certificate taken on first use."""
+        socket = await self.socket(uuid, wait)
+        if cluster is None:
+            async with node_client(socket) as client:
+                yield client
+            return
+        ca, credentials = self.credentials(cluster)
+        async with node_client(socket, credentials=credentials, ca=ca) as client:
+            yield client
+
+    async def in_maintenance(self, uuid: str) -> bool:
+        """Whether the node's API is the maintenance API (its self-signed certificate)."""
+        from cryptography import x509
+
+        pem = await maintenance_certificate(await self.socket(uuid))
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        names = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+        return bool(names) and names[0].value == MAINTENANCE_SERVER_NAME
+
+    async def resource(self, uuid: str, cluster: str, kind: str, rid: str) -> dict[str, Any]:
+        async with self.client(uuid, cluster) as client:
+            answer = await client.resources.Get(
+                resource_pb2.ResourceGetRequest(type=kind, id=rid), timeout=15
+            )
+        spec: dict[str, Any] = json.loads(answer.messages[0].resource.spec_json)
+        return spec
+
+    async def running_config(self, uuid: str, cluster: str) -> str:
+        spec = await self.resource(uuid, cluster, "MachineConfigs", "v1alpha1")
+        return str(spec.get("yaml", ""))
+
+
+class Reconciler:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.nodes = Nodes(fleet)
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    # -- scheduling ------------------------------------------------------------------------
+    def start(self, cluster: str) -> None:
+        task = self.tasks.get(cluster)
+        if task is not None and not task.done():
+            task.cancel()
+        self.tasks[cluster] = asyncio.create_task(self._run(cluster), name=f"cluster-{cluster}")
+
+    async def resume(self) -> list[str]:
+        """After a restart: continue every cluster that was being applied or deleted."""
+
+        def unfinished() -> list[str]:
+            from sqlalchemy import select
+
+            with self.fleet.database.session() as session:
+                rows = session.execute(
+                    select(Cluster.name).where(Cluster.status.in_(("applying", "deleting")))
+                )
+                return [str(r[0]) for r in rows]
+
+        names = await asyncio.to_thread(unfinished)
+        for name in names:
+            log.info("resuming cluster %s", name)
+            self.start(name)
+        return names
+
+    async def stop(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def wait(self, cluster: str) -> None:
+        task = self.tasks.get(cluster)
+        if task is not None:
+            await asyncio.shield(task)
+
+    # -- one pass --------------------------------------------------------------------------
+    def _status(self, cluster: str, status: str, message: str = "") -> None:
+        with self.fleet.database.session() as session:
+            row = session.get(Cluster, cluster)
+            if row is not None:
+                row.status = status
+                row.message = message
+                row.updated = utcnow()
+
+    async def _run(self, cluster: str) -> None:
+        started = time.perf_counter()
+        try:
+            deleting = await asyncio.to_thread(self._is_deleting, cluster)
+            await self._reconcile(cluster, deleting)
+        except asyncio.CancelledError:
+            raise
+        except (BasaltError, OSError, TimeoutError) as exc:
+            message = exc.one_line() if isinstance(exc, BasaltError) else f"{exc!r}"
+            log.warning("cluster %s: %s", cluster, message)
+            await asyncio.to_thread(self._status, cluster, "failed", message)
+        except Exception as exc:  # a bug: keep the fleet up, say where it stopped
+            log.exception("cluster %s: reconcile failed", cluster)
+            await asyncio.to_thread(self._status, cluster, "failed", f"internal error: {exc!r}")
+        finally:
+            self.fleet.metrics.controller_loop.labels("cluster").observe(
+                time.perf_counter() - started
+            )
+
+    def _is_deleting(self, cluster: str) -> bool:
+        with self.fleet.database.session() as session:
+            row = session.get(Cluster, cluster)
+            return row is not None and row.status == "deleting"
+
+    def _members(self, cluster: str) -> list[Machine]:
+        with self.fleet.database.session() as session:
+            return cl.members(session, cluster)
+
+    async def _reconcile(self, cluster: str, deleting: bool) -> None:
+        members = await asyncio.to_thread(self._members, cluster)
+        keep = [m for m in members if m.state == "allocated"]
+        release = [m for m in members if m.state == "releasing"]
+        if not deleting:
+            await asyncio.to_thread(self._status, cluster, "applying", "sending configs")
+            await asyncio.gather(*(self._configure(cluster, m) for m in keep))
+            await self._bootstrap(cluster, keep)
+            await asyncio.to_thread(self._status, cluster, "applying", "waiting for nodes")
+            await asyncio.gather(*(self._ready(cluster, m) for m in keep))
+        if release:
+            await asyncio.to_thread(self._status, cluster, "applying", "releasing machines")
+            # One at a time: a graceful reset of a control plane leaves etcd.
+            for machine in release:
+                await self._release(cluster, machine)
+        if deleting:
+            await asyncio.to_thread(self._delete_row, cluster)
+            log.info("cluster %s deleted; its machines are free", cluster)
+            return
+        await asyncio.to_thread(self._status, cluster, "ready", "")
+        log.info("cluster %s is ready (%d nodes)", cluster, len(keep))
+
+    async def _configure(self, cluster: str, machine: Machine) -> None:
+        intended = cl.intended_config(machine, self.fleet.box)
+        await self.nodes.socket(machine.uuid, LINK_WAIT)
+        request = machine_pb2.ApplyConfigurationRequest(
+            data=intended.encode(), mode=machine_pb2.ApplyMode.AUTO
+        )
+        if await self.nodes.in_maintenance(machine.uuid):
+            async with self.nodes.client(machine.uuid, None) as client:
+                await client.machine.ApplyConfiguration(request, timeout=120)
+            log.info("cluster %s: %s got its first config", cluster, machine.hostname)
+            return
+        running = await self.nodes.running_config(machine.uuid, cluster)
+        if cl.digest(running) == cl.digest(intended):
+            return
+        async with self.nodes.client(machine.uuid, cluster) as client:
+            answer = await client.machine.ApplyConfiguration(request, timeout=120)
+        mode = machine_pb2.ApplyMode.Name(answer.messages[0].mode).lower()
+        log.info("cluster %s: %s applied (mode %s)", cluster, machine.hostname, mode)
+
+    async def _status_of(self, cluster: str, machine: Machine) -> dict[str, Any]:
+        return await self.nodes.resource(machine.uuid, cluster, "MachineStatuses", "machine")
+
+    async def _until(self, what: str, check: Any, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if await check():
+                    return
+            except (BasaltError, OSError, TimeoutError) as exc:
+                last = exc
+            except Exception as exc:  # grpc errors while a node restarts its API
+                last = exc
+            await asyncio.sleep(POLL)
+        detail = f": {last}" if last else ""
+        raise OperationError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+
+    async def _bootstrap(self, cluster: str, keep: list[Machine]) -> None:
+        def bootstrapped() -> bool:
+            with self.fleet.database.session() as session:
+                return cl.get_cluster(session, cluster).bootstrapped
+
+        if await asyncio.to_thread(bootstrapped):
+            return
+        first = next((m for m in keep if m.role == cl.CONTROLPLANE), None)
+        if first is None:
+            return
+
+        async def running() -> bool:
+            return (await self._status_of(cluster, first)).get("stage") == "running"
+
+        await self._until(f"{first.hostname} to run its config", running)
+        async with self.nodes.client(first.uuid, cluster) as client:
+            try:
+                await client.machine.Bootstrap(machine_pb2.BootstrapRequest(), timeout=60)
+            except Exception as exc:
+                if "already" not in str(exc):
+                    raise
+        log.info("cluster %s: etcd bootstrapped on %s", cluster, first.hostname)
+
+        def mark() -> None:
+            with self.fleet.database.session() as session:
+                cl.get_cluster(session, cluster).bootstrapped = True
+
+        await asyncio.to_thread(mark)
+
+    async def _ready(self, cluster: str, machine: Machine) -> None:
+        async def ready() -> bool:
+            return bool((await self._status_of(cluster, machine)).get("ready"))
+
+        await self._until(f"{machine.hostname} to be ready", ready)
+
+    async def _release(self, cluster: str, machine: Machine) -> None:
+        if not await self.nodes.in_maintenance(machine.uuid):
+            async with self.nodes.client(machine.uuid, cluster) as client:
+                await client.machine.Reset(
+                    machine_pb2.ResetRequest(
+                        graceful=True, wipe_mode=machine_pb2.WipeMode.STATE, reboot=True
+                    ),
+                    timeout=120,
+                )
+            log.info("cluster %s: %s is being reset", cluster, machine.hostname)
+
+        async def back() -> bool:
+            return await self.nodes.in_maintenance(machine.uuid)
+
+        await self._until(f"{machine.hostname} to come back in maintenance mode", back)
+
+        def free() -> None:
+            with self.fleet.database.session() as session:
+                row = session.get(Machine, machine.uuid)
+                if row is not None:
+                    row.state, row.cluster, row.role, row.machine_set = "free", None, "", ""
+                    row.intended, row.intended_digest, row.allocated = None, "", None
+                    inventory = dict(row.inventory or {})
+                    inventory.update(stage="maintenance", configured=False, cluster="")
+                    row.inventory = inventory
+
+        await asyncio.to_thread(free)
+        log.info("cluster %s: %s released; it is free", cluster, machine.hostname)
+
+    def _delete_row(self, cluster: str) -> None:
+        with self.fleet.database.session() as session:
+            row = session.get(Cluster, cluster)
+            if row is not None:
+                session.delete(row)
+
+    # -- drift -----------------------------------------------------------------------------
+    async def drift(self, cluster: str) -> list[dict[str, Any]]:
+        """Per node: the fields where what it runs differs from what the fleet intends."""
+        from basalt.machinery.config.diff import config_changes
+
+        members = await asyncio.to_thread(self._members, cluster)
+        results: list[dict[str, Any]] = []
+
+        async def one(machine: Machine) -> None:
+            entry: dict[str, Any] = {
+                "uuid": machine.uuid,
+                "hostname": machine.hostname,
+                "role": machine.role,
+            }
+            if machine.state != "allocated" or machine.intended is None:
+                entry.update(state=machine.state, changes=[])
+                results.append(entry)
+                return
+            try:
+                running = await self.nodes.running_config(machine.uuid, cluster)
+            except (BasaltError, OSError, TimeoutError) as exc:
+                entry.update(error=str(exc), changes=[])
+                results.append(entry)
+                return
+            except Exception as exc:  # the node's API refused or is restarting
+                details = getattr(exc, "details", None)
+                reason = details() if callable(details) else str(exc)
+                entry.update(error=f"{type(exc).__name__}: {reason}", changes=[])
+                results.append(entry)
+                return
+            intended = cl.intended_config(machine, self.fleet.box)
+            changes = []
+            if cl.digest(running) != cl.digest(intended):
+                for change in config_changes(
+                    cl.running_bundle(intended, "intended"), cl.running_bundle(running, "running")
+                ):
+                    changes.append(change.document + ("." + change.path if change.path else ""))
+                if not changes:
+                    changes = ["(formatting only)"]
+            entry.update(changes=changes)
+            results.append(entry)
+
+        await asyncio.gather(*(one(m) for m in members))
+        results.sort(key=lambda e: (e["role"] != cl.CONTROLPLANE, e["hostname"]))
+        drifted = sum(1 for e in results if e["changes"])
+
+        def record() -> None:
+            with self.fleet.database.session() as session:
+                row = session.get(Cluster, cluster)
+                if row is not None:
+                    row.drifted = drifted
+
+        await asyncio.to_thread(record)
+        return results
+
+    async def kubeconfig(self, cluster: str) -> bytes:
+        members = await asyncio.to_thread(self._members, cluster)
+        controlplanes = [m for m in members if m.role == cl.CONTROLPLANE and m.state == "allocated"]
+        if not controlplanes:
+            raise OperationError(f"cluster {cluster} has no control plane")
+        last: Exception | None = None
+        for machine in controlplanes:
+            try:
+                async with self.nodes.client(machine.uuid, cluster) as client:
+                    answer = await client.machine.Kubeconfig(common_pb2.Empty(), timeout=30)
+                return bytes(answer.messages[0].data)
+            except (APIError, NotLinked) as exc:
+                last = exc
+        raise OperationError(f"no control plane of {cluster} gave a kubeconfig: {last}")
