@@ -387,3 +387,214 @@ def user_token(
     """A new API token for a user (shown once)."""
     made = _call(ctx, "POST", f"/v1/users/{name}/tokens", {"description": description})
     print(made["token"])
+
+
+# -- clusters ------------------------------------------------------------------------------
+def _print_plan(plan: dict[str, Any]) -> None:
+    verb = "create" if plan["create"] else "update"
+    print(f"cluster {plan['cluster']}: {verb} (endpoint {plan['endpoint']})")
+    for node in plan["nodes"]:
+        name = node["hostname"] or node["uuid"]
+        role = node["role"] + (f"/{node['set']}" if node["set"] else "")
+        line = f"  {node['action']:<8} {name:<24} {role:<22} mode {node['mode']}"
+        print(line)
+        for change in node["changes"]:
+            print(f"             ~ {change}")
+    if not plan["changes"]:
+        print("  nothing to change")
+
+
+def _wait_cluster(ctx: typer.Context, name: str, timeout: float, gone_ok: bool = False) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            status = _call(ctx, "GET", f"/v1/clusters/{name}")
+        except Exception as exc:
+            if gone_ok and "does not exist" in str(exc):
+                info(f"cluster {name}: deleted; its machines are free")
+                return
+            raise
+        line = f"{status['status']}: {status['message']}" if status["message"] else status["status"]
+        if line != last:
+            info(f"cluster {name}: {line}")
+            last = line
+        if status["status"] == "ready":
+            return
+        if status["status"] == "failed":
+            raise _error(
+                f"cluster {name} failed: {status['message']}",
+                "fix the cause and apply the template again; finished steps are kept",
+            )
+        time.sleep(1.0)
+    raise _error(f"cluster {name} is still {last} after {timeout:.0f}s", "check 'fleet status'")
+
+
+@app.command()
+def apply(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Option("-f", "--file", help="The Cluster template (YAML).")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until the cluster is ready.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 600.0,
+) -> None:
+    """Plan a cluster template and carry it out: allocate machines, apply configs,
+    bootstrap etcd, scale, wait for health."""
+    text = read_text(file, "cluster template")
+    body = {"template": text, "source": str(file)}
+    plan = _call(ctx, "POST", "/v1/clusters" + ("?dry_run=true" if dry_run else ""), body)
+    _print_plan(plan)
+    if dry_run or not wait:
+        return
+    _wait_cluster(ctx, plan["cluster"], timeout)
+
+
+@app.command()
+def clusters(ctx: typer.Context) -> None:
+    """The fleet's clusters."""
+    rows = _call(ctx, "GET", "/v1/clusters")
+    table(
+        ["NAME", "STATUS", "CONTROLPLANES", "WORKERS", "DRIFTED", "ENDPOINT"],
+        (
+            [r["name"], r["status"], r["controlplanes"], r["workers"], r["drifted"], r["endpoint"]]
+            for r in rows
+        ),
+    )
+
+
+@app.command()
+def status(ctx: typer.Context, name: str) -> None:
+    """A cluster's status and its nodes."""
+    row = _call(ctx, "GET", f"/v1/clusters/{name}")
+    message = f" ({row['message']})" if row["message"] else ""
+    print(
+        f"cluster {row['name']}: {row['status']}{message}, generation {row['generation']}, "
+        f"{row['drifted']} drifted at the last check"
+    )
+    table(
+        ["HOSTNAME", "ROLE", "STATE", "ADDRESS", "STAGE", "LINK", "UUID"],
+        (
+            [
+                n["hostname"],
+                n["role"] + (f"/{n['set']}" if n["set"] else ""),
+                n["state"],
+                n["address"],
+                n["stage"],
+                "up" if n["linked"] else "down",
+                n["uuid"],
+            ]
+            for n in row["nodes"]
+        ),
+    )
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    name: str,
+    wait: Annotated[bool, typer.Option(help="Wait until its machines are free.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 600.0,
+) -> None:
+    """Delete a cluster: its machines are reset back to maintenance and freed."""
+    _call(ctx, "DELETE", f"/v1/clusters/{name}")
+    info(f"cluster {name}: deleting")
+    if wait:
+        _wait_cluster(ctx, name, timeout, gone_ok=True)
+
+
+@app.command()
+def diff(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="A cluster (default: every one).")] = None,
+) -> None:
+    """Where nodes run something else than the fleet intends, per node and field.
+    Exits 2 when anything drifted (for CI)."""
+    names = [name] if name else [r["name"] for r in _call(ctx, "GET", "/v1/clusters")]
+    drifted = 0
+    for cluster in names:
+        result = _call(ctx, "GET", f"/v1/clusters/{cluster}/diff")
+        for node in result["nodes"]:
+            label = f"{cluster}/{node['hostname'] or node['uuid']}"
+            if node.get("error"):
+                print(f"{label}: cannot read its config: {node['error']}")
+                drifted += 1
+                continue
+            for change in node["changes"]:
+                print(f"{label}: {change}")
+            drifted += bool(node["changes"])
+    if drifted:
+        info(f"{drifted} node(s) drifted from the fleet's intent")
+        raise typer.Exit(2)
+    info("no drift: every node runs what the fleet intends")
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    name: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write.")],
+    force: Annotated[bool, typer.Option(help="Write into an existing directory.")] = False,
+) -> None:
+    """Write the cluster's secrets, patches, contract, a basaltconfig and the script that
+    regenerates each node's config with 'basaltctl gen config'."""
+    import os
+
+    from basalt.machinery.fileio import write_atomic
+
+    if output.exists() and any(output.iterdir()) and not force:
+        raise _error(f"{output} exists and is not empty", "pick a new directory or add --force")
+    result = _call(ctx, "GET", f"/v1/clusters/{name}/export")
+    for relative, content in sorted(result["files"].items()):
+        target = output / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = 0o755 if relative.endswith(".sh") else 0o600
+        write_atomic(target, content, mode=mode)
+    os.chmod(output, 0o700)
+    info(
+        f"cluster {name} exported to {output} ({len(result['files'])} files); "
+        f"'sh {output}/regenerate.sh' rebuilds each node's config"
+    )
+
+
+@app.command()
+def kubeconfig(
+    ctx: typer.Context,
+    name: str,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File (default: stdout).")
+    ] = None,
+) -> None:
+    """The cluster's admin kubeconfig (from a control plane, through its link)."""
+    from basalt.machinery.fileio import write_atomic
+
+    text = _call(ctx, "GET", f"/v1/clusters/{name}/kubeconfig")["kubeconfig"]
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomic(output, text, mode=0o600)
+
+
+@app.command()
+def basaltconfig(
+    ctx: typer.Context,
+    name: str,
+    roles: Annotated[str, typer.Option(help="Comma-separated node API roles.")] = "os:admin",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File (default: stdout).")
+    ] = None,
+) -> None:
+    """A basaltconfig for the cluster with a new client certificate of these roles."""
+    from basalt.machinery.fileio import write_atomic
+
+    wanted = [r.strip() for r in roles.split(",") if r.strip()]
+    text = _call(ctx, "POST", f"/v1/clusters/{name}/basaltconfig", {"roles": wanted})[
+        "basaltconfig"
+    ]
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomic(output, text, mode=0o600)

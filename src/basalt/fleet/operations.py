@@ -88,7 +88,13 @@ class Nodes:
                 yield client
             return
         ca, credentials = self.credentials(cluster)
-        async with node_client(socket, credentials=credentials, ca=ca) as client:
+        # A node's certificate names its address (a worker's, signed by trustd, little
+        # else): check it against the address the machine reports.
+        link = self.fleet.links.links.get(uuid)
+        address = str(link.inventory.get("api_address", "")) if link is not None else ""
+        async with node_client(
+            socket, credentials=credentials, ca=ca, server_name=address or "localhost"
+        ) as client:
             yield client
 
     async def in_maintenance(self, uuid: str) -> bool:

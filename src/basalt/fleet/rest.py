@@ -403,12 +403,21 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
         def plan_and_commit() -> dict[str, Any]:
             with fleet.database.session() as session:
                 plan = cl.plan(session, template, fleet.box, list(fleet.links.links))
-                if not dry_run and plan.changes:
+                result = {**plan.to_json(), "dry_run": dry_run}
+                if dry_run:
+                    return result
+                if plan.changes:
                     cl.commit(session, caller, template, plan, fleet.box)
-                return {**plan.to_json(), "dry_run": dry_run}
+                else:
+                    # The template is unchanged: the nodes are still brought back to it
+                    # (drift), and a cluster that failed half-way is carried on.
+                    row = cl.get_cluster(session, template.spec.name)
+                    row.status, row.message = "applying", "checking nodes"
+                    audit.record(session, caller.name, "cluster.reconcile", row.name)
+                return result
 
         result = await asyncio.to_thread(plan_and_commit)
-        if not dry_run and result["changes"]:
+        if not dry_run:
             reconciler.start(template.spec.name)
         return result
 

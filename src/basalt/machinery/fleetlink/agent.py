@@ -37,6 +37,7 @@ BACKOFF_MAX = 5.0
 #: After a refusal (token used up, machine removed) the agent asks again this rarely.
 REFUSED_RETRY = 60.0
 HEARTBEAT = 10.0
+INVENTORY_CHECK = 2.0
 CHUNK = 64 * 1024
 
 Inventory = Callable[[], fleet_pb2.Inventory]
@@ -162,18 +163,24 @@ class FleetAgent:
         self._set("backoff", "the fleet ended the stream")
 
     async def _heartbeats(self, outbox: asyncio.Queue[fleet_pb2.MachineMessage | None]) -> None:
+        """A heartbeat every ``heartbeat`` seconds; the inventory is looked at every
+        ``INVENTORY_CHECK`` seconds and sent when it changed (a stage, an address)."""
         sequence = 0
         last = self.inventory()
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self.heartbeat
         while True:
-            await asyncio.sleep(self.heartbeat)
-            sequence += 1
+            await asyncio.sleep(min(INVENTORY_CHECK, max(0.0, next_beat - loop.time())))
             current = self.inventory()
             if current != last:
                 last = current
                 await outbox.put(fleet_pb2.MachineMessage(inventory=current))
-            await outbox.put(
-                fleet_pb2.MachineMessage(heartbeat=fleet_pb2.Heartbeat(sequence=sequence))
-            )
+            if loop.time() >= next_beat:
+                sequence += 1
+                next_beat = loop.time() + self.heartbeat
+                await outbox.put(
+                    fleet_pb2.MachineMessage(heartbeat=fleet_pb2.Heartbeat(sequence=sequence))
+                )
 
     async def _handle(
         self,
