@@ -279,6 +279,8 @@ def machine_info(machine: Machine, connected: bool) -> dict[str, Any]:
         "hostname": machine.hostname or inventory.get("hostname", ""),
         "state": machine.state,
         "cluster": machine.cluster,
+        "role": machine.role,
+        "set": machine.machine_set,
         "labels": machine.labels,
         "connected": connected,
         "last_seen": seen.isoformat() if seen else None,
