@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -49,6 +50,31 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ErrorBody(Model):
+    detail: str | list[Any]
+    hint: str | None = None
+
+
+#: Every route may refuse: the document says how (schemathesis checks it does).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what}
+    for code, what in (
+        (400, "the request is wrong; detail names the field"),
+        (401, "no or an unknown API token"),
+        (403, "the caller's role or scope does not allow it"),
+        (404, "no such object"),
+        (409, "the fleet's state refuses it"),
+        (503, "a machine's link or node is not reachable now"),
+    )
+}
+
+
+#: A route that answers plain text (errors stay JSON).
+TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text"}
+}
+
+
 class EnrolRequest(Model):
     token: str = Field(max_length=200)
     machine_uuid: str = Field(max_length=64)
@@ -64,9 +90,12 @@ class EnrolResponse(Model):
 
 class JoinTokenRequest(Model):
     ttl: float | None = Field(
-        default=3600.0, description="seconds the token is valid (null: until revoked)"
+        default=3600.0,
+        gt=0,
+        le=366 * 86400,
+        description="seconds the token is valid, at most 366 days (null: until revoked)",
     )
-    uses: int = Field(default=1, description="how many machines may enrol with it")
+    uses: int = Field(default=1, ge=1, le=100_000, description="how many machines may enrol")
     labels: dict[str, str] = Field(default_factory=dict)
 
 
@@ -103,6 +132,10 @@ def _error(exc: BasaltError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def _path_pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
+
+
 def caller_of(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -113,6 +146,9 @@ def caller_of(
             "this route needs an API token (Authorization: Bearer ...)",
             hint="log in with 'basaltctl fleet login URL --token TOKEN'",
         )
+    known = getattr(request.state, "caller", None)
+    if isinstance(known, Caller):
+        return known
     fleet: Fleet = request.app.state.fleet
     with fleet.database.session() as session:
         return service.authenticate(session, credentials.credentials)
@@ -135,6 +171,57 @@ def make_app(fleet: Fleet) -> FastAPI:
     @app.exception_handler(BasaltError)
     async def basalt_error(_request: Request, exc: BasaltError) -> JSONResponse:
         return _error(exc)
+
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # One route per method: name every method the path has, not the first's.
+            from fastapi.routing import APIRoute
+
+            allowed = sorted(
+                {
+                    method
+                    for candidate in app.routes
+                    if isinstance(candidate, APIRoute)
+                    and candidate.path_regex.match(request.url.path)
+                    for method in candidate.methods
+                }
+            )
+            headers["Allow"] = ", ".join(allowed)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    @app.middleware("http")
+    async def authenticate_first(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        """The token is checked before anything else of the request is read: without
+        one, no route but the public ones answers anything but 401."""
+        path = request.url.path
+        public = any(
+            role == PUBLIC and _path_pattern(template).match(path)
+            for (_method, template), role in ROUTE_ROLES.items()
+        )
+        if not public:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return _error(
+                    service.Unauthenticated(
+                        "this route needs an API token (Authorization: Bearer ...)",
+                        hint="log in with 'basaltctl fleet login URL --token TOKEN'",
+                    )
+                )
+
+            def check() -> Caller:
+                with fleet.database.session() as session:
+                    return service.authenticate(session, token.strip())
+
+            try:
+                request.state.caller = await asyncio.to_thread(check)
+            except BasaltError as exc:
+                return _error(exc)
+        response: Response = await call_next(request)
+        return response
 
     @app.middleware("http")
     async def timing(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -159,7 +246,10 @@ def make_app(fleet: Fleet) -> FastAPI:
                 return caller
 
             dependencies.append(Depends(check))
-        return app.api_route(path, methods=[method], dependencies=dependencies, **kwargs)
+        responses = {**ERROR_RESPONSES, **kwargs.pop("responses", {})}
+        return app.api_route(
+            path, methods=[method], dependencies=dependencies, responses=responses, **kwargs
+        )
 
     _public(app, fleet, route)
     _readers(app, fleet, route)
@@ -179,9 +269,9 @@ def _public(app: FastAPI, fleet: Fleet, route: Route) -> None:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "replica": fleet.replica}
 
-    @route("GET", "/v1/ca", PUBLIC, response_class=PlainTextResponse)
-    def ca() -> str:
-        return fleet.ca.crt
+    @route("GET", "/v1/ca", PUBLIC, response_class=Response, responses=TEXT)
+    def ca() -> Response:
+        return PlainTextResponse(fleet.ca.crt)
 
     @route("POST", "/v1/enrol", PUBLIC)
     def enrol(body: EnrolRequest) -> EnrolResponse:
@@ -208,7 +298,7 @@ def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
     def openapi() -> dict[str, Any]:
         return app.openapi()
 
-    @route("GET", "/metrics", FleetRole.READER, response_class=PlainTextResponse)
+    @route("GET", "/metrics", FleetRole.READER, response_class=Response, responses=TEXT)
     def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -221,7 +311,9 @@ def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
     @route("GET", "/v1/machines", FleetRole.READER)
     def machines(
-        state: str | None = None, cluster: str | None = None, label: str | None = None
+        state: Literal["free", "allocated", "releasing", "removed"] | None = None,
+        cluster: str | None = None,
+        label: str | None = None,
     ) -> list[dict[str, Any]]:
         wanted = service.parse_labels(label.split(","), "label") if label else {}
         from sqlalchemy import select
