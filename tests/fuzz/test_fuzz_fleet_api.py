@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-
 from schemathesis.specs.openapi.checks import (
     negative_data_rejection,
     positive_data_acceptance,
