@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -187,7 +187,7 @@ def make_app(fleet: Fleet) -> FastAPI:
                     for candidate in app.routes
                     if isinstance(candidate, APIRoute)
                     and candidate.path_regex.match(request.url.path)
-                    for method in candidate.methods
+                    for method in candidate.methods or ()
                 }
             )
             headers["Allow"] = ", ".join(allowed)
@@ -314,7 +314,10 @@ def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
         state: Literal["free", "allocated", "releasing", "removed"] | None = None,
         cluster: str | None = None,
         label: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+        offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[dict[str, Any]]:
+        """Machines in enrolment order; ``limit``/``offset`` page through a large fleet."""
         wanted = service.parse_labels(label.split(","), "label") if label else {}
         from sqlalchemy import select
 
@@ -326,13 +329,14 @@ def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
                 query = query.where(Machine.state == state)
             if cluster:
                 query = query.where(Machine.cluster == cluster)
+            if not wanted:
+                query = query.offset(offset).limit(limit)
             rows = list(session.execute(query).scalars())
+        if wanted:
+            rows = [m for m in rows if all(m.labels.get(k) == v for k, v in wanted.items())]
+            rows = rows[offset : offset + limit]
         linked = fleet.links.links
-        return [
-            service.machine_info(m, m.uuid in linked)
-            for m in rows
-            if all(m.labels.get(k) == v for k, v in wanted.items())
-        ]
+        return [service.machine_info(m, m.uuid in linked) for m in rows]
 
     @route("GET", "/v1/machines/{uuid}", FleetRole.READER)
     def machine(uuid: str) -> dict[str, Any]:

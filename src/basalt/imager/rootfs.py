@@ -125,7 +125,12 @@ sys.exit(main(["--platform", "metal"]))
 """
 
 
-def source_digest(root: Path = SOURCE, exclude: tuple[str, ...] = ("cli",)) -> str:
+#: Packages of Basalt a node never runs: the CLI and the fleet manager (whose libraries,
+#: FastAPI and SQLAlchemy, are not in the image).
+NOT_IN_IMAGE = ("cli", "fleet")
+
+
+def source_digest(root: Path = SOURCE, exclude: tuple[str, ...] = NOT_IN_IMAGE) -> str:
     """sha256 over the Basalt sources that go into the image (paths and contents)."""
     digest = hashlib.sha256()
     for path in _basalt_sources(root, exclude):
@@ -171,7 +176,7 @@ class BasaltSources(Stage):
 
     name = "sources"
     digest: str
-    exclude: tuple[str, ...] = ("cli",)
+    exclude: tuple[str, ...] = NOT_IN_IMAGE
 
     def run(self, out: Path, cache: Cache) -> None:
         target = out / "basalt"
