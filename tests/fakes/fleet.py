@@ -96,12 +96,23 @@ class FleetProcess:
             )
         return result
 
-    def login(self) -> None:
+    def login(self, token_file: Path | None = None) -> None:
+        """Log in as the first admin (another replica's token file for a replica that
+        did not make the admin)."""
         self.ctl(
             "fleet", "login", self.url,
-            "--token-file", str(self.data_dir / "admin-token"),
+            "--token-file", str(token_file or self.data_dir / "admin-token"),
             "--ca", str(self.data_dir / "ca.crt"),
         )  # fmt: skip
+
+    def get(self, path: str) -> Any:
+        """One REST GET with the logged-in token."""
+        from basalt.cli.fleet import request
+        from basalt.machinery.client.config import load_client_config
+
+        login = load_client_config(self.client_config).fleet
+        assert login is not None
+        return request(login.url, login.token, login.ca, "GET", path)
 
     def machines(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = json.loads(self.ctl("fleet", "machines", "-o", "json").stdout)

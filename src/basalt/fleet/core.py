@@ -44,6 +44,8 @@ class FleetOptions:
     port: int = DEFAULT_PORT
     #: The machines' gRPC link port (0: port + 1).
     link_port: int = 0
+    #: Where other replicas forward calls to machines linked here (0: port + 2).
+    forward_port: int = 0
     #: Extra names and addresses for the server certificate (what machines dial).
     advertise: tuple[str, ...] = ()
     replica: str = ""
@@ -59,6 +61,10 @@ class FleetOptions:
     @property
     def effective_link_port(self) -> int:
         return self.link_port or self.port + 1
+
+    @property
+    def effective_forward_port(self) -> int:
+        return self.forward_port or self.port + 2
 
 
 class Fleet:
@@ -81,10 +87,9 @@ class Fleet:
         self.server_cert = server_certificate(self.ca, [h for h in hosts if h != "0.0.0.0"])
         self.ca_sha256 = ca_fingerprint(self.ca.crt)
         self.metrics = Metrics()
-        self.links = LinkService(
-            self.database, self.metrics, self.replica, options.data_dir / "tunnels"
-        )
-        self.links.socket_dir.mkdir(parents=True, exist_ok=True)
+        # Tunnel sockets live in a short private directory of this process (a Unix
+        # socket's path has at most 107 bytes; a data directory can be longer).
+        self.links = LinkService(self.database, self.metrics, self.replica)
 
     @property
     def admin_token_path(self) -> Path:
@@ -105,5 +110,8 @@ class Fleet:
         return counts
 
     def close(self) -> None:
+        import shutil
+
         self.links.close_all()
         self.database.dispose()
+        shutil.rmtree(self.links.socket_dir, ignore_errors=True)

@@ -163,7 +163,7 @@ class LinkService(fleet_pb2_grpc.FleetLinkServicer):
         self.metrics = metrics
         self.replica = replica
         self.links: dict[str, MachineLink] = {}
-        self.socket_dir = socket_dir or Path(tempfile.mkdtemp(prefix="basalt-fleet-tunnels-"))
+        self.socket_dir = socket_dir or Path(tempfile.mkdtemp(prefix="basalt-fleet-"))
         self.seen: dict[str, float] = {}
         self.on_change = on_change
 

@@ -26,6 +26,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument(
         "--link-port", type=int, default=0, help="port of machine links (default: PORT+1)"
     )
+    serve.add_argument(
+        "--forward-port",
+        type=int,
+        default=0,
+        help="port other replicas forward calls on (default: PORT+2)",
+    )
     serve.add_argument("--database", default="", help="SQLAlchemy URL (default: SQLite)")
     serve.add_argument("--secrets-key", type=Path, help="key file sealing secrets at rest")
     serve.add_argument("--data-dir", type=Path, help="default: ~/.basalt/fleet")
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         host=host.strip("[]"),
         port=int(port),
         link_port=args.link_port,
+        forward_port=args.forward_port,
         advertise=tuple(args.advertise),
         replica=args.replica,
     )

@@ -30,10 +30,12 @@ from . import clusters as cl
 from .core import Fleet
 from .db import Cluster, Machine, utcnow
 from .nodes import NotLinked, maintenance_certificate, node_client
+from .replicas import Replicas
 
 log = logging.getLogger("basalt.fleet.operations")
 
 LINK_WAIT = 120.0
+DRIFT_INTERVAL = 60.0
 READY_TIMEOUT = 300.0
 POLL = 1.0
 
@@ -45,8 +47,9 @@ class OperationError(BasaltError):
 class Nodes:
     """Calls to nodes of the fleet's clusters, with the fleet's own admin certificate."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, replicas: Replicas | None = None) -> None:
         self.fleet = fleet
+        self.replicas = replicas
         self._credentials: dict[str, tuple[float, str, CertificateAndKey]] = {}
 
     def credentials(self, cluster: str) -> tuple[str, CertificateAndKey]:
@@ -67,11 +70,17 @@ class Nodes:
         return os_ca.crt, issued
 
     async def socket(self, uuid: str, wait: float = 0.0) -> Any:
+        """A Unix socket to the machine's API: its link here, or through the replica
+        that holds it."""
         deadline = time.monotonic() + wait
         while True:
             link = self.fleet.links.links.get(uuid)
             if link is not None:
                 return await link.socket_path(self.fleet.links.socket_dir)
+            if self.replicas is not None:
+                remote = await self.replicas.remote_socket(uuid)
+                if remote is not None:
+                    return remote
             if time.monotonic() >= deadline:
                 raise NotLinked(f"machine {uuid} has no link to this fleet now")
             await asyncio.sleep(POLL)
@@ -120,10 +129,61 @@ class Nodes:
 
 
 class Reconciler:
-    def __init__(self, fleet: Fleet) -> None:
+    """The clusters' controller. On the leader, ``tick`` (every election round) starts
+    clusters being applied or deleted and checks drift every ``DRIFT_INTERVAL`` s."""
+
+    def __init__(self, fleet: Fleet, replicas: Replicas | None = None) -> None:
         self.fleet = fleet
-        self.nodes = Nodes(fleet)
+        self.replicas = replicas
+        self.nodes = Nodes(fleet, replicas)
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._drift_at = 0.0
+        self._drift: asyncio.Task[None] | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self.replicas is None or self.replicas.is_leader
+
+    async def tick(self) -> None:
+        """One round of the leader's controllers."""
+        for name in await asyncio.to_thread(self._unfinished):
+            task = self.tasks.get(name)
+            if task is None or task.done():
+                log.info("cluster %s: taking up its %s", name, "operation")
+                self.start(name)
+        now = time.monotonic()
+        if now - self._drift_at >= DRIFT_INTERVAL and (self._drift is None or self._drift.done()):
+            self._drift_at = now
+            self._drift = asyncio.create_task(self._check_drift(), name="drift")
+
+    def _unfinished(self) -> list[str]:
+        from sqlalchemy import select
+
+        with self.fleet.database.session() as session:
+            rows = session.execute(
+                select(Cluster.name).where(Cluster.status.in_(("applying", "deleting")))
+            )
+            return [str(r[0]) for r in rows]
+
+    async def _check_drift(self) -> None:
+        from sqlalchemy import select
+
+        def ready() -> list[str]:
+            with self.fleet.database.session() as session:
+                rows = session.execute(select(Cluster.name).where(Cluster.status == "ready"))
+                return [str(r[0]) for r in rows]
+
+        started = time.perf_counter()
+        total = 0
+        for name in await asyncio.to_thread(ready):
+            try:
+                nodes = await self.drift(name)
+            except Exception as exc:  # a cluster that cannot be read now: next round
+                log.info("drift check of %s: %s", name, exc)
+                continue
+            total += sum(1 for n in nodes if n["changes"])
+        self.fleet.metrics.drifted.set(total)
+        self.fleet.metrics.controller_loop.labels("drift").observe(time.perf_counter() - started)
 
     # -- scheduling ------------------------------------------------------------------------
     def start(self, cluster: str) -> None:
@@ -132,25 +192,9 @@ class Reconciler:
             task.cancel()
         self.tasks[cluster] = asyncio.create_task(self._run(cluster), name=f"cluster-{cluster}")
 
-    async def resume(self) -> list[str]:
-        """After a restart: continue every cluster that was being applied or deleted."""
-
-        def unfinished() -> list[str]:
-            from sqlalchemy import select
-
-            with self.fleet.database.session() as session:
-                rows = session.execute(
-                    select(Cluster.name).where(Cluster.status.in_(("applying", "deleting")))
-                )
-                return [str(r[0]) for r in rows]
-
-        names = await asyncio.to_thread(unfinished)
-        for name in names:
-            log.info("resuming cluster %s", name)
-            self.start(name)
-        return names
-
     async def stop(self) -> None:
+        if self._drift is not None:
+            self._drift.cancel()
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)

@@ -20,6 +20,9 @@ from .secretbox import SecretBox
 #: dialled, which NAT may change).
 SERVER_NAME = "basalt-fleet"
 LINK_VALIDITY = dt.timedelta(days=365)
+#: What a replica's certificate says it is (a machine's says ``basalt-fleet:machine``):
+#: only replicas may open tunnels through each other.
+REPLICA_ORGANIZATION = "basalt-fleet:replica"
 
 
 class CSRError(BasaltError):
@@ -45,7 +48,12 @@ def load_or_create_ca(session: Session, box: SecretBox) -> CertificateAndKey:
 def server_certificate(ca: CertificateAndKey, hosts: Sequence[str]) -> CertificateAndKey:
     names = [SERVER_NAME, "localhost", "127.0.0.1", *hosts]
     return issue_certificate(
-        ca, SERVER_NAME, server=True, client=True, sans=list(dict.fromkeys(names))
+        ca,
+        SERVER_NAME,
+        organizations=[REPLICA_ORGANIZATION],
+        server=True,
+        client=True,
+        sans=list(dict.fromkeys(names)),
     )
 
 

@@ -132,6 +132,25 @@ def _error(exc: BasaltError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def linked_anywhere(fleet: Fleet) -> Callable[[Any], bool]:
+    """Whether a machine has a link to this replica or to another one that is alive."""
+    from sqlalchemy import select
+
+    from .db import Replica, aware, utcnow
+    from .replicas import PRESENCE_TTL
+
+    with fleet.database.session() as session:
+        now = utcnow()
+        alive = {
+            r.name
+            for r in session.execute(select(Replica)).scalars()
+            if (seen := aware(r.seen)) is not None
+            and (now - seen).total_seconds() < PRESENCE_TTL
+        }
+    local = fleet.links.links
+    return lambda m: m.uuid in local or (bool(m.replica) and m.replica in alive)
+
+
 def _path_pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
 
@@ -335,14 +354,14 @@ def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
         if wanted:
             rows = [m for m in rows if all(m.labels.get(k) == v for k, v in wanted.items())]
             rows = rows[offset : offset + limit]
-        linked = fleet.links.links
-        return [service.machine_info(m, m.uuid in linked) for m in rows]
+        linked = linked_anywhere(fleet)
+        return [service.machine_info(m, linked(m)) for m in rows]
 
     @route("GET", "/v1/machines/{uuid}", FleetRole.READER)
     def machine(uuid: str) -> dict[str, Any]:
         with fleet.database.session() as session:
             row = service.get_machine(session, uuid)
-        return service.machine_info(row, row.uuid in fleet.links.links)
+        return service.machine_info(row, linked_anywhere(fleet)(row))
 
     @route("GET", "/v1/machines/{uuid}/version", FleetRole.READER)
     async def machine_version(uuid: str) -> dict[str, Any]:
@@ -350,12 +369,10 @@ def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
         from basalt.machinery.api import common_pb2
 
-        from .nodes import NotLinked, node_client
+        from .nodes import node_client
 
-        link = fleet.links.links.get(uuid.lower())
-        if link is None:
-            raise NotLinked(f"machine {uuid} has no link to this fleet now")
-        socket = await link.socket_path(fleet.links.socket_dir)
+        # Its link here, or through the replica that holds it.
+        socket = await app.state.reconciler.nodes.socket(uuid.lower())
         async with node_client(socket) as client:
             answer = await asyncio.wait_for(client.machine.Version(common_pb2.Empty()), 30)
         fleet.metrics.calls.labels("Version", "ok").inc()
@@ -456,14 +473,26 @@ def _in_scope(caller: Caller, cluster: str) -> None:
         raise service.Refused(f"{caller.name} may not act on cluster {cluster}")
 
 
+def _controllers(app: FastAPI, fleet: Fleet, route: Route) -> Any:
+    """This replica's leadership and forwarding, and the clusters' controller."""
+    from .operations import Reconciler
+    from .replicas import Replicas
+
+    replicas = Replicas(fleet)
+    reconciler = Reconciler(fleet, replicas)
+    replicas.on_leader = reconciler.tick
+    app.state.replicas = replicas
+    app.state.reconciler = reconciler
+    _replica_routes(route, replicas)
+    return reconciler
+
+
 def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
     """Clusters from templates: plan and apply, status, drift, export, secrets."""
     from . import clusters as cl
-    from .operations import Reconciler
     from .template import parse_template
 
-    reconciler = Reconciler(fleet)
-    app.state.reconciler = reconciler
+    reconciler = _controllers(app, fleet, route)
 
     def members_of(name: str) -> dict[str, Any]:
         with fleet.database.session() as session:
@@ -513,7 +542,7 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
                 return result
 
         result = await asyncio.to_thread(plan_and_commit)
-        if not dry_run:
+        if not dry_run and reconciler.leading:  # else the leader takes it up
             reconciler.start(template.spec.name)
         return result
 
@@ -530,7 +559,8 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
                 audit.record(session, caller.name, "cluster.delete", name)
 
         await asyncio.to_thread(mark)
-        reconciler.start(name)
+        if reconciler.leading:
+            reconciler.start(name)
         return await asyncio.to_thread(members_of, name)
 
     @route("GET", "/v1/clusters/{name}/diff", FleetRole.READER)
@@ -541,6 +571,14 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
         return {"cluster": name, "drifted": sum(1 for n in nodes if n["changes"]), "nodes": nodes}
 
     _cluster_secrets(fleet, route, reconciler)
+
+
+def _replica_routes(route: Route, replicas: Any) -> None:
+    @route("GET", "/v1/replicas", FleetRole.READER)
+    def list_replicas() -> list[dict[str, Any]]:
+        """The fleet's processes, which one leads, which are alive."""
+        leader = replicas.is_leader
+        return [{**r, "leader": r["this"] and leader} for r in replicas.replicas()]
 
 
 def _cluster_secrets(fleet: Fleet, route: Route, reconciler: Any) -> None:

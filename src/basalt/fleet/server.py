@@ -158,14 +158,22 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
             fleet.options.port,
             fleet.options.effective_link_port,
         )
-        await app.state.reconciler.resume()
+        replicas = app.state.replicas
+        await replicas.serve()
+        background = [
+            asyncio.create_task(replicas.presence(), name="presence"),
+            asyncio.create_task(replicas.elect(), name="election"),
+        ]
         if ready is not None:
             ready.set()
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({web, stopper}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         flusher.cancel()
+        for task in background:
+            task.cancel()
         await app.state.reconciler.stop()
+        await replicas.close()
         fleet.links.close_all()
         await link_server.stop(2)
         with contextlib.suppress(Exception):
