@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,6 +227,54 @@ def test_export_regenerates_byte_identical_configs_and_works_without_the_fleet(
         assert members.stdout.count("pool-machine-") == 3  # three etcd members
     finally:
         fleet.start()
+        fleet.wait_machines(5, connected=True, timeout=30)
+
+
+def _etcd(root: Path, address: str) -> Any:
+    import yaml
+
+    from basalt.machined.etcd.client import EtcdClient, client_url
+    from basalt.machinery.pki import CertificateAndKey, issue_certificate
+
+    secrets = yaml.safe_load((root / "export" / "secrets.yaml").read_text())
+    ca = CertificateAndKey(secrets["certs"]["etcd"]["crt"], secrets["certs"]["etcd"]["key"])
+    return EtcdClient(client_url(address), ca.crt, issue_certificate(ca, "test", client=True))
+
+
+def test_backup_and_restore_recover_etcd(world: tuple[FleetProcess, ClusterRecord, Path]) -> None:
+    fleet, _, root = world
+    controlplane = next(m for m in fleet.machines() if m["role"] == "controlplane")
+    address = controlplane["inventory"]["api_address"]
+
+    async def put(key: bytes) -> None:
+        async with _etcd(root, address) as client:
+            await client.put(key, b"x")
+
+    async def get(key: bytes) -> bytes | None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with _etcd(root, address) as client:
+                    value: bytes | None = await client.get(key)
+                    return value
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    asyncio.run(put(b"/fleet-test/before"))
+    taken = fleet.ctl("fleet", "backup", "e2e").stdout.split("\t")[0]
+    assert taken in fleet.ctl("fleet", "backups", "e2e").stdout
+    asyncio.run(put(b"/fleet-test/after"))
+    started = time.monotonic()
+    fleet.ctl("fleet", "restore", "e2e", "--snapshot", taken, "--timeout", "300")
+    print(f"etcd restored from {taken} in {time.monotonic() - started:.1f}s")
+    assert asyncio.run(get(b"/fleet-test/before")) == b"x"
+    assert asyncio.run(get(b"/fleet-test/after")) is None
+    members = fleet.ctl("--basaltconfig", str(root / "export" / "basaltconfig"), "etcd", "members")
+    assert members.stdout.count("pool-machine-") == 3
+    missing = fleet.ctl("fleet", "restore", "e2e", "--snapshot", "nope", check=False)
+    assert missing.returncode == 1 and "no snapshot 'nope'" in missing.stderr
 
 
 def test_audit_chain_verifies_and_a_hand_edit_breaks_it(

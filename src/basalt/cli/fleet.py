@@ -598,3 +598,38 @@ def basaltconfig(
         sys.stdout.write(text)
     else:
         write_atomic(output, text, mode=0o600)
+
+
+# -- etcd backups --------------------------------------------------------------------------
+@app.command()
+def backup(ctx: typer.Context, name: str) -> None:
+    """Take an etcd snapshot of the cluster now (through a control plane's link)."""
+    item = _call(ctx, "POST", f"/v1/clusters/{name}/backups")
+    print(f"{item['id']}\t{item['size']} bytes\tfrom {item['node']}\tsha256 {item['sha256']}")
+
+
+@app.command()
+def backups(ctx: typer.Context, name: str) -> None:
+    """The cluster's etcd snapshots, oldest first."""
+    rows = _call(ctx, "GET", f"/v1/clusters/{name}/backups")
+    table(
+        ["ID", "TAKEN", "SIZE", "NODE", "SHA256"],
+        ([r["id"], r["taken"][:19], r["size"], r["node"], r["sha256"][:16]] for r in rows),
+    )
+
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    name: str,
+    snapshot: Annotated[str, typer.Option("--snapshot", help="The snapshot id to restore.")],
+    wait: Annotated[bool, typer.Option(help="Wait until the cluster is ready again.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 600.0,
+) -> None:
+    """Recover the cluster's etcd from a snapshot: control planes are reset with their
+    etcd data wiped (configs stay), the first bootstraps from the snapshot, the others
+    join it. Everything written after the snapshot is gone."""
+    _call(ctx, "POST", f"/v1/clusters/{name}/restore", {"snapshot": snapshot})
+    info(f"cluster {name}: restoring etcd from {snapshot}")
+    if wait:
+        _wait_cluster(ctx, name, timeout)

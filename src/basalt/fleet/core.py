@@ -46,6 +46,8 @@ class FleetOptions:
     link_port: int = 0
     #: Where other replicas forward calls to machines linked here (0: port + 2).
     forward_port: int = 0
+    #: Where etcd snapshots are kept (default: DATA_DIR/backups).
+    backups: Path | None = None
     #: Extra names and addresses for the server certificate (what machines dial).
     advertise: tuple[str, ...] = ()
     replica: str = ""
@@ -61,6 +63,10 @@ class FleetOptions:
     @property
     def effective_link_port(self) -> int:
         return self.link_port or self.port + 1
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.backups or self.data_dir / "backups"
 
     @property
     def effective_forward_port(self) -> int:

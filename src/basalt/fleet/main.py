@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--database", default="", help="SQLAlchemy URL (default: SQLite)")
     serve.add_argument("--secrets-key", type=Path, help="key file sealing secrets at rest")
     serve.add_argument("--data-dir", type=Path, help="default: ~/.basalt/fleet")
+    serve.add_argument("--backup-dir", type=Path, help="etcd snapshots (default: DATA/backups)")
     serve.add_argument(
         "--advertise",
         action="append",
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         port=int(port),
         link_port=args.link_port,
         forward_port=args.forward_port,
+        backups=args.backup_dir,
         advertise=tuple(args.advertise),
         replica=args.replica,
     )

@@ -50,10 +50,12 @@ class Nodes:
     def __init__(self, fleet: Fleet, replicas: Replicas | None = None) -> None:
         self.fleet = fleet
         self.replicas = replicas
-        self._credentials: dict[str, tuple[float, str, CertificateAndKey]] = {}
+        self._credentials: dict[tuple[str, Role], tuple[float, str, CertificateAndKey]] = {}
 
-    def credentials(self, cluster: str) -> tuple[str, CertificateAndKey]:
-        cached = self._credentials.get(cluster)
+    def credentials(self, cluster: str, role: Role = Role.ADMIN) -> tuple[str, CertificateAndKey]:
+        """The cluster's OS CA and a client certificate of the fleet's with ``role``
+        (made from the cluster's secrets, kept for six hours)."""
+        cached = self._credentials.get((cluster, role))
         if cached is not None and cached[0] > time.time():
             return cached[1], cached[2]
         with self.fleet.database.session() as session:
@@ -62,12 +64,20 @@ class Nodes:
         issued = issue_certificate(
             os_ca,
             "basalt-fleet",
-            organizations=[Role.ADMIN.value],
+            organizations=[role.value],
             client=True,
             validity=dt.timedelta(hours=12),
         )
-        self._credentials[cluster] = (time.time() + 6 * 3600, os_ca.crt, issued)
+        self._credentials[(cluster, role)] = (time.time() + 6 * 3600, os_ca.crt, issued)
         return os_ca.crt, issued
+
+    def _address(self, uuid: str) -> str:
+        link = self.fleet.links.links.get(uuid)
+        if link is not None:
+            return str(link.inventory.get("api_address", ""))
+        with self.fleet.database.session() as session:
+            machine = session.get(Machine, uuid)
+            return str((machine.inventory or {}).get("api_address", "")) if machine else ""
 
     async def socket(self, uuid: str, wait: float = 0.0) -> Any:
         """A Unix socket to the machine's API: its link here, or through the replica
@@ -87,20 +97,19 @@ class Nodes:
 
     @asynccontextmanager
     async def client(
-        self, uuid: str, cluster: str | None, wait: float = 0.0
+        self, uuid: str, cluster: str | None, wait: float = 0.0, role: Role = Role.ADMIN
     ) -> AsyncIterator[Client]:
-        """mTLS with the cluster's admin certificate, or (``cluster`` None) the maintenance
-        API's certificate taken on first use."""
+        """mTLS with a certificate of ``role`` from the cluster's OS CA, or (``cluster``
+        None) the maintenance API's certificate taken on first use."""
         socket = await self.socket(uuid, wait)
         if cluster is None:
             async with node_client(socket) as client:
                 yield client
             return
-        ca, credentials = self.credentials(cluster)
+        ca, credentials = self.credentials(cluster, role)
         # A node's certificate names its address (a worker's, signed by trustd, little
         # else): check it against the address the machine reports.
-        link = self.fleet.links.links.get(uuid)
-        address = str(link.inventory.get("api_address", "")) if link is not None else ""
+        address = await asyncio.to_thread(self._address, uuid)
         async with node_client(
             socket, credentials=credentials, ca=ca, server_name=address or "localhost"
         ) as client:

@@ -200,13 +200,32 @@ class Replicas:
 
     # -- forwarding: the asking end ----------------------------------------------------------
     def owner(self, uuid: str) -> str:
-        """The forwarding address of the replica that holds ``uuid``'s link ('' if none)."""
+        """The forwarding address of the live replica that holds ``uuid``'s link ('' if
+        none does)."""
         with self.fleet.database.session() as session:
             machine = session.get(Machine, uuid)
             if machine is None or not machine.replica or machine.replica == self.fleet.replica:
                 return ""
             replica = session.get(Replica, machine.replica)
-            return replica.forward if replica is not None else ""
+            seen = aware(replica.seen) if replica is not None else None
+            if replica is None or seen is None:
+                return ""
+            if (utcnow() - seen).total_seconds() >= PRESENCE_TTL:
+                return ""
+            return replica.forward
+
+    def forget_others(self) -> None:
+        """On SQLite this process is the only replica: links recorded for any other
+        (a process that was killed) are stale."""
+        if self.fleet.database.is_postgresql:
+            return
+        from sqlalchemy import delete, update
+
+        with self.fleet.database.session() as session:
+            session.execute(delete(Replica).where(Replica.name != self.fleet.replica))
+            session.execute(
+                update(Machine).where(Machine.replica != self.fleet.replica).values(replica="")
+            )
 
     async def remote_socket(self, uuid: str) -> Path | None:
         """A local Unix socket whose connections reach ``uuid``'s tunnel on the replica
@@ -214,10 +233,17 @@ class Replicas:
         address = await asyncio.to_thread(self.owner, uuid)
         if not address:
             return None
+        host, _, port = address.rpartition(":")
+        try:  # a replica that just died still looks alive for a while
+            _probe_reader, probe = await asyncio.wait_for(
+                asyncio.open_connection(host, int(port)), 3
+            )
+            probe.close()
+        except (OSError, TimeoutError):
+            return None
         known = self.remote_servers.get(uuid)
         if known is not None:
             return known[1]
-        host, _, port = address.rpartition(":")
         path = self.fleet.links.socket_dir / f"remote-{uuid}.sock"
         path.unlink(missing_ok=True)
 

@@ -144,8 +144,7 @@ def linked_anywhere(fleet: Fleet) -> Callable[[Any], bool]:
         alive = {
             r.name
             for r in session.execute(select(Replica)).scalars()
-            if (seen := aware(r.seen)) is not None
-            and (now - seen).total_seconds() < PRESENCE_TTL
+            if (seen := aware(r.seen)) is not None and (now - seen).total_seconds() < PRESENCE_TTL
         }
     local = fleet.links.links
     return lambda m: m.uuid in local or (bool(m.replica) and m.replica in alive)
@@ -475,15 +474,26 @@ def _in_scope(caller: Caller, cluster: str) -> None:
 
 def _controllers(app: FastAPI, fleet: Fleet, route: Route) -> Any:
     """This replica's leadership and forwarding, and the clusters' controller."""
+    from .backups import Backups
     from .operations import Reconciler
     from .replicas import Replicas
 
     replicas = Replicas(fleet)
     reconciler = Reconciler(fleet, replicas)
-    replicas.on_leader = reconciler.tick
+    backups = Backups(fleet, reconciler)
+    scheduled: list[asyncio.Task[None]] = []
+
+    async def lead() -> None:
+        await reconciler.tick()
+        if not scheduled or scheduled[-1].done():  # snapshots take a while: not inline
+            scheduled[:] = [asyncio.create_task(backups.tick(), name="backups")]
+
+    replicas.on_leader = lead
     app.state.replicas = replicas
     app.state.reconciler = reconciler
+    app.state.backups = backups
     _replica_routes(route, replicas)
+    _backup_routes(route, backups)
     return reconciler
 
 
@@ -571,6 +581,34 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
         return {"cluster": name, "drifted": sum(1 for n in nodes if n["changes"]), "nodes": nodes}
 
     _cluster_secrets(fleet, route, reconciler)
+
+
+class RestoreRequest(Model):
+    snapshot: str = Field(max_length=64, description="a snapshot id from the backups list")
+
+
+def _backup_routes(route: Route, backups: Any) -> None:
+    @route("GET", "/v1/clusters/{name}/backups", FleetRole.READER)
+    def list_backups(name: str, caller: Authed) -> list[dict[str, Any]]:
+        _in_scope(caller, name)
+        with backups.fleet.database.session() as session:
+            from . import clusters as cl
+
+            cl.get_cluster(session, name)
+        result: list[dict[str, Any]] = backups.snapshots(name)
+        return result
+
+    @route("POST", "/v1/clusters/{name}/backups", FleetRole.OPERATOR, status_code=201)
+    async def take_backup(name: str, caller: Authed) -> dict[str, Any]:
+        _in_scope(caller, name)
+        result: dict[str, Any] = await backups.take(name, caller.name)
+        return result
+
+    @route("POST", "/v1/clusters/{name}/restore", FleetRole.ADMIN)
+    async def restore(name: str, body: RestoreRequest, caller: Authed) -> dict[str, Any]:
+        _in_scope(caller, name)
+        result: dict[str, Any] = backups.start_restore(name, body.snapshot, caller.name)
+        return result
 
 
 def _replica_routes(route: Route, replicas: Any) -> None:

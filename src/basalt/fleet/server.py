@@ -118,6 +118,7 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
     except BaseException:
         rest_socket.close()
         raise
+    await asyncio.to_thread(app.state.replicas.forget_others)
     flusher = asyncio.create_task(fleet.links.flush_loop(), name="last-seen")
     with tempfile.TemporaryDirectory(prefix="basalt-fleet-tls-") as tmp:
         certfile, keyfile = _tls_files(fleet, Path(tmp))

@@ -316,6 +316,7 @@ def remove_machine(session: Session, caller: Caller, uuid: str) -> Machine:
         )
     machine.state = "removed"
     machine.cert_serial = ""
+    machine.replica = ""  # its link is cut now
     audit.record(session, caller.name, "machine.remove", machine.uuid)
     return machine
 

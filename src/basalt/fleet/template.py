@@ -23,6 +23,7 @@ line, and the patch that broke the config.
     patches: []
     machines:
       0b5e...-uuid: {patches: [...]}
+    backup: {interval: 6h, keep: 7}     # etcd snapshots (none without it)
 """
 
 from __future__ import annotations
@@ -92,6 +93,29 @@ class WorkerSet(MachineSet):
     name: Name = "default"
 
 
+_INTERVAL = re.compile(r"^(\d+)([mhd])$")
+
+
+def _interval(value: str) -> str:
+    match = _INTERVAL.match(value)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError("must be a number of minutes, hours or days: 30m, 6h, 1d")
+    return value
+
+
+def interval_seconds(value: str) -> float:
+    match = _INTERVAL.match(value)
+    assert match is not None
+    return int(match.group(1)) * {"m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+class BackupPolicy(_Model):
+    """etcd snapshots taken by the fleet through a control plane's link."""
+
+    interval: Annotated[str, AfterValidator(_interval)] = "6h"
+    keep: int = Field(default=7, ge=1, le=1000)
+
+
 class ClusterTemplate(_Model):
     api_version: Literal["fleet.basalt.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["Cluster"]
@@ -107,6 +131,7 @@ class ClusterTemplate(_Model):
     machines: dict[Annotated[str, AfterValidator(_uuid)], MachinePatches] = Field(
         default_factory=dict
     )
+    backup: BackupPolicy | None = None
 
     def worker_set(self, name: str) -> WorkerSet | None:
         return next((w for w in self.workers if w.name == name), None)
