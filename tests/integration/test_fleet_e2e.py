@@ -277,6 +277,20 @@ def test_backup_and_restore_recover_etcd(world: tuple[FleetProcess, ClusterRecor
     assert missing.returncode == 1 and "no snapshot 'nope'" in missing.stderr
 
 
+def test_kubeconfig_then_delete_frees_every_machine(
+    world: tuple[FleetProcess, ClusterRecord, Path],
+) -> None:
+    fleet, _, _ = world
+    kubeconfig = fleet.ctl("fleet", "kubeconfig", "e2e").stdout
+    assert "clusters:" in kubeconfig and "client-key-data" in kubeconfig
+    started = time.monotonic()
+    fleet.ctl("fleet", "delete", "e2e", "--timeout", "300")
+    print(f"cluster deleted, its 4 machines reset and free in {time.monotonic() - started:.1f}s")
+    machines = fleet.wait_machines(5, state="free", connected=True, timeout=60)
+    assert all(m["inventory"]["stage"] == "maintenance" for m in machines)
+    assert fleet.ctl("fleet", "clusters").stdout.count("\n") <= 1
+
+
 def test_audit_chain_verifies_and_a_hand_edit_breaks_it(
     world: tuple[FleetProcess, ClusterRecord, Path],
 ) -> None:

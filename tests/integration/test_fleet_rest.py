@@ -344,3 +344,39 @@ def test_metrics_and_openapi(api: TestClient, fleet: Fleet) -> None:
     document = api.get("/openapi.json", headers=admin_headers(fleet)).json()
     assert "/v1/machines" in document["paths"]
     assert api.get("/openapi.json").status_code == 401
+
+
+# -- scopes -------------------------------------------------------------------------------------
+
+SCOPED_TEMPLATE = """\
+apiVersion: fleet.basalt.dev/v1alpha1
+kind: Cluster
+name: {name}
+labels: {{team: {team}}}
+controlPlane: {{count: 1}}
+"""
+
+
+def test_users_limited_to_clusters_by_name_or_label(api: TestClient, fleet: Fleet) -> None:
+    def operator(name: str, **scope: Any) -> dict[str, str]:
+        body = {"name": name, "role": "fleet:operator", **scope}
+        made = api.post("/v1/users", json=body, headers=admin_headers(fleet))
+        assert made.status_code == 201, made.text
+        return {"Authorization": f"Bearer {made.json()['token']}"}
+
+    by_name = operator("alpha-only", clusters=["alpha"])
+    by_label = operator("team-x", labels={"team": "x"})
+
+    def apply(headers: dict[str, str], name: str, team: str) -> Any:
+        body = {"template": SCOPED_TEMPLATE.format(name=name, team=team)}
+        return api.post("/v1/clusters?dry_run=true", json=body, headers=headers)
+
+    # In scope: the plan runs (and is refused for want of machines, naming the selector).
+    inside = apply(by_name, "alpha", "y")
+    assert inside.status_code == 400 and "controlPlane.machineSelector" in inside.text
+    assert apply(by_label, "beta", "x").status_code == 400
+    # Out of scope: refused before anything is planned.
+    outside = apply(by_name, "beta", "x")
+    assert outside.status_code == 403 and "alpha-only may not act on cluster beta" in outside.text
+    assert apply(by_label, "gamma", "y").status_code == 403
+    assert api.get("/v1/clusters/beta", headers=by_name).status_code == 403

@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import grpc
+import grpc.aio
+
 from basalt.machinery.api import common_pb2, machine_pb2, resource_pb2
 from basalt.machinery.client.client import MAINTENANCE_SERVER_NAME, APIError, Client
 from basalt.machinery.errors import BasaltError
@@ -233,6 +236,11 @@ class Reconciler:
             message = exc.one_line() if isinstance(exc, BasaltError) else f"{exc!r}"
             log.warning("cluster %s: %s", cluster, message)
             await asyncio.to_thread(self._status, cluster, "failed", message)
+        except grpc.aio.AioRpcError as exc:  # a node refused: its reason, in one line
+            details = " ".join((exc.details() or "").split())
+            message = f"{exc.code().name}: {details}"
+            log.warning("cluster %s: %s", cluster, message)
+            await asyncio.to_thread(self._status, cluster, "failed", message)
         except Exception as exc:  # a bug: keep the fleet up, say where it stopped
             log.exception("cluster %s: reconcile failed", cluster)
             await asyncio.to_thread(self._status, cluster, "failed", f"internal error: {exc!r}")
@@ -262,9 +270,10 @@ class Reconciler:
             await asyncio.gather(*(self._ready(cluster, m) for m in keep))
         if release:
             await asyncio.to_thread(self._status, cluster, "applying", "releasing machines")
-            # One at a time: a graceful reset of a control plane leaves etcd.
+            # One at a time: a graceful reset of a control plane leaves etcd. Deleting the
+            # cluster ends etcd with its last member, on purpose.
             for machine in release:
-                await self._release(cluster, machine)
+                await self._release(cluster, machine, end_etcd=deleting)
         if deleting:
             await asyncio.to_thread(self._delete_row, cluster)
             log.info("cluster %s deleted; its machines are free", cluster)
@@ -344,12 +353,15 @@ class Reconciler:
 
         await self._until(f"{machine.hostname} to be ready", ready)
 
-    async def _release(self, cluster: str, machine: Machine) -> None:
+    async def _release(self, cluster: str, machine: Machine, end_etcd: bool = False) -> None:
         if not await self.nodes.in_maintenance(machine.uuid):
             async with self.nodes.client(machine.uuid, cluster) as client:
                 await client.machine.Reset(
                     machine_pb2.ResetRequest(
-                        graceful=True, wipe_mode=machine_pb2.WipeMode.STATE, reboot=True
+                        graceful=True,
+                        wipe_mode=machine_pb2.WipeMode.STATE,
+                        reboot=True,
+                        destroy_last_etcd_member=end_etcd,
                     ),
                     timeout=120,
                 )

@@ -467,8 +467,26 @@ def _admins(fleet: Fleet, route: Route) -> None:
         return service.machine_info(row, False)
 
 
-def _in_scope(caller: Caller, cluster: str) -> None:
-    if not caller.scope.covers(cluster, {}):
+def _cluster_labels(fleet: Fleet, cluster: str) -> dict[str, str]:
+    from .db import Cluster
+    from .template import parse_template
+
+    with fleet.database.session() as session:
+        row = session.get(Cluster, cluster)
+        if row is None:
+            return {}
+        return dict(parse_template(row.template, cluster).spec.labels)
+
+
+def _in_scope(
+    caller: Caller, cluster: str, fleet: Fleet, labels: dict[str, str] | None = None
+) -> None:
+    """Refuse a user limited to other clusters (by name, or by the template's labels)."""
+    if caller.scope.unlimited or cluster in caller.scope.clusters:
+        return
+    if labels is None:
+        labels = _cluster_labels(fleet, cluster)
+    if not caller.scope.covers(cluster, labels):
         raise service.Refused(f"{caller.name} may not act on cluster {cluster}")
 
 
@@ -520,12 +538,13 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
             return [
                 cl.cluster_info(r, cl.members(session, r.name), fleet.links.links)
                 for r in rows
-                if caller.scope.covers(r.name, {})
+                if caller.scope.unlimited
+                or caller.scope.covers(r.name, _cluster_labels(fleet, r.name))
             ]
 
     @route("GET", "/v1/clusters/{name}", FleetRole.READER)
     def get_cluster(name: str, caller: Authed) -> dict[str, Any]:
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
         return members_of(name)
 
     @route("POST", "/v1/clusters", FleetRole.OPERATOR)
@@ -533,7 +552,7 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
         body: ApplyRequest, caller: Authed, dry_run: bool = False
     ) -> dict[str, Any]:
         template = parse_template(body.template, body.source)
-        _in_scope(caller, template.spec.name)
+        _in_scope(caller, template.spec.name, fleet, dict(template.spec.labels))
 
         def plan_and_commit() -> dict[str, Any]:
             with fleet.database.session() as session:
@@ -558,7 +577,7 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
     @route("DELETE", "/v1/clusters/{name}", FleetRole.OPERATOR)
     async def delete_cluster(name: str, caller: Authed) -> dict[str, Any]:
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
 
         def mark() -> None:
             with fleet.database.session() as session:
@@ -575,7 +594,7 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
     @route("GET", "/v1/clusters/{name}/diff", FleetRole.READER)
     async def cluster_diff(name: str, caller: Authed) -> dict[str, Any]:
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
         await asyncio.to_thread(members_of, name)  # 404 for an unknown cluster
         nodes = await reconciler.drift(name)
         return {"cluster": name, "drifted": sum(1 for n in nodes if n["changes"]), "nodes": nodes}
@@ -588,10 +607,12 @@ class RestoreRequest(Model):
 
 
 def _backup_routes(route: Route, backups: Any) -> None:
+    fleet: Fleet = backups.fleet
+
     @route("GET", "/v1/clusters/{name}/backups", FleetRole.READER)
     def list_backups(name: str, caller: Authed) -> list[dict[str, Any]]:
-        _in_scope(caller, name)
-        with backups.fleet.database.session() as session:
+        _in_scope(caller, name, fleet)
+        with fleet.database.session() as session:
             from . import clusters as cl
 
             cl.get_cluster(session, name)
@@ -600,13 +621,13 @@ def _backup_routes(route: Route, backups: Any) -> None:
 
     @route("POST", "/v1/clusters/{name}/backups", FleetRole.OPERATOR, status_code=201)
     async def take_backup(name: str, caller: Authed) -> dict[str, Any]:
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
         result: dict[str, Any] = await backups.take(name, caller.name)
         return result
 
     @route("POST", "/v1/clusters/{name}/restore", FleetRole.ADMIN)
     async def restore(name: str, body: RestoreRequest, caller: Authed) -> dict[str, Any]:
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
         result: dict[str, Any] = backups.start_restore(name, body.snapshot, caller.name)
         return result
 
@@ -630,7 +651,7 @@ def _cluster_secrets(fleet: Fleet, route: Route, reconciler: Any) -> None:
 
     @route("GET", "/v1/clusters/{name}/export", FleetRole.ADMIN)
     def export_cluster(name: str, caller: Authed) -> dict[str, Any]:
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
         secret_read(caller, name, "export", {})
         with fleet.database.session() as session:
             files = cl.export_files(session, cl.get_cluster(session, name), fleet.box)
@@ -642,7 +663,7 @@ def _cluster_secrets(fleet: Fleet, route: Route, reconciler: Any) -> None:
     ) -> dict[str, Any]:
         from basalt.machinery.roles import Role
 
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
         roles = []
         for index, value in enumerate(body.roles):
             try:
@@ -665,7 +686,7 @@ def _cluster_secrets(fleet: Fleet, route: Route, reconciler: Any) -> None:
 
     @route("GET", "/v1/clusters/{name}/kubeconfig", FleetRole.OPERATOR)
     async def cluster_kubeconfig(name: str, caller: Authed) -> dict[str, Any]:
-        _in_scope(caller, name)
+        _in_scope(caller, name, fleet)
         await asyncio.to_thread(secret_read, caller, name, "kubeconfig", {})
         data = await reconciler.kubeconfig(name)
         return {"cluster": name, "kubeconfig": data.decode()}

@@ -120,6 +120,8 @@ class ClusterTemplate(_Model):
     api_version: Literal["fleet.basalt.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["Cluster"]
     name: Name
+    #: Labels of the cluster (users can be limited to clusters by label).
+    labels: dict[str, str] = Field(default_factory=dict)
     endpoint: str | None = Field(
         default=None, description="https://HOST:6443; default: the first control plane's"
     )
