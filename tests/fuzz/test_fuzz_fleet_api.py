@@ -32,7 +32,7 @@ SCHEMA = schemathesis.openapi.from_dict(APP.openapi())
 SCHEMA.app = APP
 
 BUDGET = settings(
-    max_examples=max(5, examples() // 10),
+    max_examples=max(3, examples() // 20),
     deadline=None,
     suppress_health_check=list(HealthCheck),
     database=None,

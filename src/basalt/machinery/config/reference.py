@@ -31,6 +31,7 @@ from ..yamlio import dump_documents
 from . import _schema, _types
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
 from .cluster import ClusterName, KubernetesVersion, PEMPrivateKey
+from .fleet import FleetURLText
 from .redact import secret_locs
 from .system import Ed25519PublicKey, EtcPath, FileMode, ModuleParameter
 
@@ -65,6 +66,7 @@ TYPE_LABELS: tuple[tuple[Any, str], ...] = (
     (Ed25519PublicKey, "PEM Ed25519 public key"),
     (ModuleParameter, "key=value"),
     (FileMode, "octal mode"),
+    (FleetURLText, "fleet URL"),
 )
 _BASIC_LABELS: dict[Any, str] = {str: "string", int: "integer", bool: "boolean", float: "number"}
 
