@@ -41,6 +41,17 @@ def _error(message: str, hint: str | None = None) -> Exception:
     return BasaltError(message, hint=hint)
 
 
+def _pairs(items: list[str] | None, where: str) -> dict[str, str]:
+    """``key=value`` arguments as a mapping; the first malformed one is named."""
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _error(f"{where} {item!r}: expected key=value")
+        pairs[key] = value
+    return pairs
+
+
 def parse_duration(text: str, where: str = "--ttl") -> float | None:
     """``90s``, ``30m``, ``1h``, ``7d``; ``never`` -> None."""
     if text == "never":
@@ -195,13 +206,7 @@ def token_create(
     ] = None,
 ) -> None:
     """Make a join token; prints the URL machines enrol with (basalt.fleet=URL)."""
-    labels = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise _error(f"--label {item!r}: expected key=value")
-        labels[key] = value
-    body = {"ttl": parse_duration(ttl), "uses": uses, "labels": labels}
+    body = {"ttl": parse_duration(ttl), "uses": uses, "labels": _pairs(label, "--label")}
     made = _call(ctx, "POST", "/v1/join-tokens", body)
     info(f"join token {made['id']}: {uses} use(s), expires {made['expires'] or 'never'}")
     print(made["url"])
@@ -284,13 +289,7 @@ def label(
     remove: Annotated[list[str] | None, typer.Option(help="a label key to remove")] = None,
 ) -> None:
     """Set or remove a machine's labels."""
-    wanted = {}
-    for item in labels or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise _error(f"label {item!r}: expected key=value")
-        wanted[key] = value
-    body = {"set": wanted, "remove": list(remove or [])}
+    body = {"set": _pairs(labels, "label"), "remove": list(remove or [])}
     done = _call(ctx, "PATCH", f"/v1/machines/{uuid}/labels", body)
     print(",".join(f"{k}={v}" for k, v in done["labels"].items()))
 
