@@ -43,8 +43,9 @@ def fleet_url_text(node: Node) -> tuple[str, str]:
     return "", ""
 
 
-def inventory(node: Node) -> fleet_pb2.Inventory:
-    """What the fleet is told about this machine (sent at link-up and when it changes)."""
+def inventory(node: Node, schematic: str = "") -> fleet_pb2.Inventory:
+    """What the fleet is told about this machine (sent at link-up and when it changes).
+    Cheap reads of /proc and /sys only: the agent looks every two seconds."""
     import psutil
 
     from basalt.machinery.api import fleet_pb2
@@ -67,11 +68,6 @@ def inventory(node: Node) -> fleet_pb2.Inventory:
 
         document = node.config.first(ClusterConfig)
         cluster = document.name if document is not None else ""
-    schematic = ""
-    if platform.extensions or platform.mode.requires_install:
-        from .extensions import schematic_record
-
-        schematic = str(schematic_record(platform.system_root).get("id", ""))
     return fleet_pb2.Inventory(
         hostname=node.hostname,
         arch=platform.arch,
@@ -133,11 +129,17 @@ def start(node: Node) -> FleetAgent | None:
         node.events.publish("fleet", f"not linking to a fleet: {exc}", actor="fleet")
         log.error("not linking to a fleet: %s", exc.one_line())
         return None
+    schematic = ""
+    if node.platform.extensions or node.platform.mode.requires_install:
+        from .extensions import schematic_record
+
+        # The image's schematic does not change while it runs: read once.
+        schematic = str(schematic_record(node.platform.system_root).get("id", ""))
     agent = FleetAgent(
         url=url,
         directory=node.platform.fleet_dir,
         machine_uuid=node.platform.machine_uuid(),
-        inventory=lambda: inventory(node),
+        inventory=lambda: inventory(node, schematic),
         api_host=_api_host(node),
         api_port=API_PORT,
         hostname=node.hostname,
