@@ -211,15 +211,20 @@ def make_app(fleet: Fleet) -> FastAPI:
             headers["Allow"] = ", ".join(allowed)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
+    public_paths: list[re.Pattern[str]] = []
+
     @app.middleware("http")
     async def authenticate_first(request: Request, call_next: Callable[[Request], Any]) -> Response:
         """The token is checked before anything else of the request is read: without
         one, no route but the public ones answers anything but 401."""
         path = request.url.path
-        public = any(
-            role == PUBLIC and _path_pattern(template).match(path)
-            for (_method, template), role in ROUTE_ROLES.items()
-        )
+        if not public_paths:  # every route is declared by the first request
+            public_paths.extend(
+                _path_pattern(template)
+                for (_method, template), role in ROUTE_ROLES.items()
+                if role == PUBLIC
+            )
+        public = any(pattern.match(path) for pattern in public_paths)
         if not public:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
