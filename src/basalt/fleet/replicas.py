@@ -61,16 +61,17 @@ class Replicas:
         self.fleet = fleet
         self.is_leader = not fleet.database.is_postgresql
         self._lock_connection: Any = None
-        self._tls_dir = Path(tempfile.mkdtemp(prefix="basalt-fleet-replica-"))
-        crt, key, ca = _tls_files(fleet, self._tls_dir)
-        self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.server_context.load_cert_chain(crt, key)
-        self.server_context.load_verify_locations(cafile=ca)
-        self.server_context.verify_mode = ssl.CERT_REQUIRED
-        self.client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self.client_context.load_cert_chain(crt, key)
-        self.client_context.load_verify_locations(cafile=ca)
-        self.client_context.check_hostname = False
+        # ssl reads a key only from a file: a private directory, gone once it is read.
+        with tempfile.TemporaryDirectory(prefix="basalt-fleet-replica-") as tmp:
+            crt, key, ca = _tls_files(fleet, Path(tmp))
+            self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.server_context.load_cert_chain(crt, key)
+            self.server_context.load_verify_locations(cafile=ca)
+            self.server_context.verify_mode = ssl.CERT_REQUIRED
+            self.client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            self.client_context.load_cert_chain(crt, key)
+            self.client_context.load_verify_locations(cafile=ca)
+            self.client_context.check_hostname = False
         self.server: asyncio.AbstractServer | None = None
         self.remote_servers: dict[str, tuple[asyncio.AbstractServer, Path]] = {}
         self.on_leader: Callable[[], Awaitable[None]] | None = None

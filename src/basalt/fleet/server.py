@@ -142,6 +142,9 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
         web = asyncio.create_task(server.serve(sockets=[rest_socket]), name="rest")
         while not server.started and not web.done():
             await asyncio.sleep(0.05)
+        # uvicorn has read the key: it need not lie on disk while the fleet runs.
+        for leftover in Path(tmp).iterdir():
+            leftover.unlink(missing_ok=True)
         if web.done():
             flusher.cancel()
             await link_server.stop(None)
