@@ -29,6 +29,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "image": ("image", "app"),
     "containers": ("containers", "app"),
     "fleet": ("fleet", "app"),
+    "release": ("release", "app"),
 }
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "validate"),

@@ -1,0 +1,180 @@
+"""Release channels as a TUF repository: what ``basaltctl release`` writes, checked with
+python-tuf's own client over HTTP on loopback, as a node's updater will read it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from basalt.machinery.releases.repository import ReleaseError, Repository
+from tests.fakes.bundles import metal_bundle
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Repository, str]]:
+    repo = Repository.init(tmp_path / "repo")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(repo.directory))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield repo, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def updater(repo: Repository, url: str, work: Path) -> object:
+    """python-tuf's client, trusting the repository's first root (as a node pins it)."""
+    from tuf.ngclient import Updater
+
+    work.mkdir(exist_ok=True)
+    (work / "targets").mkdir(exist_ok=True)
+    root = (repo.metadata / "1.root.json").read_bytes()
+    return Updater(
+        str(work),
+        f"{url}/metadata/",
+        str(work / "targets"),
+        f"{url}/targets/",
+        bootstrap=root,
+    )
+
+
+def test_publish_promote_yank_as_a_client_sees_them(
+    served: tuple[Repository, str], tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    repo, url = served
+    bundle = metal_bundle(tmp_path, keypair, "0.2.0", b"root-0.2.0")
+    published = repo.publish(bundle.source, "0.2.0", "x86_64", "beta")
+    assert published.path == "beta/basalt-0.2.0-x86_64.tar"
+    client = updater(repo, url, tmp_path / "client")
+    client.refresh()  # type: ignore[attr-defined]
+    info = client.get_targetinfo("beta/basalt-0.2.0-x86_64.tar")  # type: ignore[attr-defined]
+    assert info is not None and info.custom == {"version": "0.2.0", "arch": "x86_64"}
+    path = client.download_target(info)  # type: ignore[attr-defined]
+    assert Path(path).read_bytes() == bundle.source.read_bytes()
+    assert client.get_targetinfo("stable/basalt-0.2.0-x86_64.tar") is None  # type: ignore[attr-defined]
+
+    repo.promote("0.2.0", "beta", "stable")
+    repo.yank("0.2.0", ["beta"])
+    fresh = updater(repo, url, tmp_path / "client2")
+    fresh.refresh()  # type: ignore[attr-defined]
+    stable = fresh.get_targetinfo("stable/basalt-0.2.0-x86_64.tar")  # type: ignore[attr-defined]
+    beta = fresh.get_targetinfo("beta/basalt-0.2.0-x86_64.tar")  # type: ignore[attr-defined]
+    assert stable.custom.get("yanked") is None and beta.custom["yanked"] is True
+    assert [(r.channel, r.yanked) for r in repo.releases()] == [
+        ("beta", True),
+        ("stable", False),
+    ]
+
+
+def test_refusals_name_what_is_wrong(served: tuple[Repository, str], tmp_path: Path,
+                                     keypair: tuple[str, str]) -> None:  # fmt: skip
+    repo, _ = served
+    bundle = metal_bundle(tmp_path, keypair, "0.3.0", b"root")
+    repo.publish(bundle.source, "0.3.0", "x86_64", "alpha")
+    with pytest.raises(ReleaseError, match="in alpha already"):
+        repo.publish(bundle.source, "0.3.0", "x86_64", "alpha")
+    with pytest.raises(ReleaseError, match="channel 'nightly' is not in"):
+        repo.publish(bundle.source, "0.3.0", "x86_64", "nightly")
+    with pytest.raises(ReleaseError, match=r"0\.9\.9 is not in channel alpha \(there: 0\.3\.0\)"):
+        repo.promote("0.9.9", "alpha", "beta")
+    repo.yank("0.3.0")
+    with pytest.raises(ReleaseError, match="yanked"):
+        repo.promote("0.3.0", "alpha", "beta")
+    with pytest.raises(ReleaseError, match="holds a release repository already"):
+        Repository.init(repo.directory)
+    (repo.keys / "root.pem").rename(tmp_path / "offline-root.pem")
+    repo.timestamp()  # daily work needs no root key
+
+
+def test_a_client_refuses_expired_replayed_and_tampered_metadata(
+    served: tuple[Repository, str], tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    from tuf.api.exceptions import ExpiredMetadataError, LengthOrHashMismatchError, RepositoryError
+
+    repo, url = served
+    bundle = metal_bundle(tmp_path, keypair, "0.4.0", b"root")
+    repo.publish(bundle.source, "0.4.0", "x86_64", "stable")
+    client = updater(repo, url, tmp_path / "seen")
+    client.refresh()  # type: ignore[attr-defined]
+
+    # Replay: an older snapshot and timestamp served after the client saw newer ones.
+    old_snapshot = (repo.metadata / "snapshot.json").read_bytes()
+    old_timestamp = (repo.metadata / "timestamp.json").read_bytes()
+    repo.yank("0.4.0")
+    updater(repo, url, tmp_path / "seen").refresh()  # type: ignore[attr-defined]
+    new_snapshot = (repo.metadata / "snapshot.json").read_bytes()
+    (repo.metadata / "snapshot.json").write_bytes(old_snapshot)
+    (repo.metadata / "timestamp.json").write_bytes(old_timestamp)
+    with pytest.raises(RepositoryError):
+        updater(repo, url, tmp_path / "seen").refresh()  # type: ignore[attr-defined]
+    (repo.metadata / "snapshot.json").write_bytes(new_snapshot)
+    repo.timestamp()
+
+    # Expired: a timestamp signed to expire in the past.
+    from tuf.api.metadata import Metadata
+
+    expired = Metadata.from_file(str(repo.metadata / "timestamp.json"))
+    expired.signed.version += 1
+    expired.signed.expires = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    expired.signatures.clear()
+    expired.sign(repo._signer("timestamp"))
+    repo._save("timestamp", expired)
+    with pytest.raises(ExpiredMetadataError):
+        updater(repo, url, tmp_path / "fresh").refresh()  # type: ignore[attr-defined]
+    repo.timestamp()
+
+    # Tampered: the bundle on the server is not the one the metadata lists.
+    target = repo.targets / "stable" / "basalt-0.4.0-x86_64.tar"
+    data = target.read_bytes()
+    target.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+    fresh = updater(repo, url, tmp_path / "fresh2")
+    fresh.refresh()  # type: ignore[attr-defined]
+    info = fresh.get_targetinfo("stable/basalt-0.4.0-x86_64.tar")  # type: ignore[attr-defined]
+    with pytest.raises(LengthOrHashMismatchError):
+        fresh.download_target(info)  # type: ignore[attr-defined]
+
+
+def test_the_cli_verifies_the_bundle_signature_before_publishing(
+    tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    from basalt.cli.main import build_app
+    from basalt.machinery.images import generate_signing_key
+
+    app = build_app("release")
+    runner = CliRunner()
+    repo_dir = tmp_path / "repo"
+    assert runner.invoke(app, ["release", "init", str(repo_dir)]).exit_code == 0
+    bundle = metal_bundle(tmp_path, keypair, "0.5.0", b"root")
+    good = tmp_path / "good.pub"
+    good.write_text(keypair[1])
+    other = tmp_path / "other.pub"
+    other.write_text(generate_signing_key()[1])
+    refused = runner.invoke(
+        app, ["release", "publish", str(repo_dir), str(bundle.source), "--channel", "beta",
+              "--key", str(other)],
+    )  # fmt: skip
+    assert refused.exit_code != 0
+    assert Repository(repo_dir).releases() == []
+    done = runner.invoke(
+        app, ["release", "publish", str(repo_dir), str(bundle.source), "--channel", "beta",
+              "--key", str(good)],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    listing = runner.invoke(app, ["release", "list", str(repo_dir)])
+    assert "0.5.0" in listing.output and "beta" in listing.output
+    meta = json.loads((repo_dir / "metadata" / "beta.json").read_text())
+    assert meta["signed"]["targets"]["beta/basalt-0.5.0-x86_64.tar"]["custom"]["version"] == "0.5.0"
