@@ -56,7 +56,8 @@ def publish(
     ],
     arch: Annotated[str, typer.Option("--arch", help="The bundle's architecture.")] = "x86_64",
     via: Annotated[
-        str, typer.Option("--via", help="Nodes below this version go through this release first.")
+        str,
+        typer.Option("--via", help="Nodes below this version reach this release only through it."),
     ] = "",
 ) -> None:
     """Verify a bundle's signature and add it to a channel."""

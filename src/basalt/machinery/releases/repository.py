@@ -11,8 +11,8 @@ Top-level ``targets`` signs nothing but the delegations: each channel's role (it
 key) lists that channel's bundles under ``CHANNEL/``. A bundle stays signed with its
 Ed25519 image key, so a node checks both TUF's hashes and the bundle's signature. Each
 target says in ``custom`` its version and architecture; ``yanked`` marks a release no
-node may take (a dead end), ``via`` an upgrade hop: nodes below that version go through
-this release first.
+node may take (a dead end); ``via: W`` makes a node below W reach this release only
+through release W (see :mod:`.graph`).
 
 Expiry: root a year, targets and channels 90 days, snapshot 7 days, timestamp 1 day;
 ``timestamp`` re-signs the short-lived ones. Versions of every role only go up, so a
