@@ -173,6 +173,48 @@ def test_drift_behind_the_fleets_back_is_named_then_corrected(
     assert fleet.ctl("fleet", "diff", "e2e", check=False).returncode == 0
 
 
+def _fleetlock(fleet: FleetProcess, path: str, node: str) -> tuple[int, dict[str, Any]]:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from basalt.machinery.client.config import load_client_config
+
+    login = load_client_config(fleet.client_config).fleet
+    assert login is not None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=login.ca)
+    request = urllib.request.Request(
+        f"{login.url}{path}",
+        data=json.dumps({"client_params": {"id": node, "group": "default"}}).encode(),
+        headers={
+            "Authorization": f"Bearer {login.token}",
+            "Content-Type": "application/json",
+            "fleet-lock-protocol": "true",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_fleetlock_lets_one_control_plane_of_a_cluster_reboot_at_a_time(
+    world: tuple[FleetProcess, ClusterRecord, Path],
+) -> None:
+    fleet, _, _ = world
+    first, second = [m["uuid"] for m in fleet.machines() if m["role"] == "controlplane"][:2]
+    code, body = _fleetlock(fleet, "/v1/pre-reboot", first)
+    assert code == 200 and body["group"] == "e2e-controlplanes"  # whatever group it asked
+    code, body = _fleetlock(fleet, "/v1/pre-reboot", second)
+    assert code == 409 and body["kind"] == "failed_lock" and first in body["value"]
+    assert _fleetlock(fleet, "/v1/steady-state", first)[0] == 200
+    assert _fleetlock(fleet, "/v1/pre-reboot", second)[0] == 200  # its peers are ready
+    assert _fleetlock(fleet, "/v1/steady-state", second)[0] == 200
+
+
 def test_fleet_restarted_mid_operation_finishes_it(
     world: tuple[FleetProcess, ClusterRecord, Path],
 ) -> None:

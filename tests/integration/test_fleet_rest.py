@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from basalt.fleet import audit
+from basalt.fleet.auth import FleetRole
 from basalt.fleet.core import Fleet, FleetOptions
 from basalt.fleet.db import AuditEntry
 from basalt.fleet.migrations import current, upgrade
@@ -32,7 +33,7 @@ from tests.fakes.postgres import PostgresServer, remove_postgres, start_postgres
 
 pytestmark = pytest.mark.integration
 
-ROLES = ("fleet:reader", "fleet:operator", "fleet:admin")
+ROLES = ("fleet:reboot", "fleet:reader", "fleet:operator", "fleet:admin")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
     from basalt.fleet.db import Base
 
     engine = fleet.database.engine
-    assert current(engine) == "0002"
+    assert current(engine) == "0003"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     # Down to nothing and back: the history replays on a database that had it.
@@ -127,7 +128,7 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
             )
         )
     upgrade(engine)
-    assert current(engine) == "0002"
+    assert current(engine) == "0003"
     with engine.connect() as connection:
         row = connection.execute(text("SELECT role, machine_set FROM machines")).one()
     assert tuple(row) == ("", "")
@@ -166,7 +167,6 @@ def test_every_route_has_a_role_and_the_matrix_holds(api: TestClient, fleet: Fle
     declared = {(m, r.path) for r in api.app.routes if isinstance(r, APIRoute) for m in r.methods}
     assert declared == set(ROUTE_ROLES), "every route is declared with route(..., role)"
     headers = {role: user_headers(api, fleet, role) for role in ROLES}
-    rank = {role: i for i, role in enumerate(ROLES)}
     for (method, path), needed in sorted(ROUTE_ROLES.items()):
         url = _concrete(path)
         anonymous = api.request(method, url, json={})
@@ -178,7 +178,7 @@ def test_every_route_has_a_role_and_the_matrix_holds(api: TestClient, fleet: Fle
         assert bogus.status_code == 401, (method, path)
         for role in ROLES:
             answer = api.request(method, url, json={}, headers=headers[role])
-            if rank[role] < rank[str(needed)]:
+            if not FleetRole(role).allows(FleetRole(str(needed))):
                 assert answer.status_code == 403, (method, path, role, answer.text)
                 assert needed in answer.json()["detail"]
             else:
@@ -380,3 +380,47 @@ def test_users_limited_to_clusters_by_name_or_label(api: TestClient, fleet: Flee
     assert outside.status_code == 403 and "alpha-only may not act on cluster beta" in outside.text
     assert apply(by_label, "gamma", "y").status_code == 403
     assert api.get("/v1/clusters/beta", headers=by_name).status_code == 403
+
+
+# -- FleetLock ----------------------------------------------------------------------------------
+
+FLEETLOCK = {"fleet-lock-protocol": "true"}
+
+
+def test_fleetlock_slots_per_group(api: TestClient, fleet: Fleet) -> None:
+    import base64
+
+    reboot = user_headers(api, fleet, "fleet:reboot", "updater")
+    token = reboot["Authorization"].removeprefix("Bearer ")
+    # A FleetLock client puts the token in its URL: basic auth, the token as password.
+    basic = {"Authorization": "Basic " + base64.b64encode(f"x:{token}".encode()).decode()}
+
+    def call(path: str, node: str, group: str = "workers", auth: dict[str, str] = reboot) -> Any:
+        body = {"client_params": {"id": node, "group": group}}
+        return api.post(path, json=body, headers={**auth, **FLEETLOCK})
+
+    assert call("/v1/pre-reboot", "node-a").status_code == 200
+    assert call("/v1/pre-reboot", "node-a").status_code == 200  # idempotent
+    busy = call("/v1/pre-reboot", "node-b", auth=basic)
+    assert busy.status_code == 409
+    assert busy.json()["kind"] == "failed_lock" and "held (by node-a)" in busy.json()["value"]
+    assert call("/v1/pre-reboot", "node-c", group="other").status_code == 200
+    assert call("/v1/steady-state", "node-a").status_code == 200
+    assert call("/v1/steady-state", "node-a").status_code == 200  # idempotent
+    assert call("/v1/pre-reboot", "node-b", auth=basic).status_code == 200
+    # An operator gives a group more slots.
+    widen = api.put("/v1/reboot-groups/workers", json={"slots": 2}, headers=admin_headers(fleet))
+    assert widen.status_code == 200
+    assert call("/v1/pre-reboot", "node-d").status_code == 200
+    groups = api.get("/v1/reboot-groups", headers=admin_headers(fleet)).json()
+    assert {"group": "workers", "slots": 2, "holders": ["node-b", "node-d"]} in groups
+    # The protocol header is required; a reboot token reads nothing else.
+    plain = api.post(
+        "/v1/pre-reboot", json={"client_params": {"id": "n", "group": "g"}}, headers=reboot
+    )
+    assert plain.status_code == 400 and "fleet-lock-protocol" in plain.text
+    assert api.get("/v1/machines", headers=reboot).status_code == 403
+    bad = call("/v1/pre-reboot", "n", group="no spaces allowed")
+    assert bad.status_code == 400 and "client_params.group" in bad.text
+    actions = [e["action"] for e in api.get("/v1/audit", headers=admin_headers(fleet)).json()]
+    assert actions.count("reboot.take") == 4 and actions.count("reboot.release") == 1

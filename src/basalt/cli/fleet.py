@@ -632,3 +632,26 @@ def restore(
     info(f"cluster {name}: restoring etcd from {snapshot}")
     if wait:
         _wait_cluster(ctx, name, timeout)
+
+
+# -- reboot coordination (FleetLock) -------------------------------------------------------
+@app.command("reboot-groups")
+def reboot_groups(ctx: typer.Context) -> None:
+    """FleetLock groups: their slots and who holds them."""
+    rows = _call(ctx, "GET", "/v1/reboot-groups")
+    table(
+        ["GROUP", "SLOTS", "HOLDERS"],
+        ([r["group"], r["slots"], ",".join(r["holders"])] for r in rows),
+    )
+
+
+@app.command("reboot-group")
+def reboot_group(
+    ctx: typer.Context,
+    group: str,
+    slots: Annotated[int, typer.Option("--slots", help="How many may reboot at once.")],
+) -> None:
+    """Set how many machines of a FleetLock group may reboot at once (control planes of
+    a fleet cluster always go one at a time)."""
+    _call(ctx, "PUT", f"/v1/reboot-groups/{group}", {"slots": slots})
+    info(f"group {group}: {slots} reboot slot(s)")

@@ -19,12 +19,19 @@ class FleetRole(enum.StrEnum):
     ADMIN = "fleet:admin"
     OPERATOR = "fleet:operator"
     READER = "fleet:reader"
+    #: Takes and gives back reboot slots (FleetLock) and nothing else: what a node's
+    #: updater, or another FleetLock client, is given.
+    REBOOT = "fleet:reboot"
 
     @property
     def rank(self) -> int:
-        return {"fleet:reader": 1, "fleet:operator": 2, "fleet:admin": 3}[self.value]
+        return {"fleet:reboot": 0, "fleet:reader": 1, "fleet:operator": 2, "fleet:admin": 3}[
+            self.value
+        ]
 
     def allows(self, needed: FleetRole) -> bool:
+        if needed is FleetRole.REBOOT:  # not a reader's right: operators and admins may
+            return self in (FleetRole.REBOOT, FleetRole.OPERATOR, FleetRole.ADMIN)
         return self.rank >= needed.rank
 
 

@@ -163,6 +163,25 @@ class Replica(Base):
     seen: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class RebootSlot(Base):
+    """A reboot slot held (FleetLock): a group's holders, at most its slots."""
+
+    __tablename__ = "reboot_slots"
+
+    group_name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(253), primary_key=True)
+    since: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RebootGroup(Base):
+    """How many machines of a group may reboot at once (1 when a group has no row)."""
+
+    __tablename__ = "reboot_groups"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer, default=1)
+
+
 class Setting(Base):
     """Small facts the fleet keeps about itself (its CA, its first admin)."""
 

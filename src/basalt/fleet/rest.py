@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 import time
 from collections.abc import Callable
@@ -53,6 +54,9 @@ class Model(BaseModel):
 class ErrorBody(Model):
     detail: str | list[Any]
     hint: str | None = None
+    #: FleetLock's error fields (its routes only).
+    kind: str | None = None
+    value: str | None = None
 
 
 #: Every route may refuse: the document says how (schemathesis checks it does).
@@ -150,6 +154,24 @@ def linked_anywhere(fleet: Fleet) -> Callable[[Any], bool]:
     return lambda m: m.uuid in local or (bool(m.replica) and m.replica in alive)
 
 
+def _token_of(header: str) -> str:
+    """The API token of an ``Authorization`` header: ``Bearer TOKEN``, or ``Basic`` with
+    the token as the password (what a FleetLock client puts in its URL)."""
+    import base64
+    import binascii
+
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2].strip()
+    return ""
+
+
 def _path_pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
 
@@ -158,15 +180,16 @@ def caller_of(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    """The user an ``Authorization: Bearer`` token belongs to."""
+    """The user an ``Authorization: Bearer`` (or Basic) token belongs to; the middleware
+    has checked it already."""
+    known = getattr(request.state, "caller", None)
+    if isinstance(known, Caller):
+        return known
     if credentials is None:
         raise service.Unauthenticated(
             "this route needs an API token (Authorization: Bearer ...)",
             hint="log in with 'basaltctl fleet login URL --token TOKEN'",
         )
-    known = getattr(request.state, "caller", None)
-    if isinstance(known, Caller):
-        return known
     fleet: Fleet = request.app.state.fleet
     with fleet.database.session() as session:
         return service.authenticate(session, credentials.credentials)
@@ -226,8 +249,8 @@ def make_app(fleet: Fleet) -> FastAPI:
             )
         public = any(pattern.match(path) for pattern in public_paths)
         if not public:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+            token = _token_of(request.headers.get("authorization", ""))
+            if not token:
                 return _error(
                     service.Unauthenticated(
                         "this route needs an API token (Authorization: Bearer ...)",
@@ -237,7 +260,7 @@ def make_app(fleet: Fleet) -> FastAPI:
 
             def check() -> Caller:
                 with fleet.database.session() as session:
-                    return service.authenticate(session, token.strip())
+                    return service.authenticate(session, token)
 
             try:
                 request.state.caller = await asyncio.to_thread(check)
@@ -279,6 +302,7 @@ def make_app(fleet: Fleet) -> FastAPI:
     _operators(fleet, route)
     _admins(fleet, route)
     _clusters(app, fleet, route)
+    _fleetlock(app, fleet, route)
     return app
 
 
@@ -695,3 +719,102 @@ def _cluster_secrets(fleet: Fleet, route: Route, reconciler: Any) -> None:
         await asyncio.to_thread(secret_read, caller, name, "kubeconfig", {})
         data = await reconciler.kubeconfig(name)
         return {"cluster": name, "kubeconfig": data.decode()}
+
+
+class ClientParams(Model):
+    id: str = Field(min_length=1, max_length=253)
+    group: str = Field(default="default", max_length=63)
+
+
+class FleetLockRequest(Model):
+    client_params: ClientParams
+
+
+class RebootGroupRequest(Model):
+    slots: int = Field(ge=1, le=10_000)
+
+
+def _fleetlock(app: FastAPI, fleet: Fleet, route: Route) -> None:
+    """FleetLock (reboot slots) and the groups' sizes."""
+    from . import fleetlock
+
+    def protocol(request: Request) -> None:
+        if request.headers.get("fleet-lock-protocol", "").lower() != "true":
+            raise service.FleetError(
+                "FleetLock requests carry the header fleet-lock-protocol: true"
+            )
+
+    def failed(kind: str, exc: BasaltError) -> JSONResponse:
+        response = _error(exc)
+        body = json.loads(bytes(response.body))
+        body.update(kind=kind, value=str(exc))
+        return JSONResponse(body, status_code=response.status_code)
+
+    async def peers_ready(client: Any) -> str:
+        """'' when every other control plane of the client's cluster is ready."""
+        nodes = app.state.reconciler.nodes
+        for peer in client.peers:
+            try:
+                status = await nodes.resource(peer, client.cluster, "MachineStatuses", "machine")
+            except Exception as exc:
+                return f"control plane {peer} cannot be asked ({exc})"
+            if not status.get("ready"):
+                return f"control plane {peer} is not ready: its etcd member may not be healthy"
+        return ""
+
+    @route("POST", "/v1/pre-reboot", FleetRole.REBOOT)
+    async def pre_reboot(body: FleetLockRequest, request: Request) -> Response:
+        try:
+            protocol(request)
+
+            def resolve() -> Any:
+                with fleet.database.session() as session:
+                    return fleetlock.resolve(
+                        session, body.client_params.id, body.client_params.group
+                    )
+
+            client = await asyncio.to_thread(resolve)
+            if client.peers:
+                reason = await peers_ready(client)
+                if reason:
+                    raise fleetlock.SlotBusy(
+                        f"group {client.group}: {reason}", hint="quorum first: try again later"
+                    )
+
+            def take() -> None:
+                with fleet.database.session() as session:
+                    fleetlock.take(session, client)
+
+            await asyncio.to_thread(take)
+        except BasaltError as exc:
+            return failed("failed_lock", exc)
+        return JSONResponse({"group": client.group, "holder": client.id})
+
+    @route("POST", "/v1/steady-state", FleetRole.REBOOT)
+    async def steady_state(body: FleetLockRequest, request: Request) -> Response:
+        try:
+            protocol(request)
+
+            def give_back() -> Any:
+                with fleet.database.session() as session:
+                    client = fleetlock.resolve(
+                        session, body.client_params.id, body.client_params.group
+                    )
+                    fleetlock.give_back(session, client)
+                    return client
+
+            client = await asyncio.to_thread(give_back)
+        except BasaltError as exc:
+            return failed("failed_unlock", exc)
+        return JSONResponse({"group": client.group, "released": client.id})
+
+    @route("GET", "/v1/reboot-groups", FleetRole.READER)
+    def reboot_groups() -> list[dict[str, Any]]:
+        with fleet.database.session() as session:
+            return fleetlock.groups(session)
+
+    @route("PUT", "/v1/reboot-groups/{group}", FleetRole.OPERATOR)
+    def set_reboot_group(group: str, body: RebootGroupRequest, caller: Authed) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            fleetlock.set_slots(session, caller.name, group, body.slots)
+        return {"group": group, "slots": body.slots}
