@@ -147,11 +147,8 @@ def login(
     ] = None,
 ) -> None:
     """Check the fleet's CA and the token, and store both in the client config."""
-    import ssl
-    import urllib.request
 
     from basalt.machinery.client.config import FleetLogin, save_client_config
-    from basalt.machinery.fleetlink.url import ca_fingerprint as fingerprint_of
 
     if (token is None) == (token_file is None):
         raise _error("give the API token with exactly one of --token and --token-file")
@@ -161,23 +158,15 @@ def login(
     if ca is not None:
         ca_pem = read_text(ca, "CA file")
     elif ca_fingerprint is not None:
-        unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        unverified.check_hostname = False
-        unverified.verify_mode = ssl.CERT_NONE
-        try:
-            with urllib.request.urlopen(
-                url.rstrip("/") + "/v1/ca", timeout=30, context=unverified
-            ) as answer:
-                ca_pem = answer.read().decode()
-        except OSError as exc:
-            raise _error(f"cannot reach the fleet at {url}: {exc}") from None
-        wanted = ca_fingerprint.removeprefix("sha256:").lower()
-        got = fingerprint_of(ca_pem)
-        if got != wanted:
-            raise _error(
-                f"the fleet at {url} presents CA sha256:{got}, not sha256:{wanted}",
-                "check the fingerprint with the fleet's operator; do not log in",
-            )
+        from urllib.parse import urlsplit
+
+        from basalt.machinery.fleetlink.enrol import fetch_pinned_ca
+        from basalt.machinery.fleetlink.url import FleetURL
+
+        parts = urlsplit(url)
+        pin = ca_fingerprint.removeprefix("sha256:").lower()
+        # The same first contact a machine makes: the CA is taken only if its hash is pinned.
+        ca_pem = fetch_pinned_ca(FleetURL(parts.hostname or "", parts.port or 443, "", pin))
     else:
         raise _error("give the fleet's CA with --ca FILE or --ca-fingerprint sha256:HEX")
     me = request(url, secret, ca_pem, "GET", "/v1/whoami")

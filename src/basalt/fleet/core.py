@@ -107,6 +107,17 @@ class Fleet:
         )
         return str(FleetURL(chosen, self.options.port, token, self.ca_sha256))
 
+    def write_tls(self, directory: Path) -> tuple[str, str, str]:
+        """The server certificate chain, its key (0600) and the CA as files in
+        ``directory`` (ssl reads them only from files): (chain, key, ca)."""
+        assert self.server_cert.key is not None
+        chain, key, ca = directory / "server.crt", directory / "server.key", directory / "ca.crt"
+        chain.write_text(self.server_cert.crt + self.ca.crt)
+        key.touch(mode=0o600)
+        key.write_text(self.server_cert.key)
+        ca.write_text(self.ca.crt)
+        return str(chain), str(key), str(ca)
+
     def machine_counts(self) -> dict[str, int]:
         with self.database.session() as session:
             rows = session.execute(select(Machine.state, func.count()).group_by(Machine.state))

@@ -44,16 +44,6 @@ class ForwardError(BasaltError):
     kind = ErrorKind.UNAVAILABLE
 
 
-def _tls_files(fleet: Fleet, directory: Path) -> tuple[str, str, str]:
-    assert fleet.server_cert.key is not None
-    crt, key, ca = directory / "replica.crt", directory / "replica.key", directory / "ca.crt"
-    crt.write_text(fleet.server_cert.crt)
-    key.touch(mode=0o600)
-    key.write_text(fleet.server_cert.key)
-    ca.write_text(fleet.ca.crt)
-    return str(crt), str(key), str(ca)
-
-
 class Replicas:
     """This replica's leadership, presence and forwarding."""
 
@@ -63,7 +53,7 @@ class Replicas:
         self._lock_connection: Any = None
         # ssl reads a key only from a file: a private directory, gone once it is read.
         with tempfile.TemporaryDirectory(prefix="basalt-fleet-replica-") as tmp:
-            crt, key, ca = _tls_files(fleet, Path(tmp))
+            crt, key, ca = fleet.write_tls(Path(tmp))
             self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.server_context.load_cert_chain(crt, key)
             self.server_context.load_verify_locations(cafile=ca)

@@ -30,16 +30,6 @@ class ListenError(BasaltError):
 log = logging.getLogger("basalt.fleet")
 
 
-def _tls_files(fleet: Fleet, directory: Path) -> tuple[str, str]:
-    crt = directory / "server.crt"
-    key = directory / "server.key"
-    assert fleet.server_cert.key is not None
-    crt.write_text(fleet.server_cert.crt + fleet.ca.crt)
-    key.touch(mode=0o600)
-    key.write_text(fleet.server_cert.key)
-    return str(crt), str(key)
-
-
 async def start_link_server(fleet: Fleet) -> grpc.aio.Server:
     server = grpc.aio.server(
         options=[
@@ -121,7 +111,7 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
     await asyncio.to_thread(app.state.replicas.forget_others)
     flusher = asyncio.create_task(fleet.links.flush_loop(), name="last-seen")
     with tempfile.TemporaryDirectory(prefix="basalt-fleet-tls-") as tmp:
-        certfile, keyfile = _tls_files(fleet, Path(tmp))
+        certfile, keyfile, _ca = fleet.write_tls(Path(tmp))
         config = uvicorn.Config(
             app,
             host=fleet.options.host,
