@@ -135,6 +135,7 @@ def upgradable_cluster(
     gates_timeout: int,
     controlplanes: int = 1,
     workers: int = 1,
+    patches: Sequence[Any] = (),
 ) -> LiveCluster:
     """:func:`start_cluster` for upgrade tests: the nodes trust ``trusted_key`` (a public
     PEM) for bundles, through an ImageVerificationConfig patch, and a slot on trial has
@@ -147,7 +148,7 @@ def upgradable_cluster(
         controlplanes=controlplanes,
         workers=workers,
         machined_args=("--boot-assessment-timeout", str(gates_timeout)),
-        patches=(patch,),
+        patches=(patch, *patches),
     )
 
 

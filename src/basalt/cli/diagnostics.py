@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,9 +18,6 @@ FollowOption = Annotated[bool, typer.Option("-f", "--follow", help="Keep streami
 
 _MIB = 1024 * 1024
 _GB = 1000**3
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smh])+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smh])")
-_UNITS = {"s": 1, "m": 60, "h": 3600}
 #: ``since_seconds`` that leaves out all history (0 would mean "no limit").
 _NO_HISTORY = 1e-6
 
@@ -48,10 +44,11 @@ def dmesg(
 
 def parse_since(text: str) -> tuple[str, float]:
     """``--since``: a duration (``90s``, ``5m``, ``1h30m``) or an event id -> (id, seconds)."""
+    from basalt.machinery.durations import parse_duration
     from basalt.machinery.errors import BasaltError
 
-    if _DURATION.fullmatch(text):
-        seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    seconds = parse_duration(text)
+    if seconds is not None:
         return "", max(seconds, _NO_HISTORY)  # the API reads 0 as "everything"
     if text.isascii() and text.isdigit():
         return text, 0.0

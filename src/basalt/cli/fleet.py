@@ -8,7 +8,6 @@ fleet's CA as the only trust root: no HTTP library is loaded at start-up.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,9 +25,6 @@ token_app = typer.Typer(help="Join tokens: what machines enrol with.", no_args_i
 user_app = typer.Typer(help="Fleet users and their API tokens (fleet:admin).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(user_app, name="user")
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class FleetAPIError(Exception):
@@ -54,12 +50,14 @@ def _pairs(items: list[str] | None, where: str) -> dict[str, str]:
 
 def parse_duration(text: str, where: str = "--ttl") -> float | None:
     """``90s``, ``30m``, ``1h``, ``7d``; ``never`` -> None."""
+    from basalt.machinery.durations import parse_duration as seconds_of
+
     if text == "never":
         return None
-    match = _DURATION.match(text.strip())
-    if not match:
+    seconds = seconds_of(text)
+    if seconds is None:
         raise _error(f"{where} {text!r}: expected a number with s, m, h or d (or 'never')")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    return seconds
 
 
 def _context(ca: str) -> Any:
@@ -352,7 +350,7 @@ def user_list(ctx: typer.Context) -> None:
 def user_create(
     ctx: typer.Context,
     name: str,
-    role: Annotated[str, typer.Option(help="fleet:admin, fleet:operator or fleet:reader")],
+    role: Annotated[str, typer.Option(help="fleet:admin, fleet:operator, fleet:reader or fleet:reboot")],
     cluster: Annotated[list[str] | None, typer.Option(help="limit to this cluster")] = None,
 ) -> None:
     """Make a user; prints their first API token (shown once)."""

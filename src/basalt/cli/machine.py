@@ -58,12 +58,13 @@ class ApplyModeChoice(StrEnum):
 
 
 def parse_duration(text: str) -> float:
+    from basalt.machinery.durations import parse_duration as seconds_of
     from basalt.machinery.errors import BasaltError
 
-    units = {"s": 1, "m": 60, "h": 3600}
+    seconds = seconds_of(text)
+    if seconds is not None:
+        return seconds
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
         return float(text)
     except ValueError:
         raise BasaltError(f"{text!r} is not a duration", hint="e.g. 90s, 2m or 1h") from None

@@ -30,8 +30,9 @@ class Wiring:
 
     def start_controllers(self) -> None:
         from .controllers import start_engine
+        from .updater import UpdateController
 
-        start_engine(self.node)
+        start_engine(self.node, [UpdateController(self.node)])
 
     def maintenance_api(self) -> Server:
         from .api.server import ApiServer

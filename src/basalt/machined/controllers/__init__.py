@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..runtime import Controller, ControllerEngine
@@ -39,7 +40,8 @@ def _machine_controllers(node: Node) -> list[Controller]:
     ]
 
 
-def start_engine(node: Node) -> ControllerEngine:
+def start_engine(node: Node, extra: Sequence[Controller] = ()) -> ControllerEngine:
+    """The node's controllers (and ``extra`` ones from above this layer: the updater)."""
     if node.engine is None:
         node.engine = ControllerEngine(
             node.store,
@@ -50,6 +52,7 @@ def start_engine(node: Node) -> ControllerEngine:
                 *_machine_controllers(node),
                 MembersController(node),
                 KubernetesAssetsController(node),
+                *extra,
             ],
         )
         node.engine.start()

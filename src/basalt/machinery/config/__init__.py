@@ -29,6 +29,7 @@ from .system import (
     LoggingConfig,
     SysctlConfig,
 )
+from .update import UpdateConfig
 from .validate import Mode, check_bundle, validate_bundle
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "ResolverConfig",
     "SysctlConfig",
     "TimeSyncConfig",
+    "UpdateConfig",
     "apply_patches",
     "bundle_from_raw",
     "check_bundle",

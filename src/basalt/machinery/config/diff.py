@@ -27,6 +27,7 @@ LIVE: tuple[tuple[str, str], ...] = (
     ("EnvironmentConfig", ""),
     ("LoggingConfig", ""),
     ("ImageVerificationConfig", ""),
+    ("UpdateConfig", ""),
     ("MachineConfig", "certSANs"),
     ("MachineConfig", "install"),
     ("MachineConfig", "kubelet"),

@@ -28,7 +28,7 @@ from pydantic.fields import FieldInfo
 from ..errors import BasaltError
 from ..fileio import write_atomic
 from ..yamlio import dump_documents
-from . import _schema, _types
+from . import _schema, _types, update
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
 from .cluster import ClusterName, KubernetesVersion, PEMPrivateKey
 from .fleet import FleetURLText
@@ -67,6 +67,11 @@ TYPE_LABELS: tuple[tuple[Any, str], ...] = (
     (ModuleParameter, "key=value"),
     (FileMode, "octal mode"),
     (FleetURLText, "fleet URL"),
+    (update.HttpURL, "http(s) URL"),
+    (update.DurationText, "duration"),
+    (update.TUFRoot, "TUF root JSON"),
+    (update.CronText, "cron expression"),
+    (update.TimeZoneName, "time zone"),
 )
 _BASIC_LABELS: dict[Any, str] = {str: "string", int: "integer", bool: "boolean", float: "number"}
 
@@ -115,6 +120,18 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "LoggingConfig": [{"destinations": [{"endpoint": "tcp://198.51.100.7:5044"}]}],
     "ImageVerificationConfig": [
         {"keys": [{"name": "release-2025", "publicKey": _EXAMPLE_SIGNING_KEY}]}
+    ],
+    "UpdateConfig": [
+        {
+            "repository": "https://releases.example.com/basalt/",
+            "root": '{"signed": {"_type": "root", "...": "..."}, '
+            '"signatures": [{"keyid": "...", "sig": "..."}]}',
+            "channel": "stable",
+            "mode": "auto",
+            "interval": "1h",
+            "windows": [{"cron": "0 2 * * sat,sun", "duration": "4h", "timezone": "Europe/Berlin"}],
+            "rebootCoordinator": {"url": "https://fleet.example.com:8443/", "group": "edge"},
+        }
     ],
 }
 

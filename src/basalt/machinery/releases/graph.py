@@ -69,3 +69,30 @@ def path(
         hops.append(hop.version)
         current = hop.version
     return hops
+
+
+def pinned_hop(
+    current: str,
+    releases: Iterable[Release],
+    pinned: str,
+    *,
+    arch: str = "x86_64",
+    refused: Collection[str] = (),
+) -> Release | None:
+    """The next hop towards the pinned version (None: there, or past it: a node never
+    downgrades by itself). The pinned release must be in the channel and usable."""
+    available = [r for r in releases if r.arch == arch]
+    if version_key(current) >= version_key(pinned):
+        return None
+    if not any(r.version == pinned and not r.yanked for r in available):
+        raise UpgradePathError(
+            f"pinned version {pinned} is not offered by the channel (missing or yanked)",
+            hint="pin a version 'basaltctl release list' shows, or follow the channel",
+        )
+    if pinned in refused:
+        raise UpgradePathError(
+            f"pinned version {pinned} fell back on this node before: it is not taken again",
+            hint="pin another version",
+        )
+    below = [r for r in available if version_key(r.version) <= version_key(pinned)]
+    return next_hop(current, below, arch=arch, refused=refused)

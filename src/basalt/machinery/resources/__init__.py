@@ -25,6 +25,7 @@ from .specs import (
     ServiceStatusSpec,
     TimeStatusSpec,
     UnmetCondition,
+    UpdateStatusSpec,
     VersionSpec,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "TimeStatusSpec",
     "UnknownResourceTypeError",
     "UnmetCondition",
+    "UpdateStatusSpec",
     "VersionSpec",
     "resolve_type",
 ]

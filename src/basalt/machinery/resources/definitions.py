@@ -143,6 +143,21 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         ),
     ),
     ResourceDefinition(
+        "UpdateStatuses",
+        "runtime",
+        specs.UpdateStatusSpec,
+        ("updatestatus", "updatestatuses", "update"),
+        "The updater: its channel, the running, newest and next release, what it does now.",
+        (
+            ("MODE", "mode"),
+            ("CHANNEL", "channel"),
+            ("CURRENT", "current"),
+            ("NEXT HOP", "nextHop"),
+            ("STATE", "state"),
+            ("LAST ERROR", "lastError"),
+        ),
+    ),
+    ResourceDefinition(
         "BootStatuses",
         "runtime",
         specs.BootStatusSpec,

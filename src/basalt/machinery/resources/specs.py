@@ -118,6 +118,31 @@ class BootStatusSpec(Model):
     summary: str = ""
 
 
+class UpdateStatusSpec(Model):
+    """What the node's updater (UpdateConfig) sees and does.
+
+    ``state``: ``disabled`` (no UpdateConfig), ``checking``, ``up-to-date``,
+    ``available`` (notify/manual: a newer release waits for an admin), ``waiting-window``,
+    ``waiting-slot`` (the reboot coordinator said not now), ``downloading``,
+    ``upgrading``, ``on-trial`` (the new slot runs its health gates, the slot still held),
+    ``error``. ``refused``: releases that fell back on this node, never taken again by it.
+    """
+
+    mode: str = ""
+    channel: str = ""
+    current: str = ""
+    available: str = ""
+    next_hop: str = ""
+    path: list[str] = Field(default_factory=list)
+    state: str = "disabled"
+    last_check: str = ""
+    next_check: str = ""
+    next_window: str = ""
+    last_error: str = ""
+    slot_held: str = ""
+    refused: list[str] = Field(default_factory=list)
+
+
 class TimeStatusSpec(Model):
     """The clock, as SNTP sees it: synchronised or not, against which server, how far off.
 
