@@ -178,3 +178,66 @@ def test_the_cli_verifies_the_bundle_signature_before_publishing(
     assert "0.5.0" in listing.output and "beta" in listing.output
     meta = json.loads((repo_dir / "metadata" / "beta.json").read_text())
     assert meta["signed"]["targets"]["beta/basalt-0.5.0-x86_64.tar"]["custom"]["version"] == "0.5.0"
+
+
+def test_the_node_reader_lists_downloads_and_refuses_with_a_reason(
+    served: tuple[Repository, str], tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    """What a node's updater reads (ChannelReader): releases with their graph fields; an
+    expired timestamp, a replayed snapshot, a tampered bundle and a root the node does not
+    pin are each refused with a reason that says so, and nothing is left behind."""
+    from tuf.api.metadata import Metadata
+
+    from basalt.machinery.releases.client import (
+        ChannelReader,
+        ReleaseFetchError,
+        ReleaseRefusedError,
+    )
+
+    repo, url = served
+    pinned = (repo.metadata / "1.root.json").read_bytes()
+    bundle = metal_bundle(tmp_path, keypair, "0.5.0", b"root")
+    repo.publish(bundle.source, "0.5.0", "x86_64", "stable", via="0.4.9")
+    reader = ChannelReader(url, pinned, tmp_path / "node", "stable")
+    [release] = reader.releases()
+    assert (release.version, release.via, release.yanked) == ("0.5.0", "0.4.9", False)
+    got = reader.download(release, tmp_path / "in" / "b.tar")
+    assert got.read_bytes() == bundle.source.read_bytes()
+
+    with pytest.raises(ReleaseFetchError, match="has no channel 'nightly'") as missing:
+        ChannelReader(url, pinned, tmp_path / "node", "nightly").releases()
+    assert "basaltctl release list" in (missing.value.hint or "")
+
+    old = {r: (repo.metadata / f"{r}.json").read_bytes() for r in ("snapshot", "timestamp")}
+    repo.yank("0.5.0")
+    assert reader.releases()[0].yanked
+    new = {r: (repo.metadata / f"{r}.json").read_bytes() for r in old}
+    for role, data in old.items():
+        (repo.metadata / f"{role}.json").write_bytes(data)
+    with pytest.raises(ReleaseRefusedError, match="replayed"):
+        ChannelReader(url, pinned, tmp_path / "node", "stable").releases()
+    for role, data in new.items():
+        (repo.metadata / f"{role}.json").write_bytes(data)
+
+    expired = Metadata.from_file(str(repo.metadata / "timestamp.json"))
+    expired.signed.version += 1
+    expired.signed.expires = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    expired.signatures.clear()
+    expired.sign(repo._signer("timestamp"))
+    repo._save("timestamp", expired)
+    with pytest.raises(ReleaseRefusedError, match="expired") as stale:
+        ChannelReader(url, pinned, tmp_path / "node2", "stable").releases()
+    assert "release timestamp" in (stale.value.hint or "")
+    repo.timestamp()
+
+    other = Repository.init(tmp_path / "other")
+    with pytest.raises(ReleaseRefusedError, match="not signed by the keys this node trusts"):
+        ChannelReader(url, (other.metadata / "1.root.json").read_bytes(), tmp_path / "n3",
+                      "stable").releases()  # fmt: skip
+
+    target = repo.targets / "stable" / "basalt-0.5.0-x86_64.tar"
+    target.write_bytes(b"X" + target.read_bytes()[1:])
+    fresh = ChannelReader(url, pinned, tmp_path / "node4", "stable")
+    with pytest.raises(ReleaseRefusedError, match="does not match what TUF signed"):
+        fresh.download(fresh.releases()[0], tmp_path / "in" / "c.tar")
+    assert not (tmp_path / "in" / "c.tar").exists()
