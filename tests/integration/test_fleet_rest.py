@@ -106,7 +106,7 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
     from basalt.fleet.db import Base
 
     engine = fleet.database.engine
-    assert current(engine) == "0003"
+    assert current(engine) == "0004"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     # Down to nothing and back: the history replays on a database that had it.
@@ -128,7 +128,7 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
             )
         )
     upgrade(engine)
-    assert current(engine) == "0003"
+    assert current(engine) == "0004"
     with engine.connect() as connection:
         row = connection.execute(text("SELECT role, machine_set FROM machines")).one()
     assert tuple(row) == ("", "")

@@ -350,7 +350,9 @@ def user_list(ctx: typer.Context) -> None:
 def user_create(
     ctx: typer.Context,
     name: str,
-    role: Annotated[str, typer.Option(help="fleet:admin, fleet:operator, fleet:reader or fleet:reboot")],
+    role: Annotated[
+        str, typer.Option(help="fleet:admin, fleet:operator, fleet:reader or fleet:reboot")
+    ],
     cluster: Annotated[list[str] | None, typer.Option(help="limit to this cluster")] = None,
 ) -> None:
     """Make a user; prints their first API token (shown once)."""
@@ -642,3 +644,236 @@ def reboot_group(
     a fleet cluster always go one at a time)."""
     _call(ctx, "PUT", f"/v1/reboot-groups/{group}", {"slots": slots})
     info(f"group {group}: {slots} reboot slot(s)")
+
+
+# -- releases and rollouts -----------------------------------------------------------------
+rollout_app = typer.Typer(
+    help="Rollouts: a release taken to a channel's clusters in waves that open on health.",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def _rollout_rows(rows: list[dict[str, Any]]) -> None:
+    table(
+        ["ID", "VERSION", "CHANNEL", "STATE", "WAVE", "PROGRESS", "FAILED", "CLUSTERS"],
+        (
+            [
+                r["id"],
+                r["version"],
+                r["channel"],
+                r["state"],
+                f"{r['wave']}/{r['waves'] - 1}",
+                _bar(r["healthy"], r["machines"]),
+                r["failed"],
+                ",".join(r["clusters"]),
+            ]
+            for r in rows
+        ),
+    )
+
+
+@app.command("releases")
+def releases(ctx: typer.Context) -> None:
+    """The releases of the repository the fleet serves, by channel."""
+    rows = _call(ctx, "GET", "/v1/releases")
+    table(
+        ["CHANNEL", "VERSION", "ARCH", "YANKED", "VIA"],
+        ([r["channel"], r["version"], r["arch"], r["yanked"], r["via"] or "-"] for r in rows),
+    )
+
+
+@app.command("promote")
+def promote(
+    ctx: typer.Context,
+    version: str,
+    source: Annotated[str, typer.Option("--from", help="The channel it runs in.")] = "beta",
+    destination: Annotated[str, typer.Option("--to", help="The channel to add it to.")] = (
+        "stable"
+    ),
+    force: Annotated[
+        bool, typer.Option(help="Skip the promotion rule (fleet:admin; audited).")
+    ] = False,
+) -> None:
+    """Promote a release once the fleet saw it run healthy on enough machines for long
+    enough with no fallback (the fleet's promotion rule)."""
+    done = _call(
+        ctx,
+        "POST",
+        "/v1/releases/promote",
+        {"version": version, "from": source, "to": destination, "force": force},
+    )
+    seen = done["evidence"]
+    note = " (forced: the rule did not hold)" if done["forced"] else ""
+    info(
+        f"{version} promoted from {source} to {destination}{note}: ran healthy on "
+        f"{seen['machines']} machine(s) for {seen['seconds'] / 3600:.1f} h, "
+        f"{seen['fallbacks']} fallback(s)"
+    )
+
+
+@rollout_app.command("list")
+def rollout_list(ctx: typer.Context) -> None:
+    """Rollouts, newest first, with their progress."""
+    _rollout_rows(_call(ctx, "GET", "/v1/rollouts"))
+
+
+def _show(ctx: typer.Context, rollout_id: int) -> dict[str, Any]:
+    found: dict[str, Any] = _call(ctx, "GET", f"/v1/rollouts/{rollout_id}")
+    _rollout_rows([found])
+    if found["reason"]:
+        print(f"reason: {found['reason']}")
+    print()
+    table(
+        ["WAVE", "MACHINE", "CLUSTER", "ROLE", "STATE", "FROM", "TARGET", "MESSAGE"],
+        (
+            [m["wave"], m["uuid"], m["cluster"], m["role"], m["state"], m["from"] or "-",
+             m["target"] or "-", m["message"]]
+            for m in found["machineStates"]
+        ),
+    )  # fmt: skip
+    return found
+
+
+@rollout_app.command("show")
+def rollout_show(
+    ctx: typer.Context,
+    rollout_id: int,
+    watch: Annotated[
+        bool, typer.Option("-w", "--watch", help="Redraw every 2 s until it stops.")
+    ] = False,
+) -> None:
+    """One rollout: waves, each machine's state, the reason it stopped."""
+    import time
+
+    while True:
+        if watch and sys.stdout.isatty():
+            print("\033[H\033[2J", end="")
+        found = _show(ctx, rollout_id)
+        if not watch or found["state"] not in ("running", "paused"):
+            return
+        time.sleep(2)
+        print()
+
+
+def _window(text: str) -> dict[str, str]:
+    cron, sep, rest = text.partition("|")
+    duration, _, zone = rest.partition("|")
+    if not sep or not duration:
+        raise _error(f"--window {text!r}: expected 'CRON|DURATION[|TIME ZONE]'",
+                     hint="e.g. --window '0 2 * * sat|4h|Europe/Berlin'")  # fmt: skip
+    return {"cron": cron.strip(), "duration": duration.strip(), "timezone": zone.strip() or "UTC"}
+
+
+@rollout_app.command("start")
+def rollout_start(
+    ctx: typer.Context,
+    version: str,
+    channel: Annotated[str, typer.Option(help="The channel it is taken from.")] = "stable",
+    cluster: Annotated[
+        list[str] | None, typer.Option(help="Only these clusters (default: those following it).")
+    ] = None,
+    canary_count: Annotated[int, typer.Option(help="Canary: this many machines.")] = 1,
+    canary_machine: Annotated[
+        list[str] | None, typer.Option(help="Canary: these machines (UUIDs).")
+    ] = None,
+    canary_label: Annotated[
+        list[str] | None, typer.Option(help="Canary: machines with this label (k=v).")
+    ] = None,
+    waves: Annotated[str, typer.Option(help="Cumulative percentages after the canary.")] = (
+        "25,50,100"
+    ),
+    soak: Annotated[
+        str, typer.Option(help="How long a machine runs healthy before its wave is done.")
+    ] = "5m",
+    max_failures: Annotated[int, typer.Option(help="Error budget: failures allowed.")] = 0,
+    max_failure_fraction: Annotated[
+        float | None, typer.Option(help="Error budget as a fraction of machines started.")
+    ] = None,
+    timeout: Annotated[str, typer.Option(help="A machine not back healthy by then failed.")] = (
+        "15m"
+    ),
+    window: Annotated[
+        list[str] | None, typer.Option(help="'CRON|DURATION[|TZ]': starts only inside one.")
+    ] = None,
+    webhook: Annotated[str, typer.Option(help="POSTed to when it halts or finishes.")] = "",
+) -> None:
+    """Take VERSION to the channel's clusters in waves."""
+    try:
+        percentages = [int(p) for p in waves.split(",") if p.strip()]
+    except ValueError:
+        raise _error(f"--waves {waves!r}: comma-separated percentages, e.g. 10,50,100") from None
+    policy: dict[str, Any] = {
+        "canary": {
+            "count": canary_count,
+            "machines": list(canary_machine or []),
+            "labels": _pairs(canary_label, "--canary-label"),
+        },
+        "waves": percentages,
+        "soak": soak,
+        "maxFailures": max_failures,
+        "timeout": timeout,
+        "windows": [_window(w) for w in window or []],
+        "webhook": webhook,
+    }
+    if max_failure_fraction is not None:
+        policy["maxFailureFraction"] = max_failure_fraction
+    made = _call(
+        ctx,
+        "POST",
+        "/v1/rollouts",
+        {"version": version, "channel": channel, "clusters": list(cluster or []), "policy": policy},
+    )
+    info(
+        f"rollout {made['id']}: {version} from {channel} to {', '.join(made['clusters'])} "
+        f"({made['machines']} machines, {made['waves'] - 1} wave(s) after the canary)"
+    )
+    print(made["id"])
+
+
+def _rollout_action(ctx: typer.Context, rollout_id: int, action: str) -> None:
+    done = _call(ctx, "POST", f"/v1/rollouts/{rollout_id}/{action}")
+    info(f"rollout {rollout_id}: {done['state']}")
+
+
+@rollout_app.command("pause")
+def rollout_pause(
+    ctx: typer.Context,
+    rollout_id: Annotated[int | None, typer.Argument(help="Omit with --all.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Pause every rollout.")] = False,
+) -> None:
+    """No new machine starts (one already upgrading finishes)."""
+    if every:
+        _call(ctx, "POST", "/v1/rollouts/pause-all")
+        info("every rollout paused: no machine starts an upgrade until resume --all")
+        return
+    if rollout_id is None:
+        raise _error("name a rollout, or pass --all")
+    _rollout_action(ctx, rollout_id, "pause")
+
+
+@rollout_app.command("resume")
+def rollout_resume(
+    ctx: typer.Context,
+    rollout_id: Annotated[int | None, typer.Argument(help="Omit with --all.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Lift the global pause.")] = False,
+) -> None:
+    """Let a paused rollout (or, with --all, every rollout) start machines again."""
+    if every:
+        _call(ctx, "POST", "/v1/rollouts/resume-all")
+        info("rollouts may start machines again")
+        return
+    if rollout_id is None:
+        raise _error("name a rollout, or pass --all")
+    _rollout_action(ctx, rollout_id, "resume")
+
+
+@rollout_app.command("abort")
+def rollout_abort(ctx: typer.Context, rollout_id: int) -> None:
+    """Stop a rollout for good: machines not started are skipped (none is rolled back)."""
+    _rollout_action(ctx, rollout_id, "abort")

@@ -51,6 +51,12 @@ class FleetOptions:
     #: Extra names and addresses for the server certificate (what machines dial).
     advertise: tuple[str, ...] = ()
     replica: str = ""
+    #: The release repository (basaltctl release init) the fleet serves and rolls out.
+    releases: Path | None = None
+    #: Promotion rule: a release moves on only after this many machines ran it healthy
+    #: for this long with no fallback (``--force`` overrides, audited).
+    promote_min_machines: int = 3
+    promote_min_seconds: float = 86400.0
 
     @property
     def database_url(self) -> str:

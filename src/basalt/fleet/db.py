@@ -182,6 +182,51 @@ class RebootGroup(Base):
     slots: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class Rollout(Base):
+    """A release taken to clusters in waves (see :mod:`basalt.fleet.rollouts`)."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(63))
+    clusters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: canary, waves, soak, budget, timeout, windows, webhook (rollouts.Policy).
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: running | paused | halted | aborted | done
+    state: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    #: The waves opened so far (0: only the canary).
+    opened: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RolloutMachine(Base):
+    """One machine of a rollout: its wave and how far it got."""
+
+    __tablename__ = "rollout_machines"
+
+    rollout: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    cluster: Mapped[str] = mapped_column(String(63))
+    role: Mapped[str] = mapped_column(String(16), default="")
+    wave: Mapped[int] = mapped_column(Integer)
+    #: The place in the rollout's seeded order (waves cut it by percentage).
+    rank: Mapped[int] = mapped_column(Integer)
+    #: pending | upgrading | soaking | done | failed | rolled-back | skipped
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    #: The version being installed now (a hop of the upgrade path, or the release).
+    target: Mapped[str] = mapped_column(String(64), default="")
+    from_version: Mapped[str] = mapped_column(String(64), default="")
+    started: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    healthy: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+
+
 class Setting(Base):
     """Small facts the fleet keeps about itself (its CA, its first admin)."""
 

@@ -44,6 +44,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "server certificate); repeat for more",
     )
     serve.add_argument("--replica", default="", help="this process's name among replicas")
+    serve.add_argument(
+        "--releases",
+        type=Path,
+        help="a release repository (basaltctl release init): served at /releases/ and rolled out",
+    )
+    serve.add_argument(
+        "--promote-min-machines",
+        type=int,
+        default=3,
+        help="a release is promoted only after this many machines ran it healthy",
+    )
+    serve.add_argument(
+        "--promote-min-age",
+        default="24h",
+        help="... for at least this long (a duration: 30m, 24h, 7d)",
+    )
     serve.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
 
@@ -61,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     if not host or not port.isdigit():
         print(f"basalt-fleet: --listen {args.listen!r}: expected HOST:PORT", file=sys.stderr)
         return 2
+    from basalt.machinery.durations import parse_duration
+
+    min_age = parse_duration(args.promote_min_age)
+    if min_age is None:
+        print(f"basalt-fleet: --promote-min-age {args.promote_min_age!r}: not a duration",
+              file=sys.stderr)  # fmt: skip
+        return 2
     options = FleetOptions(
         data_dir=args.data_dir or default_data_dir(),
         database=args.database,
@@ -72,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         backups=args.backup_dir,
         advertise=tuple(args.advertise),
         replica=args.replica,
+        releases=args.releases,
+        promote_min_machines=args.promote_min_machines,
+        promote_min_seconds=min_age,
     )
     try:
         from .core import Fleet

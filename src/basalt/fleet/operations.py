@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -41,6 +42,7 @@ LINK_WAIT = 120.0
 DRIFT_INTERVAL = 60.0
 READY_TIMEOUT = 300.0
 POLL = 1.0
+UPLOAD_CHUNK = 1 << 20
 
 
 class OperationError(BasaltError):
@@ -134,6 +136,42 @@ class Nodes:
             )
         spec: dict[str, Any] = json.loads(answer.messages[0].resource.spec_json)
         return spec
+
+    async def peers_ready(self, peers: tuple[str, ...], cluster: str) -> str:
+        """'' when every one of ``peers`` (control planes of ``cluster``) is ready; else
+        why not (quorum first: a control plane reboots only while its peers are ready)."""
+        for peer in peers:
+            try:
+                status = await self.resource(peer, cluster, "MachineStatuses", "machine")
+            except Exception as exc:
+                return f"control plane {peer} cannot be asked ({exc})"
+            if not status.get("ready"):
+                return f"control plane {peer} is not ready: its etcd member may not be healthy"
+        return ""
+
+    async def upgrade(self, uuid: str, cluster: str, bundle: Path) -> str:
+        """Send ``bundle`` to the machine's Upgrade RPC through its link; the node
+        verifies it, installs the other slot and reboots into it. Its message."""
+        from basalt.machinery.client.client import upload
+
+        async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
+            yield machine_pb2.UpgradeRequest(options=machine_pb2.UpgradeOptions())
+            with bundle.open("rb") as handle:
+                while chunk := await asyncio.to_thread(handle.read, UPLOAD_CHUNK):
+                    yield machine_pb2.UpgradeRequest(data=chunk)
+
+        async with self.client(uuid, cluster) as client:
+            answer = await upload(
+                client.machine.Upgrade, requests(), metadata=client.metadata([]), timeout=600
+            )
+        return str(answer.messages[0].message)
+
+    async def rollback(self, uuid: str, cluster: str) -> str:
+        async with self.client(uuid, cluster) as client:
+            answer = await client.machine.Rollback(
+                machine_pb2.RollbackRequest(), metadata=client.metadata([]), timeout=600
+            )
+        return str(answer.messages[0].message)
 
     async def running_config(self, uuid: str, cluster: str) -> str:
         spec = await self.resource(uuid, cluster, "MachineConfigs", "v1alpha1")

@@ -303,6 +303,7 @@ def make_app(fleet: Fleet) -> FastAPI:
     _admins(fleet, route)
     _clusters(app, fleet, route)
     _fleetlock(app, fleet, route)
+    _rollouts(app, fleet, route)
     return app
 
 
@@ -524,18 +525,28 @@ def _controllers(app: FastAPI, fleet: Fleet, route: Route) -> Any:
     from .backups import Backups
     from .operations import Reconciler
     from .replicas import Replicas
+    from .rollouts import RolloutRunner
 
     replicas = Replicas(fleet)
     reconciler = Reconciler(fleet, replicas)
     backups = Backups(fleet, reconciler)
     scheduled: list[asyncio.Task[None]] = []
 
+    rollouts = RolloutRunner(
+        fleet.database,
+        reconciler.nodes,
+        fleet.options.releases,
+        leading=lambda: reconciler.leading,
+    )
+
     async def lead() -> None:
         await reconciler.tick()
+        rollouts.ensure()
         if not scheduled or scheduled[-1].done():  # snapshots take a while: not inline
             scheduled[:] = [asyncio.create_task(backups.tick(), name="backups")]
 
     replicas.on_leader = lead
+    app.state.rollouts = rollouts
     app.state.replicas = replicas
     app.state.reconciler = reconciler
     app.state.backups = backups
@@ -750,18 +761,6 @@ def _fleetlock(app: FastAPI, fleet: Fleet, route: Route) -> None:
         body.update(kind=kind, value=str(exc))
         return JSONResponse(body, status_code=response.status_code)
 
-    async def peers_ready(client: Any) -> str:
-        """'' when every other control plane of the client's cluster is ready."""
-        nodes = app.state.reconciler.nodes
-        for peer in client.peers:
-            try:
-                status = await nodes.resource(peer, client.cluster, "MachineStatuses", "machine")
-            except Exception as exc:
-                return f"control plane {peer} cannot be asked ({exc})"
-            if not status.get("ready"):
-                return f"control plane {peer} is not ready: its etcd member may not be healthy"
-        return ""
-
     @route("POST", "/v1/pre-reboot", FleetRole.REBOOT)
     async def pre_reboot(body: FleetLockRequest, request: Request) -> Response:
         try:
@@ -775,7 +774,7 @@ def _fleetlock(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
             client = await asyncio.to_thread(resolve)
             if client.peers:
-                reason = await peers_ready(client)
+                reason = await app.state.reconciler.nodes.peers_ready(client.peers, client.cluster)
                 if reason:
                     raise fleetlock.SlotBusy(
                         f"group {client.group}: {reason}", hint="quorum first: try again later"
@@ -818,3 +817,167 @@ def _fleetlock(app: FastAPI, fleet: Fleet, route: Route) -> None:
         with fleet.database.session() as session:
             fleetlock.set_slots(session, caller.name, group, body.slots)
         return {"group": group, "slots": body.slots}
+
+
+class RolloutRequest(Model):
+    version: str = Field(min_length=1, max_length=64)
+    channel: str = Field(default="stable", pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+    clusters: list[str] = Field(default_factory=list)
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class PromoteRequest(Model):
+    version: str = Field(min_length=1, max_length=64)
+    source: str = Field(alias="from")
+    destination: str = Field(alias="to")
+    force: bool = False
+
+
+def _rollouts(app: FastAPI, fleet: Fleet, route: Route) -> None:
+    """Rollouts in waves, the release repository the fleet serves, promotion rules."""
+    from basalt.machinery.releases.repository import Repository
+
+    from . import rollouts as ro
+
+    def repository() -> Repository:
+        if fleet.options.releases is None:
+            raise service.FleetError(
+                "this fleet serves no release repository",
+                hint="start basalt-fleet with --releases DIR (basaltctl release init DIR)",
+            )
+        return Repository(fleet.options.releases)
+
+    def covers(caller: Caller, names: list[str]) -> None:
+        for name in names:
+            _in_scope(caller, name, fleet)
+
+    @route("GET", "/releases/{path:path}", PUBLIC)
+    def release_file(path: str) -> Response:
+        """The TUF repository as static files: metadata/ and targets/ (never keys/)."""
+        from fastapi.responses import FileResponse
+
+        root = repository().directory.resolve()
+        wanted = (root / path).resolve()
+        top = wanted.relative_to(root).parts[:1] if wanted.is_relative_to(root) else ()
+        if top not in (("metadata",), ("targets",)) or not wanted.is_file():
+            raise service.NotFound(f"/releases/{path}: no such file")
+        return FileResponse(wanted)
+
+    @route("GET", "/v1/releases", FleetRole.READER)
+    def releases() -> list[dict[str, Any]]:
+        return [
+            {
+                "channel": r.channel,
+                "version": r.version,
+                "arch": r.arch,
+                "yanked": r.yanked,
+                "via": r.via,
+                "length": r.length,
+            }
+            for r in repository().releases()
+        ]
+
+    @route("GET", "/v1/releases/{version}/evidence", FleetRole.READER)
+    def release_evidence(version: str) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            return ro.evidence(session, version, dt.datetime.now(dt.UTC))
+
+    @route("POST", "/v1/releases/promote", FleetRole.OPERATOR)
+    def promote(body: PromoteRequest, caller: Authed) -> dict[str, Any]:
+        """Beta to stable only after enough machines ran it healthy long enough with no
+        fallback; ``force`` skips the rule (fleet:admin only) and is audited."""
+        options = fleet.options
+        with fleet.database.session() as session:
+            seen = ro.evidence(session, body.version, dt.datetime.now(dt.UTC))
+            short = []
+            if seen["fallbacks"]:
+                short.append(f"it fell back on {seen['fallbacks']} machine(s)")
+            if seen["machines"] < options.promote_min_machines:
+                short.append(
+                    f"{seen['machines']} machine(s) ran it healthy, the rule wants "
+                    f"{options.promote_min_machines}"
+                )
+            elif seen["seconds"] < options.promote_min_seconds:
+                short.append(
+                    f"it ran for {seen['seconds'] / 3600:.1f} h, the rule wants "
+                    f"{options.promote_min_seconds / 3600:.1f} h"
+                )
+            if short and not body.force:
+                raise service.Conflict(
+                    f"{body.version} is not promoted from {body.source} to "
+                    f"{body.destination}: {'; '.join(short)}",
+                    hint="roll it out on the source channel first, or --force "
+                    "(fleet:admin, audited)",
+                )
+            if short and not caller.role.allows(FleetRole.ADMIN):
+                raise service.Refused(f"--force needs fleet:admin; {caller.name} is {caller.role}")
+            added = repository().promote(body.version, body.source, body.destination)
+            audit.record(
+                session, caller.name, "release.promote",
+                f"{body.destination}/{body.version}",
+                {"from": body.source, "forced": bool(short), "short": short, "evidence": seen},
+            )  # fmt: skip
+        return {"promoted": [r.path for r in added], "forced": bool(short), "evidence": seen}
+
+    _rollout_routes(fleet, route, covers, repository)
+
+
+def _rollout_routes(fleet: Fleet, route: Route, covers: Any, repository: Any) -> None:
+    from pydantic import ValidationError
+
+    from . import rollouts as ro
+
+    @route("GET", "/v1/rollouts", FleetRole.READER)
+    def list_rollouts() -> list[dict[str, Any]]:
+        from sqlalchemy import select
+
+        from .db import Rollout
+
+        with fleet.database.session() as session:
+            rows = session.execute(select(Rollout).order_by(Rollout.id.desc())).scalars()
+            return [ro.summary(session, r) for r in rows]
+
+    @route("GET", "/v1/rollouts/{rollout_id}", FleetRole.READER)
+    def show_rollout(rollout_id: int) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            return ro.detail(session, ro.get(session, rollout_id))
+
+    @route("POST", "/v1/rollouts", FleetRole.OPERATOR, status_code=201)
+    def create_rollout(body: RolloutRequest, caller: Authed) -> dict[str, Any]:
+        try:
+            policy = ro.Policy.model_validate(body.policy)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in ("policy", *first["loc"]))
+            raise service.FleetError(
+                f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
+            ) from None
+        offered = repository().releases(body.channel)
+        with fleet.database.session() as session:
+            covers(caller, body.clusters)
+            made = ro.create(
+                session, caller.name, body.version, body.channel, offered, body.clusters, policy
+            )
+            covers(caller, made.clusters.get("names", []))
+            return ro.summary(session, made)
+
+    @route("POST", "/v1/rollouts/pause-all", FleetRole.OPERATOR)
+    def pause_all(caller: Authed) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            ro.pause_all(session, caller.name, True)
+        return {"paused": True}
+
+    @route("POST", "/v1/rollouts/resume-all", FleetRole.OPERATOR)
+    def resume_all(caller: Authed) -> dict[str, Any]:
+        with fleet.database.session() as session:
+            ro.pause_all(session, caller.name, False)
+        return {"paused": False}
+
+    @route("POST", "/v1/rollouts/{rollout_id}/{action}", FleetRole.OPERATOR)
+    def rollout_action(rollout_id: int, action: str, caller: Authed) -> dict[str, Any]:
+        if action not in ("pause", "resume", "abort"):
+            raise service.NotFound(f"no rollout action {action!r} (pause, resume, abort)")
+        with fleet.database.session() as session:
+            row = ro.get(session, rollout_id)
+            covers(caller, row.clusters.get("names", []))
+            return ro.summary(session, ro.set_state(session, caller.name, rollout_id, action))

@@ -163,9 +163,9 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({web, stopper}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
-        flusher.cancel()
-        for task in background:
+        for task in (flusher, *background):
             task.cancel()
+        await app.state.rollouts.stop()
         await app.state.reconciler.stop()
         await replicas.close()
         fleet.links.close_all()

@@ -24,6 +24,7 @@ line, and the patch that broke the config.
     machines:
       0b5e...-uuid: {patches: [...]}
     backup: {interval: 6h, keep: 7}     # etcd snapshots (none without it)
+    updates: {channel: stable}          # rollouts of this channel take the cluster
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ class BackupPolicy(_Model):
     keep: int = Field(default=7, ge=1, le=1000)
 
 
+class UpdatePolicy(_Model):
+    """Which release channel the cluster follows: rollouts of that channel include it."""
+
+    channel: Name = "stable"
+
+
 class ClusterTemplate(_Model):
     api_version: Literal["fleet.basalt.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["Cluster"]
@@ -134,6 +141,7 @@ class ClusterTemplate(_Model):
         default_factory=dict
     )
     backup: BackupPolicy | None = None
+    updates: UpdatePolicy | None = None
 
     def worker_set(self, name: str) -> WorkerSet | None:
         return next((w for w in self.workers if w.name == name), None)
