@@ -9,10 +9,8 @@ plane upgrade is refused while etcd quorum is at risk, unless forced.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import http.server
-import itertools
 import os
 import shutil
 import subprocess
@@ -29,13 +27,12 @@ import grpc.aio
 import pytest
 
 import basalt
-from basalt.machined.etcd.client import EtcdClient, client_url
 from basalt.machinery.api import common_pb2, machine_pb2
 from basalt.machinery.client.client import upload
 from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
-from basalt.machinery.pki import CertificateAndKey, issue_certificate
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from tests.fakes.cluster import LiveCluster, run, stop_cluster, upgradable_cluster
+from tests.fakes.etcd_writer import EtcdWriter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -455,47 +452,6 @@ def test_controlplane_upgrade_refused_while_quorum_is_at_risk_unless_forced(
     run(cluster.wait_ready(cp3, timeout=60))
 
 
-class EtcdWriter(threading.Thread):
-    """Writes a key every 50 ms through any control plane that answers (in turn, with
-    failover), and records when each write succeeded and how many found no member."""
-
-    def __init__(self, cluster: LiveCluster) -> None:
-        super().__init__(daemon=True)
-        etcd_ca = cluster.secrets["certs"]["etcd"]
-        self.ca = CertificateAndKey(etcd_ca["crt"], etcd_ca["key"])
-        self.addresses = cluster.controlplanes
-        self.stopping = threading.Event()
-        self.succeeded: list[float] = []
-        self.failed = 0
-
-    def run(self) -> None:
-        asyncio.run(self._write_forever())
-
-    async def _write_forever(self) -> None:
-        cert = issue_certificate(self.ca, "writer", client=True)
-        clients = [EtcdClient(client_url(a), self.ca.crt, cert, timeout=2) for a in self.addresses]
-        index = 0
-        while not self.stopping.is_set():
-            for attempt in range(len(clients)):
-                client = clients[(index + attempt) % len(clients)]
-                try:
-                    await client.put(f"/rolling/{index}".encode(), b"x")
-                except (grpc.aio.AioRpcError, TimeoutError):
-                    continue
-                self.succeeded.append(time.monotonic())
-                break
-            else:
-                self.failed += 1
-            index += 1
-            await asyncio.sleep(0.05)
-        for client in clients:
-            await client.close()
-
-    def longest_gap(self) -> float:
-        times = self.succeeded
-        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
-
-
 def test_rolling_upgrade_of_the_control_planes_keeps_etcd_writable(
     cluster: LiveCluster, bundle_server: str
 ) -> None:
@@ -504,7 +460,8 @@ def test_rolling_upgrade_of_the_control_planes_keeps_etcd_writable(
     cps = cluster.controlplanes
     for cp in cps:
         run(cluster.wait_ready(cp, timeout=90))
-    writer = EtcdWriter(cluster)
+    etcd_ca = cluster.secrets["certs"]["etcd"]
+    writer = EtcdWriter(etcd_ca["crt"], etcd_ca["key"], cluster.controlplanes)
     writer.start()
     try:
         code, out, err = basaltctl(

@@ -294,3 +294,12 @@ def test_errors_are_one_clear_message_unless_debug(tmp_path: Path) -> None:
         [*argv[:3], "--debug", *argv[3:]], capture_output=True, text=True, check=False
     )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_table_cells_are_printed_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """Brackets in a cell (a progress bar, an error message) are text, not rich markup."""
+    from basalt.cli._api import table
+
+    table(["A", "B"], [["[####....] 4/8", "[bold]x[/bold]"]])
+    out = capsys.readouterr().out
+    assert "[####....] 4/8" in out and "[bold]x[/bold]" in out

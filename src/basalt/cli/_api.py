@@ -161,12 +161,13 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A plain, aligned table on stdout (no box drawing, easy to grep)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     grid = Table(box=None, pad_edge=False, show_edge=False, highlight=False)
     for column in columns:
         grid.add_column(column, overflow="fold")
     for row in rows:
-        grid.add_row(*(str(v) for v in row))
+        grid.add_row(*(Text(str(v)) for v in row))  # cells are text, never rich markup
     width = None if sys.stdout.isatty() else 100_000
     Console(soft_wrap=True, highlight=False, width=width).print(grid)
 

@@ -42,7 +42,8 @@ LINK_WAIT = 120.0
 DRIFT_INTERVAL = 60.0
 READY_TIMEOUT = 300.0
 POLL = 1.0
-UPLOAD_CHUNK = 1 << 20
+#: The node takes upgrade bundles in chunks of at most 256 KiB.
+UPLOAD_CHUNK = 256 * 1024
 
 
 class OperationError(BasaltError):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 import grpc.aio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -53,6 +54,7 @@ from basalt.machinery.windows import Window, WindowError, open_now
 
 from . import audit, fleetlock
 from .db import Cluster, Machine, Rollout, RolloutMachine, Setting, aware, utcnow
+from .nodes import NotLinked
 from .service import Conflict, FleetError, NotFound
 from .template import template_dict
 
@@ -663,6 +665,16 @@ class RolloutRunner:
             log.info("rollout %d: %s: %s", head["id"], uuid, message)
             return True
         except Exception as exc:
+            transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            if isinstance(exc, grpc.aio.AioRpcError | NotLinked) and (
+                isinstance(exc, NotLinked) or exc.code() in transient
+            ):
+                # The machine could not be reached: nothing changed on it, try later.
+                log.info("rollout %d: %s not reached, later: %s", head["id"], uuid, exc)
+                await asyncio.to_thread(self._update, head["id"], uuid, state="pending",
+                                        message=f"not reached: {exc}")  # fmt: skip
+                await asyncio.to_thread(self._give_back, uuid, cluster)
+                return False
             if isinstance(exc, grpc.aio.AioRpcError):
                 text = f"{exc.code().name}: {exc.details()}"
             else:
