@@ -424,3 +424,97 @@ def test_fleetlock_slots_per_group(api: TestClient, fleet: Fleet) -> None:
     assert bad.status_code == 400 and "client_params.group" in bad.text
     actions = [e["action"] for e in api.get("/v1/audit", headers=admin_headers(fleet)).json()]
     assert actions.count("reboot.take") == 4 and actions.count("reboot.release") == 1
+
+
+# -- releases, promotion, rollouts --------------------------------------------------------------
+
+
+@pytest.fixture
+def releasing(tmp_path: Path, database_url: str) -> Iterator[tuple[Fleet, TestClient]]:
+    from basalt.machinery.images import create_bundle, generate_signing_key, load_signing_key
+    from basalt.machinery.releases.repository import Repository
+
+    repo = Repository.init(tmp_path / "repo")
+    key = load_signing_key(generate_signing_key()[0])
+    for name in ("kernel", "initramfs", "rootfs.squashfs"):
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    files = {n: tmp_path / n for n in ("kernel", "initramfs", "rootfs.squashfs")}
+    create_bundle(tmp_path / "b.tar", files, "0.2.0", "default", "x86_64", key)
+    repo.publish(tmp_path / "b.tar", "0.2.0", "x86_64", "beta")
+    made = Fleet(
+        FleetOptions(
+            data_dir=tmp_path / "fleet", database=database_url, port=18443,
+            releases=repo.directory, promote_min_machines=2, promote_min_seconds=3600,
+        )
+    )  # fmt: skip
+    yield made, TestClient(make_app(made))
+    made.close()
+
+
+def test_the_repository_is_served_without_its_keys(
+    releasing: tuple[Fleet, TestClient],
+) -> None:
+    fleet, api = releasing
+    assert api.get("/releases/metadata/1.root.json").json()["signed"]["_type"] == "root"
+    assert api.get("/releases/targets/beta/basalt-0.2.0-x86_64.tar").status_code == 200
+    for path in ("keys/root.pem", "keys/beta.pem", "metadata/../keys/root.pem", "../fleet.db"):
+        answer = api.get(f"/releases/{path}")
+        assert answer.status_code in (401, 404) and "PRIVATE" not in answer.text, path
+    listed = api.get("/v1/releases", headers=admin_headers(fleet)).json()
+    assert [(r["channel"], r["version"], r["yanked"]) for r in listed] == [("beta", "0.2.0", False)]
+
+
+def test_promotion_needs_evidence_or_an_audited_force_by_an_admin(
+    releasing: tuple[Fleet, TestClient],
+) -> None:
+    fleet, api = releasing
+    body = {"version": "0.2.0", "from": "beta", "to": "stable"}
+    operator = user_headers(api, fleet, "fleet:operator")
+    refused = api.post("/v1/releases/promote", json=body, headers=operator)
+    assert refused.status_code == 409
+    assert "0 machine(s) ran it healthy, the rule wants 2" in refused.json()["detail"]
+    forced = api.post("/v1/releases/promote", json={**body, "force": True}, headers=operator)
+    assert forced.status_code == 403 and "--force needs fleet:admin" in forced.json()["detail"]
+    listed = api.get("/v1/releases", headers=operator).json()
+    assert [r["channel"] for r in listed] == ["beta"]  # nothing changed
+    done = api.post("/v1/releases/promote", json={**body, "force": True},
+                    headers=admin_headers(fleet))  # fmt: skip
+    assert done.status_code == 200 and done.json()["forced"] is True
+    entries = api.get("/v1/audit", headers=admin_headers(fleet)).json()
+    [promoted] = [e for e in entries if e["action"] == "release.promote"]
+    assert promoted["target"] == "stable/0.2.0" and promoted["detail"]["forced"] is True
+
+
+def test_a_bad_rollout_is_refused_by_field_and_changes_nothing(
+    releasing: tuple[Fleet, TestClient],
+) -> None:
+    fleet, api = releasing
+    operator = user_headers(api, fleet, "fleet:operator")
+
+    def start(**body: Any) -> Any:
+        return api.post("/v1/rollouts", json={"version": "0.2.0", "channel": "beta", **body},
+                        headers=operator)  # fmt: skip
+
+    cases = [
+        ({"policy": {"waves": [10, 50]}}, "policy.waves: the last wave must be 100"),
+        ({"policy": {"soak": "a while"}}, "policy.soak: 'a while' is not a duration"),
+        ({"policy": {"windows": [{"cron": "0 2 * *", "duration": "1h"}]}}, "4 fields"),
+        ({"policy": {"maxFailures": -1}}, "policy.maxFailures"),
+        ({"version": "9.9.9"}, "9.9.9 is not in channel beta"),
+        ({}, "no cluster follows channel beta"),
+        ({"clusters": ["nope"]}, "no cluster 'nope'"),
+    ]
+    for body, message in cases:
+        answer = start(**body)
+        assert answer.status_code in (400, 404), (body, answer.text)
+        assert message in answer.json()["detail"], (body, answer.json())
+    assert api.get("/v1/rollouts", headers=operator).json() == []
+    assert not any(
+        e["action"].startswith("rollout.")
+        for e in api.get("/v1/audit", headers=admin_headers(fleet)).json()
+    )
+    assert api.post("/v1/rollouts/7/pause", headers=operator).status_code == 404
+    assert api.post("/v1/rollouts/7/explode", headers=operator).status_code == 404
+    paused = api.put("/v1/rollout-pause", json={"paused": True}, headers=operator)
+    assert paused.status_code == 200 and paused.json() == {"paused": True}
+    assert api.get("/v1/rollout-pause", headers=operator).json() == {"paused": True}

@@ -849,7 +849,7 @@ def rollout_pause(
 ) -> None:
     """No new machine starts (one already upgrading finishes)."""
     if every:
-        _call(ctx, "POST", "/v1/rollouts/pause-all")
+        _call(ctx, "PUT", "/v1/rollout-pause", {"paused": True})
         info("every rollout paused: no machine starts an upgrade until resume --all")
         return
     if rollout_id is None:
@@ -865,7 +865,7 @@ def rollout_resume(
 ) -> None:
     """Let a paused rollout (or, with --all, every rollout) start machines again."""
     if every:
-        _call(ctx, "POST", "/v1/rollouts/resume-all")
+        _call(ctx, "PUT", "/v1/rollout-pause", {"paused": False})
         info("rollouts may start machines again")
         return
     if rollout_id is None:

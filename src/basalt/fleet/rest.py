@@ -173,7 +173,9 @@ def _token_of(header: str) -> str:
 
 
 def _path_pattern(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
+    """A route's path as a regex: ``{name}`` is one segment, ``{name:path}`` any rest."""
+    pattern = re.sub(r"\{[^}:]+:path\}", ".+", template)
+    return re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", pattern) + "$")
 
 
 def caller_of(
@@ -826,6 +828,10 @@ class RolloutRequest(Model):
     policy: dict[str, Any] = Field(default_factory=dict)
 
 
+class PauseRequest(Model):
+    paused: bool
+
+
 class PromoteRequest(Model):
     version: str = Field(min_length=1, max_length=64)
     source: str = Field(alias="from")
@@ -961,17 +967,17 @@ def _rollout_routes(fleet: Fleet, route: Route, covers: Any, repository: Any) ->
             covers(caller, made.clusters.get("names", []))
             return ro.summary(session, made)
 
-    @route("POST", "/v1/rollouts/pause-all", FleetRole.OPERATOR)
-    def pause_all(caller: Authed) -> dict[str, Any]:
+    @route("GET", "/v1/rollout-pause", FleetRole.READER)
+    def pause_state() -> dict[str, Any]:
         with fleet.database.session() as session:
-            ro.pause_all(session, caller.name, True)
-        return {"paused": True}
+            return {"paused": ro.all_paused(session)}
 
-    @route("POST", "/v1/rollouts/resume-all", FleetRole.OPERATOR)
-    def resume_all(caller: Authed) -> dict[str, Any]:
+    @route("PUT", "/v1/rollout-pause", FleetRole.OPERATOR)
+    def pause_all(body: PauseRequest, caller: Authed) -> dict[str, Any]:
+        """Pause (or resume) every rollout: no machine starts an upgrade meanwhile."""
         with fleet.database.session() as session:
-            ro.pause_all(session, caller.name, False)
-        return {"paused": False}
+            ro.pause_all(session, caller.name, body.paused)
+        return {"paused": body.paused}
 
     @route("POST", "/v1/rollouts/{rollout_id}/{action}", FleetRole.OPERATOR)
     def rollout_action(rollout_id: int, action: str, caller: Authed) -> dict[str, Any]:
