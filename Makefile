@@ -66,7 +66,7 @@ $(STAMP): pyproject.toml image.lock scripts/lock_constraints.py
 	@# The wheels image.lock pins (what the image carries) constrain the venv too.
 	$(PYTHON) scripts/lock_constraints.py image.lock > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check \
-	  -c $(VENV)/constraints.txt -e '.[dev,fleet,release]'
+	  -c $(VENV)/constraints.txt -e '.[dev,fleet]'
 	@touch $@
 
 # The runtime-lane tests run Debian's containerd and runc (as the image does). Installed

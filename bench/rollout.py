@@ -40,8 +40,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 import basalt
 from basalt.machinery.durations import parse_duration
 from basalt.machinery.images import generate_signing_key, load_signing_key
@@ -54,29 +52,6 @@ if TYPE_CHECKING:
     from tests.fakes.fleet import FleetProcess
 
 SRC = Path(basalt.__file__).resolve().parent
-BROKEN = """
-
-_working_checks = run_checks
-
-
-async def run_checks(node: Node, **options: bool) -> list[Check]:  # type: ignore[no-redef]
-    return [*(await _working_checks(node, **options)), Check("broken", False, "broken build")]
-"""
-
-
-def _template(name: str, trust: str) -> str:
-    return yaml.safe_dump(
-        {
-            "apiVersion": "fleet.basalt.dev/v1alpha1",
-            "kind": "Cluster",
-            "name": name,
-            "controlPlane": {"count": 3},
-            "workers": [{"name": "default", "count": 1}],
-            "updates": {"channel": "stable"},
-            "patches": [trust],
-        },
-        sort_keys=False,
-    )
 
 
 def _wait(fleet: FleetProcess, rollout: int, timeout: float = 1800) -> dict[str, Any]:
@@ -140,18 +115,18 @@ def _bundles(root: Path, key: Any, bad: int) -> None:
     bundles.mkdir()
     for version in ("0.2.0", "0.2.3"):
         bundle_from_tree(SRC, bundles / f"{version}.tar", version, key)
-    broken = root / "broken"
-    shutil.copytree(SRC, broken / "basalt", ignore=shutil.ignore_patterns("__pycache__"))
-    with (broken / "basalt" / "machined" / "health.py").open("a") as handle:
-        handle.write(BROKEN)
+    from tests.fakes.releases import broken_tree
+
+    broken = broken_tree(SRC, root)
     for index in range(bad):
         version = f"0.3.{index}"
-        bundle_from_tree(broken / "basalt", bundles / f"{version}.tar", version, key)
+        bundle_from_tree(broken, bundles / f"{version}.tar", version, key)
 
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.fakes.fleet import FleetProcess
+    from tests.fakes.releases import channel_template
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--soak", default="10s")
@@ -176,7 +151,7 @@ def main() -> int:
         trust = trust_document(public, "release")
         for name in ("ba", "bb"):
             path = root / f"{name}.yaml"
-            path.write_text(_template(name, trust))
+            path.write_text(channel_template(name, trust))
             fleet.ctl("fleet", "apply", "-f", str(path), "--timeout", "300")
             fleet.ctl("fleet", "export", name, "-o", str(root / f"export-{name}"))
         print(f"8 machines in 2 clusters ready; load average {os.getloadavg()[0]:.2f}")

@@ -15,7 +15,6 @@ Machines on 127.0.0.151-158, the fleet on .150. The tests run in order.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,36 +31,12 @@ from basalt.provision.bundle_from_tree import bundle_from_tree
 from basalt.provision.process import create_machines, destroy
 from tests.fakes.etcd_writer import EtcdWriter
 from tests.fakes.fleet import FleetProcess
+from tests.fakes.releases import broken_tree, channel_template
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SRC = Path(basalt.__file__).resolve().parent
 V1 = basalt.__version__
-BROKEN_HEALTH = '''
-
-_working_checks = run_checks
-
-
-async def run_checks(node: Node, **options: bool) -> list[Check]:  # type: ignore[no-redef]
-    """A deliberately broken build: one health check always fails."""
-    broken = Check("broken", False, "deliberately broken build")
-    return [*(await _working_checks(node, **options)), broken]
-'''
-
-
-def _template(name: str, trust: str) -> str:
-    return yaml.safe_dump(
-        {
-            "apiVersion": "fleet.basalt.dev/v1alpha1",
-            "kind": "Cluster",
-            "name": name,
-            "controlPlane": {"count": 3},
-            "workers": [{"name": "default", "count": 1}],
-            "updates": {"channel": "stable"},
-            "patches": [trust],
-        },
-        sort_keys=False,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +49,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     bundles.mkdir()
     for version in ("0.2.0", "0.2.3", "0.2.5"):
         bundle_from_tree(SRC, bundles / f"{version}.tar", version, key)
-    broken = root / "broken"
-    shutil.copytree(SRC, broken / "basalt", ignore=shutil.ignore_patterns("__pycache__"))
-    with (broken / "basalt" / "machined" / "health.py").open("a") as handle:
-        handle.write(BROKEN_HEALTH)
-    bundle_from_tree(broken / "basalt", bundles / "0.3.0.tar", "0.3.0", key)
+    bundle_from_tree(broken_tree(SRC, root), bundles / "0.3.0.tar", "0.3.0", key)
     fleet = FleetProcess(
         root / "fleet", "127.0.0.150", 18800, root / "fleet.log",
         extra=("--releases", str(repo.directory)),
@@ -98,7 +69,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         trust = trust_document(public, "release")
         for name in ("ra", "rb"):
             path = root / f"{name}.yaml"
-            path.write_text(_template(name, trust))
+            path.write_text(channel_template(name, trust))
             fleet.ctl("fleet", "apply", "-f", str(path), "--timeout", "300")
             fleet.ctl("fleet", "export", name, "-o", str(root / f"export-{name}"))
             secrets = yaml.safe_load((root / f"export-{name}" / "secrets.yaml").read_text())

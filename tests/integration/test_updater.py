@@ -15,7 +15,6 @@ import functools
 import http.server
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from basalt.machinery.releases.repository import Repository
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from tests.fakes.cluster import LiveCluster, run, stop_cluster, upgradable_cluster
 from tests.fakes.fleet import FleetProcess
+from tests.fakes.releases import broken_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,16 +42,6 @@ NODE = "127.0.0.141"
 GATES_TIMEOUT = 10
 _SCRIPT = Path(sys.executable).with_name("basaltctl")
 BASALTCTL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "basalt.cli.main"]
-BROKEN_HEALTH = '''
-
-_working_checks = run_checks
-
-
-async def run_checks(node: Node, **options: bool) -> list[Check]:  # type: ignore[no-redef]
-    """A deliberately broken build: one health check always fails."""
-    broken = Check("broken", False, "deliberately broken build")
-    return [*(await _working_checks(node, **options)), broken]
-'''
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -104,11 +94,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     bundles.mkdir()
     for version in ("0.1.3", "0.2.1", "0.2.2"):
         bundle_from_tree(SRC, bundles / f"{version}.tar", version, key)
-    broken = root / "broken"
-    shutil.copytree(SRC, broken / "basalt", ignore=shutil.ignore_patterns("__pycache__"))
-    with (broken / "basalt" / "machined" / "health.py").open("a") as handle:
-        handle.write(BROKEN_HEALTH)
-    bundle_from_tree(broken / "basalt", bundles / "0.3.0.tar", "0.3.0", key)
+    bundle_from_tree(broken_tree(SRC, root), bundles / "0.3.0.tar", "0.3.0", key)
     other, _ = generate_signing_key()
     bundle_from_tree(SRC, bundles / "0.2.5.tar", "0.2.5", load_signing_key(other))
     try:

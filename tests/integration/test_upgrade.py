@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,6 +32,7 @@ from basalt.machinery.images import create_bundle, generate_signing_key, load_si
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from tests.fakes.cluster import LiveCluster, run, stop_cluster, upgradable_cluster
 from tests.fakes.etcd_writer import EtcdWriter
+from tests.fakes.releases import broken_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,16 +41,6 @@ V1 = basalt.__version__
 GATES_TIMEOUT = 15
 _SCRIPT = Path(sys.executable).with_name("basaltctl")
 BASALTCTL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "basalt.cli.main"]
-BROKEN_HEALTH = '''
-
-_working_checks = run_checks
-
-
-async def run_checks(node: Node, **options: bool) -> list[Check]:  # type: ignore[no-redef]
-    """A deliberately broken build: one health check always fails."""
-    broken = Check("broken", False, "deliberately broken build")
-    return [*(await _working_checks(node, **options)), broken]
-'''
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +72,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Path:
     out = tmp_path_factory.mktemp("bundles")
     key = load_signing_key((keys / "release.key").read_text())
     bundle_from_tree(SRC, out / "v2.tar", "0.2.0", key)
-    broken = out / "broken"
-    shutil.copytree(SRC, broken / "basalt", ignore=shutil.ignore_patterns("__pycache__"))
-    with (broken / "basalt" / "machined" / "health.py").open("a") as handle:
-        handle.write(BROKEN_HEALTH)
-    bundle_from_tree(broken / "basalt", out / "v3-broken.tar", "0.3.0-broken", key)
+    bundle_from_tree(broken_tree(SRC, out), out / "v3-broken.tar", "0.3.0-broken", key)
     other_private, _ = generate_signing_key()
     bundle_from_tree(SRC, out / "unknown-key.tar", "0.2.0", load_signing_key(other_private))
     bundle_from_tree(SRC, out / "aarch64.tar", "0.2.0", key, arch="aarch64")

@@ -3,7 +3,6 @@ python-tuf's own client over HTTP on loopback, as a node's updater will read it.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import http.server
 import json
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 
 from basalt.machinery.releases.repository import ReleaseError, Repository
 from tests.fakes.bundles import metal_bundle
+from tests.fakes.releases import expire_timestamp
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -125,14 +125,7 @@ def test_a_client_refuses_expired_replayed_and_tampered_metadata(
     repo.timestamp()
 
     # Expired: a timestamp signed to expire in the past.
-    from tuf.api.metadata import Metadata
-
-    expired = Metadata.from_file(str(repo.metadata / "timestamp.json"))
-    expired.signed.version += 1
-    expired.signed.expires = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
-    expired.signatures.clear()
-    expired.sign(repo._signer("timestamp"))
-    repo._save("timestamp", expired)
+    expire_timestamp(repo)
     with pytest.raises(ExpiredMetadataError):
         updater(repo, url, tmp_path / "fresh").refresh()  # type: ignore[attr-defined]
     repo.timestamp()
@@ -186,8 +179,6 @@ def test_the_node_reader_lists_downloads_and_refuses_with_a_reason(
     """What a node's updater reads (ChannelReader): releases with their graph fields; an
     expired timestamp, a replayed snapshot, a tampered bundle and a root the node does not
     pin are each refused with a reason that says so, and nothing is left behind."""
-    from tuf.api.metadata import Metadata
-
     from basalt.machinery.releases.client import (
         ChannelReader,
         ReleaseFetchError,
@@ -219,12 +210,7 @@ def test_the_node_reader_lists_downloads_and_refuses_with_a_reason(
     for role, data in new.items():
         (repo.metadata / f"{role}.json").write_bytes(data)
 
-    expired = Metadata.from_file(str(repo.metadata / "timestamp.json"))
-    expired.signed.version += 1
-    expired.signed.expires = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
-    expired.signatures.clear()
-    expired.sign(repo._signer("timestamp"))
-    repo._save("timestamp", expired)
+    expire_timestamp(repo)
     with pytest.raises(ReleaseRefusedError, match="expired") as stale:
         ChannelReader(url, pinned, tmp_path / "node2", "stable").releases()
     assert "release timestamp" in (stale.value.hint or "")

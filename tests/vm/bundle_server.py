@@ -6,7 +6,9 @@ The server listens on 127.0.0.89 (a free port). The guest reaches it at
 :mod:`basalt.provision.relay` once per guest connection, and ``restrict=on`` keeps the
 guest from reaching anything else on or beyond the host.
 
-It serves the ``.tar`` files of one directory, and ``/cut/NAME.tar``: the same headers
+It serves the ``.tar`` files of one directory, the ``.json`` and ``.tar`` files below its
+``repo/`` (a release repository: ``/repo/metadata/...``, ``/repo/targets/...``), and
+``/cut/NAME.tar``: the same headers
 (the whole file's Content-Length) but only the first half of the body, then the
 connection closes, as a download cut short would. It records what it sent.
 """
@@ -52,7 +54,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         cut = self.path.startswith("/cut/")
         name = self.path.removeprefix("/cut/").removeprefix("/")
         path = self.server.directory / name
-        if "/" in name or not name.endswith(".tar") or not path.is_file():
+        if self.path.startswith("/repo/"):  # a release repository: any file below repo/
+            repo = (self.server.directory / "repo").resolve()
+            path = (self.server.directory / name).resolve()
+            name = path.name if path.is_relative_to(repo) else "/"
+        if "/" in name or not name.endswith((".tar", ".json")) or not path.is_file():
             self.send_error(404)
             self.server.served.append(Served(self.path, 404, 0))
             return

@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 from basalt.imager.variant import SITE
+from tests.fakes.releases import BROKEN_HEALTH
 from tests.vm.bundle_server import BundleServer, tampered_copy
 from tests.vm.conftest import Timings
 from tests.vm.machine import call, uefi_disk_command
@@ -50,16 +51,6 @@ ADDRESS = "127.0.0.120"
 DISK_SIZE = "4G"
 BOOT_TIMEOUT = 300.0
 BROKEN_TIMEOUT = 30
-BROKEN_HEALTH = '''
-
-_working_checks = run_checks
-
-
-async def run_checks(node: Node, **options: bool) -> list[Check]:  # type: ignore[no-redef]
-    """A deliberately broken build: one health check always fails."""
-    broken = Check("broken", False, "deliberately broken build")
-    return [*(await _working_checks(node, **options)), broken]
-'''
 
 
 def _trust_patch(public_pem: str) -> str:
@@ -542,3 +533,53 @@ def test_a_staged_upgrade_is_installed_early_in_the_next_boot(
     assert "API listening" not in early and "boot: services: phase started" not in early, early
     assert console.count("qemu-runner: the guest rebooted") == 2
     assert _bundles_kept(node, "/var/lib/basalt/staged") == []  # installed, then removed
+
+
+def test_the_node_updates_itself_from_a_channel(
+    node: Node, bundles: Bundles, bundle_server: BundleServer, image_dir: Path, timings: Timings
+) -> None:
+    """An UpdateConfig (applied live) follows the stable channel of a TUF repository the
+    node reaches over HTTP: it takes the newer release by itself, through the same A/B
+    path, and reports itself up to date on it."""
+    from basalt.imager.variant import variant_bundle
+    from basalt.machinery.images import load_signing_key
+    from basalt.machinery.releases.repository import Repository
+
+    node.wait(lambda: node.mtls("Health").healthy, BOOT_TIMEOUT, "healthy before the channel")
+    before = node.boot_status()
+    repo = Repository.init(bundles.v2.parent / "repo")
+    key = load_signing_key(bundles.key.read_text())
+    newer = variant_bundle(image_dir, bundles.v2.parent / "0.4.0.tar", "0.4.0", key)
+    repo.publish(newer, "0.4.0", "x86_64", "stable")
+    root = (repo.metadata / "1.root.json").read_text()
+    update = {
+        "apiVersion": "basalt.dev/v1alpha1",
+        "kind": "UpdateConfig",
+        "repository": bundle_server.guest_url("/repo/"),
+        "root": root,
+        "mode": "auto",
+        "interval": "10s",
+    }
+    started = time.monotonic()
+    done = node.ctl("patch", "machineconfig", "-p", json.dumps(update), timeout=120)
+    assert done.returncode == 0 and "applies live" in done.stdout, done.stdout + done.stderr
+
+    def updated() -> bool:
+        status = node.boot_status()
+        return status["version"] == "0.4.0" and not status["onTrial"]
+
+    node.wait(updated, 900, "0.4.0 taken from the channel and healthy")
+    timings.record("metal auto-update: config -> 0.4.0 healthy", time.monotonic() - started)
+    target = "b" if before["slot"] == "a" else "a"
+    assert node.boot_status()["slot"] == target
+    got = node.ctl("get", "updatestatus", "-o", "json", timeout=30)
+    spec = json.loads(got.stdout.splitlines()[0])["spec"]
+    assert (spec["current"], spec["mode"], spec["channel"]) == ("0.4.0", "auto", "stable")
+    node.wait(
+        lambda: json.loads(node.ctl("get", "updatestatus", "-o", "json", timeout=30)
+                           .stdout.splitlines()[0])["spec"]["state"] == "up-to-date",
+        120, "up to date",
+    )  # fmt: skip
+    assert any(s.path.startswith("/repo/metadata/") for s in bundle_server.served)
+    assert any(s.path == "/repo/targets/stable/basalt-0.4.0-x86_64.tar"
+               for s in bundle_server.served)  # fmt: skip

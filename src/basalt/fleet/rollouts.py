@@ -312,21 +312,23 @@ def summary(session: Session, rollout: Rollout) -> dict[str, Any]:
     }
 
 
+def _row(row: RolloutMachine) -> dict[str, Any]:
+    return {
+        "uuid": row.uuid,
+        "cluster": row.cluster,
+        "role": row.role,
+        "wave": row.wave,
+        "state": row.state,
+        "target": row.target,
+    }
+
+
 def detail(session: Session, rollout: Rollout) -> dict[str, Any]:
     return {
         **summary(session, rollout),
         "policy": rollout.policy,
         "machineStates": [
-            {
-                "uuid": r.uuid,
-                "cluster": r.cluster,
-                "role": r.role,
-                "wave": r.wave,
-                "state": r.state,
-                "target": r.target,
-                "from": r.from_version,
-                "message": r.message,
-            }
+            {**_row(r), "from": r.from_version, "message": r.message}
             for r in machines_of(session, rollout.id)
         ],
     }
@@ -481,16 +483,7 @@ class RolloutRunner:
                 "policy": Policy.model_validate(rollout.policy),
             }
             rows = [
-                {
-                    "uuid": r.uuid,
-                    "cluster": r.cluster,
-                    "role": r.role,
-                    "wave": r.wave,
-                    "state": r.state,
-                    "target": r.target,
-                    "started": aware(r.started),
-                    "healthy": aware(r.healthy),
-                }
+                {**_row(r), "started": aware(r.started), "healthy": aware(r.healthy)}
                 for r in machines_of(session, rollout_id)
             ]
             return head, rows, all_paused(session)

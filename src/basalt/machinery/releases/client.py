@@ -115,22 +115,10 @@ class ChannelReader:
                 hint="check UpdateConfig.channel against 'basaltctl release list'",
             )
         role: Metadata[Targets] = Metadata.from_file(str(path))
-        found = []
-        for name, target in role.signed.targets.items():
-            custom = target.custom
-            found.append(
-                Release(
-                    self.channel,
-                    name,
-                    str(custom.get("version", "")),
-                    str(custom.get("arch", "")),
-                    target.length,
-                    target.hashes.get("sha256", ""),
-                    bool(custom.get("yanked", False)),
-                    str(custom.get("via", "")),
-                )
-            )
-        return found
+        return [
+            Release.from_target(self.channel, name, target)
+            for name, target in role.signed.targets.items()
+        ]
 
     def download(self, release: Release, into: Path) -> Path:
         """The release's bundle at ``into``, its length and hashes checked by TUF."""

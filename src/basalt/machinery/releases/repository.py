@@ -58,6 +58,21 @@ class Release:
     yanked: bool
     via: str
 
+    @classmethod
+    def from_target(cls, channel: str, path: str, target: Any) -> Release:
+        """A channel role's target entry (python-tuf's ``TargetFile``) as a release."""
+        custom = target.custom
+        return cls(
+            channel,
+            path,
+            str(custom.get("version", "")),
+            str(custom.get("arch", "")),
+            target.length,
+            target.hashes.get("sha256", ""),
+            bool(custom.get("yanked", False)),
+            str(custom.get("via", "")),
+        )
+
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -226,19 +241,7 @@ class Repository:
         for name in [channel] if channel else self.channels():
             self._check_channel(name)
             for path, target in self._load(name).signed.targets.items():
-                custom = target.custom
-                found.append(
-                    Release(
-                        name,
-                        path,
-                        str(custom.get("version", "")),
-                        str(custom.get("arch", "")),
-                        target.length,
-                        target.hashes.get("sha256", ""),
-                        bool(custom.get("yanked", False)),
-                        str(custom.get("via", "")),
-                    )
-                )
+                found.append(Release.from_target(name, path, target))
         return found
 
     def publish(
