@@ -92,7 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     )
     bundles = root / "bundles"
     bundles.mkdir()
-    for version in ("0.1.3", "0.2.1", "0.2.2"):
+    for version in ("0.1.3", "0.2.1", "0.2.2", "0.2.6"):
         bundle_from_tree(SRC, bundles / f"{version}.tar", version, key)
     bundle_from_tree(broken_tree(SRC, root), bundles / "0.3.0.tar", "0.3.0", key)
     other, _ = generate_signing_key()
@@ -124,6 +124,17 @@ def wait_status(
             pass  # rebooting
         time.sleep(0.5)
     raise AssertionError(f"{what}: not reached in {timeout}s; last update status: {last}")
+
+
+def ctl(cluster: LiveCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BASALTCTL, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BASALTCONFIG": str(Path(cluster.record.state_dir) / "basaltconfig")},
+        check=False,
+        timeout=600,
+    )
 
 
 def holders(fleet: FleetProcess) -> list[str]:
@@ -202,13 +213,7 @@ def test_nothing_starts_until_the_window_opens(world: dict[str, Any]) -> None:
             "windows": [{"cron": f"{opens.minute} {opens.hour} * * *", "duration": "1m"}],
         }
     )
-    done = subprocess.run(
-        [*BASALTCTL, "patch", "machineconfig", "-n", NODE, "-p", patch],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "BASALTCONFIG": str(Path(cluster.record.state_dir) / "basaltconfig")},
-        check=False,
-    )
+    done = ctl(cluster, "patch", "machineconfig", "-n", NODE, "-p", patch)
     assert done.returncode == 0 and "applies live" in done.stdout, done
     publish(world, "0.2.2")
     waiting = wait_status(
@@ -221,3 +226,24 @@ def test_nothing_starts_until_the_window_opens(world: dict[str, Any]) -> None:
     found = wait_status(cluster, lambda s: s["current"] == "0.2.2", 300, "0.2.2 in the window")
     assert dt.datetime.now(dt.UTC) >= opens
     assert found["refused"] == ["0.3.0"]
+
+
+def test_manual_mode_checks_and_upgrades_only_when_asked(world: dict[str, Any]) -> None:
+    cluster = world["cluster"]
+    patch = json.dumps(
+        {"apiVersion": "basalt.dev/v1alpha1", "kind": "UpdateConfig", "mode": "manual"}
+    )
+    assert ctl(cluster, "patch", "machineconfig", "-n", NODE, "-p", patch).returncode == 0
+    wait_status(cluster, lambda s: s["state"] == "manual", 30, "manual")
+    publish(world, "0.2.6")
+    time.sleep(5)  # no interval checks in manual mode
+    assert status(cluster)["nextHop"] == ""
+    checked = ctl(cluster, "update", "-n", NODE)
+    assert checked.returncode == 0, checked.stderr
+    assert "0.2.6 is available (path: 0.2.6); --apply takes it now" in checked.stdout
+    assert status(cluster)["current"] == "0.2.2"
+    applied = ctl(cluster, "update", "--apply", "-n", NODE)
+    assert applied.returncode == 0 and "upgrading to 0.2.6" in applied.stdout, applied.stderr
+    wait_status(cluster, lambda s: s["current"] == "0.2.6", 120, "0.2.6 on request")
+    again = ctl(cluster, "update", "-n", NODE)
+    assert "up to date: 0.2.6 is the newest release of stable" in again.stdout, again

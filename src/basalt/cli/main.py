@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kubeconfig": ("kubernetes", "kubeconfig"),
     "upgrade": ("upgrade", "upgrade"),
     "rollback": ("upgrade", "rollback"),
+    "update": ("upgrade", "update"),
 }
 _VALUE_OPTIONS = ("--basaltconfig", "--context")
 

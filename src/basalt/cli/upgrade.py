@@ -337,3 +337,30 @@ def rollback(
             print(f"{item.metadata.node}: {item.message}")
 
     run(ctx, work, nodes=nodes, endpoints=endpoints)
+
+
+def update(
+    ctx: typer.Context,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply", help="Take the next hop now: any mode, outside windows (slot still taken)."
+        ),
+    ] = False,
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
+) -> None:
+    """Ask each node's updater (UpdateConfig) to check its release channel now; with
+    --apply, to upgrade to the next hop of its path now. `get updatestatus` shows more."""
+    from basalt.machinery.api import machine_pb2
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        answer = await client.machine.UpdateCheck(
+            machine_pb2.UpdateCheckRequest(apply=apply),
+            metadata=client.metadata(),
+            timeout=900,
+        )
+        for item in failures.keep(answer.messages):
+            print(f"{item.metadata.node}: {item.message}")
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints)

@@ -22,7 +22,7 @@ from basalt.machinery.resources.specs import Stage
 
 from .events import EventBus
 from .platform import Platform, PowerAction
-from .ports import EtcdMember, Upgrades, Wiring
+from .ports import EtcdMember, Updates, Upgrades, Wiring
 from .runtime import ControllerEngine, ResourceStore, Sequencer
 from .services import LogBuffer, Supervisor
 from .storage.state import ConfigStore
@@ -102,6 +102,8 @@ class Node:
         self.stage: Stage = "booting"
         self.sequencer: Sequencer[Node] = Sequencer(self, self._sequence_event)
         self.engine: ControllerEngine | None = None
+        #: The updater, once the composition root made it (None: never on this node).
+        self.updates: Updates | None = None
         self.trial: TrialState | None = None
         self.config_arrived = asyncio.Event()
         #: Cleared while the boot's maintenance API may still be opening: the network

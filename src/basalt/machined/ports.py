@@ -47,6 +47,13 @@ class StagedSlots(Protocol):
     def staged(self) -> Path | None: ...
 
 
+class Updates(Protocol):
+    """The node's updater (:class:`basalt.machined.updater.UpdateController`), as the API
+    asks it to check its channel now."""
+
+    async def check(self, apply: bool) -> str: ...
+
+
 class Upgrades(Protocol):
     """The node's A/B slots, upgrades, rollbacks and boot assessment
     (:class:`basalt.machined.upgrade.Upgrader`), as the sequences and the API use them."""

@@ -113,6 +113,7 @@ class NodeUpdater:
             "state": "checking",
         }
         self.wake = asyncio.Event()
+        self.lock = asyncio.Lock()
         self._announced = ""
 
     # -- status --------------------------------------------------------------------------
@@ -201,8 +202,12 @@ class NodeUpdater:
     # -- the loop ------------------------------------------------------------------------
     async def run(self) -> None:
         await self.settle()
+        if self.config.mode == "manual":
+            self.publish(state="manual", next_check="")
+            return  # checks only when asked (check_now)
         while True:
-            delay = await self.check_once()
+            async with self.lock:
+                delay = await self.check_once()
             self.publish(next_check=_iso(self.now() + dt.timedelta(seconds=delay)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
@@ -212,8 +217,35 @@ class NodeUpdater:
         interval = self.config.interval_seconds()
         return interval + random.uniform(0, interval / 10)
 
-    async def check_once(self) -> float:
-        """One check (and in auto mode maybe an upgrade); seconds until the next."""
+    async def check_now(self, apply: bool) -> str:
+        """Check the channel now (the UpdateCheck RPC); with ``apply``, take the next hop
+        now, whatever the mode and the windows. What happened, in words; a refusal raises."""
+        from .upgrade import UpgradeRefusedError
+
+        async with self.lock:
+            await self.check_once(apply=apply)
+        status = self.status
+        hop, path = status.get("next_hop", ""), " -> ".join(status.get("path", []))
+        state = status.get("state")
+        if state in {"error", "waiting-slot", "waiting"}:
+            raise UpgradeRefusedError(
+                str(status.get("last_error")), hint="see basaltctl get updatestatus"
+            )
+        if state == "up-to-date":
+            return (
+                f"up to date: {self.node.version} is the newest release of "
+                f"{self.config.channel} this node takes"
+            )
+        if state == "upgrading":
+            return f"upgrading to {hop} from {self.config.channel}; rebooting"
+        if state == "waiting-window":
+            opens = status.get("next_window")
+            return f"{hop} waits for the next window ({opens}); --apply takes it now"
+        return f"{hop} is available (path: {path}); --apply takes it now"
+
+    async def check_once(self, apply: bool = False) -> float:
+        """One check (in auto mode, or with ``apply``, maybe an upgrade); seconds until
+        the next."""
         from basalt.machinery.releases.client import ChannelReader
 
         reader = ChannelReader(
@@ -240,7 +272,7 @@ class NodeUpdater:
         if hop is None:
             self.publish(state="up-to-date", next_window="")
             return self._interval()
-        if self.config.mode != "auto":
+        if self.config.mode != "auto" and not apply:
             if self._announced != hop.version:
                 self._announced = hop.version
                 self.event(
@@ -249,7 +281,7 @@ class NodeUpdater:
                 )
             self.publish(state="available")
             return self._interval()
-        return await self._auto(reader, hop)
+        return await self._auto(reader, hop, anytime=apply)
 
     def _plan(self, releases: list[Release]) -> tuple[Release | None, str, list[str]]:
         from basalt.machinery.images.versions import version_key
@@ -274,7 +306,7 @@ class NodeUpdater:
             path(current, releases, arch=arch, refused=refused),
         )
 
-    async def _auto(self, reader: Any, hop: Release) -> float:
+    async def _auto(self, reader: Any, hop: Release, anytime: bool = False) -> float:
         from basalt.machinery.releases.fleetlock import SlotRefusedError
         from basalt.machinery.windows import Window, next_opening, open_now
 
@@ -283,7 +315,7 @@ class NodeUpdater:
             return SLOT_RETRY
         windows = [Window(w.cron, w.seconds(), w.timezone) for w in self.config.windows]
         now = self.now()
-        if not open_now(windows, now):
+        if not anytime and not open_now(windows, now):
             opens = next_opening(windows, now)
             self.publish(state="waiting-window", next_window=_iso(opens))
             until = (opens - now).total_seconds() if opens else self._interval()
@@ -354,13 +386,15 @@ class NodeUpdater:
 
 
 class UpdateController(Controller):
-    """Starts, restarts and stops the updater as the UpdateConfig comes and goes."""
+    """Starts, restarts and stops the updater as the UpdateConfig comes and goes; answers
+    the UpdateCheck RPC (``node.updates``)."""
 
     name = "update"
     outputs = ("UpdateStatuses",)
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        node.updates = self
         self.config: UpdateConfig | None = None
         self.task: asyncio.Task[None] | None = None
         self.updater: NodeUpdater | None = None
@@ -386,6 +420,17 @@ class UpdateController(Controller):
             return
         self.updater = NodeUpdater(self.node, config)
         self.task = self.node.background(self._run(self.updater), name="updater")
+
+    async def check(self, apply: bool) -> str:
+        from .upgrade import UpgradeRefusedError
+
+        if self.updater is None:
+            raise UpgradeRefusedError(
+                "this node has no UpdateConfig: it follows no release channel",
+                hint="add an UpdateConfig document (docs/releases.md), or upgrade with "
+                "basaltctl upgrade --image",
+            )
+        return await self.updater.check_now(apply)
 
     async def _run(self, updater: NodeUpdater) -> None:
         try:

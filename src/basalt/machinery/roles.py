@@ -75,6 +75,7 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
     # Installing software and choosing which slot boots: admin only.
     _SERVICE + "Upgrade": _ADMIN,
     _SERVICE + "Rollback": _ADMIN,
+    _SERVICE + "UpdateCheck": _ADMIN,
     # Containers: importing images is an operation; running one runs arbitrary code.
     _SERVICE + "ImageImport": _OPERATE,
     _SERVICE + "ImageList": _READ,

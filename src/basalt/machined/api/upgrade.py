@@ -1,4 +1,5 @@
-"""The upgrade RPCs of MachineService (a mixin of MachineServicer): Upgrade and Rollback.
+"""The upgrade RPCs of MachineService (a mixin of MachineServicer): Upgrade, Rollback, and
+UpdateCheck (the updater checks its channel now).
 
 ``Upgrade`` is client-streaming (options first, then the bundle in chunks, or no chunks
 when the options name a URL the node fetches itself), so it is never forwarded: clients
@@ -112,6 +113,14 @@ class UpgradeMethods:
         kexec = request.reboot_mode == machine_pb2.KEXEC
         self.node.sequencer.start("reboot", RebootPlan(kexec=kexec))
         return self.action("; ".join([*job.steps, job.message, "rebooting"]))
+
+    async def UpdateCheck(self, request: machine_pb2.UpdateCheckRequest, context: Context) -> Any:
+        from ..upgrade import UpgradeRefusedError
+
+        updates = self.node.updates
+        if updates is None:
+            raise UpgradeRefusedError("this node runs no updater")
+        return self.action(await updates.check(request.apply))
 
 
 @dataclass

@@ -1718,6 +1718,25 @@ class RollbackRequest(_message.Message):
 Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
 
 @_typing.final
+class UpdateCheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLY_FIELD_NUMBER: _builtins.int
+    apply: _builtins.bool
+    def __init__(
+        self,
+        *,
+        apply: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply", b"apply"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCheckRequest: _TypeAlias = UpdateCheckRequest  # noqa: Y015
+
+@_typing.final
 class ImageImportOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

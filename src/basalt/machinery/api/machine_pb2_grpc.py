@@ -205,6 +205,11 @@ class MachineServiceStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
                 _registered_method=True)
+        self.UpdateCheck = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/UpdateCheck',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpdateCheckRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
         self.ImageImport = channel.stream_unary(
                 '/basalt.api.v1alpha1.MachineService/ImageImport',
                 request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ImageImportRequest.SerializeToString,
@@ -432,6 +437,14 @@ class MachineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateCheck(self, request, context):
+        """The updater (UpdateConfig): check the channel now; with apply, also take the next
+        hop now (outside any window; the reboot slot is still taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ImageImport(self, request_iterator, context):
         """Containers (containerd, namespace "basalt"). ImageImport is client-streaming:
         never forwarded, dial the node.
@@ -623,6 +636,11 @@ def add_MachineServiceServicer_to_server(servicer, server):
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'UpdateCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCheck,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpdateCheckRequest.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
             ),
             'ImageImport': grpc.stream_unary_rpc_method_handler(
@@ -1558,6 +1576,33 @@ class MachineService:
             target,
             '/basalt.api.v1alpha1.MachineService/Rollback',
             basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/UpdateCheck',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.UpdateCheckRequest.SerializeToString,
             basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
             options,
             channel_credentials,

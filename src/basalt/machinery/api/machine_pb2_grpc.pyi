@@ -69,6 +69,10 @@ class MachineServiceStub:
     Upgrade: _grpc.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]
     """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
     Rollback: _grpc.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]
+    UpdateCheck: _grpc.UnaryUnaryMultiCallable[_machine_pb2.UpdateCheckRequest, _common_pb2.ActionResponse]
+    """The updater (UpdateConfig): check the channel now; with apply, also take the next
+    hop now (outside any window; the reboot slot is still taken).
+    """
     ImageImport: _grpc.StreamUnaryMultiCallable[_machine_pb2.ImageImportRequest, _machine_pb2.ImageImportResponse]
     """Containers (containerd, namespace "basalt"). ImageImport is client-streaming:
     never forwarded, dial the node.
@@ -116,6 +120,10 @@ class MachineServiceAsyncStub(MachineServiceStub):
     Upgrade: _aio.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]  # type: ignore[assignment]
     """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
     Rollback: _aio.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    UpdateCheck: _aio.UnaryUnaryMultiCallable[_machine_pb2.UpdateCheckRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    """The updater (UpdateConfig): check the channel now; with apply, also take the next
+    hop now (outside any window; the reboot slot is still taken).
+    """
     ImageImport: _aio.StreamUnaryMultiCallable[_machine_pb2.ImageImportRequest, _machine_pb2.ImageImportResponse]  # type: ignore[assignment]
     """Containers (containerd, namespace "basalt"). ImageImport is client-streaming:
     never forwarded, dial the node.
@@ -364,6 +372,16 @@ class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _machine_pb2.RollbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateCheck(
+        self,
+        request: _machine_pb2.UpdateCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]:
+        """The updater (UpdateConfig): check the channel now; with apply, also take the next
+        hop now (outside any window; the reboot slot is still taken).
+        """
 
     @_abc_1.abstractmethod
     def ImageImport(
