@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import http.server
+import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -110,8 +114,8 @@ def world(tmp_path: Path, keypair: tuple[str, str]) -> Iterator[World]:
     database.engine.dispose()
 
 
-def test_a_good_release_reaches_every_machine_wave_by_wave(world: World) -> None:
-    rollout = world.start("0.2.0", waves=[50, 100])
+def test_a_good_release_reaches_every_machine_wave_by_wave(world: World, webhook: str) -> None:
+    rollout = world.start("0.2.0", waves=[50, 100], webhook=webhook)
     world.run(rollout, steps=3)
     first = world.state(rollout)
     started = [m for m in first["machineStates"] if m["state"] != "pending"]  # type: ignore[attr-defined]
@@ -125,14 +129,40 @@ def test_a_good_release_reaches_every_machine_wave_by_wave(world: World) -> None
     with world.database.session() as session:
         assert session.query(RebootSlot).count() == 0
     assert world.nodes.most_down <= 2  # one per cluster (workers' group: one slot too)
+    assert [(h["event"], h["done"]) for h in _Hook.received] == [("done", 8)]
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    _Hook.received.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
 
 
 def test_a_broken_release_halts_at_the_canary_yanks_and_is_not_offered_again(
-    world: World,
+    world: World, webhook: str
 ) -> None:
     world.nodes.broken.add("0.3.0")
-    rollout = world.start("0.3.0", canary={"labels": {"canary": "yes"}})
+    rollout = world.start("0.3.0", canary={"labels": {"canary": "yes"}}, webhook=webhook)
     world.run(rollout, steps=30)
+    [told] = _Hook.received
+    assert (told["event"], told["version"], told["failed"]) == ("halted", "0.3.0", 1)
+    assert told["yanked"] == "stable/0.3.0" and "the canary failed" in told["reason"]
     found = world.state(rollout)
     assert found["state"] == "halted" and "the canary failed" in str(found["reason"])
     touched = [u for u, m in world.nodes.machines.items() if m.upgrades]
