@@ -70,6 +70,9 @@ class FakeNodes:
         machine = self.machines[uuid]
         machine.rollbacks += 1
         machine.version, machine.previous = machine.previous, machine.version
+        machine.on_trial = 1  # down until it is looked at again
+        self.down.add(uuid)
+        self.most_down = max(self.most_down, len(self.down))
         return f"rolled back to {machine.version}"
 
     async def peers_ready(self, peers: tuple[str, ...], cluster: str) -> str:

@@ -238,3 +238,26 @@ def test_pause_windows_and_refusals(world: World) -> None:
         ro.create(session, "al", "0.2.1", "stable", releases, policy=policy)
     with pytest.raises(ValueError, match="the last wave must be 100"):
         ro.Policy.model_validate({"waves": [10, 50]})
+
+
+def test_a_halt_rolls_control_planes_back_one_at_a_time(world: World) -> None:
+    """Three control planes of cluster a run the release when the rollout halts: they go
+    back one after the other, each with its cluster's control-plane slot."""
+    from basalt.fleet.db import RolloutMachine
+
+    rollout = world.start("0.2.0", waves=[100])
+    cps = [_uuid(i) for i in range(3)]
+    with world.database.session() as session:
+        for row in session.query(RolloutMachine).filter(RolloutMachine.uuid.in_(cps)):
+            row.state, row.target, row.healthy = "done", "0.2.0", T0
+    for uuid in cps:
+        world.nodes.machines[uuid].version, world.nodes.machines[uuid].previous = "0.2.0", "0.1.0"
+    asyncio.run(world.runner.halt(rollout, "an operator's test"))
+    world.run(rollout, steps=20)
+    assert world.nodes.most_down == 1
+    assert [world.nodes.machines[u].version for u in cps] == ["0.1.0"] * 3
+    states = {m["uuid"]: m["state"] for m in world.state(rollout)["machineStates"]}  # type: ignore[attr-defined]
+    assert [states[u] for u in cps] == ["rolled-back"] * 3
+    with world.database.session() as session:
+        assert session.query(RebootSlot).count() == 0
+        assert world.runner._active() == []  # nothing left to do

@@ -217,7 +217,7 @@ class RolloutMachine(Base):
     wave: Mapped[int] = mapped_column(Integer)
     #: The place in the rollout's seeded order (waves cut it by percentage).
     rank: Mapped[int] = mapped_column(Integer)
-    #: pending | upgrading | soaking | done | failed | rolled-back | skipped
+    #: pending | upgrading | soaking | done | failed | rolling-back | rolled-back | skipped
     state: Mapped[str] = mapped_column(String(16), default="pending")
     #: The version being installed now (a hop of the upgrade path, or the release).
     target: Mapped[str] = mapped_column(String(64), default="")

@@ -456,12 +456,18 @@ class RolloutRunner:
 
     def _active(self) -> list[int]:
         with self.database.session() as session:
+            in_flight = select(RolloutMachine.rollout).where(
+                RolloutMachine.state.in_(("upgrading", "rolling-back"))
+            )
+            # A halted rollout stays active until every machine that took it is back.
+            to_roll_back = select(RolloutMachine.rollout).where(
+                RolloutMachine.state.in_(("soaking", "done"))
+            )
             rows = session.execute(
                 select(Rollout.id).where(
-                    (Rollout.state.in_(ACTIVE))
-                    | Rollout.id.in_(
-                        select(RolloutMachine.rollout).where(RolloutMachine.state == "upgrading")
-                    )
+                    Rollout.state.in_(ACTIVE)
+                    | Rollout.id.in_(in_flight)
+                    | ((Rollout.state == "halted") & Rollout.id.in_(to_roll_back))
                 )
             )
             return [int(r[0]) for r in rows]
@@ -507,6 +513,8 @@ class RolloutRunner:
         for row in rows:
             if row["state"] == "upgrading":
                 await self._watch(head, row, policy, now)
+            elif row["state"] == "rolling-back":
+                await self._watch_rollback(head, row, policy, now)
             elif (
                 row["state"] == "soaking"
                 and row["healthy"] is not None
@@ -607,6 +615,18 @@ class RolloutRunner:
             fleetlock.take(session, client)
             return client
 
+    async def _slot(self, uuid: str, cluster: str) -> bool:
+        """Take the machine's reboot slot (a control plane's only while its peers are
+        ready); False: not now."""
+        try:
+            client = await asyncio.to_thread(self._take_slot, uuid, cluster)
+        except fleetlock.SlotBusy:
+            return False
+        if client.peers and await self.ops.peers_ready(client.peers, cluster):
+            await asyncio.to_thread(self._give_back, uuid, cluster)
+            return False
+        return True
+
     async def _start(self, head: dict[str, Any], row: dict[str, Any]) -> bool:
         """Start the machine's next hop; True when an upgrade is now in flight."""
         uuid, cluster = row["uuid"], row["cluster"]
@@ -639,15 +659,8 @@ class RolloutRunner:
                 target=head["version"], message=f"runs {current} already",
             )  # fmt: skip
             return False
-        try:
-            client = await asyncio.to_thread(self._take_slot, uuid, cluster)
-        except fleetlock.SlotBusy:
+        if not await self._slot(uuid, cluster):
             return False
-        if client.peers:
-            reason = await self.ops.peers_ready(client.peers, cluster)
-            if reason:
-                await asyncio.to_thread(self._give_back, uuid, cluster)
-                return False
         self._starting.add(uuid)
         try:
             bundle = await asyncio.to_thread(self._bundle, hop)
@@ -774,18 +787,50 @@ class RolloutRunner:
         return f"{channel}/{version}"
 
     async def _roll_back(self, head: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """Every machine of a halted rollout that runs the release goes back."""
+        """Every machine of a halted rollout that runs the release goes back, each with
+        its reboot slot (control planes one at a time, only while their peers are ready),
+        so a rollback never costs quorum."""
         for row in rows:
             if row["state"] not in ("soaking", "done") or row["target"] != head["version"]:
                 continue
             uuid, cluster = row["uuid"], row["cluster"]
+            if not await self._slot(uuid, cluster):
+                continue  # the next step tries again
             try:
                 message = await self.ops.rollback(uuid, cluster)
             except Exception as exc:
+                await asyncio.to_thread(self._give_back, uuid, cluster)
+                transient = isinstance(exc, NotLinked) or (
+                    isinstance(exc, grpc.aio.AioRpcError)
+                    and exc.code()
+                    in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                )
                 log.warning("rollout %d: rollback of %s failed: %s", head["id"], uuid, exc)
+                if not transient:  # refused by the node: say so, do not ask again
+                    detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+                    await asyncio.to_thread(self._update, head["id"], uuid, state="failed",
+                                            message=f"rollback refused: {detail}")  # fmt: skip
                 continue
-            await asyncio.to_thread(self._update, head["id"], uuid, state="rolled-back",
-                                    message=message)  # fmt: skip
+            await asyncio.to_thread(self._update, head["id"], uuid, state="rolling-back",
+                                    started=self.now(), message=message)  # fmt: skip
+
+    async def _watch_rollback(
+        self, head: dict[str, Any], row: dict[str, Any], policy: Policy, now: dt.datetime
+    ) -> None:
+        uuid, cluster = row["uuid"], row["cluster"]
+        try:
+            boot = await self.ops.resource(uuid, cluster, "BootStatuses", "boot")
+        except Exception:
+            boot = None  # rebooting
+        back = boot is not None and not boot.get("onTrial") and boot.get("version") != row["target"]
+        late = (now - (row["started"] or now)).total_seconds() > policy.timeout_seconds()
+        if back or late:
+            await asyncio.to_thread(self._give_back, uuid, cluster)
+            await asyncio.to_thread(
+                self._update, head["id"], uuid, state="rolled-back" if back else "failed",
+                message=f"back on {boot.get('version')}" if back and boot else
+                f"not back from {row['target']} within {policy.timeout}",
+            )  # fmt: skip
 
     def _notify(self, url: str, payload: dict[str, Any]) -> None:
         request = urllib.request.Request(
