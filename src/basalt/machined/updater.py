@@ -400,9 +400,11 @@ class UpdateController(Controller):
         self.updater: NodeUpdater | None = None
 
     async def reconcile(self, store: ResourceStore) -> None:
-        from basalt.machinery.config import UpdateConfig
+        config = None
+        if self.node.config is not None:  # the config models are loaded by then, not before
+            from basalt.machinery.config import UpdateConfig
 
-        config = self.node.config.first(UpdateConfig) if self.node.config is not None else None
+            config = self.node.config.first(UpdateConfig)
         if config == self.config and (config is None or self.task is not None):
             return
         self.config = config
