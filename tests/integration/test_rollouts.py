@@ -156,6 +156,15 @@ def test_a_good_release_reaches_every_machine_in_waves(world: dict[str, Any]) ->
     assert [w["detail"]["wave"] for w in waves] == [1, 2]
     for writer in world["writers"].values():
         assert writer.failed == 0, writer.report()
+    # Promotion to beta: the fleet saw 8 machines run it, but not for the rule's 24 h.
+    promote = ["release", "promote", str(world["repo"].directory), "0.2.0",
+               "--from", "stable", "--to", "beta"]  # fmt: skip
+    refused = fleet.ctl(*promote, check=False)
+    assert refused.returncode != 0 and "it ran for 0.0 h, the rule wants 24.0 h" in refused.stderr
+    fleet.ctl(*promote, "--force")  # as the fleet's admin
+    forced = [e for e in fleet.get("/v1/audit?after=0&limit=5000")
+              if e["action"] == "release.promote.forced"]  # fmt: skip
+    assert [e["target"] for e in forced] == ["beta/0.2.0"]
     assert fleet.get("/v1/reboot-groups") == [] or all(
         not g["holders"] for g in fleet.get("/v1/reboot-groups")
     )

@@ -172,6 +172,18 @@ def test_the_cli_verifies_the_bundle_signature_before_publishing(
     meta = json.loads((repo_dir / "metadata" / "beta.json").read_text())
     assert meta["signed"]["targets"]["beta/basalt-0.5.0-x86_64.tar"]["custom"]["version"] == "0.5.0"
 
+    # Promotion: without a fleet to vouch for the release, only by force, and logged.
+    env = {"BASALTCONFIG": str(tmp_path / "no-such-config")}
+    promote = ["release", "promote", str(repo_dir), "0.5.0", "--from", "beta", "--to", "stable"]
+    refused = runner.invoke(app, promote, env=env)
+    assert refused.exit_code != 0 and "no fleet vouches for it" in str(refused.exception)
+    assert [r.channel for r in Repository(repo_dir).releases()] == ["beta"]
+    forced = runner.invoke(app, [*promote, "--force"], env=env)
+    assert forced.exit_code == 0, forced.output
+    assert [r.channel for r in Repository(repo_dir).releases()] == ["beta", "stable"]
+    [logged] = [json.loads(line) for line in (repo_dir / "promotions.log").read_text().splitlines()]
+    assert (logged["version"], logged["to"], logged["forced"]) == ("0.5.0", "stable", True)
+
 
 def test_the_node_reader_lists_downloads_and_refuses_with_a_reason(
     served: tuple[Repository, str], tmp_path: Path, keypair: tuple[str, str]
@@ -194,6 +206,8 @@ def test_the_node_reader_lists_downloads_and_refuses_with_a_reason(
     assert (release.version, release.via, release.yanked) == ("0.5.0", "0.4.9", False)
     got = reader.download(release, tmp_path / "in" / "b.tar")
     assert got.read_bytes() == bundle.source.read_bytes()
+    got.write_bytes(b"X" + got.read_bytes()[1:])  # a kept download that changed: fetched again
+    assert reader.download(release, got).read_bytes() == bundle.source.read_bytes()
 
     with pytest.raises(ReleaseFetchError, match="has no channel 'nightly'") as missing:
         ChannelReader(url, pinned, tmp_path / "node", "nightly").releases()

@@ -832,6 +832,14 @@ class PauseRequest(Model):
     paused: bool
 
 
+class ForcedPromotion(Model):
+    version: str = Field(min_length=1, max_length=64)
+    source: str = Field(alias="from", max_length=63)
+    destination: str = Field(alias="to", max_length=63)
+    repository: str = Field(default="", max_length=1000)
+    short: list[str] = Field(default_factory=list, max_length=10)
+
+
 class PromoteRequest(Model):
     version: str = Field(min_length=1, max_length=64)
     source: str = Field(alias="from")
@@ -885,8 +893,25 @@ def _rollouts(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
     @route("GET", "/v1/releases/{version}/evidence", FleetRole.READER)
     def release_evidence(version: str) -> dict[str, Any]:
+        """What the fleet saw of a release, and what its promotion rule still misses."""
+        options = fleet.options
         with fleet.database.session() as session:
-            return ro.evidence(session, version, dt.datetime.now(dt.UTC))
+            seen = ro.evidence(session, version, dt.datetime.now(dt.UTC))
+        rule = {"machines": options.promote_min_machines, "seconds": options.promote_min_seconds}
+        short = ro.shortfalls(seen, options.promote_min_machines, options.promote_min_seconds)
+        return {**seen, "rule": rule, "short": short}
+
+    @route("POST", "/v1/releases/forced-promotions", FleetRole.ADMIN, status_code=201)
+    def forced_promotion(body: ForcedPromotion, caller: Authed) -> dict[str, Any]:
+        """Record that an admin promotes a release in a repository of their own against
+        the rule (``basaltctl release promote --force``): the force is in the audit log."""
+        with fleet.database.session() as session:
+            entry = audit.record(
+                session, caller.name, "release.promote.forced",
+                f"{body.destination}/{body.version}",
+                {"from": body.source, "short": body.short, "repository": body.repository},
+            )  # fmt: skip
+            return {"audit": entry.id}
 
     @route("POST", "/v1/releases/promote", FleetRole.OPERATOR)
     def promote(body: PromoteRequest, caller: Authed) -> dict[str, Any]:
@@ -895,19 +920,7 @@ def _rollouts(app: FastAPI, fleet: Fleet, route: Route) -> None:
         options = fleet.options
         with fleet.database.session() as session:
             seen = ro.evidence(session, body.version, dt.datetime.now(dt.UTC))
-            short = []
-            if seen["fallbacks"]:
-                short.append(f"it fell back on {seen['fallbacks']} machine(s)")
-            if seen["machines"] < options.promote_min_machines:
-                short.append(
-                    f"{seen['machines']} machine(s) ran it healthy, the rule wants "
-                    f"{options.promote_min_machines}"
-                )
-            elif seen["seconds"] < options.promote_min_seconds:
-                short.append(
-                    f"it ran for {seen['seconds'] / 3600:.1f} h, the rule wants "
-                    f"{options.promote_min_seconds / 3600:.1f} h"
-                )
+            short = ro.shortfalls(seen, options.promote_min_machines, options.promote_min_seconds)
             if short and not body.force:
                 raise service.Conflict(
                     f"{body.version} is not promoted from {body.source} to "

@@ -391,6 +391,21 @@ def evidence(session: Session, version: str, now: dt.datetime) -> dict[str, Any]
     return {"version": version, "machines": len(healthy), "seconds": ran, "fallbacks": failures}
 
 
+def shortfalls(seen: dict[str, Any], min_machines: int, min_seconds: float) -> list[str]:
+    """What keeps ``seen`` (:func:`evidence`) from meeting the promotion rule; [] when it
+    holds."""
+    short = []
+    if seen["fallbacks"]:
+        short.append(f"it fell back on {seen['fallbacks']} machine(s)")
+    if seen["machines"] < min_machines:
+        short.append(f"{seen['machines']} machine(s) ran it healthy, the rule wants {min_machines}")
+    elif seen["seconds"] < min_seconds:
+        short.append(
+            f"it ran for {seen['seconds'] / 3600:.1f} h, the rule wants {min_seconds / 3600:.1f} h"
+        )
+    return short
+
+
 # -- running ----------------------------------------------------------------------------
 
 

@@ -313,20 +313,17 @@ class NodeUpdater:
         if self.node.stage != "running":
             self.publish(state="waiting", last_error=f"the node is {self.node.stage}")
             return SLOT_RETRY
-        windows = [Window(w.cron, w.seconds(), w.timezone) for w in self.config.windows]
-        now = self.now()
-        if not anytime and not open_now(windows, now):
-            opens = next_opening(windows, now)
-            self.publish(state="waiting-window", next_window=_iso(opens))
-            until = (opens - now).total_seconds() if opens else self._interval()
-            return max(1.0, min(self._interval(), until + 1))
+        # Downloaded and verified ahead of the window (kept in EPHEMERAL while it waits):
+        # the window is spent on the reboot, not on the download.
         self.publish(state="downloading", next_window="")
+        staging = self.node.paths.ephemeral / "update"
         try:
             bundle = await asyncio.to_thread(
-                reader.download,
-                hop,
-                self.node.paths.ephemeral / "update" / f"basalt-{hop.version}.tar",
+                reader.download, hop, staging / f"basalt-{hop.version}.tar"
             )
+            for old in staging.glob("basalt-*.tar"):
+                if old != bundle:
+                    old.unlink(missing_ok=True)  # a release no longer next
             label = f"release {hop.version} from {self.config.repository}"
             verified = await self.node.upgrader.verify(bundle, label=label)
             if verified.version != hop.version:
@@ -338,6 +335,14 @@ class NodeUpdater:
             self.publish(state="error", last_error=exc.one_line())
             self.event(f"update to {hop.version} refused: {exc.one_line()}", version=hop.version)
             return self._interval()
+        windows = [Window(w.cron, w.seconds(), w.timezone) for w in self.config.windows]
+        now = self.now()
+        if not anytime and not open_now(windows, now):
+            opens = next_opening(windows, now)
+            self.publish(state="waiting-window", next_window=_iso(opens))
+            until = (opens - now).total_seconds() if opens else self._interval()
+            return max(1.0, min(self._interval(), until + 1))
+        self.publish(next_window="")
         coordinator = self._coordinator()
         if coordinator is not None:
             try:

@@ -121,7 +121,8 @@ class ChannelReader:
         ]
 
     def download(self, release: Release, into: Path) -> Path:
-        """The release's bundle at ``into``, its length and hashes checked by TUF."""
+        """The release's bundle at ``into``, its length and hashes checked by TUF (a file
+        already there that matches them is kept, not fetched again)."""
         where = f"repository {self.base}, {release.path}"
         if self._updater is None:
             self.releases()
@@ -130,6 +131,8 @@ class ChannelReader:
             if info is None:
                 raise ReleaseFetchError(f"{where}: no longer in channel {self.channel}")
             into.parent.mkdir(parents=True, exist_ok=True)
+            if self._updater.find_cached_target(info, str(into)) is not None:
+                return into  # downloaded before, and still what TUF signed
             partial = into.with_name(into.name + ".part")
             self._updater.download_target(info, str(partial))
             os.replace(partial, into)
