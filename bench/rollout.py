@@ -126,7 +126,7 @@ def _bundles(root: Path, key: Any, bad: int) -> None:
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.fakes.fleet import FleetProcess
-    from tests.fakes.releases import channel_template
+    from tests.fakes.releases import apply_channel_cluster
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--soak", default="10s")
@@ -150,10 +150,7 @@ def main() -> int:
         fleet.wait_machines(8)
         trust = trust_document(public, "release")
         for name in ("ba", "bb"):
-            path = root / f"{name}.yaml"
-            path.write_text(channel_template(name, trust))
-            fleet.ctl("fleet", "apply", "-f", str(path), "--timeout", "300")
-            fleet.ctl("fleet", "export", name, "-o", str(root / f"export-{name}"))
+            apply_channel_cluster(fleet, root, name, trust)
         print(f"8 machines in 2 clusters ready; load average {os.getloadavg()[0]:.2f}")
         _good(fleet, repo, root, args.soak)
         _bad(fleet, repo, root, args.soak, canaries)

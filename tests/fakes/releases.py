@@ -6,10 +6,14 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from basalt.machinery.releases.repository import Repository
+
+if TYPE_CHECKING:
+    from tests.fakes.fleet import FleetProcess
 
 #: Appended to machined/health.py: one health check always fails, so a slot on trial
 #: never passes its gates and the node falls back.
@@ -49,6 +53,16 @@ def channel_template(name: str, trust: str, channel: str = "stable") -> str:
         },
         sort_keys=False,
     )
+
+
+def apply_channel_cluster(fleet: FleetProcess, root: Path, name: str, trust: str) -> Path:
+    """:func:`channel_template` applied with ``basaltctl fleet apply`` and exported; the
+    export's directory (secrets.yaml, basaltconfig, ...)."""
+    path = root / f"{name}.yaml"
+    path.write_text(channel_template(name, trust))
+    fleet.ctl("fleet", "apply", "-f", str(path), "--timeout", "300")
+    fleet.ctl("fleet", "export", name, "-o", str(root / f"export-{name}"))
+    return root / f"export-{name}"
 
 
 def expire_timestamp(repo: Repository) -> None:

@@ -31,7 +31,7 @@ from basalt.provision.bundle_from_tree import bundle_from_tree
 from basalt.provision.process import create_machines, destroy
 from tests.fakes.etcd_writer import EtcdWriter
 from tests.fakes.fleet import FleetProcess
-from tests.fakes.releases import broken_tree, channel_template
+from tests.fakes.releases import apply_channel_cluster, broken_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,11 +68,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         fleet.wait_machines(8)
         trust = trust_document(public, "release")
         for name in ("ra", "rb"):
-            path = root / f"{name}.yaml"
-            path.write_text(channel_template(name, trust))
-            fleet.ctl("fleet", "apply", "-f", str(path), "--timeout", "300")
-            fleet.ctl("fleet", "export", name, "-o", str(root / f"export-{name}"))
-            secrets = yaml.safe_load((root / f"export-{name}" / "secrets.yaml").read_text())
+            exported = apply_channel_cluster(fleet, root, name, trust)
+            secrets = yaml.safe_load((exported / "secrets.yaml").read_text())
             cps = [
                 m["inventory"]["api_address"]
                 for m in fleet.machines()
