@@ -130,8 +130,10 @@ class Nodes:
         names = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
         return bool(names) and names[0].value == MAINTENANCE_SERVER_NAME
 
-    async def resource(self, uuid: str, cluster: str, kind: str, rid: str) -> dict[str, Any]:
-        async with self.client(uuid, cluster) as client:
+    async def resource(
+        self, uuid: str, cluster: str, kind: str, rid: str, *, role: Role = Role.ADMIN
+    ) -> dict[str, Any]:
+        async with self.client(uuid, cluster, role=role) as client:
             answer = await client.resources.Get(
                 resource_pb2.ResourceGetRequest(type=kind, id=rid), timeout=15
             )
@@ -177,6 +179,13 @@ class Nodes:
     async def running_config(self, uuid: str, cluster: str) -> str:
         spec = await self.resource(uuid, cluster, "MachineConfigs", "v1alpha1")
         return str(spec.get("yaml", ""))
+
+    async def stats(self, uuid: str, cluster: str) -> dict[str, Any]:
+        """The node's CPU and memory use over the last hour, as it sampled them itself
+        (the spec of its SystemStats/history: ``interval``, and aligned lists ``times``,
+        ``cpu``, ``memory`` oldest first, with ``memoryTotal``), read as ``os:reader``.
+        A node in maintenance mode serves no resources: ask only allocated machines."""
+        return await self.resource(uuid, cluster, "SystemStats", "history", role=Role.READER)
 
 
 class Reconciler:

@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "kubelet runs) before it is refused and the node uncordoned again",
     )
     parser.add_argument(
+        "--stats-interval",
+        type=_sampling_interval,
+        default=30.0,
+        help="seconds between two samples of the node's CPU and memory use (the last "
+        "hour of them is the resource SystemStats/history)",
+    )
+    parser.add_argument(
         "--fleet",
         default="",
         help="the fleet to enrol with and link to (https://HOST:PORT/?token=...&ca=sha256:...); "
@@ -79,6 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if missing:
             parser.error(f"--platform container needs {', '.join(missing)}")
     return args
+
+
+def _sampling_interval(text: str) -> float:
+    """At least 0.1 s: the ring keeps an hour of samples, and each is published."""
+    value = float(text)
+    if not value >= 0.1:
+        raise argparse.ArgumentTypeError(f"{text} is below 0.1 seconds")
+    return value
 
 
 class _BufferHandler(logging.Handler):
@@ -127,6 +142,7 @@ async def run(args: argparse.Namespace) -> int:
         member_ttl=args.member_ttl,
         boot_assessment_timeout=args.boot_assessment_timeout,
         drain_timeout=args.drain_timeout,
+        stats_interval=args.stats_interval,
         fleet_url=args.fleet,
     )
     node = build_node(platform, tuning)

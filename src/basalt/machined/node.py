@@ -65,6 +65,9 @@ class Tuning:
     uncordon_backoff: float = 5.0
     #: One request to the Kubernetes API server.
     kube_request_timeout: float = 10.0
+    #: Seconds between two samples of the node's CPU and memory use (SystemStats/history,
+    #: machined --stats-interval).
+    stats_interval: float = 30.0
     #: ``basalt.fleet=`` as machined's --fleet gives it (container mode; metal reads the
     #: kernel argument).
     fleet_url: str = ""

@@ -10,6 +10,7 @@ from .hostname import HostnameController
 from .kubernetes import KubernetesAssetsController
 from .members import MembersController
 from .node_addresses import NodeAddressesController
+from .system_stats import SystemStatsController
 from .version import VersionController
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def start_engine(node: Node, extra: Sequence[Controller] = ()) -> ControllerEngi
                 *_machine_controllers(node),
                 MembersController(node),
                 KubernetesAssetsController(node),
+                SystemStatsController(node),
                 *extra,
             ],
         )

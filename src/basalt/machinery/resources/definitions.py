@@ -187,6 +187,14 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         ),
     ),
     ResourceDefinition(
+        "SystemStats",
+        "perf",
+        specs.SystemStatsSpec,
+        ("systemstat", "systemstats", "stats"),
+        "CPU and memory use over the last hour (id history), sampled by the node itself.",
+        (("INTERVAL", "interval"), ("MEMORY TOTAL", "memoryTotal")),
+    ),
+    ResourceDefinition(
         "Versions",
         "runtime",
         specs.VersionSpec,

@@ -162,6 +162,22 @@ class TimeStatusSpec(Model):
     error: str = ""
 
 
+class SystemStatsSpec(Model):
+    """The node's CPU and memory use over the last hour, one sample every ``interval``
+    seconds, oldest first; the lists are aligned (sample i is ``times[i]``).
+
+    ``cpu``: percent of all CPUs busy since the sample before (100 = every CPU busy);
+    ``memory``: bytes in use (total minus available) at that time; ``times``: Unix
+    seconds. A sample the node could not read is left out, not zero.
+    """
+
+    interval: float
+    cpu: list[float] = Field(default_factory=list)
+    memory: list[int] = Field(default_factory=list)
+    memory_total: int = 0
+    times: list[float] = Field(default_factory=list)
+
+
 class MachineConfigSpec(Model):
     """The machine config the node runs (sensitive: admin only)."""
 
