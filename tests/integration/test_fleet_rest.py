@@ -106,7 +106,7 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
     from basalt.fleet.db import Base
 
     engine = fleet.database.engine
-    assert current(engine) == "0004"
+    assert current(engine) == "0005"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     # Down to nothing and back: the history replays on a database that had it.
@@ -128,7 +128,7 @@ def test_migrations_give_the_models_and_upgrade_from_the_previous_one(fleet: Fle
             )
         )
     upgrade(engine)
-    assert current(engine) == "0004"
+    assert current(engine) == "0005"
     with engine.connect() as connection:
         row = connection.execute(text("SELECT role, machine_set FROM machines")).one()
     assert tuple(row) == ("", "")
@@ -161,26 +161,41 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", lambda m: {"{uuid}": str(uuid.UUID(int=1))}.get(m[0], "x"), path)
 
 
-def test_every_route_has_a_role_and_the_matrix_holds(api: TestClient, fleet: Fleet) -> None:
+def test_every_route_has_a_role_and_the_matrix_holds(
+    api: TestClient, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every route of the REST API and of the web UI, with each role: the web UI's
+    pages send a browser without a session to the login page instead of a bare 401."""
     from fastapi.routing import APIRoute
 
+    from basalt.fleet.ui import web
+
+    monkeypatch.setattr(web, "LIVE_LIFETIME", 0.0)  # live streams answer and end
     declared = {(m, r.path) for r in api.app.routes if isinstance(r, APIRoute) for m in r.methods}
     assert declared == set(ROUTE_ROLES), "every route is declared with route(..., role)"
+    assert any(path.startswith("/ui/") for _m, path in declared)
     headers = {role: user_headers(api, fleet, role) for role in ROLES}
     for (method, path), needed in sorted(ROUTE_ROLES.items()):
         url = _concrete(path)
-        anonymous = api.request(method, url, json={})
+        ui = path.startswith("/ui/")
+        anonymous = api.request(method, url, json={}, follow_redirects=False)
         if needed == PUBLIC:
             assert anonymous.status_code not in (401, 403), (method, path)
             continue
-        assert anonymous.status_code == 401, (method, path, anonymous.text)
+        if ui and method == "GET":
+            assert anonymous.status_code == 303, (method, path, anonymous.text)
+            assert anonymous.headers["location"].startswith("/ui/login?next=")
+        else:
+            assert anonymous.status_code == 401, (method, path, anonymous.text)
         bogus = api.request(method, url, json={}, headers={"Authorization": "Bearer bft_nope"})
         assert bogus.status_code == 401, (method, path)
         for role in ROLES:
-            answer = api.request(method, url, json={}, headers=headers[role])
+            answer = api.request(
+                method, url, json={}, headers=headers[role], follow_redirects=False
+            )
             if not FleetRole(role).allows(FleetRole(str(needed))):
                 assert answer.status_code == 403, (method, path, role, answer.text)
-                assert needed in answer.json()["detail"]
+                assert needed in (answer.text if ui else answer.json()["detail"])
             else:
                 assert answer.status_code not in (401, 403), (method, path, role, answer.text)
 

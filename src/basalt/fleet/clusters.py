@@ -315,6 +315,31 @@ def commit(
     return cluster
 
 
+def apply(
+    session: Session,
+    caller: Caller,
+    template: Template,
+    box: SecretBox,
+    linked: Iterable[str],
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Plan ``template`` and, unless ``dry_run``, commit it; the plan as JSON. The
+    caller's controller then carries the cluster to it."""
+    plan_ = plan(session, template, box, list(linked))
+    result = {**plan_.to_json(), "dry_run": dry_run}
+    if dry_run:
+        return result
+    if plan_.changes:
+        commit(session, caller, template, plan_, box)
+    else:
+        # The template is unchanged: the nodes are still brought back to it (drift),
+        # and a cluster that failed half-way is carried on.
+        row = get_cluster(session, template.spec.name)
+        row.status, row.message = "applying", "checking nodes"
+        audit.record(session, caller.name, "cluster.reconcile", row.name)
+    return result
+
+
 def get_cluster(session: Session, name: str) -> Cluster:
     cluster = session.get(Cluster, name)
     if cluster is None:

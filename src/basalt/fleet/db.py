@@ -58,6 +58,8 @@ class User(Base):
     #: Cluster names and label selectors the user is limited to (empty: all clusters).
     scope: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: scrypt hash of the web UI password ('' when the user has none: tokens only).
+    password: Mapped[str] = mapped_column(String(255), default="")
 
 
 class ApiToken(Base):
@@ -94,14 +96,14 @@ class Machine(Base):
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     #: free (enrolled, in no cluster) | allocated | removed
     state: Mapped[str] = mapped_column(String(16), default="free", index=True)
-    hostname: Mapped[str] = mapped_column(String(253), default="")
+    hostname: Mapped[str] = mapped_column(String(253), default="", index=True)
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     inventory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: Serial number of the one certificate the machine may link with.
     cert_serial: Mapped[str] = mapped_column(String(64))
     join_token: Mapped[str] = mapped_column(String(16))
     cluster: Mapped[str | None] = mapped_column(String(63), nullable=True, index=True)
-    enrolled: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    enrolled: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     last_seen: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     #: The replica that holds the machine's link now ('' when none does).
     replica: Mapped[str] = mapped_column(String(64), default="")
@@ -225,6 +227,23 @@ class RolloutMachine(Base):
     started: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     healthy: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class WebSession(Base):
+    """A browser's login to the web UI: the cookie is random and only its SHA-256 is
+    stored; a session opened with an API token ends when that token is revoked."""
+
+    __tablename__ = "web_sessions"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=True
+    )
+    #: The token every form and every htmx request of this session must carry.
+    csrf: Mapped[str] = mapped_column(String(64))
+    created: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires: Mapped[dt.datetime] = mapped_column()
 
 
 class Setting(Base):

@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from basalt.machinery.errors import BasaltError, ErrorKind
 
 from . import audit, service
+from .access import cluster_labels as _cluster_labels
+from .access import in_scope as _in_scope
+from .access import linked_anywhere
 from .auth import Caller, FleetRole, Scope
 from .core import Fleet
 
@@ -136,24 +139,6 @@ def _error(exc: BasaltError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def linked_anywhere(fleet: Fleet) -> Callable[[Any], bool]:
-    """Whether a machine has a link to this replica or to another one that is alive."""
-    from sqlalchemy import select
-
-    from .db import Replica, aware, utcnow
-    from .replicas import PRESENCE_TTL
-
-    with fleet.database.session() as session:
-        now = utcnow()
-        alive = {
-            r.name
-            for r in session.execute(select(Replica)).scalars()
-            if (seen := aware(r.seen)) is not None and (now - seen).total_seconds() < PRESENCE_TTL
-        }
-    local = fleet.links.links
-    return lambda m: m.uuid in local or (bool(m.replica) and m.replica in alive)
-
-
 def _token_of(header: str) -> str:
     """The API token of an ``Authorization`` header: ``Bearer TOKEN``, or ``Basic`` with
     the token as the password (what a FleetLock client puts in its URL)."""
@@ -200,6 +185,53 @@ def caller_of(
 Authed = Annotated[Caller, Depends(caller_of)]
 
 
+async def _authenticate(fleet: Fleet, request: Request) -> Response | None:
+    """Who calls a route that is not public: their API token (any route), or on the web
+    UI's routes a browser session; the refusal when neither holds (else None)."""
+    token = _token_of(request.headers.get("authorization", ""))
+    if not token and request.url.path.startswith("/ui/"):
+        return await _browser_session(fleet, request)
+    if not token:
+        return _error(
+            service.Unauthenticated(
+                "this route needs an API token (Authorization: Bearer ...)",
+                hint="log in with 'basaltctl fleet login URL --token TOKEN'",
+            )
+        )
+
+    def check() -> Caller:
+        with fleet.database.session() as session:
+            return service.authenticate(session, token)
+
+    try:
+        request.state.caller = await asyncio.to_thread(check)
+    except BasaltError as exc:
+        return _error(exc)
+    return None
+
+
+async def _browser_session(fleet: Fleet, request: Request) -> Response | None:
+    """The web UI: a browser session's cookie names the caller (and the CSRF token its
+    changes carry); without a valid one, the login page (None when it is valid)."""
+    from . import logins
+    from .ui.web import SESSION_COOKIE, unauthenticated
+
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    if not cookie:
+        return unauthenticated(request)
+
+    def browse() -> logins.Browser:
+        with fleet.database.session() as session:
+            return logins.session_caller(session, cookie)
+
+    try:
+        browser = await asyncio.to_thread(browse)
+    except BasaltError as exc:
+        return unauthenticated(request, str(exc))
+    request.state.caller, request.state.csrf = browser.caller, browser.csrf
+    return None
+
+
 def make_app(fleet: Fleet) -> FastAPI:
     app = FastAPI(
         title="Basalt Fleet",
@@ -212,8 +244,8 @@ def make_app(fleet: Fleet) -> FastAPI:
     app.state.fleet = fleet
 
     @app.exception_handler(BasaltError)
-    async def basalt_error(_request: Request, exc: BasaltError) -> JSONResponse:
-        return _error(exc)
+    async def basalt_error(request: Request, exc: BasaltError) -> Response:
+        return _refusal(request, exc)
 
     from starlette.exceptions import HTTPException
 
@@ -249,25 +281,10 @@ def make_app(fleet: Fleet) -> FastAPI:
                 for (_method, template), role in ROUTE_ROLES.items()
                 if role == PUBLIC
             )
-        public = any(pattern.match(path) for pattern in public_paths)
-        if not public:
-            token = _token_of(request.headers.get("authorization", ""))
-            if not token:
-                return _error(
-                    service.Unauthenticated(
-                        "this route needs an API token (Authorization: Bearer ...)",
-                        hint="log in with 'basaltctl fleet login URL --token TOKEN'",
-                    )
-                )
-
-            def check() -> Caller:
-                with fleet.database.session() as session:
-                    return service.authenticate(session, token)
-
-            try:
-                request.state.caller = await asyncio.to_thread(check)
-            except BasaltError as exc:
-                return _error(exc)
+        if not any(pattern.match(path) for pattern in public_paths):
+            refused = await _authenticate(fleet, request)
+            if refused is not None:
+                return refused
         response: Response = await call_next(request)
         return response
 
@@ -306,10 +323,26 @@ def make_app(fleet: Fleet) -> FastAPI:
     _clusters(app, fleet, route)
     _fleetlock(app, fleet, route)
     _rollouts(app, fleet, route)
+    _web_ui(app, fleet, route)
     return app
 
 
 Route = Callable[..., Callable[[Any], Any]]
+
+
+def _refusal(request: Request, exc: BasaltError) -> Response:
+    """A refusal as JSON; on the web UI's routes, as a page or an htmx fragment."""
+    if request.url.path.startswith("/ui/"):
+        from .ui.web import error_page
+
+        return error_page(request, exc, _error(exc).status_code)
+    return _error(exc)
+
+
+def _web_ui(app: FastAPI, fleet: Fleet, route: Route) -> None:
+    from .ui import install
+
+    install(app, fleet, route)
 
 
 def _public(app: FastAPI, fleet: Fleet, route: Route) -> None:
@@ -499,29 +532,6 @@ def _admins(fleet: Fleet, route: Route) -> None:
         return service.machine_info(row, False)
 
 
-def _cluster_labels(fleet: Fleet, cluster: str) -> dict[str, str]:
-    from .db import Cluster
-    from .template import parse_template
-
-    with fleet.database.session() as session:
-        row = session.get(Cluster, cluster)
-        if row is None:
-            return {}
-        return dict(parse_template(row.template, cluster).spec.labels)
-
-
-def _in_scope(
-    caller: Caller, cluster: str, fleet: Fleet, labels: dict[str, str] | None = None
-) -> None:
-    """Refuse a user limited to other clusters (by name, or by the template's labels)."""
-    if caller.scope.unlimited or cluster in caller.scope.clusters:
-        return
-    if labels is None:
-        labels = _cluster_labels(fleet, cluster)
-    if not caller.scope.covers(cluster, labels):
-        raise service.Refused(f"{caller.name} may not act on cluster {cluster}")
-
-
 def _controllers(app: FastAPI, fleet: Fleet, route: Route) -> Any:
     """This replica's leadership and forwarding, and the clusters' controller."""
     from .backups import Backups
@@ -598,19 +608,7 @@ def _clusters(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
         def plan_and_commit() -> dict[str, Any]:
             with fleet.database.session() as session:
-                plan = cl.plan(session, template, fleet.box, list(fleet.links.links))
-                result = {**plan.to_json(), "dry_run": dry_run}
-                if dry_run:
-                    return result
-                if plan.changes:
-                    cl.commit(session, caller, template, plan, fleet.box)
-                else:
-                    # The template is unchanged: the nodes are still brought back to it
-                    # (drift), and a cluster that failed half-way is carried on.
-                    row = cl.get_cluster(session, template.spec.name)
-                    row.status, row.message = "applying", "checking nodes"
-                    audit.record(session, caller.name, "cluster.reconcile", row.name)
-                return result
+                return cl.apply(session, caller, template, fleet.box, fleet.links.links, dry_run)
 
         result = await asyncio.to_thread(plan_and_commit)
         if not dry_run and reconciler.leading:  # else the leader takes it up
@@ -942,8 +940,6 @@ def _rollouts(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
 
 def _rollout_routes(fleet: Fleet, route: Route, covers: Any, repository: Any) -> None:
-    from pydantic import ValidationError
-
     from . import rollouts as ro
 
     @route("GET", "/v1/rollouts", FleetRole.READER)
@@ -963,14 +959,7 @@ def _rollout_routes(fleet: Fleet, route: Route, covers: Any, repository: Any) ->
 
     @route("POST", "/v1/rollouts", FleetRole.OPERATOR, status_code=201)
     def create_rollout(body: RolloutRequest, caller: Authed) -> dict[str, Any]:
-        try:
-            policy = ro.Policy.model_validate(body.policy)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in ("policy", *first["loc"]))
-            raise service.FleetError(
-                f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
-            ) from None
+        policy = ro.parse_policy(body.policy)
         offered = repository().releases(body.channel)
         with fleet.database.session() as session:
             covers(caller, body.clusters)

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import grpc
 import grpc.aio
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -143,6 +143,16 @@ class Policy(_Model):
 
     def timeout_seconds(self) -> float:
         return parse_duration(self.timeout) or 900.0
+
+
+def parse_policy(data: dict[str, Any], where: str = "policy") -> Policy:
+    """A rollout policy from JSON; the first error names its field (``policy.soak``)."""
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        path = ".".join(str(p) for p in (where, *first["loc"]))
+        raise FleetError(f"{path}: {str(first['msg']).removeprefix('Value error, ')}") from None
 
 
 # -- planning ---------------------------------------------------------------------------
