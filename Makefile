@@ -65,8 +65,8 @@ $(STAMP): pyproject.toml image.lock scripts/lock_constraints.py
 	$(PYTHON) -m venv $(VENV)
 	@# The wheels image.lock pins (what the image carries) constrain the venv too.
 	$(PYTHON) scripts/lock_constraints.py image.lock > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check \
-	  -c $(VENV)/constraints.txt -e '.[dev,fleet]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pip install -q \
+	  --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev,fleet]'
 	@touch $@
 
 # The runtime-lane tests run Debian's containerd and runc (as the image does). Installed
@@ -116,6 +116,11 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  --no-install-recommends postgresql-common postgresql-15 \
 	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; }
+	@# Debian's Chromium for the web UI's browser tests (Playwright drives it; its own
+	@# browser download is not used) and a font for its pages and screenshots.
+	@{ command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi dejavu; } \
+	  || [ "$$(id -u)" != 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
 
 install: $(STAMP) system-deps
 

@@ -41,6 +41,8 @@ from .web import (
 #: Lines of a service's log shown before following it.
 LOG_TAIL = 200
 NODE_CALL_TIMEOUT = 10.0
+#: Seconds before a node's broken event stream is opened again.
+EVENTS_RETRY = 3.0
 
 
 def _why(exc: BaseException) -> str:
@@ -102,7 +104,7 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
             while time.monotonic() < ends and not await request.is_disconnected():
                 rows = await asyncio.to_thread(cluster_rows, fleet, v.caller)
                 html = fragment("clusters_table.html", v=v, clusters=rows)
-                if shown and html != shown:
+                if html != shown:  # the first look too: the page may be older
                     yield sse("swap", html)
                 shown = html
                 await asyncio.sleep(LIVE_INTERVAL)
@@ -183,7 +185,7 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
                     "nodes": fragment("cluster_nodes.html", v=v, c=data),
                 }
                 changed = [html for key, html in parts.items() if shown.get(key) != html]
-                if shown and changed:
+                if changed:  # the first look too: the page may be older
                     yield sse("swap", "\n".join(changed))
                 shown = parts
                 await asyncio.sleep(LIVE_INTERVAL)
@@ -283,23 +285,32 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
         members = await asyncio.to_thread(linked_members, name)
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
 
+        def put(item: dict[str, Any]) -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(fragment("event_row.html", e=item))
+
         async def follow(machine: Machine) -> None:
+            """One node's events; a stream that breaks (a node rebooting, a node still
+            in maintenance) is said once and tried again."""
             host = machine.hostname or machine.uuid[:8]
-            try:
-                async with nodes().client(machine.uuid, name, role=Role.READER) as client:
-                    call = client.machine.Events(
-                        machine_pb2.EventsRequest(follow=True, tail_events=10)
-                    )
-                    async for event in call:
-                        item = {"host": host, "type": event.type, "actor": event.actor,
-                                "message": event.message, "at": event.timestamp}  # fmt: skip
-                        with contextlib.suppress(asyncio.QueueFull):
-                            queue.put_nowait(fragment("event_row.html", e=item))
-            except Exception as exc:  # said in the stream, not raised
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(fragment("event_row.html", e={
-                        "host": host, "type": "stream", "actor": "fleet", "at": time.time(),
-                        "message": f"events of {host} stopped: {_why(exc)}"}))  # fmt: skip
+            since, failed = "", ""
+            while True:
+                try:
+                    async with nodes().client(machine.uuid, name, role=Role.READER) as client:
+                        request = machine_pb2.EventsRequest(
+                            follow=True, since_id=since, tail_events=0 if since else 10
+                        )
+                        async for event in client.machine.Events(request):
+                            since, failed = event.id, ""
+                            put({"host": host, "type": event.type, "actor": event.actor,
+                                 "message": event.message, "at": event.timestamp})  # fmt: skip
+                except Exception as exc:  # said in the stream, not raised
+                    reason = _why(exc)
+                    if reason != failed:
+                        put({"host": host, "type": "stream", "actor": "fleet", "at": time.time(),
+                             "message": f"events of {host} stopped: {reason}"})  # fmt: skip
+                    failed = reason
+                await asyncio.sleep(EVENTS_RETRY)
 
         async def stream() -> AsyncIterator[str]:
             tasks = [asyncio.create_task(follow(m)) for m in members]

@@ -195,22 +195,17 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
         v = view(request)
 
         async def stream() -> AsyncIterator[str]:
-            shown: dict[str, str] = {}
-            order: list[str] = []
-            ends = live_deadline()
+            shown: dict[str, str] | None = None  # the whole table first: the page may
+            ends = live_deadline()  # have changed between its rendering and now
             yield "retry: 1000\n\n"
             while time.monotonic() < ends and not await request.is_disconnected():
                 data = await asyncio.to_thread(_page_data, fleet, query)
                 rows = {r["uuid"]: fragment("machine_row.html", m=r, v=v) for r in data["rows"]}
-                now_order = list(rows)
-                if now_order != order:
-                    if order:  # not on connect: the page was just rendered
-                        yield sse("swap", fragment("machines_table.html", v=v, query=query,
-                                                   **data))  # fmt: skip
-                    order = now_order
+                if shown is None or list(rows) != list(shown):
+                    yield sse("swap", fragment("machines_table.html", v=v, query=query, **data))
                 else:
                     changed = [html for uid, html in rows.items() if shown.get(uid) != html]
-                    if changed and shown:
+                    if changed:
                         yield sse("swap", "\n".join(changed))
                 shown = rows
                 await asyncio.sleep(LIVE_INTERVAL)

@@ -193,7 +193,7 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
             while time.monotonic() < ends and not await request.is_disconnected():
                 data = await asyncio.to_thread(rollout_data, fleet, rollout_id)
                 html = fragment("rollout_body.html", v=v, r=data)
-                if shown and html != shown:
+                if html != shown:  # the first look too: the page may be older
                     yield sse("swap", html)
                 shown = html
                 await asyncio.sleep(LIVE_INTERVAL * 3)

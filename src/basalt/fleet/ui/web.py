@@ -96,6 +96,12 @@ def _ago(value: Any) -> str:
     return f"{seconds // 86400} d ago"
 
 
+def _clock(value: Any) -> str:
+    """Unix seconds as the time of day (UTC), to the millisecond."""
+    stamp = dt.datetime.fromtimestamp(float(value or 0), dt.UTC)
+    return stamp.strftime("%H:%M:%S.%f")[:-3]
+
+
 def _size(value: Any) -> str:
     number = float(value or 0)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -120,6 +126,7 @@ def environment() -> Any:
     env.filters["when"] = _when
     env.filters["ago"] = _ago
     env.filters["size"] = _size
+    env.filters["clock"] = _clock
     return env
 
 
