@@ -533,3 +533,104 @@ def test_a_bad_rollout_is_refused_by_field_and_changes_nothing(
     paused = api.put("/v1/rollout-pause", json={"paused": True}, headers=operator)
     assert paused.status_code == 200 and paused.json() == {"paused": True}
     assert api.get("/v1/rollout-pause", headers=operator).json() == {"paused": True}
+
+
+# -- web UI passwords ---------------------------------------------------------------------------
+
+SECRET = "correct horse battery staple"
+
+
+def ui_login(api: TestClient, name: str, password: str) -> Any:
+    """A browser's login form (the session cookie is Secure: an https client keeps it)."""
+    browser = TestClient(api.app, base_url="https://testserver")
+    data = {"name": name, "password": password}
+    return browser.post("/ui/login", data=data, follow_redirects=False)
+
+
+def test_an_admin_sets_a_password_and_the_user_logs_in_with_it(
+    api: TestClient, fleet: Fleet
+) -> None:
+    user_headers(api, fleet, "fleet:reader", "dana")
+    assert ui_login(api, "dana", SECRET).status_code == 401  # tokens only so far
+    done = api.put("/v1/users/dana/password", json={"password": SECRET},
+                   headers=admin_headers(fleet))  # fmt: skip
+    assert done.status_code == 200 and done.json() == {"name": "dana", "password": "set"}
+    login = ui_login(api, "dana", SECRET)
+    assert login.status_code == 303, login.text
+    assert "basalt_session" in login.cookies
+    assert ui_login(api, "dana", SECRET + "!").status_code == 401
+    removed = api.put("/v1/users/dana/password", json={"password": ""},
+                      headers=admin_headers(fleet))  # fmt: skip
+    assert removed.json() == {"name": "dana", "password": "removed"}
+    assert ui_login(api, "dana", SECRET).status_code == 401
+    missing = api.put("/v1/users/nobody/password", json={"password": SECRET},
+                      headers=admin_headers(fleet))  # fmt: skip
+    assert missing.status_code == 404 and "nobody" in missing.json()["detail"]
+
+
+def test_a_bad_password_is_refused_by_field_and_changes_nothing(
+    api: TestClient, fleet: Fleet
+) -> None:
+    user_headers(api, fleet, "fleet:reader", "erin")
+    admin = admin_headers(fleet)
+    set_first = api.put("/v1/users/erin/password", json={"password": SECRET}, headers=admin)
+    assert set_first.status_code == 200
+    before = api.get("/v1/audit", headers=admin).json()
+    short = api.put("/v1/users/erin/password", json={"password": "short"}, headers=admin)
+    assert short.status_code == 400
+    assert short.json()["detail"].startswith("password: a password has at least 12")
+    long = api.put("/v1/users/erin/password", json={"password": "x" * 1025}, headers=admin)
+    assert long.status_code == 422 and long.json()["detail"][0]["loc"] == ["body", "password"]
+    assert api.get("/v1/audit", headers=admin).json() == before
+    assert ui_login(api, "erin", SECRET).status_code == 303  # the old one still holds
+
+
+def test_users_set_their_own_password_with_the_current_one(api: TestClient, fleet: Fleet) -> None:
+    frank = user_headers(api, fleet, "fleet:reader", "frank")
+    assert api.get("/v1/whoami", headers=frank).json()["password"] is False
+    # No password yet: none to give.
+    first = api.put("/v1/whoami/password", json={"password": SECRET}, headers=frank)
+    assert first.status_code == 200 and first.json() == {"name": "frank", "password": "set"}
+    assert api.get("/v1/whoami", headers=frank).json()["password"] is True
+    new = "a different passphrase"
+    before = api.get("/v1/audit", headers=admin_headers(fleet)).json()
+    for wrong, message in (
+        ("", "current: give your current password to change it"),
+        ("not it at all", "current: the current password is wrong"),
+    ):
+        refused = api.put("/v1/whoami/password", json={"password": new, "current": wrong},
+                          headers=frank)  # fmt: skip
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["detail"] == message
+    short = api.put("/v1/whoami/password", json={"password": "short", "current": SECRET},
+                    headers=frank)  # fmt: skip
+    assert short.status_code == 400 and short.json()["detail"].startswith("password: ")
+    assert api.get("/v1/audit", headers=admin_headers(fleet)).json() == before
+    assert ui_login(api, "frank", SECRET).status_code == 303
+    changed = api.put("/v1/whoami/password", json={"password": new, "current": SECRET},
+                      headers=frank)  # fmt: skip
+    assert changed.status_code == 200, changed.text
+    assert ui_login(api, "frank", SECRET).status_code == 401
+    assert ui_login(api, "frank", new).status_code == 303
+
+
+def test_a_password_is_never_in_the_audit_log_or_a_log_line(
+    api: TestClient, fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    gina = user_headers(api, fleet, "fleet:reader", "gina")
+    api.put("/v1/users/gina/password", json={"password": SECRET}, headers=admin_headers(fleet))
+    api.put("/v1/whoami/password", json={"password": SECRET[::-1], "current": SECRET},
+            headers=gina)  # fmt: skip
+    api.put("/v1/whoami/password", json={"password": "", "current": SECRET[::-1]}, headers=gina)
+    entries = [e for e in api.get("/v1/audit", headers=admin_headers(fleet)).json()
+               if e["action"] == "user.password"]  # fmt: skip
+    assert [(e["actor"], e["target"], e["detail"]) for e in entries] == [
+        ("admin", "gina", {"removed": False}),
+        ("gina", "gina", {"removed": False}),
+        ("gina", "gina", {"removed": True}),
+    ]
+    with fleet.database.engine.connect() as connection:
+        stored = " ".join(str(r) for r in connection.execute(text("SELECT * FROM audit")))
+    assert SECRET not in stored and SECRET[::-1] not in stored
+    assert SECRET not in caplog.text and SECRET[::-1] not in caplog.text

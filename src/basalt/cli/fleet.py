@@ -22,7 +22,9 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 token_app = typer.Typer(help="Join tokens: what machines enrol with.", no_args_is_help=True)
-user_app = typer.Typer(help="Fleet users and their API tokens (fleet:admin).", no_args_is_help=True)
+user_app = typer.Typer(
+    help="Fleet users, their API tokens and web UI passwords (fleet:admin).", no_args_is_help=True
+)
 app.add_typer(token_app, name="token")
 app.add_typer(user_app, name="user")
 
@@ -180,6 +182,79 @@ def whoami(ctx: typer.Context) -> None:
     """The user and role of the stored token."""
     me = _call(ctx, "GET", "/v1/whoami")
     print(f"{me['name']}\t{me['role']}")
+
+
+# -- web UI passwords ----------------------------------------------------------------------
+PasswordFile = Annotated[
+    Path | None,
+    typer.Option(help="Read the new password from this file's first line ('-': stdin)."),
+]
+Remove = Annotated[
+    bool, typer.Option("--remove", help="Remove the password: log in with an API token only.")
+]
+
+
+def _secret_line(path: Path, what: str) -> str:
+    """A password from a file: one line, its line ending not part of it."""
+    lines = read_text(path, what).splitlines()
+    if len(lines) > 1:
+        raise _error(f"{what} {path}: one line expected, found {len(lines)}")
+    return lines[0] if lines else ""
+
+
+def _new_password(password_file: Path | None, remove: bool, whose: str = "") -> str:
+    """The new password: '' with --remove, else from the file or typed twice unechoed.
+    Nothing is sent when it is empty or the two differ."""
+    if remove:
+        if password_file is not None:
+            raise _error("--remove and --password-file: give one of them")
+        return ""
+    if password_file is not None:
+        password = _secret_line(password_file, "password file")
+        where = f"password file {password_file}"
+    else:
+        import getpass
+
+        prompt = f"New password{' for ' + whose if whose else ''}"
+        password = getpass.getpass(f"{prompt}: ")
+        if password and getpass.getpass(f"{prompt} (again): ") != password:
+            raise _error("password: the two entries differ; nothing changed")
+        where = "password"
+    if not password:
+        raise _error(f"{where}: empty; nothing changed", "--remove removes a password")
+    return password
+
+
+def _password_done(answer: dict[str, str]) -> None:
+    if answer["password"] == "set":
+        info(f"password of {answer['name']} set; their web UI sessions ended")
+    else:
+        info(f"password of {answer['name']} removed: they log in with an API token")
+
+
+@app.command()
+def password(
+    ctx: typer.Context,
+    password_file: PasswordFile = None,
+    current_file: Annotated[
+        Path | None,
+        typer.Option(help="Read your current password from this file ('-': stdin)."),
+    ] = None,
+    remove: Remove = False,
+) -> None:
+    """Set your own web UI password (asked twice, not echoed); the current one first."""
+    if str(password_file) == str(current_file) == "-":
+        raise _error("--password-file and --current-file cannot both be - (stdin)")
+    current = ""
+    if current_file is not None:
+        current = _secret_line(current_file, "current password file")
+    elif _call(ctx, "GET", "/v1/whoami").get("password"):
+        import getpass
+
+        current = getpass.getpass("Current password: ")
+    new = _new_password(password_file, remove)
+    body = {"password": new, "current": current}
+    _password_done(_call(ctx, "PUT", "/v1/whoami/password", body))
 
 
 # -- join tokens ---------------------------------------------------------------------------
@@ -375,6 +450,15 @@ def user_token(
     """A new API token for a user (shown once)."""
     made = _call(ctx, "POST", f"/v1/users/{name}/tokens", {"description": description})
     print(made["token"])
+
+
+@user_app.command("password")
+def user_password(
+    ctx: typer.Context, name: str, password_file: PasswordFile = None, remove: Remove = False
+) -> None:
+    """Set a user's web UI password (asked twice, not echoed); their sessions end."""
+    new = _new_password(password_file, remove, name)
+    _password_done(_call(ctx, "PUT", f"/v1/users/{name}/password", {"password": new}))
 
 
 # -- clusters ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from . import audit
 from .auth import Caller, FleetRole, Scope, token_digest
 from .db import ApiToken, User, WebSession, aware, utcnow
-from .service import FleetError, NotFound, Unauthenticated, authenticate
+from .service import FleetError, NotFound, Refused, Unauthenticated, authenticate
 
 #: A browser session lasts this long after the login, whatever it does.
 SESSION_TTL = dt.timedelta(hours=12)
@@ -81,6 +81,31 @@ def set_password(session: Session, actor: str, name: str, password: str) -> None
     # The user's other browsers log in again with the new password.
     session.execute(delete(WebSession).where(WebSession.user_id == user.id))
     audit.record(session, actor, "user.password", name, {"removed": not password})
+
+
+def has_password(session: Session, name: str) -> bool:
+    """Whether ``name`` can log in to the web UI with a password."""
+    stored = session.execute(select(User.password).where(User.name == name)).scalar_one_or_none()
+    return bool(stored)
+
+
+def set_own_password(session: Session, name: str, current: str, password: str) -> None:
+    """``name`` sets (or with '' removes) their own password; a user who has one gives it
+    as ``current`` first, so an API token alone cannot take over the web UI login."""
+    user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"user {name!r} does not exist")
+    if user.password and not current:
+        raise Refused(
+            "current: give your current password to change it",
+            hint="an admin can set it without: 'basaltctl fleet user password NAME'",
+        )
+    if user.password and not password_matches(current[:MAX_PASSWORD], user.password):
+        raise Refused(
+            "current: the current password is wrong",
+            hint="an admin can set it without: 'basaltctl fleet user password NAME'",
+        )
+    set_password(session, name, name, password)
 
 
 # A hash to compare against when the user does not exist: the answer takes as long.

@@ -117,6 +117,22 @@ class TokenRequest(Model):
     description: str = Field(default="", max_length=200)
 
 
+class PasswordRequest(Model):
+    password: str = Field(
+        max_length=1024, description="the new web UI password ('' removes it: API tokens only)"
+    )
+
+
+class OwnPasswordRequest(PasswordRequest):
+    current: str = Field(
+        default="", max_length=1024, description="your current password (if you have one)"
+    )
+
+
+def _password_answer(name: str, password: str) -> dict[str, str]:
+    return {"name": name, "password": "set" if password else "removed"}
+
+
 class ApplyRequest(Model):
     template: str = Field(max_length=1 << 20, description="the Cluster template (YAML)")
     source: str = Field(default="cluster.yaml", max_length=200)
@@ -390,7 +406,27 @@ def _readers(app: FastAPI, fleet: Fleet, route: Route) -> None:
 
     @route("GET", "/v1/whoami", FleetRole.READER)
     def whoami(caller: Authed) -> dict[str, Any]:
-        return {"name": caller.name, "role": caller.role.value, "scope": caller.scope.to_json()}
+        """The caller; ``password``: whether they can log in to the web UI with one."""
+        from . import logins
+
+        with fleet.database.session() as session:
+            password = logins.has_password(session, caller.name)
+        return {
+            "name": caller.name,
+            "role": caller.role.value,
+            "scope": caller.scope.to_json(),
+            "password": password,
+        }
+
+    @route("PUT", "/v1/whoami/password", FleetRole.READER)
+    def own_password(body: OwnPasswordRequest, caller: Authed) -> dict[str, str]:
+        """Set (or with '' remove) your own web UI password; ``current`` is needed when
+        you have one. Your browser sessions end."""
+        from . import logins
+
+        with fleet.database.session() as session:
+            logins.set_own_password(session, caller.name, body.current, body.password)
+        return _password_answer(caller.name, body.password)
 
     @route("GET", "/v1/machines", FleetRole.READER)
     def machines(
@@ -512,6 +548,15 @@ def _admins(fleet: Fleet, route: Route) -> None:
         with fleet.database.session() as session:
             token = service.user_token(session, caller, name, body.description)
         return {"name": name, "token": token}
+
+    @route("PUT", "/v1/users/{name}/password", FleetRole.ADMIN)
+    def user_password(name: str, body: PasswordRequest, caller: Authed) -> dict[str, str]:
+        """Set (or with '' remove) a user's web UI password; their browser sessions end."""
+        from . import logins
+
+        with fleet.database.session() as session:
+            logins.set_password(session, caller.name, name, body.password)
+        return _password_answer(name, body.password)
 
     @route("DELETE", "/v1/machines/{uuid}", FleetRole.ADMIN)
     async def remove_machine(uuid: str, caller: Authed) -> dict[str, Any]:
