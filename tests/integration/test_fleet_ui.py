@@ -82,7 +82,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     )
     fleet.start()
     fleet.login()
-    state: dict[str, Any] = {"fleet": fleet, "root": root, "record": None,
+    state: dict[str, Any] = {"fleet": fleet, "root": root, "record": None, "console": [],
                              "trust": trust_document(public, "release")}  # fmt: skip
     with playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -96,17 +96,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 in_thread(destroy(state["record"]))
 
 
-def new_page(world: dict[str, Any]) -> Any:
+def new_page(world: dict[str, Any], **options: Any) -> Any:
+    """A page in a context of its own (its own cookies); every console error it logs
+    (a script error, a Content-Security-Policy violation) is kept in world["console"]."""
     context = world["browser"].new_context(
-        ignore_https_errors=True, viewport={"width": 1280, "height": 900}
+        ignore_https_errors=True, **{"viewport": {"width": 1280, "height": 900}, **options}
     )
     page = context.new_page()
     page.set_default_timeout(30_000)
+    page.on(
+        "console",
+        lambda message: (
+            message.type == "error" and world["console"].append(f"{page.url}: {message.text}")
+        ),
+    )
+    page.on("pageerror", lambda error: world["console"].append(str(error)))
     return page
 
 
 def shot(page: Any, name: str) -> None:
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    # caret="initial": hiding the caret would inject a style the page's CSP refuses.
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True, caret="initial")
 
 
 def url(path: str) -> str:
@@ -156,7 +166,7 @@ def test_an_admin_enrols_machines_and_watches_them_arrive_live(
     world["record"] = in_thread(
         create_machines(
             "ui", 2, world["root"] / "pool", lambda *_: None, base_address="127.0.0.191",
-            machined_args=("--fleet", join_url),
+            machined_args=("--fleet", join_url, "--stats-interval", "1"),
         )
     )  # fmt: skip
     # The rows arrive over the live stream: no reload.
@@ -164,6 +174,27 @@ def test_an_admin_enrols_machines_and_watches_them_arrive_live(
     assert page.evaluate("window.__notReloaded") is True
     assert page.locator("#machine-rows .label", has_text="zone=a").count() == 2
     shot(page, "04-machines-live")
+
+    # Bulk label edit: a bad key is named next to its field and changes nothing; then
+    # both machines get the label.
+    page.locator("[data-select-all]").check()
+    page.fill("input[name=set]", "bad key=1")
+    page.get_by_role("button", name="Apply to ticked").click()
+    page.locator("#e-set").wait_for()
+    assert "bad key" in page.locator("#e-set").inner_text()
+    assert all("bad key" not in m["labels"] for m in world["fleet"].machines())
+    page.locator("[data-select-all]").check()
+    page.fill("input[name=set]", "rack=r1")
+    page.get_by_role("button", name="Apply to ticked").click()
+    page.get_by_text("labels changed on 2 machines").wait_for()
+    assert page.locator("#machine-rows .label", has_text="rack=r1").count() == 2
+    # The keyboard: "/" goes to the search; a search filters on the server.
+    page.keyboard.press("/")
+    assert page.evaluate("document.activeElement.id") == "f-q"
+    page.keyboard.type("machine-2")
+    page.locator("#machine-rows tr").filter(has_text="ui-machine-1").wait_for(state="detached")
+    assert page.locator("#machine-rows tr").count() == 1
+    assert "q=machine-2" in page.url
 
 
 def test_an_admin_applies_a_cluster_and_watches_it_become_ready(
@@ -206,7 +237,18 @@ def test_an_admin_applies_a_cluster_and_watches_it_become_ready(
     assert page.evaluate("window.__notReloaded") is True, "the state changed without a reload"
     page.locator("#services table").first.wait_for(timeout=60_000)
     page.locator("#events > div").first.wait_for(timeout=30_000)
+    page.locator("#etcd-members .badge", has_text="leader").wait_for(timeout=30_000)
+    page.get_by_role("button", name=re.compile("Compare every node")).click()
+    page.locator("#diff table").wait_for(timeout=60_000)
+    assert page.locator("#diff .badge", has_text="in sync").count() == 2
     shot(page, "08-cluster-ready")
+
+    # A machine's page: CPU and memory from the node's own figures.
+    page.locator("#cluster-nodes a").first.click()
+    page.wait_for_url(re.compile(r"/ui/machines/[0-9a-f-]{36}$"))
+    page.locator("svg.spark").nth(1).wait_for(timeout=60_000)
+    shot(page, "08b-machine")
+    page.go_back()
 
     # The basaltconfig, downloaded (and audited).
     with page.expect_download() as download:
@@ -311,3 +353,23 @@ def test_a_reader_sees_no_buttons_and_the_server_refuses_their_posts(
     answer = admin.request.post(url("/ui/join-tokens"), form={"ttl": "1h", "uses": "5"})
     assert answer.status == 403 and "CSRF" in answer.text()
     assert world["fleet"].get("/v1/join-tokens") == before
+
+
+def test_pages_read_in_the_dark_theme_and_a_narrow_window(
+    world: dict[str, Any], admin: Any
+) -> None:
+    cookies = admin.context.cookies()
+    dark = new_page(world, color_scheme="dark", viewport={"width": 390, "height": 844})
+    dark.context.add_cookies(cookies)
+    for path, name in (("/ui/machines", "14-dark-narrow-machines"),
+                       ("/ui/clusters/web", "15-dark-narrow-cluster"),
+                       ("/ui/releases", "16-dark-narrow-releases")):  # fmt: skip
+        dark.goto(url(path))
+        dark.locator("main h1").wait_for()
+        background = dark.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(22, 24, 27)", background  # the dark theme's --bg
+        # Nothing wider than the window but the tables, which scroll on their own.
+        assert dark.evaluate("document.documentElement.scrollWidth") <= 390
+        shot(dark, name)
+    problems = [m for m in world["console"] if not re.search(r"status of 40[013]", m)]
+    assert problems == [], problems

@@ -22,9 +22,10 @@ def sparkline(values: Sequence[float], top: float | None = None, width: int = 24
         for i, v in enumerate(values)
     )
     return Markup(
-        f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'<svg class="spark" viewBox="0 0 {width} {height}" preserveAspectRatio="none" '
         f'role="img" aria-label="last value {values[-1]:.1f} of {highest:.1f}">'
-        f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{points}"/>'
+        f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" '
+        f'vector-effect="non-scaling-stroke" points="{points}"/>'
         "</svg>"
     )
 
