@@ -167,6 +167,7 @@ bench: install
 	$(BIN)/python bench/api_rtt.py
 	$(BIN)/python bench/etcd_cluster.py
 	$(BIN)/python bench/upgrade.py
+	$(BIN)/python bench/ui.py
 
 # Boot: Basalt to its first API answer vs a Debian minimal + systemd + openssh-server
 # image to its first SSH banner, same QEMU flags (bench/boot.py). Not part of `make bench`:
