@@ -292,3 +292,27 @@ def test_a_live_stream_sends_the_table_first_then_only_changed_rows(
     assert 'id="machines-table"' in events[0] and f'id="m-{uids[0]}"' in events[0]
     # Every SSE data line is prefixed: the HTML arrives whole.
     assert all(line.startswith(("event:", "data:")) for line in events[0].splitlines())
+
+
+def test_every_page_renders_for_an_admin_and_a_reader(api: TestClient, fleet: Fleet) -> None:
+    uids = add_machines(fleet, 3)
+    login(api, fleet)
+    pages = ["/ui/machines", f"/ui/machines/{uids[0]}", f"/ui/machines/{uids[1]}/stats",
+             "/ui/clusters", "/ui/rollouts", "/ui/releases", "/ui/join-tokens", "/ui/users",
+             "/ui/audit", "/ui/audit?action=ui.&before=5"]  # fmt: skip
+    for path in pages:
+        answer = api.get(path)
+        assert answer.status_code == 200, (path, answer.text[-500:])
+        assert "<html" in answer.text or path.endswith("/stats")
+    # A reader: the same pages but the operator's and admin's refuse, by name.
+    with fleet.database.session() as session:
+        _, token = service.create_user(session, ADMIN, "rita", "fleet:reader", Scope())
+    reader = TestClient(api.app, base_url="https://testserver")
+    reader.post("/ui/login", data={"token": token}, follow_redirects=False)
+    for path in pages:
+        answer = reader.get(path)
+        if path.startswith(("/ui/join-tokens", "/ui/users", "/ui/audit")):
+            assert answer.status_code == 403 and "rita is fleet:reader" in answer.text, path
+        else:
+            assert answer.status_code == 200, path
+            assert "data-select-all" not in answer.text and "Apply to ticked" not in answer.text

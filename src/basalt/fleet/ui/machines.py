@@ -154,13 +154,17 @@ def machine_row(machine: Machine, connected: bool) -> dict[str, Any]:
     }
 
 
-def _page_data(fleet: Fleet, query: Query) -> dict[str, Any]:
+def _page_data(fleet: Fleet, query: Query, filters: bool = True) -> dict[str, Any]:
+    """The page's rows; with ``filters``, the clusters its filter offers too (the live
+    stream, which swaps only the table, needs no more than the rows)."""
     linked = linked_anywhere(fleet)
+    clusters: list[str] = []
     with fleet.database.session() as session:
         total, rows = query.rows(session)
-        clusters = sorted(
-            c for c in session.execute(select(Machine.cluster).distinct()).scalars() if c
-        )
+        if filters:
+            clusters = sorted(
+                c for c in session.execute(select(Machine.cluster).distinct()).scalars() if c
+            )
     pages = max(1, -(-total // query.per))
     return {
         "rows": [machine_row(m, linked(m)) for m in rows],
@@ -199,7 +203,7 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
             ends = live_deadline()  # have changed between its rendering and now
             yield "retry: 1000\n\n"
             while time.monotonic() < ends and not await request.is_disconnected():
-                data = await asyncio.to_thread(_page_data, fleet, query)
+                data = await asyncio.to_thread(_page_data, fleet, query, False)
                 rows = {r["uuid"]: fragment("machine_row.html", m=r, v=v) for r in data["rows"]}
                 if shown is None or list(rows) != list(shown):
                     yield sse("swap", fragment("machines_table.html", v=v, query=query, **data))

@@ -58,6 +58,15 @@ def static_file(path: str) -> tuple[bytes, str] | None:
 
 
 @cache
+def static_gzip(path: str) -> bytes:
+    import gzip
+
+    found = static_file(path)
+    assert found is not None
+    return gzip.compress(found[0], 9, mtime=0)
+
+
+@cache
 def asset(path: str) -> str:
     """The URL of a static asset with its content's digest: cached for a year."""
     found = static_file(path)
