@@ -202,7 +202,26 @@ step "20. The audit log: hash-chained"
 show "$basaltctl" fleet audit
 show "$basaltctl" fleet audit --verify
 
-step "21. Tear down the fleet's machines and the fleet"
+step "21. The web UI: https://127.0.0.20:18443/ui/ (log in with a password or an API token)"
+# What a browser does, in a few lines: log in with the admin's token, read the cluster's page.
+"$here/.venv/bin/python" - "$work/fleet" <<'PY'
+import http.cookiejar, re, ssl, sys, urllib.parse, urllib.request
+data_dir = sys.argv[1]
+tls = ssl.create_default_context(cafile=f"{data_dir}/ca.crt")
+jar = http.cookiejar.CookieJar()
+web = urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls),
+                                  urllib.request.HTTPCookieProcessor(jar))
+token = open(f"{data_dir}/admin-token").read().strip()
+base = "https://127.0.0.20:18443"
+web.open(base + "/ui/login", urllib.parse.urlencode({"token": token}).encode())
+page = web.open(base + "/ui/clusters/edge").read().decode()
+status = re.search(r'id="cluster-status" data-status="([a-z]+)"', page)
+nodes = len(re.findall(r'<tr id="n-', page))
+print(f"GET /ui/clusters/edge as admin: status {status[1] if status else '?'}, {nodes} nodes "
+      f"({len(page):,} bytes of HTML; live parts follow the fleet over server-sent events)")
+PY
+
+step "22. Tear down the fleet's machines and the fleet"
 show "$basaltctl" cluster destroy --name pool --state-dir "$work/pool"
 kill "$fleet_pid"; wait "$fleet_pid" 2>/dev/null || true; fleet_pid=
 
