@@ -25,7 +25,6 @@ from ..core import Fleet
 from ..db import Cluster, Machine
 from .admin import ui_route
 from .web import (
-    LIVE_INTERVAL,
     FormErrors,
     Route,
     View,
@@ -33,6 +32,7 @@ from .web import (
     form_errors,
     fragment,
     live_deadline,
+    live_parts,
     render,
     sse,
     view,
@@ -97,19 +97,11 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
     async def clusters_live(request: Request) -> Response:
         v = view(request)
 
-        async def stream() -> AsyncIterator[str]:
-            shown = ""
-            ends = live_deadline()
-            yield "retry: 1000\n\n"
-            while time.monotonic() < ends and not await request.is_disconnected():
-                rows = await asyncio.to_thread(cluster_rows, fleet, v.caller)
-                html = fragment("clusters_table.html", v=v, clusters=rows)
-                if html != shown:  # the first look too: the page may be older
-                    yield sse("swap", html)
-                shown = html
-                await asyncio.sleep(LIVE_INTERVAL)
+        def look() -> dict[str, str]:
+            rows = cluster_rows(fleet, v.caller)
+            return {"table": fragment("clusters_table.html", v=v, clusters=rows)}
 
-        return event_stream(stream())
+        return event_stream(live_parts(request, look))
 
     @ui_route(route, "POST", "/ui/clusters", FleetRole.OPERATOR)
     async def apply(request: Request) -> Response:
@@ -169,28 +161,19 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
         v = view(request)
         in_scope(v.caller, name, fleet)
 
-        async def stream() -> AsyncIterator[str]:
-            shown: dict[str, str] = {}
-            ends = live_deadline()
-            yield "retry: 1000\n\n"
-            while time.monotonic() < ends and not await request.is_disconnected():
-                try:
-                    data = await asyncio.to_thread(cluster_data, name)
-                except service.NotFound:
-                    yield sse("swap", '<div id="cluster-head" class="error">this cluster '
-                              "was deleted</div>")  # fmt: skip
-                    return
-                parts = {
-                    "head": fragment("cluster_head.html", v=v, c=data),
-                    "nodes": fragment("cluster_nodes.html", v=v, c=data),
+        def look() -> dict[str, str]:
+            try:
+                data = cluster_data(name)
+            except service.NotFound:
+                return {
+                    "head": '<div id="cluster-head" class="error">this cluster was deleted</div>'
                 }
-                changed = [html for key, html in parts.items() if shown.get(key) != html]
-                if changed:  # the first look too: the page may be older
-                    yield sse("swap", "\n".join(changed))
-                shown = parts
-                await asyncio.sleep(LIVE_INTERVAL)
+            return {
+                "head": fragment("cluster_head.html", v=v, c=data),
+                "nodes": fragment("cluster_nodes.html", v=v, c=data),
+            }
 
-        return event_stream(stream())
+        return event_stream(live_parts(request, look))
 
     def linked_members(name: str, role: str = "") -> list[Machine]:
         linked = linked_anywhere(fleet)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,9 +29,8 @@ from .web import (
     event_stream,
     form_errors,
     fragment,
-    live_deadline,
+    live_parts,
     render,
-    sse,
     view,
 )
 
@@ -186,19 +183,10 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
         v = view(request)
         rollout_data(fleet, rollout_id)  # 404 first
 
-        async def stream() -> AsyncIterator[str]:
-            shown = ""
-            ends = live_deadline()
-            yield "retry: 1000\n\n"
-            while time.monotonic() < ends and not await request.is_disconnected():
-                data = await asyncio.to_thread(rollout_data, fleet, rollout_id)
-                html = fragment("rollout_body.html", v=v, r=data)
-                if html != shown:  # the first look too: the page may be older
-                    yield sse("swap", html)
-                shown = html
-                await asyncio.sleep(LIVE_INTERVAL * 3)
+        def look() -> dict[str, str]:
+            return {"body": fragment("rollout_body.html", v=v, r=rollout_data(fleet, rollout_id))}
 
-        return event_stream(stream())
+        return event_stream(live_parts(request, look, LIVE_INTERVAL * 3))
 
     @ui_route(route, "POST", "/ui/rollouts/{rollout_id}/{action}", FleetRole.OPERATOR)
     def rollout_action(request: Request, rollout_id: int, action: str) -> HTMLResponse:

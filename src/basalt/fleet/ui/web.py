@@ -259,6 +259,27 @@ def sse(event: str, data: str, event_id: str = "") -> str:
     return "\n".join(lines) + "\n\n"
 
 
+async def live_parts(
+    request: Request, look: Callable[[], dict[str, str]], interval: float = LIVE_INTERVAL
+) -> AsyncIterator[str]:
+    """A live view's stream: every ``interval`` seconds ``look`` (run in a thread: it
+    reads the database) renders the view's parts by name; the parts that changed are
+    sent as one "swap" event. The first look is sent whole: the page may be older."""
+    import asyncio
+    import time
+
+    shown: dict[str, str] | None = None
+    ends = live_deadline()
+    yield "retry: 1000\n\n"
+    while time.monotonic() < ends and not await request.is_disconnected():
+        parts = await asyncio.to_thread(look)
+        changed = [html for key, html in parts.items() if shown is None or shown.get(key) != html]
+        if changed:
+            yield sse("swap", "\n".join(changed))
+        shown = parts
+        await asyncio.sleep(interval)
+
+
 def event_stream(source: AsyncIterator[str]) -> Response:
     from fastapi.responses import StreamingResponse
 
