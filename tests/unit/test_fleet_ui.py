@@ -316,3 +316,22 @@ def test_every_page_renders_for_an_admin_and_a_reader(api: TestClient, fleet: Fl
         else:
             assert answer.status_code == 200, path
             assert "data-select-all" not in answer.text and "Apply to ticked" not in answer.text
+
+
+def test_an_operator_limited_to_a_cluster_cannot_relabel_machines_of_another(
+    api: TestClient, fleet: Fleet
+) -> None:
+    uids = add_machines(fleet, 4)  # uids[0] and uids[3] are in cluster "edge"
+    with fleet.database.session() as session:
+        _, token = service.create_user(session, ADMIN, "olga", "fleet:operator", Scope(("lab",)))
+    olga = {"Authorization": f"Bearer {token}"}
+    form = {"machine": [uids[1], uids[0]], "set": "owner=olga"}
+    refused = api.post("/ui/machines/labels", data=form, headers=olga)
+    assert refused.status_code == 403 and "may not act on cluster edge" in refused.text
+    patch = api.patch(f"/v1/machines/{uids[0]}/labels", json={"set": {"a": "b"}}, headers=olga)
+    assert patch.status_code == 403
+    with fleet.database.session() as session:  # all or none: the free machine is untouched
+        assert all("owner" not in m.labels for m in session.query(Machine).all())
+    done = api.post("/ui/machines/labels", data={"machine": [uids[1]], "set": "owner=olga"},
+                    headers=olga)  # fmt: skip
+    assert done.status_code == 200 and "labels changed on 1 machines" in done.text

@@ -517,6 +517,10 @@ def _operators(fleet: Fleet, route: Route) -> None:
     @route("PATCH", "/v1/machines/{uuid}/labels", FleetRole.OPERATOR)
     def machine_labels(uuid: str, body: LabelsRequest, caller: Authed) -> dict[str, Any]:
         with fleet.database.session() as session:
+            cluster = service.get_machine(session, uuid).cluster
+        if cluster:  # a machine of a cluster outside the caller's scope keeps its labels
+            _in_scope(caller, cluster, fleet)
+        with fleet.database.session() as session:
             row = service.set_labels(session, caller, uuid, body.set, body.remove)
         return service.machine_info(row, row.uuid in fleet.links.links)
 

@@ -127,6 +127,8 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
                     )
 
             plan = await asyncio.to_thread(run)
+        except service.Refused:  # a role or scope refusal: 403, not a field error
+            raise
         except BasaltError as exc:
             return list_page(v, form_errors(exc, {"template": "template", "": "template"}),
                              400, text)  # fmt: skip

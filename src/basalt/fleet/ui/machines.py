@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from basalt.machinery.errors import BasaltError
 
 from .. import service
-from ..access import linked_anywhere
+from ..access import in_scope, linked_anywhere
 from ..auth import FleetRole
 from ..core import Fleet
 from ..db import Machine
@@ -238,9 +238,14 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
             def apply() -> None:
                 with fleet.database.session() as session:  # all or none
                     for uuid in chosen:
+                        cluster = service.get_machine(session, uuid).cluster
+                        if cluster:  # machines of clusters outside the user's scope: none
+                            in_scope(v.caller, cluster, fleet)
                         service.set_labels(session, v.caller, uuid, add, remove)
 
             await asyncio.to_thread(apply)
+        except service.Refused:  # a role or scope refusal: 403, not a field error
+            raise
         except BasaltError as exc:
             names = {"set": "set", "remove": "remove", "machines": "", "label": "set"}
             return page(v, query, form_errors(exc, names), 400)

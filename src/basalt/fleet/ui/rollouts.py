@@ -159,6 +159,8 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
                     return made.id
 
             made_id = await asyncio.to_thread(make)
+        except service.Refused:  # a role or scope refusal: 403, not a field error
+            raise
         except BasaltError as exc:
             return list_page(v, form_errors(exc, POLICY_FIELDS), 400, values)
         return Response(status_code=204, headers={"HX-Redirect": f"/ui/rollouts/{made_id}"})
