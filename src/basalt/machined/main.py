@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from basalt.machinery.launch import EXIT_FATAL
 
@@ -239,8 +240,42 @@ def main(argv: list[str] | None = None) -> int:
 
         # PID 1 never exits (the kernel would panic): whatever ends the agent, even a bad
         # argument, becomes a reboot or power-off (after a console message if fatal).
-        return run_as_init(lambda: asyncio.run(run(parse_args(argv))))
-    return asyncio.run(run(parse_args(argv)))
+        return run_as_init(lambda: run_bounded(run(parse_args(argv))))
+    return run_bounded(run(parse_args(argv)))
+
+
+#: Seconds the tasks still running when the agent ends get to finish their cancellation.
+TEARDOWN_GRACE = 10.0
+
+
+def run_bounded(agent: Coroutine[Any, Any, int], grace: float = TEARDOWN_GRACE) -> int:
+    """``asyncio.run`` with a bounded teardown. asyncio.run waits for every task to
+    finish cancelling and (Python 3.11) joins every thread of the default executor, with
+    no limit: one thread blocked in a read would hold PID 1 after "machined exits" and the
+    machine would never reboot. Here stragglers get ``grace`` seconds, and executor
+    threads are left behind (reboot(2) or the process's exit ends them)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(agent)
+    finally:
+        try:
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                _done, late = loop.run_until_complete(asyncio.wait(pending, timeout=grace))
+                if late:
+                    log.warning("%d tasks did not end within %g s: leaving them", len(late), grace)
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), timeout=grace))
+        except (TimeoutError, RuntimeError) as exc:
+            log.warning("teardown cut short: %s", exc)
+        finally:
+            executor = getattr(loop, "_default_executor", None)
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def _version() -> str:

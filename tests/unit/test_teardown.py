@@ -1,0 +1,56 @@
+"""machined's end is bounded: a thread blocked in a read or a task that will not cancel
+must not keep PID 1 from rebooting (asyncio.run would wait for them forever)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from basalt.machined.main import run_bounded
+
+
+def test_the_agent_ends_although_a_thread_and_a_task_hang() -> None:
+    release = threading.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue  # will not end
+
+    async def agent() -> int:
+        asyncio.get_running_loop().run_in_executor(None, release.wait)  # blocks its thread
+        tasks.append(asyncio.create_task(stubborn()))
+        await asyncio.sleep(0.05)
+        return 75
+
+    started = time.monotonic()
+    try:
+        assert run_bounded(agent(), grace=0.5) == 75
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+
+
+def test_tasks_that_end_when_cancelled_are_given_the_time() -> None:
+    ended: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def polite() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)
+            ended.append("polite")
+            raise
+
+    async def agent() -> int:
+        tasks.append(asyncio.create_task(polite()))
+        await asyncio.sleep(0.01)
+        return 0
+
+    assert run_bounded(agent(), grace=5) == 0
+    assert ended == ["polite"]
