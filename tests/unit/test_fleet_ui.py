@@ -335,3 +335,34 @@ def test_an_operator_limited_to_a_cluster_cannot_relabel_machines_of_another(
     done = api.post("/ui/machines/labels", data={"machine": [uids[1]], "set": "owner=olga"},
                     headers=olga)  # fmt: skip
     assert done.status_code == 200 and "labels changed on 1 machines" in done.text
+
+
+def test_join_tokens_and_users_from_the_ui(api: TestClient, fleet: Fleet) -> None:
+    csrf = {"X-CSRF-Token": login(api, fleet)}
+    made = api.post("/ui/join-tokens", data={"ttl": "never", "uses": "3", "labels": "zone=a"},
+                    headers=csrf)  # fmt: skip
+    assert made.status_code == 201
+    url = re.search(r'id="new-token-url">([^<]+)<', made.text)
+    assert url is not None and "token=bfj_" in url[1]
+    with fleet.database.session() as session:
+        (token,) = service.join_tokens(session)
+    assert token["expires"] is None and token["labels"] == {"zone": "a"}
+    listed = api.get("/ui/join-tokens")
+    assert "token=bfj_" not in listed.text, "a join token is shown once"
+    revoked = api.post(f"/ui/join-tokens/{token['id']}/revoke", headers=csrf)
+    assert revoked.status_code == 200 and "revoked" in revoked.text
+    with fleet.database.session() as session:
+        assert service.join_tokens(session)[0]["revoked"] is True
+    # Users: a bad role and a short password are named; nothing is made.
+    short = {"name": "vic", "role": "fleet:reader", "password": "short"}
+    for form, field in (({"name": "vic", "role": "fleet:god"}, "role"), (short, "password")):
+        bad = api.post("/ui/users", data=form, headers=csrf)
+        assert bad.status_code == 400 and re.search(rf'id="e-{field}"[^>]*>{field}: ', bad.text)
+    with fleet.database.session() as session:
+        assert [u["name"] for u in service.users(session)] == ["admin"]
+    made = api.post("/ui/users", data={"name": "vic", "role": "fleet:operator"}, headers=csrf)
+    assert made.status_code == 201 and "bft_" in made.text
+    assert api.post("/ui/users/vic/password", data={"password": "a long passphrase here"},
+                    headers=csrf).status_code == 200  # fmt: skip
+    with fleet.database.session() as session:
+        assert logins.check_login(session, "vic", "a long passphrase here").role == "fleet:operator"
