@@ -88,6 +88,10 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
         tab = "token" if token and not password else "password"
         client = request.client.host if request.client else "?"
         now = time.monotonic()
+        if len(failures) > 10_000:  # many addresses: forget those with no recent failure
+            stale = [a for a, t in failures.items() if not t or now - t[-1] >= LOGIN_WINDOW]
+            for address in stale:
+                del failures[address]
         recent = [t for t in failures.get(client, []) if now - t < LOGIN_WINDOW]
         failures[client] = recent
 
