@@ -256,8 +256,16 @@ def test_an_admin_applies_a_cluster_and_watches_it_become_ready(
     basaltconfig = world["root"] / "web.basaltconfig"
     download.value.save_as(basaltconfig)
     assert "os:admin" in basaltconfig.read_text() or "contexts" in basaltconfig.read_text()
+    with page.expect_download() as download:
+        page.get_by_text("Download kubeconfig").click()
+    kubeconfig = world["root"] / "web.kubeconfig"
+    download.value.save_as(kubeconfig)
+    assert "kind: Config" in kubeconfig.read_text()
     audit = world["fleet"].get("/v1/audit?limit=1000")
     assert any(e["action"] == "secret.read.basaltconfig" for e in audit)
+    assert any(
+        e["action"] == "secret.read.kubeconfig" and e["detail"].get("via") == "ui" for e in audit
+    )
     assert "PRIVATE KEY" not in json.dumps(audit)
 
     # etcd's logs, followed live through the machine's link: a defragmentation asked
