@@ -401,6 +401,32 @@ def client_config_yaml(
     return ClientConfig(context=cluster.name, contexts={cluster.name: context}).to_yaml()
 
 
+def node_roles(values: Sequence[str], where: str = "roles") -> list[Role]:
+    """Node API roles by name; the first unknown one is named with its place."""
+    roles = []
+    for index, value in enumerate(values):
+        try:
+            roles.append(Role(value))
+        except ValueError:
+            known = ", ".join(r.value for r in Role)
+            raise FleetError(
+                f"{where}[{index}]: {value!r} is not a node API role ({known})"
+            ) from None
+    return roles
+
+
+def basaltconfig(session: Session, name: str, box: SecretBox, roles: Sequence[Role]) -> str:
+    """A client config for cluster ``name`` with a certificate of ``roles``, pointing
+    at its control planes' API addresses."""
+    row = get_cluster(session, name)
+    endpoints = [
+        str((m.inventory or {}).get("api_address", ""))
+        for m in members(session, name)
+        if m.role == CONTROLPLANE
+    ]
+    return client_config_yaml(row, box, roles, [e for e in endpoints if e])
+
+
 def export_files(session: Session, cluster: Cluster, box: SecretBox) -> dict[str, str]:
     """Everything needed to manage the cluster without the fleet, by file name."""
     import shlex

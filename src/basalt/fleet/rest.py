@@ -750,27 +750,11 @@ def _cluster_secrets(fleet: Fleet, route: Route, reconciler: Any) -> None:
     def cluster_basaltconfig(
         name: str, body: BasaltconfigRequest, caller: Authed
     ) -> dict[str, Any]:
-        from basalt.machinery.roles import Role
-
         _in_scope(caller, name, fleet)
-        roles = []
-        for index, value in enumerate(body.roles):
-            try:
-                roles.append(Role(value))
-            except ValueError:
-                known = ", ".join(r.value for r in Role)
-                raise service.FleetError(
-                    f"roles[{index}]: {value!r} is not a node API role ({known})"
-                ) from None
+        roles = cl.node_roles(body.roles)
         secret_read(caller, name, "basaltconfig", {"roles": body.roles})
         with fleet.database.session() as session:
-            row = cl.get_cluster(session, name)
-            endpoints = [
-                str((m.inventory or {}).get("api_address", ""))
-                for m in cl.members(session, name)
-                if m.role == cl.CONTROLPLANE
-            ]
-            text = cl.client_config_yaml(row, fleet.box, roles, [e for e in endpoints if e])
+            text = cl.basaltconfig(session, name, fleet.box, roles)
         return {"cluster": name, "basaltconfig": text}
 
     @route("GET", "/v1/clusters/{name}/kubeconfig", FleetRole.OPERATOR)
@@ -964,26 +948,10 @@ def _rollouts(app: FastAPI, fleet: Fleet, route: Route) -> None:
     def promote(body: PromoteRequest, caller: Authed) -> dict[str, Any]:
         """Beta to stable only after enough machines ran it healthy long enough with no
         fallback; ``force`` skips the rule (fleet:admin only) and is audited."""
-        options = fleet.options
+        rule = (fleet.options.promote_min_machines, fleet.options.promote_min_seconds)
         with fleet.database.session() as session:
-            seen = ro.evidence(session, body.version, dt.datetime.now(dt.UTC))
-            short = ro.shortfalls(seen, options.promote_min_machines, options.promote_min_seconds)
-            if short and not body.force:
-                raise service.Conflict(
-                    f"{body.version} is not promoted from {body.source} to "
-                    f"{body.destination}: {'; '.join(short)}",
-                    hint="roll it out on the source channel first, or --force "
-                    "(fleet:admin, audited)",
-                )
-            if short and not caller.role.allows(FleetRole.ADMIN):
-                raise service.Refused(f"--force needs fleet:admin; {caller.name} is {caller.role}")
-            added = repository().promote(body.version, body.source, body.destination)
-            audit.record(
-                session, caller.name, "release.promote",
-                f"{body.destination}/{body.version}",
-                {"from": body.source, "forced": bool(short), "short": short, "evidence": seen},
-            )  # fmt: skip
-        return {"promoted": [r.path for r in added], "forced": bool(short), "evidence": seen}
+            return ro.promote(session, caller, repository(), body.version, body.source,
+                              body.destination, rule, body.force)  # fmt: skip
 
     _rollout_routes(fleet, route, covers, repository)
 

@@ -53,9 +53,10 @@ from basalt.machinery.releases.repository import Release, Repository
 from basalt.machinery.windows import Window, WindowError, open_now
 
 from . import audit, fleetlock
+from .auth import Caller, FleetRole
 from .db import Cluster, Machine, Rollout, RolloutMachine, Setting, aware, utcnow
 from .nodes import NotLinked
-from .service import Conflict, FleetError, NotFound
+from .service import Conflict, FleetError, NotFound, Refused
 from .template import template_dict
 
 log = logging.getLogger("basalt.fleet.rollouts")
@@ -399,6 +400,35 @@ def evidence(session: Session, version: str, now: dt.datetime) -> dict[str, Any]
                 healthy.append(aware(row.healthy) or now)
     ran = (now - min(healthy)).total_seconds() if healthy else 0.0
     return {"version": version, "machines": len(healthy), "seconds": ran, "fallbacks": failures}
+
+
+def promote(
+    session: Session,
+    caller: Caller,
+    repository: Repository,
+    version: str,
+    source: str,
+    destination: str,
+    rule: tuple[int, float],
+    force: bool = False,
+) -> dict[str, Any]:
+    """Promote ``version`` from ``source`` to ``destination`` when the fleet's evidence
+    meets ``rule`` (machines, seconds); ``force`` skips it, for fleet:admin only. Audited."""
+    seen = evidence(session, version, dt.datetime.now(dt.UTC))
+    short = shortfalls(seen, *rule)
+    if short and not force:
+        raise Conflict(
+            f"{version} is not promoted from {source} to {destination}: {'; '.join(short)}",
+            hint="roll it out on the source channel first, or --force (fleet:admin, audited)",
+        )
+    if short and not caller.role.allows(FleetRole.ADMIN):
+        raise Refused(f"--force needs fleet:admin; {caller.name} is {caller.role}")
+    added = repository.promote(version, source, destination)
+    audit.record(
+        session, caller.name, "release.promote", f"{destination}/{version}",
+        {"from": source, "forced": bool(short), "short": short, "evidence": seen},
+    )  # fmt: skip
+    return {"promoted": [r.path for r in added], "forced": bool(short), "evidence": seen}
 
 
 def shortfalls(seen: dict[str, Any], min_machines: int, min_seconds: float) -> list[str]:

@@ -8,7 +8,6 @@ password or an API token), and every change carries the session's CSRF token.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
@@ -46,4 +45,4 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
     rollouts.install(app, fleet, route)
 
 
-__all__: list[Any] = ["install"]
+__all__ = ["SECURITY_HEADERS", "install"]

@@ -355,24 +355,13 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
         v = view(request)
         in_scope(v.caller, name, fleet)
         wanted = [str(r) for r in form.getlist("role")] or [Role.ADMIN.value]
-        roles = []
-        for value in wanted:
-            try:
-                roles.append(Role(value))
-            except ValueError:
-                raise service.FleetError(f"role: {value!r} is not a node API role") from None
+        roles = cl.node_roles(wanted, "role")
 
         def make() -> str:
             with fleet.database.session() as session:
-                row = cl.get_cluster(session, name)
                 audit.record(session, v.caller.name, "secret.read.basaltconfig", name,
                              {"roles": wanted, "via": "ui"})  # fmt: skip
-                endpoints = [
-                    str((m.inventory or {}).get("api_address", ""))
-                    for m in cl.members(session, name)
-                    if m.role == cl.CONTROLPLANE
-                ]
-                return cl.client_config_yaml(row, fleet.box, roles, [e for e in endpoints if e])
+                return cl.basaltconfig(session, name, fleet.box, roles)
 
         text = await asyncio.to_thread(make)
         return Response(text, media_type="application/yaml", headers={

@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from basalt.machinery.errors import BasaltError
 
-from .. import audit, service
 from .. import rollouts as ro
+from .. import service
 from ..access import in_scope
 from ..auth import FleetRole
 from ..core import Fleet
@@ -83,7 +83,7 @@ def rollout_data(fleet: Fleet, rollout_id: int) -> dict[str, Any]:
 
 
 def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
-    def list_data(caller_view: View) -> dict[str, Any]:
+    def list_data() -> dict[str, Any]:
         with fleet.database.session() as session:
             rows = session.execute(select(Rollout).order_by(Rollout.id.desc()).limit(100))
             rollouts = [ro.summary(session, r) for r in rows.scalars()]
@@ -98,7 +98,7 @@ def install(app: FastAPI, fleet: Fleet, route: Route) -> None:
                     "waves": "25,50,100", "soak": "5m", "max_failures": "1",
                     "timeout": "15m"}  # fmt: skip
         return render(v, name, status=status, errors=errors, releases=releases,
-                      values={**defaults, **(values or {})}, **list_data(v))  # fmt: skip
+                      values={**defaults, **(values or {})}, **list_data())  # fmt: skip
 
     @ui_route(route, "GET", "/ui/rollouts", FleetRole.READER)
     def rollouts(request: Request) -> HTMLResponse:
@@ -274,22 +274,10 @@ def _releases_page(fleet: Fleet, route: Route) -> None:
         try:
             if fleet.options.releases is None:
                 raise service.FleetError("this fleet serves no release repository")
-            options = fleet.options
-            with fleet.database.session() as session:
-                seen = ro.evidence(session, version, dt.datetime.now(dt.UTC))
-                short = ro.shortfalls(
-                    seen, options.promote_min_machines, options.promote_min_seconds
-                )
-                if short:
-                    raise service.Conflict(
-                        f"{version} is not promoted from {source} to {destination}: "
-                        + "; ".join(short),
-                        hint="roll it out on the source channel first",
-                    )
-                Repository(fleet.options.releases).promote(version, source, destination)
-                audit.record(session, v.caller.name, "release.promote",
-                             f"{destination}/{version}",
-                             {"from": source, "forced": False, "evidence": seen})  # fmt: skip
+            rule = (fleet.options.promote_min_machines, fleet.options.promote_min_seconds)
+            with fleet.database.session() as session:  # never forced from here
+                ro.promote(session, v.caller, Repository(fleet.options.releases), version,
+                           source, destination, rule)  # fmt: skip
         except BasaltError as exc:
             return page(v, FormErrors({f"promote-{version}": str(exc)}), 409)
         return page(v, FormErrors(), note=f"{version} promoted from {source} to {destination}")
