@@ -10,6 +10,7 @@ __all__ = [
     "IMAGE_MOUNT_DIRECTORIES",
     "IMAGE_MOUNT_FILES",
     "IMAGE_MOUNT_POINTS",
+    "OVERLAY_DIRECTORIES",
     "SCHEMATIC_FILE",
 ]
 
@@ -17,6 +18,12 @@ __all__ = [
 EXTENSIONS_DIR = "usr/lib/basalt/extensions"
 #: The schematic the image was built from, in :data:`EXTENSIONS_DIR`.
 SCHEMATIC_FILE = "schematic.json"
+
+#: Root directories that system extensions may provide files in (``provides`` in their
+#: manifests): empty in the image; machined mounts a read-only overlay of the
+#: extensions' copies (and the image's own, empty directory) on each one that any
+#: extension fills. ``/usr/local/bin/kubelet`` is how Kubernetes reaches a node.
+OVERLAY_DIRECTORIES = ("usr/local/bin", "usr/local/sbin", "usr/local/lib", "opt/cni/bin")
 
 #: Files below /etc that the agent generates (in /run/basalt/etc) and bind-mounts
 #: read-only over the image's own.
@@ -33,6 +40,7 @@ IMAGE_MOUNT_DIRECTORIES = (
     "system",
     "etc/kubernetes",
     "etc/cni",
+    *OVERLAY_DIRECTORIES,
 )
 #: Files the image must contain for the agent to bind its generated ones over them.
 IMAGE_MOUNT_FILES = tuple(f"etc/{name}" for name in GENERATED_ETC_FILES)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EMPTY",
     "OFFICIAL_EXTENSIONS",
+    "CustomExtensionRef",
     "ExtensionManifest",
     "ExtensionService",
     "ManifestError",
@@ -68,6 +69,10 @@ RESTART_POLICIES: tuple[str, ...] = ("always", "onFailure", "never")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,62}$")
 #: Where an extension may keep run-time state: below /run only (the root is read-only).
 _STATE_DIR = re.compile(r"^/run/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: Environment variable names a service may set (and those machined owns).
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENVIRONMENT = ("LD_LIBRARY_PATH", "LD_PRELOAD", "LD_AUDIT")
 #: ``{virtioPort}`` in a service's arguments becomes the port's device path.
 VIRTIO_PORT_PLACEHOLDER = "{virtioPort}"
 
@@ -89,18 +94,37 @@ class ManifestError(SchematicError):
 
 
 @dataclass(frozen=True)
+class CustomExtensionRef:
+    """A custom extension a schematic names: the sha256 of its signed squashfs (what
+    ``basaltctl extension build`` printed) and, for the CLI, where the file is (relative
+    paths are relative to the schematic's directory). Without a path, a factory finds it
+    in its registry by the sha256. Only the sha256 is part of the schematic's id."""
+
+    sha256: str
+    path: str = ""
+
+
+@dataclass(frozen=True)
 class Schematic:
-    """What an image is customised with. ``extensions`` is sorted and without duplicates."""
+    """What an image is customised with. ``extensions`` (official names) is sorted and
+    without duplicates; ``custom_extensions`` is sorted by sha256, without duplicates."""
 
     extra_kernel_args: tuple[str, ...] = ()
     extensions: tuple[str, ...] = ()
+    custom_extensions: tuple[CustomExtensionRef, ...] = ()
 
     def canonical(self) -> dict[str, Any]:
-        """The parsed model as plain data (every field present, defaults included)."""
+        """The parsed model as plain data (every field present, defaults included).
+
+        ``customExtensions`` (the sha256s) appears only when there are any, so that
+        schematics written before custom extensions existed keep their ids."""
+        extensions: dict[str, Any] = {"officialExtensions": list(self.extensions)}
+        if self.custom_extensions:
+            extensions["customExtensions"] = [ref.sha256 for ref in self.custom_extensions]
         return {
             "customization": {
                 "extraKernelArgs": list(self.extra_kernel_args),
-                "systemExtensions": {"officialExtensions": list(self.extensions)},
+                "systemExtensions": extensions,
             }
         }
 
@@ -113,12 +137,28 @@ class Schematic:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     def record(self) -> dict[str, Any]:
-        """What ``image.json`` (and the node) records: id, extensions, kernel args."""
-        return {
+        """What ``image.json`` (and the node) records: id, extensions, kernel args (and the
+        custom extensions' sha256s when there are any)."""
+        record: dict[str, Any] = {
             "id": self.id,
             "extensions": list(self.extensions),
             "extraKernelArgs": list(self.extra_kernel_args),
         }
+        if self.custom_extensions:
+            record["customExtensions"] = [ref.sha256 for ref in self.custom_extensions]
+        return record
+
+    def to_yaml(self) -> str:
+        """The schematic as YAML that parses back to an equal schematic."""
+        from .yamlio import dump_document
+
+        data = self.canonical()
+        if self.custom_extensions:
+            data["customization"]["systemExtensions"]["customExtensions"] = [
+                {"sha256": ref.sha256, **({"path": ref.path} if ref.path else {})}
+                for ref in self.custom_extensions
+            ]
+        return dump_document(data)
 
 
 #: The schematic of an image built without one.
@@ -218,7 +258,9 @@ def parse_schematic(text: str, source: str = "<schematic>") -> Schematic:
         else:
             args.append(arg)
     ext_loc: Loc = (*loc, "systemExtensions")
-    extensions = reader.mapping(custom.get("systemExtensions"), ext_loc, ("officialExtensions",))
+    extensions = reader.mapping(
+        custom.get("systemExtensions"), ext_loc, ("officialExtensions", "customExtensions")
+    )
     names: set[str] = set()
     official = extensions.get("officialExtensions")
     for where, name in reader.strings(official, (*ext_loc, "officialExtensions")):
@@ -231,9 +273,59 @@ def parse_schematic(text: str, source: str = "<schematic>") -> Schematic:
         elif name in names:
             reader.problem(where, f"extension {name!r} is listed twice", hint="list it once")
         names.add(name)
+    refs = _custom_refs(reader, extensions.get("customExtensions"), (*ext_loc, "customExtensions"))
     if reader.problems:
         raise SchematicError(reader.problems, source=source)
-    return Schematic(extra_kernel_args=tuple(args), extensions=tuple(sorted(names)))
+    return Schematic(
+        extra_kernel_args=tuple(args),
+        extensions=tuple(sorted(names)),
+        custom_extensions=tuple(sorted(refs, key=lambda ref: ref.sha256)),
+    )
+
+
+def _custom_refs(reader: _Reader, value: Any, loc: Loc) -> list[CustomExtensionRef]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        reader.problem(loc, f"must be a list of {{sha256, path}} mappings, not {_kind(value)}")
+        return []
+    refs: list[CustomExtensionRef] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(value):
+        where: Loc = (*loc, index)
+        if not isinstance(raw, dict):
+            reader.problem(
+                where,
+                f"must be a mapping, not {_kind(raw)}",
+                hint="e.g. {path: ./hello.sqfs, sha256: <printed by 'basaltctl extension build'>}",
+            )
+            continue
+        data = reader.mapping(raw, where, ("sha256", "path"))
+        digest = data.get("sha256")
+        if "sha256" not in data:
+            reader.problem(
+                (*where, "sha256"),
+                "is required",
+                hint="the sha256 that 'basaltctl extension build' printed for the file",
+            )
+            continue
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            reader.problem(
+                (*where, "sha256"),
+                f"{digest!r} is not a sha256 (64 lower-case hex digits)",
+                hint="the sha256 that 'basaltctl extension build' printed for the file",
+            )
+            continue
+        path = data.get("path", "")
+        if not isinstance(path, str) or ("path" in data and not path):
+            reader.problem((*where, "path"), f"must be a non-empty string, not {_kind(path)}")
+            continue
+        if digest in seen:
+            reader.problem((*where, "sha256"), "extension listed twice", hint="list it once")
+            continue
+        seen.add(digest)
+        refs.append(CustomExtensionRef(digest, path))
+    return refs
 
 
 def read_schematic(path: Path) -> Schematic:
@@ -282,6 +374,9 @@ class ExtensionService:
     restart: RestartPolicyName = "always"
     virtio_port: str = ""
     state_directory: str = ""
+    #: Extra environment variables, sorted by name (machined sets PATH, LANG and
+    #: LD_LIBRARY_PATH itself; the loader's variables are refused).
+    environment: tuple[tuple[str, str], ...] = ()
 
     def to_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -294,6 +389,8 @@ class ExtensionService:
             data["needs"] = {"virtioPort": self.virtio_port}
         if self.state_directory:
             data["stateDirectory"] = self.state_directory
+        if self.environment:
+            data["environment"] = dict(self.environment)
         return data
 
 
@@ -305,21 +402,50 @@ class ExtensionManifest:
     version: str
     description: str = ""
     services: tuple[ExtensionService, ...] = field(default=())
+    #: Files the extension provides at fixed root paths (sorted), each below one of
+    #: :data:`~basalt.machinery.image_layout.OVERLAY_DIRECTORIES`: machined shows them
+    #: there through a read-only overlay of that directory.
+    provides: tuple[str, ...] = ()
 
     def to_yaml(self) -> str:
         from .yamlio import dump_document
 
-        data = {
+        data: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "description": self.description,
             "services": [service.to_data() for service in self.services],
         }
+        if self.provides:
+            data["provides"] = list(self.provides)
         return dump_document(data)
 
+    def overlay_directories(self) -> tuple[str, ...]:
+        """The root directories (no leading '/') this extension's files are shown in."""
+        return tuple(sorted({overlay_directory(path) or "" for path in self.provides} - {""}))
 
-_MANIFEST_FIELDS = ("name", "version", "description", "services")
-_SERVICE_FIELDS = ("name", "command", "args", "restart", "needs", "stateDirectory")
+
+def overlay_directory(path: str) -> str | None:
+    """The overlay directory (``usr/local/bin``) that a fixed path is below, or None."""
+    from .image_layout import OVERLAY_DIRECTORIES
+
+    relative = path.lstrip("/")
+    for directory in OVERLAY_DIRECTORIES:
+        if relative.startswith(directory + "/") and len(relative) > len(directory) + 1:
+            return directory
+    return None
+
+
+_MANIFEST_FIELDS = ("name", "version", "description", "services", "provides")
+_SERVICE_FIELDS = (
+    "name",
+    "command",
+    "args",
+    "restart",
+    "needs",
+    "stateDirectory",
+    "environment",
+)
 
 
 def _check_name(value: str) -> str | None:
@@ -357,9 +483,39 @@ def parse_manifest(text: str, source: str = "manifest.yaml") -> ExtensionManifes
             reader.problem(("services", index, "name"), f"service {service.name!r} twice")
         seen.add(service.name)
         services.append(service)
+    provides: set[str] = set()
+    for where, path in reader.strings(top.get("provides"), ("provides",)):
+        reason = _fixed_path_problem(path)
+        if reason:
+            reader.problem(where, reason[0], hint=reason[1])
+        elif path in provides:
+            reader.problem(where, f"{path} is listed twice", hint="list it once")
+        provides.add(path)
     if reader.problems:
         raise ManifestError(reader.problems, source=source, kind="extension manifest")
-    return ExtensionManifest(name, version, str(description), tuple(services))
+    return ExtensionManifest(
+        name, version, str(description), tuple(services), tuple(sorted(provides))
+    )
+
+
+def _fixed_path_problem(path: str) -> tuple[str, str] | None:
+    from .image_layout import OVERLAY_DIRECTORIES
+
+    where = ", ".join("/" + d for d in OVERLAY_DIRECTORIES)
+    parts = path.split("/")
+    if not path.startswith("/") or any(p in ("", ".", "..") for p in parts[1:]):
+        return (
+            f"{path!r} must be an absolute, normal path (no '..', '.' or '//')",
+            f"e.g. /usr/local/bin/kubelet; fixed paths live below {where}",
+        )
+    if not path.isprintable():
+        return (f"{path!r} contains control characters", "use a plain file name")
+    if overlay_directory(path) is None:
+        return (
+            f"{path} is not below a directory extensions may provide files in",
+            f"fixed paths live below {where}; other files stay inside the extension",
+        )
+    return None
 
 
 def _service(reader: _Reader, raw: Any, loc: Loc) -> ExtensionService | None:
@@ -408,6 +564,29 @@ def _service(reader: _Reader, raw: Any, loc: Loc) -> ExtensionService | None:
                 else f"{v!r} must be a directory below /run (the root is read-only)"
             ),
         )
+    environment: dict[str, str] = {}
+    raw_env = data.get("environment")
+    if raw_env is not None and not isinstance(raw_env, dict):
+        reader.problem((*loc, "environment"), f"must be a mapping, not {_kind(raw_env)}")
+    for key, value in (raw_env or {}).items() if isinstance(raw_env, dict) else ():
+        where: Loc = (*loc, "environment", str(key))
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            reader.problem(where, f"{key!r} is not an environment variable name")
+        elif key in RESERVED_ENVIRONMENT or key in ("PATH", "LANG"):
+            reader.problem(
+                where,
+                f"{key} is set by machined",
+                hint="machined sets PATH, LANG and LD_LIBRARY_PATH; the loader's "
+                "variables may not be set",
+            )
+        elif not isinstance(value, str | int | float) or isinstance(value, bool):
+            reader.problem(where, f"must be a string, not {_kind(value)}")
+        elif "\0" in str(value):
+            reader.problem(where, "contains a NUL character")
+        else:
+            environment[key] = str(value)
     if len(reader.problems) > before:
         return None
-    return ExtensionService(name, command, args, restart, port, state)
+    return ExtensionService(
+        name, command, args, restart, port, state, tuple(sorted(environment.items()))
+    )
