@@ -59,6 +59,14 @@ def build(
             "the signed upgrade bundle [no bundle].",
         ),
     ] = None,
+    extension_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--extension-key",
+            help="Public key (PREFIX.pub) trusted to sign the schematic's custom "
+            "extensions (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Build the image from image.lock (cached stages are reused)."""
     import logging
@@ -68,6 +76,7 @@ def build(
     from basalt.machinery.schematic import EMPTY, read_schematic
 
     chosen = read_schematic(schematic) if schematic else EMPTY  # before any build work
+    sources = extension_sources(schematic, extension_key)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     target = out or pipeline.DEFAULT_OUT
     manifest = pipeline.build(
@@ -76,10 +85,31 @@ def build(
         lock_path or lockfile.DEFAULT_LOCK,
         schematic=chosen,
         signing_key=signing_key,
+        extension_sources=sources,
     )
     for step in manifest["build"]:
         info(f"  {step['stage']:<13} {step['result']:<7} {step['seconds']:>6.1f} s")
     _print_text(target, manifest)
+
+
+def extension_sources(schematic: Path | None, keys: list[Path] | None) -> Any:
+    """Custom extensions are read relative to the schematic's directory and must be
+    signed by one of ``keys``."""
+    from basalt.imager.custom import ExtensionSources
+    from basalt.machinery.errors import BasaltError
+    from basalt.machinery.images import verification_key
+
+    trusted = []
+    for path in keys or []:
+        try:
+            trusted.append(verification_key(path.read_bytes(), path.name))
+        except OSError as exc:
+            raise BasaltError(
+                f"extension key {path}: {exc.strerror}",
+                hint="pass the PREFIX.pub that 'basaltctl gen signing-key' wrote",
+            ) from None
+    base = schematic.resolve().parent if schematic else None
+    return ExtensionSources(trusted=tuple(trusted), base=base)
 
 
 @app.command("inspect")
@@ -121,15 +151,19 @@ def _print_text(image: Path, manifest: dict[str, Any]) -> None:
         print(f"kernel args: {' '.join(schematic['extraKernelArgs'])} (extra)")
     total_programs = len(programs) + sum(len(e["executables"]) for e in extensions)
     print(f"executables: {total_programs} ({len(programs)} in the root)")
-    print(f"  root: {' '.join(programs)}")
+    print(f"  root ({len(programs)}): {' '.join(programs)}")
     for extension in extensions:
-        print(f"  {extension['name']}: {' '.join(extension['executables'])}")
+        own = extension["executables"]
+        print(f"  {extension['name']} ({len(own)}): {' '.join(own) or '-'}")
     print(f"extensions:  {len(extensions) or 'none'}")
     for extension in extensions:
+        kind = f"custom, key {extension['keyId'][:16]}" if extension.get("custom") else "official"
         print(
             f"  {extension['name']:<24} {extension['version']:<28} "
-            f"{_mib(extension['bytes']):>10}  sha256 {extension['sha256']}"
+            f"{_mib(extension['bytes']):>10}  sha256 {extension['sha256']}  ({kind})"
         )
+        for path in extension.get("provides", []):
+            print(f"    provides {path}")
     print("packages:")
     for name, version in sorted(manifest["packages"].items()):
         print(f"  {name:<36} {version}")

@@ -27,6 +27,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "etcd": ("etcd", "app"),
     "bundle": ("bundle", "app"),
     "image": ("image", "app"),
+    "extension": ("extension", "app"),
     "containers": ("containers", "app"),
     "fleet": ("fleet", "app"),
     "release": ("release", "app"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import cpio, kmod, libs
 from .errors import ImageBuildError
-from .extensions import Extension, append_segment
+from .extensions import CustomExtension, Extension, append_segment, with_digests
 from .packages import Unpack, copy_file, run_interpreter
 from .rootfs import PYLIB, SITE, Rootfs
 from .squashfs import SOURCE_DATE_EPOCH
@@ -38,6 +38,7 @@ class Boot(Stage):
     """``vmlinuz``, ``initrd.img`` and ``boot.json`` (kernel release, sizes)."""
 
     name = "boot"
+    version = 2  # 2: schematic.json carries each extension's sha256
     unpack: Unpack
     rootfs: Rootfs
     kernel_release: str
@@ -45,7 +46,7 @@ class Boot(Stage):
     compression: str = "zstd"
     #: The schematic's extensions and record (``schematic.json``), appended to the
     #: initramfs as a second, uncompressed segment (see basalt/imager/extensions.py).
-    extensions: tuple[Extension, ...] = ()
+    extensions: tuple[Extension | CustomExtension, ...] = ()
     schematic: str = ""
 
     def run(self, out: Path, cache: Cache) -> None:
@@ -71,8 +72,11 @@ class Boot(Stage):
             run_tool(["zstd", "-q", "-19", "-T1", "--rm", str(raw), "-o", str(image)], what="zstd")
         else:
             raw.rename(image)
-        images = [cache.output(e) / f"{e.recipe.name}.sqfs" for e in self.extensions]
-        segment = append_segment(image, images, self.schematic, out) if self.schematic else 0
+        images = [cache.output(e) / f"{e.extension_name}.sqfs" for e in self.extensions]
+        segment = 0
+        if self.schematic:
+            record = with_digests(self.schematic, images)
+            segment = append_segment(image, images, record, out)
         info = {
             "kernel_release": self.kernel_release,
             "initrd_entries": entries,

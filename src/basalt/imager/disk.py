@@ -35,7 +35,9 @@ from .stage import Cache, Stage, run_tool
 
 SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n"
-DISK_FILES = ("disk.raw", "disk.qcow2")
+#: disk.raw.zst is disk.raw for download (the factory serves it; ``zstd -d`` or
+#: ``zstdcat | dd`` writes it to a disk), compressed single-threaded: reproducible.
+DISK_FILES = ("disk.raw", "disk.qcow2", "disk.raw.zst")
 #: The install generation of the image's own entry (entries.py: GEN grows with installs).
 FIRST_GENERATION = 1
 
@@ -76,9 +78,10 @@ def _copy_into(source: Path, fd: int, offset: int) -> None:
 
 @dataclass(frozen=True)
 class Disk(Stage):
-    """``disk.raw``, ``disk.qcow2`` and ``disk.json`` (partitions, entry)."""
+    """``disk.raw``, ``disk.qcow2``, ``disk.raw.zst`` and ``disk.json`` (partitions, entry)."""
 
     name = "disk"
+    version = 2  # 2: disk.raw.zst
     boot: Boot
     squashfs: Squashfs
     unpack: Unpack
@@ -122,6 +125,10 @@ class Disk(Stage):
         run_tool(
             ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out / "disk.qcow2")],
             what="qemu-img convert",
+        )
+        run_tool(
+            ["zstd", "-q", "-T1", "-10", str(raw), "-o", str(out / "disk.raw.zst")],
+            what="zstd (disk.raw.zst)",
         )
         info = {
             "entry": entry,

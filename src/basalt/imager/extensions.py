@@ -15,6 +15,7 @@ kernel unpacks concatenated segments): ``/extensions/NAME.sqfs`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from .errors import ImageBuildError
 from .lock import Lock
 from .packages import Unpack, copy_file
 from .rootfs import Rootfs
-from .squashfs import SOURCE_DATE_EPOCH, Squashfs
+from .squashfs import SOURCE_DATE_EPOCH, Squashfs, make_squashfs
 from .stage import Cache, Stage, run_tool, sha256_file, walk_sorted
 
 #: Where the initramfs segment puts the extensions and the schematic record.
@@ -98,6 +99,10 @@ class Extension(Stage):
     epoch: int = SOURCE_DATE_EPOCH
 
     @property
+    def extension_name(self) -> str:
+        return self.recipe.name
+
+    @property
     def manifest(self) -> ExtensionManifest:
         recipe = self.recipe
         return ExtensionManifest(
@@ -131,11 +136,14 @@ class Extension(Stage):
         (staging / "manifest.yaml").write_text(text)
         _normalize(staging, self.recipe.programs)
         image = out / f"{self.recipe.name}.sqfs"
-        argv = ["mksquashfs", str(staging), str(image), "-noappend", "-no-progress", "-quiet"]
-        argv += ["-comp", self.compression, "-all-root", "-processors", "1", "-b", self.block_size]
-        if self.compression in ("zstd", "gzip"):
-            argv += ["-Xcompression-level", str(self.level)]
-        run_tool(argv, what="mksquashfs", env={**os.environ, "SOURCE_DATE_EPOCH": str(self.epoch)})
+        make_squashfs(
+            staging,
+            image,
+            compression=self.compression,
+            level=self.level,
+            block_size=self.block_size,
+            epoch=self.epoch,
+        )
         info = {
             "name": self.recipe.name,
             "version": self.package_version,
@@ -158,6 +166,67 @@ def _normalize(staging: Path, programs: tuple[str, ...]) -> None:
             os.chmod(path, 0o755 if path.is_dir() or path in runnable else 0o644)
 
 
+@dataclass(frozen=True)
+class CustomExtension(Stage):
+    """A custom extension (a signed file, see :mod:`.custom`) taken into the image:
+    ``NAME.sqfs`` (the file as signed), its ``tree/`` and ``extension.json``.
+
+    Its id is its content (name and sha256); where the file was read from is not part
+    of it, so the CLI and a factory share cache entries and give the same bytes."""
+
+    name = "custom-extension"
+    extension: str
+    sha256: str
+    #: The host path of the verified file; not part of the stage id.
+    source: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def extension_name(self) -> str:
+        return self.extension
+
+    def canonical_form(self) -> dict[str, Any]:
+        form = super().canonical_form()
+        del form["options"]["source"]
+        return form
+
+    def run(self, out: Path, cache: Cache) -> None:
+        image = out / f"{self.extension}.sqfs"
+        shutil.copyfile(self.source, image)
+        if sha256_file(image) != self.sha256:
+            raise ImageBuildError(
+                f"extension {self.extension}: {self.source} changed while the image was built",
+                hint="build again",
+            )
+        from .custom import read_signed
+
+        signed = read_signed(image)
+        tree = out / "tree"
+        run_tool(
+            ["unsquashfs", "-no-progress", "-quiet", "-no-xattrs", "-d", str(tree), str(image)],
+            what="unsquashfs",
+        )
+        manifest = parse_manifest(
+            (tree / "manifest.yaml").read_text(), source=f"{self.extension}.sqfs:manifest.yaml"
+        )
+        if manifest.name != self.extension:
+            raise ImageBuildError(
+                f"{self.source}: its manifest names {manifest.name!r}, its signature "
+                f"{self.extension!r}",
+                hint="rebuild the extension",
+            )
+        info = {
+            "name": manifest.name,
+            "version": manifest.version,
+            "custom": True,
+            "keyId": signed.key_id,
+            "provides": list(manifest.provides),
+            "libraries": [],
+            "bytes": image.stat().st_size,
+            "sha256": self.sha256,
+        }
+        (out / "extension.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def extension_stages(
     schematic: Schematic, lock: Lock, unpack: Unpack, rootfs: Rootfs
 ) -> tuple[Extension, ...]:
@@ -177,8 +246,17 @@ def extension_stages(
 
 
 def schematic_json(schematic: Schematic) -> str:
-    """The schematic record the node reads (``schematic.json``): id, extensions, args."""
+    """The schematic record the node reads (``schematic.json``): id, extensions, args.
+    The boot stage adds ``sha256`` (each shipped extension file's), which the node
+    checks before it mounts one."""
     return json.dumps(schematic.record(), sort_keys=True) + "\n"
+
+
+def with_digests(record: str, images: list[Path]) -> str:
+    """``record`` (schematic.json) with the sha256 of each of ``images`` by name."""
+    data = json.loads(record)
+    data["sha256"] = {image.stem: sha256_file(image) for image in images}
+    return json.dumps(data, sort_keys=True) + "\n"
 
 
 def append_segment(initrd: Path, images: list[Path], record: str, workdir: Path) -> int:

@@ -23,9 +23,10 @@ from basalt.machinery.schematic import EMPTY, Schematic
 
 from . import lock as lockfile
 from .boot import Boot
+from .custom import ExtensionSources
 from .disk import DISK_FILES, Disk
 from .errors import ImageError
-from .extensions import Extension, extension_stages, schematic_json
+from .extensions import CustomExtension, Extension, extension_stages, schematic_json
 from .packages import FetchDebs, FetchWheels, Unpack
 from .rootfs import BasaltSources, Rootfs, check_imager_unchanged, source_digest
 from .squashfs import SOURCE_DATE_EPOCH, Squashfs
@@ -72,12 +73,19 @@ class Pipeline:
     boot: Boot
     lock: lockfile.Lock
     schematic: Schematic = EMPTY
-    extensions: tuple[Extension, ...] = ()
+    extensions: tuple[Extension | CustomExtension, ...] = ()
     #: The UEFI disk image (disk.raw, disk.qcow2); see basalt/imager/disk.py.
     disk: Disk | None = None
 
     @classmethod
-    def from_lock(cls, lock: lockfile.Lock, schematic: Schematic = EMPTY) -> Pipeline:
+    def from_lock(
+        cls,
+        lock: lockfile.Lock,
+        schematic: Schematic = EMPTY,
+        sources: ExtensionSources | None = None,
+    ) -> Pipeline:
+        """The stages of ``schematic``'s image; its custom extensions are found and
+        verified through ``sources`` (an error names each one that cannot be used)."""
         check_imager_unchanged()
         release = lock.kernel.removeprefix("linux-image-")
         unpack = Unpack(debs=FetchDebs(debs=lock.debs))
@@ -90,7 +98,10 @@ class Pipeline:
             modules=(*INITRD_MODULES, *ROOT_MODULES),
             root_modules=ROOT_MODULES,
         )
-        extensions = extension_stages(schematic, lock, unpack, rootfs)
+        extensions: tuple[Extension | CustomExtension, ...] = extension_stages(
+            schematic, lock, unpack, rootfs
+        )
+        extensions += custom_stages(schematic, sources, {e.extension_name for e in extensions})
         boot = Boot(
             unpack=unpack,
             rootfs=rootfs,
@@ -108,6 +119,58 @@ class Pipeline:
             cmdline=" ".join((CMDLINE, *schematic.extra_kernel_args)),
         )
         return cls(rootfs, squashfs, boot, lock, schematic, extensions, disk)
+
+
+def custom_stages(
+    schematic: Schematic, sources: ExtensionSources | None, official: set[str]
+) -> tuple[CustomExtension, ...]:
+    """The :class:`CustomExtension` stage of each custom extension ``schematic`` pins."""
+    if not schematic.custom_extensions:
+        return ()
+    resolved = (sources or ExtensionSources()).resolve(schematic)
+    clash = sorted(official & {r.info.name for r in resolved})
+    if clash:
+        raise ImageError(
+            f"custom extension {', '.join(clash)} has the name of an official extension",
+            hint="rename the custom extension (its manifest's name) and rebuild it",
+        )
+    return tuple(
+        CustomExtension(r.info.name, r.ref.sha256, str(r.path))
+        for r in sorted(resolved, key=lambda r: r.info.name)
+    )
+
+
+def check_fixed_paths(cache: Cache, pipeline: Pipeline) -> None:
+    """Refuse the image when two extensions, or an extension and the root, provide the
+    same fixed path (the node would refuse the second one at boot)."""
+    root = cache.output(pipeline.rootfs) / "root"
+    described = [
+        json.loads((cache.output(stage) / "extension.json").read_text())
+        for stage in pipeline.extensions
+    ]
+    problems = fixed_path_conflicts(root, described)
+    if problems:
+        raise ImageError(
+            "extensions provide the same fixed paths:\n" + "\n".join(f"  {p}" for p in problems),
+            hint="drop one of the extensions from the schematic, or rebuild it without the path",
+        )
+
+
+def fixed_path_conflicts(root: Path, extensions: list[dict[str, Any]]) -> list[str]:
+    """One line per fixed path (``provides``) of ``extensions`` (their extension.json)
+    that the root tree ``root`` or an earlier extension already has."""
+    owners: dict[str, str] = {}
+    problems = []
+    for described in extensions:
+        for path in described.get("provides", []):
+            in_root = root / path.lstrip("/")
+            if in_root.exists() or in_root.is_symlink():
+                problems.append(f"{described['name']}: {path} is in the image's root")
+            elif path in owners:
+                problems.append(f"{described['name']}: {path} is also provided by {owners[path]}")
+            else:
+                owners[path] = described["name"]
+    return problems
 
 
 def executables(root: Path) -> list[str]:
@@ -146,6 +209,7 @@ def build(
     pipeline: Pipeline | None = None,
     schematic: Schematic = EMPTY,
     signing_key: Path | None = None,
+    extension_sources: ExtensionSources | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) every stage and write the image directory ``out``.
 
@@ -154,15 +218,17 @@ def build(
     ``signing_key`` (a ``basaltctl gen signing-key`` .key file, read before any build
     work) the image also gets ``bundle.tar``: the signed upgrade bundle of its kernel,
     initramfs and root. Without one, a bundle left by an earlier build is removed.
+    ``extension_sources`` finds and verifies the schematic's custom extensions.
     """
-    key = _read_signing_key(signing_key) if signing_key is not None else None
+    key = read_signing_key(signing_key) if signing_key is not None else None
     if pipeline is None:
         lock = lockfile.read(lock_path)
         lockfile.check(lock, lock_path)
-        pipeline = Pipeline.from_lock(lock, schematic)
+        pipeline = Pipeline.from_lock(lock, schematic, extension_sources)
     lock = pipeline.lock
     cache = Cache(cache_dir)
     rootfs_dir = cache.output(pipeline.rootfs)
+    check_fixed_paths(cache, pipeline)
     squashfs_dir = cache.output(pipeline.squashfs)
     boot_dir = cache.output(pipeline.boot)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +289,7 @@ def build(
     return manifest
 
 
-def _read_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+def read_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
     from basalt.machinery.images import load_signing_key
 
     try:
@@ -276,7 +342,7 @@ def write_bundle(out: Path, pipeline: Pipeline, key: ed25519.Ed25519PrivateKey) 
     }
 
 
-def _extension(cache: Cache, stage: Extension) -> dict[str, Any]:
+def _extension(cache: Cache, stage: Extension | CustomExtension) -> dict[str, Any]:
     """An extension as image.json records it: name, version, size, its executables."""
     built = cache.output(stage)
     described: dict[str, Any] = json.loads((built / "extension.json").read_text())

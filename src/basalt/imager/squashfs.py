@@ -34,12 +34,30 @@ class Squashfs(Stage):
     epoch: int = SOURCE_DATE_EPOCH
 
     def run(self, out: Path, cache: Cache) -> None:
-        root = cache.output(self.rootfs) / "root"
         image = out / "root.sqfs"
-        argv = ["mksquashfs", str(root), str(image), "-noappend", "-no-progress", "-quiet"]
-        argv += ["-comp", self.compression, "-all-root", "-processors", "1", "-b", self.block_size]
-        if self.compression in ("zstd", "gzip"):
-            argv += ["-Xcompression-level", str(self.level)]
-        env = {**os.environ, "SOURCE_DATE_EPOCH": str(self.epoch)}
-        run_tool(argv, what="mksquashfs", env=env)
+        make_squashfs(
+            cache.output(self.rootfs) / "root",
+            image,
+            compression=self.compression,
+            level=self.level,
+            block_size=self.block_size,
+            epoch=self.epoch,
+        )
         (out / "root.sqfs.sha256").write_text(f"{sha256_file(image)}  root.sqfs\n")
+
+
+def make_squashfs(
+    tree: Path,
+    image: Path,
+    *,
+    compression: str = Squashfs.compression,
+    level: int = Squashfs.level,
+    block_size: str = Squashfs.block_size,
+    epoch: int = SOURCE_DATE_EPOCH,
+) -> None:
+    """``tree`` as the reproducible squashfs ``image`` (the root's flags by default)."""
+    argv = ["mksquashfs", str(tree), str(image), "-noappend", "-no-progress", "-quiet"]
+    argv += ["-comp", compression, "-all-root", "-processors", "1", "-b", block_size]
+    if compression in ("zstd", "gzip"):
+        argv += ["-Xcompression-level", str(level)]
+    run_tool(argv, what="mksquashfs", env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)})
