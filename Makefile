@@ -8,9 +8,10 @@ PYTEST_ARGS ?=
 ETCD_PACKAGES := etcd-server etcd-client
 # Host tools of image builds and VM tests: squashfs, initramfs compression, the ESP
 # (mkfs.fat + mtools), qcow2 (qemu-img), QEMU with OVMF, sgdisk for the GPT tests, and
-# strip (binutils) for wheels' unstripped extension modules.
+# strip (binutils) for wheels' unstripped extension modules; gcc and libc6-dev build the
+# static stand-in programs of the custom-extension tests (tests/fixtures/extensions).
 IMAGE_PACKAGES := squashfs-tools zstd dosfstools mtools qemu-utils qemu-system-x86 ovmf gdisk \
-                  binutils
+                  binutils gcc libc6-dev
 POLICY_RC_D   := /usr/sbin/policy-rc.d
 
 # Control planes run Debian's etcd. Installed only when etcd or etcdctl is missing, and
@@ -140,10 +141,10 @@ typecheck: install
 
 # Lanes: `unit` is the fast one (pure tests and the fuzz targets' short budget, under two
 # minutes on 2 cores); `integration` starts real processes (etcd, containerd, nodes).
-unit: install
+unit: install image-deps
 	$(BIN)/pytest -q -m "not vm" tests/unit tests/fuzz $(PYTEST_ARGS)
 
-integration: install
+integration: install image-deps
 	$(BIN)/pytest -q -m "not vm" tests/integration $(PYTEST_ARGS)
 
 # The outside-facing parsers under hypothesis, FUZZ_EXAMPLES inputs each (make test runs
@@ -205,9 +206,10 @@ image: install image-deps
 
 # The single-node VM tests that fit in CI (part of `make test`): build the image, boot it
 # into maintenance mode, no shell in the root, install to disk through the insecure API,
-# reboot from the disk, answer with mTLS, extra kernel args in the boot entry. About 4 min
+# reboot from the disk, answer with mTLS, extra kernel args in the boot entry; a custom
+# extension built from source, booted, its service and fixed-path kubelet running. About 6 min
 # under TCG after the image build (about 5 min the first time: packages and wheels).
-VM_SMOKE := tests/vm/test_boot.py tests/vm/test_install.py
+VM_SMOKE := tests/vm/test_boot.py tests/vm/test_install.py tests/vm/test_custom_extensions.py
 vm-smoke: install image-deps
 	$(BIN)/pytest -q -m vm $(VM_SMOKE) -k "not second_disk and not config_url"
 
