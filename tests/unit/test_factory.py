@@ -199,7 +199,7 @@ def made(tmp_path: Path, signing_key: Path) -> Iterator[Made]:
     factory.close()
 
 
-def _wait_built(client: TestClient, schematic_id: str, prefix: str = "") -> dict[str, Any]:
+def _wait_built(client: Any, schematic_id: str, prefix: str = "") -> dict[str, Any]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         status: dict[str, Any] = client.get(f"{prefix}/builds/{schematic_id}/{VERSION}").json()
@@ -588,3 +588,193 @@ def test_closing_cancels_the_build_under_way_and_the_queue(tmp_path: Path) -> No
     assert queue.status(first).state == "failed" and "shut down" in str(queue.status(first).error)
     assert queue.status(second).state == "failed"
     assert calls == [first]
+
+
+# -- the factory in the fleet -------------------------------------------------------------------
+
+
+@dataclass
+class FleetMade:
+    fleet: Any
+    fake: FakeBuild
+    api: TestClient
+    admin: dict[str, str]
+
+    def user(self, role: str) -> dict[str, str]:
+        made = self.api.post(
+            "/v1/users", json={"name": role.replace(":", "-"), "role": role}, headers=self.admin
+        )
+        assert made.status_code == 201, made.text
+        return {"Authorization": f"Bearer {made.json()['token']}"}
+
+
+@pytest.fixture
+def in_fleet(tmp_path: Path) -> Iterator[FleetMade]:
+    from basalt.fleet.core import Fleet, FleetOptions
+    from basalt.fleet.rest import make_app as fleet_app
+
+    fleet = Fleet(FleetOptions(data_dir=tmp_path / "fleet", port=18443))
+    fleet.factory.close()
+    state = tmp_path / "fleet" / "factory"
+    fake = FakeBuild(state)
+    fleet.factory = Factory(FactoryOptions(state=state, lock=tmp_path / "image.lock"), build=fake)
+    admin = {"Authorization": f"Bearer {fleet.admin_token_path.read_text().strip()}"}
+    yield FleetMade(fleet, fake, TestClient(fleet_app(fleet), base_url="https://testserver"), admin)
+    fleet.close()
+
+
+def test_the_fleet_serves_the_factory_to_readers_and_takes_schematics_from_operators(
+    in_fleet: FleetMade,
+) -> None:
+    api = in_fleet.api
+    reader, operator = in_fleet.user("fleet:reader"), in_fleet.user("fleet:operator")
+    assert api.get("/factory/").status_code == 401
+    assert api.get("/factory/", headers=reader).status_code == 200
+    refused = api.post("/factory/schematics", content=QEMU, headers=reader)
+    assert refused.status_code == 403 and "fleet:operator" in refused.json()["detail"]
+    posted = api.post("/factory/schematics", content=QEMU, headers=operator)
+    assert posted.status_code == 201
+    schematic_id = posted.json()["id"]
+    assert posted.json()["build"] == f"/factory/builds/{schematic_id}/{VERSION}"
+    url = posted.json()["artefacts"]["vmlinuz"]
+    assert url == f"/factory/image/{schematic_id}/{VERSION}/vmlinuz"
+    assert api.get(url, headers=reader).status_code == 202
+    assert _wait_built(Authorized(api, reader), schematic_id, "/factory")["state"] == "done"
+    served = api.get(url, headers=reader)
+    assert served.status_code == 200 and served.content == _content("vmlinuz", schematic_id)
+    assert api.post(f"/factory/builds/{schematic_id}/{VERSION}", headers=reader).status_code == 403
+    actions = [e["action"] for e in api.get("/v1/audit", headers=in_fleet.admin).json()]
+    assert "factory.schematic.create" in actions
+
+
+class Authorized:
+    """A TestClient's GETs with one user's token (what _wait_built needs)."""
+
+    def __init__(self, api: TestClient, headers: dict[str, str]) -> None:
+        self.api, self.headers = api, headers
+
+    def get(self, url: str) -> Any:
+        return self.api.get(url, headers=self.headers)
+
+
+def test_a_join_tokens_installation_image_carries_its_url_and_shows_it_nowhere(
+    in_fleet: FleetMade,
+) -> None:
+    api, fleet = in_fleet.api, in_fleet.fleet
+    reader, operator = in_fleet.user("fleet:reader"), in_fleet.user("fleet:operator")
+    made = api.post("/v1/join-tokens", json={"uses": 3}, headers=operator).json()
+    token, token_id = made["token"], made["id"]
+    refused = api.post(
+        f"/v1/join-tokens/{token_id}/image", json={"token": "bfj_wrong"}, headers=operator
+    )
+    assert refused.status_code == 403 and token_id in refused.json()["detail"]
+    assert (
+        api.post("/v1/join-tokens/nope/image", json={"token": token}, headers=operator).status_code
+        == 404
+    )
+    assert (
+        api.post(
+            f"/v1/join-tokens/{token_id}/image", json={"token": token}, headers=reader
+        ).status_code
+        == 403
+    )
+    bad = api.post(
+        f"/v1/join-tokens/{token_id}/image",
+        json={"token": token, "customization": "customization: {colour: 1}"},
+        headers=operator,
+    )
+    assert bad.status_code == 422 and bad.json()["problems"][0]["path"] == "customization.colour"
+    own = api.post(
+        f"/v1/join-tokens/{token_id}/image",
+        json={
+            "token": token,
+            "customization": "customization: {extraKernelArgs: ['basalt.fleet=https://x/']}",
+        },
+        headers=operator,
+    )
+    assert own.status_code == 400 and "basalt.fleet" in own.json()["detail"]
+    answer = api.post(
+        f"/v1/join-tokens/{token_id}/image",
+        json={"token": token, "customization": QEMU},
+        headers=operator,
+    )
+    assert answer.status_code == 202, answer.text
+    image = answer.json()
+    schematic_id = image["schematic"]
+    stored = fleet.factory.schematic(schematic_id)
+    assert stored.extra_kernel_args == (f"basalt.fleet={made['url']}",)
+    assert stored.extensions == ("qemu-guest-agent",)
+    assert image["artefacts"]["disk.raw.zst"] == (
+        f"/factory/image/{schematic_id}/{VERSION}/disk.raw.zst"
+    )
+    # The build started with the request; a reader sees the schematic, never the token,
+    # and may not fetch its image; an operator may.
+    _wait_built(Authorized(api, operator), schematic_id, "/factory")
+    for path in (
+        "/factory/",
+        "/factory/schematics",
+        f"/factory/schematics/{schematic_id}",
+        "/v1/audit",
+        "/v1/join-tokens",
+    ):
+        text = api.get(path, headers=in_fleet.admin).text
+        assert token not in text and token.split(".")[1] not in text, path
+    assert "token=***" in api.get("/factory/schematics", headers=reader).text
+    disk = image["artefacts"]["disk.qcow2"]
+    denied = api.get(disk, headers=reader)
+    assert denied.status_code == 403 and "join token" in denied.json()["detail"]
+    assert api.get(disk, headers=operator).status_code == 200
+    audit = api.get("/v1/audit", headers=in_fleet.admin).json()
+    entry = next(e for e in audit if e["action"] == "join-token.image")
+    assert entry["target"] == token_id and entry["detail"]["schematic"] == schematic_id
+
+
+def test_the_join_token_page_offers_the_image_where_the_token_is_shown_once(
+    in_fleet: FleetMade,
+) -> None:
+    import re
+
+    api, fleet = in_fleet.api, in_fleet.fleet
+    answer = api.post(
+        "/ui/login",
+        data={"token": fleet.admin_token_path.read_text().strip()},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303
+    page = api.get("/ui/join-tokens")
+    csrf = re.search(r'X-CSRF-Token": "([^"]+)"', page.text)
+    assert csrf is not None
+    headers = {"X-CSRF-Token": csrf[1], "HX-Request": "true"}
+    shown = api.post(
+        "/ui/join-tokens", data={"ttl": "1h", "uses": "2", "labels": ""}, headers=headers
+    )
+    assert shown.status_code == 201
+    token_id = re.search(r'hx-post="/ui/join-tokens/([0-9a-f]+)/image"', shown.text)
+    token = re.search(r'name="token" value="([^"]+)"', shown.text)
+    assert token_id is not None and token is not None
+    without_csrf = api.post(f"/ui/join-tokens/{token_id[1]}/image", data={"token": token[1]})
+    assert without_csrf.status_code == 403
+    in_fleet.fake.gate.clear()
+    building = api.post(
+        f"/ui/join-tokens/{token_id[1]}/image",
+        data={"token": token[1], "extensions": "qemu-guest-agent"},
+        headers=headers,
+    )
+    assert building.status_code == 202, building.text
+    polled = re.search(r'hx-get="/ui/join-tokens/image/([0-9a-f]{64})"', building.text)
+    assert polled is not None and 'hx-trigger="every 2s"' in building.text
+    assert token[1] not in building.text
+    in_fleet.fake.gate.set()
+    deadline = time.monotonic() + 10
+    while "hx-trigger" in (part := api.get(f"/ui/join-tokens/image/{polled[1]}")).text:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "Built." in part.text
+    link = re.search(r'href="(/ui/factory/image/[0-9a-f]{64}/[^/]+/disk\.raw\.zst)"', part.text)
+    assert link is not None
+    download = api.get(link[1])
+    assert download.status_code == 200
+    assert download.content == _content("disk.raw.zst", polled[1])
+    index = api.get("/ui/factory/")
+    assert index.status_code == 200 and polled[1] in index.text and token[1] not in index.text
+    assert fleet.factory.schematic(polled[1]).extensions == ("qemu-guest-agent",)

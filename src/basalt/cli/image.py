@@ -67,8 +67,23 @@ def build(
             "extensions (repeatable).",
         ),
     ] = None,
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            "--factory",
+            help="Have this image factory build it (http://HOST:PORT, or a fleet's "
+            "https://HOST:PORT/factory) and download the artefacts into --out.",
+        ),
+    ] = None,
 ) -> None:
-    """Build the image from image.lock (cached stages are reused)."""
+    """Build the image from image.lock (cached stages are reused), or with --factory."""
+    if factory is not None:
+        from .factory_client import build_with_factory
+
+        local = {"--cache": cache, "--lock": lock_path, "--signing-key": signing_key,
+                 "--extension-key": extension_key}  # fmt: skip
+        build_with_factory(factory, schematic, out, local)
+        return
     import logging
 
     from basalt.imager import lock as lockfile

@@ -213,6 +213,18 @@ class Factory:
         failed = self.builds.status(key).state == "failed"
         return self.builds.request(key, retry=failed)
 
+    def links(self, schematic_id: str, prefix: str = "") -> dict[str, Any]:
+        """Where a schematic's image (this factory's version) and its build are, below the
+        mount point ``prefix``."""
+        image = f"{prefix}/image/{schematic_id}/{self.version}"
+        names = [n for n in ARTEFACTS if n != SIGNED_ARTEFACT or self.signing_key_id]
+        return {
+            "version": self.version,
+            "versions": list(self.versions),
+            "build": f"{prefix}/builds/{schematic_id}/{self.version}",
+            "artefacts": {name: f"{image}/{name}" for name in names},
+        }
+
     # -- extensions --------------------------------------------------------------------------
     def new_upload(self) -> Path:
         """A fresh file in the registry's directory to receive an upload."""

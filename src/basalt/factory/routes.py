@@ -45,7 +45,6 @@ from .errors import RequestTooLarge
 from .files import artefact_response
 from .page import render_index, stylesheet
 from .redact import is_secret
-from .store import ARTEFACTS, SIGNED_ARTEFACT
 
 Access = Literal["read", "write"]
 #: The host's route declarer: route(method, path, role, **fastapi_kwargs) -> decorator.
@@ -132,7 +131,14 @@ _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "the range is outside the file (Content-Range: bytes */SIZE)",
     },
 }
-_PROBLEMS = {422: {"description": "the schematic does not validate: problems by field"}}
+_POSTED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the same schematic was posted before: its id"},
+    422: {"description": "the schematic does not validate: problems by field"},
+}
+_STARTED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the image is built: its status"},
+    202: {"description": "the build is queued or under way: its status"},
+}
 
 
 async def read_limited(request: Request, limit: int, what: str) -> bytes:
@@ -169,16 +175,7 @@ class _Host:
         return self.route(method, self.mount.prefix + path, self.mount.roles[access], **kwargs)
 
     def links(self, schematic: Schematic) -> dict[str, Any]:
-        """Where a schematic's image and its build are (for this factory's version)."""
-        factory, prefix = self.factory, self.mount.prefix
-        base = f"{prefix}/image/{schematic.id}/{factory.version}"
-        names = [n for n in ARTEFACTS if n != SIGNED_ARTEFACT or factory.signing_key_id]
-        return {
-            "version": factory.version,
-            "versions": list(factory.versions),
-            "build": f"{prefix}/builds/{schematic.id}/{factory.version}",
-            "artefacts": {name: f"{base}/{name}" for name in names},
-        }
+        return self.factory.links(schematic.id, self.mount.prefix)
 
     def record(self, request: Request, action: str, target: str, detail: dict[str, Any]) -> None:
         if self.mount.record is not None:
@@ -197,7 +194,13 @@ def install(route: RouteDeclarer, factory: Factory, mount: Mount) -> None:
 def _pages(host: _Host) -> None:
     factory, prefix, declare = host.factory, host.mount.prefix, host.declare
 
-    @declare("GET", "/", "read", response_class=HTMLResponse)
+    @declare(
+        "GET",
+        "/",
+        "read",
+        response_class=Response,
+        responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
+    )
     def factory_index() -> HTMLResponse:
         """The index page: schematics, their images' build state and artefacts."""
         return HTMLResponse(render_index(factory.index(), prefix))
@@ -228,7 +231,7 @@ def _schematics(host: _Host) -> None:
         "/schematics",
         "write",
         status_code=201,
-        responses=_PROBLEMS,
+        responses=_POSTED,
         openapi_extra=_YAML_BODY,
     )
     async def post_schematic(request: Request) -> Response:
@@ -276,7 +279,9 @@ def _images(host: _Host) -> None:
         the queue, the stage being built, stages done of the total, builds run, error."""
         return factory.status(schematic_id, version).to_json()
 
-    @declare("POST", "/builds/{schematic_id}/{version}", "write", status_code=202)
+    @declare(
+        "POST", "/builds/{schematic_id}/{version}", "write", status_code=202, responses=_STARTED
+    )
     def start_build(request: Request, schematic_id: str, version: str) -> JSONResponse:
         """Build the image unless it is built, queued or building (again after a failure)."""
         before = factory.status(schematic_id, version)
@@ -317,7 +322,14 @@ def _extensions(host: _Host) -> None:
         """The custom extensions a schematic may name by sha256."""
         return [e.to_json() for e in factory.store.list_extensions()]
 
-    @declare("POST", "/extensions", "write", status_code=201, openapi_extra=_FILE_BODY)
+    @declare(
+        "POST",
+        "/extensions",
+        "write",
+        status_code=201,
+        openapi_extra=_FILE_BODY,
+        responses={200: {"description": "the same extension was taken before"}},
+    )
     async def post_extension(request: Request) -> JSONResponse:
         """Keep a signed extension file (verified against the trusted keys) by its sha256."""
         upload = factory.new_upload()

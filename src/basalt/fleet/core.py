@@ -10,6 +10,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
@@ -26,6 +27,11 @@ from .migrations import upgrade
 from .pki import load_or_create_ca, server_certificate
 from .secretbox import SecretBox
 
+if TYPE_CHECKING:
+    from basalt.factory.builds import BuildStatus
+    from basalt.factory.core import Factory
+    from basalt.machinery.schematic import Schematic
+
 log = logging.getLogger("basalt.fleet")
 
 DEFAULT_PORT = 8443
@@ -33,6 +39,21 @@ DEFAULT_PORT = 8443
 
 def default_data_dir() -> Path:
     return Path.home() / ".basalt" / "fleet"
+
+
+def _factory(options: FleetOptions) -> Factory:
+    """The image factory the fleet serves at /factory/ (nothing is built until asked)."""
+    from basalt.factory.core import Factory, FactoryOptions
+    from basalt.imager.lock import DEFAULT_LOCK
+
+    return Factory(
+        FactoryOptions(
+            state=options.factory_state or options.data_dir / "factory",
+            lock=options.factory_lock or DEFAULT_LOCK,
+            signing_key=options.factory_signing_key,
+            extension_keys=options.factory_extension_keys,
+        )
+    )
 
 
 @dataclass
@@ -57,6 +78,13 @@ class FleetOptions:
     #: for this long with no fallback (``--force`` overrides, audited).
     promote_min_machines: int = 3
     promote_min_seconds: float = 86400.0
+    #: The image factory served at /factory/: its state directory (default
+    #: DATA_DIR/factory), the image.lock it builds from (default: the repository's), the
+    #: key that signs its bundle.tar, and the keys trusted to sign custom extensions.
+    factory_state: Path | None = None
+    factory_lock: Path | None = None
+    factory_signing_key: Path | None = None
+    factory_extension_keys: tuple[Path, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -102,6 +130,7 @@ class Fleet:
         # Tunnel sockets live in a short private directory of this process (a Unix
         # socket's path has at most 107 bytes; a data directory can be longer).
         self.links = LinkService(self.database, self.metrics, self.replica)
+        self.factory = _factory(options)
 
     @property
     def admin_token_path(self) -> Path:
@@ -112,6 +141,69 @@ class Fleet:
             self.options.advertise[0] if self.options.advertise else self.options.host
         )
         return str(FleetURL(chosen, self.options.port, token, self.ca_sha256))
+
+    def join_token_image(
+        self, caller: str, token_id: str, token: str, customization: str = ""
+    ) -> tuple[Schematic, BuildStatus]:
+        """The installation image of a join token: a schematic whose kernel arguments end
+        with ``basalt.fleet=<this fleet's URL with the token>`` (after ``customization``'s
+        own: extensions, other arguments), posted to the factory and its build started.
+
+        The fleet keeps only the token's hash, so the caller gives the token (it was shown
+        to them once); it must be the one of ``token_id``, usable. Raises
+        :class:`~basalt.machinery.schematic.SchematicError` for a customization that does
+        not validate. Audited without the token."""
+        from basalt.machinery.schematic import EMPTY, Schematic, parse_schematic
+
+        from .auth import token_digest
+        from .db import JoinToken, aware, utcnow
+
+        with self.database.session() as session:
+            row = session.get(JoinToken, token_id)
+            if row is None:
+                raise service.NotFound(f"join token {token_id!r} does not exist")
+            if row.digest != token_digest(token):
+                raise service.Refused(
+                    f"token: not the secret of join token {token_id}",
+                    hint="give the token shown when it was made (bfj_...)",
+                )
+            expires = aware(row.expires)
+            if row.revoked or (expires is not None and expires < utcnow()):
+                raise service.FleetError(
+                    f"join token {token_id} is revoked or expired", hint="make a new join token"
+                )
+            if row.used >= row.uses:
+                raise service.FleetError(
+                    f"join token {token_id} is used up", hint="make a new join token"
+                )
+        base = parse_schematic(customization, "customization") if customization else EMPTY
+        if any(arg.partition("=")[0] == "basalt.fleet" for arg in base.extra_kernel_args):
+            raise service.FleetError(
+                "customization: basalt.fleet is the fleet's own argument",
+                hint="leave it out: the image gets the join token's URL",
+            )
+        host = self.options.advertise[0] if self.options.advertise else self.options.host
+        if host in ("0.0.0.0", "::"):
+            raise service.FleetError(
+                "the fleet listens on every address and advertises none: an image could not "
+                "say where the fleet is",
+                hint="start basalt-fleet with --advertise NAME (a name machines reach it by)",
+            )
+        arg = f"basalt.fleet={self.fleet_url(token)}"
+        wanted = Schematic((*base.extra_kernel_args, arg), base.extensions, base.custom_extensions)
+        schematic, _created = self.factory.add_schematic(wanted.to_yaml(), "join-token schematic")
+        status = self.factory.start_build(schematic.id, self.factory.version)
+        with self.database.session() as session:
+            from . import audit
+
+            audit.record(
+                session,
+                caller,
+                "join-token.image",
+                token_id,
+                {"schematic": schematic.id, "version": self.factory.version},
+            )
+        return schematic, status
 
     def write_tls(self, directory: Path) -> tuple[str, str, str]:
         """The server certificate chain, its key (0600) and the CA as files in
@@ -135,6 +227,7 @@ class Fleet:
     def close(self) -> None:
         import shutil
 
+        self.factory.close()
         self.links.close_all()
         self.database.dispose()
         shutil.rmtree(self.links.socket_dir, ignore_errors=True)

@@ -2,9 +2,11 @@
 
     basalt-fleet serve [--listen HOST:PORT] [--database URL] [--secrets-key FILE]
                        [--data-dir DIR] [--advertise HOST ...] [--link-port PORT]
+                       [--factory-signing-key PREFIX.key] [--factory-extension-key PUB ...]
 
 With no options it listens on 127.0.0.1:8443 (machine links on 8444) with an embedded
-SQLite database and its CA under ``~/.basalt/fleet/``.
+SQLite database and its CA under ``~/.basalt/fleet/``. It serves the image factory at
+``/factory/`` (docs/factory.md).
 """
 
 from __future__ import annotations
@@ -60,6 +62,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="24h",
         help="... for at least this long (a duration: 30m, 24h, 7d)",
     )
+    serve.add_argument(
+        "--factory-state", type=Path, help="the image factory's state (default: DATA/factory)"
+    )
+    serve.add_argument(
+        "--factory-lock", type=Path, help="image.lock the factory builds from (the repo's)"
+    )
+    serve.add_argument(
+        "--factory-signing-key",
+        type=Path,
+        help="PREFIX.key (basaltctl gen signing-key): the factory's images get bundle.tar",
+    )
+    serve.add_argument(
+        "--factory-extension-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="a public key trusted to sign custom extensions; repeat for more",
+    )
     serve.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
 
@@ -98,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         releases=args.releases,
         promote_min_machines=args.promote_min_machines,
         promote_min_seconds=min_age,
+        factory_state=args.factory_state,
+        factory_lock=args.factory_lock,
+        factory_signing_key=args.factory_signing_key,
+        factory_extension_keys=tuple(args.factory_extension_key),
     )
     try:
         from .core import Fleet

@@ -339,6 +339,7 @@ def make_app(fleet: Fleet) -> FastAPI:
     _clusters(app, fleet, route)
     _fleetlock(app, fleet, route)
     _rollouts(app, fleet, route)
+    _factory(fleet, route)
     _web_ui(app, fleet, route)
     return app
 
@@ -359,6 +360,73 @@ def _web_ui(app: FastAPI, fleet: Fleet, route: Route) -> None:
     from .ui import install
 
     install(app, fleet, route)
+
+
+class JoinImageRequest(Model):
+    token: str = Field(max_length=200, description="the join token (bfj_...), shown once")
+    customization: str = Field(
+        default="",
+        max_length=64 * 1024,
+        description="a schematic (YAML) the image starts from: extensions, kernel arguments",
+    )
+
+
+def _factory(fleet: Fleet, route: Route) -> None:
+    """The image factory at /factory/ (REST: readers read, operators post) and its reads
+    at /ui/factory/ for browsers; the installation image of a join token. A secret
+    schematic's image (one with a join token) is for operators only."""
+    from basalt.factory.routes import Access, Mount, install, schematic_problems
+    from basalt.machinery.errors import ConfigSyntaxError
+    from basalt.machinery.schematic import SchematicError
+
+    def operators_only(request: Request) -> None:
+        caller = request.state.caller
+        if not caller.role.allows(FleetRole.OPERATOR):
+            raise service.Refused(
+                f"this image carries a join token: it needs {FleetRole.OPERATOR.value}; "
+                f"{caller.name} is {caller.role}"
+            )
+
+    def record(request: Request, action: str, target: str, detail: dict[str, Any]) -> None:
+        with fleet.database.session() as session:
+            audit.record(session, request.state.caller.name, action, target, detail)
+
+    roles: dict[Access, FleetRole] = {"read": FleetRole.READER, "write": FleetRole.OPERATOR}
+    install(route, fleet.factory, Mount("/factory", roles, operators_only, record))
+    install(
+        route,
+        fleet.factory,
+        Mount(
+            "/ui/factory", roles, operators_only, record, reads_only=True, include_in_schema=False
+        ),
+    )
+
+    @route(
+        "POST",
+        "/v1/join-tokens/{token_id}/image",
+        FleetRole.OPERATOR,
+        status_code=202,
+        responses={422: {"description": "the customization does not validate"}},
+    )
+    def join_token_image(token_id: str, body: JoinImageRequest, caller: Authed) -> Response:
+        """The installation image of a join token: its schematic (kernel argument
+        ``basalt.fleet=`` with the token, after the customization's) is posted to the
+        factory and its build started; where the image will be. The token is needed
+        because the fleet keeps only its hash."""
+        try:
+            schematic, status = fleet.join_token_image(
+                caller.name, token_id, body.token, body.customization
+            )
+        except (SchematicError, ConfigSyntaxError) as exc:
+            return JSONResponse(schematic_problems(exc), status_code=422)
+        answer = {
+            "token_id": token_id,
+            "schematic": schematic.id,
+            "version": fleet.factory.version,
+            "state": status.state,
+            **fleet.factory.links(schematic.id, "/factory"),
+        }
+        return JSONResponse(answer, status_code=202)
 
 
 def _public(app: FastAPI, fleet: Fleet, route: Route) -> None:

@@ -217,6 +217,52 @@ def _tokens(fleet: Fleet, route: Route) -> None:
             service.revoke_join_token(session, v.caller, token_id)
         return page(request, FormErrors(), None, 200)
 
+    _token_images(fleet, route)
+
+
+#: Official extensions offered for an installation image (the form's checkboxes).
+IMAGE_EXTENSIONS = ("qemu-guest-agent",)
+
+
+def _token_images(fleet: Fleet, route: Route) -> None:
+    """The installation image of a join token, offered where the token is shown once
+    (the fleet keeps only its hash): the token's URL goes into the image's kernel
+    arguments; the page follows the factory's build and then links the files."""
+
+    def image_part(v: Any, schematic_id: str, status: int = 200) -> HTMLResponse:
+        factory = fleet.factory
+        factory.schematic(schematic_id)  # 404 for an id the factory does not know
+        info = factory.image_info(schematic_id, factory.version)
+        links = factory.links(schematic_id, "/ui/factory")["artefacts"]
+        return render(v, "token_image.html", status=status, id=schematic_id, info=info,
+                      build=info["build"], links=links)  # fmt: skip
+
+    @ui_route(route, "POST", "/ui/join-tokens/{token_id}/image", FleetRole.OPERATOR)
+    async def token_image(request: Request, token_id: str) -> HTMLResponse:
+        from basalt.machinery.errors import ConfigSyntaxError
+        from basalt.machinery.schematic import Schematic, SchematicError
+
+        form = await request.form()
+        v = view(request)
+        chosen = [str(e) for e in form.getlist("extensions") if str(e) in IMAGE_EXTENSIONS]
+        customization = Schematic(extensions=tuple(chosen)).to_yaml() if chosen else ""
+
+        def make() -> str:
+            schematic, _status = fleet.join_token_image(
+                v.caller.name, token_id, str(form.get("token", "")), customization
+            )
+            return schematic.id
+
+        try:
+            schematic_id = await asyncio.to_thread(make)
+        except (SchematicError, ConfigSyntaxError) as exc:  # not from the form's choices
+            raise service.FleetError(str(exc)) from None
+        return image_part(v, schematic_id, 202)
+
+    @ui_route(route, "GET", "/ui/join-tokens/image/{schematic_id}", FleetRole.OPERATOR)
+    def token_image_state(request: Request, schematic_id: str) -> HTMLResponse:
+        return image_part(view(request), schematic_id)
+
 
 def _duration(parse: Any, text: str, where: str) -> float:
     seconds = parse(text)
