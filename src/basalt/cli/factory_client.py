@@ -215,8 +215,14 @@ def _describe(status: dict[str, Any]) -> str:
     if status["state"] == "queued":
         return f"queued (#{status.get('position') or '?'})"
     if status["state"] == "building":
-        stage = status.get("stage") or "starting"
-        return f"building {stage}"
+        if status.get("stage"):
+            return f"building {status['stage']}"
+        total = status.get("stagesTotal") or 0
+        return (
+            "finishing (bundle, checksums)"
+            if total and status.get("stagesDone") == total
+            else "starting"
+        )
     return str(status["state"])
 
 
