@@ -169,6 +169,7 @@ bench: install
 	$(BIN)/python bench/etcd_cluster.py
 	$(BIN)/python bench/upgrade.py
 	$(BIN)/python bench/ui.py
+	$(BIN)/python bench/factory.py
 
 # Boot: Basalt to its first API answer vs a Debian minimal + systemd + openssh-server
 # image to its first SSH banner, same QEMU flags (bench/boot.py). Not part of `make bench`:
