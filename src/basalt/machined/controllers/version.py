@@ -32,5 +32,6 @@ class VersionController(Controller):
                 f"{e.manifest.name} {e.manifest.version}"
                 for e in getattr(self.node.platform, "extensions", ())
             ],
+            extensions_skipped=list(getattr(self.node.platform, "extensions_skipped", ())),
         )
         store.put("Versions", "version", spec, owner=self.name)

@@ -139,6 +139,8 @@ class MetalPlatform(Platform):
     installed_to: str = ""
     #: True while maintenance mode installs (a second apply-config is refused).
     installing: bool = False
+    #: The image's extensions that were not used at boot, as ``NAME: reason``.
+    extensions_skipped: list[str] = field(default_factory=list)
 
     @property
     def fleet_dir(self) -> Path:
@@ -185,7 +187,7 @@ class MetalPlatform(Platform):
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
             self._load_image_modules()
-            self.extensions = mount_and_log(root)
+            self.extensions, self.extensions_skipped = mount_and_log(root)
             try:
                 power.set_ctrl_alt_del(False)  # Ctrl-Alt-Del becomes SIGINT: a clean reboot
             except power.PowerError as exc:

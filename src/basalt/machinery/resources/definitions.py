@@ -206,6 +206,7 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
             ("ARCH", "arch"),
             ("SCHEMATIC", "schematic"),
             ("EXTENSIONS", "extensions"),
+            ("SKIPPED", "extensionsSkipped"),
         ),
     ),
 )

@@ -96,8 +96,11 @@ class VersionSpec(Model):
     arch: str
     #: The id of the schematic the image was built from ('' when it records none).
     schematic: str = ""
-    #: The system extensions the image carries, as ``name version``.
+    #: The system extensions the node uses, as ``name version``.
     extensions: list[str] = Field(default_factory=list)
+    #: The image's extensions the node refused at boot (a changed file, a broken
+    #: manifest, a fixed path another extension or the root has), as ``name: reason``.
+    extensions_skipped: list[str] = Field(default_factory=list)
 
 
 class BootStatusSpec(Model):
