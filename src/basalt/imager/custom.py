@@ -417,7 +417,9 @@ def _unpack_oci(layout: Path, target: Path) -> Path:
 def _extract_member(
     archive: tarfile.TarFile, member: tarfile.TarInfo, target: Path, where: str
 ) -> None:
-    name = member.name.lstrip("./") if member.name.startswith("./") else member.name
+    name = member.name
+    while name.startswith("./"):  # 'tar -C DIR .' writes ./NAME; keep NAME's own dots
+        name = name[2:]
     parts = Path(name).parts
     if member.name.startswith("/") or ".." in parts:
         raise BasaltError(
@@ -432,6 +434,14 @@ def _extract_member(
     if not name or name == ".":
         return
     destination = target / name
+    inside, parent = os.path.realpath(target), os.path.realpath(destination.parent)
+    if parent != inside and not parent.startswith(inside + os.sep):
+        raise BasaltError(
+            f"{where}: entry {member.name!r} is below a symlink that leads out of the image",
+            hint="an extension's files must stay inside it; rebuild the image",
+        )
+    if destination.is_symlink() and not member.isdir():
+        destination.unlink()  # replaced, never written through
     if member.isdir():
         destination.mkdir(parents=True, exist_ok=True)
     elif member.isfile():
@@ -487,6 +497,7 @@ def check_source(source: Path, root: Path) -> tuple[ExtensionManifest, Path]:
     if not tree.is_dir() or tree.is_symlink():
         checks.add("rootfs", "is missing: the extension's files go in rootfs/ at their paths")
         raise ExtensionSourceError(checks.problems, source=str(source), kind="extension source")
+    special = False
     for path in _files(tree):
         relative = path.relative_to(tree)
         where = f"rootfs/{relative}"
@@ -505,11 +516,13 @@ def check_source(source: Path, root: Path) -> tuple[ExtensionManifest, Path]:
                 )
         elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             checks.add(where, "is a device, pipe or socket", hint="extensions hold files only")
+            special = True
         elif mode & (stat.S_ISUID | stat.S_ISGID):
             checks.add(where, "is setuid or setgid", hint="remove the bit (chmod u-s,g-s)")
     if manifest is not None:
         _check_manifest_files(manifest, tree, root, checks)
-        _check_libraries(tree, root, checks)
+        if not special:  # reading a fifo for an ELF header would block the build
+            _check_libraries(tree, root, checks)
     if checks.problems or manifest is None:
         raise ExtensionSourceError(checks.problems, source=str(source), kind="extension source")
     return manifest, tree

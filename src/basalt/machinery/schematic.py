@@ -73,6 +73,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: Environment variable names a service may set (and those machined owns).
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENVIRONMENT = ("LD_LIBRARY_PATH", "LD_PRELOAD", "LD_AUDIT")
+#: Ids of the services machined runs itself: a second service with one of them would stop
+#: the node's services from being registered at all.
+RESERVED_SERVICE_NAMES = ("apid", "trustd", "etcd", "containerd", "kubelet")
 #: ``{virtioPort}`` in a service's arguments becomes the port's device path.
 VIRTIO_PORT_PLACEHOLDER = "{virtioPort}"
 
@@ -525,7 +528,15 @@ def _service(reader: _Reader, raw: Any, loc: Loc) -> ExtensionService | None:
         if not reader.problems[before:]:
             reader.problem(loc, "a service needs at least a name and a command")
         return None
-    name = reader.string(data.get("name"), (*loc, "name"), _check_name)
+    name = reader.string(
+        data.get("name"),
+        (*loc, "name"),
+        lambda v: (
+            f"{v!r} is a service machined runs itself (an extension may not replace it)"
+            if v in RESERVED_SERVICE_NAMES
+            else _check_name(v)
+        ),
+    )
     command = reader.string(
         data.get("command"),
         (*loc, "command"),
