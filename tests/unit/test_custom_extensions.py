@@ -523,6 +523,23 @@ def test_a_library_neither_the_root_nor_the_extension_has_is_refused_until_shipp
     assert info.name == "hello"
 
 
+def test_a_fixed_path_program_must_find_its_libraries_in_the_root(
+    source: Path, tmp_path: Path, keys: tuple[KeyPair, KeyPair]
+) -> None:
+    """/usr/local/bin/kubelet runs from the node's own kubelet service, without the
+    extension's LD_LIBRARY_PATH: shipping the library in the extension is not enough."""
+    bare = make_root(tmp_path / "bare-root", libc=False)
+    put(source, "rootfs/usr/local/bin/kubelet", _host_dynamic_program())
+    put(source, f"rootfs/{LIBDIR}/libc.so.6", _host_libc(), 0o755)
+    error = refused(source, bare, keys[0].private)
+    message = problem_of(error, "rootfs/usr/local/bin/kubelet")
+    assert "needs libc.so.6, which the image's root does not have" in message, message
+    assert "fixed path" in message
+    with_libc = make_root(tmp_path / "root-with-libc")
+    info, _ = build_extension(source, tmp_path / "fixed.sqfs", keys[0].private, with_libc)
+    assert info.name == "hello"
+
+
 def test_a_program_whose_loader_the_root_lacks_is_refused(
     source: Path, tmp_path: Path, keys: tuple[KeyPair, KeyPair]
 ) -> None:
@@ -1114,3 +1131,15 @@ def test_every_manifest_problem_is_listed_at_once() -> None:
         "services[0].environment.PATH",
         'services[0].environment["BAD-NAME"]',
     ]
+
+
+def test_two_extensions_with_a_service_of_the_same_name_are_refused() -> None:
+    from basalt.imager.pipeline import service_conflicts
+
+    described = [
+        {"name": "alpha", "services": ["ext-agent", "ext-alpha"]},
+        {"name": "beta", "services": ["ext-agent"]},
+        {"name": "gamma", "services": ["ext-gamma"]},
+    ]
+    assert service_conflicts(described) == ["beta: service ext-agent is also a service of alpha"]
+    assert service_conflicts(described[::2]) == []

@@ -381,3 +381,20 @@ def test_versions_carries_the_skipped_extensions() -> None:
     ]
     assert VersionSpec.model_validate(data) == spec
     assert VersionSpec(tag="v", python="3", platform="m", arch="a").extensions_skipped == []
+
+
+def test_a_service_name_two_extensions_share_starts_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image builder refuses this; a node given such an image starts the first
+    extension's service and says why the second does not run (no crash)."""
+    from basalt.machined.extensions import extension_services
+    from basalt.machinery.schematic import ExtensionManifest, ExtensionService
+
+    service = ExtensionService("ext-agent", "/usr/bin/agent")
+    first = MountedExtension(ExtensionManifest("alpha", "1", "", (service,)), tmp_path, "")
+    second = MountedExtension(ExtensionManifest("beta", "1", "", (service,)), tmp_path, "")
+    with caplog.at_level("ERROR"):
+        specs = extension_services([first, second], tmp_path)
+    assert [spec.id for spec in specs] == ["ext-agent"]
+    assert "extension beta: service ext-agent is also a service of extension alpha" in caplog.text

@@ -565,16 +565,21 @@ def _check_manifest_files(
                 )
 
 
-def _find_library(soname: str, tree: Path, root: Path) -> bool:
-    for directory in EXTENSION_LIBRARY_DIRS:
+def _find_library(soname: str, tree: Path, root: Path, *, own: bool = True) -> bool:
+    for directory in EXTENSION_LIBRARY_DIRS if own else ():
         if (tree / directory / soname).exists():
             return True
     return libs.find(root, soname) is not None
 
 
 def _check_libraries(tree: Path, root: Path, checks: _Checks) -> None:
+    """Every ELF's loader and libraries must be found. Files at fixed paths run outside
+    the extension (the node's kubelet service starts /usr/local/bin/kubelet without the
+    extension's LD_LIBRARY_PATH), so theirs must come from the image's root."""
     for path in libs.elf_files(tree):
-        where = f"rootfs/{path.relative_to(tree)}"
+        relative = str(path.relative_to(tree))
+        where = f"rootfs/{relative}"
+        fixed = any(relative.startswith(d + "/") for d in OVERLAY_DIRECTORIES)
         try:
             info = read_elf(path)
         except ElfFormatError as exc:
@@ -589,7 +594,14 @@ def _check_libraries(tree: Path, root: Path, checks: _Checks) -> None:
                     hint="build it for x86_64 glibc, or statically",
                 )
         for soname in info.needed:
-            if not _find_library(soname, tree, root):
+            if fixed and not _find_library(soname, tree, root, own=False):
+                checks.add(
+                    where,
+                    f"needs {soname}, which the image's root does not have; a program at a "
+                    "fixed path runs without the extension's libraries",
+                    hint="link it statically (upstream kubelet and CNI plugins are)",
+                )
+            elif not _find_library(soname, tree, root):
                 checks.add(
                     where,
                     f"needs {soname}, which neither the image's root nor the extension has",

@@ -220,6 +220,7 @@ class CustomExtension(Stage):
             "custom": True,
             "keyId": signed.key_id,
             "provides": list(manifest.provides),
+            "services": [service.name for service in manifest.services],
             "libraries": [],
             "bytes": image.stat().st_size,
             "sha256": self.sha256,

@@ -142,18 +142,38 @@ def custom_stages(
 
 def check_fixed_paths(cache: Cache, pipeline: Pipeline) -> None:
     """Refuse the image when two extensions, or an extension and the root, provide the
-    same fixed path (the node would refuse the second one at boot)."""
+    same fixed path, or two extensions a service of the same name (the node would
+    refuse the second one at boot)."""
     root = cache.output(pipeline.rootfs) / "root"
-    described = [
-        json.loads((cache.output(stage) / "extension.json").read_text())
-        for stage in pipeline.extensions
-    ]
-    problems = fixed_path_conflicts(root, described)
+    described = []
+    for stage in pipeline.extensions:
+        data = json.loads((cache.output(stage) / "extension.json").read_text())
+        if isinstance(stage, Extension):  # an official one: its services are in its recipe
+            data["services"] = [service.name for service in stage.recipe.services]
+        described.append(data)
+    problems = fixed_path_conflicts(root, described) + service_conflicts(described)
     if problems:
         raise ImageError(
-            "extensions provide the same fixed paths:\n" + "\n".join(f"  {p}" for p in problems),
-            hint="drop one of the extensions from the schematic, or rebuild it without the path",
+            "extensions collide:\n" + "\n".join(f"  {p}" for p in problems),
+            hint="drop one of the extensions from the schematic, or rebuild it without the "
+            "path or under another service name",
         )
+
+
+def service_conflicts(extensions: list[dict[str, Any]]) -> list[str]:
+    """One line per service of ``extensions`` (their extension.json, with ``services``)
+    whose name an earlier extension's service already has."""
+    owners: dict[str, str] = {}
+    problems = []
+    for described in extensions:
+        for service in described.get("services", []):
+            if service in owners:
+                problems.append(
+                    f"{described['name']}: service {service} is also a service of {owners[service]}"
+                )
+            else:
+                owners[service] = described["name"]
+    return problems
 
 
 def fixed_path_conflicts(root: Path, extensions: list[dict[str, Any]]) -> list[str]:

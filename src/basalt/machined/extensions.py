@@ -474,8 +474,19 @@ def extension_services(extensions: Iterable[MountedExtension], root: Path) -> li
     from .services import RestartPolicy, ServiceSpec
 
     specs = []
+    owners: dict[str, str] = {}
     for extension in extensions:
         for service in extension.manifest.services:
+            name = extension.manifest.name
+            if service.name in owners:  # the image builder refuses this; an older one may not
+                log.error(
+                    "extension %s: service %s is also a service of extension %s; not started",
+                    name,
+                    service.name,
+                    owners[service.name],
+                )
+                continue
+            owners[service.name] = name
             runner = ExtensionRunner(extension, service, root)
 
             def skip(service: ExtensionService = service) -> str | None:

@@ -125,5 +125,7 @@ def register_system_services(node: Node) -> None:
     # The image's system extensions (metal).
     wanted += extension_services(node.platform.extensions, node.platform.system_root)
     for spec in wanted:
-        if spec.id not in known:
-            node.supervisor.register(spec)
+        if spec.id in known:
+            continue
+        node.supervisor.register(spec)
+        known.add(spec.id)
