@@ -310,7 +310,7 @@ class ExtensionSources:
             try:
                 info = verify_extension(path, self.trusted)
             except ExtensionFileError as exc:
-                problems.append(exc.render())
+                problems.append(f"{exc.message} ({exc.hint})" if exc.hint else exc.message)
                 continue
             if info.name in names:
                 problems.append(

@@ -175,6 +175,7 @@ class CustomExtension(Stage):
     of it, so the CLI and a factory share cache entries and give the same bytes."""
 
     name = "custom-extension"
+    version = 2  # 2: extension.json lists the services
     extension: str
     sha256: str
     #: The host path of the verified file; not part of the stage id.
