@@ -125,9 +125,9 @@ sys.exit(main(["--platform", "metal"]))
 """
 
 
-#: Packages of Basalt a node never runs: the CLI and the fleet manager (whose libraries,
-#: FastAPI and SQLAlchemy, are not in the image).
-NOT_IN_IMAGE = ("cli", "fleet")
+#: Packages of Basalt a node never runs: the CLI, the fleet manager and the image factory
+#: (whose libraries, FastAPI and SQLAlchemy, are not in the image).
+NOT_IN_IMAGE = ("cli", "fleet", "factory")
 
 
 def source_digest(root: Path = SOURCE, exclude: tuple[str, ...] = NOT_IN_IMAGE) -> str:
