@@ -12,9 +12,11 @@ depend on the schematic; exactly this is shared:
 * the factory's cache gets, hard-linked from the CLI build's cache, only the
   schematic-independent stages of the image: ``fetch-debs``, ``fetch-wheels``,
   ``unpack``, ``sources``, ``rootfs``, ``squashfs``. The factory builds the
-  schematic's own stages itself: the ``extension`` (qemu-guest-agent), ``boot`` (the
-  initramfs carries the schematic) and ``disk`` (its boot entry carries the extra kernel
-  argument), and signs ``bundle.tar`` with the same key.
+  schematic's own stages itself: the ``extension`` (qemu-guest-agent), the
+  ``custom-extension`` (the test extension, built from source by ``basaltctl extension
+  build``, uploaded to the factory's registry, pinned in the schematic by sha256),
+  ``boot`` (the initramfs carries the schematic) and ``disk`` (its boot entry carries the
+  extra kernel argument), and signs ``bundle.tar`` with the same key.
 
 Every artefact (vmlinuz, initrd.img, disk.raw.zst, disk.qcow2, bundle.tar) is then
 compared by sha256. Talks only to 127.0.0.119.
@@ -46,13 +48,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HOST = "127.0.0.119"
 VERSION = basalt.__version__
-TOOLS = ("mksquashfs", "unsquashfs", "apt-get", "dpkg-deb", "zstd", "qemu-img", "mkfs.fat")
+TOOLS = ("mksquashfs", "unsquashfs", "apt-get", "dpkg-deb", "zstd", "qemu-img", "mkfs.fat", "gcc")
+#: With an official extension and a custom one (built here from the test extension's
+#: source, tests/fixtures/extensions), pinned by its sha256.
 SCHEMATIC = """\
 customization:
   extraKernelArgs: [console=ttyS1, basalt.test=factory]
   systemExtensions:
     officialExtensions: [qemu-guest-agent]
+    customExtensions:
+      - path: hello.sqfs
+        sha256: {sha256}
 """
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "extensions"
 ARTEFACTS = ("vmlinuz", "initrd.img", "disk.raw.zst", "disk.qcow2", "bundle.tar")
 #: Stages that do not depend on the schematic: the factory's cache starts with them.
 SHARED = ("fetch-debs", "fetch-wheels", "unpack", "sources", "rootfs", "squashfs")
@@ -113,8 +121,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     tmp = tmp_path_factory.mktemp("factory")
     key = tmp / "release.key"
     key.write_text(generate_signing_key()[0])
-    schematic = tmp / "schematic.yaml"
-    schematic.write_text(SCHEMATIC)
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     # The CLI path, with the repository's cache hard-linked in.
@@ -123,6 +129,34 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     seed = REPO / "_out" / "cache"
     if seed.is_dir() and any(seed.iterdir()):
         subprocess.run(["cp", "-al", f"{seed}/.", str(cli_cache)], check=True)
+    # The custom extension: built from source and signed with its own key.
+    ext_private, ext_public = generate_signing_key()
+    (tmp / "ext.key").write_text(ext_private)
+    (tmp / "ext.pub").write_text(ext_public)
+    source = tmp / "hello-source"
+    (source / "rootfs/usr/bin").mkdir(parents=True)
+    (source / "rootfs/usr/local/bin").mkdir(parents=True)
+    shutil.copy(FIXTURES / "hello" / "manifest.yaml", source / "manifest.yaml")
+    program = source / "rootfs/usr/bin/hello"
+    subprocess.run(
+        ["gcc", "-static", "-Os", "-o", str(program), str(FIXTURES / "standin.c")], check=True
+    )
+    shutil.copy(program, source / "rootfs/usr/local/bin/kubelet")
+    made = subprocess.run(
+        [
+            *_command("basaltctl", "basalt.cli.main"),
+            *("extension", "build", str(source), "-o", str(tmp / "hello.sqfs")),
+            *("--signing-key", str(tmp / "ext.key"), "--cache", str(cli_cache)),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=1800,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr[-4000:]
+    schematic = tmp / "schematic.yaml"
+    schematic.write_text(SCHEMATIC.format(sha256=made.stdout.split()[-1]))
     cli_image = tmp / "cli-image"
     started = time.monotonic()
     done = subprocess.run(
@@ -134,6 +168,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             str(schematic),
             "--signing-key",
             str(key),
+            "--extension-key",
+            str(tmp / "ext.pub"),
             "--cache",
             str(cli_cache),
             "--out",
@@ -157,7 +193,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
         if name in SHARED and directory.is_dir() and (directory / ".complete").exists():
             subprocess.run(["cp", "-al", str(directory), str(state / "cache")], check=True)
     assert not any(
-        p.name.startswith(("boot-", "disk-", "extension-")) for p in (state / "cache").iterdir()
+        p.name.startswith(("boot-", "disk-", "extension-", "custom-extension-"))
+        for p in (state / "cache").iterdir()
     )
     port = _free_port()
     log = (tmp / "factory.log").open("wb")
@@ -171,6 +208,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             str(state),
             "--signing-key",
             str(key),
+            "--extension-key",
+            str(tmp / "ext.pub"),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -187,7 +226,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
                 assert server.poll() is None, (tmp / "factory.log").read_text()
                 assert time.monotonic() < deadline, "the factory did not start"
                 time.sleep(0.1)
-        status, _, body = _request(f"{base}/schematics", "POST", SCHEMATIC.encode())
+        status, _, body = _request(f"{base}/extensions", "POST", (tmp / "hello.sqfs").read_bytes())
+        assert status == 201, body
+        status, _, body = _request(f"{base}/schematics", "POST", schematic.read_bytes())
         assert status == 201, body
         schematic_id = json.loads(body)["id"]
         # Two clients ask for the image at once: one build.
@@ -225,10 +266,11 @@ def test_two_requests_at_once_build_once_and_only_the_schematics_own_stages(
     status = built.status
     assert status["state"] == "done", status["error"]
     assert status["builds"] == 1
-    assert (status["stagesDone"], status["stagesTotal"]) == (9, 9)
+    assert (status["stagesDone"], status["stagesTotal"]) == (10, 10)
     results = {step["stage"]: step["result"] for step in status["stages"]}
     assert {s: r for s, r in results.items() if r == "built"} == {
         "extension": "built",
+        "custom-extension": "built",
         "boot": "built",
         "disk": "built",
     }
@@ -302,6 +344,7 @@ def test_basaltctl_downloads_the_image_and_checks_every_file(built: Built) -> No
         assert _sha256(out / name) == _sha256(built.cli_image / name), name
         assert str(out / name) in done.stdout
     assert built.schematic_id in done.stderr
+    assert "extension hello 1.0.0: on the factory" in done.stderr  # uploaded (it had it)
     # Nothing was built again for it.
     assert (
         json.loads(_request(f"{built.base}/builds/{built.schematic_id}/{VERSION}")[2])["builds"]

@@ -507,6 +507,14 @@ def test_custom_extensions_are_verified_kept_by_sha256_and_listed(
         # The factory keeps the reference by sha256 only: its registry has the file.
         stored = factory.store.schematic_file(posted.json()["id"]).read_text()
         assert "laptop" not in stored and info.sha256 in stored
+        # An extension the registry lacks is a field error at once, not a failed build.
+        unknown = schematic.replace(info.sha256, "c" * 64)
+        missing = client.post("/schematics", content=unknown)
+        assert missing.status_code == 422, missing.text
+        (problem,) = missing.json()["problems"]
+        assert problem["path"] == "customization.systemExtensions.customExtensions"
+        assert "c" * 64 in problem["message"] and "POST /extensions" in problem["hint"]
+        assert len(client.get("/schematics").json()) == 1
     leftovers = [p.name for p in factory.store.extensions.iterdir()]
     assert sorted(leftovers) == sorted([f"{info.sha256}.sqfs", f"{info.sha256}.json"])
     factory.close()

@@ -281,6 +281,38 @@ def download(factory: Factory, link: str, target: Path) -> tuple[str, bool]:
     return wanted, True
 
 
+def upload_extensions(factory: Factory, schematic: Path, text: str) -> None:
+    """Upload the custom extensions ``schematic`` gives by path (relative to its
+    directory) to the factory's registry, after checking each against its pin. The
+    factory verifies the signature; one it already has answers 200."""
+    from basalt.machinery.schematic import parse_schematic
+
+    parsed = parse_schematic(text, str(schematic))
+    for ref in parsed.custom_extensions:
+        if not ref.path:
+            continue  # the factory's registry must have it already
+        path = Path(ref.path)
+        path = path if path.is_absolute() else schematic.resolve().parent / path
+        digest = _sha256(path)
+        if digest is None:
+            raise FactoryClientError(
+                f"{schematic}: custom extension {ref.path} cannot be read",
+                hint="paths are relative to the schematic's directory",
+            )
+        if digest != ref.sha256:
+            raise FactoryClientError(
+                f"{schematic}: {path} has sha256 {digest}, the schematic pins {ref.sha256}",
+                hint="pin the sha256 that 'basaltctl extension build' printed for the file",
+            )
+        described = factory.json(
+            "POST",
+            "/extensions",
+            path.read_bytes(),
+            **{"Content-Type": "application/octet-stream"},
+        )
+        info(f"extension {described.get('name')} {described.get('version')}: on the factory")
+
+
 def build_with_factory(
     url: str, schematic: Path | None, out: Path | None, local: dict[str, Any] | None = None
 ) -> None:
@@ -294,6 +326,8 @@ def build_with_factory(
         )
     factory = connect(url)
     text = read_text(schematic, "schematic") if schematic else ""
+    if schematic is not None:
+        upload_extensions(factory, schematic, text)
     posted = post_schematic(factory, text, str(schematic) if schematic else "(no schematic)")
     target = out or DEFAULT_OUT
     info(f"schematic {posted['id']} on {url}: Basalt {posted['version']}")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import basalt
-from basalt.machinery.errors import BasaltError, ConfigSyntaxError
-from basalt.machinery.schematic import Schematic, parse_schematic
+from basalt.machinery.errors import BasaltError, ConfigSyntaxError, Problem
+from basalt.machinery.schematic import Schematic, SchematicError, parse_schematic
 
 from .builds import BuildFunction, BuildKey, BuildQueue, BuildStatus
 from .errors import (
@@ -109,6 +109,20 @@ class Factory:
         :class:`~basalt.machinery.schematic.SchematicError` (every problem) or
         :class:`~basalt.machinery.errors.ConfigSyntaxError`; nothing is stored then."""
         schematic = stored_form(parse_schematic(text, source))
+        missing = [
+            Problem(
+                "schematic",
+                "customization.systemExtensions.customExtensions",
+                f"extension sha256 {ref.sha256} is not in this factory's registry",
+                hint="upload the signed file first (POST /extensions; 'basaltctl image build "
+                "--factory' does it for extensions given by path)",
+                source=source,
+            )
+            for ref in schematic.custom_extensions
+            if not self.store.extension_file(ref.sha256).is_file()
+        ]
+        if missing:
+            raise SchematicError(missing, source=source)
         if schematic.id in self.schematics:
             return self.schematics[schematic.id], False
         self.store.save_schematic(schematic)
@@ -278,8 +292,14 @@ class Factory:
         }
 
     def schematic_info(self, schematic: Schematic) -> dict[str, Any]:
+        known = {e.sha256: e for e in self.store.list_extensions()}
         return {
             **shown_record(schematic),
+            "customExtensionNames": {
+                ref.sha256: f"{known[ref.sha256].name} {known[ref.sha256].version}"
+                for ref in schematic.custom_extensions
+                if ref.sha256 in known
+            },
             "images": [self.image_info(schematic.id, v) for v in self.versions],
         }
 
