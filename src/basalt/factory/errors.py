@@ -68,12 +68,19 @@ class FactoryOptionError(FactoryError):
     kind = ErrorKind.INVALID_ARGUMENT
 
 
+class ListenError(BasaltError):
+    """A server cannot listen where it was told to."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
 __all__ = [
     "BuildFailed",
     "ExtensionRefused",
     "FactoryError",
     "FactoryOptionError",
     "FactoryUnauthorized",
+    "ListenError",
     "NoSigningKey",
     "RequestTooLarge",
     "UnknownArtefact",

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from basalt.machinery.errors import BasaltError
 
+from .errors import ListenError
+
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
@@ -57,18 +59,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def listen_socket(
+    host: str, port: int, *, what: str = "the factory", backlog: int = 256
+) -> socket.socket:
+    """A non-blocking TCP socket listening on ``host:port`` for an HTTP server (uvicorn's
+    ``sockets=``); :class:`ListenError` naming ``what`` when it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (no Nagle delays).
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets; without it
+    # Nagle and the client's delayed ACK hold the end of most responses ~40 ms.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(256)
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise BasaltError(
-            f"cannot listen on {host}:{port}: {exc.strerror}",
+        raise ListenError(
+            f"cannot serve {what} on {host}:{port}: {exc.strerror}",
             hint="pick another address or port with --listen HOST:PORT",
         ) from None
     sock.setblocking(False)
@@ -108,7 +115,7 @@ async def _serve(args: argparse.Namespace, host: str, port: int) -> None:
         )
     factory = Factory(options)
     app = make_app(factory, _token(args.token_file))
-    sock = _bind(host, port)
+    sock = listen_socket(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     logging.getLogger("basalt.factory").info(

@@ -36,7 +36,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from basalt.machinery.errors import BasaltError, ConfigSyntaxError, ErrorKind
+from basalt.machinery.errors import HTTP_STATUS, BasaltError, ConfigSyntaxError
 from basalt.machinery.schematic import Schematic, SchematicError
 
 from .builds import BuildStatus
@@ -52,24 +52,13 @@ RouteDeclarer = Callable[..., Callable[[Any], Any]]
 #: Seconds a client waits before it asks again about a build.
 RETRY_AFTER = 2
 
-STATUS = {
-    ErrorKind.INVALID_ARGUMENT: 400,
-    ErrorKind.FAILED_PRECONDITION: 409,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.ALREADY_EXISTS: 409,
-    ErrorKind.PERMISSION_DENIED: 403,
-    ErrorKind.UNAVAILABLE: 503,
-    ErrorKind.RESOURCE_EXHAUSTED: 429,
-    ErrorKind.ABORTED: 409,
-}
-
 
 def error_response(exc: BasaltError) -> JSONResponse:
     """A refusal as the fleet's REST API answers one: ``{"detail", "hint"}``."""
     body: dict[str, Any] = {"detail": str(exc)}
     if exc.hint:
         body["hint"] = exc.hint
-    return JSONResponse(body, status_code=STATUS.get(exc.kind, 400))
+    return JSONResponse(body, status_code=HTTP_STATUS.get(exc.kind, 400))
 
 
 def schematic_problems(exc: SchematicError | ConfigSyntaxError) -> dict[str, Any]:

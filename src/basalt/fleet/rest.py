@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from basalt.machinery.errors import BasaltError, ErrorKind
+from basalt.machinery.errors import HTTP_STATUS, BasaltError
 
 from . import audit, service
 from .access import cluster_labels as _cluster_labels
@@ -36,16 +36,6 @@ RouteRole = FleetRole | Literal["public"]
 #: (method, path) -> the least role that may call it.
 ROUTE_ROLES: dict[tuple[str, str], RouteRole] = {}
 
-_STATUS = {
-    ErrorKind.INVALID_ARGUMENT: 400,
-    ErrorKind.FAILED_PRECONDITION: 409,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.ALREADY_EXISTS: 409,
-    ErrorKind.PERMISSION_DENIED: 403,
-    ErrorKind.UNAVAILABLE: 503,
-    ErrorKind.RESOURCE_EXHAUSTED: 429,
-    ErrorKind.ABORTED: 409,
-}
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -148,7 +138,7 @@ class LabelsRequest(Model):
 
 
 def _error(exc: BasaltError) -> JSONResponse:
-    status = 401 if isinstance(exc, service.Unauthenticated) else _STATUS.get(exc.kind, 400)
+    status = 401 if isinstance(exc, service.Unauthenticated) else HTTP_STATUS.get(exc.kind, 400)
     body: dict[str, Any] = {"detail": str(exc)}
     if exc.hint:
         body["hint"] = exc.hint

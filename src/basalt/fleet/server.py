@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import ssl
 import tempfile
 from collections.abc import Iterator
@@ -17,15 +16,11 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from basalt.factory.errors import ListenError
+from basalt.factory.main import listen_socket
 from basalt.machinery.api import fleet_pb2_grpc
-from basalt.machinery.errors import BasaltError, ErrorKind
 
 from .core import Fleet
-
-
-class ListenError(BasaltError):
-    kind = ErrorKind.UNAVAILABLE
-
 
 log = logging.getLogger("basalt.fleet")
 
@@ -77,25 +72,6 @@ def _quiet_server_class() -> type[Any]:
     return QuietServer
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets; without it
-    # Nagle and the client's delayed ACK hold the end of most responses ~40 ms.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(
-            f"cannot serve the REST API on {host}:{port}: {exc.strerror}",
-            hint="pick another address or port with --listen HOST:PORT",
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
 async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
     import uvicorn
 
@@ -104,7 +80,9 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
     _QuietServer = _quiet_server_class()
 
     app = make_app(fleet)
-    rest_socket = _bind(fleet.options.host, fleet.options.port)
+    rest_socket = listen_socket(
+        fleet.options.host, fleet.options.port, what="the REST API", backlog=1024
+    )
     try:
         link_server = await start_link_server(fleet)
     except BaseException:

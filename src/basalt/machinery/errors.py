@@ -30,6 +30,19 @@ class ErrorKind(enum.Enum):
     ABORTED = "aborted"  # interrupted half-way; nothing was left half-done
 
 
+#: The HTTP status of each kind of refusal (the fleet's REST API, the image factory).
+HTTP_STATUS: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.FAILED_PRECONDITION: 409,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.ALREADY_EXISTS: 409,
+    ErrorKind.PERMISSION_DENIED: 403,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.RESOURCE_EXHAUSTED: 429,
+    ErrorKind.ABORTED: 409,
+}
+
+
 class BasaltError(Exception):
     """The base of every error Basalt raises on purpose.
 
