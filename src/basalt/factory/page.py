@@ -9,28 +9,35 @@ from importlib import resources
 from typing import Any
 
 
-def _size(value: Any) -> str:
+def size(value: Any) -> str:
+    """A byte count for people: ``512 B``, ``4.9 MiB``."""
     number = float(value or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if number < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if number < 1024 or unit == "TiB":
             return f"{number:.0f} {unit}" if unit == "B" else f"{number:.1f} {unit}"
         number /= 1024
     return str(value)
 
 
-@cache
-def _environment() -> Any:
+def templates(package: str) -> Any:
+    """A Jinja2 environment for the ``templates`` directory of ``package``: autoescape,
+    strict undefined names, the ``size`` filter (the factory's pages and the fleet's UI)."""
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("basalt.factory", "templates"),
+        loader=jinja2.PackageLoader(package, "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["size"] = _size
+    env.filters["size"] = size
     return env
+
+
+@cache
+def _environment() -> Any:
+    return templates("basalt.factory")
 
 
 def render_index(index: dict[str, Any], base: str) -> str:
@@ -44,4 +51,4 @@ def stylesheet() -> bytes:
     return (resources.files("basalt.factory") / "templates" / "factory.css").read_bytes()
 
 
-__all__ = ["render_index", "stylesheet"]
+__all__ = ["render_index", "size", "stylesheet", "templates"]

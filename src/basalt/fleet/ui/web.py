@@ -111,30 +111,14 @@ def _clock(value: Any) -> str:
     return stamp.strftime("%H:%M:%S.%f")[:-3]
 
 
-def _size(value: Any) -> str:
-    number = float(value or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if number < 1024 or unit == "TiB":
-            return f"{number:.0f} {unit}" if unit == "B" else f"{number:.1f} {unit}"
-        number /= 1024
-    return str(value)
-
-
 @cache
 def environment() -> Any:
-    import jinja2
+    from basalt.factory.page import templates
 
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("basalt.fleet.ui", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    env = templates("basalt.fleet.ui")
     env.globals["asset"] = asset
     env.filters["when"] = _when
     env.filters["ago"] = _ago
-    env.filters["size"] = _size
     env.filters["clock"] = _clock
     return env
 
