@@ -44,6 +44,7 @@ from typing import Any
 import pytest
 
 import basalt
+from tests.fixtures.extensions import build_standin, hello_source
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,7 +62,6 @@ customization:
       - path: hello.sqfs
         sha256: {sha256}
 """
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "extensions"
 ARTEFACTS = ("vmlinuz", "initrd.img", "disk.raw.zst", "disk.qcow2", "bundle.tar")
 #: Stages that do not depend on the schematic: the factory's cache starts with them.
 SHARED = ("fetch-debs", "fetch-wheels", "unpack", "sources", "rootfs", "squashfs")
@@ -132,15 +132,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     ext_private, ext_public = generate_signing_key()
     (tmp / "ext.key").write_text(ext_private)
     (tmp / "ext.pub").write_text(ext_public)
-    source = tmp / "hello-source"
-    (source / "rootfs/usr/bin").mkdir(parents=True)
-    (source / "rootfs/usr/local/bin").mkdir(parents=True)
-    shutil.copy(FIXTURES / "hello" / "manifest.yaml", source / "manifest.yaml")
-    program = source / "rootfs/usr/bin/hello"
-    subprocess.run(
-        ["gcc", "-static", "-Os", "-o", str(program), str(FIXTURES / "standin.c")], check=True
-    )
-    shutil.copy(program, source / "rootfs/usr/local/bin/kubelet")
+    source = hello_source(tmp / "hello-source", build_standin(tmp / "standin"))
     made = subprocess.run(
         [
             *_command("basaltctl", "basalt.cli.main"),

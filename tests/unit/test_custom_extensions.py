@@ -59,9 +59,9 @@ from basalt.machinery.schematic import (
     parse_manifest,
     parse_schematic,
 )
+from tests.fixtures.extensions import MANIFEST, build_standin, hello_source
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "extensions"
-HELLO = (FIXTURES / "hello" / "manifest.yaml").read_text()
+HELLO = MANIFEST.read_text()
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
@@ -80,11 +80,7 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ).stdout.strip()
     if not os.path.isabs(libc):
         pytest.skip("libc.a is missing (install libc6-dev): 'gcc -static' cannot link standin.c")
-    program = tmp_path_factory.mktemp("standin") / "standin"
-    subprocess.run(
-        [gcc, "-static", "-O2", "-o", str(program), str(FIXTURES / "standin.c")], check=True
-    )
-    return program
+    return build_standin(tmp_path_factory.mktemp("standin") / "standin")
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +140,7 @@ def put(tree: Path, relative: str, content: bytes | Path, mode: int = 0o755) -> 
 
 def make_source(path: Path, standin: Path, manifest: str = HELLO) -> Path:
     """The hello extension's source: its manifest, /usr/bin/hello and the kubelet."""
-    path.mkdir(parents=True)
-    (path / "manifest.yaml").write_text(manifest)
-    put(path, "rootfs/usr/bin/hello", standin)
-    put(path, "rootfs/usr/local/bin/kubelet", standin)
-    return path
+    return hello_source(path, standin, manifest)
 
 
 @pytest.fixture

@@ -26,13 +26,13 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.extensions import build_standin, hello_source
 from tests.vm.conftest import TOOLS, Timings
 from tests.vm.machine import Vm, call
 
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures" / "extensions"
 IMAGE = REPO / "_out" / "image-custom-ext"
 BOOT_TIMEOUT = 150.0
 GUEST_ADDRESS = "10.0.2.15"
@@ -76,15 +76,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     from basalt.machinery.schematic import parse_schematic
 
     work = tmp_path_factory.mktemp("custom-ext")
-    source = work / "hello"
-    (source / "rootfs/usr/bin").mkdir(parents=True)
-    (source / "rootfs/usr/local/bin").mkdir(parents=True)
-    shutil.copy(FIXTURES / "hello" / "manifest.yaml", source / "manifest.yaml")
-    program = source / "rootfs/usr/bin/hello"
-    subprocess.run(
-        ["gcc", "-static", "-Os", "-o", str(program), str(FIXTURES / "standin.c")], check=True
-    )
-    shutil.copy(program, source / "rootfs/usr/local/bin/kubelet")
+    source = hello_source(work / "hello", build_standin(work / "standin"))
     private, public = generate_signing_key()
     (work / "ext.key").write_text(private)
     (work / "ext.pub").write_text(public)
