@@ -8,6 +8,7 @@ from .bundle import ConfigBundle, bundle_from_raw, load_bundle
 from .cluster import ClusterConfig
 from .contract import CURRENT as CURRENT_CONTRACT
 from .contract import Contract, resolve_contract
+from .discovery import DiscoveryConfig
 from .fleet import FleetConfig
 from .generate import GeneratedConfigs, GenerateOptions, generate_configs
 from .machine import MachineConfig
@@ -39,6 +40,7 @@ __all__ = [
     "ClusterConfig",
     "ConfigBundle",
     "Contract",
+    "DiscoveryConfig",
     "Document",
     "EnvironmentConfig",
     "EtcFileConfig",

@@ -28,6 +28,7 @@ LIVE: tuple[tuple[str, str], ...] = (
     ("LoggingConfig", ""),
     ("ImageVerificationConfig", ""),
     ("UpdateConfig", ""),
+    ("DiscoveryConfig", ""),
     ("MachineConfig", "certSANs"),
     ("MachineConfig", "install"),
     ("MachineConfig", "kubelet"),

@@ -28,7 +28,7 @@ from pydantic.fields import FieldInfo
 from ..errors import BasaltError
 from ..fileio import write_atomic
 from ..yamlio import dump_documents
-from . import _schema, _types, update
+from . import _schema, _types, discovery, update
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
 from .cluster import ClusterName, KubernetesVersion, PEMPrivateKey
 from .fleet import FleetURLText
@@ -72,6 +72,8 @@ TYPE_LABELS: tuple[tuple[Any, str], ...] = (
     (update.TUFRoot, "TUF root JSON"),
     (update.CronText, "cron expression"),
     (update.TimeZoneName, "time zone"),
+    (discovery.DiscoveryURL, "grpc(s) URL"),
+    (discovery.TTLText, "duration"),
 )
 _BASIC_LABELS: dict[Any, str] = {str: "string", int: "integer", bool: "boolean", float: "number"}
 
@@ -133,6 +135,7 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
             "rebootCoordinator": {"url": "https://fleet.example.com:8443/", "group": "edge"},
         }
     ],
+    "DiscoveryConfig": [{"url": "grpcs://discovery.example.com:3000", "ttl": "30m"}],
 }
 
 

@@ -11,7 +11,9 @@ from .definitions import (
     resolve_type,
 )
 from .specs import (
+    AffiliateSpec,
     BootStatusSpec,
+    DiscoveryStatusSpec,
     EtcdMemberSpec,
     EtcdStatusSpec,
     HostnameSpec,
@@ -32,7 +34,9 @@ from .specs import (
 
 __all__ = [
     "DEFINITIONS",
+    "AffiliateSpec",
     "BootStatusSpec",
+    "DiscoveryStatusSpec",
     "EtcdMemberSpec",
     "EtcdStatusSpec",
     "HostnameSpec",

@@ -105,6 +105,32 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         ),
     ),
     ResourceDefinition(
+        "Affiliates",
+        "cluster",
+        specs.AffiliateSpec,
+        ("affiliate", "affiliates"),
+        "Nodes of the cluster, from the discovery service (DiscoveryConfig).",
+        (
+            ("HOSTNAME", "hostname"),
+            ("MACHINE TYPE", "machineType"),
+            ("ADDRESSES", "addresses"),
+            ("BASALT", "version"),
+        ),
+    ),
+    ResourceDefinition(
+        "DiscoveryStatuses",
+        "cluster",
+        specs.DiscoveryStatusSpec,
+        ("discoverystatus", "discoverystatuses", "discovery"),
+        "This node's link to the discovery service: state, affiliates seen, last error.",
+        (
+            ("STATE", "state"),
+            ("URL", "url"),
+            ("AFFILIATES", "affiliates"),
+            ("LAST ERROR", "lastError"),
+        ),
+    ),
+    ResourceDefinition(
         "KubernetesAssets",
         "k8s",
         specs.KubernetesAssetsSpec,

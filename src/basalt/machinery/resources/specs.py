@@ -78,6 +78,35 @@ class MemberSpec(Model):
     last_seen: float
 
 
+class AffiliateSpec(Model):
+    """A node of the cluster as the discovery service relays it (decrypted by this node
+    with the cluster's key; the id is the affiliate id the node chose)."""
+
+    node_id: str
+    hostname: str
+    machine_type: str
+    addresses: list[str]
+    version: str
+    #: The node's etcd peer URL (control planes), '' otherwise.
+    etcd_peer_url: str = ""
+
+
+class DiscoveryStatusSpec(Model):
+    """This node's link to the discovery service (``DiscoveryConfig``).
+
+    ``state``: ``disabled`` (no DiscoveryConfig, or ``enabled: false``), ``connecting``,
+    ``connected`` (the last publish and the watch succeeded), ``unreachable`` (the last
+    attempt failed: ``last_error`` says why; the node retries with backoff).
+    """
+
+    state: str
+    url: str = ""
+    affiliate_id: str = ""
+    affiliates: int = 0
+    last_published: float = 0.0
+    last_error: str = ""
+
+
 class IssuedCertificateSpec(Model):
     """A node certificate this control plane's trust service signed: for which names,
     asked from where."""
