@@ -127,7 +127,7 @@ sys.exit(main(["--platform", "metal"]))
 
 #: Packages of Basalt a node never runs: the CLI, the fleet manager and the image factory
 #: (whose libraries, FastAPI and SQLAlchemy, are not in the image).
-NOT_IN_IMAGE = ("cli", "fleet", "factory")
+NOT_IN_IMAGE = ("cli", "fleet", "factory", "discovery")
 
 
 def source_digest(root: Path = SOURCE, exclude: tuple[str, ...] = NOT_IN_IMAGE) -> str:
