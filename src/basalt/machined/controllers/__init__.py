@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..runtime import Controller, ControllerEngine
+from .discovery import DiscoveryController
 from .hostname import HostnameController
 from .kubernetes import KubernetesAssetsController
 from .members import MembersController
@@ -51,6 +52,7 @@ def start_engine(node: Node, extra: Sequence[Controller] = ()) -> ControllerEngi
                 HostnameController(node),
                 NodeAddressesController(node),
                 *_machine_controllers(node),
+                DiscoveryController(node),
                 MembersController(node),
                 KubernetesAssetsController(node),
                 SystemStatsController(node),

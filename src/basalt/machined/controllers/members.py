@@ -1,5 +1,15 @@
 """Members: every node announces itself to the control plane endpoint's trust service
-and learns the cluster's member list from the answer."""
+and learns the cluster's member list from the answer.
+
+With discovery (``DiscoveryConfig``), ``Members`` is the union of that list and the
+discovery service's ``Affiliates``: a member the trust service lists is shown as it
+lists it; an affiliate it does not list (by host name) is added, with ``lastSeen`` the
+time its record last changed. So ``get members`` works when the control plane endpoint
+cannot be reached. ``node.members`` — what API forwarding (``-n``) may dial — stays the
+trust service's list only: a trust member's certificate was checked against its
+announcement, while an affiliate shows only that its writer holds the cluster secret
+(which workers hold too).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +23,10 @@ import grpc.aio
 
 from basalt.machinery.api import TRUST_PORT, trust_pb2, trust_pb2_grpc
 from basalt.machinery.client.client import CHANNEL_OPTIONS
-from basalt.machinery.resources import MemberSpec
+from basalt.machinery.resources import AffiliateSpec, MemberSpec
 
 from ..runtime import Controller, ResourceStore
+from ..runtime.store import Resource
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -25,7 +36,7 @@ log = logging.getLogger(__name__)
 
 class MembersController(Controller):
     name = "members"
-    inputs = ("MachineConfigs",)
+    inputs = ("MachineConfigs", "Affiliates")
     outputs = ("Members",)
 
     def __init__(self, node: Node) -> None:
@@ -33,9 +44,11 @@ class MembersController(Controller):
         self._loop: asyncio.Task[None] | None = None
 
     async def reconcile(self, store: ResourceStore) -> None:
-        if self.node.config is None or self._loop is not None:
+        if self.node.config is None:
             return
-        self._loop = self.node.background(self._announce_forever(store), name="announce")
+        if self._loop is None:
+            self._loop = self.node.background(self._announce_forever(store), name="announce")
+        write_members(self.node)
 
     async def _announce_forever(self, store: ResourceStore) -> None:
         while True:
@@ -83,23 +96,51 @@ class MembersController(Controller):
 
 
 def publish_members(node: Node, members: Iterable[trust_pb2.Member]) -> None:
-    """Make ``members`` the node's Members resources (and its name -> address map)."""
-    seen = set()
-    for member in members:
-        seen.add(member.id)
-        node.members[member.id] = member
-        node.store.put(
-            "Members",
-            member.id,
-            MemberSpec(
-                hostname=member.hostname,
-                machine_type=member.machine_type,
-                addresses=list(member.addresses),
-                version=member.version,
-                last_seen=member.last_seen,
-            ),
-            owner=MembersController.name,
+    """Make ``members`` the node's member list (its name -> address map) and write the
+    Members resources (with discovery's affiliates)."""
+    listed = {member.id: member for member in members}
+    node.members.clear()
+    node.members.update(listed)
+    write_members(node)
+
+
+def write_members(node: Node) -> None:
+    """Members resources: the trust service's list, plus affiliates it does not list."""
+    specs = member_specs(node.members.values(), node.store.list("Affiliates"))
+    for member_id, spec in specs.items():
+        node.store.put("Members", member_id, spec, owner=MembersController.name)
+    node.store.retain("Members", set(specs), owner=MembersController.name)
+
+
+def member_specs(
+    trusted: Iterable[trust_pb2.Member], affiliates: Iterable[Resource]
+) -> dict[str, MemberSpec]:
+    """Members by id: every trusted member, then each affiliate whose host name no trusted
+    member has (id: its host name, else its affiliate id)."""
+    found = {
+        m.id: MemberSpec(
+            hostname=m.hostname,
+            machine_type=m.machine_type,
+            addresses=list(m.addresses),
+            version=m.version,
+            last_seen=m.last_seen,
         )
-    for gone in [k for k in node.members if k not in seen]:
-        del node.members[gone]
-    node.store.retain("Members", seen, owner=MembersController.name)
+        for m in trusted
+    }
+    hostnames = {spec.hostname for spec in found.values()}
+    for resource in affiliates:
+        spec = resource.spec
+        if not isinstance(spec, AffiliateSpec) or spec.hostname in hostnames:
+            continue
+        member_id = spec.hostname or resource.meta.id
+        if member_id in found:
+            continue
+        hostnames.add(spec.hostname)
+        found[member_id] = MemberSpec(
+            hostname=spec.hostname,
+            machine_type=spec.machine_type,
+            addresses=list(spec.addresses),
+            version=spec.version,
+            last_seen=resource.meta.updated,
+        )
+    return found

@@ -12,9 +12,10 @@ import asyncio
 import hashlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import grpc.aio
 
@@ -22,7 +23,9 @@ from basalt.machinery.api import etcd_pb2
 from basalt.machinery.config import ClusterConfig
 from basalt.machinery.errors import BasaltError, ErrorKind
 from basalt.machinery.pki import CertificateAndKey
+from basalt.machinery.resources import AffiliateSpec
 
+from ..runtime.store import Resource
 from ..services import LogBuffer, ProcessRunner, Running
 from . import certs
 from .client import EtcdClient, client_url, member_id_text, peer_url
@@ -112,11 +115,14 @@ class EtcdManager:
         )
 
     def peer_addresses(self) -> list[str]:
-        """Other control planes, from the member list."""
+        """Other control planes, from the member list and from discovery's affiliates (a
+        control plane that cannot reach the cluster endpoint finds etcd through those;
+        etcd's mTLS, not the affiliate, is what a peer is trusted by)."""
         found: list[str] = []
         for member in self.node.members.values():
             if member.machine_type == "controlplane" and member.hostname != self.node.hostname:
                 found.extend(a for a in member.addresses if a != self.node.address)
+        found.extend(discovered_peers(self.node.store.list("Affiliates"), self.node.address))
         return sorted(set(found))
 
     async def find_cluster(self, timeout: float = 2.0) -> list[etcd_pb2.Member] | None:
@@ -479,6 +485,18 @@ class EtcdStartable:
                 if await manager.find_cluster(timeout=1.0) is not None:
                     return
             await asyncio.sleep(POLL)
+
+
+def discovered_peers(affiliates: Iterable[Resource], own_address: str) -> list[str]:
+    """The hosts of the etcd peer URLs that control-plane affiliates publish, but ours."""
+    found = []
+    for resource in affiliates:
+        spec = resource.spec
+        if isinstance(spec, AffiliateSpec) and spec.machine_type == "controlplane":
+            host = urlsplit(spec.etcd_peer_url).hostname if spec.etcd_peer_url else None
+            if host and host != own_address:
+                found.append(host)
+    return found
 
 
 def has_wal(data_dir: Path) -> bool:

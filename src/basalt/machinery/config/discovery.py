@@ -9,7 +9,6 @@ service sees only opaque, expiring records; see docs/discovery.md.
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field
 
@@ -21,28 +20,16 @@ from ._types import invalid
 #: a node refreshes its record every third of it.
 MIN_TTL = 5.0
 MAX_TTL = 24 * 3600.0
-SCHEMES = ("grpc", "grpcs")
 
 
 def _service_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in SCHEMES or not parts.hostname:
-        raise invalid(
-            f"{value!r} is not a grpc:// or grpcs:// URL with a host",
-            "e.g. grpcs://discovery.example.com:3000 (grpc:// only on a trusted network: "
-            "records are encrypted either way, the connection is not)",
-        )
+    from ..discovery.client import parse_target
+    from ..errors import BasaltError
+
     try:
-        port = parts.port
-    except ValueError:
-        raise invalid(f"{value!r} has an invalid port", "ports are 1-65535") from None
-    if port is None:
-        raise invalid(f"{value!r} has no port", f"e.g. {parts.scheme}://{parts.hostname}:3000")
-    if parts.username or parts.password or parts.path.strip("/") or parts.query or parts.fragment:
-        raise invalid(
-            f"{value!r}: only SCHEME://HOST:PORT, no credentials, path, query or fragment",
-            f"e.g. {parts.scheme}://{parts.hostname}:{port}",
-        )
+        parse_target(value, "url")
+    except BasaltError as exc:
+        raise invalid(str(exc).removeprefix("url: "), exc.hint) from None
     return value
 
 
@@ -77,6 +64,11 @@ class DiscoveryConfig(Document):
         "30m",
         description="How long the service keeps this node's record without a refresh "
         "(between 5s and 24h); the node refreshes it every third of that.",
+    )
+    ca: str = Field(
+        "",
+        description="PEM CA certificate(s) the service's certificate must chain to "
+        "(`grpcs` URLs; empty: the system's CA store).",
     )
 
     def ttl_seconds(self) -> float:
