@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -217,8 +217,9 @@ class DiscoveryClient:
         opened = self._open_all(response.affiliates)
         return sorted(opened.items())
 
-    async def watch(self) -> AsyncIterator[WatchEvent]:
-        """A snapshot event, then one event per change that alters the decrypted view."""
+    async def watch(self) -> AsyncGenerator[WatchEvent, None]:
+        """A snapshot event, then one event per change that alters the decrypted view.
+        ``aclose()`` it (or leave the ``async for``) to close the stream."""
         request = discovery_pb2.WatchRequest(
             cluster_id=self.keys.wire_id, proof=_proof_pb(self.keys.proof("Watch"))
         )

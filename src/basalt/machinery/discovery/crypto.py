@@ -352,6 +352,16 @@ class NonceCache:
             )
         self._seen[key] = proof.timestamp + self.window + 1
 
+    def entries(self) -> list[tuple[str, bytes, int]]:
+        """(cluster id, nonce, forget after) of every nonce held (a service's snapshot
+        keeps them, so that a restart does not reopen the window to replays)."""
+        return [(cluster, nonce, expires) for (cluster, nonce), expires in self._seen.items()]
+
+    def restore(self, cluster_id: str, nonce: bytes, expires: int, now: float) -> None:
+        """Put back one of :meth:`entries` (dropped when its time has passed)."""
+        if expires >= now and len(self._seen) < self.capacity:
+            self._seen[(cluster_id, nonce)] = expires
+
 
 __all__ = [
     "AFFILIATE_ID_MAX",
