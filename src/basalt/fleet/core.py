@@ -85,6 +85,9 @@ class FleetOptions:
     factory_lock: Path | None = None
     factory_signing_key: Path | None = None
     factory_extension_keys: tuple[Path, ...] = ()
+    #: The discovery service (docs/discovery.md) on its own port with the fleet's server
+    #: certificate; 0: off. Its snapshot lives in DATA_DIR/discovery.
+    discovery_port: int = 0
 
     @property
     def database_url(self) -> str:

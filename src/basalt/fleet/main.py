@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="a public key trusted to sign custom extensions; repeat for more",
     )
+    serve.add_argument(
+        "--discovery-port",
+        type=int,
+        default=0,
+        help="serve the discovery service (grpcs, the fleet's certificate) on this port; 0: off",
+    )
     serve.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
 
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         factory_lock=args.factory_lock,
         factory_signing_key=args.factory_signing_key,
         factory_extension_keys=tuple(args.factory_extension_key),
+        discovery_port=args.discovery_port,
     )
     try:
         from .core import Fleet

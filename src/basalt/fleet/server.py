@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from basalt.discovery.server import DiscoveryServer, ServerOptions
 from basalt.factory.errors import ListenError
 from basalt.factory.main import listen_socket
 from basalt.machinery.api import fleet_pb2_grpc
@@ -58,6 +59,43 @@ async def start_link_server(fleet: Fleet) -> grpc.aio.Server:
     return server
 
 
+async def start_discovery(fleet: Fleet) -> DiscoveryServer | None:
+    """The discovery service on ``--discovery-port`` with the fleet's server certificate
+    (nodes prove the cluster secret in each request; no client certificate), or None."""
+    if not fleet.options.discovery_port:
+        return None
+    key = fleet.server_cert.key
+    assert key is not None
+    server = DiscoveryServer(
+        ServerOptions(
+            host=fleet.options.host,
+            port=fleet.options.discovery_port,
+            state_dir=fleet.options.data_dir / "discovery",
+            tls_cert=(fleet.server_cert.crt + fleet.ca.crt).encode(),
+            tls_key=key.encode(),
+        )
+    )
+    await server.start()
+    return server
+
+
+async def _start_grpc(fleet: Fleet) -> tuple[grpc.aio.Server, DiscoveryServer | None]:
+    link_server = await start_link_server(fleet)
+    try:
+        return link_server, await start_discovery(fleet)
+    except BaseException:
+        await link_server.stop(None)
+        raise
+
+
+async def _stop_grpc(
+    link_server: grpc.aio.Server, discovery: DiscoveryServer | None, grace: float | None
+) -> None:
+    await link_server.stop(grace)
+    if discovery is not None:
+        await discovery.stop(grace)
+
+
 def _quiet_server_class() -> type[Any]:
     import uvicorn
 
@@ -84,7 +122,7 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
         fleet.options.host, fleet.options.port, what="the REST API", backlog=1024
     )
     try:
-        link_server = await start_link_server(fleet)
+        link_server, discovery = await _start_grpc(fleet)
     except BaseException:
         rest_socket.close()
         raise
@@ -117,7 +155,7 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
             leftover.unlink(missing_ok=True)
         if web.done():
             flusher.cancel()
-            await link_server.stop(None)
+            await _stop_grpc(link_server, discovery, None)
             with contextlib.suppress(BaseException):
                 web.result()
             raise ListenError(
@@ -149,7 +187,7 @@ async def serve(fleet: Fleet, ready: asyncio.Event | None = None) -> None:
         await app.state.reconciler.stop()
         await replicas.close()
         fleet.links.close_all()
-        await link_server.stop(2)
+        await _stop_grpc(link_server, discovery, 2)
         with contextlib.suppress(Exception):
             await web
         with contextlib.suppress(Exception):
