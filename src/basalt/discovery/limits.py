@@ -68,8 +68,9 @@ class LimitReached(DiscoveryLimitError):
     """A count or rate limit was reached (RESOURCE_EXHAUSTED); ``limit`` is its name."""
 
     def __init__(self, limit: str, value: float | int, what: str) -> None:
+        shown = int(value) if value == int(value) else value
         super().__init__(
-            f"limit {limit}={value} reached: {what}",
+            f"limit {limit}={shown} reached: {what}",
             hint=f"the operator can raise it with --limit {limit}=N (docs/discovery.md)",
         )
         self.limit = limit
