@@ -170,6 +170,7 @@ bench: install
 	$(BIN)/python bench/upgrade.py
 	$(BIN)/python bench/ui.py
 	$(BIN)/python bench/factory.py
+	$(BIN)/python bench/discovery.py
 
 # Boot: Basalt to its first API answer vs a Debian minimal + systemd + openssh-server
 # image to its first SSH banner, same QEMU flags (bench/boot.py). Not part of `make bench`:
