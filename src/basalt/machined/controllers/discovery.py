@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.resources import AffiliateSpec, DiscoveryStatusSpec
 
-from ..etcd.client import peer_url
 from ..runtime import Controller, ResourceStore
 
 if TYPE_CHECKING:
@@ -297,12 +296,14 @@ class DiscoveryController(Controller):
     def _plan(self, store: ResourceStore) -> tuple[Settings, Affiliate] | None:
         """The session settings and this node's affiliate, or None: discovery is off (or
         the node does not know its address yet)."""
+        config = self.node.config
+        if config is None:
+            return None  # and, on a first boot, no config models imported before the API
         from basalt.machinery.config import ClusterConfig, DiscoveryConfig
         from basalt.machinery.discovery.model import Affiliate
 
-        config = self.node.config
-        if config is None:
-            return None
+        from ..etcd.client import peer_url
+
         discovery = config.first(DiscoveryConfig)
         cluster = config.first(ClusterConfig)
         machine = self.node.machine
