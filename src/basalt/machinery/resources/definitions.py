@@ -96,7 +96,8 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         "cluster",
         specs.MemberSpec,
         ("member", "members"),
-        "Nodes of the cluster, from the control planes' member list.",
+        "Nodes of the cluster: the control planes' member list, plus the discovery "
+        "service's affiliates it lacks (DiscoveryConfig).",
         (
             ("HOSTNAME", "hostname"),
             ("MACHINE TYPE", "machineType"),

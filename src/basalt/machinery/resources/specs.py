@@ -69,7 +69,9 @@ class NodeAddressesSpec(Model):
 
 
 class MemberSpec(Model):
-    """A node of the cluster, as the trust service's member list reports it."""
+    """A node of the cluster, as the trust service's member list reports it; with
+    discovery, also an affiliate that list lacks (``last_seen``: when its record last
+    changed)."""
 
     hostname: str
     machine_type: str
