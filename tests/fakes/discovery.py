@@ -5,7 +5,8 @@ cluster keys (a client of another cluster sees none of them), each expires at it
 the service's clock (injected: ``advance`` moves it and expires what ran out), a watch
 starts with a snapshot and then gives the whole decrypted view after every change, and
 a service that goes ``down`` fails every call and ends every watch with a DiscoveryError.
-``restart(lose_records=True)`` plays a service that keeps nothing across a restart.
+``restart(lose_records=True)`` plays a service that keeps nothing across a restart;
+``refuse_updates`` one that refuses this node's writes while its watch works.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ _DOWN = object()
 class FakeDiscoveryService:
     now: float = 1000.0
     down: bool = False
+    #: Raised by every update while set (a refusal: a limit, a bad proof).
+    refuse_updates: Exception | None = None
     clusters: dict[str, dict[str, Record]] = field(default_factory=dict)
     published: list[Published] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -88,6 +91,8 @@ class FakeDiscoveryService:
             )
 
     def put(self, keys: ClusterKeys, affiliate_id: str, affiliate: Affiliate, ttl: float) -> None:
+        if self.refuse_updates is not None:
+            raise self.refuse_updates
         data = keys.seal_data(affiliate_id, affiliate.to_json())
         self.clusters.setdefault(keys.wire_id, {})[affiliate_id] = Record(data, self.now + ttl)
         self.published.append(Published(affiliate_id, affiliate, ttl))

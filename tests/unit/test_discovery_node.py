@@ -38,6 +38,7 @@ from basalt.machinery.api import trust_pb2
 from basalt.machinery.config import ClusterConfig, load_bundle
 from basalt.machinery.config.diff import needs_reboot
 from basalt.machinery.discovery.crypto import ClusterKeys
+from basalt.machinery.discovery.errors import DiscoveryLimitError
 from basalt.machinery.discovery.model import Affiliate
 from basalt.machinery.errors import ConfigValidationError
 from basalt.machinery.resources import AffiliateSpec, resolve_type
@@ -340,18 +341,52 @@ def test_an_unreachable_service_is_reported_once_and_retried(
         monkeypatch.setattr(controller_module, "BACKOFF_START", 0.02)
         harness.service.down = True
         await harness.apply(config_text("controlplane", discovery_doc()))
-        await until(lambda: harness.status().state == "unreachable")
+        await until(lambda: harness.status().state == "failing")
         assert "UNAVAILABLE" in harness.status().last_error
         await asyncio.sleep(0.2)  # several retries fail meanwhile
         events = [e for e in harness.node.events.history() if e.type == "discovery"]
-        assert len(events) == 1 and "unreachable" in events[0].message
+        assert len(events) == 1 and "failing" in events[0].message
 
         harness.service.down = False
         await until(lambda: harness.status().state == "connected")
         await until(harness.affiliates)
         assert harness.status().last_error == ""
         events = [e for e in harness.node.events.history() if e.type == "discovery"]
-        assert "answers again" in events[-1].message
+        assert "works again" in events[-1].message
+
+    with_harness(tmp_path, body)
+
+
+def test_a_refused_publish_with_a_working_watch_is_failing_without_flapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_module, "BACKOFF_START", 0.02)
+
+    async def body(harness: Harness) -> None:
+        harness.service.refuse_updates = DiscoveryLimitError(
+            "limit affiliates_per_cluster=100 reached: cluster 3f2a… has 100 affiliates"
+        )
+        other = harness.service.connect(URL, cluster_keys())
+        await harness.apply(config_text("controlplane", discovery_doc()))
+        await until(lambda: harness.status().state == "failing")
+        harness.service.refuse_updates = None
+        await other.update("peer-a", peer("cp-2"), ttl=300)
+        harness.service.refuse_updates = DiscoveryLimitError("limit reached")
+        for _ in range(5):  # watch events arrive and publishes fail, interleaved
+            await asyncio.sleep(0.05)
+            harness.service.refuse_updates = None
+            await other.delete("peer-a")
+            await other.update("peer-a", peer("cp-2"), ttl=300)
+            harness.service.refuse_updates = DiscoveryLimitError("limit reached")
+        await until(lambda: "peer-a" in harness.affiliates())  # the watch still mirrors
+        assert harness.status().state == "failing"
+        assert "publish:" in harness.status().last_error
+        assert "limit" in harness.status().last_error
+        events = [e for e in harness.node.events.history() if e.type == "discovery"]
+        assert len(events) == 1, [e.message for e in events]
+
+        harness.service.refuse_updates = None
+        await until(lambda: harness.status().state == "connected")
 
     with_harness(tmp_path, body)
 
@@ -396,7 +431,7 @@ def test_unexpected_client_errors_never_escape(
     async def body(harness: Harness) -> None:
         harness.controller.connect = lambda url, keys, ca: Exploding()
         await harness.apply(config_text("controlplane", discovery_doc()))
-        await until(lambda: harness.status().state == "unreachable")
+        await until(lambda: harness.status().state == "failing")
         assert harness.status().last_error in (
             "publish: RuntimeError: boom",
             "watch: RuntimeError: boom",

@@ -6,10 +6,10 @@ addresses, Basalt version, etcd peer URL on control planes) and refreshes it eve
 of its TTL (less up to a tenth, so that nodes started together spread out), and at once
 when its host name or addresses change. It watches the cluster's affiliates and mirrors
 them into ``Affiliates`` resources, which the members controller (``get members``) and
-etcd's join read. ``DiscoveryStatuses/discovery`` says whether the service answers.
+etcd's join read. ``DiscoveryStatuses/discovery`` says whether discovery works.
 
-Nothing here stops the node: every failure is logged as one line when the service goes
-from reachable to not (an event too), and retried with backoff. A record the service
+Nothing here stops the node: every failure is retried with backoff, and logged as one
+line (with an event) only when discovery goes from working to failing. A record the service
 still holds after a failed publish simply runs out at its TTL. On a graceful shutdown
 or reset the node deletes its record (best effort, one second); a reboot keeps it.
 """
@@ -49,7 +49,10 @@ DELETE_TIMEOUT = 1.0
 #: Stages in which the node leaves for good: its record goes with it.
 LEAVING: frozenset[str] = frozenset({"shuttingDown", "resetting"})
 
-State = Literal["disabled", "connecting", "connected", "unreachable"]
+State = Literal["disabled", "connecting", "connected", "failing"]
+#: The two halves of a session; discovery works when both do.
+Part = Literal["publish", "watch"]
+PARTS: tuple[Part, ...] = ("publish", "watch")
 
 
 # -- the client, as this controller uses it ------------------------------------------------
@@ -161,7 +164,7 @@ class Session:
         settings: Settings,
         affiliate: Affiliate,
         connect: Connect,
-        report: Callable[[bool, str], None],
+        report: Callable[[Part, str], None],
     ) -> None:
         from basalt.machinery.discovery.crypto import ClusterKeys
 
@@ -175,6 +178,8 @@ class Session:
         self.last_published = 0.0
         #: The cluster's affiliates as the last watch event gave them (None: none yet).
         self.view: dict[str, AffiliateSpec] | None = None
+        #: Per part: '' when its last attempt worked, else why it failed (absent: none yet).
+        self.health: dict[Part, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -221,11 +226,11 @@ class Session:
             try:
                 await self.client.update(self.settings.affiliate_id, self.affiliate, ttl)
             except Exception as exc:
-                self.report(False, f"publish: {describe(exc)}")
+                self.report("publish", f"publish: {describe(exc)}")
                 delay, wait = wait, next_backoff(wait, ttl)
             else:
                 self.last_published = time.time()
-                self.report(True, "")
+                self.report("publish", "")
                 delay, wait = refresh_delay(ttl), BACKOFF_START
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), delay)
@@ -238,7 +243,7 @@ class Session:
             try:
                 async for event in self.client.watch():
                     self.view = affiliate_specs(event.affiliates)
-                    self.report(True, "")
+                    self.report("watch", "")
                     if failed:
                         # The service may have lost records while it was away (or this
                         # node's record expired): publish again now, not at the refresh.
@@ -246,7 +251,7 @@ class Session:
                         failed = False
                     wait = BACKOFF_START
             except Exception as exc:
-                self.report(False, f"watch: {describe(exc)}")
+                self.report("watch", f"watch: {describe(exc)}")
             failed = True
             await asyncio.sleep(wait)
             wait = next_backoff(wait, ttl)
@@ -345,32 +350,32 @@ class DiscoveryController(Controller):
         return self.node.address if self.node.platform.address_known else addresses[0]
 
     # -- what the service says --------------------------------------------------------------
-    def _report(self, ok: bool, error: str) -> None:
-        """A session's news: mirror its view, and say when the service comes or goes."""
+    def _report(self, part: Part, error: str) -> None:
+        """A session's news (``error`` '' : that part works): mirror its view, and say when
+        discovery starts or stops working (one log line and one event per change)."""
         store = self._store
         session = self.session
         if store is None or session is None:
             return
-        if ok:
-            if self.state == "unreachable":
-                log.info("discovery: %s answers again", session.settings.url)
+        session.health[part] = error
+        if part == "watch" and not error and session.view is not None:
+            self._mirror(store, session.view)
+        failing = [text for text in session.health.values() if text]
+        url = session.settings.url
+        if failing:
+            if self.state != "failing":
+                log.warning("discovery: %s failing: %s", url, failing[0])
                 self.node.events.publish(
-                    "discovery",
-                    f"discovery service {session.settings.url} answers again",
-                    actor=OWNER,
+                    "discovery", f"discovery through {url} failing: {failing[0]}", actor=OWNER
+                )
+            self.state, self.error = "failing", failing[0]
+        elif len(session.health) == len(PARTS):
+            if self.state == "failing":
+                log.info("discovery: %s works again", url)
+                self.node.events.publish(
+                    "discovery", f"discovery through {url} works again", actor=OWNER
                 )
             self.state, self.error = "connected", ""
-            if session.view is not None:
-                self._mirror(store, session.view)
-        else:
-            if self.state != "unreachable":
-                log.warning("discovery: %s unreachable: %s", session.settings.url, error)
-                self.node.events.publish(
-                    "discovery",
-                    f"discovery service {session.settings.url} unreachable: {error}",
-                    actor=OWNER,
-                )
-            self.state, self.error = "unreachable", error
         self._put_status(store)
 
     def _mirror(self, store: ResourceStore, view: Mapping[str, AffiliateSpec]) -> None:

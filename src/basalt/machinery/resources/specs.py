@@ -97,8 +97,8 @@ class DiscoveryStatusSpec(Model):
     """This node's link to the discovery service (``DiscoveryConfig``).
 
     ``state``: ``disabled`` (no DiscoveryConfig, or ``enabled: false``), ``connecting``,
-    ``connected`` (the last publish and the watch succeeded), ``unreachable`` (the last
-    attempt failed: ``last_error`` says why; the node retries with backoff).
+    ``connected`` (the last publish and the last watch succeeded), ``failing`` (one of them
+    failed: ``last_error`` says why, unreachable or refused; the node retries with backoff).
     """
 
     state: str
