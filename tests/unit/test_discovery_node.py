@@ -33,7 +33,7 @@ from basalt.machined.controllers.members import (
 )
 from basalt.machined.etcd.manager import EtcdManager, discovered_peers
 from basalt.machined.node import Node, Tuning
-from basalt.machined.platform import NodePaths, Platform, PlatformMode
+from basalt.machined.platform import UNSPECIFIED_ADDRESS, NodePaths, Platform, PlatformMode
 from basalt.machinery.api import trust_pb2
 from basalt.machinery.config import ClusterConfig, load_bundle
 from basalt.machinery.config.diff import needs_reboot
@@ -41,7 +41,7 @@ from basalt.machinery.discovery.crypto import ClusterKeys
 from basalt.machinery.discovery.errors import DiscoveryLimitError
 from basalt.machinery.discovery.model import Affiliate
 from basalt.machinery.errors import ConfigValidationError
-from basalt.machinery.resources import AffiliateSpec, resolve_type
+from basalt.machinery.resources import AffiliateSpec, NodeAddressesSpec, resolve_type
 from tests.fakes import inputs
 from tests.fakes.discovery import FakeDiscoveryService
 
@@ -89,8 +89,14 @@ async def until(check: Callable[[], object], timeout: float = 3.0) -> None:
 class Harness:
     """A container node with a config, its discovery controller and a fake service."""
 
-    def __init__(self, tmp: Path, service: FakeDiscoveryService, hostname: str = "cp-1") -> None:
-        platform = Platform(PlatformMode.CONTAINER, NodePaths.under(tmp), ADDRESS, hostname)
+    def __init__(
+        self,
+        tmp: Path,
+        service: FakeDiscoveryService,
+        hostname: str = "cp-1",
+        address: str = ADDRESS,
+    ) -> None:
+        platform = Platform(PlatformMode.CONTAINER, NodePaths.under(tmp), address, hostname)
         self.node: Node = build_node(platform, Tuning())
         self.node.paths.create()
         self.service = service
@@ -264,6 +270,35 @@ def test_a_new_host_name_is_published_at_once(tmp_path: Path) -> None:
         assert len({p.affiliate_id for p in harness.service.published}) == 1
 
     with_harness(tmp_path, body)
+
+
+def test_a_node_without_an_address_waits_and_keeps_a_running_session(tmp_path: Path) -> None:
+    async def go() -> None:
+        made = Harness(tmp_path, FakeDiscoveryService(), address=UNSPECIFIED_ADDRESS)
+        try:
+            await made.apply(config_text("controlplane", discovery_doc()))
+            assert made.status().state == "connecting" and made.controller.session is None
+            made.node.store.put(
+                "NodeAddresses",
+                "current",
+                NodeAddressesSpec(addresses=["192.0.2.7"]),
+                owner="network",
+            )
+            await made.controller.reconcile(made.node.store)
+            await until(lambda: made.service.published)
+            sent = made.service.published[-1].affiliate
+            assert sent.addresses == ("192.0.2.7",)
+            assert sent.etcd_peer_url == "https://192.0.2.7:2380"
+            session = made.controller.session
+            made.node.store.put(
+                "NodeAddresses", "current", NodeAddressesSpec(addresses=[]), owner="network"
+            )
+            await made.controller.reconcile(made.node.store)  # a lease lapses for a moment
+            assert made.controller.session is session and made.service.deleted == []
+        finally:
+            await made.close()
+
+    asyncio.run(go())
 
 
 # -- watching ------------------------------------------------------------------------------------

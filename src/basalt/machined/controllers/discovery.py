@@ -277,6 +277,13 @@ class DiscoveryController(Controller):
     async def reconcile(self, store: ResourceStore) -> None:
         self._store = store
         planned = self._plan(store)
+        if planned == "no address":
+            # Not yet (metal before its first lease), or briefly none: a running session
+            # keeps its record and view rather than leaving the cluster for it.
+            if self.session is None:
+                self.state = "connecting"
+                self._put_status(store)
+            return
         if planned is None:
             if self.session is not None:
                 session, self.session = self.session, None
@@ -298,9 +305,10 @@ class DiscoveryController(Controller):
             self.session.publish(affiliate)
 
     # -- what to publish -----------------------------------------------------------------------
-    def _plan(self, store: ResourceStore) -> tuple[Settings, Affiliate] | None:
-        """The session settings and this node's affiliate, or None: discovery is off (or
-        the node does not know its address yet)."""
+    def _plan(
+        self, store: ResourceStore
+    ) -> tuple[Settings, Affiliate] | Literal["no address"] | None:
+        """The session settings and this node's affiliate; None: discovery is off."""
         config = self.node.config
         if config is None:
             return None  # and, on a first boot, no config models imported before the API
@@ -316,7 +324,7 @@ class DiscoveryController(Controller):
             return None
         addresses = self._addresses(store)
         if not addresses:
-            return None
+            return "no address"
         if self._machine_uuid is None:
             self._machine_uuid = self.node.platform.machine_uuid()
         settings = Settings(
