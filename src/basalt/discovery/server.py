@@ -98,6 +98,11 @@ class DiscoveryServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST),
                 ("grpc.max_concurrent_streams", 100_000),
+                # Calls that arrived but that the event loop has not taken up yet: after a
+                # restart every node's watch comes back at once, and gRPC's defaults
+                # (1,000 soft, 3,000 hard) cancel the rest.
+                ("grpc.server.max_pending_requests", 100_000),
+                ("grpc.server.max_pending_requests_hard_limit", 100_000),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.so_reuseport", 0),
