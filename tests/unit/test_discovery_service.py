@@ -374,3 +374,23 @@ def test_watch_ends_when_the_server_stops() -> None:
         await client.close()
 
     asyncio.run(main())
+
+
+def test_status_codes_pinned() -> None:
+    from basalt.discovery.service import status_of
+    from basalt.machinery.discovery.crypto import ProofRefused
+    from basalt.machinery.discovery.errors import DiscoveryDataError
+
+    code = grpc.StatusCode
+    expected = {
+        LimitReached("clusters", 1, "x"): code.RESOURCE_EXHAUSTED,
+        TooLarge("data_size", 1, "x"): code.INVALID_ARGUMENT,
+        ProofRefused("signature", "x"): code.PERMISSION_DENIED,
+        DiscoveryAuthError("x"): code.PERMISSION_DENIED,
+        DiscoveryRequestError("x"): code.INVALID_ARGUMENT,
+        DiscoveryLimitError("x"): code.RESOURCE_EXHAUSTED,
+        DiscoveryDataError("x"): code.INVALID_ARGUMENT,
+        DiscoveryError("x"): code.UNAVAILABLE,
+    }
+    for error, status in expected.items():
+        assert status_of(error) == status, type(error).__name__
