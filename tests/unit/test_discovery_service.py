@@ -122,6 +122,20 @@ def _drain(watch: Watch) -> list[tuple[str, str]]:
     return changes
 
 
+def test_total_size() -> None:
+    reg = registry(total_size=10)
+    reg.update(C1, "n1", b"12345", [b"ab"], 60, T0)
+    reg.update(C1, "n1", b"1234567", [b"ab"], 60, T0)  # replacing counts the difference
+    assert reg.size == 9
+    with pytest.raises(LimitReached, match="total_size=10"):
+        reg.update(C2, "n1", b"12", [], 60, T0)
+    assert C2 not in reg.clusters
+    reg.delete(C1, "n1", T0)
+    reg.update(C2, "n1", b"12", [], 60, T0)
+    reg.expire(T0 + 61)
+    assert reg.size == 0
+
+
 def test_watch_fan_out_and_slow_watch_dropped() -> None:
     reg = registry(watch_queue=3)
     reg.update(C1, "n1", b"d", [], 60, T0)

@@ -31,6 +31,8 @@ class Limits:
     ttl_default: int = 1800
     #: Clusters the service holds at once (each with at least one affiliate or watch).
     clusters: int = 100_000
+    #: Bytes of sealed data and endpoints held across all clusters (memory, snapshot).
+    total_size: int = 1 << 30
     #: Open watches of one cluster.
     watches_per_cluster: int = 500
     #: Requests per second of one client address (sustained), and its burst.

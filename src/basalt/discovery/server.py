@@ -82,6 +82,7 @@ class DiscoveryServer:
                     registry.dropped_watches,
                 ),
                 "basalt_discovery_replay_cache": ("Nonces held against replays.", len(self.nonces)),
+                "basalt_discovery_bytes": ("Bytes of sealed records held.", registry.size),
             }
         )
 

@@ -27,6 +27,10 @@ class Record:
     endpoints: tuple[bytes, ...]
     expires: float
 
+    @property
+    def size(self) -> int:
+        return len(self.data) + sum(len(e) for e in self.endpoints)
+
 
 @dataclass(frozen=True)
 class Change:
@@ -84,6 +88,8 @@ class Registry:
         self.dropped_watches = 0
         #: Bumped on every change (the snapshot writer skips a write when it has not moved).
         self.generation = 0
+        #: Bytes of every record held (Limits.total_size).
+        self.size = 0
 
     # -- counts ----------------------------------------------------------------------------
     @property
@@ -136,6 +142,14 @@ class Registry:
                 f"cluster {cluster_id[:12]} has {len(cluster.affiliates)} affiliates",
             )
         record = Record(data, unique, now + ttl)
+        previous = cluster.affiliates.get(affiliate_id)
+        size = self.size + record.size - (previous.size if previous else 0)
+        if size > limits.total_size:
+            self._forget_if_empty(cluster_id, cluster)
+            raise LimitReached(
+                "total_size", limits.total_size, "the service holds as many bytes as it may"
+            )
+        self.size = size
         cluster.affiliates[affiliate_id] = record
         heapq.heappush(self._expiry, (record.expires, cluster_id, affiliate_id))
         self._publish(cluster_id, cluster, Change("update", affiliate_id, record, now))
@@ -144,8 +158,10 @@ class Registry:
     def delete(self, cluster_id: str, affiliate_id: str, now: float) -> bool:
         """Remove a record; False when there was none (not an error: deletes repeat)."""
         cluster = self.clusters.get(cluster_id)
-        if cluster is None or cluster.affiliates.pop(affiliate_id, None) is None:
+        record = cluster.affiliates.pop(affiliate_id, None) if cluster else None
+        if cluster is None or record is None:
             return False
+        self.size -= record.size
         self._publish(cluster_id, cluster, Change("delete", affiliate_id, None, now))
         self._forget_if_empty(cluster_id, cluster)
         return True
@@ -160,10 +176,11 @@ class Registry:
             if cluster is None or record is None or record.expires != expires:
                 continue  # replaced or deleted since this entry was pushed
             del cluster.affiliates[affiliate_id]
+            self.size -= record.size
             removed.append((cluster_id, affiliate_id))
             self._publish(cluster_id, cluster, Change("expired", affiliate_id, None, now))
             self._forget_if_empty(cluster_id, cluster)
-        if len(self._expiry) > 2 * self.affiliate_count + 1024:
+        if len(self._expiry) > 4096 and len(self._expiry) > 2 * self.affiliate_count + 1024:
             self._rebuild_expiry()
         return removed
 
@@ -234,6 +251,8 @@ class Registry:
         if record.expires <= now:
             return False
         cluster = self.clusters.setdefault(cluster_id, Cluster())
+        previous = cluster.affiliates.get(affiliate_id)
+        self.size += record.size - (previous.size if previous else 0)
         cluster.affiliates[affiliate_id] = record
         heapq.heappush(self._expiry, (record.expires, cluster_id, affiliate_id))
         return True
