@@ -27,6 +27,7 @@ import grpc
 import grpc.aio
 
 from basalt.machinery.api import discovery_pb2, discovery_pb2_grpc
+from basalt.machinery.api.status import GRPC_STATUS
 from basalt.machinery.discovery.crypto import (
     EMPTY_DIGEST,
     Method,
@@ -39,7 +40,7 @@ from basalt.machinery.discovery.crypto import (
     verify_proof,
 )
 from basalt.machinery.discovery.errors import DiscoveryAuthError, DiscoveryRequestError
-from basalt.machinery.errors import BasaltError, ErrorKind
+from basalt.machinery.errors import BasaltError
 
 from .limits import LimitReached, TokenBucket, TooLarge
 from .metrics import Metrics
@@ -47,16 +48,6 @@ from .state import Change, Record, Registry
 
 log = logging.getLogger("basalt.discovery")
 
-_CODES: dict[ErrorKind, grpc.StatusCode] = {
-    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
-}
 
 _KIND = discovery_pb2.WatchResponse
 _CHANGE_KINDS = {
@@ -68,7 +59,7 @@ _CHANGE_KINDS = {
 
 def status_of(exc: BasaltError) -> grpc.StatusCode:
     """The gRPC status code of a refusal (its class's kind)."""
-    return _CODES[exc.kind]
+    return GRPC_STATUS[exc.kind]
 
 
 def peer_address(peer: str) -> str:

@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import grpc
 
+from basalt.machinery.api.status import GRPC_STATUS
 from basalt.machinery.errors import (
     AccessDeniedError,
     AlreadyExistsError,
     BasaltError,
     ConfigValidationError,
-    ErrorKind,
     InvalidRequestError,
     NotFoundError,
     OutputExistsError,
     UnavailableError,
 )
 
-#: Each error class says what kind of refusal it is (``BasaltError.kind``); this is the
-#: gRPC status code of each kind.
-_CODES: dict[ErrorKind, grpc.StatusCode] = {
-    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
-}
-
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The status code of a refusal: its class's kind; any other error is a state problem."""
     if isinstance(exc, BasaltError):
-        return _CODES[exc.kind]
+        return GRPC_STATUS[exc.kind]
     return grpc.StatusCode.FAILED_PRECONDITION
 
 
