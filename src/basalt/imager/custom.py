@@ -48,6 +48,7 @@ from basalt.machinery.elf import ElfFormatError, read_elf
 from basalt.machinery.errors import BasaltError, ConfigSyntaxError, Problem
 from basalt.machinery.image_layout import OVERLAY_DIRECTORIES
 from basalt.machinery.images import VerificationKey, key_id
+from basalt.machinery.images.manifest import canonical_json
 from basalt.machinery.schematic import (
     CustomExtensionRef,
     ExtensionManifest,
@@ -112,10 +113,6 @@ class SignedInfo:
         }
 
 
-def _canonical(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-
 # -- the signed file ------------------------------------------------------------------------------
 
 
@@ -132,7 +129,7 @@ def sign_squashfs(
         "sha256": sha256_file(squashfs),
         "keyId": key_id(key),
     }
-    payload = _canonical({**unsigned, "signature": key.sign(_canonical(unsigned)).hex()})
+    payload = canonical_json({**unsigned, "signature": key.sign(canonical_json(unsigned)).hex()})
     partial = out.with_name(f".{out.name}.partial")
     with squashfs.open("rb") as source, partial.open("wb") as target:
         shutil.copyfileobj(source, target, 1 << 20)
@@ -214,7 +211,7 @@ def _read(path: Path) -> tuple[SignedInfo, bytes, bytes]:
         signature = bytes.fromhex(data["signature"])
     except ValueError:
         raise refuse("damaged signature trailer (signature is not hex)") from None
-    unsigned = _canonical({k: v for k, v in data.items() if k != "signature"})
+    unsigned = canonical_json({k: v for k, v in data.items() if k != "signature"})
     info = SignedInfo(
         name=data["name"],
         version=data["version"],
