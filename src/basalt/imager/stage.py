@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from basalt.machinery.fileio import sha256_file
+
 from .errors import ImageToolError
 
 log = logging.getLogger("basalt.imager")
@@ -128,17 +130,12 @@ def run_tool(argv: Sequence[str], *, what: str, **kwargs: Any) -> str:
     return stdout
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def walk_sorted(root: Path) -> Iterator[Path]:
     """Every path below ``root`` in a stable order (parents before children)."""
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         yield entry
         if entry.is_dir() and not entry.is_symlink():
             yield from walk_sorted(entry)
+
+
+__all__ = ["COMPLETE", "Cache", "Stage", "canonical", "run_tool", "sha256_file", "walk_sorted"]

@@ -17,7 +17,6 @@ the extension's libraries; the root's loader and libc serve the rest
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from basalt.machinery.errors import BasaltError
+from basalt.machinery.fileio import sha256_file as file_sha256
 from basalt.machinery.image_layout import EXTENSIONS_DIR, SCHEMATIC_FILE
 from basalt.machinery.schematic import (
     VIRTIO_PORT_PLACEHOLDER,
@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib")
 #: Where an extension service finds programs: the overlay directories first.
 SERVICE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin"
-#: How much of an image is read at a time while hashing it.
-HASH_CHUNK = 1 << 20
 #: The source the overlays are mounted from (what ``mountinfo`` shows).
 OVERLAY_SOURCE = "basalt-ext"
 
@@ -91,15 +89,6 @@ def schematic_record(root: Path = Path("/")) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 (hex) of the file at ``path``, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_image(image: Path, record: Mapping[str, Any]) -> str | None:

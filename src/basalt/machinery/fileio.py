@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -80,3 +81,12 @@ def _copy_through_memory(source: int, offset: int, size: int, out: int) -> int:
     while view:
         view = view[os.write(out, view) :]
     return len(data)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 (hex) of the file at ``path``, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
