@@ -68,6 +68,13 @@ def _request(method: Any, cluster: LiveCluster) -> bytes:
         else {"type": "Versions"},
         "Get": {"type": "Versions", "id": "version"},
         "Watch": {"type": "Versions", "tail": True},
+        "PacketCapture": {"interface": "lo", "duration_seconds": 0.2, "max_packets": 1},
+        "DiskUsage": {"paths": ["/var"], "recursion_depth": 0},
+        "Cgroups": {"preset": "pids"},
+        "MetaRead": {"key": ""},
+        "MetaWrite": {"key": "rbac-matrix", "value": "x"},
+        "MetaDelete": {"key": "rbac-matrix"},
+        "WipeDisk": {"device": "/dev/basalt-no-such-disk"},
     }.get(method.name, {})
     if method.name == "ApplyConfiguration" and cluster.workers:
         fields["data"] = cluster.config_text("controlplane").encode()

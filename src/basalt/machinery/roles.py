@@ -80,6 +80,21 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
     _SERVICE + "ImageImport": _OPERATE,
     _SERVICE + "ImageList": _READ,
     _SERVICE + "ContainerRun": _ADMIN,
+    # The operator's toolbox (docs/toolbox.md).
+    _SERVICE + "Containers": _READ,
+    _SERVICE + "Stats": _READ,
+    _SERVICE + "Cgroups": _READ,
+    # Packets may carry what no log shows (plaintext protocols): operators and admins.
+    _SERVICE + "PacketCapture": _OPERATE,
+    _SERVICE + "TimeCheck": _READ,
+    _SERVICE + "DiskUsage": _READ,
+    # META holds boot state; its user keys are admin business, reads included.
+    _SERVICE + "MetaRead": _ADMIN,
+    _SERVICE + "MetaWrite": _ADMIN,
+    _SERVICE + "MetaDelete": _ADMIN,
+    _SERVICE + "WipeDisk": _ADMIN,
+    _SERVICE + "ControllerGraph": _READ,
+    _SERVICE + "ClusterHealth": _READ,
     # Resource reads; sensitive types are further limited to admin by the servicer.
     _RESOURCES + "Get": _READ,
     _RESOURCES + "List": _READ,

@@ -15,9 +15,14 @@ from basalt.machinery.api import common_pb2, machine_pb2, machine_pb2_grpc
 from basalt.machinery.roles import CLIENT_ROLES, Role
 
 from .auth import Principal, answer_metadata, current_principal
+from .cluster_health import ClusterHealthMethods
 from .containers import ContainerMethods
 from .errors import AccessDeniedError, InvalidRequestError, NotFoundError
 from .etcd import EtcdMethods
+from .graph import GraphMethods
+from .inspect import InspectMethods
+from .meta import MetaMethods
+from .pcap import CaptureMethods
 from .upgrade import UpgradeMethods
 
 if TYPE_CHECKING:
@@ -29,7 +34,15 @@ AGENT_LOG = "machined"
 
 
 class MachineServicer(
-    EtcdMethods, UpgradeMethods, ContainerMethods, machine_pb2_grpc.MachineServiceServicer
+    EtcdMethods,
+    UpgradeMethods,
+    ContainerMethods,
+    InspectMethods,
+    CaptureMethods,
+    MetaMethods,
+    GraphMethods,
+    ClusterHealthMethods,
+    machine_pb2_grpc.MachineServiceServicer,
 ):
     def __init__(self, node: Node, *, maintenance: bool = False) -> None:
         self.node = node

@@ -225,6 +225,66 @@ class MachineServiceStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunRequest.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunResponse.FromString,
                 _registered_method=True)
+        self.Containers = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/Containers',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainersRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainersResponse.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/Stats',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.StatsRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.Cgroups = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/Cgroups',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.CgroupsRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.CgroupsResponse.FromString,
+                _registered_method=True)
+        self.PacketCapture = channel.unary_stream(
+                '/basalt.api.v1alpha1.MachineService/PacketCapture',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.PacketCaptureRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Data.FromString,
+                _registered_method=True)
+        self.TimeCheck = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/TimeCheck',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.TimeCheckRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.TimeCheckResponse.FromString,
+                _registered_method=True)
+        self.DiskUsage = channel.unary_stream(
+                '/basalt.api.v1alpha1.MachineService/DiskUsage',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.DiskUsageRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.DiskUsageInfo.FromString,
+                _registered_method=True)
+        self.MetaRead = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/MetaRead',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaReadRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaReadResponse.FromString,
+                _registered_method=True)
+        self.MetaWrite = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/MetaWrite',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaWriteRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.MetaDelete = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/MetaDelete',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaDeleteRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.WipeDisk = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/WipeDisk',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.WipeDiskRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+                _registered_method=True)
+        self.ControllerGraph = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/ControllerGraph',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ControllerGraphRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ControllerGraphResponse.FromString,
+                _registered_method=True)
+        self.ClusterHealth = channel.unary_stream(
+                '/basalt.api.v1alpha1.MachineService/ClusterHealth',
+                request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ClusterHealthRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ClusterHealthProgress.FromString,
+                _registered_method=True)
 
 
 class MachineServiceServicer:
@@ -465,6 +525,89 @@ class MachineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Containers(self, request, context):
+        """The operator's toolbox (docs/toolbox.md).
+        Running containers and their tasks, from containerd (every namespace, or one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Per-container CPU and memory, from containerd's task metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cgroups(self, request, context):
+        """cgroup v2 usage by preset (cpu, memory, io, pids), one row per cgroup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PacketCapture(self, request, context):
+        """Packets captured on one interface, as a pcap file streamed in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TimeCheck(self, request, context):
+        """The node's clock offset against its time servers, or against a given one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiskUsage(self, request, context):
+        """Disk usage under paths (read-only), one answer per file or directory shown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MetaRead(self, request, context):
+        """Keys on the META partition; keys Basalt owns are refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MetaWrite(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MetaDelete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WipeDisk(self, request, context):
+        """Wipe disks Basalt does not use (never the system disk).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControllerGraph(self, request, context):
+        """The controllers and the resource types they read and write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClusterHealth(self, request, context):
+        """Cluster-wide health checks run from this node (`basaltctl health --server`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MachineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -657,6 +800,66 @@ def add_MachineServiceServicer_to_server(servicer, server):
                     servicer.ContainerRun,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunRequest.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunResponse.SerializeToString,
+            ),
+            'Containers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Containers,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainersRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ContainersResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.StatsRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.StatsResponse.SerializeToString,
+            ),
+            'Cgroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cgroups,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.CgroupsRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.CgroupsResponse.SerializeToString,
+            ),
+            'PacketCapture': grpc.unary_stream_rpc_method_handler(
+                    servicer.PacketCapture,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.PacketCaptureRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Data.SerializeToString,
+            ),
+            'TimeCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.TimeCheck,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.TimeCheckRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.TimeCheckResponse.SerializeToString,
+            ),
+            'DiskUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.DiskUsage,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.DiskUsageRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.DiskUsageInfo.SerializeToString,
+            ),
+            'MetaRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.MetaRead,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaReadRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaReadResponse.SerializeToString,
+            ),
+            'MetaWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.MetaWrite,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaWriteRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'MetaDelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.MetaDelete,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.MetaDeleteRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'WipeDisk': grpc.unary_unary_rpc_method_handler(
+                    servicer.WipeDisk,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.WipeDiskRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.SerializeToString,
+            ),
+            'ControllerGraph': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControllerGraph,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ControllerGraphRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ControllerGraphResponse.SerializeToString,
+            ),
+            'ClusterHealth': grpc.unary_stream_rpc_method_handler(
+                    servicer.ClusterHealth,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ClusterHealthRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.ClusterHealthProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1685,6 +1888,330 @@ class MachineService:
             '/basalt.api.v1alpha1.MachineService/ContainerRun',
             basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunRequest.SerializeToString,
             basalt_dot_machinery_dot_api_dot_machine__pb2.ContainerRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Containers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/Containers',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ContainersRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/Stats',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.StatsRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cgroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/Cgroups',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.CgroupsRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.CgroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PacketCapture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/PacketCapture',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.PacketCaptureRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.Data.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TimeCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/TimeCheck',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.TimeCheckRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.TimeCheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiskUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/DiskUsage',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.DiskUsageRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.DiskUsageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MetaRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/MetaRead',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.MetaReadRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.MetaReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MetaWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/MetaWrite',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.MetaWriteRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MetaDelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/MetaDelete',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.MetaDeleteRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WipeDisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/WipeDisk',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.WipeDiskRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_common__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControllerGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/ControllerGraph',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ControllerGraphRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ControllerGraphResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/ClusterHealth',
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ClusterHealthRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.ClusterHealthProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,30 @@ class MachineServiceStub:
     """
     ImageList: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.ImageListResponse]
     ContainerRun: _grpc.UnaryUnaryMultiCallable[_machine_pb2.ContainerRunRequest, _machine_pb2.ContainerRunResponse]
+    Containers: _grpc.UnaryUnaryMultiCallable[_machine_pb2.ContainersRequest, _machine_pb2.ContainersResponse]
+    """The operator's toolbox (docs/toolbox.md).
+    Running containers and their tasks, from containerd (every namespace, or one).
+    """
+    Stats: _grpc.UnaryUnaryMultiCallable[_machine_pb2.StatsRequest, _machine_pb2.StatsResponse]
+    """Per-container CPU and memory, from containerd's task metrics."""
+    Cgroups: _grpc.UnaryUnaryMultiCallable[_machine_pb2.CgroupsRequest, _machine_pb2.CgroupsResponse]
+    """cgroup v2 usage by preset (cpu, memory, io, pids), one row per cgroup."""
+    PacketCapture: _grpc.UnaryStreamMultiCallable[_machine_pb2.PacketCaptureRequest, _common_pb2.Data]
+    """Packets captured on one interface, as a pcap file streamed in chunks."""
+    TimeCheck: _grpc.UnaryUnaryMultiCallable[_machine_pb2.TimeCheckRequest, _machine_pb2.TimeCheckResponse]
+    """The node's clock offset against its time servers, or against a given one."""
+    DiskUsage: _grpc.UnaryStreamMultiCallable[_machine_pb2.DiskUsageRequest, _machine_pb2.DiskUsageInfo]
+    """Disk usage under paths (read-only), one answer per file or directory shown."""
+    MetaRead: _grpc.UnaryUnaryMultiCallable[_machine_pb2.MetaReadRequest, _machine_pb2.MetaReadResponse]
+    """Keys on the META partition; keys Basalt owns are refused."""
+    MetaWrite: _grpc.UnaryUnaryMultiCallable[_machine_pb2.MetaWriteRequest, _common_pb2.ActionResponse]
+    MetaDelete: _grpc.UnaryUnaryMultiCallable[_machine_pb2.MetaDeleteRequest, _common_pb2.ActionResponse]
+    WipeDisk: _grpc.UnaryUnaryMultiCallable[_machine_pb2.WipeDiskRequest, _common_pb2.ActionResponse]
+    """Wipe disks Basalt does not use (never the system disk)."""
+    ControllerGraph: _grpc.UnaryUnaryMultiCallable[_machine_pb2.ControllerGraphRequest, _machine_pb2.ControllerGraphResponse]
+    """The controllers and the resource types they read and write."""
+    ClusterHealth: _grpc.UnaryStreamMultiCallable[_machine_pb2.ClusterHealthRequest, _machine_pb2.ClusterHealthProgress]
+    """Cluster-wide health checks run from this node (`basaltctl health --server`)."""
 
 @_typing.type_check_only
 class MachineServiceAsyncStub(MachineServiceStub):
@@ -130,6 +154,30 @@ class MachineServiceAsyncStub(MachineServiceStub):
     """
     ImageList: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.ImageListResponse]  # type: ignore[assignment]
     ContainerRun: _aio.UnaryUnaryMultiCallable[_machine_pb2.ContainerRunRequest, _machine_pb2.ContainerRunResponse]  # type: ignore[assignment]
+    Containers: _aio.UnaryUnaryMultiCallable[_machine_pb2.ContainersRequest, _machine_pb2.ContainersResponse]  # type: ignore[assignment]
+    """The operator's toolbox (docs/toolbox.md).
+    Running containers and their tasks, from containerd (every namespace, or one).
+    """
+    Stats: _aio.UnaryUnaryMultiCallable[_machine_pb2.StatsRequest, _machine_pb2.StatsResponse]  # type: ignore[assignment]
+    """Per-container CPU and memory, from containerd's task metrics."""
+    Cgroups: _aio.UnaryUnaryMultiCallable[_machine_pb2.CgroupsRequest, _machine_pb2.CgroupsResponse]  # type: ignore[assignment]
+    """cgroup v2 usage by preset (cpu, memory, io, pids), one row per cgroup."""
+    PacketCapture: _aio.UnaryStreamMultiCallable[_machine_pb2.PacketCaptureRequest, _common_pb2.Data]  # type: ignore[assignment]
+    """Packets captured on one interface, as a pcap file streamed in chunks."""
+    TimeCheck: _aio.UnaryUnaryMultiCallable[_machine_pb2.TimeCheckRequest, _machine_pb2.TimeCheckResponse]  # type: ignore[assignment]
+    """The node's clock offset against its time servers, or against a given one."""
+    DiskUsage: _aio.UnaryStreamMultiCallable[_machine_pb2.DiskUsageRequest, _machine_pb2.DiskUsageInfo]  # type: ignore[assignment]
+    """Disk usage under paths (read-only), one answer per file or directory shown."""
+    MetaRead: _aio.UnaryUnaryMultiCallable[_machine_pb2.MetaReadRequest, _machine_pb2.MetaReadResponse]  # type: ignore[assignment]
+    """Keys on the META partition; keys Basalt owns are refused."""
+    MetaWrite: _aio.UnaryUnaryMultiCallable[_machine_pb2.MetaWriteRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    MetaDelete: _aio.UnaryUnaryMultiCallable[_machine_pb2.MetaDeleteRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    WipeDisk: _aio.UnaryUnaryMultiCallable[_machine_pb2.WipeDiskRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
+    """Wipe disks Basalt does not use (never the system disk)."""
+    ControllerGraph: _aio.UnaryUnaryMultiCallable[_machine_pb2.ControllerGraphRequest, _machine_pb2.ControllerGraphResponse]  # type: ignore[assignment]
+    """The controllers and the resource types they read and write."""
+    ClusterHealth: _aio.UnaryStreamMultiCallable[_machine_pb2.ClusterHealthRequest, _machine_pb2.ClusterHealthProgress]  # type: ignore[assignment]
+    """Cluster-wide health checks run from this node (`basaltctl health --server`)."""
 
 class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -406,5 +454,101 @@ class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _machine_pb2.ContainerRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_machine_pb2.ContainerRunResponse, _abc.Awaitable[_machine_pb2.ContainerRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Containers(
+        self,
+        request: _machine_pb2.ContainersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.ContainersResponse, _abc.Awaitable[_machine_pb2.ContainersResponse]]:
+        """The operator's toolbox (docs/toolbox.md).
+        Running containers and their tasks, from containerd (every namespace, or one).
+        """
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _machine_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.StatsResponse, _abc.Awaitable[_machine_pb2.StatsResponse]]:
+        """Per-container CPU and memory, from containerd's task metrics."""
+
+    @_abc_1.abstractmethod
+    def Cgroups(
+        self,
+        request: _machine_pb2.CgroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.CgroupsResponse, _abc.Awaitable[_machine_pb2.CgroupsResponse]]:
+        """cgroup v2 usage by preset (cpu, memory, io, pids), one row per cgroup."""
+
+    @_abc_1.abstractmethod
+    def PacketCapture(
+        self,
+        request: _machine_pb2.PacketCaptureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.Data], _abc.AsyncIterator[_common_pb2.Data]]:
+        """Packets captured on one interface, as a pcap file streamed in chunks."""
+
+    @_abc_1.abstractmethod
+    def TimeCheck(
+        self,
+        request: _machine_pb2.TimeCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.TimeCheckResponse, _abc.Awaitable[_machine_pb2.TimeCheckResponse]]:
+        """The node's clock offset against its time servers, or against a given one."""
+
+    @_abc_1.abstractmethod
+    def DiskUsage(
+        self,
+        request: _machine_pb2.DiskUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_machine_pb2.DiskUsageInfo], _abc.AsyncIterator[_machine_pb2.DiskUsageInfo]]:
+        """Disk usage under paths (read-only), one answer per file or directory shown."""
+
+    @_abc_1.abstractmethod
+    def MetaRead(
+        self,
+        request: _machine_pb2.MetaReadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.MetaReadResponse, _abc.Awaitable[_machine_pb2.MetaReadResponse]]:
+        """Keys on the META partition; keys Basalt owns are refused."""
+
+    @_abc_1.abstractmethod
+    def MetaWrite(
+        self,
+        request: _machine_pb2.MetaWriteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def MetaDelete(
+        self,
+        request: _machine_pb2.MetaDeleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WipeDisk(
+        self,
+        request: _machine_pb2.WipeDiskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ActionResponse, _abc.Awaitable[_common_pb2.ActionResponse]]:
+        """Wipe disks Basalt does not use (never the system disk)."""
+
+    @_abc_1.abstractmethod
+    def ControllerGraph(
+        self,
+        request: _machine_pb2.ControllerGraphRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.ControllerGraphResponse, _abc.Awaitable[_machine_pb2.ControllerGraphResponse]]:
+        """The controllers and the resource types they read and write."""
+
+    @_abc_1.abstractmethod
+    def ClusterHealth(
+        self,
+        request: _machine_pb2.ClusterHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_machine_pb2.ClusterHealthProgress], _abc.AsyncIterator[_machine_pb2.ClusterHealthProgress]]:
+        """Cluster-wide health checks run from this node (`basaltctl health --server`)."""
 
 def add_MachineServiceServicer_to_server(servicer: MachineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
