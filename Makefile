@@ -111,6 +111,10 @@ system-deps:
 	@# package has no service to start. Without root those tests skip.
 	@command -v dnsmasq >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base; }
+	@# tcpdump: the pcap tests compare the filter compiler with its -ddd programs and read
+	@# captures back with -r. Without root those comparisons skip.
+	@command -v tcpdump >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump; }
 	@# PostgreSQL for the fleet's replica tests: the server binaries only (the tests run
 	@# their own clusters with initdb + pg_ctl), no system cluster is started.
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { \
