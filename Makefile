@@ -115,6 +115,10 @@ system-deps:
 	@# captures back with -r. Without root those comparisons skip.
 	@command -v tcpdump >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump; }
+	@# tmux: the dashboard test runs basaltctl dashboard in a detached session and reads
+	@# its screen. Without root that test skips.
+	@command -v tmux >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tmux; }
 	@# PostgreSQL for the fleet's replica tests: the server binaries only (the tests run
 	@# their own clusters with initdb + pg_ctl), no system cluster is started.
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { \

@@ -73,7 +73,7 @@ DEBIAN_PACKAGES: tuple[str, ...] = (
     "libselinux1",
 )
 #: Basalt's dependencies that only the CLI uses; they stay out of the node image.
-CLI_ONLY: tuple[str, ...] = ("typer", "rich")
+CLI_ONLY: tuple[str, ...] = ("typer", "rich", "textual")  # textual: basaltctl dashboard
 #: Wheel tags of the target: CPython 3.11 on glibc 2.36 (Debian bookworm), x86_64. pip
 #: expands a manylinux_2_36 platform to every older manylinux tag, manylinux2014 included.
 WHEEL_PLATFORM = "manylinux_2_36_x86_64"
