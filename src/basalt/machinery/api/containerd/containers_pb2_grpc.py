@@ -40,6 +40,11 @@ class ContainersStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.GetContainerRequest.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.GetContainerResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/containerd.services.containers.v1.Containers/List',
+                request_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
         self.Create = channel.unary_unary(
                 '/containerd.services.containers.v1.Containers/Create',
                 request_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.CreateContainerRequest.SerializeToString,
@@ -56,6 +61,12 @@ class ContainersServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +91,11 @@ def add_ContainersServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.GetContainerRequest.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.GetContainerResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.ListContainersRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.ListContainersResponse.SerializeToString,
             ),
             'Create': grpc.unary_unary_rpc_method_handler(
                     servicer.Create,
@@ -119,6 +135,33 @@ class Containers:
             '/containerd.services.containers.v1.Containers/Get',
             basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.GetContainerRequest.SerializeToString,
             basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.GetContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.containers.v1.Containers/List',
+            basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.ListContainersRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_containerd_dot_containers__pb2.ListContainersResponse.FromString,
             options,
             channel_credentials,
             insecure,

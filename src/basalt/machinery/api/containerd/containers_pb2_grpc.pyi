@@ -33,6 +33,7 @@ class ContainersStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ContainersAsyncStub: ...
     Get: _grpc.UnaryUnaryMultiCallable[_containers_pb2.GetContainerRequest, _containers_pb2.GetContainerResponse]
+    List: _grpc.UnaryUnaryMultiCallable[_containers_pb2.ListContainersRequest, _containers_pb2.ListContainersResponse]
     Create: _grpc.UnaryUnaryMultiCallable[_containers_pb2.CreateContainerRequest, _containers_pb2.CreateContainerResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_containers_pb2.DeleteContainerRequest, _empty_pb2.Empty]
 
@@ -40,6 +41,7 @@ class ContainersStub:
 class ContainersAsyncStub(ContainersStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Get: _aio.UnaryUnaryMultiCallable[_containers_pb2.GetContainerRequest, _containers_pb2.GetContainerResponse]  # type: ignore[assignment]
+    List: _aio.UnaryUnaryMultiCallable[_containers_pb2.ListContainersRequest, _containers_pb2.ListContainersResponse]  # type: ignore[assignment]
     Create: _aio.UnaryUnaryMultiCallable[_containers_pb2.CreateContainerRequest, _containers_pb2.CreateContainerResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_containers_pb2.DeleteContainerRequest, _empty_pb2.Empty]  # type: ignore[assignment]
 
@@ -50,6 +52,13 @@ class ContainersServicer(metaclass=_abc_1.ABCMeta):
         request: _containers_pb2.GetContainerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_containers_pb2.GetContainerResponse, _abc.Awaitable[_containers_pb2.GetContainerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _containers_pb2.ListContainersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_containers_pb2.ListContainersResponse, _abc.Awaitable[_containers_pb2.ListContainersResponse]]: ...
 
     @_abc_1.abstractmethod
     def Create(

@@ -60,6 +60,11 @@ class TasksStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.WaitRequest.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.WaitResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/containerd.services.tasks.v1.Tasks/List',
+                request_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TasksServicer:
@@ -95,6 +100,12 @@ class TasksServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TasksServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +133,11 @@ def add_TasksServicer_to_server(servicer, server):
                     servicer.Wait,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.WaitRequest.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.WaitResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.ListTasksRequest.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +275,33 @@ class Tasks:
             '/containerd.services.tasks.v1.Tasks/Wait',
             basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.WaitRequest.SerializeToString,
             basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.WaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.tasks.v1.Tasks/List',
+            basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.ListTasksRequest.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_containerd_dot_tasks__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

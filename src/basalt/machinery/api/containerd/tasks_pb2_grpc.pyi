@@ -37,6 +37,7 @@ class TasksStub:
     Delete: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.DeleteTaskRequest, _tasks_pb2.DeleteResponse]
     Kill: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.KillRequest, _empty_pb2.Empty]
     Wait: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.WaitRequest, _tasks_pb2.WaitResponse]
+    List: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
 
 @_typing.type_check_only
 class TasksAsyncStub(TasksStub):
@@ -46,6 +47,7 @@ class TasksAsyncStub(TasksStub):
     Delete: _aio.UnaryUnaryMultiCallable[_tasks_pb2.DeleteTaskRequest, _tasks_pb2.DeleteResponse]  # type: ignore[assignment]
     Kill: _aio.UnaryUnaryMultiCallable[_tasks_pb2.KillRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     Wait: _aio.UnaryUnaryMultiCallable[_tasks_pb2.WaitRequest, _tasks_pb2.WaitResponse]  # type: ignore[assignment]
+    List: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
 
 class TasksServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -82,5 +84,12 @@ class TasksServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.WaitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.WaitResponse, _abc.Awaitable[_tasks_pb2.WaitResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _tasks_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListTasksResponse, _abc.Awaitable[_tasks_pb2.ListTasksResponse]]: ...
 
 def add_TasksServicer_to_server(servicer: TasksServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
