@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING
 from ..runtime import Controller, ControllerEngine
 from .discovery import DiscoveryController
 from .hostname import HostnameController
+from .kernel_params import KernelParamsController
 from .kubernetes import KubernetesAssetsController
 from .members import MembersController
+from .network_status import NetworkStatusController
 from .node_addresses import NodeAddressesController
+from .storage_status import StorageStatusController
 from .system_stats import SystemStatsController
 from .version import VersionController
 
@@ -56,6 +59,9 @@ def start_engine(node: Node, extra: Sequence[Controller] = ()) -> ControllerEngi
                 MembersController(node),
                 KubernetesAssetsController(node),
                 SystemStatsController(node),
+                NetworkStatusController(node),
+                StorageStatusController(node),
+                KernelParamsController(node),
                 *extra,
             ],
         )

@@ -26,10 +26,13 @@ class ResourceDefinition:
     spec: builtins.type[BaseModel]
     aliases: tuple[str, ...]
     description: str
-    #: (column header, spec key) for table output, after NODE, ID and VERSION.
+    #: (column header, spec key) for table output, after NODE, ID and VERSION. A key may
+    #: go into nested fields with dots (``partitions.label``: that field of each item).
     columns: tuple[tuple[str, str], ...] = ()
     #: Sensitive resources (keys, configs) are readable by os:admin only.
     sensitive: bool = False
+    #: More columns for ``-o wide``, after ``columns``.
+    wide_columns: tuple[tuple[str, str], ...] = ()
 
     def matches(self, name: str) -> bool:
         wanted = name.lower()
@@ -87,8 +90,8 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
         "NodeAddresses",
         "network",
         specs.NodeAddressesSpec,
-        ("nodeaddress", "nodeaddresses", "addresses"),
-        "The node's addresses.",
+        ("nodeaddress", "nodeaddresses"),
+        "The addresses the node serves on (all addresses of every link: 'get addresses').",
         (("ADDRESSES", "addresses"),),
     ),
     ResourceDefinition(
@@ -235,6 +238,92 @@ DEFINITIONS: tuple[ResourceDefinition, ...] = (
             ("EXTENSIONS", "extensions"),
             ("SKIPPED", "extensionsSkipped"),
         ),
+    ),
+    ResourceDefinition(
+        "Disks",
+        "hardware",
+        specs.DiskSpec,
+        ("disk", "disks", "blockdevice", "blockdevices"),
+        "Block devices: model, size, serial, transport and partitions (the host's in "
+        "container mode).",
+        (
+            ("SIZE", "size"),
+            ("MODEL", "model"),
+            ("TRANSPORT", "transport"),
+            ("ROTATIONAL", "rotational"),
+            ("SYSTEM", "systemDisk"),
+        ),
+        wide_columns=(
+            ("SERIAL", "serial"),
+            ("READONLY", "readonly"),
+            ("PARTITIONS", "partitions.label"),
+        ),
+    ),
+    ResourceDefinition(
+        "Volumes",
+        "hardware",
+        specs.VolumeSpec,
+        ("volume", "volumes"),
+        "Basalt's partitions and mounts with their usage (container mode: the node's state "
+        "and ephemeral directories).",
+        (
+            ("DEVICE", "device"),
+            ("PATH", "path"),
+            ("FS", "filesystem"),
+            ("SIZE", "size"),
+            ("USED", "used"),
+            ("FREE", "free"),
+        ),
+        wide_columns=(("MOUNTED", "mounted"), ("CONTENTS", "contents")),
+    ),
+    ResourceDefinition(
+        "Links",
+        "network",
+        specs.LinkSpec,
+        ("link", "links"),
+        "Network links (the host's for process nodes, which share its network namespace).",
+        (("INDEX", "index"), ("TYPE", "type"), ("OPERSTATE", "operstate"), ("MTU", "mtu")),
+        wide_columns=(("MAC", "mac"), ("KIND", "kind"), ("FLAGS", "flags")),
+    ),
+    ResourceDefinition(
+        "Addresses",
+        "network",
+        specs.AddressSpec,
+        ("address", "addresses", "addr"),
+        "Addresses on every link (the node's own: 'get nodeaddresses').",
+        (("LINK", "link"), ("ADDRESS", "address"), ("FAMILY", "family")),
+        wide_columns=(("SCOPE", "scope"), ("FLAGS", "flags")),
+    ),
+    ResourceDefinition(
+        "Routes",
+        "network",
+        specs.RouteSpec,
+        ("route", "routes"),
+        "Routes of every table.",
+        (
+            ("DESTINATION", "destination"),
+            ("GATEWAY", "gateway"),
+            ("LINK", "link"),
+            ("TABLE", "table"),
+            ("METRIC", "metric"),
+        ),
+        wide_columns=(
+            ("FAMILY", "family"),
+            ("SOURCE", "source"),
+            ("PROTOCOL", "protocol"),
+            ("SCOPE", "scope"),
+            ("TYPE", "type"),
+        ),
+    ),
+    ResourceDefinition(
+        "KernelParams",
+        "runtime",
+        specs.KernelParamSpec,
+        ("kernelparam", "kernelparams", "sysctls"),
+        "Kernel parameters the config sets (SysctlConfig and Basalt's defaults): the value "
+        "now and the one wanted.",
+        (("VALUE", "value"), ("WANTED", "wanted"), ("APPLIED", "applied")),
+        wide_columns=(("SOURCE", "source"), ("ERROR", "error")),
     ),
 )
 

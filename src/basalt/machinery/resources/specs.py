@@ -264,3 +264,107 @@ class ResourceDefinitionSpec(Model):
     aliases: list[str]
     sensitive: bool
     description: str
+
+
+class DiskPartition(Model):
+    """One partition of a disk: its device, GPT name, where it starts and how big it is
+    (bytes), and its GPT type (``efi``, ``linux-data`` or the type GUID; '' when the
+    partition table could not be read)."""
+
+    name: str
+    label: str = ""
+    start: int = 0
+    size: int = 0
+    type: str = ""
+
+
+class DiskSpec(Model):
+    """A block device (``/sys/block``; loop, ram and zram devices left out); the id is its
+    kernel name. ``transport``: ``nvme``, ``virtio``, ``sata``, ``usb``, ``scsi``,
+    ``mmc``, ``xen`` or '' when unknown."""
+
+    device: str
+    size: int
+    model: str = ""
+    serial: str = ""
+    rotational: bool = False
+    readonly: bool = False
+    transport: str = ""
+    #: True for the disk the node booted from (the one holding its A/B slots).
+    system_disk: bool = False
+    partitions: list[DiskPartition] = Field(default_factory=list)
+
+
+class VolumeSpec(Model):
+    """One of Basalt's volumes; the id is its role (``EFI``, ``BASALT-A``, ``BASALT-B``,
+    ``META``, ``STATE``, ``EPHEMERAL``).
+
+    On metal a volume is a partition found by its GPT name; in container mode it is the
+    node's state or ephemeral directory on the host's filesystem. ``size``, ``used`` and
+    ``free`` are the filesystem's (statvfs; 0 when not mounted); ``contents`` is the bytes
+    of the files under ``path`` in container mode, where the filesystem is shared with the
+    host (-1 on metal, where ``used`` says it).
+    """
+
+    device: str = ""
+    path: str = ""
+    filesystem: str = ""
+    mounted: bool = False
+    size: int = 0
+    used: int = 0
+    free: int = 0
+    contents: int = -1
+
+
+class LinkSpec(Model):
+    """A network link (the id is its name). ``type``: the hardware type (``ether``,
+    ``loopback``, ``none``, or the ARPHRD number); ``kind``: the virtual link's driver
+    (``bridge``, ``veth``, ``vlan``...), '' for a physical one."""
+
+    index: int
+    type: str
+    mtu: int
+    mac: str = ""
+    operstate: str = ""
+    flags: list[str] = Field(default_factory=list)
+    kind: str = ""
+
+
+class AddressSpec(Model):
+    """An address on a link; the id is ``link/address/prefix``."""
+
+    link: str
+    address: str
+    family: str
+    scope: str
+    flags: list[str] = Field(default_factory=list)
+
+
+class RouteSpec(Model):
+    """A route of any table; ``destination`` is a network (``0.0.0.0/0`` for a default
+    route), ``gateway`` and ``source`` '' when there is none."""
+
+    family: str
+    destination: str
+    gateway: str = ""
+    link: str = ""
+    source: str = ""
+    table: str = ""
+    metric: int = 0
+    protocol: str = ""
+    scope: str = ""
+    type: str = ""
+
+
+class KernelParamSpec(Model):
+    """A kernel parameter Basalt's config (or its defaults) sets; the id is the key.
+
+    ``value``: what the kernel reports now ('' when unreadable, ``error`` says why);
+    ``wanted``: what Basalt sets; ``applied``: whether this node sets it (metal), or only
+    shows it (container mode: the host's kernel is not the node's)."""
+
+    value: str
+    wanted: str
+    source: str
+    applied: bool
+    error: str = ""
