@@ -58,6 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upgrade": ("upgrade", "upgrade"),
     "rollback": ("upgrade", "rollback"),
     "update": ("upgrade", "update"),
+    "pcap": ("pcap", "pcap"),
 }
 _VALUE_OPTIONS = ("--basaltconfig", "--context")
 
