@@ -29,6 +29,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "image": ("image", "app"),
     "extension": ("extension", "app"),
     "containers": ("containers", "app"),
+    "inspect": ("inspect", "app"),
     "fleet": ("fleet", "app"),
     "release": ("release", "app"),
 }

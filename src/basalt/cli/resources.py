@@ -1,9 +1,11 @@
-"""``basaltctl get TYPE [ID]``: resources as a table, YAML or JSON; ``--watch`` follows."""
+"""``basaltctl get TYPE [ID]``: resources as a table (``wide``: more columns), YAML, JSON
+or a JSONPath template; ``--watch`` follows."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,11 +18,59 @@ if TYPE_CHECKING:
     from basalt.machinery.client.client import Client
     from basalt.machinery.resources import ResourceDefinition
 
+    from .jsonpath import Template
+
 
 class Output(StrEnum):
     table = "table"
+    wide = "wide"
     yaml = "yaml"
     json = "json"
+    jsonpath = "jsonpath"
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """An ``-o`` value: a format, and the template of ``jsonpath=TEMPLATE``."""
+
+    kind: Output
+    template: Template | None = None
+
+    @property
+    def tabular(self) -> bool:
+        return self.kind in (Output.table, Output.wide)
+
+
+def parse_output(value: str) -> OutputFormat:
+    """``table``, ``wide``, ``yaml``, ``json`` or ``jsonpath=TEMPLATE``."""
+    from basalt.machinery.errors import BasaltError
+
+    name, sep, template = value.partition("=")
+    if name == "jsonpath" and sep:
+        from .jsonpath import compile_template
+
+        return OutputFormat(Output.jsonpath, compile_template(template))
+    if not sep and name in Output.__members__ and name != "jsonpath":
+        return OutputFormat(Output(name))
+    raise BasaltError(
+        f"-o {value!r}: unknown output format",
+        hint="use table, wide, yaml, json or jsonpath=TEMPLATE (e.g. "
+        "-o jsonpath='{.spec.address}')",
+    )
+
+
+def _lookup(spec: Any, key: str) -> Any:
+    """``key`` of ``spec``; dots go into nested objects and through lists (``a.b``: the
+    ``b`` of each item of ``a``)."""
+    value = spec
+    for part in key.split("."):
+        if isinstance(value, list):
+            value = [item.get(part, "") for item in value if isinstance(item, dict)]
+        elif isinstance(value, dict):
+            value = value.get(part, "")
+        else:
+            return ""
+    return value
 
 
 def _cell(value: Any) -> str:
@@ -50,28 +100,57 @@ def _record(node: str, resource: resource_pb2.Resource) -> dict[str, Any]:
 
 
 class _Printer:
-    def __init__(self, output: Output, definition: ResourceDefinition, watch: bool) -> None:
+    """Prints resources as they come; a table (and a jsonpath list) at the end.
+
+    ``jsonpath`` is applied to each resource when one id was asked for or with
+    ``--watch``, and otherwise once to the list, as ``{"items": [...]}`` (as kubectl
+    does); a newline ends the output unless the template's does.
+    """
+
+    def __init__(
+        self, output: OutputFormat, definition: ResourceDefinition, watch: bool, one: bool
+    ) -> None:
         self.output = output
         self.definition = definition
         self.watch = watch
+        self.each = watch or one
         self.rows: list[list[str]] = []
+        self.items: list[dict[str, Any]] = []
+
+    @property
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        wide = self.definition.wide_columns if self.output.kind is Output.wide else ()
+        return self.definition.columns + wide
 
     def header(self) -> list[str]:
         head = ["NODE", "NAMESPACE", "TYPE", "ID", "VERSION"]
-        head += [name for name, _ in self.definition.columns]
+        head += [name for name, _ in self.columns]
         return (["EVENT", *head]) if self.watch else head
+
+    def _template(self, value: Any) -> None:
+        assert self.output.template is not None
+        text = self.output.template.render(value)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
 
     def add(self, node: str, resource: resource_pb2.Resource, event: str = "") -> None:
         record = _record(node, resource)
-        if self.output is Output.table:
+        if self.output.tabular:
             meta, spec = record["metadata"], record["spec"]
             row = [node, meta["namespace"], meta["type"], meta["id"], str(meta["version"])]
-            row += [_cell(spec.get(key, "")) for _, key in self.definition.columns]
+            row += [_cell(_lookup(spec, key)) for _, key in self.columns]
             if self.watch:
                 print("\t".join([event, *row]), flush=True)
             else:
                 self.rows.append(row)
-        elif self.output is Output.json:
+        elif self.output.kind is Output.jsonpath:
+            if event:
+                record["event"] = event
+            if self.each:
+                self._template(record)
+            else:
+                self.items.append(record)
+        elif self.output.kind is Output.json:
             if event:
                 record["event"] = event
             print(json.dumps(record, sort_keys=False), flush=True)
@@ -84,8 +163,10 @@ class _Printer:
             sys.stdout.flush()
 
     def flush(self) -> None:
-        if self.output is Output.table and not self.watch:
+        if self.output.tabular and not self.watch:
             table(self.header(), self.rows)
+        elif self.output.kind is Output.jsonpath and not self.each:
+            self._template({"items": self.items})
 
 
 def get(
@@ -95,8 +176,14 @@ def get(
     ],
     resource_id: Annotated[str | None, typer.Argument(metavar="[ID]", help="One resource.")] = None,
     output: Annotated[
-        Output, typer.Option("-o", "--output", help="table, yaml or json.")
-    ] = Output.table,
+        str,
+        typer.Option(
+            "-o",
+            "--output",
+            help="table, wide (more columns), yaml, json, or jsonpath=TEMPLATE "
+            "(kubectl's subset: '{.spec.address}', '{range .items[*]}...{end}').",
+        ),
+    ] = "table",
     watch: Annotated[bool, typer.Option("-w", "--watch", help="Keep printing changes.")] = False,
     nodes: NodesOption = None,
     endpoints: EndpointsOption = None,
@@ -106,7 +193,7 @@ def get(
     from basalt.machinery.resources import resolve_type
 
     definition = resolve_type(type_name)
-    printer = _Printer(output, definition, watch)
+    printer = _Printer(parse_output(output), definition, watch, one=bool(resource_id))
     events = {v: k.lower() for k, v in resource_pb2.WatchEventType.items()}
 
     async def work(client: Client, failures: NodeFailures) -> None:
@@ -115,7 +202,7 @@ def get(
             request = resource_pb2.ResourceWatchRequest(
                 type=definition.type, id=resource_id or "", tail=True
             )
-            if output is Output.table:
+            if printer.output.tabular:
                 print("\t".join(printer.header()), flush=True)
             async for change in client.resources.Watch(request, metadata=md):
                 if change.metadata.error:
