@@ -1,7 +1,9 @@
-"""``basaltctl containers``: images and one-shot containers on a node's containerd.
+"""``basaltctl containers``: images and one-shot containers on a node's containerd, and
+what runs there.
 
-Everything runs in containerd namespace ``basalt`` (the kubelet's CRI uses ``k8s.io``).
-``import`` streams the tar to the node itself (uploads are never forwarded).
+Everything runs in containerd namespace ``basalt`` (the kubelet's CRI uses ``k8s.io``);
+``ps`` lists every namespace unless told one. ``import`` streams the tar to the node
+itself (uploads are never forwarded).
 """
 
 from __future__ import annotations
@@ -156,3 +158,44 @@ def run_(
     failing = [c for c in codes if c != 0]
     if failing:
         raise typer.Exit(failing[0] if len(codes) == 1 else 1)
+
+
+@app.command("ps")
+def ps(
+    ctx: typer.Context,
+    kubernetes: Annotated[
+        bool, typer.Option("-k", "--kubernetes", help="Only Kubernetes' containers (k8s.io).")
+    ] = False,
+    namespace: Annotated[
+        str, typer.Option("--namespace", help="Only this containerd namespace (default: all).")
+    ] = "",
+    nodes: NodesOption = None,
+    endpoints: EndpointsOption = None,
+) -> None:
+    """List the containers on nodes with their tasks (pid, status), every namespace."""
+    from basalt.machinery.api import machine_pb2
+
+    from .node_info import container_namespace
+
+    request = machine_pb2.ContainersRequest(namespace=container_namespace(kubernetes, namespace))
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        answer = await client.machine.Containers(request, metadata=client.metadata(), timeout=30)
+        rows = [
+            (
+                item.metadata.node,
+                c.namespace,
+                c.pod or "-",
+                c.name or "-",
+                c.id,
+                c.image,
+                c.pid or "-",
+                c.status or "(no task)",
+            )
+            for item in failures.keep(answer.messages)
+            for c in item.containers
+        ]
+        columns = ("NODE", "NAMESPACE", "POD", "NAME", "ID", "IMAGE", "PID", "STATUS")
+        table(columns, rows)
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints)

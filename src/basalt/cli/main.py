@@ -59,6 +59,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upgrade": ("upgrade", "upgrade"),
     "rollback": ("upgrade", "rollback"),
     "update": ("upgrade", "update"),
+    "stats": ("node_info", "stats"),
+    "cgroups": ("node_info", "cgroups"),
+    "time": ("node_info", "time"),
+    "usage": ("node_info", "usage"),
     "pcap": ("pcap", "pcap"),
 }
 _VALUE_OPTIONS = ("--basaltconfig", "--context")

@@ -14,21 +14,18 @@ goes on.
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["PSEUDO_FILESYSTEMS", "Usage", "parse_size", "pseudo_devices", "usage"]
+__all__ = ["PSEUDO_FILESYSTEMS", "Usage", "pseudo_devices", "usage"]
 
 #: Filesystem types whose contents are the kernel's, not data on a disk.
 PSEUDO_FILESYSTEMS = frozenset(
     {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "bpf",
      "configfs", "pstore", "efivarfs", "fusectl", "binfmt_misc", "devpts", "mqueue"}
 )  # fmt: skip
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 @dataclass(frozen=True)
@@ -40,27 +37,6 @@ class Usage:
     size: int
     is_dir: bool
     error: str = ""
-
-
-def parse_size(text: str) -> int:
-    """``10M``, ``1.5G``, ``-100K``, ``4096``, ``2KiB`` -> bytes (powers of 1024).
-
-    Raises ValueError naming the text when it is not a size.
-    """
-    raw = text.strip()
-    sign = -1 if raw.startswith("-") else 1
-    body = raw.lstrip("+-").upper().removesuffix("IB").removesuffix("B")
-    number = body.rstrip("KMGTP")
-    unit = body[len(number) :]
-    if len(unit) > 1 or not number:
-        raise ValueError(f"{text!r} is not a size; write e.g. 4096, 10K, 1.5M or 2G")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size; write e.g. 4096, 10K, 1.5M or 2G") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a size; write e.g. 4096, 10K, 1.5M or 2G")
-    return sign * int(value * _UNITS[unit])
 
 
 def pseudo_devices(mountinfo: str) -> frozenset[int]:
