@@ -1,9 +1,8 @@
-"""Machine verbs: version, apply-config, reboot, shutdown, reset, health."""
+"""Machine verbs: version, apply-config, reboot, shutdown, reset."""
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._api import EndpointsOption, InsecureOption, NodeFailures, NodesOption, run, table
+from ._api import EndpointsOption, InsecureOption, NodeFailures, NodesOption, run
 from ._common import info, read_text
 
 if TYPE_CHECKING:
@@ -245,39 +244,3 @@ def reset(
         destroy_last_etcd_member=destroy_last_member,
     )
     _action(ctx, "Reset", request, nodes, endpoints)
-
-
-def health(
-    ctx: typer.Context,
-    wait: Annotated[
-        float, typer.Option("--wait", help="Keep checking up to this many seconds until healthy.")
-    ] = 0.0,
-    nodes: NodesOption = None,
-    endpoints: EndpointsOption = None,
-) -> None:
-    """Check node health: stage, API, services, membership, controllers."""
-    from asyncio import sleep
-
-    from basalt.machinery.api import common_pb2
-
-    async def work(client: Client, failures: NodeFailures) -> None:
-        deadline = time.monotonic() + wait
-        while True:
-            answer = await client.machine.Health(
-                common_pb2.Empty(), metadata=client.metadata(), timeout=15
-            )
-            healthy = all(m.healthy and not m.metadata.error for m in answer.messages)
-            if healthy or time.monotonic() >= deadline:
-                break
-            await sleep(1.0)
-        rows = []
-        for item in failures.keep(answer.messages):
-            for check in item.checks:
-                rows.append(
-                    (item.metadata.node, check.name, "ok" if check.ok else "FAIL", check.message)
-                )
-            if not item.healthy:
-                failures.count += 1
-        table(("NODE", "CHECK", "RESULT", "DETAILS"), rows)
-
-    run(ctx, work, nodes=nodes, endpoints=endpoints)

@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reboot": ("machine", "reboot"),
     "shutdown": ("machine", "shutdown"),
     "reset": ("machine", "reset"),
-    "health": ("machine", "health"),
+    "health": ("health", "health"),
     "bootstrap": ("etcd", "bootstrap"),
     "services": ("services", "services"),
     "service": ("services", "service"),

@@ -2914,10 +2914,13 @@ class ClusterHealthProgress(_message.Message):
     CHECK_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     check: _builtins.str
     status: _builtins.str
-    """running, ok or failed."""
+    """running (the check starts), then ok, warning, skipped or failed."""
     message: _builtins.str
+    node: _builtins.str
+    """The node a failure or warning is about ('' when none)."""
     @_builtins.property
     def metadata(self) -> _common_pb2.Metadata: ...
     def __init__(
@@ -2927,10 +2930,11 @@ class ClusterHealthProgress(_message.Message):
         check: _builtins.str = ...,
         status: _builtins.str = ...,
         message: _builtins.str = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "message", b"message", "metadata", b"metadata", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "message", b"message", "metadata", b"metadata", "node", b"node", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

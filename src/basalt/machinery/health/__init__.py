@@ -1,0 +1,30 @@
+"""Cluster health checks shared by ``basaltctl health`` and the ClusterHealth RPC."""
+
+from .cluster import (
+    CHECKS,
+    ClientCaller,
+    KubeApi,
+    KubeFactory,
+    NodeCaller,
+    NodeCallError,
+    Progress,
+    Targets,
+    discover,
+    run_checks,
+)
+from .verdicts import MAX_CLOCK_SKEW, Outcome
+
+__all__ = [
+    "CHECKS",
+    "MAX_CLOCK_SKEW",
+    "ClientCaller",
+    "KubeApi",
+    "KubeFactory",
+    "NodeCallError",
+    "NodeCaller",
+    "Outcome",
+    "Progress",
+    "Targets",
+    "discover",
+    "run_checks",
+]
