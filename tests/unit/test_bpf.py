@@ -172,6 +172,10 @@ EXPECTED: dict[str, set[str]] = {
     "! (tcp || udp)": {"icmp4", "icmp6", "arp"},
     "(icmp or icmp6) and not host 10.0.0.1": {"icmp6"},
     "ip and not (port 80 or port 53)": {"tcp4_opts_decoy", "udp4_later_frag", "icmp4"},
+    # and/or bind equally, from the left (pcap-filter): (tcp or udp) and port 53
+    "tcp or udp and port 53": {"udp4", "udp4_first_frag", "udp6"},
+    "port 53 and udp or icmp": {"udp4", "udp4_first_frag", "udp6", "icmp4"},
+    "icmp or tcp and not ip6 or arp": {"icmp4", "tcp4", "tcp4_opts", "tcp4_opts_decoy", "arp"},
 }
 
 

@@ -10,8 +10,9 @@ program to its raw socket as it is (SO_ATTACH_FILTER). The subset, for Ethernet 
   tcpdump does)
 * ports: ``[tcp|udp] [src|dst] port N``, ``[tcp|udp] [src|dst] portrange A-B`` (without
   ``tcp``/``udp``: TCP, UDP or SCTP, as tcpdump does)
-* ``and``/``&&``, ``or``/``||``, ``not``/``!``, parentheses; a bare value repeats the
-  previous primitive's qualifiers (``port 53 or 853``)
+* ``and``/``&&``, ``or``/``||``, ``not``/``!``, parentheses; as in pcap-filter, ``and``
+  and ``or`` bind equally, from the left; a bare value repeats the previous primitive's
+  qualifiers (``port 53 or 853``)
 
 The decisions follow tcpdump's: IPv4 ports are read behind the header length (IHL) and
 only from the first fragment; IPv6 ports only when the next header is TCP/UDP/SCTP;
@@ -284,18 +285,17 @@ class _Parser:
         )
 
     def expression(self) -> Node:
-        items = [self.conjunction()]
-        while self.peek().text in ("or", "||"):
-            self.take()
-            items.append(self.conjunction())
-        return items[0] if len(items) == 1 else AnyOf(tuple(items))
-
-    def conjunction(self) -> Node:
-        items = [self.unary()]
-        while self.peek().text in ("and", "&&"):
-            self.take()
-            items.append(self.unary())
-        return items[0] if len(items) == 1 else All(tuple(items))
+        """``and`` and ``or`` bind equally and from the left, as in pcap-filter:
+        ``tcp or udp and port 53`` is ``(tcp or udp) and port 53``."""
+        tree = self.unary()
+        while self.peek().text in ("and", "&&", "or", "||"):
+            combine = All if self.take().text in ("and", "&&") else AnyOf
+            right = self.unary()
+            if isinstance(tree, combine):
+                tree = combine((*tree.items, right))
+            else:
+                tree = combine((tree, right))
+        return tree
 
     def unary(self) -> Node:
         token = self.peek()
