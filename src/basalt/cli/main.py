@@ -65,6 +65,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "usage": ("node_info", "usage"),
     "pcap": ("pcap", "pcap"),
 }
+    "support": ("support", "support"),
 _VALUE_OPTIONS = ("--basaltconfig", "--context")
 
 _state = GlobalOptions()
