@@ -64,8 +64,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "time": ("node_info", "time"),
     "usage": ("node_info", "usage"),
     "pcap": ("pcap", "pcap"),
-}
     "support": ("support", "support"),
+}
 _VALUE_OPTIONS = ("--basaltconfig", "--context")
 
 _state = GlobalOptions()
