@@ -48,11 +48,14 @@ def _bind(address: str, port: int) -> str:
 
 
 def server_identity(node: Node) -> tuple[str, CertificateAndKey]:
-    """The OS CA and the node's server certificate, as the TLS handshake wants them now
-    (a renewed certificate is used from the next handshake on)."""
+    """The CAs trusted for clients (the OS CA and ``acceptedCAs``) and the node's server
+    certificate, as the TLS handshake wants them now (a renewed certificate or a changed
+    bundle is used from the next handshake on)."""
+    from ..certificates import trust_bundle
+
     identity = node.identity
     assert identity is not None, "a server with mTLS starts once the node has its identity"
-    return identity.ca, identity.server
+    return trust_bundle(node), identity.server
 
 
 class ApiServer:
@@ -88,10 +91,12 @@ class ApiServer:
         return machine.features.rbac if machine is not None else True
 
     def _forwarding_credentials(self) -> Any:
+        from ..certificates import trust_bundle
+
         identity = self.node.identity
         if identity is None or identity.client is None:
             return None
-        return identity.ca, identity.client
+        return trust_bundle(self.node), identity.client
 
     def _current_identity(self) -> tuple[str, CertificateAndKey]:
         return server_identity(self.node)

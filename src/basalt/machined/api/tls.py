@@ -57,16 +57,19 @@ def mtls_credentials(
 ) -> grpc.ServerCredentials:
     """TLS with the node's certificate (mTLS against the OS CA unless told otherwise).
 
-    A renewed certificate is picked up at the next handshake, without a restart.
+    ``current`` gives the CA certificates trusted for clients (a PEM bundle: the OS CA
+    and the config's ``acceptedCAs``) and the server certificate. A renewed certificate
+    or a changed bundle is picked up at the next handshake, without a restart.
     """
     ca, server = current()
-    served = [server]
+    served = [(ca, server)]
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         ca_now, server_now = current()
-        if server_now is served[0]:
+        ca_then, server_then = served[0]
+        if server_now is server_then and ca_now == ca_then:
             return None
-        served[0] = server_now
+        served[0] = (ca_now, server_now)
         return _configuration(ca_now, server_now)
 
     return grpc.dynamic_ssl_server_credentials(

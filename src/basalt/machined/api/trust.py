@@ -248,7 +248,9 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
         try:
             text = pem.decode()
             cert = load_certificate(text)
-            trusted = verify_issued_by(text, machine.ca.crt)
+            trusted = any(
+                verify_issued_by(text, ca) for ca in (machine.ca.crt, *machine.accepted_cas)
+            )
         except (PKIError, UnicodeDecodeError, ValueError) as exc:
             raise TrustRefusal(f"its certificate does not parse: {exc}") from None
         now = dt.datetime.now(dt.UTC)

@@ -74,7 +74,7 @@ class MembersController(Controller):
         )
 
     async def announce(self, store: ResourceStore) -> None:
-        from ..certificates import trust_endpoint
+        from ..certificates import trust_bundle, trust_endpoint
 
         machine = self.node.machine
         identity = self.node.identity
@@ -82,7 +82,9 @@ class MembersController(Controller):
             return
         host = trust_endpoint(self.node)
         target = f"[{host}]:{TRUST_PORT}" if ":" in host else f"{host}:{TRUST_PORT}"
-        credentials = grpc.ssl_channel_credentials(root_certificates=identity.ca.encode())
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=trust_bundle(self.node).encode()
+        )
         async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
             answer = await trust_pb2_grpc.TrustServiceStub(channel).Announce(
                 trust_pb2.AnnounceRequest(

@@ -29,6 +29,8 @@ LIVE: tuple[tuple[str, str], ...] = (
     ("ImageVerificationConfig", ""),
     ("UpdateConfig", ""),
     ("DiscoveryConfig", ""),
+    ("MachineConfig", "ca"),  # rotate-ca: new certificates from the next handshake on
+    ("MachineConfig", "acceptedCAs"),
     ("MachineConfig", "certSANs"),
     ("MachineConfig", "install"),
     ("MachineConfig", "kubelet"),

@@ -98,12 +98,29 @@ def _value(raw: dict[str, dict[str, Any]], field: IdentityField) -> Any:
     return node
 
 
+def _rotation_step(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> bool:
+    """The OS CA changes as one step of a rotation (``rotate-ca``): the new CA was
+    accepted before (``acceptedCAs``) and the old one stays accepted after it, so no
+    client and no peer loses access."""
+    old, new = before.get("MachineConfig", {}), after.get("MachineConfig", {})
+    old_ca, new_ca = _value(before, IDENTITY[1]), _value(after, IDENTITY[1])
+    if not isinstance(old_ca, str) or not isinstance(new_ca, str):
+        return False
+    accepted_before = {str(a).strip() for a in old.get("acceptedCAs") or []}
+    accepted_after = {str(a).strip() for a in new.get("acceptedCAs") or []}
+    return new_ca.strip() in accepted_before and old_ca.strip() in accepted_after
+
+
 def identity_changes(current: ConfigBundle, new: ConfigBundle) -> list[IdentityField]:
     """The identity fields whose values differ between ``current`` and ``new`` (a field
-    that one has and the other lacks differs too)."""
+    that one has and the other lacks differs too). The OS CA changing as a step of a
+    rotation (see :func:`_rotation_step`) does not count."""
     before = {d.kind_name(): document_to_raw(d) for d in current.documents}
     after = {d.kind_name(): document_to_raw(d) for d in new.documents}
-    return [f for f in IDENTITY if _value(before, f) != _value(after, f)]
+    changed = [f for f in IDENTITY if _value(before, f) != _value(after, f)]
+    if IDENTITY[1] in changed and _rotation_step(before, after):
+        changed.remove(IDENTITY[1])
+    return changed
 
 
 def describe_loss(changed: list[IdentityField]) -> str:
@@ -129,7 +146,7 @@ def check_identity(current: ConfigBundle, new: ConfigBundle, *, allow: bool) -> 
         "other secrets than the ones this node runs with (another cluster's?); nothing "
         "was applied",
         hint="generate the config from this cluster's secrets bundle (basaltctl gen config "
-        "--with-secrets SECRETS.yaml) and apply that; CA rotation will be the 'rotate-ca' "
-        "verb; to replace the identity on purpose, an os:admin applies with "
+        "--with-secrets SECRETS.yaml) and apply that; rotate the OS CA with 'basaltctl "
+        "rotate-ca'; to replace the identity on purpose, an os:admin applies with "
         f"--allow-identity-change, and then: {describe_loss(changed)}",
     )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from ._base import Document, Model, register, replace_on_merge, secret
 from ._types import DiskPath, HostOrIP, KernelArg, Subnet, Token, invalid
@@ -18,6 +18,37 @@ def _pem_certificate(value: str) -> str:
     except PKIError as exc:
         raise invalid(str(exc), "paste the whole PEM block, BEGIN and END lines included") from None
     return value
+
+
+def _pem_ca_certificate(value: str) -> str:
+    """A PEM certificate that is a CA (basic constraints ``ca: true``), and nothing else."""
+    from cryptography import x509
+
+    from ..pki import load_certificate
+
+    _pem_certificate(value)
+    if value.count("-----BEGIN") != 1:
+        raise invalid(
+            "holds more than one PEM block",
+            "list each CA certificate as its own item; never a private key",
+        )
+    try:
+        constraints = load_certificate(value).extensions.get_extension_for_class(
+            x509.BasicConstraints
+        )
+        is_ca = constraints.value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise invalid(
+            "is not a CA certificate (no basic constraints with ca: true)",
+            "list CA certificates only, e.g. the OS CA from a secrets bundle",
+        )
+    return value
+
+
+#: A PEM CA certificate, alone (no key).
+PEMCACertificate = Annotated[str, AfterValidator(_pem_ca_certificate)]
 
 
 def _pem_private_key(value: str) -> str:
@@ -129,6 +160,16 @@ class MachineConfig(Document):
     )
     ca: CertificateAndKey = Field(
         description="The OS API CA. Control planes hold its key; workers only the certificate."
+    )
+    accepted_cas: list[PEMCACertificate] = Field(
+        default_factory=list,
+        alias="acceptedCAs",
+        description="More CA certificates (PEM, certificates only, never keys) whose client "
+        "and node certificates the API accepts besides `ca`'s. Used while the OS API CA is "
+        "rotated (`basaltctl rotate-ca`): first the new CA is accepted here, then it becomes "
+        "`ca` and the old one is listed here until every client has a new certificate. "
+        "Changes apply without a reboot.",
+        json_schema_extra=replace_on_merge(),
     )
     cert_sans: list[HostOrIP] = Field(
         default_factory=list,

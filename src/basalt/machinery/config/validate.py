@@ -148,6 +148,37 @@ def ca_certificates(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem
             )
 
 
+def accepted_cas(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
+    """``acceptedCAs``: no repeats, not the OS CA itself, and none expired (an expired CA
+    accepts nobody: a rotation that was never finished)."""
+    from ..pki import load_certificate
+
+    machine = bundle.first(MachineConfig)
+    if machine is None:
+        return
+    now = dt.datetime.now(dt.UTC)
+    seen: set[str] = set()
+    for index, pem in enumerate(machine.accepted_cas):
+        where = ("acceptedCAs", index)
+        if pem.strip() == machine.ca.crt.strip():
+            yield bundle.problem(
+                machine, where, "is the OS CA itself (ca.crt)", "remove it", severity="warning"
+            )
+        elif pem.strip() in seen:
+            yield bundle.problem(
+                machine, where, "is listed twice", "remove the repeat", severity="warning"
+            )
+        seen.add(pem.strip())
+        expires = load_certificate(pem).not_valid_after_utc
+        if expires <= now:
+            yield bundle.problem(
+                machine,
+                where,
+                f"expired on {expires:%Y-%m-%d}",
+                "remove it: finish the rotation with 'basaltctl rotate-ca'",
+            )
+
+
 def install_for_mode(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
     machine = bundle.first(MachineConfig)
     if machine is None or mode is None:
@@ -212,6 +243,7 @@ RULES: tuple[Rule, ...] = (
     required_documents,
     secrets_by_role,
     ca_certificates,
+    accepted_cas,
     install_for_mode,
     subnets,
     version_contract,

@@ -1,0 +1,171 @@
+"""Rotating the OS API CA without locking anyone out: the phases, where each node is in
+them, and the config each step gives a node.
+
+Three steps take a cluster from its old CA to a new one (``basaltctl rotate-ca``):
+
+``trust``
+    every node accepts the new CA for client and peer certificates too
+    (``MachineConfig.acceptedCAs`` gets it);
+``issue``
+    every node's ``ca`` becomes the new CA (control planes get its key) and the old one
+    moves to ``acceptedCAs``: nodes issue their certificates again from the new CA,
+    clients with old certificates still get in; the client config gets a new one;
+``drop``
+    the old CA leaves ``acceptedCAs``: only certificates of the new CA get in.
+
+A node's place is read from its own config (:func:`node_phase`), never remembered, so
+a rotation interrupted anywhere is finished by running the same steps again: a step
+changes only the nodes that have not reached it. This module is pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from ..errors import BasaltError
+
+
+class RotationError(BasaltError):
+    """The cluster is not in a state a rotation can go on from (nothing was changed)."""
+
+
+class NodePhase(IntEnum):
+    """Where one node is, from the old CA (``OLD``) to the new one (``DONE``)."""
+
+    OLD = 0  #: ca = old; the new CA is not accepted
+    TRUSTING = 1  #: ca = old; the new CA is accepted
+    ISSUED = 2  #: ca = new; the old CA is still accepted
+    DONE = 3  #: ca = new; the old CA is no longer accepted
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Step(StrEnum):
+    TRUST = "trust"
+    ISSUE = "issue"
+    DROP = "drop"
+
+    @property
+    def reaches(self) -> NodePhase:
+        """The phase every node is in once this step is done."""
+        return {Step.TRUST: NodePhase.TRUSTING, Step.ISSUE: NodePhase.ISSUED}.get(
+            self, NodePhase.DONE
+        )
+
+    @property
+    def summary(self) -> str:
+        return {
+            Step.TRUST: "every node accepts the new CA besides the old one",
+            Step.ISSUE: "every node switches to the new CA and issues its certificates "
+            "again (control planes first); the client config gets a certificate of the "
+            "new CA; the old CA stays accepted",
+            Step.DROP: "every node stops accepting the old CA; so does the client config",
+        }[self]
+
+
+STEPS: tuple[Step, ...] = (Step.TRUST, Step.ISSUE, Step.DROP)
+
+
+def same_pem(a: str, b: str) -> bool:
+    return a.strip() == b.strip()
+
+
+def _pem(text: str) -> str:
+    return text.strip() + "\n"
+
+
+def node_phase(ca: str, accepted: Sequence[str], old: str, new: str) -> NodePhase | None:
+    """The node's phase from its config's ``ca.crt`` and ``acceptedCAs``; None when its
+    CA is neither ``old`` nor ``new`` (a node of another rotation, or of another cluster)."""
+    accepts_new = any(same_pem(new, a) for a in accepted)
+    accepts_old = any(same_pem(old, a) for a in accepted)
+    if same_pem(ca, old):
+        return NodePhase.TRUSTING if accepts_new else NodePhase.OLD
+    if same_pem(ca, new):
+        return NodePhase.ISSUED if accepts_old else NodePhase.DONE
+    return None
+
+
+def steps_left(phases: Mapping[str, NodePhase]) -> list[Step]:
+    """The steps still to run: from the step the least advanced node needs."""
+    lowest = min(phases.values(), default=NodePhase.DONE)
+    return [s for s in STEPS if s.reaches > lowest]
+
+
+def nodes_for(step: Step, phases: Mapping[str, NodePhase], types: Mapping[str, str]) -> list[str]:
+    """The nodes ``step`` changes, in order: control planes before workers (a worker
+    asks a control plane for its certificate, which must sign with the new CA by then)."""
+    todo = [n for n, p in phases.items() if p < step.reaches]
+    return sorted(todo, key=lambda n: (types.get(n) != "controlplane", n))
+
+
+def machine_config_for(
+    raw: Mapping[str, Any], step: Step, old_crt: str, new_crt: str, new_key: str
+) -> dict[str, Any]:
+    """The MachineConfig document (as data) after ``step``, from the node's current one.
+
+    Other entries of ``acceptedCAs`` stay; only control planes get the new CA's key.
+    """
+    document: dict[str, Any] = json.loads(json.dumps(raw))  # a deep copy of plain data
+    accepted = [a for a in document.get("acceptedCAs", []) if not same_pem(a, new_crt)]
+    accepted = [a for a in accepted if not same_pem(a, old_crt)]
+    if step is Step.TRUST:
+        accepted.append(_pem(new_crt))
+    elif step is Step.ISSUE:
+        ca: dict[str, str] = {"crt": _pem(new_crt)}
+        if document.get("type") == "controlplane":
+            ca["key"] = _pem(new_key)
+        document["ca"] = ca
+        accepted.append(_pem(old_crt))
+    if accepted:
+        document["acceptedCAs"] = accepted
+    else:
+        document.pop("acceptedCAs", None)
+    return document
+
+
+@dataclass(frozen=True)
+class RotationState:
+    """What a rotation must not forget between runs: the old CA certificate and the new
+    CA (with its key). Kept beside the secrets bundle, readable by its owner only."""
+
+    old_crt: str
+    new_crt: str
+    new_key: str
+    step: str = ""  #: the last step finished (informative; nodes' configs decide)
+
+    def to_json(self) -> str:
+        data = {
+            "version": 1,
+            "oldCA": self.old_crt,
+            "newCA": {"crt": self.new_crt, "key": self.new_key},
+            "step": self.step,
+        }
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> RotationState:
+        try:
+            data = json.loads(text)
+            state = cls(
+                str(data["oldCA"]),
+                str(data["newCA"]["crt"]),
+                str(data["newCA"]["key"]),
+                str(data.get("step", "")),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RotationError(
+                f"{source}: not a rotate-ca state file ({type(exc).__name__}: {exc})",
+                hint="restore it from a backup; without it an unfinished rotation cannot "
+                "be finished, because the new CA's key is only there",
+            ) from None
+        return state
+
+    def with_step(self, step: Step) -> RotationState:
+        return RotationState(self.old_crt, self.new_crt, self.new_key, step.value)
