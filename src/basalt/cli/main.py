@@ -59,6 +59,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upgrade": ("upgrade", "upgrade"),
     "rollback": ("upgrade", "rollback"),
     "update": ("upgrade", "update"),
+    "dashboard": ("dashboard", "dashboard"),
     "stats": ("node_info", "stats"),
     "cgroups": ("node_info", "cgroups"),
     "time": ("node_info", "time"),
