@@ -119,6 +119,9 @@ system-deps:
 	@# its screen. Without root that test skips.
 	@command -v tmux >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tmux; }
+	@# graphviz: the inspect dependencies test renders the dot it prints (dot -Tsvg).
+	@command -v dot >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends graphviz; }
 	@# PostgreSQL for the fleet's replica tests: the server binaries only (the tests run
 	@# their own clusters with initdb + pg_ctl), no system cluster is started.
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { \

@@ -1,5 +1,6 @@
 """Disks and Volumes: the machine's block devices, and Basalt's volumes with their usage,
-read from sysfs, ``/proc/self/mountinfo`` and statvfs every half minute. Read-only.
+read from sysfs, ``/proc/self/mountinfo`` and statvfs every half minute and whenever the
+config changes. Read-only.
 
 On metal the volumes are the partitions of docs/adr/0011-disk-layout.md found by GPT name
 (on the disk the node booted from when there are several), and the partition types come
@@ -296,6 +297,8 @@ class StorageStatusController(Controller):
     """Publishes Disks and Volumes; never changes a disk."""
 
     name = "storage-status"
+    #: A config applied is a config written to STATE: read again at once.
+    inputs = ("MachineConfigs",)
     outputs = ("Disks", "Volumes")
 
     def __init__(self, node: Node, interval: float = INTERVAL) -> None:
@@ -304,6 +307,7 @@ class StorageStatusController(Controller):
         self._loop: asyncio.Task[None] | None = None
 
     async def reconcile(self, store: ResourceStore) -> None:
+        await self.refresh(store)
         if self._loop is None:
             self._loop = self.node.background(self._read_forever(store), name=self.name)
 
@@ -330,8 +334,8 @@ class StorageStatusController(Controller):
 
     async def _read_forever(self, store: ResourceStore) -> None:
         while True:
+            await asyncio.sleep(self.interval)
             try:
                 await self.refresh(store)
             except Exception as exc:  # a bug here must cost a reading, never the node
                 log.warning("storage status: read failed: %s", exc)
-            await asyncio.sleep(self.interval)
