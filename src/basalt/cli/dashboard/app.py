@@ -8,6 +8,7 @@ panel and never stops the app.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import ClassVar
 
 from rich.table import Table
@@ -211,13 +212,14 @@ class FleetView(Vertical):
         if snap.error:
             title.append(f"   {snap.error}", style="bold red")
         else:
-            ready = sum(1 for c in snap.clusters if c.status == "ready")
+            health = Counter(c.health for c in snap.clusters)
             running = sum(1 for r in snap.rollouts if r.state in ("running", "paused"))
+            by_health = ", ".join(f"{n} {h}" for h, n in sorted(health.items()))
             title.append(
-                f"   {len(snap.clusters)} cluster(s), {ready} ready; "
-                f"{len(snap.rollouts)} rollout(s), {running} running or paused",
+                f"   {len(snap.clusters)} cluster(s)" + (f" ({by_health})" if by_health else "")
+                + f"; {len(snap.rollouts)} rollout(s), {running} running or paused",
                 style="dim",
-            )
+            )  # fmt: skip
         self.query_one("#fleet-title", Label).update(title)
         self.query_one(FleetClustersTable).show(snap)
         self.query_one(FleetRolloutsTable).show(snap)

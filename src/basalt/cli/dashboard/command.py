@@ -43,11 +43,6 @@ def dashboard(
             f"--interval {interval}: polls must be at least 0.5 s apart",
             hint="the default is 2 s; nodes sample CPU and memory every 30 s anyway",
         )
-    if not sys.stdout.isatty() or not sys.stdin.isatty():
-        raise BasaltError(
-            "the dashboard needs a terminal (stdin and stdout are not both one)",
-            hint="for scripts use 'basaltctl services', 'ps', 'get systemstats' or 'health'",
-        )
     opts = options(ctx)
     config = opts.load_client_config(missing_ok=fleet is not None)
     fleet_source = _fleet_source(config, fleet) if fleet is not None else None
@@ -55,6 +50,11 @@ def dashboard(
     subtitle = fleet_source.url if fleet_source else ""
     if nodes or endpoints or fleet is None:
         node_source, subtitle = _node_source(config, opts.context, split(nodes), split(endpoints))
+    if not sys.stdout.isatty() or not sys.stdin.isatty():
+        raise BasaltError(
+            "the dashboard needs a terminal (stdin and stdout are not both one)",
+            hint="for scripts use 'basaltctl services', 'ps', 'get systemstats' or 'health'",
+        )
     from .app import DashboardApp
 
     DashboardApp(node_source, fleet_source, interval=interval, subtitle=subtitle).run()
