@@ -191,10 +191,13 @@ class Collector:
             await work
         except (grpc.aio.AioRpcError, _NodeAnswerError, BasaltError, OSError) as exc:
             error = _error_text(exc)
-            self.archive.failed(where, what, error)
-            warn(f"{where}: {what} not collected: {self.archive.scrub(error)}")
-            return False
-        return True
+        except Exception as exc:  # a surprise in one item must not lose the others
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            return True
+        self.archive.failed(where, what, error)
+        warn(f"{where}: {what} not collected: {self.archive.scrub(error)}")
+        return False
 
     def _md(self, node: NodeState) -> tuple[tuple[str, str], ...]:
         return self.client.metadata(node.targets)
@@ -220,25 +223,39 @@ class Collector:
             self.archive.failed(node.label, "everything else", "skipped: the node did not answer")
 
     async def _machine_config(self, node: NodeState) -> None:
+        """The running config (and a staged one): the scrubber learns their secrets
+        first, then they are written redacted."""
         import yaml
 
         from basalt.machinery.api import resource_pb2
 
         from ._collect import redact_sensitive_spec
 
-        request = resource_pb2.ResourceGetRequest(type="MachineConfigs", id="v1alpha1")
-        answer = await self.client.resources.Get(
+        request = resource_pb2.ResourceListRequest(type="MachineConfigs")
+        specs: dict[str, dict[str, Any]] = {}
+        async for item in self.client.resources.List(
             request, metadata=self._md(node), timeout=self.timeout
-        )
-        spec = json.loads(_only(answer).resource.spec_json or "{}")
-        text = spec.get("yaml", "")
-        self.archive.scrub.arm([d for d in yaml.safe_load_all(text) if isinstance(d, dict)])
-        redacted = redact_sensitive_spec("MachineConfigs", spec)["yaml"]
-        self.archive.text(
-            f"{node.directory}/machineconfig.yaml",
-            "the machine config the node runs, every secret replaced by (secret)",
-            redacted,
-        )
+        ):
+            resource = _checked(item).resource
+            specs[resource.metadata.id] = json.loads(resource.spec_json or "{}")
+        for spec in specs.values():
+            try:
+                documents = list(yaml.safe_load_all(spec.get("yaml", "")))
+            except yaml.YAMLError:
+                # Not its message: it quotes the line, which may hold a secret.
+                raise _NodeAnswerError("the config does not parse as YAML; not written") from None
+            self.archive.scrub.arm([d for d in documents if isinstance(d, dict)])
+        if not specs:
+            raise _NodeAnswerError("the node has no MachineConfigs resource")
+        for config_id, spec in sorted(specs.items()):
+            staged = config_id != "v1alpha1"
+            name = f"machineconfig-{config_id}.yaml" if staged else "machineconfig.yaml"
+            what = f"the {'staged' if staged else 'running'} machine config ({config_id})"
+            self.archive.text(
+                f"{node.directory}/{name}",
+                what + ", every secret replaced by (secret)",
+                redact_sensitive_spec("MachineConfigs", spec)["yaml"],
+            )
 
     async def _node(self, node: NodeState) -> None:
         steps: list[tuple[str, Callable[[NodeState], Awaitable[None]]]] = [
