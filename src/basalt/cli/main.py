@@ -32,6 +32,8 @@ GROUPS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "app"),
     "fleet": ("fleet", "app"),
     "release": ("release", "app"),
+    "meta": ("meta", "app"),
+    "wipe": ("wipe", "app"),
 }
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "validate"),
@@ -66,6 +68,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "usage": ("node_info", "usage"),
     "pcap": ("pcap", "pcap"),
     "support": ("support", "support"),
+    "completion": ("completion", "completion"),
 }
 _VALUE_OPTIONS = ("--basaltconfig", "--context")
 
@@ -133,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     from basalt.machinery.errors import BasaltError
 
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own logs are not for users
+    if os.environ.get("_BASALTCTL_COMPLETE"):  # a shell asks (basaltctl completion SHELL)
+        from .completion import complete
+
+        return complete(os.environ["_BASALTCTL_COMPLETE"])
     args = list(argv if argv is not None else sys.argv[1:])
     debug = "--debug" in args
     try:
