@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from basalt.cli.main import main
+from basalt.machinery.api import machine_pb2
 from basalt.machinery.client.config import ClientConfig, issue_client_context, save_client_config
 from basalt.machinery.roles import Role
-from tests.fakes.cluster import LiveCluster, start_cluster, stop_cluster
+from tests.fakes.cluster import LiveCluster, run, start_cluster, stop_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -155,8 +156,29 @@ def _check_nodes(members: dict[str, bytes], cluster: LiveCluster) -> None:
             assert name in readme, name
 
 
+def _stage_config(cluster: LiveCluster, node: str) -> None:
+    """Stage the worker's config on ``node`` (for the next boot: nothing changes now)."""
+
+    async def stage() -> None:
+        client = await cluster.client(nodes=[node])
+        try:
+            request = machine_pb2.ApplyConfigurationRequest(
+                data=cluster.config_text("worker").encode(), mode=machine_pb2.STAGED
+            )
+            answer = await client.machine.ApplyConfiguration(
+                request, metadata=client.metadata(), timeout=30
+            )
+            assert not answer.messages[0].metadata.error, answer
+        finally:
+            await client.close()
+
+    run(stage())
+
+
 def test_admin_bundle(cluster: LiveCluster, tmp_path: Path) -> None:
     config = _client_config(cluster, tmp_path / "basaltconfig", None)
+    worker = cluster.workers[0]
+    _stage_config(cluster, worker)
     out = tmp_path / "support.zip"
     nodes = ",".join((*cluster.controlplanes, *cluster.workers))
     assert _support(config, "-n", nodes, "-o", str(out), "--log-lines", "500") == 0
@@ -169,6 +191,8 @@ def test_admin_bundle(cluster: LiveCluster, tmp_path: Path) -> None:
         documents = list(yaml.safe_load_all(config_text))
         assert any(d.get("kind") == "MachineConfig" for d in documents)
         assert f"nodes/{node}/resources/MachineConfigs.yaml" not in members
+    staged = members[f"nodes/{worker}/machineconfig-staged.yaml"].decode()
+    assert "(secret)" in staged and "MachineConfig" in staged
     _assert_no_secrets(members, cluster.secrets)
 
     # The file exists: refused without --force, untouched; replaced with it.
@@ -219,3 +243,17 @@ def test_nothing_collected_fails_and_writes_nothing(
     assert not out.exists()
     assert not list(tmp_path.glob(".none.zip.*"))
     assert "nothing could be collected" in capsys.readouterr().err
+
+
+def test_the_secret_search_finds_each_form_of_a_leak() -> None:
+    """The search above is only worth something if it fails on a leak: each form of
+    each secret, planted in a file, is found."""
+    from tests.fakes import inputs
+
+    secrets = inputs.session_secrets().model_dump(mode="json", by_alias=True)
+    for value in _secret_strings(secrets):
+        for form in _forms(value):
+            with pytest.raises(AssertionError, match="a secret"):
+                _assert_no_secrets({"nodes/x/logs/x.log": b"line " + form + b" end"}, secrets)
+    with pytest.raises(AssertionError, match="a secret"):
+        _assert_no_secrets({"machineconfig.yaml": inputs.controlplane_yaml().encode()}, secrets)
