@@ -260,3 +260,96 @@ def test_every_problem_in_a_client_config_is_reported() -> None:
         ("contexts.one.key", 3),
         ("contexts.two.endpoint", 4),
     ]
+
+
+# -- config add / remove ------------------------------------------------------------------------
+
+
+def _pem_files(tmp_path: Path, secrets: SecretsBundle) -> tuple[Path, Path, Path]:
+    os_ca = CertificateAndKey(crt=secrets.certs.os.crt, key=secrets.certs.os.key)
+    issued = issue_client_context(os_ca, endpoints=["192.0.2.10"])
+    files = (tmp_path / "ca.crt", tmp_path / "admin.crt", tmp_path / "admin.key")
+    for path, text in zip(files, (issued.ca, issued.crt, issued.key), strict=True):
+        path.write_text(text)
+    return files
+
+
+def test_add_makes_the_first_context_current_and_refuses_to_replace() -> None:
+    mine = ClientConfig()
+    assert mine.add("lab", context()) is False
+    assert mine.context == "lab"
+    mine.add("prod", context("192.0.2.20"))
+    assert mine.context == "lab"  # a later one does not take over
+    with pytest.raises(ClientConfigError, match="context 'prod' exists already") as refused:
+        mine.add("prod", context("192.0.2.30"))
+    assert refused.value.hint and "--force" in refused.value.hint
+    assert mine.contexts["prod"].endpoints == ["192.0.2.20"]  # unchanged
+    assert mine.add("prod", context("192.0.2.30"), force=True) is True
+    assert mine.contexts["prod"].endpoints == ["192.0.2.30"]
+    with pytest.raises(ClientConfigError, match="empty or has spaces"):
+        mine.add("a b", context())
+
+
+def test_remove_refuses_the_current_context_and_unknown_names() -> None:
+    mine = config("lab", lab=context(), prod=context("192.0.2.20"))
+    with pytest.raises(ClientConfigError, match="'lab' is the current context") as refused:
+        mine.remove("lab")
+    assert refused.value.hint and "use-context prod" in refused.value.hint
+    with pytest.raises(ClientConfigError, match=r"'nope' is not in .*\(contexts: lab, prod\)"):
+        mine.remove("nope")
+    assert set(mine.contexts) == {"lab", "prod"}
+    mine.remove("prod")
+    assert set(mine.contexts) == {"lab"} and mine.context == "lab"
+    mine.remove("lab", force=True)
+    assert mine.contexts == {} and mine.context is None
+
+
+def test_context_from_files_checks_each_file(tmp_path: Path, secrets: SecretsBundle) -> None:
+    from basalt.machinery.client.config import context_from_files
+
+    ca, crt, key = _pem_files(tmp_path, secrets)
+    made = context_from_files(ca, crt, key, endpoints=["192.0.2.10"], nodes=["192.0.2.11"])
+    assert (made.ca, made.endpoints, made.nodes) == (ca.read_text(), ["192.0.2.10"], ["192.0.2.11"])
+    with pytest.raises(ClientConfigError, match=r"--ca .*missing: cannot be read: No such file"):
+        context_from_files(tmp_path / "missing", crt, key, endpoints=["e"])
+    with pytest.raises(ClientConfigError, match=r"--crt .*admin.key: not a PEM certificate"):
+        context_from_files(ca, key, key, endpoints=["e"])
+    with pytest.raises(ClientConfigError, match=r"--key .*ca.crt: not a PEM private key"):
+        context_from_files(ca, crt, ca, endpoints=["e"])
+    other = tmp_path / "other.key"
+    other.write_text(inputs.other_secrets().certs.os.key or "")
+    with pytest.raises(ClientConfigError, match="is not the key of the certificate"):
+        context_from_files(ca, crt, other, endpoints=["e"])
+    with pytest.raises(ClientConfigError, match="at least one endpoint"):
+        context_from_files(ca, crt, key)
+
+
+def test_cli_config_add_and_remove(
+    tmp_path: Path, secrets: SecretsBundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from basalt.cli.main import main
+
+    ca, crt, key = _pem_files(tmp_path, secrets)
+    path = tmp_path / "basaltconfig"
+    files = ["--ca", str(ca), "--crt", str(crt), "--key", str(key)]
+    base = ["--basaltconfig", str(path), "config"]
+    assert main([*base, "add", "lab", *files, "-e", "192.0.2.10,192.0.2.11", "-n", "n1"]) == 0
+    saved = load_client_config(path)
+    assert saved.context == "lab"
+    assert saved.contexts["lab"].endpoints == ["192.0.2.10", "192.0.2.11"]
+    assert saved.contexts["lab"].key == key.read_text()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert main([*base, "add", "prod", *files, "-e", "192.0.2.20"]) == 0
+    before = path.read_bytes()
+    assert main([*base, "add", "prod", *files, "-e", "192.0.2.30"]) == 1
+    assert "context 'prod' exists already" in capsys.readouterr().err
+    assert main([*base, "remove", "lab"]) == 1
+    assert "'lab' is the current context" in capsys.readouterr().err
+    assert main([*base, "remove", "staging"]) == 1
+    assert "'staging' is not in the client config" in capsys.readouterr().err
+    assert path.read_bytes() == before  # every refusal changed nothing
+    assert main([*base, "add", "prod", *files, "-e", "192.0.2.30", "--force"]) == 0
+    assert main([*base, "remove", "prod"]) == 0
+    assert main([*base, "remove", "lab", "--force"]) == 0
+    assert load_client_config(path) == ClientConfig()
+    assert "no context is current now" in capsys.readouterr().err

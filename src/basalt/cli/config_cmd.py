@@ -168,3 +168,51 @@ def new(
             info(f"roles {', '.join(wanted)}, valid for {crt_ttl}")
 
     run(ctx, work, nodes=None, endpoints=endpoints)
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name of the new context.")],
+    ca: Annotated[Path, typer.Option("--ca", help="The OS API CA certificate (PEM).")],
+    crt: Annotated[Path, typer.Option("--crt", help="The client certificate (PEM).")],
+    key: Annotated[Path, typer.Option("--key", help="The client certificate's key (PEM).")],
+    endpoints: Annotated[
+        list[str], typer.Option("-e", "--endpoints", help="API endpoints (repeat or comma-list).")
+    ],
+    nodes: Annotated[
+        list[str] | None,
+        typer.Option("-n", "--nodes", help="Default target nodes (repeat or comma-list)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a context of that name.")] = False,
+) -> None:
+    """Add a context from PEM files (checked: the key must be the certificate's)."""
+    from basalt.machinery.client.config import context_from_files, save_client_config
+
+    opts = options(ctx)
+    context = context_from_files(ca, crt, key, endpoints=split(endpoints), nodes=split(nodes or []))
+    config = opts.load_client_config(missing_ok=True)
+    replaced = config.add(name, context, force=force)
+    save_client_config(config, opts.client_config_path)
+    info(f"context {name!r} {'replaced' if replaced else 'added'} in {opts.client_config_path}")
+    info(f"current context is {config.context!r}")
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The context to remove.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Remove it even if it is the current context.")
+    ] = False,
+) -> None:
+    """Remove a context (not the current one, unless --force)."""
+    from basalt.machinery.client.config import save_client_config
+
+    opts = options(ctx)
+    config = opts.load_client_config()
+    config.remove(name, force=force)
+    save_client_config(config, opts.client_config_path)
+    info(f"context {name!r} removed from {opts.client_config_path}")
+    if config.context is None:
+        info("no context is current now: choose one with 'basaltctl config use-context NAME'")

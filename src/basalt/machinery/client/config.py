@@ -111,6 +111,45 @@ class ClientConfig:
             self.context = stored_names.get(other.context, self.context)
         return renamed
 
+    def add(self, name: str, context: Context, *, force: bool = False) -> bool:
+        """Store ``context`` as ``name``; the first context becomes the current one.
+        Refuses (ClientConfigError) to replace an existing ``name`` unless ``force``.
+        Returns whether it replaced one."""
+        if not name or any(c.isspace() for c in name):
+            raise ClientConfigError(
+                f"context name {name!r} is empty or has spaces", hint="e.g. prod or lab-1"
+            )
+        replaced = name in self.contexts
+        if replaced and not force:
+            raise ClientConfigError(
+                f"context {name!r} exists already; it is not replaced",
+                hint="pass --force to replace it, or choose another name",
+            )
+        self.contexts[name] = context
+        if self.context is None:
+            self.context = name
+        return replaced
+
+    def remove(self, name: str, *, force: bool = False) -> None:
+        """Remove context ``name``. The current one only with ``force`` (then none is
+        current); an unknown name is a ClientConfigError listing the known ones."""
+        if name not in self.contexts:
+            known = ", ".join(sorted(self.contexts)) or "none"
+            raise ClientConfigError(
+                f"context {name!r} is not in the client config (contexts: {known})",
+                hint="list them with 'basaltctl config contexts'",
+            )
+        if name == self.context and not force:
+            others = sorted(n for n in self.contexts if n != name)
+            choose = f"'basaltctl config use-context {others[0]}'" if others else "none left"
+            raise ClientConfigError(
+                f"context {name!r} is the current context; it is not removed",
+                hint=f"choose another first ({choose}), or pass --force",
+            )
+        del self.contexts[name]
+        if name == self.context:
+            self.context = None
+
     def to_yaml(self) -> str:
         data: dict[str, Any] = {}
         if self.context is not None:
@@ -241,6 +280,57 @@ def load_client_config(path: Path, *, missing_ok: bool = False) -> ClientConfig:
 def save_client_config(config: ClientConfig, path: Path) -> None:
     """Write atomically, readable by the owner only (it holds a private key)."""
     write_atomic(path, config.to_yaml(), mode=0o600)
+
+
+def context_from_files(
+    ca: Path,
+    crt: Path,
+    key: Path,
+    *,
+    endpoints: Sequence[str] = (),
+    nodes: Sequence[str] = (),
+) -> Context:
+    """A context from PEM files: the OS CA, a client certificate and its key, each
+    checked (a PEM of the right kind; the key the certificate's). Raises
+    ClientConfigError naming the file."""
+    from ..pki import PKIError, key_matches_certificate, load_certificate, load_private_key
+
+    texts: dict[str, str] = {}
+    for flag, path in (("--ca", ca), ("--crt", crt), ("--key", key)):
+        try:
+            texts[flag] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ClientConfigError(
+                f"{flag} {path}: cannot be read: {reason}", hint="name a PEM file"
+            ) from None
+    checks = (("--ca", ca, load_certificate), ("--crt", crt, load_certificate))
+    try:
+        for flag, path, load in checks:
+            current = (flag, path)
+            load(texts[flag])
+        current = ("--key", key)
+        load_private_key(texts["--key"])
+    except PKIError as exc:
+        raise ClientConfigError(
+            f"{current[0]} {current[1]}: {exc}", hint="name a PEM file of the right kind"
+        ) from None
+    if not key_matches_certificate(texts["--crt"], texts["--key"]):
+        raise ClientConfigError(
+            f"--key {key} is not the key of the certificate --crt {crt}",
+            hint="pass the key that was issued with that certificate",
+        )
+    if not endpoints:
+        raise ClientConfigError(
+            "a context needs at least one endpoint", hint="pass --endpoints ADDRESS[,ADDRESS]"
+        )
+    return Context(
+        ca=texts["--ca"],
+        crt=texts["--crt"],
+        key=texts["--key"],
+        endpoints=list(endpoints),
+        nodes=list(nodes),
+    )
 
 
 def issue_client_context(
