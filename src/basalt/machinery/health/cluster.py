@@ -389,7 +389,7 @@ async def check_clocks(survey: Survey) -> Outcome:
             )
             answer = first_message(node, response.messages)
         except NodeCallError as exc:
-            return exc.code
+            return f"{exc.code}: {exc.detail}"
         return verdicts.ClockSample(sent, answer.node_time, survey.clock())
 
     nodes = survey.targets.all
@@ -398,8 +398,8 @@ async def check_clocks(survey: Survey) -> Outcome:
     outcome = verdicts.clock_skew(samples)
     left_out = sorted(n for n, r in results.items() if not isinstance(r, verdicts.ClockSample))
     if left_out and not outcome.failed:
-        codes = sorted({str(results[n]) for n in left_out})
-        note = f"not compared: {', '.join(left_out)} ({', '.join(codes)})"
+        reasons = sorted({str(results[n]) for n in left_out})
+        note = f"not compared: {', '.join(left_out)} ({'; '.join(reasons)})"
         status = outcome.status if samples else "skipped"
         return Outcome(status, f"{outcome.message}; {note}" if samples else note)
     return outcome

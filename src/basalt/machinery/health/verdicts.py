@@ -124,13 +124,23 @@ def reachable(errors: Mapping[str, str | None], counts: Counts) -> Outcome:
 
 def node_health(checks: Mapping[str, Sequence[tuple[str, bool, str]]]) -> Outcome:
     """Each node's own verdict (the Health RPC): stage, services, members, controllers,
-    and its etcd view. ``checks``: node -> (name, ok, message) as the node reported."""
+    and its etcd view. ``checks``: node -> (name, ok, message) as the node reported.
+
+    A node's own failures are named before its views of others (``etcd ...`` checks):
+    with one member's etcd stopped, that node is the one to look at, not its peers
+    that cannot reach it."""
     for node, found in checks.items():
-        bad = [f"{name}: {message}" for name, good, message in found if not good]
-        if bad:
-            return failed(node, "; ".join(bad))
         if not found:
             return failed(node, "reported no health checks")
+    for views_of_others in (False, True):
+        for node, found in checks.items():
+            bad = [
+                f"{name}: {message}"
+                for name, good, message in found
+                if not good and name.startswith("etcd") == views_of_others
+            ]
+            if bad:
+                return failed(node, "; ".join(bad))
     services = sum(
         1 for found in checks.values() for name, _, _ in found if name.startswith("service ")
     )
