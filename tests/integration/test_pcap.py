@@ -178,6 +178,11 @@ def test_capture_on_lo_keeps_the_filtered_udp_markers_and_not_the_tcp(
     assert times == sorted(times) and before - 1 <= times[0] and times[-1] <= after + 1
     assert all(r.length == len(r.data) for r in records)
     assert out.stat().st_mode & 0o777 == 0o600
+    console = (cluster.node_dir(cluster.controlplanes[0]) / "console.log").read_text()
+    who = "CN=basaltctl,O=os:operator"
+    instructions = len(bpf.compile_filter(f"udp port {port}"))
+    assert f"capture started by {who} on lo ({instructions}-instruction filter" in console
+    assert f"capture by {who} on lo stopped (done): 5 packets" in console
 
     if TCPDUMP:
         shown = subprocess.run(
@@ -271,6 +276,8 @@ def test_unknown_interface_is_not_found_naming_the_interfaces(
     assert "lo" in result.stderr.split("interfaces:")[1]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+    console = (cluster.node_dir(cluster.controlplanes[0]) / "console.log").read_text()
+    assert "nosuch0" in console and "Traceback" not in console
 
 
 @pytest.mark.parametrize(

@@ -242,20 +242,13 @@ class CaptureMethods:
     async def PacketCapture(
         self, request: machine_pb2.PacketCaptureRequest, context: Context
     ) -> AsyncIterator[Any]:
-        plan = plan_capture(request)
-        key = self.node.address
-        if _running.get(key, 0) >= MAX_CAPTURES:
-            raise CaptureLimitError(
-                f"{MAX_CAPTURES} packet captures already run on this node",
-                hint="wait for one to finish, or cancel it",
-            )
-        _running[key] = _running.get(key, 0) + 1  # taken before the first await
-        try:
-            sock = await asyncio.to_thread(open_capture, plan)
-        except BaseException:
-            _running[key] -= 1
-            raise
         who = current_principal.get().subject or "(unknown)"
+        try:
+            plan, sock = await self._start(request)
+        except BasaltError as exc:
+            log.info("packet capture by %s on %r refused: %s", who, request.interface, exc)
+            raise
+        key = self.node.address
         what = f"{len(plan.program)}-instruction filter" if plan.program else "no filter"
         log.info(
             "packet capture started by %s on %s (%s%s, up to %gs)",
@@ -289,6 +282,25 @@ class CaptureMethods:
                 reason,
                 packets,
             )
+
+    async def _start(
+        self, request: machine_pb2.PacketCaptureRequest
+    ) -> tuple[CapturePlan, socket.socket]:
+        """The checked plan and its open socket, holding one of the node's capture slots
+        (a refusal holds none)."""
+        plan = plan_capture(request)
+        key = self.node.address
+        if _running.get(key, 0) >= MAX_CAPTURES:
+            raise CaptureLimitError(
+                f"{MAX_CAPTURES} packet captures already run on this node",
+                hint="wait for one to finish, or cancel it",
+            )
+        _running[key] = _running.get(key, 0) + 1  # taken before the first await
+        try:
+            return plan, await asyncio.to_thread(open_capture, plan)
+        except BaseException:
+            _running[key] -= 1
+            raise
 
 
 async def _packets(sock: socket.socket, plan: CapturePlan) -> AsyncIterator[tuple[bytes, int]]:
