@@ -61,6 +61,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upgrade": ("upgrade", "upgrade"),
     "rollback": ("upgrade", "rollback"),
     "update": ("upgrade", "update"),
+    "rotate-ca": ("rotate_ca", "rotate_ca"),
     "dashboard": ("dashboard", "dashboard"),
     "stats": ("node_info", "stats"),
     "cgroups": ("node_info", "cgroups"),
