@@ -67,9 +67,9 @@ class MetaMethods:
     async def MetaRead(self, request: machine_pb2.MetaReadRequest, context: Context) -> Any:
         from ..boot.meta import check_key
 
-        meta = self._meta_partition()
         if request.key:
-            check_key(request.key)
+            check_key(request.key)  # a bad request is refused as such on any node
+        meta = self._meta_partition()
         record = await asyncio.to_thread(meta.read)
         keys = record.keys
         if request.key:
@@ -84,12 +84,19 @@ class MetaMethods:
         return machine_pb2.MetaReadResponse(messages=[answer])
 
     async def MetaWrite(self, request: machine_pb2.MetaWriteRequest, context: Context) -> Any:
+        from ..boot.meta import check_key, check_value
+
+        check_key(request.key)
+        check_value(request.key, request.value)
         meta = self._meta_partition()
         record = await asyncio.to_thread(meta.set_key, request.key, request.value)
         log.info("META key %s written (sequence %d)", request.key, record.sequence)
         return self.action(f"META key {request.key!r} written")
 
     async def MetaDelete(self, request: machine_pb2.MetaDeleteRequest, context: Context) -> Any:
+        from ..boot.meta import check_key
+
+        check_key(request.key)
         meta = self._meta_partition()
         if not await asyncio.to_thread(meta.delete_key, request.key):
             raise NotFoundError(
@@ -100,8 +107,9 @@ class MetaMethods:
         return self.action(f"META key {request.key!r} deleted")
 
     async def WipeDisk(self, request: machine_pb2.WipeDiskRequest, context: Context) -> Any:
-        from ..storage.wipe import Host, check_wipe
+        from ..storage.wipe import Host, check_wipe, device_name
 
+        device_name(request.device)  # a bad request is refused as such on any node
         if self.node.platform.mode.in_container:
             raise NoDisksError(
                 "this node has no disks of its own (container mode): nothing is wiped",
