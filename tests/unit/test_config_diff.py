@@ -165,7 +165,7 @@ def test_mixed_changes_list_only_the_reboot_ones_as_the_reason() -> None:
         ("MachineConfig", 'kubelet.extraArgs["node-labels"]', False),
         ("MachineConfig", "kubeletImage", True),  # a prefix of a name is not its parent
         ("MachineConfig", "token", True),
-        ("MachineConfig", "ca.crt", True),
+        ("MachineConfig", "ca.crt", False),  # rotate-ca: certificates issued again live
         ("ClusterConfig", "etcd.extraArgs", False),
         ("ClusterConfig", 'etcd.extraArgs["log.level"]', False),
         ("ClusterConfig", "etcd.ca", True),

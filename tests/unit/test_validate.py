@@ -311,6 +311,7 @@ def test_rules_table_lists_every_rule() -> None:
         "required_documents",
         "secrets_by_role",
         "ca_certificates",
+        "accepted_cas",
         "install_for_mode",
         "subnets",
         "version_contract",

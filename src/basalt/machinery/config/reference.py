@@ -32,6 +32,7 @@ from . import _schema, _types, discovery, update
 from ._base import API_VERSION, DOCUMENT_KINDS, Document
 from .cluster import ClusterName, KubernetesVersion, PEMPrivateKey
 from .fleet import FleetURLText
+from .machine import PEMCACertificate
 from .redact import secret_locs
 from .system import Ed25519PublicKey, EtcPath, FileMode, ModuleParameter
 
@@ -62,6 +63,7 @@ TYPE_LABELS: tuple[tuple[Any, str], ...] = (
     (KubernetesVersion, "Kubernetes version"),
     (ClusterName, "cluster name"),
     (PEMPrivateKey, "PEM private key"),
+    (PEMCACertificate, "PEM CA certificate"),
     (EtcPath, "path under /etc"),
     (Ed25519PublicKey, "PEM Ed25519 public key"),
     (ModuleParameter, "key=value"),

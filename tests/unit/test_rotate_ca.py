@@ -1,0 +1,198 @@
+"""rotate-ca's pure parts: each node's phase from its config, the steps left, the config
+each step gives a node; the ``acceptedCAs`` field; the identity check letting a rotation
+step through and nothing else; the state file."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+
+from basalt.machinery.config import bundle_from_raw, check_bundle
+from basalt.machinery.config.diff import config_changes
+from basalt.machinery.config.identity import IdentityChangeError, check_identity
+from basalt.machinery.config.rotate import (
+    NodePhase,
+    RotationError,
+    RotationState,
+    Step,
+    machine_config_for,
+    node_phase,
+    nodes_for,
+    steps_left,
+)
+from basalt.machinery.errors import ConfigValidationError
+from basalt.machinery.pki import CertificateAndKey, generate_ca, issue_certificate
+from tests.fakes import inputs
+
+OLD, NEW, OTHER = "OLD-PEM", "NEW-PEM", "OTHER-PEM"
+
+
+@pytest.mark.parametrize(
+    ("ca", "accepted", "phase"),
+    [
+        (OLD, [], NodePhase.OLD),
+        (OLD, [OTHER], NodePhase.OLD),
+        (OLD, [NEW], NodePhase.TRUSTING),
+        (OLD + "\n", [" " + NEW], NodePhase.TRUSTING),  # whitespace does not count
+        (NEW, [OLD], NodePhase.ISSUED),
+        (NEW, [OTHER, OLD], NodePhase.ISSUED),
+        (NEW, [], NodePhase.DONE),
+        (NEW, [OTHER], NodePhase.DONE),
+        (OTHER, [OLD, NEW], None),  # neither: another rotation or another cluster
+    ],
+)
+def test_node_phase(ca: str, accepted: list[str], phase: NodePhase | None) -> None:
+    assert node_phase(ca, accepted, OLD, NEW) == phase
+
+
+@pytest.mark.parametrize(
+    ("phases", "left"),
+    [
+        ([NodePhase.OLD] * 4, [Step.TRUST, Step.ISSUE, Step.DROP]),
+        ([NodePhase.OLD, NodePhase.TRUSTING], [Step.TRUST, Step.ISSUE, Step.DROP]),
+        ([NodePhase.TRUSTING] * 2, [Step.ISSUE, Step.DROP]),
+        ([NodePhase.TRUSTING, NodePhase.ISSUED], [Step.ISSUE, Step.DROP]),
+        ([NodePhase.ISSUED, NodePhase.DONE], [Step.DROP]),
+        ([NodePhase.DONE] * 3, []),
+        ([], []),
+    ],
+)
+def test_steps_left_start_from_the_least_advanced_node(
+    phases: list[NodePhase], left: list[Step]
+) -> None:
+    assert steps_left({str(i): p for i, p in enumerate(phases)}) == left
+
+
+def test_nodes_for_a_step_are_the_ones_behind_it_control_planes_first() -> None:
+    phases = {
+        "w1": NodePhase.TRUSTING,
+        "cp2": NodePhase.TRUSTING,
+        "cp1": NodePhase.ISSUED,  # done with this step already: left alone
+        "cp3": NodePhase.TRUSTING,
+    }
+    types = {"w1": "worker", "cp1": "controlplane", "cp2": "controlplane", "cp3": "controlplane"}
+    assert nodes_for(Step.ISSUE, phases, types) == ["cp2", "cp3", "w1"]
+    assert nodes_for(Step.TRUST, phases, types) == []
+    assert nodes_for(Step.DROP, phases, types) == ["cp1", "cp2", "cp3", "w1"]
+
+
+@functools.cache
+def cas() -> tuple[CertificateAndKey, CertificateAndKey]:
+    return generate_ca("basalt-os-old"), generate_ca("basalt-os-new")
+
+
+def _machine(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    return inputs.find(documents, "MachineConfig")
+
+
+def _node_configs() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A control plane's and a worker's documents, running with the old CA."""
+    old, _ = cas()
+    cp, worker = inputs.controlplane_raw(), inputs.worker_raw()
+    _machine(cp)["ca"] = {"crt": old.crt, "key": old.key}
+    _machine(worker)["ca"] = {"crt": old.crt}
+    return cp, worker
+
+
+def _step(documents: list[dict[str, Any]], step: Step) -> list[dict[str, Any]]:
+    old, new = cas()
+    assert new.key is not None
+    return [
+        machine_config_for(d, step, old.crt, new.crt, new.key)
+        if d["kind"] == "MachineConfig"
+        else d
+        for d in documents
+    ]
+
+
+def test_each_step_gives_the_config_of_its_phase_and_is_idempotent() -> None:
+    old, new = cas()
+    for start in _node_configs():
+        is_cp = _machine(start)["type"] == "controlplane"
+        documents = start
+        for step in (Step.TRUST, Step.ISSUE, Step.DROP):
+            before = documents
+            documents = _step(documents, step)
+            assert _step(documents, step) == documents  # again: the same config
+            machine = _machine(documents)
+            assert (
+                node_phase(machine["ca"]["crt"], machine.get("acceptedCAs", []), old.crt, new.crt)
+                == step.reaches
+            )
+            current = bundle_from_raw(before)
+            nxt = bundle_from_raw(documents)
+            check_bundle(nxt)  # a valid config: keys only where they belong
+            # Every step applies live, and none is refused as an identity change.
+            assert not [c for c in config_changes(current, nxt) if c.needs_reboot]
+            assert check_identity(current, nxt, allow=False) is None
+        machine = _machine(documents)
+        assert machine["ca"]["crt"].strip() == new.crt.strip()
+        assert "acceptedCAs" not in machine
+        assert ("key" in machine["ca"]) is is_cp
+        if is_cp:
+            assert machine["ca"]["key"].strip() == (new.key or "").strip()
+
+
+def test_other_accepted_cas_stay() -> None:
+    third = generate_ca("someone-else")
+    cp, _ = _node_configs()
+    _machine(cp)["acceptedCAs"] = [third.crt]
+    for step in (Step.TRUST, Step.ISSUE, Step.DROP):
+        cp = _step(cp, step)
+        assert third.crt in _machine(cp)["acceptedCAs"]
+
+
+def test_a_ca_change_without_the_rotation_steps_is_still_an_identity_change() -> None:
+    cp, _ = _node_configs()
+    current = bundle_from_raw(cp)
+    # Straight to the new CA, never accepted before: refused, as before rotate-ca existed.
+    switched = _step(cp, Step.ISSUE)
+    with pytest.raises(IdentityChangeError, match="the OS API CA"):
+        check_identity(current, bundle_from_raw(switched), allow=False)
+    # Accepted first, but the old CA not kept accepted: refused too (old clients locked out).
+    trusting = _step(cp, Step.TRUST)
+    abrupt = [dict(d) for d in _step(trusting, Step.ISSUE)]
+    _machine(abrupt).pop("acceptedCAs")
+    with pytest.raises(IdentityChangeError):
+        check_identity(bundle_from_raw(trusting), bundle_from_raw(abrupt), allow=False)
+
+
+def _load(documents: list[dict[str, Any]]) -> str:
+    with pytest.raises(ConfigValidationError) as caught:
+        bundle_from_raw(documents, source="cp.yaml")
+    return caught.value.render()
+
+
+def test_accepted_cas_must_be_ca_certificates_only() -> None:
+    old, _ = cas()
+    leaf = issue_certificate(old, "a-leaf", client=True)
+    cp, _ = _node_configs()
+    cases = {
+        "not a CA certificate": leaf.crt,
+        "more than one PEM block": old.crt + (old.key or ""),
+    }
+    for message, value in cases.items():
+        _machine(cp)["acceptedCAs"] = [value]
+        rendered = _load(cp)
+        assert "acceptedCAs" in rendered and message in rendered, rendered
+        assert "PRIVATE KEY" not in rendered  # the key is never echoed
+    _machine(cp)["acceptedCAs"] = ["not a certificate"]
+    assert "acceptedCAs" in _load(cp)
+
+
+def test_accepted_cas_warnings() -> None:
+    old, _ = cas()
+    cp, _ = _node_configs()
+    _machine(cp)["acceptedCAs"] = [old.crt]
+    warnings = check_bundle(bundle_from_raw(cp))
+    assert any("is the OS CA itself" in w.render() for w in warnings)
+
+
+def test_state_round_trip_and_a_bad_file() -> None:
+    state = RotationState("old", "new", "key", "trust")
+    assert RotationState.from_json(state.to_json(), "s.json") == state
+    assert state.with_step(Step.ISSUE).step == "issue"
+    with pytest.raises(RotationError, match=r"s\.json: not a rotate-ca state file"):
+        RotationState.from_json('{"oldCA": 1}', "s.json")
