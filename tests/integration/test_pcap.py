@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -386,3 +388,177 @@ def test_node_checks_limits_and_cancellation_frees_the_slot(cluster: LiveCluster
             await client.close()
 
     run(check())
+
+
+def test_ctrl_c_ends_an_open_capture_with_a_whole_file_and_leaves_promiscuous_mode(
+    cluster: LiveCluster, tmp_path: Path
+) -> None:
+    """No --duration: SIGINT (Ctrl-C) ends it, exit 0, the file is whole; the node stops
+    capturing (its log says the client went away) and lo leaves promiscuous mode."""
+    config = role_config(cluster, Role.OPERATOR, tmp_path / "operator")
+    receiver = free_port(socket.SOCK_DGRAM)
+    port = receiver.getsockname()[1]
+    out = tmp_path / "open.pcap"
+    flags = Path("/sys/class/net/lo/flags")
+    process = subprocess.Popen(
+        [
+            *BASALTCTL,
+            "pcap",
+            "-n",
+            cluster.controlplanes[0],
+            "-i",
+            "lo",
+            "--promiscuous",
+            "--bpf-filter",
+            f"udp dst port {port}",
+            "-o",
+            str(out),
+        ],
+        env=ctl_env(config),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert "Ctrl-C to stop" in started(process)
+        assert int(flags.read_text(), 16) & 0x100  # IFF_PROMISC while it runs
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for i in range(3):
+                sender.sendto(b"OPEN-%d" % i, ("127.0.0.1", port))
+        time.sleep(1.0)  # a flush interval and then some
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        receiver.close()
+    _, records = read_pcap(out.read_bytes())
+    assert [udp_payload(r.data) for r in records] == [(port, b"OPEN-%d" % i) for i in range(3)]
+    console = cluster.node_dir(cluster.controlplanes[0]) / "console.log"
+    deadline = time.monotonic() + 10
+    while "stopped (cancelled by the client): 3 packets" not in console.read_text():
+        assert time.monotonic() < deadline, console.read_text()[-2000:]
+        time.sleep(0.1)
+    assert not int(flags.read_text(), 16) & 0x100
+
+
+async def read(call: Any) -> Any:
+    """The next chunk's bytes, None at the end of the stream."""
+    message = await call.read()
+    return None if message is grpc.aio.EOF else message.bytes  # type: ignore[attr-defined]
+
+
+def test_packets_are_batched_into_few_messages(cluster: LiveCluster) -> None:
+    receiver = free_port(socket.SOCK_DGRAM)
+    port = receiver.getsockname()[1]
+    program = [
+        machine_pb2.BPFInstruction(op=i.op, jt=i.jt, jf=i.jf, k=i.k)
+        for i in bpf.compile_filter(f"udp dst port {port}")
+    ]
+    request = machine_pb2.PacketCaptureRequest(
+        interface="lo", bpf_filter=program, duration_seconds=3, max_packets=200
+    )
+
+    async def capture() -> list[Any]:
+        client = await cluster.client()
+        try:
+            call = client.machine.PacketCapture(request, timeout=30)
+            chunks = [await read(call)]  # the header: the socket is bound
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                for i in range(200):
+                    sender.sendto(b"B%d" % i, ("127.0.0.1", port))
+            while (chunk := await read(call)) is not None:
+                chunks.append(chunk)
+            return chunks
+        finally:
+            await client.close()
+
+    try:
+        chunks = run(capture())
+    finally:
+        receiver.close()
+    _, records = read_pcap(b"".join(chunks))
+    assert len(records) == 200
+    assert len(chunks) - 1 < 20, len(chunks)  # batched, not one message per packet
+    for chunk in chunks[1:]:
+        read_pcap(chunks[0] + chunk)  # every chunk holds whole records
+
+
+def test_several_nodes_at_once_are_refused(cluster: LiveCluster, tmp_path: Path) -> None:
+    config = role_config(cluster, Role.OPERATOR, tmp_path / "operator")
+    out = tmp_path / "never.pcap"
+    result = subprocess.run(
+        [
+            *BASALTCTL,
+            "pcap",
+            "-n",
+            f"{cluster.controlplanes[0]},{cluster.workers[0]}",
+            "-i",
+            "lo",
+            "--duration",
+            "1s",
+            "-o",
+            str(out),
+        ],
+        env=ctl_env(config),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1 and "one node at a time" in result.stderr
+    assert not out.exists()
+
+
+def test_show_program_prints_the_ddd_form_without_a_call(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *BASALTCTL,
+            "pcap",
+            "-i",
+            "lo",
+            "--bpf-filter",
+            "tcp port 80",
+            "--show-program",
+            "-o",
+            str(tmp_path / "never.pcap"),
+        ],
+        env={**os.environ, "BASALTCONFIG": str(tmp_path / "no-config")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert bpf.parse_raw(result.stdout) == bpf.compile_filter("tcp port 80")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+def test_without_cap_net_raw_the_refusal_is_a_clear_failed_precondition() -> None:
+    """machined's socket code in a process whose bounding set lacks CAP_NET_RAW."""
+    script = (
+        "from basalt.machined.api import pcap\n"
+        "from basalt.machinery.api import machine_pb2\n"
+        "from basalt.machinery.errors import BasaltError\n"
+        "plan = pcap.plan_capture(machine_pb2.PacketCaptureRequest(interface='lo'))\n"
+        "try:\n"
+        "    pcap.open_capture(plan)\n"
+        "except BasaltError as exc:\n"
+        "    print(exc.kind.name, exc.render())\n"
+    )
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-net_raw",
+            "--inh-caps=-net_raw",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.startswith("FAILED_PRECONDITION capturing needs CAP_NET_RAW"), result
+    assert "hint:" in result.stdout
