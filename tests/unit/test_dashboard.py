@@ -21,6 +21,7 @@ from basalt.cli.dashboard.model import (
     NodeHistory,
     NodeSnapshot,
     Process,
+    bars,
     boot_text,
     duration,
     etcd_role,
@@ -337,6 +338,14 @@ def test_orders_and_texts() -> None:
     assert [duration(s) for s in (42, 90, 3725, 90061)] == ["42s", "1m30s", "1h02m", "1d01h"]
     degraded = FleetCluster("x", "ready", 1, 1, 0, "", nodes=2, linked=1)
     assert degraded.health == "degraded"
+
+
+def test_bars_use_a_fixed_scale_newest_right() -> None:
+    assert bars([5, 5, 5, 5], 6, 100) == ["      ", "  ▁▁▁▁"]  # 5 % is low, not full
+    assert bars([0, 50, 100, 25], 4, 100) == ["  █ ", " ██▄"]
+    assert bars(list(range(1, 21)), 5, 20, rows=1) == ["▂▃▅▆█"]  # 4 per column: their max
+    assert bars([150], 1, 100, rows=1) == ["█"]  # clipped at the top
+    assert bars([1.0], 3, 0.0, rows=1) == ["   "]  # no scale known yet: nothing drawn
 
 
 # -- the verb's refusals (before any UI starts) ------------------------------------------

@@ -177,16 +177,20 @@ class NodeView(Vertical):
         self.query_one(ProcessesTable).border_title = title
         cpu, memory = snap.cpu_history, snap.memory_history
         self.query_one("#cpu-graph", Graph).show(
-            cpu, f"{cpu[-1]:.1f}%" if cpu else "", "last hour, node's samples"
+            cpu, 100.0, f"{cpu[-1]:.1f}%" if cpu else "", "of all CPUs, last hour"
         )
         total = snap.summary.memory_total
         used = snap.summary.memory_used or (memory[-1] if memory else 0)
         self.query_one("#memory-graph", Graph).show(
-            memory, f"{size(used)} of {size(total)}" if total else "", "last hour"
+            memory, float(total), f"{size(used)} of {size(total)}" if total else "", "last hour"
         )
         conns = history.connections
+        peak = max(conns, default=0.0)
         self.query_one("#net-graph", Graph).show(
-            conns, f"{int(conns[-1])} connections" if conns else "", "open, per poll"
+            conns,
+            max(peak * 1.25, 10.0),
+            f"{int(conns[-1])} connections" if conns else "",
+            f"open, per poll, peak {int(peak)}",
         )
 
 

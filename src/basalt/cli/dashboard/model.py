@@ -239,3 +239,30 @@ class NodeHistory:
         if snap.connections is not None:
             self.connections = [*self.connections, float(snap.connections)][-self.points :]
         return snap
+
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def bars(values: Sequence[float], width: int, top: float, rows: int = 2) -> list[str]:
+    """A bar graph of ``values`` on a fixed scale (0 .. ``top``), ``rows`` lines high and
+    ``width`` columns wide, newest at the right; older values than fit are dropped, and
+    several values per column (when there are more than ``width``) show their maximum.
+
+    A fixed scale so that a flat line at 5 % does not fill the panel as a flat 95 % would.
+    """
+    if width <= 0 or rows <= 0:
+        return [""] * max(rows, 0)
+    series = list(values)
+    per = max(1, -(-len(series) // width))  # values per column, rounded up
+    columns = [max(series[max(i - per, 0) : i]) for i in range(len(series), 0, -per)][::-1]
+    columns = columns[-width:]
+    steps = rows * 8
+    levels = [0 if top <= 0 else round(min(max(v / top, 0.0), 1.0) * steps) for v in columns]
+    levels = [max(level, 1) if v > 0 else 0 for level, v in zip(levels, columns, strict=True)]
+    pad = width - len(levels)
+    lines = []
+    for row in range(rows - 1, -1, -1):
+        line = "".join(_BLOCKS[min(max(level - row * 8, 0), 8)] for level in levels)
+        lines.append(" " * pad + line)
+    return lines

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import DataTable, Label, Log, Sparkline, Static
+from textual.widgets import DataTable, Label, Log, Static
 
 from .model import (
     FleetSnapshot,
@@ -19,6 +19,7 @@ from .model import (
     Process,
     ProcessOrder,
     Service,
+    bars,
     duration,
     ordered,
     size,
@@ -72,29 +73,40 @@ class SummaryPanel(Static):
 
 
 class Graph(Vertical):
-    """A titled sparkline: the title carries the latest value, the line the history."""
+    """A titled bar graph on a fixed scale: the title carries the latest value."""
 
     DEFAULT_CSS = """
     Graph { height: 3; padding: 0 1; }
-    Graph > Label { width: 1fr; }
-    Graph > Sparkline { height: 2; }
+    Graph > Label { width: 1fr; height: 1; }
+    Graph > .bars { height: 2; color: $accent; }
     """
 
     def __init__(self, title: str, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.title = title
+        self.values: list[float] = []
+        self.top = 0.0
 
     def compose(self) -> ComposeResult:
         yield Label(Text(f"{self.title}: -"))
-        yield Sparkline([], summary_function=max)
+        yield Static(markup=False, classes="bars")
 
-    def show(self, values: Sequence[float], latest: str, note: str = "") -> None:
-        title = Text(f"{self.title}: ", style="bold")
+    def show(self, values: Sequence[float], top: float, latest: str, note: str = "") -> None:
+        """``values`` from oldest to newest, drawn from 0 up to ``top``."""
+        title = Text(f"{self.title}: ", style="bold", no_wrap=True, overflow="ellipsis")
         title.append(latest or "-")
         if note:
             title.append(f"  {note}", style="dim")
         self.query_one(Label).update(title)
-        self.query_one(Sparkline).data = list(values)
+        self.values, self.top = list(values), top
+        self._draw()
+
+    def on_resize(self) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
+        width = self.content_region.width
+        self.query_one(".bars", Static).update(Text("\n".join(bars(self.values, width, self.top))))
 
 
 class ServicesTable(DataTable[Text]):
