@@ -253,12 +253,14 @@ def bars(values: Sequence[float], width: int, top: float, rows: int = 2) -> list
     """
     if width <= 0 or rows <= 0:
         return [""] * max(rows, 0)
+    if top <= 0:  # no scale yet (the node's memory size unknown): draw nothing
+        return [" " * width] * rows
     series = list(values)
     per = max(1, -(-len(series) // width))  # values per column, rounded up
     columns = [max(series[max(i - per, 0) : i]) for i in range(len(series), 0, -per)][::-1]
     columns = columns[-width:]
     steps = rows * 8
-    levels = [0 if top <= 0 else round(min(max(v / top, 0.0), 1.0) * steps) for v in columns]
+    levels = [round(min(max(v / top, 0.0), 1.0) * steps) for v in columns]
     levels = [max(level, 1) if v > 0 else 0 for level, v in zip(levels, columns, strict=True)]
     pad = width - len(levels)
     lines = []
