@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -130,23 +132,31 @@ def words(environ: dict[str, str] | os._Environ[str]) -> tuple[list[str], str]:
     return typed[1:index], typed[index] if index < len(typed) else ""
 
 
-def _command(args: list[str]) -> Command:
+@dataclass(frozen=True)
+class Verbs:
+    """What :mod:`basalt.cli.main` knows (handed over: main imports this module): every
+    verb's name, the app with one verb (or none: ``\0``), the verb among typed words."""
+
+    names: Collection[str]
+    build: Callable[[str | None], typer.Typer]
+    verb_of: Callable[[list[str]], str | None]
+
+
+def _command(verbs: Verbs, args: list[str]) -> Command:
     """The click command to complete against: the verb's own when one is typed; else the
     root with its global options and every verb as a bare name (no module imported)."""
     from typer.core import TyperCommand, TyperGroup
     from typer.main import get_command
 
-    from .main import COMMANDS, GROUPS, build_app, invoked_verb
-
-    verb = invoked_verb(args)
-    command = get_command(build_app(verb or "\0"))
+    verb = verbs.verb_of(args)
+    command = get_command(verbs.build(verb or "\0"))
     if verb is None and isinstance(command, TyperGroup):
-        for name in sorted({*GROUPS, *COMMANDS}):
+        for name in sorted(verbs.names):
             command.add_command(TyperCommand(name), name)
     return command
 
 
-def completions(args: list[str], incomplete: str) -> list[tuple[str, str, str]]:
+def completions(verbs: Verbs, args: list[str], incomplete: str) -> list[tuple[str, str, str]]:
     """(type, value, help) of every completion of ``incomplete`` after ``args``."""
     from typer._click.shell_completion import CompletionItem, ShellComplete
 
@@ -163,13 +173,13 @@ def completions(args: list[str], incomplete: str) -> list[tuple[str, str, str]]:
         def format_completion(self, item: CompletionItem) -> str:
             return item.value  # type: ignore[no-any-return]
 
-    found: list[Any] = Answer(_command(args), {}, PROG, COMPLETE_VAR).get_completions(
+    found: list[Any] = Answer(_command(verbs, args), {}, PROG, COMPLETE_VAR).get_completions(
         args, incomplete
     )
     return [(item.type, str(item.value), item.help or "") for item in found]
 
 
-def complete(instruction: str) -> int:
+def complete(instruction: str, verbs: Verbs) -> int:
     """Answer one completion request (``_BASALTCTL_COMPLETE`` set); the exit code."""
     shell = _shell(instruction)
     if shell is None:
@@ -181,7 +191,7 @@ def complete(instruction: str) -> int:
         return 1
     args, incomplete = words(os.environ)
     lines = []
-    for kind, value, help_text in completions(args, incomplete):
+    for kind, value, help_text in completions(verbs, args, incomplete):
         one_line = " ".join(help_text.split())
         if shell == "bash":
             lines.append(f"{kind},{value}")

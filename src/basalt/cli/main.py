@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own logs are not for users
     if os.environ.get("_BASALTCTL_COMPLETE"):  # a shell asks (basaltctl completion SHELL)
-        from .completion import complete
+        from .completion import Verbs, complete
 
-        return complete(os.environ["_BASALTCTL_COMPLETE"])
+        verbs = Verbs({*GROUPS, *COMMANDS}, build_app, invoked_verb)
+        return complete(os.environ["_BASALTCTL_COMPLETE"], verbs)
     args = list(argv if argv is not None else sys.argv[1:])
     debug = "--debug" in args
     try:
