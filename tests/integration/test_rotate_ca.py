@@ -197,10 +197,17 @@ def test_issue_step_interrupted_mid_way_then_finished(setup: Setup) -> None:
     assert reaches(setup.old, worker, ca=new_ca)  # the old client certificate still works
     secrets = yaml.safe_load(setup.secrets.read_text())
     assert secrets["certs"]["os"]["crt"].strip() == new_ca.strip()
-    # Run again with the same stop: nothing left to do before it, nothing changes.
+    # Run again with the same stop: nothing left to do before it, nothing changes; and
+    # with the state file lost, the secrets bundle (new CA since the issue step) and the
+    # nodes' configs (the other CA) say which rotation this is.
     before = setup.configs()
+    saved = setup.state.read_text()
+    setup.state.unlink()
     assert setup.rotate("--stop-after", "issue") == 0
     assert setup.configs() == before
+    recovered = yaml.safe_load(setup.state.read_text())
+    assert recovered["newCA"] == yaml.safe_load(saved)["newCA"]
+    assert recovered["oldCA"].strip() == setup.old_ca.strip()
 
 
 def test_drop_step_interrupted_then_converges(

@@ -5,6 +5,7 @@ step through and nothing else; the state file."""
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from basalt.machinery.config.rotate import (
     RotationError,
     RotationState,
     Step,
+    infer_rotation,
     machine_config_for,
     node_phase,
     nodes_for,
@@ -80,7 +82,10 @@ def test_nodes_for_a_step_are_the_ones_behind_it_control_planes_first() -> None:
 
 @functools.cache
 def cas() -> tuple[CertificateAndKey, CertificateAndKey]:
-    return generate_ca("basalt-os-old"), generate_ca("basalt-os-new")
+    """An old CA and a new one, valid from a later second (certificates count seconds)."""
+    old = generate_ca("basalt-os-old")
+    time.sleep(1.05)
+    return old, generate_ca("basalt-os-new")
 
 
 def _machine(documents: list[dict[str, Any]]) -> dict[str, Any]:
@@ -196,3 +201,28 @@ def test_state_round_trip_and_a_bad_file() -> None:
     assert state.with_step(Step.ISSUE).step == "issue"
     with pytest.raises(RotationError, match=r"s\.json: not a rotate-ca state file"):
         RotationState.from_json('{"oldCA": 1}', "s.json")
+
+
+def test_infer_rotation_without_a_state_file() -> None:
+    old, new = cas()  # new was generated after old: the newer one
+    third = generate_ca("someone-else")
+    nothing: list[str] = []
+    # Not rotating: every node on the secrets bundle's CA, accepting nothing else.
+    assert infer_rotation({"a": (old.crt, nothing), "b": (old.crt, nothing)}, old.crt) is None
+    # The secrets bundle has the new CA (issue step begun): old and new recovered, from
+    # any mix of the phases that can follow.
+    for views in (
+        {"a": (old.crt, [new.crt]), "b": (old.crt, [new.crt])},  # issue not yet applied
+        {"a": (new.crt, [old.crt]), "b": (old.crt, [new.crt])},
+        {"a": (new.crt, [old.crt]), "b": (new.crt, [old.crt])},
+        {"a": (new.crt, nothing), "b": (new.crt, [old.crt])},
+    ):
+        assert infer_rotation(views, new.crt) == (old.crt, new.crt), views
+    # Stopped at trust: the secrets bundle still has the old CA, the new key is lost.
+    with pytest.raises(RotationError, match="state file"):
+        infer_rotation({"a": (old.crt, [new.crt])}, old.crt)
+    # Another cluster's secrets, or three CAs at once.
+    with pytest.raises(RotationError, match="does not match"):
+        infer_rotation({"a": (old.crt, nothing)}, third.crt)
+    with pytest.raises(RotationError):
+        infer_rotation({"a": (new.crt, [old.crt, third.crt])}, new.crt)

@@ -352,16 +352,29 @@ def _begin(run: Run, dry_run: bool) -> RotationState:
     secrets bundle (a new CA when the cluster is not rotating yet)."""
     import datetime as dt
 
-    from basalt.machinery.config.rotate import RotationError, RotationState, same_pem
+    from basalt.machinery.config.rotate import (
+        RotationError,
+        RotationState,
+        infer_rotation,
+        same_pem,
+    )
     from basalt.machinery.pki import generate_ca
 
     os_ca = run.secrets.certs.os
     if run.state is not None:
         state = run.state
     else:
-        cas = {n.ca.strip(): n.ca for n in run.nodes.values()}
-        accepted = {a.strip() for n in run.nodes.values() for a in n.accepted}
-        if len(cas) == 1 and same_pem(next(iter(cas.values())), os_ca.crt):
+        views = {a: (n.ca, n.accepted) for a, n in run.nodes.items()}
+        try:
+            found = infer_rotation(views, os_ca.crt)
+        except RotationError as exc:
+            in_use = {fingerprint(n.ca) for n in run.nodes.values()}
+            raise RotationError(
+                f"{exc.message} (secrets bundle {run.secrets_path}: "
+                f"{fingerprint(os_ca.crt)}; the nodes' CA: {', '.join(sorted(in_use))})",
+                hint=exc.hint,
+            ) from None
+        if found is None:
             if dry_run:  # no new CA yet: the plan says one is generated
                 return RotationState(os_ca.crt, "", "")
             # A subject of its own: TLS stacks pick an issuer by name, and one name for
@@ -369,25 +382,14 @@ def _begin(run: Run, dry_run: bool) -> RotationState:
             pair = generate_ca(f"basalt-os-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}")
             assert pair.key is not None
             state = RotationState(os_ca.crt, pair.crt, pair.key)
-        elif os_ca.key and (os_ca.crt.strip() in cas or os_ca.crt.strip() in accepted):
-            # An interrupted rotation whose state file is gone: the secrets bundle holds
-            # the new CA since the issue step began; the old one is the other CA in use.
-            others = {c for c in (set(cas) | accepted) if c != os_ca.crt.strip()}
-            if len(others) != 1:
+        else:  # an interrupted rotation whose state file is gone
+            if not os_ca.key:
                 raise RotationError(
-                    f"the nodes use {len(others) + 1} OS CAs and no state file "
-                    f"({run.state_path}) says which rotation this is",
-                    hint="restore the state file from a backup, or pass it with --state",
+                    f"the secrets bundle {run.secrets_path} holds no key for its OS CA",
+                    hint="pass the full secrets bundle (the one 'gen secrets' wrote)",
                 )
-            old = others.pop()
-            state = RotationState(old + "\n", os_ca.crt, os_ca.key)
-        else:
-            raise RotationError(
-                f"the secrets bundle {run.secrets_path} does not match the cluster: its OS CA "
-                f"({fingerprint(os_ca.crt)}) is not the one the nodes use "
-                f"({', '.join(fingerprint(c) for c in cas.values())})",
-                hint="pass this cluster's secrets bundle with --secrets",
-            )
+            state = RotationState(found[0], found[1], os_ca.key)
+            info(f"no state file: going on with the rotation to {fingerprint(found[1])}")
     if not (same_pem(os_ca.crt, state.old_crt) or same_pem(os_ca.crt, state.new_crt)):
         raise RotationError(
             f"the secrets bundle {run.secrets_path} does not match the cluster: its OS CA "

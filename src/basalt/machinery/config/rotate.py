@@ -130,6 +130,46 @@ def machine_config_for(
     return document
 
 
+def _issued_at(pem: str) -> Any:
+    from ..pki import load_certificate
+
+    return load_certificate(pem).not_valid_before_utc
+
+
+def infer_rotation(
+    nodes: Mapping[str, tuple[str, Sequence[str]]], secrets_crt: str
+) -> tuple[str, str] | None:
+    """Without a state file: ``(old, new)`` of the rotation the nodes are in, or None when
+    they are in none (every node runs with the secrets bundle's CA and accepts no other).
+
+    ``nodes``: each node's ``ca.crt`` and ``acceptedCAs``. The secrets bundle holds the new
+    CA from the issue step on, so it must be the newer of exactly two CAs in use; else
+    (a rotation stopped at its trust step, whose new key only the state file had; or CAs
+    of something else) :class:`RotationError`.
+    """
+    in_use = {c.strip(): c for ca, accepted in nodes.values() for c in (ca, *accepted)}
+    if set(in_use) == {secrets_crt.strip()}:
+        return None
+    if secrets_crt.strip() not in in_use:
+        raise RotationError(
+            "the secrets bundle does not match the cluster: its OS CA is none of the CAs "
+            "the nodes use or accept",
+            hint="pass this cluster's secrets bundle with --secrets",
+        )
+    others = [c for key, c in in_use.items() if key != secrets_crt.strip()]
+    newer = all(_issued_at(secrets_crt) > _issued_at(c) for c in others)
+    if len(others) != 1 or not newer:
+        raise RotationError(
+            "the nodes accept another OS CA besides the secrets bundle's: a rotation stopped "
+            "before its issue step (or another CA was added by hand), and without its state "
+            "file the new CA's key is unknown",
+            hint="restore rotate-ca.state.json (or pass it with --state); to abandon that "
+            "rotation, remove the extra acceptedCAs entry on every node with 'basaltctl "
+            "patch machineconfig', then run rotate-ca again",
+        )
+    return others[0], secrets_crt
+
+
 @dataclass(frozen=True)
 class RotationState:
     """What a rotation must not forget between runs: the old CA certificate and the new

@@ -149,8 +149,8 @@ def ca_certificates(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem
 
 
 def accepted_cas(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
-    """``acceptedCAs``: no repeats, not the OS CA itself, and none expired (an expired CA
-    accepts nobody: a rotation that was never finished)."""
+    """``acceptedCAs``: warnings for repeats, the OS CA itself, and expired entries (a
+    rotation never finished). Warnings only: none of them keeps a node from its config."""
     from ..pki import load_certificate
 
     machine = bundle.first(MachineConfig)
@@ -174,8 +174,9 @@ def accepted_cas(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
             yield bundle.problem(
                 machine,
                 where,
-                f"expired on {expires:%Y-%m-%d}",
-                "remove it: finish the rotation with 'basaltctl rotate-ca'",
+                f"expired on {expires:%Y-%m-%d}; it accepts nobody",
+                "remove it, or finish the rotation with 'basaltctl rotate-ca'",
+                severity="warning",
             )
 
 
