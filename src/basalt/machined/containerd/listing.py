@@ -68,7 +68,8 @@ async def list_containers(client: ContainerdClient, namespace: str = "") -> list
 async def _in_namespace(client: ContainerdClient, namespace: str) -> list[ContainerSummary]:
     listed = await client.call(client.containers.List, containers_pb2.ListContainersRequest())
     tasks = await client.call(client.tasks.List, tasks_pb2.ListTasksRequest())
-    by_container = {t.container_id: t for t in tasks.tasks}
+    # containerd 1.6 names a task's container in ``id`` and leaves ``container_id`` empty.
+    by_container = {t.container_id or t.id: t for t in tasks.tasks}
     summaries = []
     for container in listed.containers:
         task = by_container.get(container.id)
