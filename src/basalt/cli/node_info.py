@@ -81,7 +81,8 @@ def parse_size(text: str) -> int:
 
     raw = text.strip()
     sign = -1 if raw.startswith("-") else 1
-    body = raw.lstrip("+-").upper().removesuffix("IB").removesuffix("B")
+    body = (raw[1:] if raw[:1] in ("+", "-") else raw).upper()
+    body = body.removesuffix("IB").removesuffix("B")
     number = body.rstrip("KMGTP")
     unit = body[len(number) :]
     try:
