@@ -202,6 +202,25 @@ def test_state_and_ephemeral_are_ext4_partitions(installed: Installed) -> None:
     assert state.size < 128 * 1024**2
 
 
+def test_volumes_list_the_installed_partitions(installed: Installed) -> None:
+    """``get volumes`` on metal: Basalt's partitions by GPT name, STATE mounted with usage."""
+    records = [
+        json.loads(line) for line in installed.ctl("get", "volumes", "-o", "json").splitlines()
+    ]
+    volumes = {r["metadata"]["id"]: r["spec"] for r in records}
+    assert {"EFI", "BASALT-A", "BASALT-B", "META", "STATE", "EPHEMERAL"} <= set(volumes)
+    state = volumes["STATE"]
+    assert (state["device"], state["path"], state["filesystem"]) == (
+        "/dev/vda5", "/system/state", "ext4"
+    )  # fmt: skip
+    assert state["mounted"] and 0 < state["used"] < state["size"] < 128 * 1024**2
+    assert volumes["META"]["device"] == "/dev/vda4" and volumes["META"]["size"] == 1024**2
+    disks = [json.loads(line) for line in installed.ctl("get", "disks", "-o", "json").splitlines()]
+    (vda,) = [d["spec"] for d in disks if d["metadata"]["id"] == "vda"]
+    assert vda["systemDisk"] and vda["transport"] == "virtio"
+    assert {p["label"]: p["type"] for p in vda["partitions"]}["EFI"] == "efi"
+
+
 def test_config_and_install_survive_another_reboot(installed: Installed) -> None:
     installed.ctl("reboot")
     installed.reboot_from_disk("console-3")
