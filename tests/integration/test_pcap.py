@@ -562,3 +562,48 @@ def test_without_cap_net_raw_the_refusal_is_a_clear_failed_precondition() -> Non
     )
     assert result.stdout.startswith("FAILED_PRECONDITION capturing needs CAP_NET_RAW"), result
     assert "hint:" in result.stdout
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_capture_cleanly(
+    cluster: LiveCluster, tmp_path: Path
+) -> None:
+    """``basaltctl pcap -o - | tcpdump -r - -c 1``: when the reader exits, so does pcap."""
+    config = role_config(cluster, Role.OPERATOR, tmp_path / "operator")
+    receiver = free_port(socket.SOCK_DGRAM)
+    port = receiver.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            *BASALTCTL,
+            "pcap",
+            "-n",
+            cluster.controlplanes[0],
+            "-i",
+            "lo",
+            "--duration",
+            "60s",
+            "--bpf-filter",
+            f"udp dst port {port}",
+            "-o",
+            "-",
+        ],
+        env=ctl_env(config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        started(process)
+        assert process.stdout is not None
+        assert len(process.stdout.read(24)) == 24  # the global header
+        process.stdout.close()
+        begin = time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            while process.poll() is None and time.monotonic() - begin < 20:
+                sender.sendto(b"after the reader left", ("127.0.0.1", port))
+                time.sleep(0.1)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        receiver.close()
+    assert process.stderr is not None
+    assert "error" not in process.stderr.read().decode()
+    assert time.monotonic() - begin < 20

@@ -89,6 +89,15 @@ class _Output:
         self.stream.flush()
         self.size += len(chunk)
 
+    def reader_gone(self) -> None:
+        """stdout's reader closed the pipe: further writes (and the flush at exit) go
+        nowhere instead of failing."""
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
     def close(self) -> None:
         if self.stream is not None and self.stream is not sys.stdout.buffer:
             self.stream.close()
@@ -172,7 +181,11 @@ def pcap(
             if out.stream is None:
                 where = f"{chunk.metadata.node}:{interface}" if chunk.metadata.node else interface
                 info(f"capturing on {where}" + (" (Ctrl-C to stop)" if not seconds else ""))
-            out.write(chunk.bytes)
+            try:
+                out.write(chunk.bytes)
+            except BrokenPipeError:  # the reader went away (| tcpdump -c 5): done
+                out.reader_gone()
+                return
 
     try:
         run(ctx, work, nodes=nodes, endpoints=endpoints)
