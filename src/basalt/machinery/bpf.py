@@ -84,20 +84,26 @@ class Test:
 
 @dataclass(frozen=True)
 class All:
-    items: tuple[Node, ...]
+    """True when every item is (an empty one: always)."""
+
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class AnyOf:
-    items: tuple[Node, ...]
+    """True when any item is (an empty one: never)."""
+
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Not:
-    item: Node
+    """Compiled by swapping the item's true and false targets (no instruction)."""
+
+    item: Expr
 
 
-Node = Test | All | AnyOf | Not
+Expr = Test | All | AnyOf | Not
 
 
 def _load(op: int, k: int) -> Instruction:
@@ -112,11 +118,11 @@ def _ethertype(value: int) -> Test:
     return _eq(LD_H_ABS, ETHERTYPE_AT, value)
 
 
-def _ip_proto(proto: int) -> Node:
+def _ip_proto(proto: int) -> Expr:
     return All((_ethertype(ETHERTYPE_IP), _eq(LD_B_ABS, IP_PROTO_AT, proto)))
 
 
-def _ip6_proto(proto: int) -> Node:
+def _ip6_proto(proto: int) -> Expr:
     behind_fragment = All(
         (_eq(LD_B_ABS, IP6_NEXT_AT, IPV6_FRAGMENT), _eq(LD_B_ABS, IP6_PAYLOAD_AT, proto))
     )
@@ -125,7 +131,7 @@ def _ip6_proto(proto: int) -> Node:
     )
 
 
-PROTOCOLS: dict[str, Node] = {
+PROTOCOLS: dict[str, Expr] = {
     "ip": _ethertype(ETHERTYPE_IP),
     "ip6": _ethertype(ETHERTYPE_IPV6),
     "arp": _ethertype(ETHERTYPE_ARP),
@@ -140,7 +146,7 @@ KINDS = ("host", "net", "port", "portrange")
 DIRECTIONS = ("src", "dst")
 
 
-def _either(direction: str, src: Node, dst: Node) -> Node:
+def _either(direction: str, src: Expr, dst: Expr) -> Expr:
     if direction == "src":
         return src
     if direction == "dst":
@@ -154,7 +160,7 @@ def _masked(at: int, value: int, mask: int) -> Test:
     return Test((_load(LD_W_ABS, at), _load(ALU_AND_K, mask)), JEQ_K, value & mask)
 
 
-def _v4_net(network: ipaddress.IPv4Network, direction: str) -> Node:
+def _v4_net(network: ipaddress.IPv4Network, direction: str) -> Expr:
     value, mask = int(network.network_address), int(network.netmask)
     ip = All(
         (
@@ -171,9 +177,9 @@ def _v4_net(network: ipaddress.IPv4Network, direction: str) -> Node:
     return AnyOf((ip, arp))
 
 
-def _v6_words(at: int, network: ipaddress.IPv6Network) -> Node:
+def _v6_words(at: int, network: ipaddress.IPv6Network) -> Expr:
     value, prefix = int(network.network_address), network.prefixlen
-    tests: list[Node] = []
+    tests: list[Expr] = []
     for word in range(4):
         bits = min(max(prefix - 32 * word, 0), 32)
         if bits == 0:
@@ -183,18 +189,18 @@ def _v6_words(at: int, network: ipaddress.IPv6Network) -> Node:
     return All(tuple(tests))
 
 
-def _v6_net(network: ipaddress.IPv6Network, direction: str) -> Node:
+def _v6_net(network: ipaddress.IPv6Network, direction: str) -> Expr:
     src, dst = _v6_words(IP6_SRC_AT, network), _v6_words(IP6_DST_AT, network)
     return All((_ethertype(ETHERTYPE_IPV6), _either(direction, src, dst)))
 
 
-def _port_test(load: tuple[Instruction, ...], low: int, high: int) -> Node:
+def _port_test(load: tuple[Instruction, ...], low: int, high: int) -> Expr:
     if low == high:
         return Test(load, JEQ_K, low)
     return All((Test(load, JGE_K, low), Not(Test(load, JGT_K, high))))
 
 
-def _ports(protos: tuple[int, ...], direction: str, low: int, high: int) -> Node:
+def _ports(protos: tuple[int, ...], direction: str, low: int, high: int) -> Expr:
     v6_src = _port_test((_load(LD_H_ABS, IP6_PAYLOAD_AT),), low, high)
     v6_dst = _port_test((_load(LD_H_ABS, IP6_PAYLOAD_AT + 2),), low, high)
     v6 = All(
@@ -284,7 +290,7 @@ class _Parser:
             "for anything else give the program with --bpf-raw (tcpdump -ddd prints it)",
         )
 
-    def expression(self) -> Node:
+    def expression(self) -> Expr:
         """``and`` and ``or`` bind equally and from the left, as in pcap-filter:
         ``tcp or udp and port 53`` is ``(tcp or udp) and port 53``."""
         tree = self.unary()
@@ -297,7 +303,7 @@ class _Parser:
                 tree = combine((tree, right))
         return tree
 
-    def unary(self) -> Node:
+    def unary(self) -> Expr:
         token = self.peek()
         if token.text in ("not", "!"):
             self.take()
@@ -311,7 +317,7 @@ class _Parser:
             return inner
         return self.primitive()
 
-    def primitive(self) -> Node:
+    def primitive(self) -> Expr:
         token = self.peek()
         word = token.text
         if word in PROTOCOLS and not self._qualified_proto(word):
@@ -330,7 +336,7 @@ class _Parser:
         )
         return word in ("tcp", "udp") and following in (*DIRECTIONS, "port", "portrange")
 
-    def qualified(self, qualifiers: _Qualifiers) -> Node:
+    def qualified(self, qualifiers: _Qualifiers) -> Expr:
         if self.peek().text in ("tcp", "udp"):
             qualifiers.proto = self.take().text
         if self.peek().text in DIRECTIONS:
@@ -343,7 +349,7 @@ class _Parser:
         self.last = qualifiers
         return self.value(qualifiers)
 
-    def value(self, q: _Qualifiers) -> Node:
+    def value(self, q: _Qualifiers) -> Expr:
         token = self.take()
         if not token.text or token.text in ("(", ")", "!", "&&", "||"):
             raise self.fail(token, f"the value of {q.kind!r}")
@@ -366,7 +372,7 @@ def _address_error(token: Token, what: str, reason: str) -> FilterError:
     )
 
 
-def _host(token: Token, direction: str) -> Node:
+def _host(token: Token, direction: str) -> Expr:
     try:
         address = ipaddress.ip_address(token.text)
     except ValueError:
@@ -374,7 +380,7 @@ def _host(token: Token, direction: str) -> Node:
     return _net_node(ipaddress.ip_network(address), direction)
 
 
-def _net(token: Token, direction: str) -> Node:
+def _net(token: Token, direction: str) -> Expr:
     try:
         network = ipaddress.ip_network(token.text, strict=True)
     except ValueError as exc:
@@ -382,7 +388,7 @@ def _net(token: Token, direction: str) -> Node:
     return _net_node(network, direction)
 
 
-def _net_node(network: ipaddress.IPv4Network | ipaddress.IPv6Network, direction: str) -> Node:
+def _net_node(network: ipaddress.IPv4Network | ipaddress.IPv6Network, direction: str) -> Expr:
     if isinstance(network, ipaddress.IPv4Network):
         return _v4_net(network, direction)
     return _v6_net(network, direction)
@@ -409,7 +415,7 @@ def _port_range(token: Token) -> tuple[int, int]:
     return min(first, last), max(first, last)
 
 
-def parse(text: str) -> Node | None:
+def parse(text: str) -> Expr | None:
     """The filter's tree; None for an empty filter (every packet)."""
     tokens = tokenize(text)
     if not tokens:
@@ -441,7 +447,7 @@ class _Emitter:
         self.labels += 1
         return self.labels
 
-    def emit(self, node: Node, true: int, false: int) -> None:
+    def emit(self, node: Expr, true: int, false: int) -> None:
         if isinstance(node, Test):
             self.code.extend(node.loads)
             self.code.append(_Jump(node.jump, node.k, true, false))
