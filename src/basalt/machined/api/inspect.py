@@ -93,7 +93,10 @@ class InspectMethods:
     async def Stats(self, request: machine_pb2.StatsRequest, context: Context) -> Any:
         from ..sys.cgroups import Hierarchies, read_pid
 
-        running = [c for c in await self._containers(request.namespace) if c.pid]
+        live = ("running", "paused", "pausing")
+        running = [
+            c for c in await self._containers(request.namespace) if c.pid and c.status in live
+        ]
 
         def measure() -> list[machine_pb2.ContainerStat]:
             hierarchies = Hierarchies.current()
