@@ -18,6 +18,7 @@ from basalt.machinery.config.rotate import (
     RotationError,
     RotationState,
     Step,
+    cross_sign,
     infer_rotation,
     machine_config_for,
     node_phase,
@@ -101,13 +102,16 @@ def _node_configs() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return cp, worker
 
 
-def _step(documents: list[dict[str, Any]], step: Step) -> list[dict[str, Any]]:
+@functools.cache
+def state() -> RotationState:
     old, new = cas()
     assert new.key is not None
+    return RotationState(old.crt, new.crt, new.key, cross_crt=cross_sign(new.crt, old))
+
+
+def _step(documents: list[dict[str, Any]], step: Step) -> list[dict[str, Any]]:
     return [
-        machine_config_for(d, step, old.crt, new.crt, new.key)
-        if d["kind"] == "MachineConfig"
-        else d
+        machine_config_for(d, step, state()) if d["kind"] == "MachineConfig" else d
         for d in documents
     ]
 
@@ -132,6 +136,7 @@ def test_each_step_gives_the_config_of_its_phase_and_is_idempotent() -> None:
             # Every step applies live, and none is refused as an identity change.
             assert not [c for c in config_changes(current, nxt) if c.needs_reboot]
             assert check_identity(current, nxt, allow=False) is None
+            assert ("crossSignedCA" in machine) is (step is Step.ISSUE)
         machine = _machine(documents)
         assert machine["ca"]["crt"].strip() == new.crt.strip()
         assert "acceptedCAs" not in machine
@@ -226,3 +231,38 @@ def test_infer_rotation_without_a_state_file() -> None:
         infer_rotation({"a": (old.crt, nothing)}, third.crt)
     with pytest.raises(RotationError):
         infer_rotation({"a": (new.crt, [old.crt, third.crt])}, new.crt)
+
+
+def _verify_server(leaf: str, roots: list[str], intermediates: list[str]) -> None:
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    from basalt.machinery.pki import load_certificate
+
+    store = Store([load_certificate(r) for r in roots])
+    verifier = PolicyBuilder().store(store).build_server_verifier(x509.DNSName("node-1"))
+    verifier.verify(load_certificate(leaf), [load_certificate(i) for i in intermediates])
+
+
+def test_the_cross_signed_ca_lets_old_clients_verify_new_certificates() -> None:
+    from cryptography.x509.verification import VerificationError
+
+    old, new = cas()
+    leaf = issue_certificate(new, "node-1", server=True, sans=["node-1"]).crt
+    cross = state().cross_crt
+    _verify_server(leaf, [old.crt], [cross])  # an untouched old client config
+    _verify_server(leaf, [new.crt], [cross])  # a rotated one
+    with pytest.raises(VerificationError):
+        _verify_server(leaf, [old.crt], [])  # what a node without crossSignedCA serves
+
+
+def test_cross_signed_ca_must_be_the_os_ca_itself() -> None:
+    cp, _ = _node_configs()  # ca: the old CA
+    _machine(cp)["crossSignedCA"] = state().cross_crt  # the new CA's subject and key
+    assert "is not ca.crt signed by another CA" in _load_checked(cp)
+
+
+def _load_checked(documents: list[dict[str, Any]]) -> str:
+    with pytest.raises(ConfigValidationError) as caught:
+        check_bundle(bundle_from_raw(documents, source="cp.yaml"))
+    return caught.value.render()

@@ -321,10 +321,7 @@ def _node_config(node: NodeView, step: Step, state: RotationState) -> str:
 
     raw = node.bundle.to_raw()
     changed = [
-        machine_config_for(d, step, state.old_crt, state.new_crt, state.new_key)
-        if d.get("kind") == "MachineConfig"
-        else d
-        for d in raw
+        machine_config_for(d, step, state) if d.get("kind") == "MachineConfig" else d for d in raw
     ]
     return bundle_from_raw(changed, f"{node.address} machine config ({step.value})").to_yaml()
 
@@ -355,10 +352,11 @@ def _begin(run: Run, dry_run: bool) -> RotationState:
     from basalt.machinery.config.rotate import (
         RotationError,
         RotationState,
+        cross_sign,
         infer_rotation,
         same_pem,
     )
-    from basalt.machinery.pki import generate_ca
+    from basalt.machinery.pki import CertificateAndKey, generate_ca
 
     os_ca = run.secrets.certs.os
     if run.state is not None:
@@ -381,14 +379,19 @@ def _begin(run: Run, dry_run: bool) -> RotationState:
             # both CAs of a trust bundle would fail every certificate of the other one.
             pair = generate_ca(f"basalt-os-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}")
             assert pair.key is not None
-            state = RotationState(os_ca.crt, pair.crt, pair.key)
+            cross = ""
+            if os_ca.key:  # clients that trust only the old CA verify nodes through it
+                cross = cross_sign(pair.crt, CertificateAndKey(os_ca.crt, os_ca.key))
+            state = RotationState(os_ca.crt, pair.crt, pair.key, cross_crt=cross)
         else:  # an interrupted rotation whose state file is gone
             if not os_ca.key:
                 raise RotationError(
                     f"the secrets bundle {run.secrets_path} holds no key for its OS CA",
                     hint="pass the full secrets bundle (the one 'gen secrets' wrote)",
                 )
-            state = RotationState(found[0], found[1], os_ca.key)
+            crosses = [n.bundle.machine.cross_signed_ca for n in run.nodes.values()]
+            cross = next((c for c in crosses if c), "")
+            state = RotationState(found[0], found[1], os_ca.key, cross_crt=cross)
             info(f"no state file: going on with the rotation to {fingerprint(found[1])}")
     if not (same_pem(os_ca.crt, state.old_crt) or same_pem(os_ca.crt, state.new_crt)):
         raise RotationError(

@@ -42,6 +42,19 @@ def trust_bundle(node: Node) -> str:
     return "".join(unique)
 
 
+def served_chain(node: Node, identity: NodeIdentity) -> CertificateAndKey:
+    """The server certificate the API presents: with the config's ``crossSignedCA`` after
+    it while the OS CA is rotated (clients that trust only the previous CA verify the
+    node through it), once the certificate comes from the config's ``ca``."""
+    machine = node.machine
+    cross = machine.cross_signed_ca if machine is not None else None
+    if not cross or not issued_by_current_ca(node):
+        return identity.server
+    return CertificateAndKey(
+        identity.server.crt.strip() + "\n" + cross.strip() + "\n", identity.server.key
+    )
+
+
 def issued_by_current_ca(node: Node) -> bool:
     """Whether the node's certificate comes from the config's OS CA (false after a
     rotation step changed ``ca``, until it is issued again)."""

@@ -51,11 +51,11 @@ def server_identity(node: Node) -> tuple[str, CertificateAndKey]:
     """The CAs trusted for clients (the OS CA and ``acceptedCAs``) and the node's server
     certificate, as the TLS handshake wants them now (a renewed certificate or a changed
     bundle is used from the next handshake on)."""
-    from ..certificates import trust_bundle
+    from ..certificates import served_chain, trust_bundle
 
     identity = node.identity
     assert identity is not None, "a server with mTLS starts once the node has its identity"
-    return trust_bundle(node), identity.server
+    return trust_bundle(node), served_chain(node, identity)
 
 
 class ApiServer:

@@ -67,7 +67,7 @@ def mtls_credentials(
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         ca_now, server_now = current()
         ca_then, server_then = served[0]
-        if server_now is server_then and ca_now == ca_then:
+        if server_now.crt == server_then.crt and ca_now == ca_then:
             return None
         served[0] = (ca_now, server_now)
         return _configuration(ca_now, server_now)

@@ -31,6 +31,7 @@ LIVE: tuple[tuple[str, str], ...] = (
     ("DiscoveryConfig", ""),
     ("MachineConfig", "ca"),  # rotate-ca: new certificates from the next handshake on
     ("MachineConfig", "acceptedCAs"),
+    ("MachineConfig", "crossSignedCA"),
     ("MachineConfig", "certSANs"),
     ("MachineConfig", "install"),
     ("MachineConfig", "kubelet"),

@@ -171,6 +171,15 @@ class MachineConfig(Document):
         "Changes apply without a reboot.",
         json_schema_extra=replace_on_merge(),
     )
+    cross_signed_ca: PEMCACertificate | None = Field(
+        default=None,
+        alias="crossSignedCA",
+        description="`ca`'s certificate signed by the previous OS CA (same subject and key "
+        "as `ca.crt`). The node serves it after its own certificate, so that clients that "
+        "trust only the previous CA still verify the node while the OS API CA is rotated "
+        "(`basaltctl rotate-ca` sets it in its issue step and removes it when the previous "
+        "CA is dropped). Changes apply without a reboot.",
+    )
     cert_sans: list[HostOrIP] = Field(
         default_factory=list,
         alias="certSANs",

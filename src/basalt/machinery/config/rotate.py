@@ -20,6 +20,7 @@ changes only the nodes that have not reached it. This module is pure: no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from ..errors import BasaltError
+from ..pki import CertificateAndKey
 
 
 class RotationError(BasaltError):
@@ -105,13 +107,14 @@ def nodes_for(step: Step, phases: Mapping[str, NodePhase], types: Mapping[str, s
     return sorted(todo, key=lambda n: (types.get(n) != "controlplane", n))
 
 
-def machine_config_for(
-    raw: Mapping[str, Any], step: Step, old_crt: str, new_crt: str, new_key: str
-) -> dict[str, Any]:
+def machine_config_for(raw: Mapping[str, Any], step: Step, state: RotationState) -> dict[str, Any]:
     """The MachineConfig document (as data) after ``step``, from the node's current one.
 
-    Other entries of ``acceptedCAs`` stay; only control planes get the new CA's key.
+    Other entries of ``acceptedCAs`` stay; only control planes get the new CA's key; the
+    new CA cross-signed by the old one (``crossSignedCA``) is served from the issue step
+    until the drop step, when the state has it.
     """
+    old_crt, new_crt, new_key = state.old_crt, state.new_crt, state.new_key
     document: dict[str, Any] = json.loads(json.dumps(raw))  # a deep copy of plain data
     accepted = [a for a in document.get("acceptedCAs", []) if not same_pem(a, new_crt)]
     accepted = [a for a in accepted if not same_pem(a, old_crt)]
@@ -123,6 +126,10 @@ def machine_config_for(
             ca["key"] = _pem(new_key)
         document["ca"] = ca
         accepted.append(_pem(old_crt))
+        if state.cross_crt:
+            document["crossSignedCA"] = _pem(state.cross_crt)
+    elif step is Step.DROP:
+        document.pop("crossSignedCA", None)
     if accepted:
         document["acceptedCAs"] = accepted
     else:
@@ -179,12 +186,15 @@ class RotationState:
     new_crt: str
     new_key: str
     step: str = ""  #: the last step finished (informative; nodes' configs decide)
+    #: The new CA signed by the old one (nodes serve it until the drop step); "" if unknown.
+    cross_crt: str = ""
 
     def to_json(self) -> str:
         data = {
             "version": 1,
             "oldCA": self.old_crt,
             "newCA": {"crt": self.new_crt, "key": self.new_key},
+            "crossSignedCA": self.cross_crt,
             "step": self.step,
         }
         return json.dumps(data, indent=2) + "\n"
@@ -198,6 +208,7 @@ class RotationState:
                 str(data["newCA"]["crt"]),
                 str(data["newCA"]["key"]),
                 str(data.get("step", "")),
+                str(data.get("crossSignedCA", "")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise RotationError(
@@ -208,4 +219,30 @@ class RotationState:
         return state
 
     def with_step(self, step: Step) -> RotationState:
-        return RotationState(self.old_crt, self.new_crt, self.new_key, step.value)
+        return dataclasses.replace(self, step=step.value)
+
+
+def cross_sign(new_crt: str, old: CertificateAndKey) -> str:
+    """``new_crt`` (a CA) signed by the ``old`` CA: same subject, key and constraints, the
+    old CA as issuer, valid while both are. A client that trusts only the old CA verifies
+    a certificate of the new one through it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from ..pki import load_certificate, load_private_key
+
+    assert old.key is not None
+    new, issuer = load_certificate(new_crt), load_certificate(old.crt)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(new.subject)
+        .issuer_name(issuer.subject)
+        .public_key(new.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(new.not_valid_before_utc)
+        .not_valid_after(min(new.not_valid_after_utc, issuer.not_valid_after_utc))
+    )
+    for extension in new.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    cert = builder.sign(load_private_key(old.key), hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM).decode()

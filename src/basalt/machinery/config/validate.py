@@ -150,7 +150,8 @@ def ca_certificates(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem
 
 def accepted_cas(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
     """``acceptedCAs``: warnings for repeats, the OS CA itself, and expired entries (a
-    rotation never finished). Warnings only: none of them keeps a node from its config."""
+    rotation never finished; none keeps a node from its config). ``crossSignedCA``: the
+    OS CA's own subject and key, or it would be served in a chain that cannot verify."""
     from ..pki import load_certificate
 
     machine = bundle.first(MachineConfig)
@@ -177,6 +178,16 @@ def accepted_cas(bundle: ConfigBundle, mode: Mode | None) -> Iterator[Problem]:
                 f"expired on {expires:%Y-%m-%d}; it accepts nobody",
                 "remove it, or finish the rotation with 'basaltctl rotate-ca'",
                 severity="warning",
+            )
+    cross = machine.cross_signed_ca
+    if cross is not None:
+        ca, crossed = load_certificate(machine.ca.crt), load_certificate(cross)
+        if crossed.subject != ca.subject or crossed.public_key() != ca.public_key():
+            yield bundle.problem(
+                machine,
+                ("crossSignedCA",),
+                "is not ca.crt signed by another CA (its subject or key differs)",
+                "remove it; 'basaltctl rotate-ca' sets it while it rotates the OS CA",
             )
 
 
