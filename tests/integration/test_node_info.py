@@ -389,6 +389,65 @@ def test_containers_ps_and_stats_see_a_running_task(cluster: LiveCluster) -> Non
     assert bad.returncode == 1 and "not a containerd namespace name" in bad.stderr
 
 
+@pytest.mark.skipif(not CONTAINERD, reason="containers need root and containerd + runc")
+def test_containers_ps_names_kubernetes_pods_from_cri_labels(cluster: LiveCluster) -> None:
+    """A container record as the CRI plugin makes them (namespace k8s.io, its labels),
+    written into the node's containerd directly: listed with its pod and name, no task."""
+    from google.protobuf import any_pb2
+
+    from basalt.machined.containerd.client import ContainerdClient
+    from basalt.machinery.api.containerd import containers_pb2
+
+    node = cluster.controlplanes[0]
+    socket = cluster.node_dir(node) / "var" / "run" / "containerd" / "containerd.sock"
+    labels = {
+        "io.kubernetes.pod.name": "coredns-5d78c9869d-abcde",
+        "io.kubernetes.container.name": "coredns",
+        "io.kubernetes.pod.namespace": "kube-system",
+    }
+    record = containers_pb2.Container(
+        id="0123456789abcdef",
+        image="registry.k8s.io/coredns/coredns:v1.10.1",
+        labels=labels,
+        runtime=containers_pb2.Container.Runtime(name="io.containerd.runc.v2"),
+        spec=any_pb2.Any(
+            type_url="types.containerd.io/opencontainers/runtime-spec/1/Spec", value=b"{}"
+        ),
+    )
+
+    async def write(create: bool) -> None:
+        await _wait_containerd(cluster)
+        async with ContainerdClient(socket, namespace="k8s.io") as client:
+            if create:
+                request = containers_pb2.CreateContainerRequest(container=record)
+                await client.call(client.containers.Create, request)
+            else:
+                request_ = containers_pb2.DeleteContainerRequest(id=record.id)
+                await client.call(client.containers.Delete, request_)
+
+    run(write(True))
+    try:
+        for args in (["-k"], ["--namespace", "k8s.io"], []):
+            out = ok(cluster, "containers", "ps", *args)
+            (row,) = [line.split() for line in out.splitlines() if record.id in line]
+            assert row == [
+                node,
+                "k8s.io",
+                "coredns-5d78c9869d-abcde",
+                "coredns",
+                record.id,
+                record.image,
+                "-",
+                "(no",
+                "task)",
+            ]
+        assert record.id not in ok(cluster, "containers", "ps", "--namespace", "basalt")
+        # no task, nothing to measure
+        assert record.id not in ok(cluster, "stats", "-k")
+    finally:
+        run(write(False))
+
+
 def test_containers_ps_without_containerd_is_unavailable(cluster: LiveCluster) -> None:
     """Runs last: where the node runs containerd, it stops it first."""
 
