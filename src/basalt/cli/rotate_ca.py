@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._api import EndpointsOption, NodesOption, split
+from ._api import EndpointsOption, split
 from ._common import info, options, read_text
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ ISSUE_TIMEOUT = 60.0
 class NodeView:
     """One node as it reports itself: where to dial it, its type, its config."""
 
-    target: str
     address: str
     type: str
     bundle: ConfigBundle
@@ -113,7 +112,15 @@ def rotate_ca(
     stop_after: Annotated[
         str | None, typer.Option("--stop-after", hidden=True, help="Tests: stop after a step.")
     ] = None,
-    nodes: NodesOption = None,
+    nodes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-n",
+            "--nodes",
+            help="Nodes the rotation must include besides the members the endpoint lists "
+            "(name any that may be down: one that does not answer stops the rotation).",
+        ),
+    ] = None,
     endpoints: EndpointsOption = None,
 ) -> None:
     """Rotate the OS API CA: nodes accept old and new, switch to the new one, then drop
@@ -228,17 +235,13 @@ async def _read_nodes(run: Run, client: Client, before: str) -> None:
 
     members = await _members(client)
     by_name = {n: m for key, m in members.items() for n in (key, m[0], m[1])}
-    targets = run.targets or sorted({m[0] for m in members.values()})
-    missing = sorted({m[0] for m in members.values()} - {by_name.get(t, ("",))[0] for t in targets})
-    if missing:
-        raise RotationError(
-            f"{', '.join(missing)} {'is a member' if len(missing) == 1 else 'are members'} "
-            "of the cluster but not targeted; a rotation must cover every node",
-            hint="leave out -n to rotate every member, or name them all",
-        )
+    # Every member, and every node named with -n: a node that has been down for longer
+    # than the member list keeps it is no member any more, and naming it makes sure the
+    # rotation waits for it instead of leaving it behind on the old CA.
+    named = [by_name.get(t, (t, "", ""))[0] for t in run.targets]
+    targets = sorted({m[0] for m in members.values()} | set(named))
     run.nodes = {}
-    for target in targets:
-        address = by_name.get(target, (target, "", ""))[0]
+    for address in targets:
         failures = NodeFailures()
         try:
             text = await current_config(client, failures, address)
@@ -257,7 +260,7 @@ async def _read_nodes(run: Run, client: Client, before: str) -> None:
             bundle = load_bundle(text, f"{address} machine config")
         except BasaltError as exc:
             raise RotationError(f"{address}: its config does not load: {exc.render()}") from None
-        run.nodes[address] = NodeView(target, address, bundle.machine.type, bundle)
+        run.nodes[address] = NodeView(address, bundle.machine.type, bundle)
 
 
 async def _apply(client: Client, node: NodeView, text: str, step: Step) -> None:
