@@ -271,7 +271,40 @@ def test_drop_step_interrupted_then_converges(
     assert setup.ctl(*args, str(setup.secrets), "--version-contract", "0.1", "-o", str(out)) == 0
     generated = load_bundle((out / "controlplane.yaml").read_text()).machine
     assert generated.ca.crt.strip() == new_ca.strip()
-    # Run again: a finished rotation left no state, so this is a new one; refuse its
-    # plan's secrets check only if the bundle were wrong: here it matches.
+    # A finished rotation leaves no state: running again plans a new one.
     assert setup.rotate("--dry-run") == 0
     assert "a new CA, generated when run" in capsys.readouterr().out
+
+
+def test_a_second_rotation_killed_again_and_again_converges(setup: Setup) -> None:
+    """basaltctl killed (SIGKILL) at growing delays, wherever it is, then run to the end:
+    the rotated client config reaches every node after every kill, and the cluster ends
+    on one CA that every node, the client config and the secrets bundle agree on."""
+    environment = {**os.environ, "BASALTCONFIG": str(setup.config)}
+    command = [*BASALTCTL, "rotate-ca", "--secrets", str(setup.secrets)]
+    first_ca = setup.current().ca
+    kills = 0
+    for delay in (1.5, 2.5, 3.5, 4.5):
+        process = subprocess.Popen(command, env=environment, stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            kills += 1
+        assert lost_by_current(setup) == [], f"after a kill at {delay}s"
+    assert kills >= 2  # it was interrupted for real, more than once
+    assert setup.rotate() == 0
+    assert not setup.state.exists()
+    final = setup.current().ca
+    assert final.strip() != first_ca.strip()
+    secrets = yaml.safe_load(setup.secrets.read_text())
+    assert secrets["certs"]["os"]["crt"].strip() == final.strip()
+    for node, machine in setup.configs().items():
+        assert machine["ca"]["crt"].strip() == final.strip(), node  # type: ignore[index]
+        assert not machine.get("acceptedCAs") and not machine.get("crossSignedCA"), node
+    assert lost_by_current(setup) == []
+
+
+def lost_by_current(setup: Setup) -> list[str]:
+    return [f for f in lost(setup) if f.startswith("current")]
