@@ -61,7 +61,8 @@ def sample_node(node: str, hostname: str, machine_type: str = "controlplane") ->
         ],
         cpu_history=[5.0, 7.5, 30.0, 12.0, 8.0],
         memory_history=[2.5 * 1024**3, 2.8 * 1024**3, 3.0 * 1024**3],
-        connections=12,
+        network_rx_history=[1500.0, 64000.0, 2048.0],
+        network_tx_history=[700.0, 3000.0, 512.0],
     )
 
 

@@ -69,7 +69,16 @@ def test_a_reader_gets_the_nodes_cpu_and_memory_history(
 
     assert record["metadata"]["type"] == "SystemStats" and record["metadata"]["id"] == "history"
     assert record["metadata"]["namespace"] == "perf"
-    assert set(spec) == {"interval", "cpu", "memory", "memoryTotal", "times"}
+    assert set(spec) == {
+        "interval",
+        "cpu",
+        "memory",
+        "memoryTotal",
+        "times",
+        "networkRx",
+        "networkTx",
+    }
+    assert len(spec["networkRx"]) == len(spec["times"])
     assert spec["interval"] == INTERVAL
     assert len(spec["cpu"]) >= 2, spec
     assert len(spec["times"]) == len(spec["cpu"]) == len(spec["memory"])

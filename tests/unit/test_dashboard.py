@@ -307,13 +307,14 @@ def test_cpu_share_between_polls() -> None:
     assert with_cpu_share(before, now, 0.0) == now
 
 
-def test_history_fills_cpu_and_keeps_a_connection_series() -> None:
+def test_history_fills_cpu_shares() -> None:
     history = NodeHistory(points=3)
-    for taken, cpu_time, conns in ((10.0, 1.0, 5), (12.0, 2.0, 6), (14.0, 2.5, 7), (16, 2.5, 8)):
-        snap = NodeSnapshot("n", taken, processes=[Process(1, "x", cpu_time, 1)], connections=conns)
+    for taken, cpu_time in ((10.0, 1.0), (12.0, 2.0), (14.0, 2.5), (16, 2.5)):
+        snap = NodeSnapshot("n", taken, processes=[Process(1, "x", cpu_time, 1)])
         history.update(snap)
+        if taken == 14.0:
+            assert snap.processes[0].cpu == 25.0  # 0.5 s of CPU in 2 s
     assert snap.processes[0].cpu == 0.0
-    assert history.connections == [6.0, 7.0, 8.0]
 
 
 def test_orders_and_texts() -> None:

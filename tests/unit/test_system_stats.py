@@ -32,9 +32,11 @@ from basalt.machined.platform import NodePaths, Platform, PlatformMode
 from basalt.machined.runtime import ResourceStore
 from basalt.machined.sys.procstat import (
     CpuTimes,
+    NetCounters,
     cpu_percent,
     parse_cpu_times,
     parse_meminfo,
+    parse_net_dev,
     read_cpu_times,
     read_memory,
 )
@@ -145,6 +147,61 @@ def test_meminfo_without_available_memory_is_refused() -> None:
         parse_meminfo("MemTotal: 1024 kB\nMemFree: 512 kB\n")
 
 
+NET_DEV = "".join(
+    line + "\n"
+    for line in (
+        "Inter-|   Receive          |  Transmit",
+        " face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs ...",
+        "    lo: 9000000 100 0 0 0 0 0 0  9000000 100 0 0 0 0 0 0",
+        "  eth0:    1500  10 0 0 0 0 0 0      700   7 0 0 0 0 0 0",
+        "  eth1:     500   5 0 0 0 0 0 0      300   3 0 0 0 0 0 0",
+    )
+)
+
+
+def test_net_dev_sums_every_interface_but_loopback() -> None:
+    assert parse_net_dev(NET_DEV) == NetCounters(rx=2000, tx=1000)
+    with pytest.raises(ValueError, match="no interface"):
+        parse_net_dev(NET_DEV.splitlines(keepends=True)[0])
+    with pytest.raises(ValueError, match="short line"):
+        parse_net_dev("  eth0: 1 2 3\n")
+
+
+def test_the_sampler_turns_network_counters_into_rates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    clock = FakeClock()
+    sampler = Sampler(proc.root, clock)
+    ring = StatsRing(30.0)
+    assert sampler.read(ring) is False
+    proc.run(busy=10, idle=10)
+    clock.now += 30
+    assert sampler.read(ring) is True  # no /proc/net/dev: rates are 0, the sample is kept
+    assert ring.spec().network_rx == [0.0]
+    assert sum("no network counters" in r.message for r in caplog.records) == 1
+
+    net = proc.root / "net"
+    net.mkdir()
+    (net / "dev").write_text(NET_DEV)
+    proc.run(busy=10, idle=10)
+    clock.now += 30
+    sampler.read(ring)  # the first counters: the rates' baseline
+    (net / "dev").write_text(NET_DEV.replace("1500", "31500").replace(" 700 ", " 3700 "))
+    proc.run(busy=10, idle=10)
+    clock.now += 30
+    sampler.read(ring)
+    spec = ring.spec()
+    assert spec.network_rx == [0.0, 0.0, 1000.0] and spec.network_tx == [0.0, 0.0, 100.0]
+    assert len(spec.network_rx) == len(spec.times) == len(spec.cpu)
+
+    (net / "dev").write_text(NET_DEV)  # counters went back (an interface went away)
+    proc.run(busy=10, idle=10)
+    clock.now += 30
+    sampler.read(ring)
+    assert ring.spec().network_rx[-1] == 0.0
+
+
 def test_the_real_proc_agrees_with_psutil() -> None:
     memory = read_memory()
     oracle = psutil.virtual_memory()
@@ -170,7 +227,10 @@ def test_the_ring_keeps_an_hour_oldest_first() -> None:
     assert spec.times[0] == 1000.0 + 30 * 10 and spec.times[-1] == 1000.0 + 30 * 129
     assert spec.memory == list(range(10, 130))
     wire = json.loads(spec.model_dump_json(by_alias=True))
-    assert list(wire) == ["interval", "cpu", "memory", "memoryTotal", "times"]
+    assert list(wire) == [
+        *("interval", "cpu", "memory", "memoryTotal", "times"),
+        *("networkRx", "networkTx"),
+    ]
     assert wire["interval"] == 30.0 and wire["memoryTotal"] == 8 * GIB
 
 
@@ -377,6 +437,8 @@ def test_the_fleet_reads_the_history_as_a_reader() -> None:
         "memory": [GIB],
         "memoryTotal": 2 * GIB,
         "times": [1000.0],
+        "networkRx": [0.0],
+        "networkTx": [0.0],
     }
     assert nodes.roles == [Role.READER]
     assert [(r.type, r.id) for r in nodes.resources.asked] == [("SystemStats", "history")]

@@ -89,7 +89,8 @@ class HelpScreen(ModalScreen[None]):
             yield Static(
                 Text(
                     "Graphs: CPU and memory are the node's own samples over the last hour; "
-                    "network is its open connections, one point per poll. Processes' CPU% "
+                    "network is bytes per second in and out (loopback left out). "
+                    "Processes' CPU% "
                     "is measured between two polls.",
                     style="dim",
                 )
@@ -184,13 +185,14 @@ class NodeView(Vertical):
         self.query_one("#memory-graph", Graph).show(
             memory, float(total), f"{size(used)} of {size(total)}" if total else "", "last hour"
         )
-        conns = history.connections
-        peak = max(conns, default=0.0)
+        rx, tx = snap.network_rx_history, snap.network_tx_history
+        traffic = [a + b for a, b in zip(rx, tx, strict=False)]
+        peak = max(traffic, default=0.0)
         self.query_one("#net-graph", Graph).show(
-            conns,
-            max(peak * 1.25, 10.0),
-            f"{int(conns[-1])} connections" if conns else "",
-            f"open, per poll, peak {int(peak)}",
+            traffic,
+            max(peak * 1.25, 1024.0),
+            f"in {size(int(rx[-1]))}/s, out {size(int(tx[-1]))}/s" if traffic else "",
+            f"last hour, peak {size(int(peak))}/s",
         )
 
 

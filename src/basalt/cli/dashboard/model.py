@@ -71,8 +71,9 @@ class NodeSnapshot:
     #: The node's own hour of samples (SystemStats/history): CPU percent, memory bytes.
     cpu_history: list[float] = field(default_factory=list)
     memory_history: list[float] = field(default_factory=list)
-    #: Open connections now (Netstat), one point per poll (the client keeps the series).
-    connections: int | None = None
+    #: Bytes per second received and sent (all interfaces but loopback), same samples.
+    network_rx_history: list[float] = field(default_factory=list)
+    network_tx_history: list[float] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -220,11 +221,10 @@ def size(count: float) -> str:
 
 class NodeHistory:
     """What the client remembers of a node between polls: the processes of the last one
-    (for CPU shares) and a series of open connections (the network graph)."""
+    (for CPU shares)."""
 
     def __init__(self, points: int = 120) -> None:
         self.points = points
-        self.connections: list[float] = []
         self._processes: list[Process] = []
         self._taken = 0.0
 
@@ -236,8 +236,6 @@ class NodeHistory:
                     self._processes, snap.processes, snap.taken - self._taken
                 )
             self._processes, self._taken = list(snap.processes), snap.taken
-        if snap.connections is not None:
-            self.connections = [*self.connections, float(snap.connections)][-self.points :]
         return snap
 
 

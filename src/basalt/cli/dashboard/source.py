@@ -103,7 +103,6 @@ class NodeAPISource:
             part("services", lambda: self._unary(client, node, "ServiceList")),
             part("processes", lambda: self._unary(client, node, "Processes")),
             part("memory", lambda: self._unary(client, node, "Memory")),
-            part("netstat", lambda: self._unary(client, node, "Netstat")),
             part("etcd", lambda: self._unary(client, node, "EtcdStatus")),
             *(
                 part(kind, lambda kind=kind: self._resources(client, node, kind))  # type: ignore[misc]
@@ -240,8 +239,8 @@ def _fill(snap: NodeSnapshot, parts: dict[str, Any]) -> None:
         ]
     snap.cpu_history = [float(v) for v in stats.get("cpu", ())]
     snap.memory_history = [float(v) for v in stats.get("memory", ())]
-    if parts.get("netstat") is not None:
-        snap.connections = len(parts["netstat"].connections)
+    snap.network_rx_history = [float(v) for v in stats.get("networkRx", ())]
+    snap.network_tx_history = [float(v) for v in stats.get("networkTx", ())]
 
 
 class FleetAPISource:

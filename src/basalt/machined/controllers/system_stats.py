@@ -1,7 +1,7 @@
-"""SystemStats/history: the node's CPU and memory use over the last hour, from its own
-``/proc``, one sample every ``--stats-interval`` seconds (30 by default).
+"""SystemStats/history: the node's CPU, memory and network use over the last hour, from
+its own ``/proc``, one sample every ``--stats-interval`` seconds (30 by default).
 
-One loop on the event loop, no thread: a sample is two small reads of ``/proc``. A read
+One loop on the event loop, no thread: a sample is three small reads of ``/proc``. A read
 that fails skips that sample (and logs it once until reads work again); nothing here
 may stop the node. In container mode the figures are the host's, as its kernel is.
 """
@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 from basalt.machinery.resources import SystemStatsSpec
 
 from ..runtime import Controller, ResourceStore
-from ..sys.procstat import CpuTimes, cpu_percent, read_cpu_times, read_memory
+from ..sys.procstat import (
+    CpuTimes,
+    NetCounters,
+    cpu_percent,
+    read_cpu_times,
+    read_memory,
+    read_net_counters,
+)
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -39,6 +46,9 @@ class Sample:
     time: float
     cpu: float
     memory: int
+    #: Bytes per second received and sent (all interfaces but loopback).
+    rx: float = 0.0
+    tx: float = 0.0
 
 
 class StatsRing:
@@ -62,20 +72,26 @@ class StatsRing:
             memory=[s.memory for s in self.samples],
             memory_total=self.memory_total,
             times=[s.time for s in self.samples],
+            network_rx=[s.rx for s in self.samples],
+            network_tx=[s.tx for s in self.samples],
         )
 
 
 class Sampler:
-    """Reads one sample from ``proc``: CPU use since the previous reading, memory now.
+    """Reads one sample from ``proc``: CPU use and network rates since the previous
+    reading, memory now.
 
-    The first reading (and the first after a failed one) only sets the CPU baseline.
+    The first reading (and the first after a failed one) only sets the CPU baseline. The
+    network counters are optional: without ``/proc/net/dev`` the rates are 0 (logged once).
     """
 
     def __init__(self, proc: Path, clock: Callable[[], float] = time.time) -> None:
         self.proc = proc
         self.clock = clock
         self._cpu: CpuTimes | None = None
+        self._net: tuple[float, NetCounters] | None = None
         self.failing = False
+        self.net_failing = False
 
     def read(self, ring: StatsRing) -> bool:
         """Add a sample to ``ring``; False when there is none this time."""
@@ -94,10 +110,32 @@ class Sampler:
         before, self._cpu = self._cpu, cpu
         busy = None if before is None else cpu_percent(before, cpu)
         ring.memory_total = memory.total
+        now = self.clock()
+        rx, tx = self._network(now)
         if busy is None:
             return False
-        ring.add(Sample(round(self.clock(), 3), round(busy, 1), memory.used))
+        ring.add(Sample(round(now, 3), round(busy, 1), memory.used, rx, tx))
         return True
+
+    def _network(self, now: float) -> tuple[float, float]:
+        """Bytes per second received and sent since the previous reading (0, 0 on the
+        first one, when the counters cannot be read, or when they went backwards)."""
+        try:
+            counters = read_net_counters(self.proc)
+        except (OSError, ValueError) as exc:
+            if not self.net_failing:
+                log.warning("system stats: no network counters in %s: %s", self.proc, exc)
+            self.net_failing, self._net = True, None
+            return 0.0, 0.0
+        self.net_failing = False
+        before, self._net = self._net, (now, counters)
+        if before is None or now <= before[0]:
+            return 0.0, 0.0
+        elapsed = now - before[0]
+        return (
+            round(max(0, counters.rx - before[1].rx) / elapsed, 1),
+            round(max(0, counters.tx - before[1].tx) / elapsed, 1),
+        )
 
 
 class SystemStatsController(Controller):

@@ -83,6 +83,39 @@ def parse_meminfo(text: str) -> Memory:
     return Memory(total=total, used=max(0, total - values["MemAvailable"]))
 
 
+@dataclass(frozen=True)
+class NetCounters:
+    """Bytes received and sent since boot by every interface but loopback."""
+
+    rx: int
+    tx: int
+
+
+def parse_net_dev(text: str) -> NetCounters:
+    """The receive and transmit byte columns of ``/proc/net/dev``, summed over the
+    interfaces other than ``lo`` (whose traffic never leaves the machine)."""
+    rx = tx = 0
+    seen = False
+    for line in text.splitlines():
+        name, colon, rest = line.partition(":")
+        if not colon or "|" in line:
+            continue  # the two header lines
+        columns = rest.split()
+        if len(columns) < 9:
+            raise ValueError(f"/proc/net/dev: short line for {name.strip()!r}")
+        seen = True
+        if name.strip() != "lo":
+            rx += int(columns[0])
+            tx += int(columns[8])
+    if not seen:
+        raise ValueError("/proc/net/dev lists no interface")
+    return NetCounters(rx=rx, tx=tx)
+
+
+def read_net_counters(proc: Path = PROC) -> NetCounters:
+    return parse_net_dev((proc / "net" / "dev").read_text())
+
+
 def read_cpu_times(proc: Path = PROC) -> CpuTimes:
     return parse_cpu_times((proc / "stat").read_text())
 

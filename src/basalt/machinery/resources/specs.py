@@ -202,7 +202,9 @@ class SystemStatsSpec(Model):
 
     ``cpu``: percent of all CPUs busy since the sample before (100 = every CPU busy);
     ``memory``: bytes in use (total minus available) at that time; ``times``: Unix
-    seconds. A sample the node could not read is left out, not zero.
+    seconds; ``network_rx`` / ``network_tx``: bytes per second received and sent by every
+    interface but loopback since the sample before (0 when ``/proc/net/dev`` could not
+    be read). A sample the node could not read is left out, not zero.
     """
 
     interval: float
@@ -210,6 +212,8 @@ class SystemStatsSpec(Model):
     memory: list[int] = Field(default_factory=list)
     memory_total: int = 0
     times: list[float] = Field(default_factory=list)
+    network_rx: list[float] = Field(default_factory=list)
+    network_tx: list[float] = Field(default_factory=list)
 
 
 class MachineConfigSpec(Model):
