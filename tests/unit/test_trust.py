@@ -718,22 +718,22 @@ class _Members:
 
 
 def test_forwarding_resolves_members_only() -> None:
-    from basalt.machined.api.proxy import UnknownTargetError
-    from basalt.machined.api.server import node_resolver
+    from basalt.machined.api.proxy import UnknownTargetError, member_resolver
 
     node = _Members({"w-1": member("w-1", "192.0.2.21")})
-    resolve = node_resolver(node)  # type: ignore[arg-type]
+    resolve = member_resolver(node)  # type: ignore[arg-type]
     assert resolve("w-1") == resolve("192.0.2.21") == "192.0.2.21"
     assert resolve("cp-1") == resolve("127.0.0.229") == "127.0.0.229"
     for outsider in ("192.0.2.99", "169.254.169.254:80", "127.0.0.229:22", "w-2", ""):
         with pytest.raises(UnknownTargetError, match="not a member of this cluster"):
             resolve(outsider)
+    assert member_resolver(node, empty_is_self=True)("") == "127.0.0.229"  # type: ignore[arg-type]
 
 
 def test_channels_follow_membership_and_are_bounded() -> None:
     from basalt.machined.api import proxy as proxy_module
-    from basalt.machined.api.proxy import Proxy
-    from basalt.machined.api.server import member_addresses, node_resolver
+    from basalt.machined.api.proxy import Proxy, member_resolver
+    from basalt.machined.api.server import member_addresses
 
     identity = server_identity()
     members = {f"w-{i}": member(f"w-{i}", f"192.0.2.{i}") for i in range(1, 101)}
@@ -742,19 +742,19 @@ def test_channels_follow_membership_and_are_bounded() -> None:
     async def scenario() -> tuple[int, int, int]:
         proxy = Proxy(
             lambda: (identity.ca, identity.client),  # type: ignore[arg-type,return-value]
-            node_resolver(node),  # type: ignore[arg-type]
+            member_resolver(node),  # type: ignore[arg-type]
             lambda: member_addresses(node),  # type: ignore[arg-type]
         )
         for i in range(1, 101):
-            proxy._channel(f"w-{i}")
+            proxy.channel(f"w-{i}")
         bounded = proxy.open_channels
         for i in range(1, 96):
             del members[f"w-{i}"]
-        proxy._channel("w-100")
+        proxy.channel("w-100")
         after = proxy.open_channels
         for _ in range(50):
             with pytest.raises(ValueError):
-                proxy._channel("192.0.2.250")
+                proxy.channel("192.0.2.250")
         refused = proxy.open_channels
         await proxy.close()
         return bounded, after, refused

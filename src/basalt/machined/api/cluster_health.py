@@ -10,7 +10,7 @@ Only members are dialled; only control planes hold the certificate this takes.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -22,7 +22,7 @@ from basalt.machinery.health import KubeApi, NodeCallError, Targets, discover, r
 
 from .auth import Principal, current_principal
 from .errors import InvalidRequestError
-from .proxy import Proxy, UnknownTargetError
+from .proxy import Proxy, UnknownTargetError, member_resolver
 
 if TYPE_CHECKING:
     from basalt.machinery.pki import CertificateAndKey
@@ -36,27 +36,6 @@ M = TypeVar("M", bound=Message)
 MAX_WAIT = 3600.0
 
 
-def _member_resolver(node: Node) -> Callable[[str], str]:
-    """Names -> addresses for members only (this node, a member's id, host name or
-    address), like forwarding's; anything else is refused before it is dialled."""
-
-    def resolve(name: str) -> str:
-        wanted = name.strip()
-        if wanted in ("", node.address, node.hostname):
-            return node.address
-        for member_id, member in list(node.members.items()):
-            addresses = [str(a) for a in member.addresses]
-            if wanted in addresses:
-                return wanted
-            if wanted in (member_id, member.hostname) and addresses:
-                return addresses[0]
-        raise UnknownTargetError(
-            f"{name} is not a member of this cluster; 'basaltctl get members' lists them"
-        )
-
-    return resolve
-
-
 class ImpersonatingCaller:
     """A NodeCaller that sends each request to its node with this node's client
     certificate, carrying the caller's roles (as forwarding does)."""
@@ -68,14 +47,14 @@ class ImpersonatingCaller:
 
     def _channel(self, node: str) -> grpc.aio.Channel:
         try:
-            return self.proxy._channel(node or self.own_name)
+            return self.proxy.channel(node or self.own_name)
         except UnknownTargetError as exc:
             raise NodeCallError(node, "NOT_FOUND", str(exc)) from None
         except (PermissionError, ValueError, OSError) as exc:
             raise NodeCallError(node, "UNAVAILABLE", str(exc)) from None
 
     def _metadata(self, node: str) -> tuple[tuple[str, str], ...]:
-        return self.proxy._metadata(self.principal, node or self.own_name)
+        return self.proxy.metadata(self.principal, node or self.own_name)
 
     async def unary(
         self, node: str, method: str, request: Message, answer: type[M], timeout: float
@@ -146,7 +125,7 @@ class ClusterHealthMethods:
             )
         principal = current_principal.get()
         node = self.node
-        proxy = Proxy(self._credentials, _member_resolver(node), None)
+        proxy = Proxy(self._credentials, member_resolver(node, empty_is_self=True), None)
         caller = ImpersonatingCaller(proxy, principal, node.address)
         try:
             targets = Targets(list(request.control_planes), list(request.workers))

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -28,6 +28,9 @@ from . import wire
 from .auth import NODE_METADATA, ROLES_METADATA, Principal
 from .dispatch import Check, Handler, decoder, read_one
 from .errors import details_for, status_for
+
+if TYPE_CHECKING:
+    from ..node import Node
 
 STREAM_BUFFER = 64
 #: Channels kept open to other nodes at most (least recently used are closed first).
@@ -79,7 +82,8 @@ class Proxy:
     def open_channels(self) -> int:
         return len(self._channels)
 
-    def _channel(self, target: str) -> grpc.aio.Channel:
+    def channel(self, target: str) -> grpc.aio.Channel:
+        """The channel to ``target`` (a member), made or cached."""
         creds = self._credentials()
         if creds is None:
             raise PermissionError("no client certificate to forward with")
@@ -107,7 +111,8 @@ class Proxy:
         return channel
 
     @staticmethod
-    def _metadata(principal: Principal, target: str) -> tuple[tuple[str, str], ...]:
+    def metadata(principal: Principal, target: str) -> tuple[tuple[str, str], ...]:
+        """What tells ``target`` whom a request is for: the caller's roles and name."""
         roles = ",".join(sorted(r.value for r in principal.roles))
         return (
             (ROLES_METADATA, roles),
@@ -191,9 +196,9 @@ class Proxy:
         self, method: str, request: bytes, target: str, principal: Principal, timeout: float | None
     ) -> bytes:
         try:
-            call = self._channel(target).unary_unary(method, None, None)
+            call = self.channel(target).unary_unary(method, None, None)
             answer: bytes = await call(
-                request, metadata=self._metadata(principal, target), timeout=timeout
+                request, metadata=self.metadata(principal, target), timeout=timeout
             )
             return answer
         except grpc.aio.AioRpcError as exc:
@@ -216,9 +221,9 @@ class Proxy:
 
         async def pump(target: str) -> None:
             try:
-                call = self._channel(target).unary_stream(method, None, None)
+                call = self.channel(target).unary_stream(method, None, None)
                 async for message in call(
-                    request, metadata=self._metadata(principal, target), timeout=timeout
+                    request, metadata=self.metadata(principal, target), timeout=timeout
                 ):
                     await queue.put(message)
             except grpc.aio.AioRpcError as exc:
@@ -248,3 +253,26 @@ class Proxy:
                 task.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def member_resolver(node: Node, *, empty_is_self: bool = False) -> Callable[[str], str]:
+    """Target names -> addresses: this node's own name or address, a member's id or host
+    name (its first address), or a member's address. Anything else is refused before it
+    is dialled (:class:`UnknownTargetError`): forwarding reaches members only. With
+    ``empty_is_self``, an empty name is this node too."""
+
+    def resolve(name: str) -> str:
+        wanted = name.strip()
+        if wanted in (node.address, node.hostname) or (empty_is_self and not wanted):
+            return node.address
+        for member_id, member in list(node.members.items()):
+            addresses = [str(a) for a in member.addresses]
+            if wanted in (member_id, member.hostname) and addresses:
+                return addresses[0]
+            if wanted in addresses:
+                return wanted
+        raise UnknownTargetError(
+            f"{name} is not a member of this cluster; 'basaltctl get members' lists them"
+        )
+
+    return resolve

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -19,7 +18,7 @@ from basalt.machinery.api import (
 from basalt.machinery.client.client import MAX_MESSAGE
 
 from .dispatch import MAX_REQUEST, Dispatcher
-from .proxy import Proxy, UnknownTargetError
+from .proxy import Proxy, member_resolver
 from .tls import maintenance_credentials, mtls_credentials
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ class ApiServer:
         forward = None
         if not maintenance:
             self.proxy = Proxy(
-                self._forwarding_credentials, node_resolver(node), lambda: member_addresses(node)
+                self._forwarding_credentials, member_resolver(node), lambda: member_addresses(node)
             )
             forward = self.proxy.handler
         self.dispatcher = Dispatcher(
@@ -154,28 +153,6 @@ class TrustServer:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
-
-
-def node_resolver(node: Node) -> Callable[[str], str]:
-    """Target names -> addresses: this node's own name or address, a member's id or host
-    name (its first address), or a member's address. Anything else is refused before it
-    is dialled (:class:`UnknownTargetError`): forwarding reaches members only."""
-
-    def resolve(name: str) -> str:
-        wanted = name.strip()
-        if wanted in (node.address, node.hostname):
-            return node.address
-        for member_id, member in list(node.members.items()):
-            addresses = [str(a) for a in member.addresses]
-            if wanted in (member_id, member.hostname) and addresses:
-                return addresses[0]
-            if wanted in addresses:
-                return wanted
-        raise UnknownTargetError(
-            f"{name} is not a member of this cluster; 'basaltctl get members' lists them"
-        )
-
-    return resolve
 
 
 def member_addresses(node: Node) -> set[str]:
