@@ -138,7 +138,7 @@ async def list_files(
     if max_depth < 0:
         raise InvalidRequestError(f"max_depth must be 0 (no limit) or more, got {max_depth}")
     host = await asyncio.to_thread(resolve, root, path)
-    skip = await asyncio.to_thread(_sensitive_filter, root, path, include_sensitive)
+    skip = await asyncio.to_thread(sensitive_filter, root, path, include_sensitive)
     depth = (max_depth or None) if recurse else 1
     entries = _walk_listing(str(host), normalise(path), depth, skip, limit)
     while batch := await asyncio.to_thread(_take, entries, _LIST_BATCH):
@@ -171,7 +171,7 @@ async def copy_tree(
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     host = await asyncio.to_thread(resolve, root, path)
-    skip = await asyncio.to_thread(_sensitive_filter, root, path, include_sensitive)
+    skip = await asyncio.to_thread(sensitive_filter, root, path, include_sensitive)
     arcname = posixpath.basename(normalise(path)) or "."
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(_COPY_QUEUE_CHUNKS)
@@ -216,7 +216,7 @@ def _sensitive_hosts(base: str) -> list[str]:
     return [os.path.realpath(_host(base, prefix)) for prefix in SENSITIVE_PREFIXES]
 
 
-def _sensitive_filter(root: Path, path: str, include_sensitive: bool) -> _Skip:
+def sensitive_filter(root: Path, path: str, include_sensitive: bool) -> _Skip:
     """Which host paths a walk below ``path`` must leave out."""
     if include_sensitive or is_sensitive(root, path):
         return lambda _host_path: False

@@ -201,7 +201,7 @@ class InspectMethods:
     async def DiskUsage(
         self, request: machine_pb2.DiskUsageRequest, context: Context
     ) -> AsyncIterator[Any]:
-        from .files import _sensitive_filter, normalise, resolve
+        from .files import normalise, resolve, sensitive_filter
 
         if not request.paths:
             raise InvalidRequestError("no path given", hint="basaltctl usage /var")
@@ -218,7 +218,7 @@ class InspectMethods:
         for path in request.paths:
             view = normalise(path)
             host = await asyncio.to_thread(resolve, root, view)
-            skip = await asyncio.to_thread(_sensitive_filter, root, view, admin)
+            skip = await asyncio.to_thread(sensitive_filter, root, view, admin)
             entries = _usage_infos(
                 str(host), view, request, skip=skip, pseudo=pseudo, threshold=request.threshold
             )

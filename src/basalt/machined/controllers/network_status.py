@@ -197,7 +197,7 @@ class NetworkStatusController(Controller):
 
     async def refresh(self, store: ResourceStore) -> None:
         """One read of the kernel's tables into the store."""
-        state = await netlink._call(read_network, "reading links, addresses and routes")
+        state = await netlink.call(read_network, "reading links, addresses and routes")
         for type_, specs in (
             ("Links", state.links),
             ("Addresses", state.addresses),

@@ -129,7 +129,9 @@ def _with_socket(func: Callable[[Any], T], what: str) -> T:
         raise NetlinkError(f"{what}: {message} ({reason})", code=code) from None
 
 
-async def _call(func: Callable[[Any], T], what: str) -> T:
+async def call(func: Callable[[Any], T], what: str) -> T:
+    """Run ``func`` with a netlink socket (IPRoute) in a thread, one call at a time;
+    pyroute2 errors become :class:`NetlinkError` naming ``what``."""
     async with _get_lock():
         return await asyncio.to_thread(_with_socket, func, what)
 
@@ -150,7 +152,7 @@ def _link(msg: Any) -> Link:
 
 async def links() -> list[Link]:
     """Every link, by index."""
-    found = await _call(lambda ipr: [_link(m) for m in ipr.get_links()], "listing links")
+    found = await call(lambda ipr: [_link(m) for m in ipr.get_links()], "listing links")
     return sorted(found, key=lambda link: link.index)
 
 
@@ -163,7 +165,7 @@ async def set_link(index: int, *, up: bool | None = None, mtu: int | None = None
         changes["state"] = "up" if up else "down"
     if changes:
         what = f"setting link {index} " + " ".join(f"{k}={v}" for k, v in changes.items())
-        await _call(lambda ipr: ipr.link("set", index=index, **changes), what)
+        await call(lambda ipr: ipr.link("set", index=index, **changes), what)
 
 
 def _address(msg: Any) -> Address:
@@ -180,9 +182,7 @@ def _address(msg: Any) -> Address:
 async def addresses(index: int | None = None) -> list[Address]:
     """Addresses (IPv4 and IPv6) on link ``index``, or on every link."""
     query = {"index": index} if index is not None else {}
-    return await _call(
-        lambda ipr: [_address(m) for m in ipr.get_addr(**query)], "listing addresses"
-    )
+    return await call(lambda ipr: [_address(m) for m in ipr.get_addr(**query)], "listing addresses")
 
 
 def _address_args(index: int, interface: str) -> dict[str, Any]:
@@ -209,7 +209,7 @@ async def add_address(
     if valid_lft is not None:
         args["valid_lft"] = valid_lft
         args["preferred_lft"] = valid_lft if preferred_lft is None else preferred_lft
-    await _call(
+    await call(
         lambda ipr: ipr.addr("replace", **args), f"adding address {interface} to link {index}"
     )
 
@@ -227,7 +227,7 @@ async def delete_address(index: int, interface: str) -> None:
             if exc.code != errno.EADDRNOTAVAIL:
                 raise
 
-    await _call(delete, f"removing address {interface} from link {index}")
+    await call(delete, f"removing address {interface} from link {index}")
 
 
 def _route(msg: Any, family: int) -> Route:
@@ -252,7 +252,7 @@ async def routes(family: int = 2) -> list[Route]:
             if m.get("type") == 1  # RTN_UNICAST
         ]
 
-    return await _call(listing, "listing routes")
+    return await call(listing, "listing routes")
 
 
 def _route_args(
@@ -285,7 +285,7 @@ async def replace_route(
     """Make ``dst`` go via ``gateway`` (or directly, when None) out of link ``index``."""
     args = _route_args(dst, gateway, index, metric, protocol)
     via = f" via {gateway}" if gateway else ""
-    await _call(
+    await call(
         lambda ipr: ipr.route("replace", **args),
         f"adding route {dst}{via} (link {index}, metric {metric})",
     )
@@ -306,4 +306,4 @@ async def delete_route(
             if exc.code != errno.ESRCH:
                 raise
 
-    await _call(delete, f"removing route {dst} (link {index})")
+    await call(delete, f"removing route {dst} (link {index})")
