@@ -83,17 +83,6 @@ class Run:
         return self.client_config.contexts[self.context_name]
 
 
-def fingerprint(pem: str) -> str:
-    import hashlib
-
-    from cryptography.hazmat.primitives import serialization
-
-    from basalt.machinery.pki import load_certificate
-
-    der = load_certificate(pem).public_bytes(serialization.Encoding.DER)
-    return "sha256:" + hashlib.sha256(der).hexdigest()[:16]
-
-
 def rotate_ca(
     ctx: typer.Context,
     secrets: Annotated[
@@ -318,19 +307,8 @@ async def _wait_issued(run: Run, node: NodeView, new_crt: str) -> None:
 # -- the run ----------------------------------------------------------------------------------
 
 
-def _node_config(node: NodeView, step: Step, state: RotationState) -> str:
-    from basalt.machinery.config import bundle_from_raw
-    from basalt.machinery.config.rotate import machine_config_for
-
-    raw = node.bundle.to_raw()
-    changed = [
-        machine_config_for(d, step, state) if d.get("kind") == "MachineConfig" else d for d in raw
-    ]
-    return bundle_from_raw(changed, f"{node.address} machine config ({step.value})").to_yaml()
-
-
 def _phases(run: Run, state: RotationState) -> dict[str, NodePhase]:
-    from basalt.machinery.config.rotate import RotationError, node_phase
+    from basalt.machinery.config.rotate import RotationError, fingerprint, node_phase
 
     phases = {}
     for address, node in run.nodes.items():
@@ -350,52 +328,20 @@ def _phases(run: Run, state: RotationState) -> dict[str, NodePhase]:
 def _begin(run: Run, dry_run: bool) -> RotationState:
     """The rotation's old and new CA: from the state file, else from the nodes and the
     secrets bundle (a new CA when the cluster is not rotating yet)."""
-    import datetime as dt
-
     from basalt.machinery.config.rotate import (
         RotationError,
         RotationState,
-        cross_sign,
-        infer_rotation,
+        fingerprint,
+        new_rotation,
         same_pem,
     )
-    from basalt.machinery.pki import CertificateAndKey, generate_ca
 
     os_ca = run.secrets.certs.os
-    if run.state is not None:
-        state = run.state
-    else:
-        views = {a: (n.ca, n.accepted) for a, n in run.nodes.items()}
-        try:
-            found = infer_rotation(views, os_ca.crt)
-        except RotationError as exc:
-            in_use = {fingerprint(n.ca) for n in run.nodes.values()}
-            raise RotationError(
-                f"{exc.message} (secrets bundle {run.secrets_path}: "
-                f"{fingerprint(os_ca.crt)}; the nodes' CA: {', '.join(sorted(in_use))})",
-                hint=exc.hint,
-            ) from None
-        if found is None:
-            if dry_run:  # no new CA yet: the plan says one is generated
-                return RotationState(os_ca.crt, "", "")
-            # A subject of its own: TLS stacks pick an issuer by name, and one name for
-            # both CAs of a trust bundle would fail every certificate of the other one.
-            pair = generate_ca(f"basalt-os-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}")
-            assert pair.key is not None
-            cross = ""
-            if os_ca.key:  # clients that trust only the old CA verify nodes through it
-                cross = cross_sign(pair.crt, CertificateAndKey(os_ca.crt, os_ca.key))
-            state = RotationState(os_ca.crt, pair.crt, pair.key, cross_crt=cross)
-        else:  # an interrupted rotation whose state file is gone
-            if not os_ca.key:
-                raise RotationError(
-                    f"the secrets bundle {run.secrets_path} holds no key for its OS CA",
-                    hint="pass the full secrets bundle (the one 'gen secrets' wrote)",
-                )
-            crosses = [n.bundle.machine.cross_signed_ca for n in run.nodes.values()]
-            cross = next((c for c in crosses if c), "")
-            state = RotationState(found[0], found[1], os_ca.key, cross_crt=cross)
-            info(f"no state file: going on with the rotation to {fingerprint(found[1])}")
+    state = run.state or _recovered(run)
+    if state is None:
+        if dry_run:  # no new CA yet: the plan says one is generated
+            return RotationState(os_ca.crt, "", "")
+        state = new_rotation(os_ca.crt, os_ca.key)
     if not (same_pem(os_ca.crt, state.old_crt) or same_pem(os_ca.crt, state.new_crt)):
         raise RotationError(
             f"the secrets bundle {run.secrets_path} does not match the cluster: its OS CA "
@@ -406,6 +352,39 @@ def _begin(run: Run, dry_run: bool) -> RotationState:
     return state
 
 
+def _recovered(run: Run) -> RotationState | None:
+    """Without a state file: the rotation the nodes are in (None: they are in none)."""
+    from basalt.machinery.config.rotate import (
+        RotationError,
+        RotationState,
+        fingerprint,
+        infer_rotation,
+    )
+
+    os_ca = run.secrets.certs.os
+    views = {a: (n.ca, n.accepted) for a, n in run.nodes.items()}
+    try:
+        found = infer_rotation(views, os_ca.crt)
+    except RotationError as exc:
+        in_use = {fingerprint(n.ca) for n in run.nodes.values()}
+        raise RotationError(
+            f"{exc.message} (secrets bundle {run.secrets_path}: "
+            f"{fingerprint(os_ca.crt)}; the nodes' CA: {', '.join(sorted(in_use))})",
+            hint=exc.hint,
+        ) from None
+    if found is None:
+        return None
+    if not os_ca.key:
+        raise RotationError(
+            f"the secrets bundle {run.secrets_path} holds no key for its OS CA",
+            hint="pass the full secrets bundle (the one 'gen secrets' wrote)",
+        )
+    crosses = [n.bundle.machine.cross_signed_ca for n in run.nodes.values()]
+    cross = next((c for c in crosses if c), "")
+    info(f"no state file: going on with the rotation to {fingerprint(found[1])}")
+    return RotationState(found[0], found[1], os_ca.key, cross_crt=cross)
+
+
 def _save_state(run: Run, state: RotationState) -> None:
     from basalt.machinery.fileio import write_atomic
 
@@ -414,7 +393,7 @@ def _save_state(run: Run, state: RotationState) -> None:
 
 
 async def _rotate(run: Run, dry_run: bool, stop: Stop | None) -> None:
-    from basalt.machinery.config.rotate import NodePhase, Step, steps_left
+    from basalt.machinery.config.rotate import NodePhase, Step, fingerprint, steps_left
 
     client = await _connect(run)
     try:
@@ -448,7 +427,7 @@ async def _rotate(run: Run, dry_run: bool, stop: Stop | None) -> None:
 
 async def _run_step(run: Run, step: Step) -> None:
     """One step on every node that has not reached it, after checking every node answers."""
-    from basalt.machinery.config.rotate import Step, nodes_for
+    from basalt.machinery.config.rotate import Step, next_config, nodes_for
 
     state = run.state
     assert state is not None
@@ -464,7 +443,8 @@ async def _run_step(run: Run, step: Step) -> None:
         info(f"step {step.value}: {step.summary}")
         for done, address in enumerate(nodes_for(step, phases, types), start=1):
             node = run.nodes[address]
-            await _apply(client, node, _node_config(node, step, state), step)
+            source = f"{address} machine config ({step.value})"
+            await _apply(client, node, next_config(node.bundle, step, state, source), step)
             if step is Step.ISSUE:
                 await _wait_issued(run, node, state.new_crt)
             if run.stop is not None and run.stop.step is step and run.stop.nodes == done:
@@ -483,6 +463,8 @@ async def _run_step(run: Run, step: Step) -> None:
 
 async def _finish(run: Run) -> None:
     """The client config trusts the new CA only; the state file goes."""
+    from basalt.machinery.config.rotate import fingerprint
+
     state = run.state
     assert state is not None
     _ensure_client_certificate(run, state)
@@ -555,7 +537,7 @@ def _write_secrets(run: Run, state: RotationState) -> None:
 def _print_plan(
     run: Run, state: RotationState, phases: dict[str, NodePhase], todo: list[Step]
 ) -> None:
-    from basalt.machinery.config.rotate import nodes_for
+    from basalt.machinery.config.rotate import fingerprint, nodes_for
 
     new = fingerprint(state.new_crt) if state.new_crt else "a new CA, generated when run"
     lines = [

@@ -25,10 +25,13 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BasaltError
 from ..pki import CertificateAndKey
+
+if TYPE_CHECKING:
+    from .bundle import ConfigBundle
 
 
 class RotationError(BasaltError):
@@ -246,3 +249,41 @@ def cross_sign(new_crt: str, old: CertificateAndKey) -> str:
         builder = builder.add_extension(extension.value, extension.critical)
     cert = builder.sign(load_private_key(old.key), hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def new_rotation(old_crt: str, old_key: str | None) -> RotationState:
+    """A rotation from ``old_crt`` to a CA generated now; cross-signed when the old key
+    is at hand (clients that trust only the old CA verify nodes through it)."""
+    import datetime as dt
+
+    from ..pki import generate_ca
+
+    # A subject of its own: TLS stacks pick an issuer by name, and one name for both
+    # CAs of a trust bundle would fail every certificate of the other one.
+    pair = generate_ca(f"basalt-os-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}")
+    assert pair.key is not None
+    cross = cross_sign(pair.crt, CertificateAndKey(old_crt, old_key)) if old_key else ""
+    return RotationState(old_crt, pair.crt, pair.key, cross_crt=cross)
+
+
+def next_config(bundle: ConfigBundle, step: Step, state: RotationState, source: str) -> str:
+    """The node's whole config (YAML) after ``step``, validated."""
+    from .bundle import bundle_from_raw
+
+    documents = [
+        machine_config_for(d, step, state) if d.get("kind") == "MachineConfig" else d
+        for d in bundle.to_raw()
+    ]
+    return bundle_from_raw(documents, source).to_yaml()
+
+
+def fingerprint(pem: str) -> str:
+    """A short name for a certificate: ``sha256:`` and 16 hex digits of its DER form."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from ..pki import load_certificate
+
+    der = load_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()[:16]
