@@ -150,6 +150,12 @@ def _prepare(
             f"{', '.join(roles) or 'no roles'}",
             hint="run it with an admin's client config (--basaltconfig / --context)",
         )
+    if str(secrets) == "-":
+        raise RotationError(
+            "--secrets - (standard input) cannot be used: rotate-ca writes the new CA back "
+            "into the secrets bundle",
+            hint="pass the secrets bundle's file",
+        )
     bundle = load_secrets(read_text(secrets, "secrets bundle"), str(secrets))
     state_path = state or secrets.with_name(STATE_NAME)
     loaded = None

@@ -98,12 +98,16 @@ def _value(raw: dict[str, dict[str, Any]], field: IdentityField) -> Any:
     return node
 
 
+#: The OS API CA among the identity fields: a rotation step may change it.
+_OS_CA = next(f for f in IDENTITY if f.kind == "MachineConfig" and f.path == ("ca", "crt"))
+
+
 def _rotation_step(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> bool:
     """The OS CA changes as one step of a rotation (``rotate-ca``): the new CA was
     accepted before (``acceptedCAs``) and the old one stays accepted after it, so no
     client and no peer loses access."""
     old, new = before.get("MachineConfig", {}), after.get("MachineConfig", {})
-    old_ca, new_ca = _value(before, IDENTITY[1]), _value(after, IDENTITY[1])
+    old_ca, new_ca = _value(before, _OS_CA), _value(after, _OS_CA)
     if not isinstance(old_ca, str) or not isinstance(new_ca, str):
         return False
     accepted_before = {str(a).strip() for a in old.get("acceptedCAs") or []}
@@ -118,8 +122,8 @@ def identity_changes(current: ConfigBundle, new: ConfigBundle) -> list[IdentityF
     before = {d.kind_name(): document_to_raw(d) for d in current.documents}
     after = {d.kind_name(): document_to_raw(d) for d in new.documents}
     changed = [f for f in IDENTITY if _value(before, f) != _value(after, f)]
-    if IDENTITY[1] in changed and _rotation_step(before, after):
-        changed.remove(IDENTITY[1])
+    if _OS_CA in changed and _rotation_step(before, after):
+        changed.remove(_OS_CA)
     return changed
 
 
