@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import math
 import socket
-import struct
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -33,6 +29,17 @@ import grpc.aio
 from basalt.machinery.api import common_pb2, machine_pb2
 from basalt.machinery.errors import BasaltError, ErrorKind
 
+from ..sys.packet import (
+    ARPHRD_ETHER,
+    ARPHRD_LOOPBACK,
+    FLUSH_BYTES,
+    Program,
+    interface_info,
+    interface_names,
+    open_packet_socket,
+    pcap_header,
+    read_ready,
+)
 from .auth import current_principal
 from .errors import InvalidRequestError, NotFoundError
 
@@ -48,24 +55,7 @@ MAX_DURATION = 3600.0
 DEFAULT_SNAPLEN = 65535
 MAX_SNAPLEN = 262144
 MAX_INSTRUCTIONS = 4096
-FLUSH_BYTES = 64 * 1024
 FLUSH_SECONDS = 0.25
-
-# linux/if_ether.h, linux/if_packet.h, asm-generic/socket.h
-ETH_P_ALL = 0x0003
-SOL_PACKET = 263
-PACKET_ADD_MEMBERSHIP, PACKET_AUXDATA = 1, 8
-PACKET_MR_PROMISC = 1
-PACKET_OUTGOING = 4
-SO_ATTACH_FILTER = 26
-SO_TIMESTAMPNS = 35
-# linux/if_arp.h: the hardware types with an Ethernet header on a raw socket.
-ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
-LINKTYPE_ETHERNET = 1
-
-PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps
-_AUXDATA = struct.Struct("IIIHHHH")  # struct tpacket_auxdata
-_TIMESPEC = struct.Struct("qq")
 
 #: Captures running now, per node (its API address): the concurrency cap.
 _running: dict[str, int] = {}
@@ -75,19 +65,6 @@ class CaptureLimitError(BasaltError):
     """Too many captures run on the node already; try again when one has finished."""
 
     kind = ErrorKind.RESOURCE_EXHAUSTED
-
-
-# -- the pcap format (pure) ---------------------------------------------------------------------
-
-
-def pcap_header(snaplen: int, linktype: int = LINKTYPE_ETHERNET) -> bytes:
-    """The global header of a pcap file (little-endian, version 2.4, microseconds)."""
-    return struct.pack("<IHHiIII", PCAP_MAGIC, 2, 4, 0, 0, snaplen, linktype)
-
-
-def pcap_record(seconds: int, nanoseconds: int, data: bytes, length: int) -> bytes:
-    """One record: its header (time, bytes kept, length on the wire), then the bytes."""
-    return struct.pack("<IIII", seconds, nanoseconds // 1000, len(data), length) + data
 
 
 # -- the request --------------------------------------------------------------------------------
@@ -102,7 +79,7 @@ class CapturePlan:
     duration: float  # seconds, never above MAX_DURATION
     max_packets: int  # 0: no limit
     promiscuous: bool
-    program: tuple[tuple[int, int, int, int], ...]
+    program: Program
 
 
 def plan_capture(request: machine_pb2.PacketCaptureRequest) -> CapturePlan:
@@ -150,84 +127,38 @@ def plan_capture(request: machine_pb2.PacketCaptureRequest) -> CapturePlan:
 
 def _interface(name: str) -> tuple[int, int]:
     """(index, ARPHRD type) of an interface; NotFoundError listing the node's interfaces."""
-    indexes = {n: i for i, n in socket.if_nameindex()}
-    if name not in indexes:
-        known = ", ".join(sorted(indexes)) or "none"
+    found = interface_info(name)
+    if found is None:
+        known = ", ".join(interface_names()) or "none"
         raise NotFoundError(
             f"interface {name!r} does not exist on this node; its interfaces: {known}",
             hint="pass one of them with -i",
         )
-    try:
-        hardware = int(Path(f"/sys/class/net/{name}/type").read_text().strip())
-    except (OSError, ValueError):
-        hardware = ARPHRD_ETHER
-    return indexes[name], hardware
+    return found
 
 
 # -- the socket ---------------------------------------------------------------------------------
 
 
 def open_capture(plan: CapturePlan) -> socket.socket:
-    """The raw socket of a capture, filtered, then bound (so no unfiltered packet and no
-    other interface's packet is ever queued on it)."""
+    """The raw socket of a capture (see :func:`..sys.packet.open_packet_socket`), its
+    failures as errors the client can act on."""
     try:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # receives nothing yet
+        return open_packet_socket(
+            plan.interface, plan.index, plan.program, promiscuous=plan.promiscuous
+        )
     except PermissionError:
         raise BasaltError(
             "capturing needs CAP_NET_RAW, which machined on this node does not have",
             hint="run the node agent with CAP_NET_RAW (process nodes: as root)",
         ) from None
-    try:
-        if plan.program:
-            _attach_filter(sock, plan.program)
-        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        if plan.promiscuous:
-            membership = struct.pack("iHH8s", plan.index, PACKET_MR_PROMISC, 0, b"")
-            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, membership)
-        sock.bind((plan.interface, ETH_P_ALL))
-        sock.setblocking(False)
     except OSError as exc:
-        sock.close()
         if exc.errno == 22:  # EINVAL: the kernel's verifier refused the program
             raise InvalidRequestError(
                 "the kernel refused the BPF filter as invalid",
                 hint="check the --bpf-raw program (tcpdump -ddd prints valid ones)",
             ) from None
         raise
-    return sock
-
-
-def _attach_filter(sock: socket.socket, program: tuple[tuple[int, int, int, int], ...]) -> None:
-    instructions = b"".join(struct.pack("HBBI", *i) for i in program)
-    buffer = ctypes.create_string_buffer(instructions, len(instructions))
-    fprog = struct.pack("HL", len(program), ctypes.addressof(buffer))  # struct sock_fprog
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-
-
-def read_ready(sock: socket.socket, plan: CapturePlan, limit: int) -> tuple[bytes, int, bool]:
-    """The records of packets queued now (at most ``limit``): (records, count, drained)."""
-    out = bytearray()
-    count = 0
-    ancillary = socket.CMSG_SPACE(_AUXDATA.size) + socket.CMSG_SPACE(_TIMESPEC.size)
-    while count < limit and len(out) < FLUSH_BYTES:
-        try:
-            data, cmsgs, _flags, address = sock.recvmsg(plan.snaplen, ancillary)
-        except BlockingIOError:
-            return bytes(out), count, True
-        if plan.loopback and address[2] == PACKET_OUTGOING:
-            continue  # loopback: the same packet arrives as PACKET_HOST
-        length, stamp = len(data), None
-        for level, kind, value in cmsgs:
-            if level == SOL_PACKET and kind == PACKET_AUXDATA:
-                length = _AUXDATA.unpack_from(value)[1]
-            elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                stamp = _TIMESPEC.unpack_from(value)
-        seconds, nanoseconds = stamp or divmod(time.time_ns(), 1_000_000_000)
-        out += pcap_record(seconds, nanoseconds, data, max(length, len(data)))
-        count += 1
-    return bytes(out), count, False
 
 
 # -- the RPC ------------------------------------------------------------------------------------
@@ -321,7 +252,9 @@ async def _packets(sock: socket.socket, plan: CapturePlan) -> AsyncIterator[tupl
             readable.clear()
             drained = False
             while not drained and left != 0:
-                records, count, drained = read_ready(sock, plan, left if left > 0 else 1 << 30)
+                records, count, drained = read_ready(
+                    sock, plan.snaplen, plan.loopback, left if left > 0 else 1 << 30
+                )
                 if count and not pending:
                     since = loop.time()
                 pending += records
