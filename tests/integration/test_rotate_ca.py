@@ -193,8 +193,13 @@ def test_refusals_change_nothing(setup: Setup, capsys: pytest.CaptureFixture[str
     assert load_client_config(setup.config).current()[1].ca == setup.old.ca
 
 
-def test_trust_step_then_stop(setup: Setup) -> None:
+def test_trust_step_then_stop(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     assert setup.rotate("--stop-after", "trust") == 0
+    capsys.readouterr()
+    assert setup.rotate("--dry-run") == 0  # the plan from here: the steps left
+    plan = capsys.readouterr().out
+    assert "step trust" not in plan and "step issue" in plan and "step drop" in plan
+    assert plan.count(": trusting") == len(setup.nodes), plan
     state = yaml.safe_load(setup.state.read_text())
     assert stat.S_IMODE(setup.state.stat().st_mode) == 0o600
     new_ca = state["newCA"]["crt"]
