@@ -277,8 +277,9 @@ async def _apply(client: Client, node: NodeView, text: str, step: Step) -> None:
     info(f"{node.address}: {step.value}: applied without a reboot")
 
 
-async def _serves_new_certificate(run: Run, node: NodeView, new_crt: str) -> bool:
-    """Whether ``node`` answers when dialled directly with the new CA as the only root."""
+async def _new_certificate_problem(run: Run, node: NodeView, new_crt: str) -> str:
+    """Why ``node`` does not answer when dialled directly with the new CA as the only
+    root ("" when it does: it serves a certificate of the new CA)."""
     import grpc.aio
 
     from basalt.machinery.api import common_pb2
@@ -286,11 +287,11 @@ async def _serves_new_certificate(run: Run, node: NodeView, new_crt: str) -> boo
     client = await _connect(run, node.address, ca=new_crt)
     try:
         await client.machine.Version(common_pb2.Empty(), timeout=5)
-    except grpc.aio.AioRpcError:
-        return False
+    except grpc.aio.AioRpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
     finally:
         await client.close()
-    return True
+    return ""
 
 
 async def _wait_issued(run: Run, node: NodeView, new_crt: str) -> None:
@@ -300,12 +301,15 @@ async def _wait_issued(run: Run, node: NodeView, new_crt: str) -> None:
     from basalt.machinery.config.rotate import RotationError
 
     deadline = time.monotonic() + ISSUE_TIMEOUT
-    while not await _serves_new_certificate(run, node, new_crt):
+    while problem := await _new_certificate_problem(run, node, new_crt):
         if time.monotonic() > deadline:
             raise RotationError(
-                f"{node.address} does not serve a certificate of the new CA after "
-                f"{ISSUE_TIMEOUT:.0f}s; the old CA stays accepted everywhere",
-                hint="look at 'basaltctl events -n NODE' (certificate), then run rotate-ca again",
+                f"{node.address} does not answer with a certificate of the new CA after "
+                f"{ISSUE_TIMEOUT:.0f}s (last: {problem}); the old CA stays accepted "
+                "everywhere",
+                hint="rotate-ca dials every node directly (port 50000) to check; if this "
+                "machine can reach it, look at 'basaltctl events -n NODE' (certificate); "
+                "then run rotate-ca again",
             )
         await asyncio.sleep(0.5)
 
