@@ -266,3 +266,79 @@ def _load_checked(documents: list[dict[str, Any]]) -> str:
     with pytest.raises(ConfigValidationError) as caught:
         check_bundle(bundle_from_raw(documents, source="cp.yaml"))
     return caught.value.render()
+
+
+# -- the node's TLS server through a rotation (real TLS on loopback) -------------------------
+
+ADDRESS = "127.0.9.40"
+
+
+def test_the_api_server_follows_the_trust_bundle_and_serves_the_cross_signed_chain() -> None:
+    """machined's server credentials, as each rotation step leaves them: which client
+    certificates get in and which clients verify the server, from the next connection on."""
+    import asyncio
+
+    import grpc
+    import grpc.aio
+
+    from basalt.machined.api.tls import mtls_credentials
+
+    old, new = cas()
+    serving: dict[str, Any] = {
+        "cas": old.crt,
+        "server": issue_certificate(old, "node-1", server=True, sans=[ADDRESS]),
+    }
+    old_client = issue_certificate(old, "admin", organizations=["os:admin"], client=True)
+    new_client = issue_certificate(new, "admin", organizations=["os:admin"], client=True)
+
+    def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "t.T", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+
+    async def scenario() -> list[bool]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        credentials = mtls_credentials(lambda: (serving["cas"], serving["server"]))
+        port = server.add_secure_port(f"{ADDRESS}:0", credentials)
+        await server.start()
+
+        async def gets_in(client: CertificateAndKey, root: str) -> bool:
+            assert client.key is not None
+            channel_credentials = grpc.ssl_channel_credentials(
+                root.encode(), client.key.encode(), client.crt.encode()
+            )
+            async with grpc.aio.secure_channel(f"{ADDRESS}:{port}", channel_credentials) as ch:
+                try:
+                    await ch.unary_unary("/t.T/Echo", None, None)(b"hi", timeout=5)
+                except grpc.aio.AioRpcError:
+                    return False
+                return True
+
+        seen = []
+        try:
+            seen += [await gets_in(old_client, old.crt), await gets_in(new_client, old.crt)]
+            serving["cas"] = old.crt + new.crt  # trust: the new CA is accepted too
+            seen += [await gets_in(new_client, old.crt)]
+            issued = issue_certificate(new, "node-1", server=True, sans=[ADDRESS])
+            assert issued.key is not None
+            chain = issued.crt + state().cross_crt  # issue: served with the cross-signed CA
+            serving["server"] = CertificateAndKey(chain, issued.key)
+            seen += [await gets_in(old_client, old.crt), await gets_in(new_client, new.crt)]
+            serving["cas"] = new.crt  # drop
+            seen += [await gets_in(old_client, old.crt), await gets_in(new_client, new.crt)]
+        finally:
+            await server.stop(None)
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [
+        True,  # old client, old CA
+        False,  # a new CA's client before the trust step
+        True,  # ... and after it
+        True,  # an untouched old client config verifies a new certificate (cross-signed)
+        True,  # a rotated client trusting the new CA only
+        False,  # the old client certificate after the drop step
+        True,
+    ]
