@@ -183,6 +183,13 @@ def test_refusals_change_nothing(setup: Setup, capsys: pytest.CaptureFixture[str
     assert setup.rotate("-n", f"{setup.nodes[0]},127.0.9.99") == 1
     err = capsys.readouterr().err
     assert "127.0.9.99 did not answer" in err and "nothing was changed" in err
+    # Another rotate-ca holding the lock.
+    import fcntl
+
+    with open(setup.state.with_name("rotate-ca.state.json.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert setup.rotate() == 1
+        assert "another rotate-ca is running" in capsys.readouterr().err
     # The plan.
     assert setup.rotate("--dry-run") == 0
     plan = capsys.readouterr().out

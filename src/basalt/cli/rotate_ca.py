@@ -12,6 +12,8 @@ until the secrets bundle does) up to date. Run again after an interruption, it f
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -129,7 +131,37 @@ def rotate_ca(
             )
         stop = Stop(Step(name), int(count) if count else None)
     run = _prepare(ctx, secrets, state, split(nodes), split(endpoints))
-    asyncio.run(_rotate(run, dry_run, stop))
+    if dry_run:
+        asyncio.run(_rotate(run, dry_run, stop))
+        return
+    with _only_run(run):
+        asyncio.run(_rotate(run, dry_run, stop))
+
+
+@contextmanager
+def _only_run(run: Run) -> Iterator[None]:
+    """One rotate-ca at a time per secrets bundle: a lock beside the state file (the
+    kernel releases it when the process ends, however it ends). The state file is read
+    again once the lock is held: a run that just ended may have changed it."""
+    import fcntl
+
+    from basalt.machinery.config.rotate import RotationError, RotationState
+
+    lock = run.state_path.with_name(run.state_path.name + ".lock")
+    with open(lock, "a", encoding="utf-8") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RotationError(
+                f"another rotate-ca is running with {run.secrets_path} ({lock} is locked)",
+                hint="wait for it to finish; a rotation interrupted before is finished by "
+                "running rotate-ca again once that one is gone",
+            ) from None
+        run.state = None
+        if run.state_path.exists():
+            text = read_text(run.state_path, "state file")
+            run.state = RotationState.from_json(text, str(run.state_path))
+        yield
 
 
 def _prepare(
