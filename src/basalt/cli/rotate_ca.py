@@ -12,11 +12,11 @@ until the secrets bundle does) up to date. Run again after an interruption, it f
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -132,10 +132,27 @@ def rotate_ca(
         stop = Stop(Step(name), int(count) if count else None)
     run = _prepare(ctx, secrets, state, split(nodes), split(endpoints))
     if dry_run:
-        asyncio.run(_rotate(run, dry_run, stop))
+        asyncio.run(_mapped(run, _rotate(run, dry_run, stop)))
         return
     with _only_run(run):
-        asyncio.run(_rotate(run, dry_run, stop))
+        asyncio.run(_mapped(run, _rotate(run, dry_run, stop)))
+
+
+async def _mapped(run: Run, work: Coroutine[Any, Any, None]) -> None:
+    """``work``, with a failed call (the endpoint down, a refusal) as one clear error."""
+    import grpc.aio
+
+    from basalt.machinery.client.client import rpc_error
+
+    try:
+        await work
+    except grpc.aio.AioRpcError as exc:
+        error = rpc_error(exc, run.endpoint)
+        error.hint = (error.hint + "; " if error.hint else "") + (
+            "nothing more was changed; run rotate-ca again once the endpoint answers: it "
+            "goes on from where it stopped"
+        )
+        raise error from None
 
 
 @contextmanager
