@@ -8,14 +8,19 @@ import pytest
 
 from basalt.machined.api.dispatch import RequestTooLargeError
 from basalt.machined.api.errors import status_for
+from basalt.machined.api.meta import NoDisksError, NoMetaError
+from basalt.machined.api.pcap import CaptureLimitError
 from basalt.machined.apply import InvalidApplyError, RebootRequiredError
+from basalt.machined.boot.meta import MetaError, MetaFullError, MetaKeyError
 from basalt.machined.etcd.manager import AlreadyBootstrappedError, EtcdStateError, QuorumError
 from basalt.machined.fetch import BundleFetchError, BundleURLError
 from basalt.machined.kubernetes.drain import DrainError
 from basalt.machined.runtime.sequencer import SequenceConflictError
 from basalt.machined.services.supervisor import UnknownServiceError
+from basalt.machined.storage.wipe import DiskInUseError, UnknownDiskError, WipeError
 from basalt.machined.upgrade import BundleUploadError, DowngradeRefusedError, UpgradeRefusedError
 from basalt.machinery.boot.slots import SlotWriteError
+from basalt.machinery.bpf import FilterError
 from basalt.machinery.config.identity import IdentityChangeError
 from basalt.machinery.errors import (
     AccessDeniedError,
@@ -67,6 +72,17 @@ EXPECTED: dict[type[BasaltError], grpc.StatusCode] = {
     BundleURLError: Code.INVALID_ARGUMENT,
     BundleFetchError: Code.UNAVAILABLE,
     ClientConfigError: Code.FAILED_PRECONDITION,
+    # The operator's toolbox.
+    CaptureLimitError: Code.RESOURCE_EXHAUSTED,
+    FilterError: Code.INVALID_ARGUMENT,
+    MetaError: Code.FAILED_PRECONDITION,
+    MetaFullError: Code.RESOURCE_EXHAUSTED,
+    MetaKeyError: Code.INVALID_ARGUMENT,
+    NoMetaError: Code.FAILED_PRECONDITION,
+    NoDisksError: Code.FAILED_PRECONDITION,
+    DiskInUseError: Code.FAILED_PRECONDITION,
+    UnknownDiskError: Code.NOT_FOUND,
+    WipeError: Code.FAILED_PRECONDITION,
     BasaltError: Code.FAILED_PRECONDITION,
 }
 
