@@ -62,6 +62,7 @@ def assert_all_pass(result: subprocess.CompletedProcess[str]) -> None:
     # process nodes: container-mode slots, no TimeSyncConfig, no kubelet
     assert "no node on a trial slot or rolled back: OK (4 nodes on a good slot)" in lines
     assert "time in sync: skipped: time sync is off on every node" in result.stdout
+    assert "clocks agree: OK (4 clocks within" in result.stdout  # compared all the same
     assert "Kubernetes nodes Ready: skipped: kubelet not running" in lines
     assert "control-plane pods up: skipped: kubelet not running" in lines
 

@@ -255,7 +255,8 @@ def time(
 ) -> None:
     """The nodes' clock offset against their time servers (or --check SERVER).
 
-    Exits 1 when every server failed to answer a node.
+    Exits 1 when every server failed to answer a node. A node with no time servers
+    configured (no TimeSyncConfig) shows its clock alone.
     """
     import datetime as dt
 
@@ -285,7 +286,9 @@ def time(
                             "",
                         )
                     )
-            if all(s.error for s in item.samples):
+            if not item.samples:
+                rows.append((node, when, "-", "-", "-", "-", "no time servers configured"))
+            elif all(s.error for s in item.samples):
                 silent.append(node)
             info(f"{node}: clock {'in sync' if item.synced else 'not in sync'} (time sync)")
         table(

@@ -153,7 +153,9 @@ class InspectMethods:
 
     # -- time ---------------------------------------------------------------------------------
     def _time_servers(self, requested: str) -> list[tuple[str, str, int]]:
-        """(label, host, port) of each server to ask."""
+        """(label, host, port) of each server to ask; none when the node has no time
+        servers configured (the answer then carries the node's clock only, which is what
+        comparing nodes' clocks needs)."""
         port = self.node.tuning.ntp_port
         if requested:
             host, port = parse_server(requested, port)
@@ -161,11 +163,8 @@ class InspectMethods:
         from basalt.machinery.config import TimeSyncConfig
 
         config = self.node.config.first(TimeSyncConfig) if self.node.config else None
-        if config is None or not config.servers:
-            raise InvalidRequestError(
-                "this node has no time servers configured (no TimeSyncConfig with servers)",
-                hint="ask one directly: basaltctl time --check HOST[:PORT]",
-            )
+        if config is None:
+            return []  # no time servers: the answer is the node's clock alone
         return [(s, s, port) for s in list(config.servers)[:MAX_TIME_SERVERS]]
 
     async def TimeCheck(self, request: machine_pb2.TimeCheckRequest, context: Context) -> Any:

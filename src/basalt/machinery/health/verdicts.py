@@ -169,6 +169,8 @@ def etcd_members(
     for node, hostname in hostnames.items():
         if hostname and hostname not in names:
             return failed(node, f"control plane {hostname} is not an etcd member")
+    if len(lists) == 1:
+        return ok(f"the control plane lists {len(reference)} member(s), itself among them")
     return ok(f"{len(lists)} control planes agree on {len(reference)} members")
 
 
