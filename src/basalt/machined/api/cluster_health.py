@@ -22,7 +22,7 @@ from basalt.machinery.health import KubeApi, NodeCallError, Targets, discover, r
 
 from .auth import Principal, current_principal
 from .errors import InvalidRequestError
-from .proxy import Proxy, UnknownTargetError, member_resolver
+from .proxy import Proxy, UnknownTargetError, forwarding_credentials, member_resolver
 
 if TYPE_CHECKING:
     from basalt.machinery.pki import CertificateAndKey
@@ -104,10 +104,7 @@ class ClusterHealthMethods:
         raise NotImplementedError
 
     def _credentials(self) -> tuple[str, CertificateAndKey] | None:
-        identity = self.node.identity
-        if identity is None or identity.client is None:
-            return None
-        return identity.ca, identity.client
+        return forwarding_credentials(self.node)
 
     async def ClusterHealth(
         self, request: machine_pb2.ClusterHealthRequest, context: Context

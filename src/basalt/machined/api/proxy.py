@@ -88,7 +88,7 @@ class Proxy:
         if creds is None:
             raise PermissionError("no client certificate to forward with")
         ca, client = creds
-        key = id(client)
+        key = hash((id(client), ca))  # a new certificate or trust bundle: a new channel
         host = self._resolve(target)  # raises UnknownTargetError for non-members
         port = API_PORT
         self._evict()
@@ -253,6 +253,18 @@ class Proxy:
                 task.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def forwarding_credentials(node: Node) -> tuple[str, CertificateAndKey] | None:
+    """What a node dials its peers with: the CAs it trusts now (the OS CA, ``acceptedCAs``;
+    both sides of a CA rotation) and its client certificate; None on nodes without one
+    (only control planes hold it)."""
+    from ..certificates import trust_bundle
+
+    identity = node.identity
+    if identity is None or identity.client is None:
+        return None
+    return trust_bundle(node), identity.client
 
 
 def member_resolver(node: Node, *, empty_is_self: bool = False) -> Callable[[str], str]:

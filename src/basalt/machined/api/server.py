@@ -18,7 +18,7 @@ from basalt.machinery.api import (
 from basalt.machinery.client.client import MAX_MESSAGE
 
 from .dispatch import MAX_REQUEST, Dispatcher
-from .proxy import Proxy, member_resolver
+from .proxy import Proxy, forwarding_credentials, member_resolver
 from .tls import maintenance_credentials, mtls_credentials
 
 if TYPE_CHECKING:
@@ -89,13 +89,8 @@ class ApiServer:
         machine = self.node.machine
         return machine.features.rbac if machine is not None else True
 
-    def _forwarding_credentials(self) -> Any:
-        from ..certificates import trust_bundle
-
-        identity = self.node.identity
-        if identity is None or identity.client is None:
-            return None
-        return trust_bundle(self.node), identity.client
+    def _forwarding_credentials(self) -> tuple[str, CertificateAndKey] | None:
+        return forwarding_credentials(self.node)
 
     def _current_identity(self) -> tuple[str, CertificateAndKey]:
         return server_identity(self.node)
