@@ -10,20 +10,19 @@ kernel is not the node's: the values are the host's and ``applied`` is false.
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from basalt.machinery.resources.specs import KernelParamSpec
 
-from ..runtime import Controller, ResourceStore
+from ..runtime import ResourceStore
 from ..sys.sysctl import read_sysctl
+from .polling import PollingController
 from .sysctls import DEFAULT_SYSCTLS, wanted_sysctls
 
 if TYPE_CHECKING:
     from ..node import Node
 
-log = logging.getLogger(__name__)
 
 #: Seconds between two reads.
 INTERVAL = 30.0
@@ -53,15 +52,13 @@ def read_params(
     return params
 
 
-class KernelParamsController(Controller):
+class KernelParamsController(PollingController):
     name = "kernel-params"
     inputs = ("MachineConfigs",)
     outputs = ("KernelParams",)
 
     def __init__(self, node: Node, interval: float = INTERVAL) -> None:
-        self.node = node
-        self.interval = interval
-        self._loop: asyncio.Task[None] | None = None
+        super().__init__(node, interval)
 
     def wanted(self) -> tuple[dict[str, str], set[str]]:
         """Every key Basalt sets with its value, and the keys the config sets."""
@@ -71,11 +68,6 @@ class KernelParamsController(Controller):
 
             documents = self.node.config.all(SysctlConfig)
         return wanted_sysctls(documents), {k for d in documents for k in d.sysctls}
-
-    async def reconcile(self, store: ResourceStore) -> None:
-        await self.refresh(store)
-        if self._loop is None:
-            self._loop = self.node.background(self._read_forever(store), name=self.name)
 
     async def refresh(self, store: ResourceStore) -> None:
         platform = self.node.platform
@@ -87,14 +79,4 @@ class KernelParamsController(Controller):
             platform.system_root / "proc" / "sys",
             applied=platform.mode.manages_kernel,
         )
-        for key, spec in params.items():
-            store.put("KernelParams", key, spec, owner=self.name)
-        store.retain("KernelParams", set(params), owner=self.name)
-
-    async def _read_forever(self, store: ResourceStore) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.refresh(store)
-            except Exception as exc:  # a bug here must cost a reading, never the node
-                log.warning("kernel params: read failed: %s", exc)
+        self.publish(store, "KernelParams", params)

@@ -10,9 +10,6 @@ boot's maintenance API listens: importing pyroute2 costs seconds under TCG
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,17 +18,16 @@ from typing import TYPE_CHECKING, Any
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.resources.specs import AddressSpec, LinkSpec, RouteSpec
 
-from ..runtime import Controller, ResourceStore
+from ..runtime import ResourceStore
 from ..sys import netlink
+from .polling import PollingController
 
 if TYPE_CHECKING:
     from ..node import Node
 
-log = logging.getLogger(__name__)
 
 #: Seconds between two reads.
 INTERVAL = 5.0
-_API_FIRST_TIMEOUT = 30.0
 
 #: ifi_flags bits (linux/if.h) by name, as ``ip link`` prints them.
 _LINK_FLAGS = (
@@ -179,50 +175,20 @@ def read_network(ipr: Any) -> NetworkState:
     return state
 
 
-class NetworkStatusController(Controller):
+class NetworkStatusController(PollingController):
     """Publishes the kernel's links, addresses and routes; never changes them."""
 
     name = "network-status"
     outputs = ("Links", "Addresses", "Routes")
+    after_api = True
+    expected = (BasaltError, OSError)
 
     def __init__(self, node: Node, interval: float = INTERVAL) -> None:
-        self.node = node
-        self.interval = interval
-        self._loop: asyncio.Task[None] | None = None
-        self._failing = False
-
-    async def reconcile(self, store: ResourceStore) -> None:
-        if self._loop is None:
-            self._loop = self.node.background(self._read_forever(store), name=self.name)
+        super().__init__(node, interval)
 
     async def refresh(self, store: ResourceStore) -> None:
         """One read of the kernel's tables into the store."""
         state = await netlink.call(read_network, "reading links, addresses and routes")
-        for type_, specs in (
-            ("Links", state.links),
-            ("Addresses", state.addresses),
-            ("Routes", state.routes),
-        ):
-            for id_, spec in specs.items():
-                store.put(type_, id_, spec, owner=self.name)
-            store.retain(type_, set(specs), owner=self.name)
-
-    async def _read_forever(self, store: ResourceStore) -> None:
-        gate = self.node.api_first
-        if not gate.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(gate.wait(), _API_FIRST_TIMEOUT)
-        while True:
-            try:
-                await self.refresh(store)
-            except (BasaltError, OSError) as exc:
-                if not self._failing:
-                    log.warning("network status: cannot read the kernel's tables: %s", exc)
-                self._failing = True
-            except Exception as exc:  # a bug here must cost a reading, never the node
-                log.warning("network status: read failed: %s", exc)
-            else:
-                if self._failing:
-                    log.info("network status: reading the kernel's tables again")
-                self._failing = False
-            await asyncio.sleep(self.interval)
+        self.publish(store, "Links", state.links)
+        self.publish(store, "Addresses", state.addresses)
+        self.publish(store, "Routes", state.routes)

@@ -12,7 +12,6 @@ read: the host's devices are not the node's).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import stat
@@ -23,13 +22,13 @@ from typing import TYPE_CHECKING
 from basalt.machinery.disk.layout import EPHEMERAL, LAYOUT, STATE
 from basalt.machinery.resources.specs import DiskPartition, DiskSpec, VolumeSpec
 
-from ..runtime import Controller, ResourceStore
+from ..runtime import ResourceStore
 from ..storage.partitions import block_partitions, boot_disk
+from .polling import PollingController
 
 if TYPE_CHECKING:
     from ..node import Node
 
-log = logging.getLogger(__name__)
 
 #: Seconds between two reads.
 INTERVAL = 30.0
@@ -293,7 +292,7 @@ def directory_volumes(paths: dict[str, Path], mounts: list[Mount]) -> dict[str, 
     return volumes
 
 
-class StorageStatusController(Controller):
+class StorageStatusController(PollingController):
     """Publishes Disks and Volumes; never changes a disk."""
 
     name = "storage-status"
@@ -302,14 +301,7 @@ class StorageStatusController(Controller):
     outputs = ("Disks", "Volumes")
 
     def __init__(self, node: Node, interval: float = INTERVAL) -> None:
-        self.node = node
-        self.interval = interval
-        self._loop: asyncio.Task[None] | None = None
-
-    async def reconcile(self, store: ResourceStore) -> None:
-        await self.refresh(store)
-        if self._loop is None:
-            self._loop = self.node.background(self._read_forever(store), name=self.name)
+        super().__init__(node, interval)
 
     def read(self) -> tuple[dict[str, DiskSpec], dict[str, VolumeSpec]]:
         """One reading of the disks and volumes (blocking)."""
@@ -327,15 +319,5 @@ class StorageStatusController(Controller):
 
     async def refresh(self, store: ResourceStore) -> None:
         disks, volumes = await asyncio.to_thread(self.read)
-        for type_, specs in (("Disks", disks), ("Volumes", volumes)):
-            for id_, spec in specs.items():
-                store.put(type_, id_, spec, owner=self.name)
-            store.retain(type_, set(specs), owner=self.name)
-
-    async def _read_forever(self, store: ResourceStore) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.refresh(store)
-            except Exception as exc:  # a bug here must cost a reading, never the node
-                log.warning("storage status: read failed: %s", exc)
+        self.publish(store, "Disks", disks)
+        self.publish(store, "Volumes", volumes)
