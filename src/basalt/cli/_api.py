@@ -157,6 +157,25 @@ def list_verb(
     run(ctx, work, nodes=nodes, endpoints=endpoints)
 
 
+def action_verb(
+    ctx: typer.Context,
+    rpc: str,
+    request: object,
+    *,
+    nodes: Sequence[str] | None,
+    endpoints: Sequence[str] | None,
+) -> None:
+    """An action verb: MachineService's ``rpc`` (answering ActionResponse) on every node,
+    and each node's message on a line of its own."""
+
+    async def work(client: Client, failures: NodeFailures) -> None:
+        answer = await getattr(client.machine, rpc)(request, metadata=client.metadata(), timeout=30)
+        for item in failures.keep(answer.messages):
+            print(f"{item.metadata.node or client.endpoint}: {item.message}")
+
+    run(ctx, work, nodes=nodes, endpoints=endpoints)
+
+
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A plain, aligned table on stdout (no box drawing, easy to grep)."""
     from rich.console import Console

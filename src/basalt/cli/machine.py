@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._api import EndpointsOption, InsecureOption, NodeFailures, NodesOption, run
+from ._api import EndpointsOption, InsecureOption, NodeFailures, NodesOption, action_verb, run
 from ._common import info, read_text
 
 if TYPE_CHECKING:
@@ -166,28 +166,13 @@ def apply_config(
     run(ctx, work, nodes=nodes, endpoints=endpoints, insecure=insecure)
 
 
-def _action(
-    ctx: typer.Context,
-    rpc: str,
-    request: object,
-    nodes: list[str] | None,
-    endpoints: list[str] | None,
-) -> None:
-    async def work(client: Client, failures: NodeFailures) -> None:
-        answer = await getattr(client.machine, rpc)(request, metadata=client.metadata(), timeout=30)
-        for item in failures.keep(answer.messages):
-            print(f"{item.metadata.node}: {item.message}")
-
-    run(ctx, work, nodes=nodes, endpoints=endpoints)
-
-
 def reboot(
     ctx: typer.Context, nodes: NodesOption = None, endpoints: EndpointsOption = None
 ) -> None:
     """Reboot nodes (in container mode the process restarts)."""
     from basalt.machinery.api import machine_pb2
 
-    _action(ctx, "Reboot", machine_pb2.RebootRequest(), nodes, endpoints)
+    action_verb(ctx, "Reboot", machine_pb2.RebootRequest(), nodes=nodes, endpoints=endpoints)
 
 
 def shutdown(
@@ -196,7 +181,7 @@ def shutdown(
     """Shut nodes down."""
     from basalt.machinery.api import machine_pb2
 
-    _action(ctx, "Shutdown", machine_pb2.ShutdownRequest(), nodes, endpoints)
+    action_verb(ctx, "Shutdown", machine_pb2.ShutdownRequest(), nodes=nodes, endpoints=endpoints)
 
 
 class WipeChoice(StrEnum):
@@ -243,4 +228,4 @@ def reset(
         force=force,
         destroy_last_etcd_member=destroy_last_member,
     )
-    _action(ctx, "Reset", request, nodes, endpoints)
+    action_verb(ctx, "Reset", request, nodes=nodes, endpoints=endpoints)

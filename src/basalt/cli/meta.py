@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._api import EndpointsOption, NodeFailures, NodesOption, run, table
+from ._api import EndpointsOption, NodeFailures, NodesOption, action_verb, run, table
 
 if TYPE_CHECKING:
     from basalt.machinery.client.client import Client
@@ -47,21 +47,6 @@ def read(
     run(ctx, work, nodes=nodes, endpoints=endpoints)
 
 
-def _act(
-    ctx: typer.Context,
-    rpc: str,
-    request: object,
-    nodes: list[str] | None,
-    endpoints: list[str] | None,
-) -> None:
-    async def work(client: Client, failures: NodeFailures) -> None:
-        answer = await getattr(client.machine, rpc)(request, metadata=client.metadata(), timeout=30)
-        for item in failures.keep(answer.messages):
-            print(f"{item.metadata.node or client.endpoint}: {item.message}")
-
-    run(ctx, work, nodes=nodes, endpoints=endpoints)
-
-
 @app.command("write")
 def write(
     ctx: typer.Context,
@@ -73,7 +58,13 @@ def write(
     """Store KEY=VALUE on META (two checksummed copies; survives reboots and upgrades)."""
     from basalt.machinery.api import machine_pb2
 
-    _act(ctx, "MetaWrite", machine_pb2.MetaWriteRequest(key=key, value=value), nodes, endpoints)
+    action_verb(
+        ctx,
+        "MetaWrite",
+        machine_pb2.MetaWriteRequest(key=key, value=value),
+        nodes=nodes,
+        endpoints=endpoints,
+    )
 
 
 @app.command("delete")
@@ -86,4 +77,6 @@ def delete(
     """Remove KEY from META."""
     from basalt.machinery.api import machine_pb2
 
-    _act(ctx, "MetaDelete", machine_pb2.MetaDeleteRequest(key=key), nodes, endpoints)
+    action_verb(
+        ctx, "MetaDelete", machine_pb2.MetaDeleteRequest(key=key), nodes=nodes, endpoints=endpoints
+    )
