@@ -18,7 +18,14 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from basalt.machinery.api import machine_pb2
-from basalt.machinery.health import KubeApi, NodeCallError, Targets, discover, run_checks
+from basalt.machinery.health import (
+    ChannelCaller,
+    KubeApi,
+    NodeCallError,
+    Targets,
+    discover,
+    run_checks,
+)
 
 from .auth import Principal, current_principal
 from .errors import InvalidRequestError
@@ -36,16 +43,16 @@ M = TypeVar("M", bound=Message)
 MAX_WAIT = 3600.0
 
 
-class ImpersonatingCaller:
-    """A NodeCaller that sends each request to its node with this node's client
-    certificate, carrying the caller's roles (as forwarding does)."""
+class ImpersonatingCaller(ChannelCaller):
+    """Sends each request to its node with this node's client certificate, carrying the
+    caller's roles (as forwarding does)."""
 
     def __init__(self, proxy: Proxy, principal: Principal, own_name: str) -> None:
         self.proxy = proxy
         self.principal = principal
         self.own_name = own_name
 
-    def _channel(self, node: str) -> grpc.aio.Channel:
+    def channel(self, node: str) -> grpc.aio.Channel:
         try:
             return self.proxy.channel(node or self.own_name)
         except UnknownTargetError as exc:
@@ -53,35 +60,8 @@ class ImpersonatingCaller:
         except (PermissionError, ValueError, OSError) as exc:
             raise NodeCallError(node, "UNAVAILABLE", str(exc)) from None
 
-    def _metadata(self, node: str) -> tuple[tuple[str, str], ...]:
+    def metadata(self, node: str) -> tuple[tuple[str, str], ...]:
         return self.proxy.metadata(self.principal, node or self.own_name)
-
-    async def unary(
-        self, node: str, method: str, request: Message, answer: type[M], timeout: float
-    ) -> M:
-        call = self._channel(node).unary_unary(
-            method,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=answer.FromString,
-        )
-        try:
-            result: M = await call(request, metadata=self._metadata(node), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(node, exc.code().name, exc.details() or "") from None
-        return result
-
-    async def stream(
-        self, node: str, method: str, request: Message, answer: type[M], timeout: float
-    ) -> list[M]:
-        call = self._channel(node).unary_stream(
-            method,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=answer.FromString,
-        )
-        try:
-            return [m async for m in call(request, metadata=self._metadata(node), timeout=timeout)]
-        except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(node, exc.code().name, exc.details() or "") from None
 
 
 def kube_client(data: bytes) -> KubeApi:

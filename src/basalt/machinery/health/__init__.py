@@ -2,6 +2,7 @@
 
 from .cluster import (
     CHECKS,
+    ChannelCaller,
     ClientCaller,
     KubeApi,
     KubeFactory,
@@ -17,6 +18,7 @@ from .verdicts import MAX_CLOCK_SKEW, Outcome
 __all__ = [
     "CHECKS",
     "MAX_CLOCK_SKEW",
+    "ChannelCaller",
     "ClientCaller",
     "KubeApi",
     "KubeFactory",

@@ -27,6 +27,8 @@ from . import verdicts
 from .verdicts import Counts, Outcome
 
 if TYPE_CHECKING:
+    import grpc.aio
+
     from ..client.client import Client
 
 M = TypeVar("M", bound=Message)
@@ -87,28 +89,28 @@ class KubeApi(Protocol):
 KubeFactory = Callable[[bytes], KubeApi]
 
 
-class ClientCaller:
-    """A :class:`NodeCaller` over the CLI's client: every request goes to the endpoint,
-    naming the target node in metadata (the endpoint forwards it)."""
+class ChannelCaller:
+    """A :class:`NodeCaller` over gRPC channels: subclasses say which channel reaches a
+    node and with which metadata; gRPC failures become :class:`NodeCallError`."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
+    def channel(self, node: str) -> grpc.aio.Channel:
+        raise NotImplementedError
 
-    def _metadata(self, node: str) -> tuple[tuple[str, str], ...]:
-        return self.client.metadata([node] if node else [])
+    def metadata(self, node: str) -> tuple[tuple[str, str], ...]:
+        raise NotImplementedError
 
     async def unary(
         self, node: str, method: str, request: Message, answer: type[M], timeout: float
     ) -> M:
         import grpc.aio
 
-        call = self.client.channel.unary_unary(
+        call = self.channel(node).unary_unary(
             method,
             request_serializer=type(request).SerializeToString,
             response_deserializer=answer.FromString,
         )
         try:
-            result: M = await call(request, metadata=self._metadata(node), timeout=timeout)
+            result: M = await call(request, metadata=self.metadata(node), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise NodeCallError(node, exc.code().name, exc.details() or "") from None
         return result
@@ -118,15 +120,29 @@ class ClientCaller:
     ) -> list[M]:
         import grpc.aio
 
-        call = self.client.channel.unary_stream(
+        call = self.channel(node).unary_stream(
             method,
             request_serializer=type(request).SerializeToString,
             response_deserializer=answer.FromString,
         )
         try:
-            return [m async for m in call(request, metadata=self._metadata(node), timeout=timeout)]
+            return [m async for m in call(request, metadata=self.metadata(node), timeout=timeout)]
         except grpc.aio.AioRpcError as exc:
             raise NodeCallError(node, exc.code().name, exc.details() or "") from None
+
+
+class ClientCaller(ChannelCaller):
+    """Over the CLI's client: every request goes to the endpoint, naming the target node
+    in metadata (the endpoint forwards it)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def channel(self, node: str) -> grpc.aio.Channel:
+        return self.client.channel
+
+    def metadata(self, node: str) -> tuple[tuple[str, str], ...]:
+        return self.client.metadata([node] if node else [])
 
 
 def _code_name(code: int) -> str:
