@@ -1,13 +1,10 @@
 """Cluster health checks shared by ``basaltctl health`` and the ClusterHealth RPC."""
 
+from .callers import ChannelCaller, ClientCaller, NodeCaller, NodeCallError
 from .cluster import (
     CHECKS,
-    ChannelCaller,
-    ClientCaller,
     KubeApi,
     KubeFactory,
-    NodeCaller,
-    NodeCallError,
     Progress,
     Targets,
     discover,

@@ -17,21 +17,16 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from google.protobuf.message import Message
 
 from ..api import common_pb2, machine_pb2, resource_pb2
-from ..errors import BasaltError, ErrorKind
+from ..errors import BasaltError
 from . import verdicts
+from .callers import NodeCaller, NodeCallError, code_name, first_message
 from .verdicts import Counts, Outcome
 
-if TYPE_CHECKING:
-    import grpc.aio
-
-    from ..client.client import Client
-
-M = TypeVar("M", bound=Message)
 ProgressStatus = Literal["running", "ok", "warning", "skipped", "failed"]
 
 MACHINE = "/basalt.api.v1alpha1.MachineService/"
@@ -40,35 +35,6 @@ RESOURCES = "/basalt.api.v1alpha1.ResourceService/"
 CALL_TIMEOUT = 15.0
 #: Seconds between tries of a failing check while ``wait`` lasts.
 RETRY_INTERVAL = 1.0
-
-
-class NodeCallError(BasaltError):
-    """A request to one node failed (unreachable, refused, or the node's own error)."""
-
-    kind = ErrorKind.UNAVAILABLE
-
-    def __init__(self, node: str, code: str, message: str) -> None:
-        super().__init__(f"{node or 'endpoint'}: {code}: {message}")
-        self.node = node
-        self.code = code
-        self.detail = message
-
-
-class NodeCaller(Protocol):
-    """How the checks reach node ``node`` ('' : the endpoint or this node itself).
-
-    ``method`` is the full gRPC path; the answer is parsed as ``answer``. A request that
-    fails as a whole raises :class:`NodeCallError`; a node's error inside the answer is
-    left in its metadata (:func:`first_message` raises it).
-    """
-
-    async def unary(
-        self, node: str, method: str, request: Message, answer: type[M], timeout: float
-    ) -> M: ...
-
-    async def stream(
-        self, node: str, method: str, request: Message, answer: type[M], timeout: float
-    ) -> list[M]: ...
 
 
 class KubeAnswer(Protocol):
@@ -87,78 +53,6 @@ class KubeApi(Protocol):
 
 #: Builds a Kubernetes client from an admin kubeconfig's bytes (raises BasaltError).
 KubeFactory = Callable[[bytes], KubeApi]
-
-
-class ChannelCaller:
-    """A :class:`NodeCaller` over gRPC channels: subclasses say which channel reaches a
-    node and with which metadata; gRPC failures become :class:`NodeCallError`."""
-
-    def channel(self, node: str) -> grpc.aio.Channel:
-        raise NotImplementedError
-
-    def metadata(self, node: str) -> tuple[tuple[str, str], ...]:
-        raise NotImplementedError
-
-    async def unary(
-        self, node: str, method: str, request: Message, answer: type[M], timeout: float
-    ) -> M:
-        import grpc.aio
-
-        call = self.channel(node).unary_unary(
-            method,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=answer.FromString,
-        )
-        try:
-            result: M = await call(request, metadata=self.metadata(node), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(node, exc.code().name, exc.details() or "") from None
-        return result
-
-    async def stream(
-        self, node: str, method: str, request: Message, answer: type[M], timeout: float
-    ) -> list[M]:
-        import grpc.aio
-
-        call = self.channel(node).unary_stream(
-            method,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=answer.FromString,
-        )
-        try:
-            return [m async for m in call(request, metadata=self.metadata(node), timeout=timeout)]
-        except grpc.aio.AioRpcError as exc:
-            raise NodeCallError(node, exc.code().name, exc.details() or "") from None
-
-
-class ClientCaller(ChannelCaller):
-    """Over the CLI's client: every request goes to the endpoint, naming the target node
-    in metadata (the endpoint forwards it)."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def channel(self, node: str) -> grpc.aio.Channel:
-        return self.client.channel
-
-    def metadata(self, node: str) -> tuple[tuple[str, str], ...]:
-        return self.client.metadata([node] if node else [])
-
-
-def _code_name(code: int) -> str:
-    import grpc
-
-    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
-
-
-def first_message(node: str, messages: Sequence[Any]) -> Any:
-    """The node's one answer, or its error raised as :class:`NodeCallError`."""
-    if not messages:
-        raise NodeCallError(node, "UNKNOWN", "the answer carried no message")
-    meta = messages[0].metadata
-    if meta.error:
-        raise NodeCallError(node, _code_name(meta.code), meta.error)
-    return messages[0]
 
 
 @dataclass(frozen=True)
@@ -196,7 +90,7 @@ async def discover(caller: NodeCaller) -> Targets:
     for item in answers:
         if item.metadata.error:
             raise NodeCallError(
-                item.metadata.node, _code_name(item.metadata.code), item.metadata.error
+                item.metadata.node, code_name(item.metadata.code), item.metadata.error
             )
         spec = json.loads(item.resource.spec_json or "{}")
         addresses = spec.get("addresses") or []
