@@ -157,10 +157,12 @@ def test_disks_of_this_machine() -> None:
 
 
 def test_disks_from_a_sys_block_tree(tmp_path: Path) -> None:
+    sys_block = tmp_path / "sys" / "block"
+
     def device(name: str, files: dict[str, str]) -> None:
         for rel, text in files.items():
-            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name / rel).write_text(text + "\n")
+            (sys_block / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (sys_block / name / rel).write_text(text + "\n")
 
     device("vda", {"size": "2048", "ro": "0", "queue/rotational": "1", "serial": "VIRT1"})
     sda_files = {"size": "100", "ro": "1", "device/model": "QEMU HARDDISK   "}

@@ -62,8 +62,6 @@ _TCP_STATES = {
 _UDP_STATE = "NONE"  # UDP has no connection state (psutil's name for that)
 _WILDCARDS = {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
 
-_SYS_BLOCK = Path("/sys/block")
-_VIRTUAL_DISKS = ("loop", "ram", "zram")
 _MOUNT_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
@@ -295,42 +293,19 @@ def _proc_net_address(field: str) -> tuple[str, int]:
 # -- disks --------------------------------------------------------------------------
 
 
-def disks(sys_block: Path = _SYS_BLOCK) -> list[machine_pb2.Disk]:
-    """Block devices from ``/sys/block``, leaving out loop, ram and zram devices and empty ones."""
-    found = []
-    try:
-        names = sorted(entry.name for entry in sys_block.iterdir())
-    except OSError:
-        return []
-    for name in names:
-        if name.startswith(_VIRTUAL_DISKS):
-            continue
-        device = sys_block / name
-        sectors = _read_int(device / "size")
-        if not sectors:
-            continue
-        found.append(
-            machine_pb2.Disk(
-                path=f"/dev/{name}",
-                size=sectors * 512,  # /sys counts 512-byte sectors whatever the block size
-                model=_read_text(device / "device" / "model"),
-                serial=_read_text(device / "device" / "serial") or _read_text(device / "serial"),
-                readonly=_read_int(device / "ro") == 1,
-                rotational=_read_int(device / "queue" / "rotational") == 1,
-            )
+def disks(root: Path = Path("/")) -> list[machine_pb2.Disk]:
+    """Block devices from ``root``/sys/block, leaving out loop, ram and zram devices and
+    empty ones (what the Disks resource lists, without reading partition tables)."""
+    from ..controllers.storage_status import read_disks
+
+    return [
+        machine_pb2.Disk(
+            path=spec.device,
+            size=spec.size,
+            model=spec.model,
+            serial=spec.serial,
+            readonly=spec.readonly,
+            rotational=spec.rotational,
         )
-    return found
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _read_int(path: Path) -> int:
-    try:
-        return int(_read_text(path) or 0)
-    except ValueError:
-        return 0
+        for spec in read_disks(root, read_tables=False).values()
+    ]
