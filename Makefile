@@ -220,9 +220,11 @@ image: install image-deps
 # The single-node VM tests that fit in CI (part of `make test`): build the image, boot it
 # into maintenance mode, no shell in the root, install to disk through the insecure API,
 # reboot from the disk, answer with mTLS, extra kernel args in the boot entry; a custom
-# extension built from source, booted, its service and fixed-path kubelet running. About 6 min
-# under TCG after the image build (about 5 min the first time: packages and wheels).
-VM_SMOKE := tests/vm/test_boot.py tests/vm/test_install.py tests/vm/test_custom_extensions.py
+# extension built from source, booted, its service and fixed-path kubelet running; the
+# metal-only toolbox verbs (wipe disk, META keys) on an installed node with a second disk.
+# About 9 min under TCG after the image build (about 5 min the first time: packages and wheels).
+VM_SMOKE := tests/vm/test_boot.py tests/vm/test_install.py tests/vm/test_custom_extensions.py \
+            tests/vm/test_wipe.py
 vm-smoke: install image-deps
 	$(BIN)/pytest -q -m vm $(VM_SMOKE) -k "not second_disk and not config_url"
 
