@@ -191,8 +191,8 @@ class NodeView(Vertical):
         self.query_one("#net-graph", Graph).show(
             traffic,
             max(peak * 1.25, 1024.0),
-            f"in {size(int(rx[-1]))}/s, out {size(int(tx[-1]))}/s" if traffic else "",
-            f"last hour, peak {size(int(peak))}/s",
+            f"in {size(int(rx[-1]))}/s out {size(int(tx[-1]))}/s" if traffic else "",
+            f"peak {size(int(peak))}/s",
         )
 
 
