@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import datetime as dt
+# What PID 1 imports before its first log line is all this module imports at the top
+# (logging, os, sys, time): the rest is imported where used, after that line is out.
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Coroutine
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from basalt.machinery.launch import EXIT_FATAL
-
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Coroutine
+
     from .platform import Platform
 
 log = logging.getLogger("machined")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import argparse
+    from pathlib import Path
+
     parser = argparse.ArgumentParser(prog="machined", description="The Basalt node agent.")
     parser.add_argument(
         "--platform",
@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _sampling_interval(text: str) -> float:
     """At least 0.1 s: the ring keeps an hour of samples, and each is published."""
+    import argparse
+
     value = float(text)
     if not value >= 0.1:
         raise argparse.ArgumentTypeError(f"{text} is below 0.1 seconds")
@@ -111,6 +113,8 @@ class _BufferHandler(logging.Handler):
 
 def make_platform(args: argparse.Namespace) -> Platform:
     """metal: the machine's root, the address from the network unless given."""
+    from pathlib import Path
+
     from .platform import UNSPECIFIED_ADDRESS, NodePaths, Platform, PlatformMode
 
     if args.platform == "metal":
@@ -130,6 +134,12 @@ def make_platform(args: argparse.Namespace) -> Platform:
 
 
 async def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import datetime as dt
+    import signal
+
+    from basalt.machinery.launch import EXIT_FATAL
+
     from .assemble import build_node
     from .node import Tuning
     from .platform import PowerAction
@@ -202,7 +212,8 @@ class _ApiOpenedNote(logging.Filter):
         if not self.done and str(record.msg).startswith("API listening"):
             self.done = True
             try:
-                status = Path("/proc/self/status").read_text()
+                with open("/proc/self/status") as stream:
+                    status = stream.read()
                 kib = dict(line.partition(":")[::2] for line in status.splitlines())
                 sizes = [int(kib[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")]
             except (OSError, KeyError, ValueError):
@@ -227,8 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if os.getpid() == 1:
-        from .platform.metal import run_as_init
-
         for key, value in INIT_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         for handler in logging.getLogger().handlers:
@@ -237,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             handler.addFilter(_ApiOpenedNote())
         log.info("PID 1: machined %s starting", _version())
+        from .platform.metal import run_as_init
 
         # PID 1 never exits (the kernel would panic): whatever ends the agent, even a bad
         # argument, becomes a reboot or power-off (after a console message if fatal).
@@ -254,6 +264,8 @@ def run_bounded(agent: Coroutine[Any, Any, int], grace: float = TEARDOWN_GRACE) 
     no limit: one thread blocked in a read would hold PID 1 after "machined exits" and the
     machine would never reboot. Here stragglers get ``grace`` seconds, and executor
     threads are left behind (reboot(2) or the process's exit ends them)."""
+    import asyncio
+
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
