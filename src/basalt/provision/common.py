@@ -271,7 +271,8 @@ async def bring_up(
     steps: BringUp,
     give_up: GiveUp | None = None,
 ) -> None:
-    """Maintenance mode -> config applied -> running -> members -> (bootstrap ->) ready.
+    """Maintenance mode -> config applied -> running (the first node: -> bootstrap) ->
+    members -> ready.
 
     ``configs`` maps node names to their config text; every address is the one this host
     reaches the node's API on.
@@ -297,7 +298,18 @@ async def bring_up(
         )
         progress(node.name, stage)
 
-    await asyncio.gather(*(wait(n, node_running, "running") for n in nodes))
+    async def first_then_bootstrap() -> None:
+        # etcd starts on the first control plane as soon as it runs: the others join it
+        # one at a time while they come up, and the clock etcd keeps before taking the
+        # next member (see machined.etcd.pacing) starts with the first joiner.
+        await wait(nodes[0], node_running, "running")
+        if steps.bootstrap:
+            await bootstrap(context, nodes[0].address)
+            progress(nodes[0].name, "etcd bootstrapped")
+
+    await asyncio.gather(
+        first_then_bootstrap(), *(wait(n, node_running, "running") for n in nodes[1:])
+    )
     names = {n.name for n in nodes}
     await wait_for(
         "every node in the member list",
@@ -306,8 +318,6 @@ async def bring_up(
         give_up,
     )
     if steps.bootstrap:
-        await bootstrap(context, nodes[0].address)
-        progress(nodes[0].name, "etcd bootstrapped")
         await asyncio.gather(*(wait(n, node_ready, "ready") for n in nodes))
 
 

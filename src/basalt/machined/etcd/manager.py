@@ -9,6 +9,7 @@ starts etcd with the existing members, and promotes it once it has caught up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -27,7 +28,7 @@ from basalt.machinery.resources import AffiliateSpec
 
 from ..runtime.store import Resource
 from ..services import LogBuffer, ProcessRunner, Running
-from . import certs
+from . import certs, pacing
 from .client import EtcdClient, client_url, member_id_text, peer_url
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 PROMOTE_TIMEOUT = 300.0
 JOIN_TIMEOUT = 120.0
-#: How often joining and promotion are retried.
+#: How often a control plane without etcd looks for a cluster to join.
 POLL = 0.25
 
 
@@ -71,6 +72,9 @@ class EtcdManager:
         self.left = False
         self._certs: certs.EtcdCertificates | None = None
         self._files: certs.EtcdFiles | None = None
+        #: etcd passed a health check since it last started (see etcd_service).
+        self.healthy_since_start = False
+        self._refusal_told: pacing.Refusal | None = None
 
     # -- facts ---------------------------------------------------------------------------
     @property
@@ -209,12 +213,14 @@ class EtcdManager:
     async def _join(self) -> list[etcd_pb2.Member]:
         """Add this node as a learner through any reachable member; returns the members.
 
-        etcd takes one learner at a time: while another control plane is still catching
-        up, this waits its turn instead of failing the service.
+        etcd takes one learner at a time and, right after a member joined, no new one for
+        a few seconds: while it refuses for such a reason this asks again on a short step
+        (see :mod:`.pacing`) instead of failing the service.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + JOIN_TIMEOUT
         while loop.time() < deadline:
+            refusals: list[pacing.Refusal] = []
             for address in self.peer_addresses():
                 async with self.client(client_url(address)) as client:
                     try:
@@ -228,19 +234,31 @@ class EtcdManager:
                                 actor="etcd",
                             )
                     except grpc.aio.AioRpcError as exc:
-                        log.info("etcd join through %s: %s", address, exc.details())
+                        refusals.append(self._refused(address, exc))
                         continue
                 self.node.background(self._promote_when_ready(), name="etcd-promote")
                 return members
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(pacing.join_delay(refusals))
         raise EtcdStateError("no running etcd cluster took this node as a member")
 
+    def _refused(self, address: str, exc: grpc.aio.AioRpcError) -> pacing.Refusal:
+        """Classify a failed join attempt; the first of each kind in a row is an event."""
+        why = pacing.refusal(exc.details())
+        log.info("etcd join through %s: %s", address, exc.details())
+        if why is not pacing.Refusal.OTHER and why is not self._refusal_told:
+            self.node.events.publish("etcd", f"etcd join waits: {why.value}", actor="etcd")
+            self._refusal_told = why
+        return why
+
     async def _promote_when_ready(self) -> None:
-        """Ask a voting member (learners cannot list members) to promote this learner."""
+        """Ask a voting member (learners cannot list members) to promote this learner,
+        from a short first wait on (etcd refuses until the learner is in sync)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PROMOTE_TIMEOUT
+        attempt = 0
         while loop.time() < deadline:
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(pacing.promote_delay(attempt))
+            attempt += 1
             for address in self.peer_addresses():
                 async with self.client(client_url(address)) as client:
                     try:
@@ -464,6 +482,7 @@ class EtcdRunner:
         self.manager = manager
 
     async def start(self, log: LogBuffer) -> Running:
+        self.manager.healthy_since_start = False
         argv = await self.manager.command(log)
         return await ProcessRunner(argv, stop_timeout=15.0).start(log)
 
@@ -477,14 +496,19 @@ class EtcdStartable:
         self.manager = manager
 
     async def wait(self) -> None:
+        manager = self.manager
         while True:
-            manager = self.manager
             if not manager.left:
                 if manager.initialized() or manager.bootstrap_requested.is_set():
                     return
                 if await manager.find_cluster(timeout=1.0) is not None:
                     return
-            await asyncio.sleep(POLL)
+            if manager.bootstrap_requested.is_set():
+                await asyncio.sleep(POLL)
+                continue
+            # A bootstrap request starts etcd at once, not at the next look for a cluster.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(manager.bootstrap_requested.wait(), POLL)
 
 
 def discovered_peers(affiliates: Iterable[Resource], own_address: str) -> list[str]:
