@@ -366,6 +366,45 @@ def test_maintenance_grants_no_roles() -> None:
     assert run(serve("127.0.0.227", body, maintenance=True)).tag == ""
 
 
+def test_a_deferred_servicer_is_built_only_when_a_call_is_let_through() -> None:
+    """Refusals need only a method's shape; the servicer is built for the first call that
+    reaches it, once, and answers as a registered one would."""
+    built: list[Servicer] = []
+
+    def make() -> Servicer:
+        built.append(Servicer())
+        return built[-1]
+
+    async def body() -> tuple[int, grpc.aio.AioRpcError, int, Any, Any]:
+        dispatcher = Dispatcher(maintenance=True)
+        deferred = dispatcher.register_deferred(
+            machine_pb2_grpc.add_MachineServiceServicer_to_server,
+            machine_pb2_grpc.MachineServiceServicer(),  # type: ignore[abstract]
+            make,
+        )
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((dispatcher,))
+        port = server.add_secure_port("127.0.0.228:0", maintenance_credentials("127.0.0.228"))
+        await server.start()
+        try:
+            async with await Client.connect(f"127.0.0.228:{port}", insecure=True) as client:
+                refused = await failure(
+                    client.machine.Reboot(machine_pb2.RebootRequest(), timeout=5)
+                )
+                before = len(built)
+                first = await version(client)
+                second = await version(client)
+        finally:
+            await server.stop(None)
+        assert deferred.built
+        return before, refused, len(built), first, second
+
+    before, refused, after, first, second = run(body())
+    assert before == 0 and refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert after == 1
+    assert first.mode == second.mode == "maintenance"
+
+
 # -- the role table --------------------------------------------------------------------------
 
 

@@ -2,7 +2,11 @@
 forwarding to other nodes, and the mapping of errors to status codes.
 
 Servicers are registered through their generated ``add_*_to_server`` functions into a
-capture object, so the dispatcher owns every method handler and wraps each one.
+capture object, so the dispatcher owns every method handler and wraps each one. A
+servicer may be registered deferred: its methods are known (from the generated base
+class, which imports nothing) and refused or routed at once, and the servicer itself,
+with every module it imports, is built when one of its methods is first served (or
+when :meth:`Deferred.build` is called ahead of that).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -47,6 +52,29 @@ class _Capture:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         for name, handler in handlers.items():
             self.handlers[f"/{service}/{name}"] = handler
+
+
+class Deferred:
+    """A servicer built on first use: ``make`` runs once, whichever thread asks first."""
+
+    def __init__(self, add_to_server: Callable[[Any, Any], None], make: Callable[[], Any]) -> None:
+        self._add_to_server = add_to_server
+        self._make = make
+        self._lock = threading.Lock()
+        self._handlers: dict[str, Handler] | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._handlers is not None
+
+    def build(self) -> dict[str, Handler]:
+        """The servicer's method handlers, building it (and importing its modules) once."""
+        with self._lock:
+            if self._handlers is None:
+                capture = _Capture()
+                self._add_to_server(self._make(), capture)
+                self._handlers = capture.handlers
+            return self._handlers
 
 
 def _short(method: str) -> str:
@@ -224,11 +252,39 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self._rbac_enabled = rbac_enabled
         self._forward = forward
         self._handlers: dict[str, Handler] = {}
+        #: Methods whose servicer is not built yet (their handlers above are its shapes).
+        self._deferred: dict[str, Deferred] = {}
 
     def register(self, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
         capture = _Capture()
         add_to_server(servicer, capture)
         self._handlers.update(capture.handlers)
+
+    def register_deferred(
+        self, add_to_server: Callable[[Any, Any], None], interface: Any, make: Callable[[], Any]
+    ) -> Deferred:
+        """Register the methods of the servicer ``make`` builds, without building it.
+
+        ``interface`` is an instance of the generated base servicer: its handlers carry
+        every method's shape (streaming, request decoder, response encoder), which is all
+        a refusal needs. The servicer is built when a call is first let through.
+        """
+        shapes = _Capture()
+        add_to_server(interface, shapes)
+        deferred = Deferred(add_to_server, make)
+        self._handlers.update(shapes.handlers)
+        self._deferred.update(dict.fromkeys(shapes.handlers, deferred))
+        return deferred
+
+    def _served(self, method: str) -> Handler:
+        """The handler that serves ``method``, its servicer built now if it was deferred."""
+        deferred = self._deferred.get(method)
+        if deferred is not None:
+            built = deferred.build()
+            self._handlers.update(built)
+            for name in built:
+                self._deferred.pop(name, None)
+        return self._handlers[method]
 
     @property
     def methods(self) -> list[str]:
@@ -288,9 +344,9 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             async def maintenance(context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
                 return MAINTENANCE_PRINCIPAL
 
-            return wrap(handler, maintenance, method)
+            return wrap(self._served(method), maintenance, method)
         check = self.checker(method, metadata)
         nodes = [n.strip() for n in metadata.get("nodes", "").split(",") if n.strip()]
         if nodes and self._forward is not None:
             return self._forward(method, handler, nodes, check)
-        return wrap(handler, check, method)
+        return wrap(self._served(method), check, method)

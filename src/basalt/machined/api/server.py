@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +62,6 @@ class ApiServer:
     """The machine API on ``address:50000``."""
 
     def __init__(self, node: Node, *, maintenance: bool) -> None:
-        from .machine import MachineServicer
-        from .resources import ResourceServicer
-
         self.node = node
         self.maintenance = maintenance
         self.proxy: Proxy | None = None
@@ -76,13 +74,21 @@ class ApiServer:
         self.dispatcher = Dispatcher(
             maintenance=maintenance, rbac_enabled=self._rbac_enabled, forward=forward
         )
-        self.dispatcher.register(
+        # The servicers (and the modules behind every RPC) are built when first served: a
+        # first boot's maintenance API opens without them, then builds the machine
+        # servicer in the background (start); the resource service's calls are all
+        # refused in maintenance mode, so there it is never built.
+        self._machine = self.dispatcher.register_deferred(
             machine_pb2_grpc.add_MachineServiceServicer_to_server,
-            MachineServicer(node, maintenance=maintenance),
+            machine_pb2_grpc.MachineServiceServicer(),  # type: ignore[abstract]
+            lambda: _machine_servicer(node, maintenance),
         )
-        self.dispatcher.register(
-            resource_pb2_grpc.add_ResourceServiceServicer_to_server, ResourceServicer(node)
+        self.dispatcher.register_deferred(
+            resource_pb2_grpc.add_ResourceServiceServicer_to_server,
+            resource_pb2_grpc.ResourceServiceServicer(),  # type: ignore[abstract]
+            lambda: _resource_servicer(node),
         )
+        self._warming: asyncio.Task[object] | None = None
         self.server: grpc.aio.Server | None = None
 
     def _rbac_enabled(self) -> bool:
@@ -110,6 +116,10 @@ class ApiServer:
         await server.start()
         self.server = server
         log.info("API listening on %s (%s)", bind, "maintenance" if self.maintenance else "mTLS")
+        # Built in a thread while the boot goes on (the network comes up meanwhile), so
+        # the first call does not wait for it; a call before then builds it itself.
+        self._warming = asyncio.create_task(asyncio.to_thread(self._machine.build))
+        self._warming.add_done_callback(_log_failure)
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.server is not None:
@@ -117,6 +127,10 @@ class ApiServer:
             self.server = None
         if self.proxy is not None:
             await self.proxy.close()
+        if self._warming is not None:
+            # A thread cannot be interrupted: the build ends on its own (and is kept).
+            await asyncio.gather(self._warming, return_exceptions=True)
+            self._warming = None
 
 
 class TrustServer:
@@ -148,6 +162,23 @@ class TrustServer:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+
+
+def _log_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the machine service could not be built: %s", task.exception())
+
+
+def _machine_servicer(node: Node, maintenance: bool) -> object:
+    from .machine import MachineServicer
+
+    return MachineServicer(node, maintenance=maintenance)
+
+
+def _resource_servicer(node: Node) -> object:
+    from .resources import ResourceServicer
+
+    return ResourceServicer(node)
 
 
 def member_addresses(node: Node) -> set[str]:
