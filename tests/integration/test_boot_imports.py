@@ -50,8 +50,7 @@ ALLOWED_BASALT = _names(
     """
     basalt basalt.machined basalt.machined.main basalt.machined.assemble
     basalt.machined.api basalt.machined.api.auth basalt.machined.api.dispatch
-    basalt.machined.api.errors basalt.machined.api.proxy basalt.machined.api.server
-    basalt.machined.api.tls basalt.machined.api.wire
+    basalt.machined.api.errors basalt.machined.api.server basalt.machined.api.tls
     basalt.machined.boot basalt.machined.boot.esp_check basalt.machined.boot.esp_repair
     basalt.machined.boot.fat basalt.machined.boot.meta basalt.machined.boot.metal_slots
     basalt.machined.config_url basalt.machined.events basalt.machined.extensions

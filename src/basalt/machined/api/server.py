@@ -19,13 +19,13 @@ from basalt.machinery.api import (
 from basalt.machinery.client.client import MAX_MESSAGE
 
 from .dispatch import MAX_REQUEST, Dispatcher
-from .proxy import Proxy, forwarding_credentials, member_resolver
 from .tls import maintenance_credentials, mtls_credentials
 
 if TYPE_CHECKING:
     from basalt.machinery.pki import CertificateAndKey
 
     from ..node import Node
+    from .proxy import Proxy
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class ApiServer:
         self.maintenance = maintenance
         self.proxy: Proxy | None = None
         forward = None
-        if not maintenance:
+        if not maintenance:  # a maintenance API forwards nothing
+            from .proxy import Proxy, member_resolver
+
             self.proxy = Proxy(
                 self._forwarding_credentials, member_resolver(node), lambda: member_addresses(node)
             )
@@ -96,6 +98,8 @@ class ApiServer:
         return machine.features.rbac if machine is not None else True
 
     def _forwarding_credentials(self) -> tuple[str, CertificateAndKey] | None:
+        from .proxy import forwarding_credentials
+
         return forwarding_credentials(self.node)
 
     def _current_identity(self) -> tuple[str, CertificateAndKey]:
