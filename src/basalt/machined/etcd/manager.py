@@ -244,7 +244,10 @@ class EtcdManager:
     def _refused(self, address: str, exc: grpc.aio.AioRpcError) -> pacing.Refusal:
         """Classify a failed join attempt; the first of each kind in a row is an event."""
         why = pacing.refusal(exc.details())
-        log.info("etcd join through %s: %s", address, exc.details())
+        if why is pacing.Refusal.OTHER or why is not self._refusal_told:
+            log.info("etcd join through %s: %s", address, exc.details())
+        else:  # asked again every JOIN_STEP: said once, then only at debug level
+            log.debug("etcd join through %s: %s", address, exc.details())
         if why is not pacing.Refusal.OTHER and why is not self._refusal_told:
             self.node.events.publish("etcd", f"etcd join waits: {why.value}", actor="etcd")
             self._refusal_told = why
