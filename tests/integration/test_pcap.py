@@ -47,6 +47,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     stop_cluster(live)
 
 
+def pcap_argv(node: str, *args: str) -> list[str]:
+    """``basaltctl pcap -n NODE -i lo ARGS...``."""
+    return [*BASALTCTL, "pcap", "-n", node, "-i", "lo", *args]
+
+
 def role_config(cluster: LiveCluster, role: Role, path: Path) -> Path:
     context = issue_client_context(cluster.os_ca, endpoints=cluster.controlplanes, roles=[role])
     save_client_config(ClientConfig(context=role.value, contexts={role.value: context}), path)
@@ -137,20 +142,15 @@ def test_capture_on_lo_keeps_the_filtered_udp_markers_and_not_the_tcp(
     out = tmp_path / "capture.pcap"
     before = time.time()
     process = subprocess.Popen(
-        [
-            *BASALTCTL,
-            "pcap",
-            "-n",
+        pcap_argv(
             cluster.controlplanes[0],
-            "-i",
-            "lo",
             "--duration",
             "4s",
             "--bpf-filter",
             f"udp port {port}",
             "-o",
             str(out),
-        ],
+        ),
         env=ctl_env(config),
         stderr=subprocess.PIPE,
     )
@@ -201,13 +201,8 @@ def test_forwarded_capture_to_stdout_stops_at_count_with_a_snaplen(
     receiver = free_port(socket.SOCK_DGRAM)
     port = receiver.getsockname()[1]
     process = subprocess.Popen(
-        [
-            *BASALTCTL,
-            "pcap",
-            "-n",
+        pcap_argv(
             cluster.workers[0],
-            "-i",
-            "lo",
             "--count",
             "3",
             "--snaplen",
@@ -218,7 +213,7 @@ def test_forwarded_capture_to_stdout_stops_at_count_with_a_snaplen(
             f"dst port {port}",
             "-o",
             "-",
-        ],
+        ),
         env=ctl_env(config),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -319,18 +314,13 @@ def test_a_reader_is_refused_and_nothing_is_written(cluster: LiveCluster, tmp_pa
     config = role_config(cluster, Role.READER, tmp_path / "reader")
     out = tmp_path / "never.pcap"
     result = subprocess.run(
-        [
-            *BASALTCTL,
-            "pcap",
-            "-n",
+        pcap_argv(
             cluster.controlplanes[0],
-            "-i",
-            "lo",
             "--duration",
             "1s",
             "-o",
             str(out),
-        ],
+        ),
         env=ctl_env(config),
         capture_output=True,
         text=True,
@@ -401,19 +391,14 @@ def test_ctrl_c_ends_an_open_capture_with_a_whole_file_and_leaves_promiscuous_mo
     out = tmp_path / "open.pcap"
     flags = Path("/sys/class/net/lo/flags")
     process = subprocess.Popen(
-        [
-            *BASALTCTL,
-            "pcap",
-            "-n",
+        pcap_argv(
             cluster.controlplanes[0],
-            "-i",
-            "lo",
             "--promiscuous",
             "--bpf-filter",
             f"udp dst port {port}",
             "-o",
             str(out),
-        ],
+        ),
         env=ctl_env(config),
         stderr=subprocess.PIPE,
     )
@@ -485,18 +470,13 @@ def test_several_nodes_at_once_are_refused(cluster: LiveCluster, tmp_path: Path)
     config = role_config(cluster, Role.OPERATOR, tmp_path / "operator")
     out = tmp_path / "never.pcap"
     result = subprocess.run(
-        [
-            *BASALTCTL,
-            "pcap",
-            "-n",
+        pcap_argv(
             f"{cluster.controlplanes[0]},{cluster.workers[0]}",
-            "-i",
-            "lo",
             "--duration",
             "1s",
             "-o",
             str(out),
-        ],
+        ),
         env=ctl_env(config),
         capture_output=True,
         text=True,
@@ -572,20 +552,15 @@ def test_a_reader_that_closes_the_pipe_ends_the_capture_cleanly(
     receiver = free_port(socket.SOCK_DGRAM)
     port = receiver.getsockname()[1]
     process = subprocess.Popen(
-        [
-            *BASALTCTL,
-            "pcap",
-            "-n",
+        pcap_argv(
             cluster.controlplanes[0],
-            "-i",
-            "lo",
             "--duration",
             "60s",
             "--bpf-filter",
             f"udp dst port {port}",
             "-o",
             "-",
-        ],
+        ),
         env=ctl_env(config),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
