@@ -308,7 +308,7 @@ def test_cpu_share_between_polls() -> None:
 
 
 def test_history_fills_cpu_shares() -> None:
-    history = NodeHistory(points=3)
+    history = NodeHistory()
     for taken, cpu_time in ((10.0, 1.0), (12.0, 2.0), (14.0, 2.5), (16, 2.5)):
         snap = NodeSnapshot("n", taken, processes=[Process(1, "x", cpu_time, 1)])
         history.update(snap)

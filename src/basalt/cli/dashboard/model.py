@@ -223,8 +223,7 @@ class NodeHistory:
     """What the client remembers of a node between polls: the processes of the last one
     (for CPU shares)."""
 
-    def __init__(self, points: int = 120) -> None:
-        self.points = points
+    def __init__(self) -> None:
         self._processes: list[Process] = []
         self._taken = 0.0
 
