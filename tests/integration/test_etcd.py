@@ -7,6 +7,7 @@ cluster with three healthy voting members for the next.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +57,18 @@ def members(cluster: LiveCluster, node: str) -> list[tuple[str, bool]]:
     (answer,) = run(call(cluster, "EtcdMemberList", common_pb2.Empty(), [node]))
     assert not answer.metadata.error, answer.metadata.error
     return sorted((m.hostname, m.is_learner) for m in answer.members)
+
+
+def etcd_events(cluster: LiveCluster, node: str) -> list[str]:
+    async def go() -> list[str]:
+        client = await cluster.client(node)
+        try:
+            request = machine_pb2.EventsRequest()
+            return [e.message async for e in client.machine.Events(request, timeout=10)]
+        finally:
+            await client.close()
+
+    return run(go())
 
 
 def wait_members(cluster: LiveCluster, node: str, count: int, timeout: float = 60) -> None:
@@ -180,6 +193,28 @@ def test_leaving_is_refused_when_it_would_cost_quorum(cluster: LiveCluster) -> N
     wait_etcd_healthy(cluster)
 
 
+def test_removing_a_member_is_refused_when_it_would_cost_quorum(cluster: LiveCluster) -> None:
+    # etcd runs without its strict reconfiguration check: machined's own check refuses.
+    cp1, cp2, _ = cluster.controlplanes
+    stop = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.STOP)
+    run(call(cluster, "ServiceAction", stop, [cp2]))
+    try:
+        time.sleep(1.0)
+        request = machine_pb2.EtcdRemoveMemberRequest(member="etcd-controlplane-3")
+        (answer,) = run(call(cluster, "EtcdRemoveMember", request, [cp1]))
+        assert answer.metadata.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "removing etcd-controlplane-3 would leave 1 healthy of 2 voters, 2 needed" in (
+            answer.metadata.error
+        )
+        assert "etcd-controlplane-2: unreachable" in answer.metadata.error
+        assert len(members(cluster, cp1)) == 3  # nothing changed
+    finally:
+        start = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.START)
+        run(call(cluster, "ServiceAction", start, [cp2]))
+    wait_members(cluster, cp1, 3)
+    wait_etcd_healthy(cluster)
+
+
 def _reboot_and_wait(cluster: LiveCluster, node: str) -> None:
     run(call(cluster, "Reboot", machine_pb2.RebootRequest(), [node]))
     time.sleep(1.0)
@@ -192,6 +227,35 @@ def test_leave_then_rejoin_after_reboot(cluster: LiveCluster) -> None:
     assert not answer.metadata.error, answer.metadata.error
     assert "etcd-controlplane-3" not in {name for name, _ in members(cluster, cp1)}
     _reboot_and_wait(cluster, cp3)
+    wait_members(cluster, cp1, 3)
+    wait_etcd_healthy(cluster)
+
+
+def test_a_join_waits_while_a_voter_is_unhealthy(cluster: LiveCluster) -> None:
+    cp1, cp2, cp3 = cluster.controlplanes
+    (answer,) = run(call(cluster, "EtcdLeaveCluster", machine_pb2.EtcdLeaveClusterRequest(), [cp3]))
+    assert not answer.metadata.error, answer.metadata.error
+    stop = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.STOP)
+    run(call(cluster, "ServiceAction", stop, [cp2]))
+    try:
+        # Not ready until its etcd joined: wait for the event, not for readiness.
+        run(call(cluster, "Reboot", machine_pb2.RebootRequest(), [cp3]))
+        time.sleep(1.0)
+        deadline = time.monotonic() + 90
+        waits = "etcd join waits: a voting member is not healthy"
+        seen: list[str] = []
+        while waits not in seen:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.5)
+            with contextlib.suppress(grpc.aio.AioRpcError, OSError):
+                seen = etcd_events(cluster, cp3)
+        assert [name for name, _ in members(cluster, cp1)] == [
+            "etcd-controlplane-1",
+            "etcd-controlplane-2",
+        ]
+    finally:
+        start = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.START)
+        run(call(cluster, "ServiceAction", start, [cp2]))
     wait_members(cluster, cp1, 3)
     wait_etcd_healthy(cluster)
 

@@ -1,5 +1,6 @@
 """When a joining control plane asks etcd again (machined.etcd.pacing): from etcd's own
-refusal messages (3.4, strict reconfiguration check) to the next wait."""
+refusal messages (3.4; "unhealthy cluster" only with its strict reconfiguration check turned
+back on) and Basalt's own check to the next wait."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def test_refusals_are_read_from_etcds_messages(details: str | None, expected: Re
     [
         ([Refusal.LEARNER_PENDING], pacing.JOIN_STEP),
         ([Refusal.OTHER, Refusal.RECONNECTING], pacing.JOIN_STEP),
+        ([Refusal.VOTERS_UNHEALTHY], pacing.JOIN_STEP),
         ([Refusal.OTHER, Refusal.OTHER], pacing.JOIN_IDLE),
         ([], pacing.JOIN_IDLE),
     ],

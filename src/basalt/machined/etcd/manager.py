@@ -28,7 +28,7 @@ from basalt.machinery.resources import AffiliateSpec
 
 from ..runtime.store import Resource
 from ..services import LogBuffer, ProcessRunner, Running
-from . import certs, pacing
+from . import admission, certs, pacing
 from .client import EtcdClient, client_url, member_id_text, peer_url
 
 if TYPE_CHECKING:
@@ -160,6 +160,9 @@ class EtcdManager:
             f"--peer-trusted-ca-file={files.ca}",
             "--peer-client-cert-auth=true",
             f"--initial-cluster-token={self.token()}",
+            # Membership changes are checked by machined instead (.admission, ADR 0024);
+            # extraArgs may turn etcd's own check back on.
+            "--strict-reconfig-check=false",
         ]
         argv += [f"--{k}={v}" for k, v in sorted(self._cluster().etcd.extra_args.items())]
         return argv
@@ -226,6 +229,12 @@ class EtcdManager:
                     try:
                         members = await client.members()
                         if not any(self.peer_url in m.peerURLs for m in members):
+                            why = admission.add_refusal(
+                                members, await self.health_of(_voters(members))
+                            )
+                            if why is not None:
+                                refusals.append(self._waits(address, why))
+                                continue
                             answer = await client.add_learner([self.peer_url])
                             members = list(answer.members)
                             self.node.events.publish(
@@ -242,12 +251,19 @@ class EtcdManager:
         raise EtcdStateError("no running etcd cluster took this node as a member")
 
     def _refused(self, address: str, exc: grpc.aio.AioRpcError) -> pacing.Refusal:
-        """Classify a failed join attempt; the first of each kind in a row is an event."""
-        why = pacing.refusal(exc.details())
+        """Classify a failed join attempt (etcd's answer)."""
+        return self._told(address, pacing.refusal(exc.details()), exc.details() or "")
+
+    def _waits(self, address: str, details: str) -> pacing.Refusal:
+        """A join attempt Basalt's own check held back (see .admission)."""
+        return self._told(address, pacing.Refusal.VOTERS_UNHEALTHY, details)
+
+    def _told(self, address: str, why: pacing.Refusal, details: str) -> pacing.Refusal:
+        """Log a refused join attempt; the first of each kind in a row is an event."""
         if why is pacing.Refusal.OTHER or why is not self._refusal_told:
-            log.info("etcd join through %s: %s", address, exc.details())
+            log.info("etcd join through %s: %s", address, details)
         else:  # asked again every JOIN_STEP: said once, then only at debug level
-            log.debug("etcd join through %s: %s", address, exc.details())
+            log.debug("etcd join through %s: %s", address, details)
         if why is not pacing.Refusal.OTHER and why is not self._refusal_told:
             self.node.events.publish("etcd", f"etcd join waits: {why.value}", actor="etcd")
             self._refusal_told = why
@@ -265,9 +281,15 @@ class EtcdManager:
             for address in self.peer_addresses():
                 async with self.client(client_url(address)) as client:
                     try:
-                        me = await self._me(client)
+                        members = await client.members()
+                        me = self._own(members)
                         if me is None or not me.isLearner:
                             return
+                        health = await self.health_of(_voters(members))
+                        why = admission.promote_refusal(members, me.ID, health)
+                        if why is not None:
+                            log.debug("promotion not yet: %s", why)
+                            break
                         await client.promote(me.ID)
                     except grpc.aio.AioRpcError as exc:
                         log.debug("promotion via %s not possible yet: %s", address, exc.details())
@@ -276,10 +298,10 @@ class EtcdManager:
                 return
 
     async def _me(self, client: EtcdClient) -> etcd_pb2.Member | None:
-        for member in await client.members():
-            if self.peer_url in member.peerURLs:
-                return member
-        return None
+        return self._own(await client.members())
+
+    def _own(self, members: Iterable[etcd_pb2.Member]) -> etcd_pb2.Member | None:
+        return next((m for m in members if self.peer_url in m.peerURLs), None)
 
     # -- requests ------------------------------------------------------------------------------
     async def bootstrap(self, recover: bool) -> str:
@@ -442,14 +464,22 @@ class EtcdManager:
                 raise EtcdStateError(
                     "this node cannot remove itself", hint="use 'basaltctl etcd leave' on it"
                 )
+            why = admission.remove_refusal(
+                members, target.ID, await self.health_of(_voters(members))
+            )
+            if why is not None:
+                raise QuorumError(
+                    why, hint="fix the unhealthy members first (basaltctl etcd status)"
+                )
             await _remove(client, target.ID)
         name = target.name or member_id_text(target.ID)
         self.node.events.publish("etcd", f"removed etcd member {name}", actor="etcd")
         return f"removed etcd member {name} ({member_id_text(target.ID)})"
 
 
-#: etcd refuses membership changes until every member has been connected for a few
-#: seconds ("unhealthy cluster"); a change right after a member restarted waits that out.
+#: With its strict reconfiguration check turned back on (extraArgs), etcd refuses
+#: membership changes until every member has been connected for a few seconds
+#: ("unhealthy cluster"); a change right after a member restarted waits that out.
 RECONFIG_WAIT = 20.0
 
 
@@ -464,6 +494,10 @@ async def _remove(client: EtcdClient, member_id: int) -> None:
             if "unhealthy cluster" not in (exc.details() or "") or loop.time() > deadline:
                 raise
             await asyncio.sleep(0.5)
+
+
+def _voters(members: Iterable[etcd_pb2.Member]) -> list[etcd_pb2.Member]:
+    return [m for m in members if not m.isLearner]
 
 
 def _pick(members: Sequence[etcd_pb2.Member], wanted: str) -> etcd_pb2.Member:

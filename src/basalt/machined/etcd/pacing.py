@@ -1,15 +1,17 @@
 """When a joining control plane asks etcd again: pure decisions, no I/O.
 
-etcd (3.4, strict reconfiguration check on, as we run it) refuses a new learner for two
-reasons that pass by themselves, and each is worth waiting on differently:
+A new learner is refused, for a while, for reasons that pass by themselves:
 
 - another learner is still catching up (etcd takes one learner at a time): it passes the
   moment that learner is promoted, which takes well under a second on a small cluster;
-- "unhealthy cluster": the member asked has not been connected to every voting member for
-  etcd's health interval (5 s) yet, which is the case right after the previous joiner
-  started. It passes at a moment the member knows and we do not.
+- a voting member is not healthy (Basalt's own check before it asks etcd, see
+  :mod:`.admission`): typically the previous joiner, between its promotion and its etcd
+  answering Status;
+- "unhealthy cluster": only when an operator turned etcd's strict reconfiguration check
+  back on (``extraArgs``): the member asked has not been connected to every voting member
+  for etcd's health interval (5 s) yet. It passes at a moment the member knows and we do not.
 
-Both are retried on a short step (the join is what the whole cluster waits for), while
+They are retried on a short step (the join is what the whole cluster waits for), while
 other failures (a peer not answering) move on to the next peer. Promotion is retried from
 a short step growing to a cap: a learner on a fresh cluster is in sync a few hundred
 milliseconds after its etcd starts, and asking too early costs one cheap refusal.
@@ -27,6 +29,8 @@ class Refusal(enum.Enum):
     LEARNER_PENDING = "another learner is catching up"
     #: The member asked was not connected to every voter for etcd's health interval.
     RECONNECTING = "etcd's members have not all been connected for 5 s"
+    #: Basalt's own check: a voting member did not answer healthy (see .admission).
+    VOTERS_UNHEALTHY = "a voting member is not healthy"
     #: Anything else (the peer is down, not a member, an error we do not know).
     OTHER = "other"
 
@@ -52,7 +56,7 @@ PROMOTE_CAP = 0.5
 
 def join_delay(refusals: list[Refusal]) -> float:
     """How long to wait before the next join round, given this round's refusals."""
-    if any(r in (Refusal.LEARNER_PENDING, Refusal.RECONNECTING) for r in refusals):
+    if any(r is not Refusal.OTHER for r in refusals):
         return JOIN_STEP
     return JOIN_IDLE
 
