@@ -225,6 +225,46 @@ def test_init_execs_the_roots_init_or_its_interpreter_with_importtime(tmp_path: 
     assert init.init_argv(True, str(script)) == [str(script)]
 
 
+def test_init_hands_over_to_the_roots_init_in_the_same_interpreter(tmp_path: Path) -> None:
+    """hand_over runs the root's init as __main__ in the interpreter the initramfs started
+    (python -S, like the initramfs'): with site's directories, the script's argv, and
+    directory listings read afresh, as a fresh ``python -I`` would see them."""
+    import subprocess
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "early.py").write_text("")
+    script = tmp_path / "init"
+    script.write_text(
+        "import sys, late\n"
+        "print(__name__, __file__ == sys.argv[0], late.VALUE, sys.flags.no_site)\n"
+        "print(any(p.endswith(('site-packages', 'dist-packages')) for p in sys.path))\n"
+        "sys.exit(3)\n"
+    )
+    # The initramfs imported from a directory the root then holds more modules in, with
+    # the same mtime (both images use one fixed epoch): a cached listing would miss them.
+    driver = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(lib)!r})\n"
+        "import early\n"
+        f"stamp = os.stat({str(lib)!r}).st_mtime_ns\n"
+        f"open({str(lib / 'late.py')!r}, 'w').write('VALUE = 42')\n"
+        f"os.utime({str(lib)!r}, ns=(stamp, stamp))\n"
+        f"sys.path.insert(0, {str(Path(init.__file__).parent)!r})\n"
+        "import init\n"
+        f"init.hand_over({str(script)!r})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", driver],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines() == ["__main__ True 42 1", "True"]
+
+
 def test_init_refuses_to_run_outside_an_initramfs() -> None:
     with pytest.raises(SystemExit, match="refusing to run"):
         init.main()

@@ -1,11 +1,12 @@
 """Basalt's initramfs init: load the block and filesystem modules, mount the squashfs
-root read-only, switch to it and exec its ``/sbin/init`` (see docs/adr/0006-initramfs.md).
+root read-only, switch to it and run its ``/sbin/init`` (see docs/adr/0006-initramfs.md).
 
 This file is copied as ``/init`` into the initramfs, behind ``#!/usr/bin/python3.11 -IS``.
 It mounts ``/proc``, ``/sys`` and ``devtmpfs``, loads the kernel modules listed in
 ``/etc/basalt/modules.load`` (virtio transports and block, squashfs) with
 ``finit_module``, mounts the squashfs root read-only, frees the initramfs, moves the
-API filesystems over, switches root (``MS_MOVE`` + ``chroot``) and execs ``/sbin/init``.
+API filesystems over, switches root (``MS_MOVE`` + ``chroot``) and runs ``/sbin/init`` in
+this same interpreter (:func:`hand_over`; no second Python start).
 
 The root's ``/sbin/init`` is machined itself on the metal platform (the same as
 ``python3.11 -m basalt.machined --platform metal``; see docs/adr/0008-metal-pid1.md):
@@ -30,6 +31,8 @@ import time
 INITRD_MARKER = "/etc/initrd-release"
 INITRD_MODULES = "/etc/basalt/modules.load"
 NEW_ROOT = "/sysroot"
+#: The root's init: machined (see basalt.imager.rootfs.INIT_SCRIPT).
+INIT = "/sbin/init"
 DEFAULTS = {"root": "/dev/vda"}
 SYS_BLOCK = "/sys/class/block"
 #: How long block devices get to appear (virtio-pci probing is slow under TCG).
@@ -43,13 +46,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def log(message: str) -> None:
-    """One line on the console, stamped with the kernel's uptime."""
-    try:
-        with open("/proc/uptime") as stream:
-            uptime = stream.read().split()[0]
-    except OSError:
-        uptime = "?"
-    print(f"[{uptime:>8}] basalt-init: {message}", flush=True)
+    """One line on the console, stamped with the kernel's uptime (CLOCK_BOOTTIME, what
+    /proc/uptime shows: readable after /proc moved away too)."""
+    uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+    print(f"[{uptime:8.2f}] basalt-init: {message}", flush=True)
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
@@ -146,17 +146,21 @@ def find_root(args: dict[str, str], timeout: float) -> str:
     return device
 
 
-def _free_initramfs(path: str, device: int) -> None:
-    """Delete the initramfs' files (they hold RAM), staying on its own filesystem."""
+def _free_initramfs(path: str, device: int) -> int:
+    """Delete the initramfs' files (they hold RAM), staying on its own filesystem; return
+    how many were deleted."""
+    count = 0
     for entry in os.scandir(path):
         full = entry.path
         if full == NEW_ROOT or entry.stat(follow_symlinks=False).st_dev != device:
             continue
         if entry.is_dir(follow_symlinks=False):
-            _free_initramfs(full, device)
+            count += _free_initramfs(full, device)
             os.rmdir(full)
         else:
             os.unlink(full)
+        count += 1
+    return count
 
 
 #: The image's system extensions and schematic record, from the initramfs' second segment
@@ -198,8 +202,8 @@ def _copy(source: str, target: str) -> None:
         os.close(reader)
 
 
-def initrd_stage() -> None:
-    """Find the root, mount it read-only, switch to it, exec its ``/sbin/init``."""
+def initrd_stage() -> list[str]:
+    """Find the root, mount it read-only, switch to it; return how to start its init."""
     mount_api_filesystems()
     log("initramfs: started")
     log(f"initramfs: loaded {load_modules(INITRD_MODULES)} modules")
@@ -210,16 +214,45 @@ def initrd_stage() -> None:
     log(f"initramfs: mounted {root} read-only ({moved} extension files); switching root")
     for api in ("/dev", "/proc", "/sys"):
         mount(api, NEW_ROOT + api, None, MS_MOVE)
-    _free_initramfs("/", os.lstat("/").st_dev)
+    freed = _free_initramfs("/", os.lstat("/").st_dev)
+    log(f"initramfs: freed {freed} files; starting {INIT}")
     os.chdir(NEW_ROOT)
     mount(".", "/", None, MS_MOVE)
     os.chroot(".")
     os.chdir("/")
-    argv = init_argv(args.get("importtime") == "1")
-    os.execv(argv[0], argv)
+    return init_argv(args.get("importtime") == "1")
 
 
-def init_argv(importtime: bool, init: str = "/sbin/init") -> list[str]:
+def hand_over(init: str) -> None:
+    """Run the root's init in this interpreter instead of starting a second one.
+
+    The root's ``python3.11`` is the file this interpreter was copied from (the boot
+    stage copies it), with the same standard library at the same paths, so what an
+    ``execv`` of the root's init would rebuild is all here already: under TCG that
+    start is about 1.3 s, and every later line of Python runs on code QEMU has
+    translated once already. What a fresh ``python3.11 -I`` would differ in is set here:
+    ``site`` (this interpreter ran with ``-S``) adds the root's site directories, the
+    import system forgets the initramfs' directory listings, and the script runs as
+    ``__main__`` with ``sys.argv`` naming it. The initramfs' own files are deleted; the
+    interpreter and the libraries it has mapped stay in memory while PID 1 runs.
+    """
+    import sys
+
+    # First: the finders cached for /usr/lib/python3.11 list the initramfs' copy of it.
+    sys.path_importer_cache.clear()
+    import site
+
+    site.main()
+    sys.argv[:] = [init]
+    with open(init, "rb") as stream:
+        code = compile(stream.read(), init, "exec")
+    script = type(sys)("__main__")  # a new __main__: this file's module stays as it is
+    script.__file__ = init
+    sys.modules["__main__"] = script
+    exec(code, script.__dict__)
+
+
+def init_argv(importtime: bool, init: str = INIT) -> list[str]:
     """How to exec the root's init. ``basalt.importtime=1`` on the kernel command line runs
     its interpreter (the ``#!`` line) with ``-X importtime``: every import's cost under
     this machine's CPU is printed on the console (bench/boot --importtime reads it)."""
@@ -240,11 +273,15 @@ def main() -> None:
         # ever as the init of an initramfs, never on a host or root that runs it by mistake.
         raise SystemExit("basalt init: refusing to run: not PID 1 of a Basalt initramfs")
     try:
-        initrd_stage()
+        argv = initrd_stage()
     except BaseException as exc:
         log(f"fatal: {type(exc).__name__}: {exc}")
         time.sleep(5)
         raise SystemExit(1) from None  # PID 1 exiting panics; panic=-1 reboots
+    if argv == [INIT]:
+        hand_over(INIT)
+    else:  # an interpreter with other flags (basalt.importtime=1): a fresh start
+        os.execv(argv[0], argv)
 
 
 if __name__ == "__main__":
