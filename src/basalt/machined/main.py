@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             handler.addFilter(_ApiOpenedNote())
         log.info("PID 1: machined %s starting", _version())
+        # Before any other import (no thread yet): a first boot's maintenance certificate
+        # is made on another CPU meanwhile (api/certificate_helper.py).
+        from .api import certificate_helper
+
+        certificate_helper.start()
         from .platform.metal import run_as_init
 
         # PID 1 never exits (the kernel would panic): whatever ends the agent, even a bad

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from basalt.machinery.api import common_pb2
-from basalt.machinery.pki import PKIError, certificate_organizations, load_certificate
 from basalt.machinery.roles import Role, parse_roles
 
 ROLES_METADATA = "basalt-roles"
@@ -41,6 +40,9 @@ class AuthenticationError(Exception):
 
 @functools.lru_cache(maxsize=256)
 def _certificate_identity(pem: bytes) -> tuple[str, frozenset[Role]]:
+    # Imported at the first mTLS request: a maintenance API never needs cryptography.
+    from basalt.machinery.pki import PKIError, certificate_organizations, load_certificate
+
     text = pem.decode()
     try:
         cert = load_certificate(text)

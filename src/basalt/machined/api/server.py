@@ -18,8 +18,9 @@ from basalt.machinery.api import (
 )
 from basalt.machinery.client.client import MAX_MESSAGE
 
+from . import certificate_helper
 from .dispatch import MAX_REQUEST, Dispatcher
-from .tls import maintenance_credentials, mtls_credentials
+from .tls import mtls_credentials, prepared_maintenance_credentials
 
 if TYPE_CHECKING:
     from basalt.machinery.pki import CertificateAndKey
@@ -109,8 +110,9 @@ class ApiServer:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((self.dispatcher,))
         if self.maintenance:
-            credentials = maintenance_credentials(self.node.address)
+            credentials = await prepared_maintenance_credentials(self.node.address)
         else:
+            certificate_helper.discard()  # a node with a config: no maintenance certificate
             credentials = mtls_credentials(self._current_identity)
         bind = _bind(self.node.address, API_PORT)
         try:

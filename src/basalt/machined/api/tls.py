@@ -1,46 +1,47 @@
-"""Server credentials: self-signed for maintenance mode, OS-CA mTLS for normal mode."""
+"""Server credentials: self-signed for maintenance mode, OS-CA mTLS for normal mode.
+
+cryptography is imported only where a certificate is made: a first boot's maintenance
+certificate usually comes from the helper forked at PID 1's start
+(:mod:`.certificate_helper`), and then PID 1 never imports it before its API opens.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
+import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from basalt.machinery.client.client import MAINTENANCE_SERVER_NAME
-from basalt.machinery.pki import (
-    CertificateAndKey,
-    generate_private_key,
-    private_key_pem,
-    san_entries,
-    self_signed,
-)
+from .certificate_helper import self_signed_maintenance_certificate
 
+if TYPE_CHECKING:
+    from basalt.machinery.pki import CertificateAndKey
 
-def self_signed_maintenance_certificate(address: str) -> CertificateAndKey:
-    """A throw-away certificate for maintenance mode; clients take it on first use."""
-    key = generate_private_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MAINTENANCE_SERVER_NAME)])
-    sans = san_entries([MAINTENANCE_SERVER_NAME, address])
-    cert = (
-        self_signed(key, name, dt.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return CertificateAndKey(
-        cert.public_bytes(serialization.Encoding.PEM).decode(), private_key_pem(key)
-    )
+log = logging.getLogger(__name__)
 
 
 def maintenance_credentials(address: str) -> grpc.ServerCredentials:
     pair = self_signed_maintenance_certificate(address)
     assert pair.key is not None
     return grpc.ssl_server_credentials([(pair.key.encode(), pair.crt.encode())])
+
+
+async def prepared_maintenance_credentials(address: str) -> grpc.ServerCredentials:
+    """The maintenance credentials from the certificate helper forked at PID 1's start,
+    else (no helper, or it failed) made here."""
+    from . import certificate_helper
+
+    helper = certificate_helper.take()
+    if helper is not None:
+        try:
+            crt, key = await asyncio.to_thread(helper.certificate, address)
+        except certificate_helper.HelperError as exc:
+            log.warning("%s; making the maintenance certificate in machined", exc)
+        else:
+            return grpc.ssl_server_credentials([(key.encode(), crt.encode())])
+    return maintenance_credentials(address)
 
 
 def _configuration(ca: str, server: CertificateAndKey) -> grpc.ServerCertificateConfiguration:
