@@ -54,3 +54,26 @@ def test_tasks_that_end_when_cancelled_are_given_the_time() -> None:
 
     assert run_bounded(agent(), grace=5) == 0
     assert ended == ["polite"]
+
+
+def test_pid1_start_up_garbage_collection_comes_back_on_when_the_api_opens() -> None:
+    """PID 1 imports with the cyclic collector off (main); the "API listening" line turns
+    it back on, and logs machined's memory then, once."""
+    import gc
+    import logging
+
+    from basalt.machined.main import _ApiOpenedNote
+
+    note = _ApiOpenedNote()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        other = logging.LogRecord("x", logging.INFO, __file__, 1, "boot: started", None, None)
+        assert note.filter(other) and not gc.isenabled()
+        opened = logging.LogRecord("x", logging.INFO, __file__, 1, "API listening on %s", (), None)
+        assert note.filter(opened) and gc.isenabled() and note.done
+        gc.disable()
+        assert note.filter(opened) and not gc.isenabled()  # once only
+    finally:
+        if was:
+            gc.enable()
