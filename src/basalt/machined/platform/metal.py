@@ -23,6 +23,7 @@ import os
 import platform as _platform
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -141,6 +142,10 @@ class MetalPlatform(Platform):
     installing: bool = False
     #: The image's extensions that were not used at boot, as ``NAME: reason``.
     extensions_skipped: list[str] = field(default_factory=list)
+    #: Loads the image's kernel modules from start() on, while PID 1 still imports: the
+    #: kernel's part (virtio-net probes its device) runs on another CPU. prepare() waits.
+    module_loader: threading.Thread | None = None
+    _module_error: BaseException | None = None
 
     @property
     def fleet_dir(self) -> Path:
@@ -186,7 +191,12 @@ class MetalPlatform(Platform):
             mounted += mount.mount_all(self._runtime_filesystems(), root)
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
-            self._load_image_modules()
+            if self.module_loader is not None:
+                self.module_loader.join()
+                if self._module_error is not None:
+                    raise self._module_error
+            else:
+                self._load_image_modules()
             self.extensions, self.extensions_skipped = mount_and_log(root)
             try:
                 power.set_ctrl_alt_del(False)  # Ctrl-Alt-Del becomes SIGINT: a clean reboot
@@ -227,6 +237,12 @@ class MetalPlatform(Platform):
             self.state_device = state
         return points
 
+    def _load_modules_early(self) -> None:
+        try:
+            self._load_image_modules()
+        except BaseException as exc:  # raised in prepare(), as if loaded there
+            self._module_error = exc
+
     def _load_image_modules(self) -> None:
         loaded, failed = load_image_modules(self.system_root)
         if loaded:
@@ -255,6 +271,10 @@ class MetalPlatform(Platform):
         if self.init:
             self.reaper = Reaper()
             self.reaper.install()
+            self.module_loader = threading.Thread(
+                target=self._load_modules_early, name="kernel-modules", daemon=True
+            )
+            self.module_loader.start()
 
     def clock(self) -> Clock:
         """PID 1 owns the machine's clock; run any other way it only reads it."""
