@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -169,12 +169,24 @@ def test_backup_role_may_snapshot_and_read_status_but_not_leave(cluster: LiveClu
     assert leave == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_leaving_is_refused_when_it_would_cost_quorum(cluster: LiveCluster) -> None:
-    cp1, cp2, cp3 = cluster.controlplanes
+@contextlib.contextmanager
+def etcd_stopped(cluster: LiveCluster, node: str) -> Iterator[None]:
+    """etcd stopped on ``node`` for the block; then started, and the cluster whole again."""
     stop = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.STOP)
-    run(call(cluster, "ServiceAction", stop, [cp2]))
+    run(call(cluster, "ServiceAction", stop, [node]))
     try:
         time.sleep(1.0)
+        yield
+    finally:
+        start = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.START)
+        run(call(cluster, "ServiceAction", start, [node]))
+    wait_members(cluster, cluster.controlplanes[0], 3)
+    wait_etcd_healthy(cluster)
+
+
+def test_leaving_is_refused_when_it_would_cost_quorum(cluster: LiveCluster) -> None:
+    cp1, cp2, cp3 = cluster.controlplanes
+    with etcd_stopped(cluster, cp2):
         (answer,) = run(
             call(cluster, "EtcdLeaveCluster", machine_pb2.EtcdLeaveClusterRequest(), [cp3])
         )
@@ -186,20 +198,12 @@ def test_leaving_is_refused_when_it_would_cost_quorum(cluster: LiveCluster) -> N
         (reset,) = run(call(cluster, "Reset", machine_pb2.ResetRequest(graceful=True), [cp3]))
         assert reset.metadata.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
         assert members(cluster, cp1) == members(cluster, cp3)  # nothing changed
-    finally:
-        start = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.START)
-        run(call(cluster, "ServiceAction", start, [cp2]))
-    wait_members(cluster, cp1, 3)
-    wait_etcd_healthy(cluster)
 
 
 def test_removing_a_member_is_refused_when_it_would_cost_quorum(cluster: LiveCluster) -> None:
     # etcd runs without its strict reconfiguration check: machined's own check refuses.
     cp1, cp2, _ = cluster.controlplanes
-    stop = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.STOP)
-    run(call(cluster, "ServiceAction", stop, [cp2]))
-    try:
-        time.sleep(1.0)
+    with etcd_stopped(cluster, cp2):
         request = machine_pb2.EtcdRemoveMemberRequest(member="etcd-controlplane-3")
         (answer,) = run(call(cluster, "EtcdRemoveMember", request, [cp1]))
         assert answer.metadata.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -208,11 +212,6 @@ def test_removing_a_member_is_refused_when_it_would_cost_quorum(cluster: LiveClu
         )
         assert "etcd-controlplane-2: unreachable" in answer.metadata.error
         assert len(members(cluster, cp1)) == 3  # nothing changed
-    finally:
-        start = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.START)
-        run(call(cluster, "ServiceAction", start, [cp2]))
-    wait_members(cluster, cp1, 3)
-    wait_etcd_healthy(cluster)
 
 
 def _reboot_and_wait(cluster: LiveCluster, node: str) -> None:
@@ -235,9 +234,7 @@ def test_a_join_waits_while_a_voter_is_unhealthy(cluster: LiveCluster) -> None:
     cp1, cp2, cp3 = cluster.controlplanes
     (answer,) = run(call(cluster, "EtcdLeaveCluster", machine_pb2.EtcdLeaveClusterRequest(), [cp3]))
     assert not answer.metadata.error, answer.metadata.error
-    stop = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.STOP)
-    run(call(cluster, "ServiceAction", stop, [cp2]))
-    try:
+    with etcd_stopped(cluster, cp2):
         # Not ready until its etcd joined: wait for the event, not for readiness.
         run(call(cluster, "Reboot", machine_pb2.RebootRequest(), [cp3]))
         time.sleep(1.0)
@@ -253,11 +250,6 @@ def test_a_join_waits_while_a_voter_is_unhealthy(cluster: LiveCluster) -> None:
             "etcd-controlplane-1",
             "etcd-controlplane-2",
         ]
-    finally:
-        start = machine_pb2.ServiceActionRequest(id="etcd", action=machine_pb2.START)
-        run(call(cluster, "ServiceAction", start, [cp2]))
-    wait_members(cluster, cp1, 3)
-    wait_etcd_healthy(cluster)
 
 
 def test_remove_member_then_reset_and_reinstall_rejoins(cluster: LiveCluster) -> None:
