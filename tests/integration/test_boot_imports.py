@@ -130,6 +130,7 @@ ALLOWED_PACKAGES = frozenset(
 #: the helper it forks at start (api/certificate_helper.py).
 CONTAINER_ONLY_PACKAGES = frozenset({"pyroute2", "cryptography", "_cffi_backend"})
 METAL_PACKAGES = ALLOWED_PACKAGES - CONTAINER_ONLY_PACKAGES
+SLOT_MODULES = ("basalt.machinery.boot", "basalt.machined.boot")
 
 
 def outside_allow_list(modules: list[str], packages: frozenset[str]) -> list[str]:
@@ -210,6 +211,10 @@ def test_a_metal_first_boot_imports_only_allowed_modules_before_its_api(tmp_path
     assert "basalt.machined.platform.metal" in modules  # it did boot as metal
     early = sorted(name for name in LATER if name in modules)
     assert early == [], f"imported before the maintenance API opened: {early}"
+    # No slots on a first boot from memory: the boot-state model and the metal slots
+    # (the ESP, META, systemd-boot entries) wait until there are some.
+    slots = [m for m in modules if m.startswith(SLOT_MODULES)]
+    assert slots == [], f"imported before a first boot's API opened: {slots}"
     outside = outside_allow_list(modules, METAL_PACKAGES)
     assert outside == [], f"imported before the API opened, not on the allow-list: {outside}"
 

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from basalt.machinery.boot.slots import SlotDirectories
-
 if TYPE_CHECKING:
+    from basalt.machinery.boot.slots import SlotDirectories
+
     from ..boot.metal_slots import MetalSlots
     from ..node import Node
 
@@ -23,6 +23,8 @@ def slot_storage(node: Node) -> SlotDirectories | MetalSlots | None:
 
     platform = node.platform
     if platform.mode.in_container:
+        from basalt.machinery.boot.slots import SlotDirectories
+
         return SlotDirectories.of_node(node.paths.root)
     if not isinstance(platform, MetalPlatform) or not platform.init:
         return None

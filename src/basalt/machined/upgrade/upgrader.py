@@ -1,7 +1,11 @@
 """The upgrader: a node's A/B slots and boot state, the boot assessment, and the steps
 of upgrades and rollbacks that the sequences call (each refuses before it changes
 anything). Receiving bundles (:mod:`.receive`), draining (:mod:`.drain`) and finding
-the slot storage (:mod:`.slots`) are their own modules."""
+the slot storage (:mod:`.slots`) are their own modules.
+
+The boot-state model (:mod:`basalt.machinery.boot`) and the metal slots are imported
+where they are used: a first boot from memory has no slots, and opens its maintenance
+API without them."""
 
 from __future__ import annotations
 
@@ -11,27 +15,11 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
-from basalt.machinery.boot import (
-    Action,
-    BootState,
-    Event,
-    GatesPassed,
-    Install,
-    Outcome,
-    Rollback,
-    Slot,
-    SlotHealth,
-    SlotName,
-    apply,
-    boot_status,
-)
-from basalt.machinery.boot.slots import SlotDirectories
 from basalt.machinery.errors import BasaltError
 from basalt.machinery.resources import BootStatusSpec
 
-from ..boot.metal_slots import MetalSlots
 from .drain import UpgradeDrain
 from .jobs import (
     BOOTED_SLOT_ENV,
@@ -44,8 +32,11 @@ from .receive import receive_bundle, verify_file
 from .slots import mount_efivarfs, slot_storage
 
 if TYPE_CHECKING:
+    from basalt.machinery.boot import BootState, Event, Outcome, SlotName
+    from basalt.machinery.boot.slots import SlotDirectories
     from basalt.machinery.images import VerificationKey, VerifiedBundle
 
+    from ..boot.metal_slots import MetalSlots
     from ..node import Node
 
 log = logging.getLogger(__name__)
@@ -57,9 +48,11 @@ class Upgrader:
     def __init__(self, node: Node) -> None:
         self.node = node
         # Metal finds its slots once the platform is prepared (/proc, /sys): in on_boot.
-        self.slots: SlotDirectories | MetalSlots | None = (
-            SlotDirectories.of_node(node.paths.root) if node.platform.mode.in_container else None
-        )
+        self.slots: SlotDirectories | MetalSlots | None = None
+        if node.platform.mode.in_container:
+            from basalt.machinery.boot.slots import SlotDirectories
+
+            self.slots = SlotDirectories.of_node(node.paths.root)
         self.lock = asyncio.Lock()
         self.assessment: asyncio.Task[None] | None = None
         self.drain = UpgradeDrain(node)
@@ -94,6 +87,8 @@ class Upgrader:
         self.publish_status(state)
 
     def publish_status(self, state: BootState) -> None:
+        from basalt.machinery.boot import boot_status
+
         status = boot_status(state)
         if status is None or state.booted is None:
             return
@@ -121,7 +116,7 @@ class Upgrader:
     async def repair_esp(self, thorough: bool = True) -> None:
         """Metal: repair what a power cut left on the ESP (MetalSlots.repair); each repair,
         and each problem left alone, is an event naming the file."""
-        if not isinstance(self.slots, MetalSlots):
+        if not _metal(self.slots):
             return
         try:
             done = await asyncio.to_thread(self.slots.repair, thorough)
@@ -141,11 +136,14 @@ class Upgrader:
         fallback); start the gates on a slot on trial."""
         if self.slots is None and not self.node.platform.mode.in_container:
             self.slots = await asyncio.to_thread(slot_storage, self.node)
-            if isinstance(self.slots, MetalSlots):
+            if _metal(self.slots):
                 await asyncio.to_thread(mount_efivarfs)
                 await self.repair_esp(thorough=False)  # an install checks every chain
         if self.slots is None:
             return
+        from basalt.machinery.boot import SlotHealth, boot_status
+        from basalt.machinery.boot.slots import SlotDirectories
+
         await asyncio.to_thread(
             shutil.rmtree, self.node.paths.ephemeral / UPLOAD_DIR, True
         )  # uploads a crash left behind
@@ -196,6 +194,8 @@ class Upgrader:
 
     async def record(self, event: Event) -> None:
         """Apply a gate result to the stored state; reboot when the model says so."""
+        from basalt.machinery.boot import Action, GatesPassed, apply
+
         async with self.lock:
             state = await self.load_state()
             outcome = apply(state, event)
@@ -308,6 +308,8 @@ class Upgrader:
 
     async def install(self, verified: VerifiedBundle) -> tuple[SlotName, str]:
         """Write the inactive slot and record the install; refused before anything changes."""
+        from basalt.machinery.boot import Install, Slot, apply
+
         async with self.lock:
             slots = self.require_slots()
             await self.repair_esp()  # a cut since boot may have left a second entry name
@@ -351,6 +353,8 @@ class Upgrader:
             await self._rollback_outcome()
 
     async def _rollback_outcome(self) -> Outcome:
+        from basalt.machinery.boot import Rollback, apply
+
         slots = self.require_slots()
         state = await self.load_state()
         outcome = apply(state, Rollback())
@@ -380,7 +384,7 @@ class Upgrader:
         from ..sys.kexec import KexecError
 
         slots = self.slots
-        if not isinstance(slots, MetalSlots):
+        if not _metal(slots):
             return "rebooting: the launcher starts the slot the boot state chooses"
         if os.getpid() != 1:
             return "rebooting through the firmware: only PID 1 can kexec"
@@ -393,3 +397,13 @@ class Upgrader:
             log.exception("kexec not prepared")
             return f"rebooting through the firmware: kexec not prepared: {exc!r}"
         return f"rebooting by kexec into {entry}"
+
+
+def _metal(slots: object) -> TypeGuard[MetalSlots]:
+    """Whether ``slots`` are a metal disk's (imports the metal slots only when there are
+    slots to look at)."""
+    if slots is None:
+        return False
+    from ..boot.metal_slots import MetalSlots
+
+    return isinstance(slots, MetalSlots)
