@@ -30,6 +30,10 @@ def slot_storage(node: Node) -> SlotDirectories | MetalSlots | None:
         return None
     if platform.system_root != Path("/"):
         return None
+    from ..storage.partitions import kernel_slot
+
+    if not kernel_slot():
+        return None  # not booted from a disk's slot (no basalt.slot=): from memory
     from ..boot.metal_slots import of_machine
 
     return of_machine(platform.system_root, node.paths.ephemeral)
