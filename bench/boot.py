@@ -47,7 +47,7 @@ pydantic and the controllers are imported, but the first answer also needs the
 network, which they bring up: the boot would not end sooner, only the figure, so the
 order stays. 2.5 s and 45 MiB need fewer libraries on the way to the API (resource
 specs without pydantic, a lighter gRPC): a redesign, not a tuning. The 0.5x ratio needs
-that too: firmware, kernel and initramfs alone take about 4.6 s of Basalt's 10.2.
+that too: firmware, kernel and initramfs alone take about 4.4 s of Basalt's 10.2.
 """
 
 from __future__ import annotations
