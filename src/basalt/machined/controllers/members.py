@@ -51,17 +51,27 @@ class MembersController(Controller):
         write_members(self.node)
 
     async def _announce_forever(self, store: ResourceStore) -> None:
+        loop = asyncio.get_running_loop()
+        started: float | None = None
         while True:
             if self.node.identity is None:  # not yet: announce as soon as it exists
                 await asyncio.sleep(0.2)
                 continue
+            started = loop.time() if started is None else started
             try:
                 await self.announce(store)
             except grpc.aio.AioRpcError as exc:
                 log.debug("announce failed: %s", exc.details())
                 await asyncio.sleep(min(1.0, self.node.tuning.announce_interval))
                 continue
-            await asyncio.sleep(self.node.tuning.announce_interval)
+            await asyncio.sleep(
+                announce_delay(
+                    self.node.members.values(),
+                    self.node.hostname,
+                    self.node.tuning.announce_interval,
+                    loop.time() - started,
+                )
+            )
 
     def _member(self) -> trust_pb2.Member:
         machine = self.node.machine
@@ -95,6 +105,25 @@ class MembersController(Controller):
                 timeout=5,
             )
         publish_members(self.node, answer.members)
+
+
+#: While a cluster forms, how long a node asks again every second when the trust
+#: service's answer lists no other control plane (see announce_delay).
+FORMING = 60.0
+
+
+def announce_delay(
+    members: Iterable[trust_pb2.Member], own_hostname: str, interval: float, elapsed: float
+) -> float:
+    """Seconds until the next announcement. The answer is all a node knows of the other
+    control planes (etcd joins through them): when the control planes start together, the
+    first answers may list none yet, and waiting a whole interval for the next one would
+    hold their etcd joins back by that much. So for the first FORMING seconds, a list with
+    no other control plane is asked again after a second."""
+    others = any(m.machine_type == "controlplane" and m.hostname != own_hostname for m in members)
+    if others or elapsed >= FORMING:
+        return interval
+    return min(1.0, interval)
 
 
 def publish_members(node: Node, members: Iterable[trust_pb2.Member]) -> None:
