@@ -533,13 +533,17 @@ def test_a_joining_control_plane_finds_etcd_through_affiliates(tmp_path: Path) -
         await other.update("peer-b", peer("worker-1", "worker", address="127.0.0.99"), ttl=300)
         await harness.apply(config_text("controlplane", discovery_doc()))
         await until(lambda: len(harness.affiliates()) == 3)
-        # No member list (the endpoint is unreachable): etcd's peers come from discovery,
-        # control planes only, never this node itself.
+        # No member list (the endpoint is unreachable): after the endpoint's host, asked
+        # first, etcd's peers come from discovery, control planes only, never this node.
         assert harness.node.members == {}
-        assert EtcdManager(harness.node).peer_addresses() == ["127.0.0.52"]
+        assert EtcdManager(harness.node).peer_addresses() == ["192.0.2.10", "127.0.0.52"]
         # With a member list too: the union.
         publish_members(harness.node, [trust_member("cp-3", "127.0.0.53", "controlplane")])
-        assert EtcdManager(harness.node).peer_addresses() == ["127.0.0.52", "127.0.0.53"]
+        assert EtcdManager(harness.node).peer_addresses() == [
+            "192.0.2.10",
+            "127.0.0.52",
+            "127.0.0.53",
+        ]
 
     with_harness(tmp_path, body)
 

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 PROMOTE_TIMEOUT = 300.0
 JOIN_TIMEOUT = 120.0
+#: Per call while joining: a peer whose etcd is still starting (a learner that has not
+#: caught up) may hold a call; the join moves on to the next peer instead.
+JOIN_CALL_TIMEOUT = 2.0
 #: How often a control plane without etcd looks for a cluster to join.
 POLL = 0.25
 
@@ -119,15 +122,22 @@ class EtcdManager:
         )
 
     def peer_addresses(self) -> list[str]:
-        """Other control planes, from the member list and from discovery's affiliates (a
-        control plane that cannot reach the cluster endpoint finds etcd through those;
-        etcd's mTLS, not the affiliate, is what a peer is trusted by)."""
+        """Other control planes: the cluster endpoint's host (a control plane, known from
+        the config before any member list: control planes that start together find the
+        first one's etcd at once), the member list, and discovery's affiliates (a control
+        plane that cannot reach the cluster endpoint finds etcd through those; etcd's
+        mTLS, not the affiliate, is what a peer is trusted by)."""
+        first: list[str] = []
+        if self.node.config is not None:
+            endpoint = urlsplit(self._cluster().control_plane.endpoint).hostname
+            if endpoint and endpoint != self.node.address:
+                first.append(endpoint)
         found: list[str] = []
         for member in self.node.members.values():
             if member.machine_type == "controlplane" and member.hostname != self.node.hostname:
                 found.extend(a for a in member.addresses if a != self.node.address)
         found.extend(discovered_peers(self.node.store.list("Affiliates"), self.node.address))
-        return sorted(set(found))
+        return first + sorted(set(found) - set(first))
 
     async def find_cluster(self, timeout: float = 2.0) -> list[etcd_pb2.Member] | None:
         """The member list of a running etcd cluster on another control plane, if any."""
@@ -225,7 +235,9 @@ class EtcdManager:
         while loop.time() < deadline:
             refusals: list[pacing.Refusal] = []
             for address in self.peer_addresses():
-                async with self.client(client_url(address)) as client:
+                if any(r is not pacing.Refusal.OTHER for r in refusals):
+                    break  # a refusal that passes by itself: ask again soon, not elsewhere
+                async with self.client(client_url(address), timeout=JOIN_CALL_TIMEOUT) as client:
                     try:
                         members = await client.members()
                         if not any(self.peer_url in m.peerURLs for m in members):
@@ -279,7 +291,7 @@ class EtcdManager:
             await asyncio.sleep(pacing.promote_delay(attempt))
             attempt += 1
             for address in self.peer_addresses():
-                async with self.client(client_url(address)) as client:
+                async with self.client(client_url(address), timeout=JOIN_CALL_TIMEOUT) as client:
                     try:
                         members = await client.members()
                         me = self._own(members)
