@@ -20,7 +20,8 @@ after 4 s); from then on one probe at a time, never dropped (see `_first_answer`
 
 Also printed, from the Basalt console (lines stamped with the guest's uptime): kernel to
 PID 1 (the initramfs init's first line), machined's start to its API socket (from the
-initramfs' exec of /sbin/init to "API listening"), machined's RSS then (its own "API
+initramfs' switch to the root, where it hands /sbin/init its interpreter (before issue
+22: exec'd it; the labels still say "exec"), to "API listening"), machined's RSS then (its own "API
 open" line), and from `image.json` the compressed root size and the executable count.
 The load average is printed with the figures: a measurement on a busy host is not one.
 
