@@ -168,10 +168,8 @@ def _serve(requests: int, answers: int) -> None:
         os.dup2(devnull, fd)
     reply: dict[str, str]
     try:
-        key = generate_maintenance_key()
-        # What signing imports (the certificate's name comes with grpc), before waiting.
-        import cryptography.x509  # noqa: F401
-
+        key = generate_maintenance_key()  # imports cryptography (basalt.machinery.pki)
+        # The certificate's name comes with grpc: imported before waiting, not after.
         import basalt.machinery.client.client  # noqa: F401
 
         line = _read_line(requests, IDLE_TIMEOUT)

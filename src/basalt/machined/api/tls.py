@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from . import certificate_helper
 from .certificate_helper import self_signed_maintenance_certificate
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ def maintenance_credentials(address: str) -> grpc.ServerCredentials:
 async def prepared_maintenance_credentials(address: str) -> grpc.ServerCredentials:
     """The maintenance credentials from the certificate helper forked at PID 1's start,
     else (no helper, or it failed) made here."""
-    from . import certificate_helper
-
     helper = certificate_helper.take()
     if helper is not None:
         try:

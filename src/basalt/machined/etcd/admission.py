@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from .client import member_id_text
+
 HEALTHY = "healthy"
 
 
@@ -47,7 +49,7 @@ def majority(voters: int) -> int:
 
 
 def _label(member: Member) -> str:
-    return member.name or f"{member.ID:016x}"
+    return member.name or member_id_text(member.ID)
 
 
 def _unhealthy(members: Sequence[Member], health: Mapping[int, str]) -> list[str]:
@@ -83,8 +85,8 @@ def promote_refusal(
     if healthy + 1 < majority(after):
         sick = ", ".join(_unhealthy(voters, health))
         return (
-            f"promoting {learner_id:016x} would leave {healthy + 1} healthy of {after} voters, "
-            f"{majority(after)} needed ({sick})"
+            f"promoting {member_id_text(learner_id)} would leave {healthy + 1} healthy of "
+            f"{after} voters, {majority(after)} needed ({sick})"
         )
     return None
 

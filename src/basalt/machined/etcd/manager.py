@@ -244,8 +244,10 @@ class EtcdManager:
                             why = admission.add_refusal(
                                 members, await self.health_of(_voters(members))
                             )
-                            if why is not None:
-                                refusals.append(self._waits(address, why))
+                            if why is not None:  # Basalt's own check held it back
+                                refusals.append(
+                                    self._told(address, pacing.Refusal.VOTERS_UNHEALTHY, why)
+                                )
                                 continue
                             answer = await client.add_learner([self.peer_url])
                             members = list(answer.members)
@@ -265,10 +267,6 @@ class EtcdManager:
     def _refused(self, address: str, exc: grpc.aio.AioRpcError) -> pacing.Refusal:
         """Classify a failed join attempt (etcd's answer)."""
         return self._told(address, pacing.refusal(exc.details()), exc.details() or "")
-
-    def _waits(self, address: str, details: str) -> pacing.Refusal:
-        """A join attempt Basalt's own check held back (see .admission)."""
-        return self._told(address, pacing.Refusal.VOTERS_UNHEALTHY, details)
 
     def _told(self, address: str, why: pacing.Refusal, details: str) -> pacing.Refusal:
         """Log a refused join attempt; the first of each kind in a row is an event."""
@@ -403,7 +401,7 @@ class EtcdManager:
         others = [m for m in voters if m.ID != me.ID]
         health = await self.health_of(others)
         healthy = sum(1 for m in others if health[m.ID] == "healthy")
-        needed = len(others) // 2 + 1
+        needed = admission.majority(len(others))
         report = ", ".join(f"{m.name or member_id_text(m.ID)}: {health[m.ID]}" for m in others)
         if not others:
             if destroy_last_member:

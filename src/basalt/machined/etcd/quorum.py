@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .admission import majority
 from .client import member_id_text
 from .manager import QuorumError
 
@@ -33,7 +34,7 @@ async def check_reboot(manager: EtcdManager) -> str:
     health = await manager.health_of(others)
     unhealthy = [m for m in others if health[m.ID] != "healthy"]
     healthy = len(others) - len(unhealthy)
-    needed = len(voters) // 2 + 1
+    needed = majority(len(voters))
     if unhealthy:
         report = ", ".join(f"{m.name or member_id_text(m.ID)}: {health[m.ID]}" for m in unhealthy)
         risk = (
