@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if os.getpid() == 1:
         # No cyclic garbage collection while PID 1 imports its way to the API: the
-        # collector would walk the growing heap of module objects over and over (about 5 %
-        # of start-up). Back on when the API opens (_ApiOpenedNote), or STARTUP_GC_LIMIT
-        # seconds into the boot if it never does.
+        # collector would walk the growing heap of module objects over and over. Back on
+        # when the API opens (_ApiOpenedNote), or STARTUP_GC_LIMIT seconds into the boot
+        # if it never does.
         gc.disable()
         for key, value in INIT_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
