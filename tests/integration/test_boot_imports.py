@@ -30,6 +30,7 @@ ADDRESS = "127.0.0.250"
 #: Not needed before the maintenance API answers (each pulls in others).
 LATER = (
     "basalt.machinery.config",
+    "pydantic",
     "yaml",
     "jsonpatch",
     "basalt.machinery.images.keys",
@@ -95,23 +96,21 @@ ALLOWED_BASALT = _names(
     basalt.machinery.images.manifest basalt.machinery.images.payload
     basalt.machinery.kubernetes basalt.machinery.kubernetes.paths basalt.machinery.launch
     basalt.machinery.lazy basalt.machinery.pki basalt.machinery.resources
-    basalt.machinery.resources.definitions basalt.machinery.resources.specs
+    basalt.machinery.resources.definitions basalt.machinery.resources.record
+    basalt.machinery.resources.specs
     basalt.machinery.roles basalt.machinery.schematic basalt.machinery.sntp
     """
 )
 #: Other top-level packages (the standard library's are all allowed): gRPC and protobuf
-#: serve the API, cryptography makes its certificate, pydantic holds the resources.
+#: serve the API, cryptography makes its certificate. Not pydantic: resource specs are
+#: dataclasses (basalt.machinery.resources.record); the config models load with a config.
 ALLOWED_PACKAGES = frozenset(
     {
         "grpc",
         "google",
         "cryptography",
         "_cffi_backend",
-        "pydantic",
-        "pydantic_core",
-        "annotated_types",
-        "typing_extensions",
-        "typing_inspection",
+        "typing_extensions",  # grpc.aio's
         # Looked for and absent in the image: grpc's and cryptography's optional
         # companions, the host's site hooks, platform's Java probe.
         "grpc_tools",

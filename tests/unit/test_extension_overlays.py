@@ -375,11 +375,11 @@ def test_versions_carries_the_skipped_extensions() -> None:
         arch="x86_64",
         extensions_skipped=["b: /usr/local/bin/kubelet is also provided by extension a"],
     )
-    data = spec.model_dump()
+    data = spec.to_dict()
     assert data["extensionsSkipped"] == [
         "b: /usr/local/bin/kubelet is also provided by extension a"
     ]
-    assert VersionSpec.model_validate(data) == spec
+    assert VersionSpec.from_dict(data) == spec
     assert VersionSpec(tag="v", python="3", platform="m", arch="a").extensions_skipped == []
 
 

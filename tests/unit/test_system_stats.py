@@ -226,7 +226,7 @@ def test_the_ring_keeps_an_hour_oldest_first() -> None:
     assert len(spec.times) == len(spec.cpu) == len(spec.memory) == 120
     assert spec.times[0] == 1000.0 + 30 * 10 and spec.times[-1] == 1000.0 + 30 * 129
     assert spec.memory == list(range(10, 130))
-    wire = json.loads(spec.model_dump_json(by_alias=True))
+    wire = json.loads(spec.to_json())
     assert list(wire) == [
         *("interval", "cpu", "memory", "memoryTotal", "times"),
         *("networkRx", "networkTx"),

@@ -16,7 +16,7 @@ from abc import abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel
+from basalt.machinery.resources import Spec
 
 from ..runtime import Controller, ResourceStore
 
@@ -50,7 +50,7 @@ class PollingController(Controller):
         if self._loop is None:
             self._loop = self.node.background(self._read_forever(store), name=self.name)
 
-    def publish(self, store: ResourceStore, type_: str, specs: Mapping[str, BaseModel]) -> None:
+    def publish(self, store: ResourceStore, type_: str, specs: Mapping[str, Spec]) -> None:
         """``specs`` become every resource of ``type_`` this controller owns."""
         for id_, spec in specs.items():
             store.put(type_, id_, spec, owner=self.name)

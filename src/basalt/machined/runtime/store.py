@@ -13,10 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from pydantic import BaseModel
-
 from basalt.machinery.errors import BasaltError
-from basalt.machinery.resources import DEFINITIONS, ResourceDefinition
+from basalt.machinery.resources import DEFINITIONS, ResourceDefinition, Spec
 
 EventKind = Literal["created", "updated", "destroyed", "bootstrapped"]
 WATCH_QUEUE = 1024
@@ -41,10 +39,10 @@ class ResourceMeta:
 @dataclass(frozen=True)
 class Resource:
     meta: ResourceMeta
-    spec: BaseModel
+    spec: Spec
 
     def spec_json(self) -> str:
-        return self.spec.model_dump_json(by_alias=True)
+        return self.spec.to_json()
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class ResourceStore:
     def list(self, type_: str) -> list[Resource]:
         return [self._items[type_][k] for k in sorted(self._items[type_])]
 
-    def put(self, type_: str, id_: str, spec: BaseModel, *, owner: str) -> Resource:
+    def put(self, type_: str, id_: str, spec: Spec, *, owner: str) -> Resource:
         """Create or update; returns the stored resource (unchanged when the spec is equal)."""
         items = self._items[type_]
         now = time.time()

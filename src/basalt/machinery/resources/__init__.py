@@ -10,6 +10,7 @@ from .definitions import (
     UnknownResourceTypeError,
     resolve_type,
 )
+from .record import Spec, SpecError
 from .specs import (
     AffiliateSpec,
     BootStatusSpec,
@@ -49,6 +50,8 @@ __all__ = [
     "ResourceDefinition",
     "ResourceDefinitionSpec",
     "ServiceStatusSpec",
+    "Spec",
+    "SpecError",
     "SystemStatsSpec",
     "TimeStatusSpec",
     "UnknownResourceTypeError",

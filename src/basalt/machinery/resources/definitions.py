@@ -5,10 +5,9 @@ from __future__ import annotations
 import builtins
 from dataclasses import dataclass
 
-from pydantic import BaseModel
-
 from ..errors import BasaltError, ErrorKind
 from . import specs
+from .record import Spec
 
 
 class UnknownResourceTypeError(BasaltError):
@@ -23,7 +22,7 @@ class ResourceDefinition:
 
     type: str
     namespace: str
-    spec: builtins.type[BaseModel]
+    spec: builtins.type[Spec]
     aliases: tuple[str, ...]
     description: str
     #: (column header, spec key) for table output, after NODE, ID and VERSION. A key may

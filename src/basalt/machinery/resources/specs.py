@@ -1,28 +1,11 @@
-"""The spec models of Basalt's resources (camelCase JSON on the wire)."""
+"""The specs of Basalt's resources (camelCase JSON on the wire; see :mod:`.record`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
-
-
-class Model(BaseModel):
-    """Specs are built in code by field name and sent as camelCase JSON; unknown fields are
-    errors. (Not the config documents' base: importing that builds every config model, and
-    a first boot publishes resources long before it reads a config.)"""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        frozen=True,
-        defer_build=True,
-    )
-
+from .record import Spec
 
 Stage = Literal[
     "maintenance",
@@ -36,20 +19,23 @@ Stage = Literal[
 ]
 
 
-class UnmetCondition(Model):
+@dataclass(frozen=True, kw_only=True)
+class UnmetCondition(Spec):
     name: str
     reason: str
 
 
-class MachineStatusSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class MachineStatusSpec(Spec):
     """The node's lifecycle stage and whether it is ready."""
 
     stage: Stage
     ready: bool
-    unmet_conditions: list[UnmetCondition] = Field(default_factory=list)
+    unmet_conditions: list[UnmetCondition] = field(default_factory=list)
 
 
-class ServiceStatusSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class ServiceStatusSpec(Spec):
     """One supervised service."""
 
     state: str
@@ -59,16 +45,19 @@ class ServiceStatusSpec(Model):
     restarts: int = 0
 
 
-class HostnameSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class HostnameSpec(Spec):
     hostname: str
     domainname: str = ""
 
 
-class NodeAddressesSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class NodeAddressesSpec(Spec):
     addresses: list[str]
 
 
-class MemberSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class MemberSpec(Spec):
     """A node of the cluster, as the trust service's member list reports it; with
     discovery, also an affiliate that list lacks (``last_seen``: when its record last
     changed)."""
@@ -80,7 +69,8 @@ class MemberSpec(Model):
     last_seen: float
 
 
-class AffiliateSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class AffiliateSpec(Spec):
     """A node of the cluster as the discovery service relays it (decrypted by this node
     with the cluster's key; the id is the affiliate id the node chose)."""
 
@@ -93,7 +83,8 @@ class AffiliateSpec(Model):
     etcd_peer_url: str = ""
 
 
-class DiscoveryStatusSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class DiscoveryStatusSpec(Spec):
     """This node's link to the discovery service (``DiscoveryConfig``).
 
     ``state``: ``disabled`` (no DiscoveryConfig, or ``enabled: false``), ``connecting``,
@@ -109,7 +100,8 @@ class DiscoveryStatusSpec(Model):
     last_error: str = ""
 
 
-class IssuedCertificateSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class IssuedCertificateSpec(Spec):
     """A node certificate this control plane's trust service signed: for which names,
     asked from where."""
 
@@ -120,7 +112,8 @@ class IssuedCertificateSpec(Model):
     issued: float
 
 
-class VersionSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class VersionSpec(Spec):
     tag: str
     python: str
     platform: str
@@ -128,13 +121,14 @@ class VersionSpec(Model):
     #: The id of the schematic the image was built from ('' when it records none).
     schematic: str = ""
     #: The system extensions the node uses, as ``name version``.
-    extensions: list[str] = Field(default_factory=list)
+    extensions: list[str] = field(default_factory=list)
     #: The image's extensions the node refused at boot (a changed file, a broken
     #: manifest, a fixed path another extension or the root has), as ``name: reason``.
-    extensions_skipped: list[str] = Field(default_factory=list)
+    extensions_skipped: list[str] = field(default_factory=list)
 
 
-class BootStatusSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class BootStatusSpec(Spec):
     """Which A/B slot the node runs, the one it would roll back to, and whether it fell back.
 
     ``on_trial``: the running slot has not passed its health gates yet. ``fell_back_from``
@@ -152,7 +146,8 @@ class BootStatusSpec(Model):
     summary: str = ""
 
 
-class UpdateStatusSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class UpdateStatusSpec(Spec):
     """What the node's updater (UpdateConfig) sees and does.
 
     ``state``: ``disabled`` (no UpdateConfig), ``checking``, ``up-to-date``,
@@ -167,17 +162,18 @@ class UpdateStatusSpec(Model):
     current: str = ""
     available: str = ""
     next_hop: str = ""
-    path: list[str] = Field(default_factory=list)
+    path: list[str] = field(default_factory=list)
     state: str = "disabled"
     last_check: str = ""
     next_check: str = ""
     next_window: str = ""
     last_error: str = ""
     slot_held: str = ""
-    refused: list[str] = Field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
 
-class TimeStatusSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class TimeStatusSpec(Spec):
     """The clock, as SNTP sees it: synchronised or not, against which server, how far off.
 
     ``offset`` is the last correction measured (seconds; positive: the clock was behind);
@@ -196,7 +192,8 @@ class TimeStatusSpec(Model):
     error: str = ""
 
 
-class SystemStatsSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class SystemStatsSpec(Spec):
     """The node's CPU and memory use over the last hour, one sample every ``interval``
     seconds, oldest first; the lists are aligned (sample i is ``times[i]``).
 
@@ -208,22 +205,24 @@ class SystemStatsSpec(Model):
     """
 
     interval: float
-    cpu: list[float] = Field(default_factory=list)
-    memory: list[int] = Field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    memory: list[int] = field(default_factory=list)
     memory_total: int = 0
-    times: list[float] = Field(default_factory=list)
-    network_rx: list[float] = Field(default_factory=list)
-    network_tx: list[float] = Field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    network_rx: list[float] = field(default_factory=list)
+    network_tx: list[float] = field(default_factory=list)
 
 
-class MachineConfigSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class MachineConfigSpec(Spec):
     """The machine config the node runs (sensitive: admin only)."""
 
     yaml: str
     staged: bool = False
 
 
-class KubernetesAssetFile(Model):
+@dataclass(frozen=True, kw_only=True)
+class KubernetesAssetFile(Spec):
     """One rendered file: its path in the node view, its mode, and (unless secret) its digest."""
 
     path: str
@@ -232,7 +231,8 @@ class KubernetesAssetFile(Model):
     sha256: str = ""
 
 
-class KubernetesAssetsSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class KubernetesAssetsSpec(Spec):
     """The Kubernetes files the node rendered from its config (digests of secrets withheld)."""
 
     kubernetes_version: str
@@ -240,7 +240,8 @@ class KubernetesAssetsSpec(Model):
     files: list[KubernetesAssetFile]
 
 
-class EtcdMemberSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class EtcdMemberSpec(Spec):
     """One etcd member (id is the member id in hex)."""
 
     name: str
@@ -249,7 +250,8 @@ class EtcdMemberSpec(Model):
     is_learner: bool
 
 
-class EtcdStatusSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class EtcdStatusSpec(Spec):
     """The local etcd member's view (ids in hex)."""
 
     member_id: str
@@ -259,10 +261,11 @@ class EtcdStatusSpec(Model):
     db_size: int
     version: str
     is_learner: bool
-    errors: list[str] = Field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
 
-class ResourceDefinitionSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class ResourceDefinitionSpec(Spec):
     type: str
     namespace: str
     aliases: list[str]
@@ -270,7 +273,8 @@ class ResourceDefinitionSpec(Model):
     description: str
 
 
-class DiskPartition(Model):
+@dataclass(frozen=True, kw_only=True)
+class DiskPartition(Spec):
     """One partition of a disk: its device, GPT name, where it starts and how big it is
     (bytes), and its GPT type (``efi``, ``linux-data`` or the type GUID; '' when the
     partition table could not be read)."""
@@ -282,7 +286,8 @@ class DiskPartition(Model):
     type: str = ""
 
 
-class DiskSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class DiskSpec(Spec):
     """A block device (``/sys/block``; loop, ram and zram devices left out); the id is its
     kernel name. ``transport``: ``nvme``, ``virtio``, ``sata``, ``usb``, ``scsi``,
     ``mmc``, ``xen`` or '' when unknown."""
@@ -296,10 +301,11 @@ class DiskSpec(Model):
     transport: str = ""
     #: True for the disk the node booted from (the one holding its A/B slots).
     system_disk: bool = False
-    partitions: list[DiskPartition] = Field(default_factory=list)
+    partitions: list[DiskPartition] = field(default_factory=list)
 
 
-class VolumeSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class VolumeSpec(Spec):
     """One of Basalt's volumes; the id is its role (``EFI``, ``BASALT-A``, ``BASALT-B``,
     ``META``, ``STATE``, ``EPHEMERAL``).
 
@@ -320,7 +326,8 @@ class VolumeSpec(Model):
     contents: int = -1
 
 
-class LinkSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class LinkSpec(Spec):
     """A network link (the id is its name). ``type``: the hardware type (``ether``,
     ``loopback``, ``none``, or the ARPHRD number); ``kind``: the virtual link's driver
     (``bridge``, ``veth``, ``vlan``...), '' for a physical one."""
@@ -330,21 +337,23 @@ class LinkSpec(Model):
     mtu: int
     mac: str = ""
     operstate: str = ""
-    flags: list[str] = Field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
     kind: str = ""
 
 
-class AddressSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class AddressSpec(Spec):
     """An address on a link; the id is ``link/address/prefix``."""
 
     link: str
     address: str
     family: str
     scope: str
-    flags: list[str] = Field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
 
 
-class RouteSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class RouteSpec(Spec):
     """A route of any table; ``destination`` is a network (``0.0.0.0/0`` for a default
     route), ``gateway`` and ``source`` '' when there is none."""
 
@@ -360,7 +369,8 @@ class RouteSpec(Model):
     type: str = ""
 
 
-class KernelParamSpec(Model):
+@dataclass(frozen=True, kw_only=True)
+class KernelParamSpec(Spec):
     """A kernel parameter Basalt's config (or its defaults) sets; the id is the key.
 
     ``value``: what the kernel reports now ('' when unreadable, ``error`` says why);
