@@ -30,9 +30,11 @@ initramfs execs machined under ``python -X importtime``) and the bench prints wh
 machined imported before its API opened, at this guest's speed: the total, and the
 costliest imports. ``--runs 0 --importtime`` does only that. Without ``--importtime``,
 that profiling boot runs anyway after the measured ones when machined's start-up missed
-its target, so a miss comes with what it imported.
+its target, so a miss comes with what it imported. With ``--profile`` one more boot runs
+with ``basalt.profile=1``: PID 1 runs under cProfile until its API opens and prints its
+costliest calls (cumulative and own time) on the console, which the bench prints.
 
-    python bench/boot.py [--runs N] [--image DIR] [--build] [--check] [--importtime]
+    python bench/boot.py [--runs N] [--image DIR] [--build] [--check] [--importtime] [--profile]
 
 Figures (2026-12-06, this 2-core host otherwise idle, 5 runs each, medians): Basalt
 10.22 s [9.73-12.34] against Debian 13.81 s [13.30-17.25], 0.74x (0.88x when issue 22
@@ -346,6 +348,23 @@ def profile_boot(argv: list[str], attempt: Attempt, logs: Path, timeout: float) 
     print("\n".join(import_profile(profiled.console)))
 
 
+def startup_profile(console: str) -> str:
+    """The cProfile tables a ``basalt.profile=1`` boot printed when its API opened."""
+    begin, end = console.find("machined profile begin"), console.find("machined profile end")
+    if begin < 0 or end < begin:
+        return "no profile on the console (did the API open?)"
+    return console[begin:end].split("\n", 1)[1].replace("\r", "").rstrip()
+
+
+def profiled_boot(argv: list[str], attempt: Attempt, logs: Path, timeout: float) -> None:
+    """Boot Basalt once with ``basalt.profile=1`` and print where PID 1's start-up went."""
+    argv = list(argv)
+    argv[argv.index("-append") + 1] += " basalt.profile=1"
+    profiled = boot(argv, attempt, logs / "basalt-profile.log", timeout)
+    print(f"basalt under cProfile: first answer after {profiled.seconds:.2f} s")
+    print(startup_profile(profiled.console))
+
+
 def spread(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -366,7 +385,7 @@ def other_qemus() -> list[int]:
     return found
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="boots of each guest")
     parser.add_argument("--image", type=Path, default=REPO / "_out" / "image")
@@ -376,13 +395,23 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per boot")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more Basalt boot with PID 1 under cProfile until its API opens",
+    )
+    parser.add_argument(
         "--importtime",
         action="store_true",
         help="one more Basalt boot under python -X importtime: what start-up imports cost",
     )
     args = parser.parse_args()
-    if args.runs < 1 and not (args.runs == 0 and args.importtime):
-        parser.error("--runs must be at least 1 (0 only with --importtime)")
+    if args.runs < 1 and not (args.runs == 0 and (args.importtime or args.profile)):
+        parser.error("--runs must be at least 1 (0 only with --importtime or --profile)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     if shutil.which("qemu-system-x86_64") is None:
         raise SystemExit("qemu-system-x86_64 missing: apt-get install qemu-system-x86")
 
@@ -429,8 +458,10 @@ def main() -> int:
     }
     if args.importtime:
         profile_boot(basalt_argv, guests["basalt"][1], logs, args.timeout)
-        if args.runs == 0:
-            return 0
+    if args.profile:
+        profiled_boot(basalt_argv, guests["basalt"][1], logs, args.timeout)
+    if args.runs == 0:
+        return 0
     results: dict[str, list[Boot]] = {"basalt": [], "debian": []}
     for run in range(args.runs):
         order = ["basalt", "debian"] if run % 2 == 0 else ["debian", "basalt"]

@@ -207,13 +207,18 @@ class _ApiOpenedNote(logging.Filter):
     /proc/self/status). With the uptime stamps of the initramfs' "switching root" line
     and of "API listening", it gives bench/boot its start-up and RSS figures."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: Any = None) -> None:
         super().__init__()
         self.done = False
+        #: A running cProfile.Profile (``basalt.profile=1``): printed when the API opens.
+        self.profile = profile
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.done and str(record.msg).startswith("API listening"):
             self.done = True
+            if self.profile is not None:
+                self.profile.disable()
+                print_profile(self.profile)
             gc.enable()
             try:
                 with open("/proc/self/status") as stream:
@@ -224,6 +229,41 @@ class _ApiOpenedNote(logging.Filter):
                 sizes = [0.0, 0.0]
             log.info("API open: machined RSS %.1f MiB (peak %.1f MiB)", *sizes)
         return True
+
+
+#: Rows of each table ``basalt.profile=1`` prints.
+PROFILE_ROWS = 45
+
+
+def startup_profile(cmdline: str = "/proc/cmdline") -> Any:
+    """A started cProfile.Profile when the kernel command line says ``basalt.profile=1``:
+    PID 1's start-up profiled up to its API opening, under this machine's own CPU
+    (bench/boot --profile reads it off the console). None otherwise."""
+    try:
+        with open(cmdline) as stream:
+            if "basalt.profile=1" not in stream.read().split():
+                return None
+    except OSError:
+        return None
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def print_profile(profile: Any, stream: Any = None) -> None:
+    """The profile's costliest calls, cumulative and own time, between marker lines."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text).strip_dirs()
+    for order in ("cumulative", "tottime"):
+        stats.sort_stats(order).print_stats(PROFILE_ROWS)
+    out = stream or sys.stderr
+    out.write(f"machined profile begin\n{text.getvalue()}machined profile end\n")
+    out.flush()
 
 
 #: Seconds into PID 1's boot after which garbage collection is back on even if the API
@@ -251,13 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         # when the API opens (_ApiOpenedNote), or STARTUP_GC_LIMIT seconds into the boot
         # if it never does.
         gc.disable()
+        profile = startup_profile()
         for key, value in INIT_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         for handler in logging.getLogger().handlers:
             handler.setFormatter(
                 _UptimeFormatter("[%(uptime)12.6f] machined: %(levelname)s %(name)s: %(message)s")
             )
-            handler.addFilter(_ApiOpenedNote())
+            handler.addFilter(_ApiOpenedNote(profile))
         log.info("PID 1: machined %s starting", _version())
         # Before any other import (no thread yet): a first boot's maintenance certificate
         # is made on another CPU meanwhile (api/certificate_helper.py).

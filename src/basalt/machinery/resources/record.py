@@ -1,4 +1,4 @@
-"""The base of resource specs: frozen, keyword-only dataclasses, checked against their
+"""The base of resource specs: frozen, keyword-only records, checked against their
 annotations when built and sent as camelCase JSON.
 
 Specs are built in code (controllers) from values the node reads, published in the
@@ -15,6 +15,13 @@ importing it and building a schema per spec cost about a second before the API o
 - JSON keys are the field names in camelCase (``to_json``, ``to_dict``), and
   ``from_dict`` reads either spelling back, refusing keys the spec does not have.
 
+A spec class declares its fields as a dataclass would (annotations, defaults,
+``dataclasses.field(default_factory=...)``) and type checkers treat it as a frozen,
+keyword-only dataclass (``dataclass_transform``). It is not one: ``@dataclass`` writes
+and compiles five methods per class, which under emulation was a fifth of a second for
+the specs a first boot imports; here one ``__init__``, ``__eq__``, ``__repr__`` serve
+every spec, reading the field table :meth:`Spec.__init_subclass__` builds.
+
 Supported annotations: ``str``, ``int``, ``float``, ``bool``, ``Literal[...]``,
 ``list[X]``, ``dict[str, X]``, ``X | None`` and nested specs.
 """
@@ -22,17 +29,18 @@ Supported annotations: ``str``, ``int``, ``float``, ``bool``, ``Literal[...]``,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import types
 import typing
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Self, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar, Self, dataclass_transform
 
 from ..errors import BasaltError
 
 #: Checks (and normalises) one value; raises _Mismatch.
 _Check = Callable[[Any, str], Any]
-_S = TypeVar("_S", bound="Spec")
+_MISSING: Any = dataclasses.MISSING
 
 
 class SpecError(BasaltError, TypeError):
@@ -50,32 +58,86 @@ def camel(name: str) -> str:
     return first + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
+@dataclass_transform(
+    kw_only_default=True, frozen_default=True, field_specifiers=(dataclasses.field,)
+)
 class Spec:
-    """Base of every resource spec. Subclasses are ``@dataclass(frozen=True, kw_only=True)``."""
+    """Base of every resource spec (see the module's docstring)."""
 
+    #: (name, default, default factory) per field, in declaration order, bases first.
+    _fields: ClassVar[tuple[tuple[str, Any, Any], ...]] = ()
     #: field name -> its check, built on the first instance of each class.
-    _checks: ClassVar[dict[str, _Check]]
+    _checks: ClassVar[dict[str, _Check] | None] = None
 
-    def __post_init__(self) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = []
+        for name, annotation in inspect.get_annotations(cls).items():
+            if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
+                continue
+            value = cls.__dict__.get(name, _MISSING)
+            default, factory = value, _MISSING
+            if isinstance(value, dataclasses.Field):
+                default, factory = value.default, value.default_factory
+                if default is _MISSING:
+                    delattr(cls, name)
+                else:
+                    setattr(cls, name, default)
+            own.append((name, default, factory))
+        inherited = [f for f in cls._fields if f[0] not in {o[0] for o in own}]
+        cls._fields = (*inherited, *own)
+        cls._checks = None
+
+    def __init__(self, **values: Any) -> None:
         cls = type(self)
-        checks = cls.__dict__.get("_checks")
-        if checks is None:
-            checks = _build_checks(cls)
-            cls._checks = checks
-        for name, check in checks.items():
-            value = getattr(self, name)
+        checks = cls.__dict__.get("_checks") or _build_checks(cls)
+        missing = []
+        for name, default, factory in cls._fields:
+            if name in values:
+                value = values.pop(name)
+            elif factory is not _MISSING:
+                value = factory()
+            elif default is not _MISSING:
+                value = default
+            else:
+                missing.append(repr(name))
+                continue
             try:
-                checked = check(value, f"{cls.__name__}.{name}")
+                value = checks[name](value, f"{cls.__name__}.{name}")
             except _Mismatch as exc:
                 raise SpecError(str(exc)) from None
-            if checked is not value:
-                object.__setattr__(self, name, checked)
+            object.__setattr__(self, name, value)
+        if values:
+            raise TypeError(f"{cls.__name__}() got unexpected fields: {', '.join(values)}")
+        if missing:
+            raise TypeError(f"{cls.__name__}() is missing required fields: {', '.join(missing)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def _values(self) -> Iterator[Any]:
+        return (getattr(self, name) for name, _, _ in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return tuple(self._values()) == tuple(other._values())
+
+    def __hash__(self) -> int:
+        return hash((type(self), *self._values()))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}={getattr(self, n)!r}" for n, _, _ in self._fields)
+        return f"{type(self).__name__}({shown})"
 
     def to_dict(self, *, by_alias: bool = True) -> dict[str, Any]:
         """A JSON-ready dict: camelCase keys (field names with ``by_alias=False``)."""
         return {
-            (camel(f.name) if by_alias else f.name): _plain(getattr(self, f.name), by_alias)
-            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            (camel(name) if by_alias else name): _plain(getattr(self, name), by_alias)
+            for name, _, _ in self._fields
         }
 
     def to_json(self) -> str:
@@ -85,26 +147,27 @@ class Spec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """Build from a dict keyed by camelCase or field names (nested specs as dicts too).
-        Raises :class:`SpecError` naming a key the spec has not."""
+        Raises :class:`SpecError` naming a key the spec has not, or a field missing."""
         names = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            names[f.name] = names[camel(f.name)] = f.name
+        for name, _, _ in cls._fields:
+            names[name] = names[camel(name)] = name
         values = {}
         for key, value in data.items():
             if key not in names:
-                raise SpecError(f"{cls.__name__}: no field {key!r} (fields: {', '.join(names)})")
+                known = ", ".join(name for name, _, _ in cls._fields)
+                raise SpecError(f"{cls.__name__}: no field {key!r} (fields: {known})")
             values[names[key]] = value
         try:
             return cls(**values)
+        except SpecError:
+            raise
         except TypeError as exc:  # a required field missing
-            if isinstance(exc, SpecError):
-                raise
-            raise SpecError(f"{cls.__name__}: {exc}") from None
+            raise SpecError(str(exc)) from None
 
     @classmethod
     def field_keys(cls) -> dict[str, str]:
         """Field name -> its JSON key."""
-        return {f.name: camel(f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return {name: camel(name) for name, _, _ in cls._fields}
 
 
 def _plain(value: Any, by_alias: bool) -> Any:
@@ -119,7 +182,9 @@ def _plain(value: Any, by_alias: bool) -> Any:
 
 def _build_checks(cls: type[Spec]) -> dict[str, _Check]:
     hints = typing.get_type_hints(cls)
-    return {f.name: _check_for(hints[f.name]) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    checks = {name: _check_for(hints[name]) for name, _, _ in cls._fields}
+    cls._checks = checks
+    return checks
 
 
 def _scalar(hint: Any) -> _Check | None:

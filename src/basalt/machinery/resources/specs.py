@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 from .record import Spec
@@ -19,13 +19,11 @@ Stage = Literal[
 ]
 
 
-@dataclass(frozen=True, kw_only=True)
 class UnmetCondition(Spec):
     name: str
     reason: str
 
 
-@dataclass(frozen=True, kw_only=True)
 class MachineStatusSpec(Spec):
     """The node's lifecycle stage and whether it is ready."""
 
@@ -34,7 +32,6 @@ class MachineStatusSpec(Spec):
     unmet_conditions: list[UnmetCondition] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
 class ServiceStatusSpec(Spec):
     """One supervised service."""
 
@@ -45,18 +42,15 @@ class ServiceStatusSpec(Spec):
     restarts: int = 0
 
 
-@dataclass(frozen=True, kw_only=True)
 class HostnameSpec(Spec):
     hostname: str
     domainname: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class NodeAddressesSpec(Spec):
     addresses: list[str]
 
 
-@dataclass(frozen=True, kw_only=True)
 class MemberSpec(Spec):
     """A node of the cluster, as the trust service's member list reports it; with
     discovery, also an affiliate that list lacks (``last_seen``: when its record last
@@ -69,7 +63,6 @@ class MemberSpec(Spec):
     last_seen: float
 
 
-@dataclass(frozen=True, kw_only=True)
 class AffiliateSpec(Spec):
     """A node of the cluster as the discovery service relays it (decrypted by this node
     with the cluster's key; the id is the affiliate id the node chose)."""
@@ -83,7 +76,6 @@ class AffiliateSpec(Spec):
     etcd_peer_url: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class DiscoveryStatusSpec(Spec):
     """This node's link to the discovery service (``DiscoveryConfig``).
 
@@ -100,7 +92,6 @@ class DiscoveryStatusSpec(Spec):
     last_error: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class IssuedCertificateSpec(Spec):
     """A node certificate this control plane's trust service signed: for which names,
     asked from where."""
@@ -112,7 +103,6 @@ class IssuedCertificateSpec(Spec):
     issued: float
 
 
-@dataclass(frozen=True, kw_only=True)
 class VersionSpec(Spec):
     tag: str
     python: str
@@ -127,7 +117,6 @@ class VersionSpec(Spec):
     extensions_skipped: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
 class BootStatusSpec(Spec):
     """Which A/B slot the node runs, the one it would roll back to, and whether it fell back.
 
@@ -146,7 +135,6 @@ class BootStatusSpec(Spec):
     summary: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class UpdateStatusSpec(Spec):
     """What the node's updater (UpdateConfig) sees and does.
 
@@ -172,7 +160,6 @@ class UpdateStatusSpec(Spec):
     refused: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
 class TimeStatusSpec(Spec):
     """The clock, as SNTP sees it: synchronised or not, against which server, how far off.
 
@@ -192,7 +179,6 @@ class TimeStatusSpec(Spec):
     error: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class SystemStatsSpec(Spec):
     """The node's CPU and memory use over the last hour, one sample every ``interval``
     seconds, oldest first; the lists are aligned (sample i is ``times[i]``).
@@ -213,7 +199,6 @@ class SystemStatsSpec(Spec):
     network_tx: list[float] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
 class MachineConfigSpec(Spec):
     """The machine config the node runs (sensitive: admin only)."""
 
@@ -221,7 +206,6 @@ class MachineConfigSpec(Spec):
     staged: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
 class KubernetesAssetFile(Spec):
     """One rendered file: its path in the node view, its mode, and (unless secret) its digest."""
 
@@ -231,7 +215,6 @@ class KubernetesAssetFile(Spec):
     sha256: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class KubernetesAssetsSpec(Spec):
     """The Kubernetes files the node rendered from its config (digests of secrets withheld)."""
 
@@ -240,7 +223,6 @@ class KubernetesAssetsSpec(Spec):
     files: list[KubernetesAssetFile]
 
 
-@dataclass(frozen=True, kw_only=True)
 class EtcdMemberSpec(Spec):
     """One etcd member (id is the member id in hex)."""
 
@@ -250,7 +232,6 @@ class EtcdMemberSpec(Spec):
     is_learner: bool
 
 
-@dataclass(frozen=True, kw_only=True)
 class EtcdStatusSpec(Spec):
     """The local etcd member's view (ids in hex)."""
 
@@ -264,7 +245,6 @@ class EtcdStatusSpec(Spec):
     errors: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
 class ResourceDefinitionSpec(Spec):
     type: str
     namespace: str
@@ -273,7 +253,6 @@ class ResourceDefinitionSpec(Spec):
     description: str
 
 
-@dataclass(frozen=True, kw_only=True)
 class DiskPartition(Spec):
     """One partition of a disk: its device, GPT name, where it starts and how big it is
     (bytes), and its GPT type (``efi``, ``linux-data`` or the type GUID; '' when the
@@ -286,7 +265,6 @@ class DiskPartition(Spec):
     type: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class DiskSpec(Spec):
     """A block device (``/sys/block``; loop, ram and zram devices left out); the id is its
     kernel name. ``transport``: ``nvme``, ``virtio``, ``sata``, ``usb``, ``scsi``,
@@ -304,7 +282,6 @@ class DiskSpec(Spec):
     partitions: list[DiskPartition] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
 class VolumeSpec(Spec):
     """One of Basalt's volumes; the id is its role (``EFI``, ``BASALT-A``, ``BASALT-B``,
     ``META``, ``STATE``, ``EPHEMERAL``).
@@ -326,7 +303,6 @@ class VolumeSpec(Spec):
     contents: int = -1
 
 
-@dataclass(frozen=True, kw_only=True)
 class LinkSpec(Spec):
     """A network link (the id is its name). ``type``: the hardware type (``ether``,
     ``loopback``, ``none``, or the ARPHRD number); ``kind``: the virtual link's driver
@@ -341,7 +317,6 @@ class LinkSpec(Spec):
     kind: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class AddressSpec(Spec):
     """An address on a link; the id is ``link/address/prefix``."""
 
@@ -352,7 +327,6 @@ class AddressSpec(Spec):
     flags: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
 class RouteSpec(Spec):
     """A route of any table; ``destination`` is a network (``0.0.0.0/0`` for a default
     route), ``gateway`` and ``source`` '' when there is none."""
@@ -369,7 +343,6 @@ class RouteSpec(Spec):
     type: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
 class KernelParamSpec(Spec):
     """A kernel parameter Basalt's config (or its defaults) sets; the id is the key.
 
