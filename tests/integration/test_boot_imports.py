@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from basalt.machined.startup_bundle import STARTUP_MODULES
+
 ADDRESS = "127.0.0.250"
 #: Not needed before the maintenance API answers (each pulls in others).
 LATER = (
@@ -42,65 +44,10 @@ LATER = (
 )
 
 
-def _names(text: str) -> frozenset[str]:
-    return frozenset(text.split())
+#: Basalt's modules that may be imported before the API opens (container and metal): the
+#: start-up bundle's list (basalt/machined/startup_bundle.py).
+ALLOWED_BASALT = STARTUP_MODULES
 
-
-#: Basalt's modules that may be imported before the API opens (container and metal).
-ALLOWED_BASALT = _names(
-    """
-    basalt basalt.machined basalt.machined.main basalt.machined.assemble
-    basalt.machined.api basalt.machined.api.auth basalt.machined.api.dispatch
-    basalt.machined.api.certificate_helper
-    basalt.machined.api.errors basalt.machined.api.server basalt.machined.api.tls
-    basalt.machined.boot basalt.machined.boot.esp_check basalt.machined.boot.esp_repair
-    basalt.machined.boot.fat basalt.machined.boot.meta basalt.machined.boot.metal_slots
-    basalt.machined.config_url basalt.machined.events basalt.machined.extensions
-    basalt.machined.fleet basalt.machined.node basalt.machined.ports basalt.machined.updater
-    basalt.machined.controllers basalt.machined.controllers.discovery
-    basalt.machined.controllers.hostname basalt.machined.controllers.hostname_apply
-    basalt.machined.controllers.kernel_modules basalt.machined.controllers.kernel_params
-    basalt.machined.controllers.kubernetes basalt.machined.controllers.members
-    basalt.machined.controllers.network basalt.machined.controllers.network_status
-    basalt.machined.controllers.node_addresses basalt.machined.controllers.polling
-    basalt.machined.controllers.resolvers basalt.machined.controllers.storage_status
-    basalt.machined.controllers.sysctls basalt.machined.controllers.system_stats
-    basalt.machined.controllers.timesync basalt.machined.controllers.version
-    basalt.machined.platform basalt.machined.platform.etc basalt.machined.platform.metal
-    basalt.machined.runtime basalt.machined.runtime.controller
-    basalt.machined.runtime.sequencer basalt.machined.runtime.store
-    basalt.machined.sequencer basalt.machined.sequencer.sequences
-    basalt.machined.services basalt.machined.services.logs basalt.machined.services.runners
-    basalt.machined.services.service basalt.machined.services.supervisor
-    basalt.machined.storage basalt.machined.storage.partitions basalt.machined.storage.state
-    basalt.machined.sys basalt.machined.sys._libc basalt.machined.sys.clock
-    basalt.machined.sys.cmdline basalt.machined.sys.dhcp basalt.machined.sys.dhcp.client
-    basalt.machined.sys.dhcp.packet basalt.machined.sys.ifaces basalt.machined.sys.kexec
-    basalt.machined.sys.kmod basalt.machined.sys.loop basalt.machined.sys.mount
-    basalt.machined.sys.netlink basalt.machined.sys.power basalt.machined.sys.procstat
-    basalt.machined.sys.reaper basalt.machined.sys.rtnl basalt.machined.sys.sysctl
-    basalt.machined.upgrade basalt.machined.upgrade.drain basalt.machined.upgrade.jobs
-    basalt.machined.upgrade.receive basalt.machined.upgrade.slots
-    basalt.machined.upgrade.upgrader
-    basalt.machinery basalt.machinery.api basalt.machinery.api.common_pb2
-    basalt.machinery.api.machine_pb2 basalt.machinery.api.machine_pb2_grpc
-    basalt.machinery.api.resource_pb2 basalt.machinery.api.resource_pb2_grpc
-    basalt.machinery.api.status basalt.machinery.api.trust_pb2
-    basalt.machinery.api.trust_pb2_grpc
-    basalt.machinery.boot basalt.machinery.boot.assessment basalt.machinery.boot.codecs
-    basalt.machinery.boot.entries basalt.machinery.boot.esp basalt.machinery.boot.slots
-    basalt.machinery.client basalt.machinery.client.client
-    basalt.machinery.disk basalt.machinery.disk.gpt basalt.machinery.disk.layout
-    basalt.machinery.elf basalt.machinery.errors basalt.machinery.fileio
-    basalt.machinery.image_layout basalt.machinery.images basalt.machinery.images.errors
-    basalt.machinery.images.manifest basalt.machinery.images.payload
-    basalt.machinery.kubernetes basalt.machinery.kubernetes.paths basalt.machinery.launch
-    basalt.machinery.lazy basalt.machinery.pki basalt.machinery.resources
-    basalt.machinery.resources.definitions basalt.machinery.resources.record
-    basalt.machinery.resources.specs
-    basalt.machinery.roles basalt.machinery.schematic basalt.machinery.sntp
-    """
-)
 #: Other top-level packages (the standard library's are all allowed): gRPC and protobuf
 #: serve the API, cryptography makes its certificate. Not pydantic: resource specs are
 #: dataclasses (basalt.machinery.resources.record); the config models load with a config.

@@ -23,6 +23,7 @@ from basalt.machinery.image_layout import (
     IMAGE_MODULES,
     IMAGE_MOUNT_DIRECTORIES,
     IMAGE_MOUNT_FILES,
+    STARTUP_BUNDLE,
 )
 
 from . import kmod, libs
@@ -119,6 +120,9 @@ INIT_SCRIPT = """#!/usr/bin/python3.11 -I
 # Basalt's PID 1: machined on the metal platform (python3.11 -m basalt.machined --platform metal).
 import sys
 
+from basalt.machined import startup_bundle
+
+startup_bundle.install()  # its start-up imports from one file (basalt/machined/startup_bundle.py)
 from basalt.machined.main import main
 
 sys.exit(main(["--platform", "metal"]))
@@ -194,7 +198,7 @@ class Rootfs(Stage):
     """Assemble ``root/`` and ``manifest.json`` (dropped modules, copied libraries)."""
 
     name = "rootfs"
-    version = 2  # 2: wheel extension modules stripped, more of the stdlib pruned
+    version = 3  # 2: wheel extension modules stripped, more of the stdlib pruned; 3: bundle
     unpack: Unpack
     wheels: FetchWheels
     sources: BasaltSources
@@ -226,6 +230,7 @@ class Rootfs(Stage):
         run_interpreter(
             root, ["-s", "-B", "-c", "import " + ", ".join(IMPORT_CHECK)], what="import check"
         )
+        _startup_bundle(root)
         _normalize(root)
         manifest = {
             "dropped_stdlib_extensions": dropped,
@@ -345,6 +350,17 @@ def _compile(tree: Path, root: Path) -> None:
             *("-s", str(root), "-p", "/", str(root / PYLIB), str(root / SITE)),
         ],
         what="compileall",
+    )
+
+
+def _startup_bundle(root: Path) -> None:
+    """The byte code machined imports before its API opens, in one file (ADR 0008)."""
+    bundle = root / STARTUP_BUNDLE.lstrip("/")
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    run_interpreter(
+        root,
+        ["-s", "-B", "-m", "basalt.machined.startup_bundle", str(bundle), str(root)],
+        what="start-up bundle",
     )
 
 

@@ -219,6 +219,8 @@ class _ApiOpenedNote(logging.Filter):
             if self.profile is not None:
                 self.profile.disable()
                 print_profile(self.profile)
+            bundle = sys.modules.get("basalt.machined.startup_bundle")
+            bundled = bundle.release() if bundle is not None else 0
             gc.enable()
             try:
                 with open("/proc/self/status") as stream:
@@ -227,7 +229,12 @@ class _ApiOpenedNote(logging.Filter):
                 sizes = [int(kib[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")]
             except (OSError, KeyError, ValueError):
                 sizes = [0.0, 0.0]
-            log.info("API open: machined RSS %.1f MiB (peak %.1f MiB)", *sizes)
+            log.info(
+                "API open: machined RSS %.1f MiB (peak %.1f MiB); %d modules from the "
+                "start-up bundle",
+                *sizes,
+                bundled,
+            )
         return True
 
 

@@ -12,12 +12,17 @@ __all__ = [
     "IMAGE_MOUNT_POINTS",
     "OVERLAY_DIRECTORIES",
     "SCHEMATIC_FILE",
+    "STARTUP_BUNDLE",
 ]
 
 #: Where the initramfs puts the extensions, relative to the root (a read-only tmpfs).
 EXTENSIONS_DIR = "usr/lib/basalt/extensions"
 #: The schematic the image was built from, in :data:`EXTENSIONS_DIR`.
 SCHEMATIC_FILE = "schematic.json"
+
+#: The byte code machined imports before its API opens, in one file
+#: (basalt.machined.startup_bundle).
+STARTUP_BUNDLE = "/usr/lib/basalt/startup.bundle"
 
 #: Root directories that system extensions may provide files in (``provides`` in their
 #: manifests): empty in the image; machined mounts a read-only overlay of the

@@ -1,0 +1,259 @@
+"""The start-up bundle: the byte code of every module machined imports before its API
+opens, in one file of the image, so a boot reads one file instead of hundreds.
+
+Under emulation a first boot's start-up was a quarter file access (issue 22, measured
+with ``basalt.profile=1``): each import stats its way along ``sys.path``, opens its
+``.pyc`` and reads it, and the root is a squashfs, so reading one small ``.pyc``
+decompresses the whole 256 KiB fragment block it sits in. The bundle holds the same
+byte code (the image's own ``.pyc`` files, unchecked-hash, without their headers),
+stored in import order in one file whose blocks are each decompressed once; it is
+mapped, not read, so only what is imported is touched.
+
+- Built by the imager (:func:`build`, run by the image's own interpreter): it imports
+  :data:`STARTUP_MODULES` and bundles every module that brought in from a source file of
+  the image: those, their standard library and their packages (grpc, protobuf...).
+- Installed by ``/sbin/init`` before machined starts (:func:`install`): a finder first on
+  ``sys.meta_path`` answers the bundled modules with an ordinary
+  ``SourceFileLoader`` spec for the module's real file (``__file__``, tracebacks,
+  package resources are as without the bundle) whose code comes from the bundle.
+- Released when the API opens (:func:`release`, from machined's "API open" note): the
+  finder leaves ``sys.meta_path`` and the mapping is closed; later imports read files.
+
+A module missing from the bundle is imported from its file as always, so a stale list
+costs time, not correctness. The root is read-only and signed, so a file cannot differ
+from the code bundled from it. (System extensions mount over ``/usr/local`` only once the
+boot has imported most of these modules already, and ship programs, not Python.)
+"""
+
+# Imported before the bundle is installed, so from files: nothing here imports more than
+# the interpreter has loaded already (no ``typing``, not even ``__future__``; the
+# annotations are strings).
+import marshal
+import sys
+from importlib.machinery import ModuleSpec, SourceFileLoader
+
+from basalt.machinery.image_layout import STARTUP_BUNDLE
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import mmap
+    import types
+    from collections.abc import Iterable, Sequence
+    from typing import Any
+
+#: First bytes of a bundle file (format 1).
+MAGIC = b"BSLTBND1"
+
+#: Basalt's modules that may be imported before the API opens (container and metal; a
+#: first boot and a boot with a config): the bundle's roots, and the allow-list
+#: ``tests/integration/test_boot_imports.py`` holds machined's start-up to.
+STARTUP_MODULES = frozenset(
+    """
+    basalt basalt.machined basalt.machined.main basalt.machined.assemble
+    basalt.machined.api basalt.machined.api.auth basalt.machined.api.dispatch
+    basalt.machined.api.certificate_helper
+    basalt.machined.api.errors basalt.machined.api.server basalt.machined.api.tls
+    basalt.machined.boot basalt.machined.boot.esp_check basalt.machined.boot.esp_repair
+    basalt.machined.boot.fat basalt.machined.boot.meta basalt.machined.boot.metal_slots
+    basalt.machined.config_url basalt.machined.events basalt.machined.extensions
+    basalt.machined.fleet basalt.machined.node basalt.machined.ports basalt.machined.updater
+    basalt.machined.controllers basalt.machined.controllers.discovery
+    basalt.machined.controllers.hostname basalt.machined.controllers.hostname_apply
+    basalt.machined.controllers.kernel_modules basalt.machined.controllers.kernel_params
+    basalt.machined.controllers.kubernetes basalt.machined.controllers.members
+    basalt.machined.controllers.network basalt.machined.controllers.network_status
+    basalt.machined.controllers.node_addresses basalt.machined.controllers.polling
+    basalt.machined.controllers.resolvers basalt.machined.controllers.storage_status
+    basalt.machined.controllers.sysctls basalt.machined.controllers.system_stats
+    basalt.machined.controllers.timesync basalt.machined.controllers.version
+    basalt.machined.platform basalt.machined.platform.etc basalt.machined.platform.metal
+    basalt.machined.runtime basalt.machined.runtime.controller
+    basalt.machined.runtime.sequencer basalt.machined.runtime.store
+    basalt.machined.sequencer basalt.machined.sequencer.sequences
+    basalt.machined.services basalt.machined.services.logs basalt.machined.services.runners
+    basalt.machined.services.service basalt.machined.services.supervisor
+    basalt.machined.startup_bundle
+    basalt.machined.storage basalt.machined.storage.partitions basalt.machined.storage.state
+    basalt.machined.sys basalt.machined.sys._libc basalt.machined.sys.clock
+    basalt.machined.sys.cmdline basalt.machined.sys.dhcp basalt.machined.sys.dhcp.client
+    basalt.machined.sys.dhcp.packet basalt.machined.sys.ifaces basalt.machined.sys.kexec
+    basalt.machined.sys.kmod basalt.machined.sys.loop basalt.machined.sys.mount
+    basalt.machined.sys.netlink basalt.machined.sys.power basalt.machined.sys.procstat
+    basalt.machined.sys.reaper basalt.machined.sys.rtnl basalt.machined.sys.sysctl
+    basalt.machined.upgrade basalt.machined.upgrade.drain basalt.machined.upgrade.jobs
+    basalt.machined.upgrade.receive basalt.machined.upgrade.slots
+    basalt.machined.upgrade.upgrader
+    basalt.machinery basalt.machinery.api basalt.machinery.api.common_pb2
+    basalt.machinery.api.machine_pb2 basalt.machinery.api.machine_pb2_grpc
+    basalt.machinery.api.resource_pb2 basalt.machinery.api.resource_pb2_grpc
+    basalt.machinery.api.status basalt.machinery.api.trust_pb2
+    basalt.machinery.api.trust_pb2_grpc
+    basalt.machinery.boot basalt.machinery.boot.assessment basalt.machinery.boot.codecs
+    basalt.machinery.boot.entries basalt.machinery.boot.esp basalt.machinery.boot.slots
+    basalt.machinery.client basalt.machinery.client.client
+    basalt.machinery.disk basalt.machinery.disk.gpt basalt.machinery.disk.layout
+    basalt.machinery.elf basalt.machinery.errors basalt.machinery.fileio
+    basalt.machinery.image_layout basalt.machinery.images basalt.machinery.images.errors
+    basalt.machinery.images.manifest basalt.machinery.images.payload
+    basalt.machinery.kubernetes basalt.machinery.kubernetes.paths basalt.machinery.launch
+    basalt.machinery.lazy basalt.machinery.pki basalt.machinery.resources
+    basalt.machinery.resources.definitions basalt.machinery.resources.record
+    basalt.machinery.resources.specs
+    basalt.machinery.roles basalt.machinery.schematic basalt.machinery.sntp
+    """.split()  # noqa: SIM905 - a list of names reads better as words
+)
+#: The finder :func:`install` put on sys.meta_path (None when not installed).
+_installed: "BundleFinder | None" = None
+
+
+class BundleError(Exception):
+    """A bundle file that is not one (wrong magic, unreadable index)."""
+
+
+class _BundledLoader(SourceFileLoader):
+    """A module's file loader whose byte code comes from the bundle."""
+
+    def __init__(self, fullname: str, path: str, code: bytes) -> None:
+        super().__init__(fullname, path)
+        self._code: bytes | None = code
+
+    def get_code(self, fullname: str) -> "types.CodeType":
+        data, self._code = self._code, None  # once: a reload reads the file
+        if data is None:
+            return super().get_code(fullname)  # type: ignore[return-value]
+        code: types.CodeType = marshal.loads(data)
+        return code
+
+
+class BundleFinder:
+    """Answers the bundled modules from a mapped bundle file."""
+
+    def __init__(self, mapping: "mmap.mmap | bytes") -> None:
+        if mapping[: len(MAGIC)] != MAGIC:
+            raise BundleError("not a start-up bundle (bad magic)")
+        index_length = int.from_bytes(mapping[len(MAGIC) : len(MAGIC) + 4], "little")
+        start = len(MAGIC) + 4
+        try:
+            index = marshal.loads(mapping[start : start + index_length])
+        except (EOFError, ValueError, TypeError) as exc:
+            raise BundleError(f"unreadable bundle index: {exc}") from None
+        self._mapping = mapping
+        self._base = start + index_length
+        #: name -> (file, is a package, offset from _base, length)
+        self._index: dict[str, tuple[str, bool, int, int]] = index
+        self.served = 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def find_spec(
+        self, fullname: str, path: "Sequence[str] | None" = None, target: object = None
+    ) -> "ModuleSpec | None":
+        entry = self._index.pop(fullname, None)  # served once
+        if entry is None:
+            return None
+        origin, package, offset, length = entry
+        start = self._base + offset
+        loader = _BundledLoader(fullname, origin, self._mapping[start : start + length])
+        spec = ModuleSpec(fullname, loader, origin=origin, is_package=package)
+        spec.has_location = True
+        if package:
+            spec.submodule_search_locations = [origin.rsplit("/", 1)[0]]
+        self.served += 1
+        return spec
+
+    def close(self) -> None:
+        self._index.clear()
+        close = getattr(self._mapping, "close", None)
+        if close is not None:
+            close()
+
+
+def install(path: str = STARTUP_BUNDLE) -> "BundleFinder | None":
+    """Put the bundle at ``path`` first on ``sys.meta_path``; None (and nothing changed)
+    when there is no usable bundle there."""
+    global _installed  # noqa: PLW0603 - one bundle per process
+    import mmap
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    try:
+        finder = BundleFinder(mapping)
+    except BundleError:
+        mapping.close()
+        return None
+    sys.meta_path.insert(0, finder)
+    _installed = finder
+    return finder
+
+
+def release() -> int:
+    """Take the installed bundle off ``sys.meta_path`` and unmap it; returns how many
+    modules it served (0 when none was installed)."""
+    global _installed
+    finder, _installed = _installed, None
+    if finder is None:
+        return 0
+    if finder in sys.meta_path:
+        sys.meta_path.remove(finder)
+    finder.close()
+    return finder.served
+
+
+def pack(modules: "Iterable[tuple[str, str, bool, bytes]]") -> bytes:
+    """A bundle file from (name, file, is a package, marshalled code) in import order."""
+    index: dict[str, tuple[str, bool, int, int]] = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name, origin, package, code in modules:
+        index[name] = (origin, package, offset, len(code))
+        blobs.append(code)
+        offset += len(code)
+    head = marshal.dumps(index)
+    return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *blobs])
+
+
+def build(output: str, root: str, roots: "Iterable[str]" = STARTUP_MODULES) -> list[str]:
+    """Import ``roots`` and bundle every module that came from a ``.py`` file under
+    ``root`` (the image's tree, as this interpreter runs it), named by its path in the
+    image; returns their names. Runs in the image's own interpreter (its byte code, its
+    magic number), with the tree's ``.pyc`` files already compiled."""
+    import importlib
+    import importlib.util
+
+    before = set(sys.modules)
+    for name in sorted(roots):
+        importlib.import_module(name)
+    prefix = root.rstrip("/") + "/"
+    found: list[tuple[str, str, bool, bytes]] = []
+    for name, module in list(sys.modules.items()):
+        spec: Any = getattr(module, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        if (
+            name in before
+            or not isinstance(spec, ModuleSpec)
+            or not isinstance(spec.loader, SourceFileLoader)
+            or not isinstance(origin, str)
+            or not origin.startswith(prefix)
+        ):
+            continue
+        with open(importlib.util.cache_from_source(origin), "rb") as stream:
+            code = stream.read()[16:]  # the .pyc header: magic, flags, hash
+        package = spec.submodule_search_locations is not None
+        found.append((name, "/" + origin[len(prefix) :], package, code))
+    with open(output, "wb") as stream:
+        stream.write(pack(found))
+    return [name for name, *_ in found]
+
+
+if __name__ == "__main__":  # the imager: python -m basalt.machined.startup_bundle OUT ROOT
+    print(f"{len(build(sys.argv[1], sys.argv[2]))} modules bundled")

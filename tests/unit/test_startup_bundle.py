@@ -1,0 +1,112 @@
+"""The start-up bundle (basalt.machined.startup_bundle): built from a tree's byte code,
+it serves those modules with their real files' specs, once, and leaves when released."""
+
+from __future__ import annotations
+
+import compileall
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from basalt.machined import startup_bundle
+
+BUILD_AND_IMPORT = """
+import sys
+from basalt.machined import startup_bundle
+names = startup_bundle.build(sys.argv[1], sys.argv[2], roots=["bundled_pkg.leaf"])
+print(" ".join(names))
+"""
+
+USE = """
+import sys
+from basalt.machined import startup_bundle
+finder = startup_bundle.install(sys.argv[1])
+assert finder is not None and sys.meta_path[0] is finder
+import bundled_pkg.leaf
+print(bundled_pkg.leaf.ANSWER, bundled_pkg.leaf.__file__, bundled_pkg.__path__[0])
+print(type(bundled_pkg.leaf.__spec__.loader).__name__, finder.served)
+print(startup_bundle.release(), finder in sys.meta_path, startup_bundle.release())
+import bundled_pkg.other  # after the release: from its file
+print(bundled_pkg.other.ANSWER, type(bundled_pkg.other.__spec__.loader).__name__)
+"""
+
+
+def _tree(tmp_path: Path) -> Path:
+    site = tmp_path / "site"
+    package = site / "bundled_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "leaf.py").write_text(
+        textwrap.dedent(
+            """
+            import json  # the standard library comes along (when not imported yet)
+            ANSWER = json.dumps({"from": "leaf"})
+            """
+        )
+    )
+    (package / "other.py").write_text("ANSWER = 'other'\n")
+    compileall.compile_dir(
+        site, quiet=1, invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH
+    )
+    return site
+
+
+def _python(site: Path, script: str, *args: str) -> str:
+    src = Path(startup_bundle.__file__).resolve().parents[2]
+    env = {"PYTHONPATH": f"{site}:{src}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-s", "-B", "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_built_bundle_serves_its_modules_with_their_files(tmp_path: Path) -> None:
+    site = _tree(tmp_path)
+    bundle = tmp_path / "startup.bundle"
+    # Root "/": the files are named by their paths on this host.
+    names = _python(site, BUILD_AND_IMPORT, str(bundle), "/").split()
+    assert {"bundled_pkg", "bundled_pkg.leaf"} <= set(names)  # and json's, unless loaded
+    assert "bundled_pkg.other" not in names and "basalt.machined.startup_bundle" not in names
+    # Sources changed after the build: the bundle's code is what runs, the files name it.
+    (site / "bundled_pkg" / "leaf.py").write_text("ANSWER = 'from the file'\n")
+    lines = _python(site, USE, str(bundle)).splitlines()
+    answer, file, path = lines[0].rsplit(" ", 2)
+    assert answer == '{"from": "leaf"}'
+    assert file == f"{site}/bundled_pkg/leaf.py" and path == f"{site}/bundled_pkg"
+    loader, served = lines[1].split()
+    assert loader == "_BundledLoader" and int(served) >= 2
+    assert lines[2] == f"{served} False 0"  # released: off sys.meta_path, once
+    assert lines[3] == "other SourceFileLoader"
+
+
+def test_no_or_a_foreign_bundle_changes_nothing(tmp_path: Path) -> None:
+    meta_path = list(sys.meta_path)
+    assert startup_bundle.install(str(tmp_path / "absent")) is None
+    (tmp_path / "foreign").write_bytes(b"PK\x03\x04 not a bundle")
+    assert startup_bundle.install(str(tmp_path / "foreign")) is None
+    assert sys.meta_path == meta_path and startup_bundle.release() == 0
+
+
+def test_a_bundle_serves_a_module_once() -> None:
+    code = compile("VALUE = 1\n", "/x/mod.py", "exec")
+    import marshal
+
+    data = startup_bundle.pack([("some_mod", "/x/mod.py", False, marshal.dumps(code))])
+    finder = startup_bundle.BundleFinder(data)
+    assert len(finder) == 1 and finder.find_spec("other") is None
+    spec = finder.find_spec("some_mod")
+    assert spec is not None and spec.origin == "/x/mod.py" and spec.has_location
+    assert finder.find_spec("some_mod") is None and finder.served == 1
+    with pytest.raises(startup_bundle.BundleError, match="bad magic"):
+        startup_bundle.BundleFinder(b"XXXXXXXX" + data[8:])
+    with pytest.raises(startup_bundle.BundleError, match="unreadable bundle index"):
+        startup_bundle.BundleFinder(data[:12] + b"\xff" * 8)
