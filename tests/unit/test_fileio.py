@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from basalt.machinery import fileio
 from basalt.machinery.fileio import replacing, write_atomic
 
 
@@ -54,3 +55,20 @@ def test_replacing_streams_and_replaces_only_a_complete_write(tmp_path: Path) ->
         raise ValueError("the hash did not match")
     assert path.read_bytes() == b"a" * 10 + b"b" * 10
     assert os.listdir(tmp_path) == ["vmlinuz"]
+
+
+def test_a_temporary_name_in_use_is_never_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """replacing() creates its temporary file exclusively: a name that exists (here every
+    name it draws) is not opened, and the existing file is left as it was."""
+    taken = tmp_path / ".f.000000000000"
+    taken.write_text("someone else's")
+    monkeypatch.setattr(fileio.os, "urandom", lambda n: b"\0" * n)
+    with pytest.raises(FileExistsError), replacing(tmp_path / "f") as handle:
+        handle.write(b"new")
+    assert taken.read_text() == "someone else's" and not (tmp_path / "f").exists()
+    monkeypatch.undo()
+    write_atomic(tmp_path / "f", "new")
+    assert (tmp_path / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".f.000000000000", "f"]

@@ -22,9 +22,17 @@ log = logging.getLogger("machined")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import argparse
+    import functools
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="machined", description="The Basalt node agent.")
+    formatter: Any = argparse.HelpFormatter
+    if os.getpid() == 1:
+        # A help formatter with no width asks the terminal for it through shutil, which
+        # brings the compression modules along: PID 1 has no terminal and no time.
+        formatter = functools.partial(argparse.HelpFormatter, width=78)
+    parser = argparse.ArgumentParser(
+        prog="machined", description="The Basalt node agent.", formatter_class=formatter
+    )
     parser.add_argument(
         "--platform",
         choices=["container", "metal"],
@@ -239,7 +247,7 @@ class _ApiOpenedNote(logging.Filter):
 
 
 #: Rows of each table ``basalt.profile=1`` prints.
-PROFILE_ROWS = 45
+PROFILE_ROWS = 70
 
 
 def startup_profile(cmdline: str = "/proc/cmdline") -> Any:

@@ -23,7 +23,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +213,8 @@ class NodeUpdater:
             self.wake.clear()
 
     def _interval(self) -> float:
+        import random  # with an UpdateConfig: not the start-up's
+
         interval = self.config.interval_seconds()
         return interval + random.uniform(0, interval / 10)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -34,7 +32,7 @@ def replacing(path: Path, *, mode: int | None = 0o644) -> Iterator[BinaryIO]:
     """
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    fd, tmp = _create_exclusive(directory, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
             if mode is not None:
@@ -48,6 +46,20 @@ def replacing(path: Path, *, mode: int | None = 0o644) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def _create_exclusive(directory: Path, prefix: str) -> tuple[int, str]:
+    """A new file ``prefix`` + 12 random hex digits in ``directory``, mode 0600, opened
+    for writing (what ``tempfile.mkstemp`` does; not imported: it brings ``shutil``,
+    ``random`` and the compression modules, which a node's start-up does not need)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(100):
+        name = os.path.join(directory, prefix + os.urandom(6).hex())
+        try:
+            return os.open(name, flags, 0o600), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(directory))
 
 
 def write_atomic(path: Path, data: str | bytes, *, mode: int | None = 0o644) -> None:
@@ -85,6 +97,8 @@ def _copy_through_memory(source: int, offset: int, size: int, out: int) -> int:
 
 def sha256_file(path: Path) -> str:
     """The sha256 (hex) of the file at ``path``, read 1 MiB at a time."""
+    import hashlib  # when first needed: it loads libcrypto
+
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

@@ -20,7 +20,6 @@ it at boot. Both sides use :func:`parse_manifest`, so what one writes the other 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -137,6 +136,8 @@ class Schematic:
     @property
     def id(self) -> str:
         """sha256 (hex) of :meth:`canonical_json`."""
+        import hashlib  # when first needed: it loads libcrypto
+
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     def record(self) -> dict[str, Any]:

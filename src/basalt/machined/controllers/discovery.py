@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,12 +104,18 @@ class Settings:
 def affiliate_id_of(cluster_id: str, machine_uuid: str) -> str:
     """Stable per machine and cluster; says nothing of the machine to the service (which
     sees affiliate ids in clear)."""
+    import hashlib  # with a discovery config: not the start-up's
+
     digest = hashlib.sha256(f"basalt-affiliate\0{cluster_id}\0{machine_uuid}".encode())
     return digest.hexdigest()[:32]
 
 
-def refresh_delay(ttl: float, rand: Callable[[], float] = random.random) -> float:
-    """A third of the TTL, less up to a tenth of that (jitter)."""
+def refresh_delay(ttl: float, rand: Callable[[], float] | None = None) -> float:
+    """A third of the TTL, less up to a tenth of that (jitter; ``rand``: random.random)."""
+    if rand is None:
+        import random  # with a discovery config: not the start-up's
+
+        rand = random.random
     third = ttl / 3
     return third - third * 0.1 * rand()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,8 @@ class Ledger:
 
 
 def _sha256(data: bytes) -> str:
+    import hashlib  # with a config: not the start-up's (it loads libcrypto)
+
     return hashlib.sha256(data).hexdigest()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -345,6 +344,8 @@ async def finish_shutdown(node: Node, request: Any) -> None:
 
 
 async def wipe(node: Node, request: ResetRequest) -> None:
+    import shutil  # a reset's: not the start-up's (it brings the compression modules)
+
     wipe_state = request.wipe in (WipeMode.ALL, WipeMode.STATE)
     wipe_ephemeral = request.wipe in (WipeMode.ALL, WipeMode.EPHEMERAL)
     if wipe_state:

@@ -10,7 +10,6 @@ Every write is atomic (temp + fsync + rename + fsync of the directory).
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
 
 from basalt.machinery.fileio import write_atomic
@@ -56,6 +55,8 @@ class ConfigStore:
 
     def wipe(self) -> None:
         """Remove everything on STATE (reset)."""
+        import shutil  # a reset's: not the start-up's (it brings the compression modules)
+
         if self.dir.exists():
             for child in self.dir.iterdir():
                 if child.is_dir() and not child.is_symlink():

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ async def receive_bundle(
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     platform = node.platform
     required = required_payload(platform.mode.value)
+    import tempfile  # an upload's: not the start-up's (it brings shutil, random, bz2...)
+
     fd, name = tempfile.mkstemp(prefix="bundle-", suffix=".tar", dir=directory)
     path = Path(name)
     pipe = ChunkPipe()

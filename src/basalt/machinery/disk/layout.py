@@ -8,7 +8,6 @@ disk, ``/var``). Partitions are found by their GPT name, never by number.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -54,6 +53,8 @@ class Layout:
     def image_table(self, seed: str) -> Table:
         """EFI, BASALT-A, BASALT-B and META for the image. GUIDs derive from ``seed``
         (the image's content), so two builds of one image are byte for byte equal."""
+
+        import hashlib  # the imager's and install's: not a node's start-up (libcrypto)
 
         def guid(what: str) -> uuid.UUID:
             digest = hashlib.sha256(f"{seed}/{what}".encode()).digest()
