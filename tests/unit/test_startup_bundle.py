@@ -4,6 +4,8 @@ it serves those modules with their real files' specs, once, and leaves when rele
 from __future__ import annotations
 
 import compileall
+import marshal
+import os
 import subprocess
 import sys
 import textwrap
@@ -96,17 +98,22 @@ def test_no_or_a_foreign_bundle_changes_nothing(tmp_path: Path) -> None:
     assert sys.meta_path == meta_path and startup_bundle.release() == 0
 
 
-def test_a_bundle_serves_a_module_once() -> None:
-    code = compile("VALUE = 1\n", "/x/mod.py", "exec")
-    import marshal
+def _fd(path: Path, data: bytes) -> int:
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
 
+
+def test_a_bundle_serves_a_module_once(tmp_path: Path) -> None:
+    code = compile("VALUE = 1\n", "/x/mod.py", "exec")
     data = startup_bundle.pack([("some_mod", "/x/mod.py", False, marshal.dumps(code))])
-    finder = startup_bundle.BundleFinder(data)
+    finder = startup_bundle.BundleFinder(_fd(tmp_path / "b", data))
     assert len(finder) == 1 and finder.find_spec("other") is None
     spec = finder.find_spec("some_mod")
     assert spec is not None and spec.origin == "/x/mod.py" and spec.has_location
+    assert spec.loader is not None and spec.loader.get_code("some_mod") == code  # type: ignore[attr-defined]
     assert finder.find_spec("some_mod") is None and finder.served == 1
+    finder.close()
     with pytest.raises(startup_bundle.BundleError, match="bad magic"):
-        startup_bundle.BundleFinder(b"XXXXXXXX" + data[8:])
+        startup_bundle.BundleFinder(_fd(tmp_path / "c", b"XXXXXXXX" + data[8:]))
     with pytest.raises(startup_bundle.BundleError, match="unreadable bundle index"):
-        startup_bundle.BundleFinder(data[:12] + b"\xff" * 8)
+        startup_bundle.BundleFinder(_fd(tmp_path / "d", data[:12] + b"\xff" * 8))

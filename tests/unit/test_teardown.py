@@ -58,11 +58,12 @@ def test_tasks_that_end_when_cancelled_are_given_the_time() -> None:
 
 def test_pid1_start_up_garbage_collection_comes_back_on_when_the_api_opens() -> None:
     """PID 1 imports with the cyclic collector off (main); the "API listening" line turns
-    it back on, and logs machined's memory then, once."""
+    it back on for what comes after (what start-up built is frozen), and logs machined's
+    memory then, once; end_startup() hands the frozen heap back to the collector."""
     import gc
     import logging
 
-    from basalt.machined.main import _ApiOpenedNote
+    from basalt.machined.main import _ApiOpenedNote, end_startup
 
     note = _ApiOpenedNote()
     was = gc.isenabled()
@@ -72,8 +73,14 @@ def test_pid1_start_up_garbage_collection_comes_back_on_when_the_api_opens() -> 
         assert note.filter(other) and not gc.isenabled()
         opened = logging.LogRecord("x", logging.INFO, __file__, 1, "API listening on %s", (), None)
         assert note.filter(opened) and gc.isenabled() and note.done
+        assert gc.get_freeze_count() > 0
         gc.disable()
         assert note.filter(opened) and not gc.isenabled()  # once only
+        end_startup()
+        assert gc.isenabled() and gc.get_freeze_count() == 0
     finally:
+        gc.unfreeze()
         if was:
             gc.enable()
+        else:
+            gc.disable()

@@ -179,7 +179,7 @@ async def run(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     if not gc.isenabled():  # PID 1's start-up (see main)
-        loop.call_later(STARTUP_GC_LIMIT, gc.enable)
+        loop.call_later(STARTUP_GC_LIMIT, end_startup)
     for signum, action in platform.power_signals().items():
         loop.add_signal_handler(signum, on_signal, signum, action)
 
@@ -228,7 +228,11 @@ class _ApiOpenedNote(logging.Filter):
                 self.profile.disable()
                 print_profile(self.profile)
             bundle = sys.modules.get("basalt.machined.startup_bundle")
-            bundled = bundle.release() if bundle is not None else 0
+            bundled = bundle.served() if bundle is not None else 0
+            # What start-up built stays (modules, classes, the node): the collector
+            # leaves it alone until end_startup(), so the first calls do not wait for
+            # passes over the whole heap.
+            gc.freeze()
             gc.enable()
             try:
                 with open("/proc/self/status") as stream:
@@ -281,9 +285,19 @@ def print_profile(profile: Any, stream: Any = None) -> None:
     out.flush()
 
 
-#: Seconds into PID 1's boot after which garbage collection is back on even if the API
-#: never opened.
+#: Seconds into PID 1's boot after which its start-up is over (end_startup), even if the
+#: API never opened.
 STARTUP_GC_LIMIT = 120.0
+
+
+def end_startup() -> None:
+    """PID 1's start-up is over: the start-up bundle is released (later imports read
+    their files) and the garbage collector works on the whole heap again."""
+    bundle = sys.modules.get("basalt.machined.startup_bundle")
+    if bundle is not None:
+        log.info("start-up over: %d modules came from the start-up bundle", bundle.release())
+    gc.unfreeze()
+    gc.enable()
 
 #: The environment of PID 1 and, through it, of the services it starts: the kernel
 #: passes init little more than HOME and TERM.
@@ -303,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.getpid() == 1:
         # No cyclic garbage collection while PID 1 imports its way to the API: the
         # collector would walk the growing heap of module objects over and over. Back on
-        # when the API opens (_ApiOpenedNote), or STARTUP_GC_LIMIT seconds into the boot
-        # if it never does.
+        # when the API opens (_ApiOpenedNote; for what is allocated from then on), for
+        # the whole heap STARTUP_GC_LIMIT seconds into the boot (end_startup).
         gc.disable()
         profile = startup_profile()
         for key, value in INIT_ENVIRONMENT.items():

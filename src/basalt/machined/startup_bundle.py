@@ -1,23 +1,27 @@
-"""The start-up bundle: the byte code of every module machined imports before its API
-opens, in one file of the image, so a boot reads one file instead of hundreds.
+"""The start-up bundle: the byte code of the modules machined imports as it boots, in one
+file of the image, so a boot reads one file instead of hundreds.
 
 Under emulation a first boot's start-up was a quarter file access (issue 22, measured
 with ``basalt.profile=1``): each import stats its way along ``sys.path``, opens its
 ``.pyc`` and reads it, and the root is a squashfs, so reading one small ``.pyc``
 decompresses the whole 256 KiB fragment block it sits in. The bundle holds the same
 byte code (the image's own ``.pyc`` files, unchecked-hash, without their headers),
-stored in import order in one file whose blocks are each decompressed once; it is
-mapped, not read, so only what is imported is touched.
+stored in import order in one file whose blocks are each decompressed once; each module
+is read (``pread``) when imported, so what is not imported is never read, and nothing of
+the file stays in machined's memory but its index.
 
 - Built by the imager (:func:`build`, run by the image's own interpreter): it imports
-  :data:`STARTUP_MODULES` and bundles every module that brought in from a source file of
-  the image: those, their standard library and their packages (grpc, protobuf...).
+  :data:`STARTUP_MODULES` (the way to a first boot's API), then :data:`BOOT_MODULES` (what
+  the API's first call and a boot with a config import), and bundles every module that
+  brought in from a source file of the image: those, their standard library and their
+  packages (grpc, protobuf, pydantic...), first boot's first.
 - Installed by ``/sbin/init`` before machined starts (:func:`install`): a finder first on
   ``sys.meta_path`` answers the bundled modules with an ordinary
   ``SourceFileLoader`` spec for the module's real file (``__file__``, tracebacks,
   package resources are as without the bundle) whose code comes from the bundle.
-- Released when the API opens (:func:`release`, from machined's "API open" note): the
-  finder leaves ``sys.meta_path`` and the mapping is closed; later imports read files.
+- Released when the start-up is over (:func:`release`, called by machined two minutes
+  into its boot): the finder leaves ``sys.meta_path`` and the file is closed; later
+  imports read files.
 
 A module missing from the bundle is imported from its file as always, so a stale list
 costs time, not correctness. The root is read-only and signed, so a file cannot differ
@@ -36,7 +40,6 @@ from basalt.machinery.image_layout import STARTUP_BUNDLE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import mmap
     import types
     from collections.abc import Iterable, Sequence
     from typing import Any
@@ -102,6 +105,29 @@ STARTUP_MODULES = frozenset(
     basalt.machinery.roles basalt.machinery.schematic basalt.machinery.sntp
     """.split()  # noqa: SIM905 - a list of names reads better as words
 )
+
+#: Bundled too, after :data:`STARTUP_MODULES`: what the API's first call builds (the
+#: machine and resource services), and what a boot with a config imports before its API
+#: opens (the config models, apply, identities, etcd, containerd, the kubelet's files).
+BOOT_MODULES = (
+    "basalt.machined.api.machine",
+    "basalt.machined.api.resources",
+    "basalt.machined.api.trust",
+    "basalt.machined.api.proxy",
+    "basalt.machined.apply",
+    "basalt.machined.identity",
+    "basalt.machined.install",
+    "basalt.machined.system_services",
+    "basalt.machined.gates",
+    "basalt.machined.health",
+    "basalt.machined.etcd",
+    "basalt.machined.containerd",
+    "basalt.machined.kubernetes",
+    "basalt.machined.certificates",
+    "basalt.machinery.config",
+    "basalt.machinery.kubernetes.render",
+    "basalt.machinery.images.verify",
+)
 #: The finder :func:`install` put on sys.meta_path (None when not installed).
 _installed: "BundleFinder | None" = None
 
@@ -126,18 +152,22 @@ class _BundledLoader(SourceFileLoader):
 
 
 class BundleFinder:
-    """Answers the bundled modules from a mapped bundle file."""
+    """Answers the bundled modules from a bundle file (an open descriptor)."""
 
-    def __init__(self, mapping: "mmap.mmap | bytes") -> None:
-        if mapping[: len(MAGIC)] != MAGIC:
+    def __init__(self, fd: int) -> None:
+        import os
+
+        self._pread = os.pread
+        head = os.pread(fd, len(MAGIC) + 4, 0)
+        if head[: len(MAGIC)] != MAGIC:
             raise BundleError("not a start-up bundle (bad magic)")
-        index_length = int.from_bytes(mapping[len(MAGIC) : len(MAGIC) + 4], "little")
+        index_length = int.from_bytes(head[len(MAGIC) :], "little")
         start = len(MAGIC) + 4
         try:
-            index = marshal.loads(mapping[start : start + index_length])
+            index = marshal.loads(os.pread(fd, index_length, start))
         except (EOFError, ValueError, TypeError) as exc:
             raise BundleError(f"unreadable bundle index: {exc}") from None
-        self._mapping = mapping
+        self._fd = fd
         self._base = start + index_length
         #: name -> (file, is a package, offset from _base, length)
         self._index: dict[str, tuple[str, bool, int, int]] = index
@@ -153,8 +183,11 @@ class BundleFinder:
         if entry is None:
             return None
         origin, package, offset, length = entry
-        start = self._base + offset
-        loader = _BundledLoader(fullname, origin, self._mapping[start : start + length])
+        try:
+            code = self._pread(self._fd, length, self._base + offset)
+        except OSError:
+            return None  # closed, or unreadable: the module's own file then
+        loader = _BundledLoader(fullname, origin, code)
         spec = ModuleSpec(fullname, loader, origin=origin, is_package=package)
         spec.has_location = True
         if package:
@@ -163,17 +196,18 @@ class BundleFinder:
         return spec
 
     def close(self) -> None:
+        import os
+
         self._index.clear()
-        close = getattr(self._mapping, "close", None)
-        if close is not None:
-            close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def install(path: str = STARTUP_BUNDLE) -> "BundleFinder | None":
     """Put the bundle at ``path`` first on ``sys.meta_path``; None (and nothing changed)
     when there is no usable bundle there."""
     global _installed  # noqa: PLW0603 - one bundle per process
-    import mmap
     import os
 
     try:
@@ -181,24 +215,23 @@ def install(path: str = STARTUP_BUNDLE) -> "BundleFinder | None":
     except OSError:
         return None
     try:
-        mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-    except (OSError, ValueError):
-        return None
-    finally:
+        finder = BundleFinder(fd)
+    except (BundleError, OSError):
         os.close(fd)
-    try:
-        finder = BundleFinder(mapping)
-    except BundleError:
-        mapping.close()
         return None
     sys.meta_path.insert(0, finder)
     _installed = finder
     return finder
 
 
+def served() -> int:
+    """How many modules the installed bundle has served so far (0 without one)."""
+    return _installed.served if _installed is not None else 0
+
+
 def release() -> int:
-    """Take the installed bundle off ``sys.meta_path`` and unmap it; returns how many
-    modules it served (0 when none was installed)."""
+    """Take the installed bundle off ``sys.meta_path`` and close its file; returns how
+    many modules it served (0 when none was installed)."""
     global _installed
     finder, _installed = _installed, None
     if finder is None:
@@ -222,16 +255,19 @@ def pack(modules: "Iterable[tuple[str, str, bool, bytes]]") -> bytes:
     return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *blobs])
 
 
-def build(output: str, root: str, roots: "Iterable[str]" = STARTUP_MODULES) -> list[str]:
-    """Import ``roots`` and bundle every module that came from a ``.py`` file under
-    ``root`` (the image's tree, as this interpreter runs it), named by its path in the
-    image; returns their names. Runs in the image's own interpreter (its byte code, its
-    magic number), with the tree's ``.pyc`` files already compiled."""
+def build(output: str, root: str, roots: "Iterable[str] | None" = None) -> list[str]:
+    """Import ``roots`` in order and bundle every module that came from a ``.py`` file
+    under ``root`` (the image's tree, as this interpreter runs it), named by its path in
+    the image, in the order they were imported; returns their names. Runs in the image's
+    own interpreter (its byte code, its magic number), its ``.pyc`` files compiled.
+    ``roots`` by default: :data:`STARTUP_MODULES`, then :data:`BOOT_MODULES`."""
     import importlib
     import importlib.util
 
+    if roots is None:
+        roots = (*sorted(STARTUP_MODULES), *BOOT_MODULES)
     before = set(sys.modules)
-    for name in sorted(roots):
+    for name in roots:
         importlib.import_module(name)
     prefix = root.rstrip("/") + "/"
     found: list[tuple[str, str, bool, bytes]] = []
