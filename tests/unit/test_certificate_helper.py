@@ -119,3 +119,30 @@ print(json.dumps({"error": error}))
 """
     )
     assert answer["error"] == "the certificate helper did not answer: no answer within 0.5 s"
+
+
+def test_a_helper_told_the_address_early_signs_before_it_is_asked() -> None:
+    """PID 1 names the address once its node is built; the maintenance API then only reads
+    the answer. Asked for another address, the helper is given up (the API makes its own)."""
+    answer = run(
+        """
+ch.start()
+ch.name("127.0.0.9")
+helper = ch.take()
+assert helper.named == "127.0.0.9"
+_, status = os.waitpid(helper.pid, 0)  # it signed and answered without being asked
+crt, key = helper.certificate("127.0.0.9")
+ch.start()
+ch.name("127.0.0.9")
+other = ch.take()
+try:
+    other.certificate("127.0.0.10")
+    error = ""
+except ch.HelperError as exc:
+    error = str(exc)
+os.waitpid(other.pid, 0)
+print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "crt": crt, "error": error}))
+"""
+    )
+    assert answer["exit"] == 0 and "CERTIFICATE" in str(answer["crt"])
+    assert answer["error"] == "the certificate helper signs for 127.0.0.9, not 127.0.0.10"

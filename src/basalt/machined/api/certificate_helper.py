@@ -8,8 +8,10 @@ anything else (no thread exists yet, so the fork is safe), and the helper does t
 on another CPU while PID 1 imports the rest: it imports cryptography, makes the key, and
 waits for the address to name in the certificate.
 
-- Asked (:meth:`CertificateHelper.certificate`, when the maintenance API starts), it
-  answers the certificate and key as PEM, then exits.
+- Told the address (:func:`name`, as soon as PID 1 has built its node), it signs;
+  asked (:meth:`CertificateHelper.certificate`, when the maintenance API starts), it
+  answers the certificate and key as PEM, then exits. Asked for another address than it
+  was told, it is discarded and the API makes its own certificate.
 - Never asked (the node has a config, so its API is mTLS): :meth:`discard` closes the
   pipe and the helper exits at once; it also gives up by itself after
   :data:`IDLE_TIMEOUT`.
@@ -83,6 +85,8 @@ class CertificateHelper:
         self.pid = pid
         self._requests: int | None = requests
         self._answers: int | None = answers
+        #: The address the helper was told (:meth:`name`), None before.
+        self.named: str | None = None
 
     @classmethod
     def fork(cls) -> CertificateHelper | None:
@@ -113,15 +117,33 @@ class CertificateHelper:
         os.close(answer_write)
         return cls(pid, request_write, answer_read)
 
-    def certificate(self, address: str, timeout: float = ANSWER_TIMEOUT) -> tuple[str, str]:
-        """The certificate and key (PEM) for ``address``; raises HelperError if the
-        helper cannot answer (it is discarded either way). Blocks: call it in a thread."""
-        if self._requests is None or self._answers is None:
-            raise HelperError("the certificate helper was used already")
+    def name(self, address: str) -> None:
+        """Tell the helper the address now, so that the certificate is signed before it
+        is asked for (:meth:`certificate` for the same address only reads it)."""
+        if self._requests is None or self.named is not None:
+            return
         try:
             os.write(self._requests, address.encode() + b"\n")
+        except OSError:
+            return  # the helper is gone: certificate() says so
+        finally:
             os.close(self._requests)
             self._requests = None
+        self.named = address
+
+    def certificate(self, address: str, timeout: float = ANSWER_TIMEOUT) -> tuple[str, str]:
+        """The certificate and key (PEM) for ``address``; raises HelperError if the
+        helper cannot answer, or was told another address (it is discarded either way).
+        Blocks: call it in a thread."""
+        self.name(address)
+        if self.named != address or self._answers is None:
+            self.discard()
+            raise HelperError(
+                "the certificate helper was used already"
+                if self.named is None
+                else f"the certificate helper signs for {self.named}, not {address}"
+            )
+        try:
             answer = _read_all(self._answers, timeout)
         except OSError as exc:
             raise HelperError(f"the certificate helper did not answer: {exc}") from None
@@ -198,6 +220,13 @@ def start() -> None:
     """Fork this process's helper (machined as PID 1, before its imports)."""
     if not _held and (helper := CertificateHelper.fork()) is not None:
         _held.append(helper)
+
+
+def name(address: str) -> None:
+    """Tell this process's helper (if any, not taken yet) the address to sign for now:
+    PID 1 knows it once its node is built, well before its maintenance API starts."""
+    if _held:
+        _held[0].name(address)
 
 
 def take() -> CertificateHelper | None:
