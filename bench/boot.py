@@ -16,7 +16,9 @@ Basalt's answer is a Version call to the insecure maintenance API through
 `basalt.machinery.client` (what `basaltctl` does); Debian's is its `SSH-2.0` banner line.
 QEMU accepts a forwarded connection at once and holds it while the guest has no address,
 so until the guest answers or refuses, a fresh probe starts every 0.5 s (each dropped
-after 4 s); from then on one probe at a time, never dropped (see `_first_answer`).
+after 4 s); a refusal drops the probes QEMU still holds (they would reach the guest
+only on a TCP retransmission, 1-4 s later); from then on one probe at a time, never
+dropped (see `_first_answer`).
 
 Also printed, from the Basalt console (lines stamped with the guest's uptime): kernel to
 PID 1 (the initramfs init's first line), machined's start to its API socket (from the
@@ -180,10 +182,12 @@ async def _first_answer(
 
     Until the guest is reached, a probe starts every PROBE_INTERVAL and is dropped after
     PROBE_TIMEOUT: QEMU accepts every forwarded connection at once and holds it while the
-    guest has no address, so only a fresh one sees the guest come up. Once the guest
-    took or refused a connection, probes run one at a time and are never dropped: a
-    storm of abandoned connections would load the guest (sshd forks and execs itself for
-    each) and delay the very answer being measured.
+    guest has no address, so only a fresh one sees the guest come up. When the guest
+    refuses one (its network is up, the service not yet), the probes started before are
+    dropped: QEMU holds their connections until TCP retransmits the SYN, seconds later.
+    Once the guest took or refused a connection, probes run one at a time and are never
+    dropped: a storm of abandoned connections would load the guest (sshd forks and execs
+    itself for each) and delay the very answer being measured.
     """
     reached = asyncio.Event()
     probes: dict[asyncio.Task[bool], float] = {}
@@ -216,6 +220,11 @@ async def _first_answer(
                     return time.monotonic() - started
                 if isinstance(error, Refused):
                     reached.set()
+                    # The guest's network is up now; probes started before it was are
+                    # held by QEMU, and reach the guest only when TCP retransmits their
+                    # SYN (1 s, 2 s, 4 s later): drop them, probe afresh.
+                    for stale in probes:
+                        stale.cancel()
                     next_start = min(next_start, time.monotonic() + RETRY_INTERVAL)
     finally:
         for task in probes:
