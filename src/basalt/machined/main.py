@@ -303,6 +303,7 @@ def end_startup() -> None:
     gc.unfreeze()
     gc.enable()
 
+
 #: The environment of PID 1 and, through it, of the services it starts: the kernel
 #: passes init little more than HOME and TERM.
 INIT_ENVIRONMENT = {"PATH": "/usr/bin:/usr/sbin", "LANG": "C.UTF-8"}

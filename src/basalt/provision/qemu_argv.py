@@ -19,7 +19,9 @@ from .state import NodeRecord
 
 QEMU = "qemu-system-x86_64"
 #: Kernel arguments of a direct-kernel boot when the image does not say (image.json).
-DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 no_timer_check"
+DEFAULT_CMDLINE = (
+    "console=ttyS0 quiet panic=-1 cryptomgr.notests tsc_early_khz=2000000 no_timer_check"
+)
 IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", "disk.raw")
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 #: The node's disk in its directory, and the module that restarts QEMU on guest reboots.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform as _platform
+import os
 from typing import TYPE_CHECKING
 
 from basalt.machinery.errors import BasaltError
@@ -40,7 +40,7 @@ class KernelModulesController(Controller):
     def index(self) -> ModuleIndex:
         root = self.node.platform.system_root
         return ModuleIndex(
-            root / "lib" / "modules" / _platform.release(), sysfs=root / "sys" / "module"
+            root / "lib" / "modules" / os.uname().release, sysfs=root / "sys" / "module"
         )
 
     async def reconcile(self, store: ResourceStore) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import platform
+import sys
 from typing import TYPE_CHECKING
 
 from basalt.machinery.resources import VersionSpec
@@ -24,7 +24,7 @@ class VersionController(Controller):
     async def reconcile(self, store: ResourceStore) -> None:
         spec = VersionSpec(
             tag=self.node.version,
-            python=platform.python_version(),
+            python=sys.version.split()[0],
             platform=str(self.node.platform.mode),
             arch=self.node.platform.arch,
             schematic=schematic_record(self.node.platform.system_root).get("id", ""),

@@ -6,7 +6,6 @@ Code asks capabilities (``mode.requires_install``), never ``if platform == "qemu
 from __future__ import annotations
 
 import os
-import platform as _platform
 import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -99,7 +98,7 @@ class Platform:
     paths: NodePaths
     address: str
     hostname: str
-    arch: str = field(default_factory=_platform.machine)
+    arch: str = field(default_factory=lambda: os.uname().machine)
     #: Where the machine's kernel interfaces are: ``proc/sys``, ``lib/modules``, ``run``.
     system_root: Path = Path("/")
     #: The system extensions mounted at boot (metal; their services run as ``ext-*``).

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform as _platform
 import signal
 import sys
 import threading
@@ -306,7 +305,7 @@ def load_image_modules(
         return [], []
     names = [n.strip() for n in listing.splitlines() if n.strip() and not n.startswith("#")]
     index = kmod.ModuleIndex(
-        root / "lib" / "modules" / _platform.release(), sysfs=root / "sys" / "module"
+        root / "lib" / "modules" / os.uname().release, sysfs=root / "sys" / "module"
     )
     loaded: list[str] = []
     failed: list[str] = []

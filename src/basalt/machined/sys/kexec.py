@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 from pathlib import Path
 
 from basalt.machinery.errors import BasaltError
@@ -44,7 +43,7 @@ class KexecError(BasaltError):
 
 
 def _syscall_number() -> int:
-    machine = platform.machine()
+    machine = os.uname().machine
     number = _SYSCALL.get(machine)
     if number is None:
         raise KexecError(f"kexec_file_load is not known on {machine}")

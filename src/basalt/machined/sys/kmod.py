@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -56,7 +55,7 @@ class ModuleIndex:
     """The modules of one kernel release below ``root`` (``/lib/modules/RELEASE``)."""
 
     def __init__(self, root: Path | None = None, sysfs: Path = Path("/sys/module")) -> None:
-        self.root = root or Path("/lib/modules") / platform.release()
+        self.root = root or Path("/lib/modules") / os.uname().release
         self.sysfs = sysfs
         self._files: dict[str, Path] | None = None
 
@@ -98,9 +97,9 @@ class ModuleIndex:
 
 def finit_module(path: Path, parameters: str) -> bool:
     """Load one module file; False when the kernel says it is already loaded."""
-    number = _SYS_FINIT_MODULE.get(platform.machine())
+    number = _SYS_FINIT_MODULE.get(os.uname().machine)
     if number is None:
-        raise KernelModuleError(f"loading modules is not supported on {platform.machine()}")
+        raise KernelModuleError(f"loading modules is not supported on {os.uname().machine}")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         syscall = libc().syscall

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
@@ -141,6 +140,8 @@ class Upgrader:
                 await self.repair_esp(thorough=False)  # an install checks every chain
         if self.slots is None:
             return
+        import shutil  # with slots only (it brings the compression modules)
+
         from basalt.machinery.boot import SlotHealth, boot_status
         from basalt.machinery.boot.slots import SlotDirectories
 
