@@ -117,3 +117,20 @@ def test_a_bundle_serves_a_module_once(tmp_path: Path) -> None:
         startup_bundle.BundleFinder(_fd(tmp_path / "c", b"XXXXXXXX" + data[8:]))
     with pytest.raises(startup_bundle.BundleError, match="unreadable bundle index"):
         startup_bundle.BundleFinder(_fd(tmp_path / "d", data[:12] + b"\xff" * 8))
+
+
+def test_an_edited_module_leaves_the_bundle(tmp_path: Path) -> None:
+    """A tool that edits a module of a built root (imager.variant) drops it from the
+    bundle, or the bundled code would win over the edit."""
+    one = marshal.dumps(compile("A = 1\n", "/r/a.py", "exec"))
+    two = marshal.dumps(compile("B = 2\n", "/r/b.py", "exec"))
+    data = startup_bundle.pack([("a", "/r/a.py", False, one), ("b", "/r/b.py", False, two)])
+    kept = startup_bundle.without(data, ["/r/a.py"])
+    finder = startup_bundle.BundleFinder(_fd(tmp_path / "kept", kept))
+    assert finder.find_spec("a") is None
+    spec = finder.find_spec("b")
+    assert spec is not None and spec.loader is not None
+    assert spec.loader.get_code("b") == marshal.loads(two)  # type: ignore[attr-defined]
+    finder.close()
+    with pytest.raises(startup_bundle.BundleError):
+        startup_bundle.without(b"not a bundle", [])

@@ -6,7 +6,8 @@ A real second release would be a second build; what an upgrade test needs is a b
 that verifies, boots and reports a version the node does not run. So the image's kernel
 and initramfs are kept, and its root is unpacked, Basalt's ``__version__`` replaced (and,
 when asked, more files edited), the byte-code of every edited module dropped (the root's
-``.pyc`` files are unchecked-hash: a stale one would win over the edit), and repacked with
+``.pyc`` files are unchecked-hash and its start-up bundle holds the code of machined's
+start-up: a stale copy would win over the edit), and repacked with
 zstd: a fast level by default (the slot takes it as it is), or the image's own level
 (``level=``) where the bundle's size matters, as in ``bench/upgrade.py``.
 
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from basalt.machined import startup_bundle
+from basalt.machinery.image_layout import STARTUP_BUNDLE
 from basalt.machinery.images import INITRAMFS, KERNEL, ROOTFS, create_bundle, load_signing_key
 
 from .errors import ImageError
@@ -56,11 +59,17 @@ def set_version(tree: Path, version: str) -> Path:
     return init
 
 
-def drop_bytecode(sources: Iterable[Path]) -> None:
-    """Remove the cached byte-code of ``sources`` (Python then compiles them at import)."""
+def drop_bytecode(tree: Path, sources: Iterable[Path]) -> None:
+    """Remove the cached byte-code of ``sources`` in the unpacked root ``tree``, and their
+    modules from its start-up bundle (Python then compiles them at import)."""
+    sources = list(sources)
     for source in sources:
         for pyc in (source.parent / "__pycache__").glob(f"{source.stem}.*.pyc"):
             pyc.unlink()
+    bundle = tree / STARTUP_BUNDLE.lstrip("/")
+    if bundle.exists():
+        origins = ["/" + str(source.relative_to(tree)) for source in sources]
+        bundle.write_bytes(startup_bundle.without(bundle.read_bytes(), origins))
 
 
 #: The zstd level of a variant's root unless told otherwise: fast to pack, ~15 % larger.
@@ -75,7 +84,7 @@ def repack_root(
         tree = Path(work) / "root"
         _run(["unsquashfs", "-q", "-n", "-d", str(tree), str(root)])
         changed = [set_version(tree, version), *(edit(tree) if edit else ())]
-        drop_bytecode(changed)
+        drop_bytecode(tree, changed)
         _run(
             ["mksquashfs", str(tree), str(out), "-noappend", "-no-progress", "-quiet",
              "-comp", "zstd", "-Xcompression-level", str(level), "-all-root", "-b", "256K"]

@@ -255,6 +255,24 @@ def pack(modules: "Iterable[tuple[str, str, bool, bytes]]") -> bytes:
     return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *blobs])
 
 
+def without(data: bytes, origins: "Iterable[str]") -> bytes:
+    """The bundle ``data`` without the modules of the files ``origins`` (paths in the
+    image): what a tool that edits a module of a built root must do, or the bundle's copy
+    of the code would win over the edit."""
+    head = len(MAGIC) + 4
+    if data[: len(MAGIC)] != MAGIC:
+        raise BundleError("not a start-up bundle (bad magic)")
+    index_length = int.from_bytes(data[len(MAGIC) : head], "little")
+    index: dict[str, tuple[str, bool, int, int]] = marshal.loads(data[head : head + index_length])
+    base = head + index_length
+    dropped = set(origins)
+    return pack(
+        (name, origin, package, data[base + offset : base + offset + length])
+        for name, (origin, package, offset, length) in index.items()
+        if origin not in dropped
+    )
+
+
 def build(output: str, root: str, roots: "Iterable[str] | None" = None) -> list[str]:
     """Import ``roots`` in order and bundle every module that came from a ``.py`` file
     under ``root`` (the image's tree, as this interpreter runs it), named by its path in
