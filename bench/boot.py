@@ -38,21 +38,21 @@ costliest calls (cumulative and own time) on the console, which the bench prints
 
     python bench/boot.py [--runs N] [--image DIR] [--build] [--check] [--importtime] [--profile]
 
-Figures (2026-12-06, this 2-core host otherwise idle, 5 runs each, medians): Basalt
-10.22 s [9.73-12.34] against Debian 13.81 s [13.30-17.25], 0.74x (0.88x when issue 22
-was filed); kernel -> PID 1 2.43 s; exec -> first log line 0.45 s (3.39 s before: the
-initramfs now hands its interpreter over instead of exec'ing a second one, ADR 0006);
-exec -> API socket 5.78 s [5.14-6.62] (7.96 s); RSS 53.6 MiB (62.8 MiB: PID 1 no longer
-imports cryptography, a forked helper makes the maintenance certificate, ADR 0008).
-What is left, under TCG: 443 modules imported in 4.9 s before the API (asyncio, grpc and
-protobuf for the API; pydantic for the resources the controllers publish; the
-controllers and the DHCP client that bring the network up) and about 0.8 s of work
-(mounts, kernel modules, the first resource schemas). The API socket could open before
-pydantic and the controllers are imported, but the first answer also needs the
-network, which they bring up: the boot would not end sooner, only the figure, so the
-order stays. 2.5 s and 45 MiB need fewer libraries on the way to the API (resource
-specs without pydantic, a lighter gRPC): a redesign, not a tuning. The 0.5x ratio needs
-that too: firmware, kernel and initramfs alone take about 4.4 s of Basalt's 10.2.
+Figures (2026-12-06, this 2-core host otherwise idle, 7 runs each, medians): Basalt
+6.42 s [5.88-6.94] against Debian 13.48 s [11.76-15.02], 0.48x (0.88x when issue 22 was
+filed, 0.74x at the start of the day); kernel -> PID 1 2.00 s; exec -> first log line
+0.41 s (3.39 s when filed); exec -> API socket 2.80 s [2.62-3.13] (7.96 s; 5.78 s in the
+morning); RSS 40.4 MiB (62.8 MiB). What changed is in ADR 0025: resource specs without
+pydantic (5.78 -> 3.92 s, 53.6 -> 43.1 MiB), the start-up bundle (the byte code of the
+start-up read from one file: file access had been a quarter of it), modules nothing
+before the API uses left out, the collector off the start-up heap, the kernel's crypto
+self-tests skipped, and this bench's own probes (a refusal now drops the probes QEMU
+still holds; they had answered only on a SYN retransmission, 1-3 s late, in 2 runs of 5,
+for both guests). What is left of the 2.8 s, from ``--profile``: importing asyncio, grpc
+(its extension module alone about 0.25 s), protobuf and machine_pb2, ``@dataclass``
+writing the methods of the start-up's 50-odd classes (about 0.4 s), the controllers
+and the gRPC server's creation. The host's speed varies by about +-10 % from one run to
+the next: compare figures from one run.
 """
 
 from __future__ import annotations
