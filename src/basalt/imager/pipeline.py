@@ -54,8 +54,8 @@ ROOT_MODULES = (
     "efivarfs",
 )
 #: Kernel arguments of every boot (microvm needs the TSC ones under TCG).
-#: ``cryptomgr.notests``: the kernel skips the self-tests of its crypto algorithms (half
-#: a second under TCG; with ``fips=1`` the kernel runs them anyway; ADR 0025).
+#: ``cryptomgr.notests``: the kernel skips the self-tests of its crypto algorithms (its
+#: two slowest initcalls under TCG; with ``fips=1`` the kernel runs them anyway; ADR 0025).
 CMDLINE = "console=ttyS0 quiet panic=-1 cryptomgr.notests tsc_early_khz=2000000 no_timer_check"
 IMAGE_FILES = ("vmlinuz", "initrd.img", "root.sqfs", *DISK_FILES)
 #: The signed upgrade bundle (docs/adr/0007), written when a signing key is given.
