@@ -166,10 +166,9 @@ async def run(args: argparse.Namespace) -> int:
         fleet_url=args.fleet,
     )
     node = build_node(platform, tuning)
-    if sys.modules.get("basalt.machined.api.certificate_helper") is not None:
-        from .api import certificate_helper
+    from .api import certificate_helper
 
-        certificate_helper.name(node.address)  # signed on its CPU while this one boots
+    certificate_helper.name(node.address)  # PID 1's helper signs on its CPU meanwhile
     handler = _BufferHandler(node.agent_log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)

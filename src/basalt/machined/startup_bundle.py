@@ -33,6 +33,7 @@ boot has imported most of these modules already, and ship programs, not Python.)
 # the interpreter has loaded already (no ``typing``, not even ``__future__``; the
 # annotations are strings).
 import marshal
+import os
 import sys
 from importlib.machinery import ModuleSpec, SourceFileLoader
 
@@ -41,7 +42,7 @@ from basalt.machinery.image_layout import STARTUP_BUNDLE
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import types
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from typing import Any
 
 #: First bytes of a bundle file (format 1).
@@ -151,26 +152,30 @@ class _BundledLoader(SourceFileLoader):
         return code
 
 
+#: name -> (file, is a package, offset of its code after the index, length)
+_Index = dict[str, tuple[str, bool, int, int]]
+
+
+def _read_index(read: "Callable[[int, int], bytes]") -> "tuple[_Index, int]":
+    """A bundle's index and where the code after it starts; ``read(size, offset)``."""
+    start = len(MAGIC) + 4
+    head = read(start, 0)
+    if head[: len(MAGIC)] != MAGIC:
+        raise BundleError("not a start-up bundle (bad magic)")
+    index_length = int.from_bytes(head[len(MAGIC) :], "little")
+    try:
+        index: _Index = marshal.loads(read(index_length, start))
+    except (EOFError, ValueError, TypeError) as exc:
+        raise BundleError(f"unreadable bundle index: {exc}") from None
+    return index, start + index_length
+
+
 class BundleFinder:
     """Answers the bundled modules from a bundle file (an open descriptor)."""
 
     def __init__(self, fd: int) -> None:
-        import os
-
-        self._pread = os.pread
-        head = os.pread(fd, len(MAGIC) + 4, 0)
-        if head[: len(MAGIC)] != MAGIC:
-            raise BundleError("not a start-up bundle (bad magic)")
-        index_length = int.from_bytes(head[len(MAGIC) :], "little")
-        start = len(MAGIC) + 4
-        try:
-            index = marshal.loads(os.pread(fd, index_length, start))
-        except (EOFError, ValueError, TypeError) as exc:
-            raise BundleError(f"unreadable bundle index: {exc}") from None
+        self._index, self._base = _read_index(lambda size, offset: os.pread(fd, size, offset))
         self._fd = fd
-        self._base = start + index_length
-        #: name -> (file, is a package, offset from _base, length)
-        self._index: dict[str, tuple[str, bool, int, int]] = index
         self.served = 0
 
     def __len__(self) -> int:
@@ -184,7 +189,7 @@ class BundleFinder:
             return None
         origin, package, offset, length = entry
         try:
-            code = self._pread(self._fd, length, self._base + offset)
+            code = os.pread(self._fd, length, self._base + offset)
         except OSError:
             return None  # closed, or unreadable: the module's own file then
         loader = _BundledLoader(fullname, origin, code)
@@ -196,8 +201,6 @@ class BundleFinder:
         return spec
 
     def close(self) -> None:
-        import os
-
         self._index.clear()
         if self._fd >= 0:
             os.close(self._fd)
@@ -208,8 +211,6 @@ def install(path: str = STARTUP_BUNDLE) -> "BundleFinder | None":
     """Put the bundle at ``path`` first on ``sys.meta_path``; None (and nothing changed)
     when there is no usable bundle there."""
     global _installed  # noqa: PLW0603 - one bundle per process
-    import os
-
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -244,7 +245,7 @@ def release() -> int:
 
 def pack(modules: "Iterable[tuple[str, str, bool, bytes]]") -> bytes:
     """A bundle file from (name, file, is a package, marshalled code) in import order."""
-    index: dict[str, tuple[str, bool, int, int]] = {}
+    index: _Index = {}
     blobs: list[bytes] = []
     offset = 0
     for name, origin, package, code in modules:
@@ -259,12 +260,7 @@ def without(data: bytes, origins: "Iterable[str]") -> bytes:
     """The bundle ``data`` without the modules of the files ``origins`` (paths in the
     image): what a tool that edits a module of a built root must do, or the bundle's copy
     of the code would win over the edit."""
-    head = len(MAGIC) + 4
-    if data[: len(MAGIC)] != MAGIC:
-        raise BundleError("not a start-up bundle (bad magic)")
-    index_length = int.from_bytes(data[len(MAGIC) : head], "little")
-    index: dict[str, tuple[str, bool, int, int]] = marshal.loads(data[head : head + index_length])
-    base = head + index_length
+    index, base = _read_index(lambda size, offset: data[offset : offset + size])
     dropped = set(origins)
     return pack(
         (name, origin, package, data[base + offset : base + offset + length])
