@@ -12,6 +12,7 @@ from basalt.machinery.resources import DEFINITIONS, Spec, SpecError, record
 from basalt.machinery.resources.specs import (
     DiskPartition,
     DiskSpec,
+    MachineConfigSpec,
     MachineStatusSpec,
     SystemStatsSpec,
     UnmetCondition,
@@ -29,8 +30,11 @@ class _Sample(Spec):
 def test_wrong_types_are_refused_naming_the_field() -> None:
     with pytest.raises(SpecError, match=r"MachineStatusSpec\.stage: expected 'maintenance'"):
         MachineStatusSpec(stage="sleeping", ready=True)  # type: ignore[arg-type]
-    with pytest.raises(SpecError, match=r"DiskSpec\.size: expected int, got str '3'"):
+    with pytest.raises(SpecError, match=r"DiskSpec\.size: expected int, got str$"):
         DiskSpec(device="vda", size="3")  # type: ignore[arg-type]
+    with pytest.raises(SpecError) as raised:
+        MachineConfigSpec(yaml=b"secret: hunter2")  # type: ignore[arg-type]
+    assert "hunter2" not in str(raised.value) and str(raised.value).endswith("got bytes")
     with pytest.raises(SpecError, match=r"_Sample\.count: expected int, got bool"):
         _Sample(name="x", count=True)
     with pytest.raises(SpecError, match=r"SystemStatsSpec\.cpu\[1\]: expected float"):

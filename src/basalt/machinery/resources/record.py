@@ -49,7 +49,10 @@ class SpecError(BasaltError, TypeError):
 
 class _Mismatch(Exception):
     def __init__(self, where: str, wanted: str, value: object) -> None:
-        super().__init__(f"{where}: expected {wanted}, got {type(value).__name__} {value!r:.60}")
+        # A number or a flag is shown; text, bytes and containers only by type: a spec
+        # may hold a secret (MachineConfigSpec.yaml), and errors reach logs and clients.
+        shown = f" {value!r}" if isinstance(value, int | float) or value is None else ""
+        super().__init__(f"{where}: expected {wanted}, got {type(value).__name__}{shown}")
 
 
 def camel(name: str) -> str:
