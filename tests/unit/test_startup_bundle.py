@@ -18,8 +18,40 @@ from basalt.machined import startup_bundle
 BUILD_AND_IMPORT = """
 import sys
 from basalt.machined import startup_bundle
-names = startup_bundle.build(sys.argv[1], sys.argv[2], roots=["bundled_pkg.leaf"])
+names = startup_bundle.build(
+    sys.argv[1], sys.argv[2], roots=["bundled_pkg.leaf", "bundled_pkg.records"]
+)
 print(" ".join(names))
+"""
+
+#: A bundled dataclasses module runs the functions it writes from their recorded code:
+#: the class behaves as compiled the usual way; a class the build never saw compiles.
+GENERATED = """
+import sys
+from basalt.machined import startup_bundle
+finder = startup_bundle.install(sys.argv[1])
+import dataclasses
+from bundled_pkg.records import Point
+assert dataclasses.exec == finder.exec_generated
+recorded = finder.generated_served
+p = Point(1)
+assert (p.x, p.y, repr(p)) == (1, 2, "Point(x=1, y=2)")
+assert p == Point(1, 2) and p != Point(1, 3) and hash(p) == hash(Point(1, 2))
+try:
+    p.x = 5
+except dataclasses.FrozenInstanceError:
+    pass
+else:
+    raise AssertionError("frozen")
+
+@dataclasses.dataclass
+class Unseen:
+    name_never_recorded: str = "u"
+
+assert Unseen().name_never_recorded == "u" and finder.generated_served == recorded
+print(recorded, startup_bundle.served_generated())
+startup_bundle.release()
+print("exec" in vars(dataclasses))
 """
 
 USE = """
@@ -50,6 +82,18 @@ def _tree(tmp_path: Path) -> Path:
         )
     )
     (package / "other.py").write_text("ANSWER = 'other'\n")
+    (package / "records.py").write_text(
+        textwrap.dedent(
+            """
+            import dataclasses
+
+            @dataclasses.dataclass(frozen=True)
+            class Point:
+                x: int
+                y: int = 2
+            """
+        )
+    )
     compileall.compile_dir(
         site, quiet=1, invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH
     )
@@ -78,6 +122,7 @@ def test_a_built_bundle_serves_its_modules_with_their_files(tmp_path: Path) -> N
     names = _python(site, BUILD_AND_IMPORT, str(bundle), "/").split()
     assert {"bundled_pkg", "bundled_pkg.leaf"} <= set(names)  # and json's, unless loaded
     assert "bundled_pkg.other" not in names and "basalt.machined.startup_bundle" not in names
+    assert "dataclasses" in names
     # Sources changed after the build: the bundle's code is what runs, the files name it.
     (site / "bundled_pkg" / "leaf.py").write_text("ANSWER = 'from the file'\n")
     lines = _python(site, USE, str(bundle)).splitlines()
@@ -88,6 +133,16 @@ def test_a_built_bundle_serves_its_modules_with_their_files(tmp_path: Path) -> N
     assert loader == "_BundledLoader" and int(served) >= 2
     assert lines[2] == f"{served} False 0"  # released: off sys.meta_path, once
     assert lines[3] == "other SourceFileLoader"
+
+
+def test_generated_functions_run_from_recorded_code(tmp_path: Path) -> None:
+    site = _tree(tmp_path)
+    bundle = tmp_path / "startup.bundle"
+    _python(site, BUILD_AND_IMPORT, str(bundle), "/")
+    recorded, served, left = _python(site, GENERATED, str(bundle)).split()
+    # Point's __init__, __repr__, __eq__, __setattr__, __delattr__, __hash__
+    assert int(recorded) >= 5 and served == recorded
+    assert left == "False"  # released: dataclasses compiles with the builtin exec again
 
 
 def test_no_or_a_foreign_bundle_changes_nothing(tmp_path: Path) -> None:

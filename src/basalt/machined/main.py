@@ -232,6 +232,7 @@ class _ApiOpenedNote(logging.Filter):
                 print_profile(self.profile)
             bundle = sys.modules.get("basalt.machined.startup_bundle")
             bundled = bundle.served() if bundle is not None else 0
+            generated = bundle.served_generated() if bundle is not None else 0
             # What start-up built stays (modules, classes, the node): the collector
             # leaves it alone until end_startup(), so the first calls do not wait for
             # passes over the whole heap.
@@ -245,10 +246,11 @@ class _ApiOpenedNote(logging.Filter):
             except (OSError, KeyError, ValueError):
                 sizes = [0.0, 0.0]
             log.info(
-                "API open: machined RSS %.1f MiB (peak %.1f MiB); %d modules from the "
-                "start-up bundle",
+                "API open: machined RSS %.1f MiB (peak %.1f MiB); %d modules and %d "
+                "generated functions from the start-up bundle",
                 *sizes,
                 bundled,
+                generated,
             )
         return True
 

@@ -19,6 +19,13 @@ the file stays in machined's memory but its index.
   ``sys.meta_path`` answers the bundled modules with an ordinary
   ``SourceFileLoader`` spec for the module's real file (``__file__``, tracebacks,
   package resources are as without the bundle) whose code comes from the bundle.
+- Functions the standard library writes as it imports come compiled too: ``dataclasses``
+  writes each class's ``__init__``, ``__repr__``, ``__eq__``... as source text and compiles
+  it, which under emulation was most of what the start-up's ~50 dataclasses cost (the
+  compiler, ~0.3 s). The build records every such text it sees with its compiled code;
+  the served ``dataclasses`` module gets an ``exec`` that runs the recorded code for a
+  text it has (the same code object ``exec`` would compile from it) and compiles any other
+  text as before.
 - Released when the start-up is over (:func:`release`, called by machined two minutes
   into its boot): the finder leaves ``sys.meta_path`` and the file is closed; later
   imports read files.
@@ -45,8 +52,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from typing import Any
 
-#: First bytes of a bundle file (format 1).
-MAGIC = b"BSLTBND1"
+#: First bytes of a bundle file (format 2: modules, and generated functions' code).
+MAGIC = b"BSLTBND2"
+
+#: The module whose generated functions the bundle holds compiled: it compiles them with
+#: the ``exec`` its own globals name (the builtin unless one is put there).
+GENERATING_MODULE = "dataclasses"
 
 #: Basalt's modules that may be imported before the API opens (container and metal; a
 #: first boot and a boot with a config): the bundle's roots, and the allow-list
@@ -154,29 +165,68 @@ class _BundledLoader(SourceFileLoader):
 
 #: name -> (file, is a package, offset of its code after the index, length)
 _Index = dict[str, tuple[str, bool, int, int]]
+#: a generated function's source text -> (offset of its code after the index, length)
+_Generated = dict[str, tuple[int, int]]
 
 
-def _read_index(read: "Callable[[int, int], bytes]") -> "tuple[_Index, int]":
-    """A bundle's index and where the code after it starts; ``read(size, offset)``."""
+def _read_index(read: "Callable[[int, int], bytes]") -> "tuple[_Index, _Generated, int]":
+    """A bundle's two indexes and where the code after them starts; ``read(size, offset)``."""
     start = len(MAGIC) + 4
     head = read(start, 0)
     if head[: len(MAGIC)] != MAGIC:
         raise BundleError("not a start-up bundle (bad magic)")
     index_length = int.from_bytes(head[len(MAGIC) :], "little")
     try:
-        index: _Index = marshal.loads(read(index_length, start))
+        index, generated = marshal.loads(read(index_length, start))
+        if not isinstance(index, dict) or not isinstance(generated, dict):
+            raise TypeError("not two tables")
     except (EOFError, ValueError, TypeError) as exc:
         raise BundleError(f"unreadable bundle index: {exc}") from None
-    return index, start + index_length
+    return index, generated, start + index_length
+
+
+def _compiled(source: str) -> bytes:
+    """What ``exec(source)`` compiles, marshalled. This module has no ``__future__``
+    import, and ``dont_inherit`` leaves the caller's flags out: the plain compile."""
+    return marshal.dumps(compile(source, "<string>", "exec", dont_inherit=True))
+
+
+class _Recorder:
+    """The build's ``exec`` for :data:`GENERATING_MODULE`: keeps each source text it runs
+    with its compiled code."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, bytes] = {}
+
+    def __call__(self, source: object, globals: object = None, locals: object = None) -> None:
+        if type(source) is str and source not in self.sources:
+            self.sources[source] = _compiled(source)
+        exec(source, globals, locals)  # type: ignore[arg-type]
+
+
+class _GeneratingLoader(_BundledLoader):
+    """Loads :data:`GENERATING_MODULE` from the bundle, its ``exec`` the finder's."""
+
+    def __init__(self, fullname: str, path: str, code: bytes, finder: "BundleFinder") -> None:
+        super().__init__(fullname, path, code)
+        self._finder = finder
+
+    def exec_module(self, module: "types.ModuleType") -> None:
+        super().exec_module(module)
+        module.exec = self._finder.exec_generated  # type: ignore[attr-defined]
 
 
 class BundleFinder:
     """Answers the bundled modules from a bundle file (an open descriptor)."""
 
     def __init__(self, fd: int) -> None:
-        self._index, self._base = _read_index(lambda size, offset: os.pread(fd, size, offset))
+        self._index, self._generated, self._base = _read_index(
+            lambda size, offset: os.pread(fd, size, offset)
+        )
         self._fd = fd
         self.served = 0
+        #: Generated functions run from their recorded code (exec_generated).
+        self.generated_served = 0
 
     def __len__(self) -> int:
         return len(self._index)
@@ -192,7 +242,11 @@ class BundleFinder:
             code = os.pread(self._fd, length, self._base + offset)
         except OSError:
             return None  # closed, or unreadable: the module's own file then
-        loader = _BundledLoader(fullname, origin, code)
+        loader = (
+            _GeneratingLoader(fullname, origin, code, self)
+            if fullname == GENERATING_MODULE and self._generated
+            else _BundledLoader(fullname, origin, code)
+        )
         spec = ModuleSpec(fullname, loader, origin=origin, is_package=package)
         spec.has_location = True
         if package:
@@ -200,8 +254,23 @@ class BundleFinder:
         self.served += 1
         return spec
 
+    def exec_generated(self, source: object, globals: object = None, locals: object = None) -> None:
+        """``exec`` for :data:`GENERATING_MODULE`: a source text the bundle holds runs
+        from its recorded code; anything else (or an unreadable bundle) as ``exec`` would."""
+        entry = self._generated.get(source) if type(source) is str else None
+        if entry is not None:
+            try:
+                data = os.pread(self._fd, entry[1], self._base + entry[0])
+            except OSError:
+                data = b""
+            if data:
+                source = marshal.loads(data)
+                self.generated_served += 1
+        exec(source, globals, locals)  # type: ignore[arg-type]
+
     def close(self) -> None:
         self._index.clear()
+        self._generated.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -239,20 +308,37 @@ def release() -> int:
         return 0
     if finder in sys.meta_path:
         sys.meta_path.remove(finder)
+    generating = sys.modules.get(GENERATING_MODULE)
+    if getattr(generating, "exec", None) == finder.exec_generated:
+        del generating.exec  # type: ignore[union-attr]  # the builtin again
     finder.close()
     return finder.served
 
 
-def pack(modules: "Iterable[tuple[str, str, bool, bytes]]") -> bytes:
-    """A bundle file from (name, file, is a package, marshalled code) in import order."""
+def served_generated() -> int:
+    """How many generated functions the installed bundle has run from recorded code."""
+    return _installed.generated_served if _installed is not None else 0
+
+
+def pack(
+    modules: "Iterable[tuple[str, str, bool, bytes]]",
+    generated: "Iterable[tuple[str, bytes]]" = (),
+) -> bytes:
+    """A bundle file from (name, file, is a package, marshalled code) in import order,
+    and (source text, marshalled code) of generated functions."""
     index: _Index = {}
+    table: _Generated = {}
     blobs: list[bytes] = []
     offset = 0
     for name, origin, package, code in modules:
         index[name] = (origin, package, offset, len(code))
         blobs.append(code)
         offset += len(code)
-    head = marshal.dumps(index)
+    for source, code in generated:
+        table[source] = (offset, len(code))
+        blobs.append(code)
+        offset += len(code)
+    head = marshal.dumps((index, table))
     return b"".join([MAGIC, len(head).to_bytes(4, "little"), head, *blobs])
 
 
@@ -260,12 +346,16 @@ def without(data: bytes, origins: "Iterable[str]") -> bytes:
     """The bundle ``data`` without the modules of the files ``origins`` (paths in the
     image): what a tool that edits a module of a built root must do, or the bundle's copy
     of the code would win over the edit."""
-    index, base = _read_index(lambda size, offset: data[offset : offset + size])
+    index, generated, base = _read_index(lambda size, offset: data[offset : offset + size])
     dropped = set(origins)
     return pack(
-        (name, origin, package, data[base + offset : base + offset + length])
-        for name, (origin, package, offset, length) in index.items()
-        if origin not in dropped
+        (
+            (name, origin, package, data[base + offset : base + offset + length])
+            for name, (origin, package, offset, length) in index.items()
+            if origin not in dropped
+        ),
+        # Keyed by their text: an edited class writes another text, compiled as usual.
+        ((source, data[base + at : base + at + size]) for source, (at, size) in generated.items()),
     )
 
 
@@ -281,6 +371,9 @@ def build(output: str, root: str, roots: "Iterable[str] | None" = None) -> list[
     if roots is None:
         roots = (*sorted(STARTUP_MODULES), *BOOT_MODULES)
     before = set(sys.modules)
+    generating = importlib.import_module(GENERATING_MODULE)  # bundled: not in ``before``
+    recorder = _Recorder()
+    generating.exec = recorder  # type: ignore[attr-defined]
     for name in roots:
         importlib.import_module(name)
     prefix = root.rstrip("/") + "/"
@@ -300,8 +393,9 @@ def build(output: str, root: str, roots: "Iterable[str] | None" = None) -> list[
             code = stream.read()[16:]  # the .pyc header: magic, flags, hash
         package = spec.submodule_search_locations is not None
         found.append((name, "/" + origin[len(prefix) :], package, code))
+    del generating.exec
     with open(output, "wb") as stream:
-        stream.write(pack(found))
+        stream.write(pack(found, recorder.sources.items()))
     return [name for name, *_ in found]
 
 
