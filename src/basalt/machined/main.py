@@ -282,7 +282,10 @@ def print_profile(profile: Any, stream: Any = None) -> None:
     import pstats
 
     text = io.StringIO()
-    stats = pstats.Stats(profile, stream=text).strip_dirs()
+    stats = pstats.Stats(profile, stream=text)
+    # Basalt's own functions first (by their paths), then everything, paths stripped.
+    stats.sort_stats("cumulative").print_stats("/basalt/", PROFILE_ROWS)
+    stats.strip_dirs()
     for order in ("cumulative", "tottime"):
         stats.sort_stats(order).print_stats(PROFILE_ROWS)
     out = stream or sys.stderr
