@@ -107,6 +107,7 @@ STARTUP_MODULES = frozenset(
     basalt.machinery.boot.entries basalt.machinery.boot.esp basalt.machinery.boot.slots
     basalt.machinery.client basalt.machinery.client.client
     basalt.machinery.disk basalt.machinery.disk.gpt basalt.machinery.disk.layout
+    basalt.machinery.disk.names
     basalt.machinery.elf basalt.machinery.errors basalt.machinery.fileio
     basalt.machinery.image_layout basalt.machinery.images basalt.machinery.images.errors
     basalt.machinery.images.manifest basalt.machinery.images.payload

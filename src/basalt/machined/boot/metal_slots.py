@@ -386,7 +386,7 @@ def _write_esp_file(esp: Esp, target: Path, source: int, extent: Extent) -> None
 
 def of_machine(root: Path, ephemeral: Path, sys_block: Path | None = None) -> MetalSlots | None:
     """The slots of this machine when it booted from a Basalt disk, else None."""
-    from basalt.machinery.disk.layout import EFI, META, slot_partition
+    from basalt.machinery.disk.names import EFI, META, slot_partition
 
     from ..storage.partitions import SYS_BLOCK, find_partition, kernel_slot
     from ..sys.efivars import EFIVARS

@@ -29,7 +29,9 @@ API_FIRST_TIMEOUT = 30.0
 
 
 class PollingController(Controller):
-    #: Read only once the API listens (reads that are slow under emulation).
+    #: While a first boot's maintenance API is opening, the first reading waits for it
+    #: (reads that are slow under emulation, or whose imports are); any other time, and
+    #: for every later reconcile, it reads at once.
     after_api: ClassVar[bool] = False
     #: Failures that say the kernel cannot be read now, not that the code is wrong.
     expected: ClassVar[tuple[type[Exception], ...]] = (OSError,)
@@ -45,10 +47,11 @@ class PollingController(Controller):
         """One reading into the store."""
 
     async def reconcile(self, store: ResourceStore) -> None:
-        if not self.after_api:
+        waits = self.after_api and not self.node.api_first.is_set()
+        if not waits:
             await self.refresh(store)
         if self._loop is None:
-            self._loop = self.node.background(self._read_forever(store), name=self.name)
+            self._loop = self.node.background(self._read_forever(store, waits), name=self.name)
 
     def publish(self, store: ResourceStore, type_: str, specs: Mapping[str, Spec]) -> None:
         """``specs`` become every resource of ``type_`` this controller owns."""
@@ -56,12 +59,10 @@ class PollingController(Controller):
             store.put(type_, id_, spec, owner=self.name)
         store.retain(type_, set(specs), owner=self.name)
 
-    async def _read_forever(self, store: ResourceStore) -> None:
-        if self.after_api:
-            gate = self.node.api_first
-            if not gate.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(gate.wait(), API_FIRST_TIMEOUT)
+    async def _read_forever(self, store: ResourceStore, first_waits: bool) -> None:
+        if first_waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.node.api_first.wait(), API_FIRST_TIMEOUT)
         else:
             await asyncio.sleep(self.interval)  # reconcile has just read
         while True:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from basalt.machinery.disk.layout import EPHEMERAL, LAYOUT, STATE
+from basalt.machinery.disk.names import BASE_NAMES, EPHEMERAL, STATE
 from basalt.machinery.resources.specs import DiskPartition, DiskSpec, VolumeSpec
 
 from ..runtime import ResourceStore
@@ -44,7 +44,7 @@ _GPT_TYPES = {
     "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7": "microsoft-data",
 }
 #: Volumes in layout order (the ids of Volumes on metal).
-VOLUMES = (*LAYOUT.base_names(), STATE, EPHEMERAL)
+VOLUMES = (*BASE_NAMES, STATE, EPHEMERAL)
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
@@ -299,6 +299,9 @@ class StorageStatusController(PollingController):
     #: A config applied is a config written to STATE: read again at once.
     inputs = ("MachineConfigs",)
     outputs = ("Disks", "Volumes")
+    #: Reading the partition tables imports uuid (and platform): after a first boot's
+    #: maintenance API opens, not before.
+    after_api = True
 
     def __init__(self, node: Node, interval: float = INTERVAL) -> None:
         super().__init__(node, interval)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from basalt.machinery.disk.layout import EPHEMERAL, SLOTS, STATE, slot_partition
+from basalt.machinery.disk.names import EPHEMERAL, SLOTS, STATE, slot_partition
 
 from ..sys.cmdline import CMDLINE, kernel_arg
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from basalt.machinery.disk.layout import slot_partition
+from basalt.machinery.disk.names import slot_partition
 from basalt.machinery.errors import BasaltError, InvalidRequestError, NotFoundError
 
 from .partitions import block_partitions, kernel_slot

@@ -1,9 +1,18 @@
-"""Disks: GUID partition tables and Basalt's partition layout (pure; no kernel calls)."""
+"""Disks: GUID partition tables and Basalt's partition layout (pure; no kernel calls).
+
+The exports are imported on first use: a node's boot needs only the partition names
+(:mod:`.names`), not the tables and ``uuid`` that :mod:`.gpt` brings.
+"""
 
 from __future__ import annotations
 
-from .gpt import ESP_TYPE, LINUX_DATA_TYPE, SECTOR, GptError, Partition, Table
-from .layout import LAYOUT, Layout
+from typing import TYPE_CHECKING
+
+from basalt.machinery import lazy
+
+if TYPE_CHECKING:
+    from .gpt import ESP_TYPE, LINUX_DATA_TYPE, SECTOR, GptError, Partition, Table
+    from .layout import LAYOUT, Layout
 
 __all__ = [
     "ESP_TYPE",
@@ -15,3 +24,11 @@ __all__ = [
     "Partition",
     "Table",
 ]
+
+__getattr__ = lazy.exports(
+    __name__,
+    {
+        "gpt": ("ESP_TYPE", "LINUX_DATA_TYPE", "SECTOR", "GptError", "Partition", "Table"),
+        "layout": ("LAYOUT", "Layout"),
+    },
+)

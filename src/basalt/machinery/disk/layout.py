@@ -12,19 +12,18 @@ import uuid
 from dataclasses import dataclass
 
 from .gpt import ESP_TYPE, LINUX_DATA_TYPE, MIB, SECTOR, Partition, Table
+from .names import BASE_NAMES, EFI, EPHEMERAL, META, SLOTS, STATE, slot_partition
 
-__all__ = ["LAYOUT", "Layout", "slot_partition"]
-
-EFI = "EFI"
-META = "META"
-STATE = "STATE"
-EPHEMERAL = "EPHEMERAL"
-SLOTS = ("A", "B")
-
-
-def slot_partition(slot: str) -> str:
-    """``BASALT-A`` for slot ``A`` (or ``a``)."""
-    return f"BASALT-{slot.upper()}"
+__all__ = [
+    "EFI",
+    "EPHEMERAL",
+    "LAYOUT",
+    "META",
+    "SLOTS",
+    "STATE",
+    "Layout",
+    "slot_partition",
+]
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class Layout:
         return table.add(EPHEMERAL, None, guid=uuid.uuid4(), type_guid=LINUX_DATA_TYPE)
 
     def base_names(self) -> tuple[str, ...]:
-        return (EFI, *(slot_partition(s) for s in SLOTS), META)
+        return BASE_NAMES
 
 
 LAYOUT = Layout()
