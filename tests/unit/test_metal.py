@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import os
 import platform
 import struct
 from ipaddress import IPv4Address, IPv4Interface
@@ -20,6 +21,8 @@ from basalt.machined.platform.etc import render_hosts, write_generated
 from basalt.machined.platform.metal import (
     IMAGE_MODULES,
     MetalPlatform,
+    ModuleLoader,
+    ModuleLoaderError,
     default_hostname,
     kernel_hostname,
     load_image_modules,
@@ -304,6 +307,57 @@ def test_efivarfs_is_loaded_only_on_a_uefi_boot(tmp_path: Path) -> None:
     (tmp_path / "sys" / "firmware" / "efi").mkdir(parents=True)
     assert load_image_modules(tmp_path, loader) == (["efivarfs"], [])
     assert calls == ["efivarfs.ko"]
+
+
+def test_a_child_loads_the_modules_and_prepare_takes_its_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PID 1 forks the loading (begin()); its answer comes through a pipe."""
+    marker = tmp_path / "loaded-by"
+
+    def load(root: Path) -> tuple[list[str], list[str]]:
+        marker.write_text(str(os.getpid()))  # the child's pid, not this process's
+        return ["failover", "virtio_net"], ["kernel module missing not found"]
+
+    loader = ModuleLoader.fork(tmp_path, load)
+    assert loader is not None
+    assert loader.result() == (["failover", "virtio_net"], ["kernel module missing not found"])
+    assert int(marker.read_text()) == loader.pid != os.getpid()
+    os.waitpid(loader.pid, 0)
+    with pytest.raises(ModuleLoaderError, match="asked already"):
+        loader.result()
+
+    metal = MetalPlatform.create(address="192.0.2.1", hostname="n", root=tmp_path, init=False)
+    metal.module_loader = ModuleLoader.fork(tmp_path, load)
+    assert metal.module_loader is not None
+    pid = metal.module_loader.pid
+    with caplog.at_level("INFO"):
+        metal._load_image_modules()
+    os.waitpid(pid, 0)
+    assert "loaded kernel modules: failover, virtio_net" in caplog.text
+    assert "kernel module missing not found" in caplog.text and metal.module_loader is None
+
+
+def test_a_failed_module_child_leaves_the_loading_to_machined(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def load(root: Path) -> tuple[list[str], list[str]]:
+        raise RuntimeError("no /lib/modules in this child")
+
+    loader = ModuleLoader.fork(tmp_path, load)
+    assert loader is not None
+    with pytest.raises(ModuleLoaderError, match="RuntimeError: no /lib/modules in this child"):
+        loader.result()
+    os.waitpid(loader.pid, 0)
+    metal = MetalPlatform.create(address="192.0.2.1", hostname="n", root=tmp_path, init=False)
+    metal.module_loader = ModuleLoader.fork(tmp_path, load)
+    assert metal.module_loader is not None
+    pid = metal.module_loader.pid
+    with caplog.at_level("INFO"):
+        metal._load_image_modules()  # no list below tmp_path: nothing to load here either
+    os.waitpid(pid, 0)
+    assert "loading them in machined" in caplog.text
+    assert "loaded kernel modules" not in caplog.text
 
 
 # -- reaper ----------------------------------------------------------------------------------

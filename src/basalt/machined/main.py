@@ -142,7 +142,16 @@ def make_platform(args: argparse.Namespace) -> Platform:
     )
 
 
-async def run(args: argparse.Namespace) -> int:
+def agent(argv: list[str] | None = None) -> int:
+    """Parse the arguments, make the platform and let it begin its early work (metal
+    PID 1: a child loads the kernel modules while the rest is imported), run the agent."""
+    args = parse_args(argv)
+    platform = make_platform(args)
+    platform.begin()
+    return run_bounded(run(args, platform))
+
+
+async def run(args: argparse.Namespace, platform: Platform) -> int:
     import asyncio
     import datetime as dt
     import signal
@@ -154,7 +163,6 @@ async def run(args: argparse.Namespace) -> int:
     from .platform import PowerAction
     from .runtime import SequenceConflictError
 
-    platform = make_platform(args)
     platform.start()
     tuning = Tuning(
         cert_validity=dt.timedelta(seconds=args.cert_validity),
@@ -347,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # PID 1 never exits (the kernel would panic): whatever ends the agent, even a bad
         # argument, becomes a reboot or power-off (after a console message if fatal).
-        return run_as_init(lambda: run_bounded(run(parse_args(argv))))
-    return run_bounded(run(parse_args(argv)))
+        return run_as_init(lambda: agent(argv))
+    return agent(argv)
 
 
 #: Seconds the tasks still running when the agent ends get to finish their cancellation.

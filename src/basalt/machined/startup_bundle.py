@@ -94,7 +94,8 @@ STARTUP_MODULES = frozenset(
     basalt.machined.sys.dhcp.packet basalt.machined.sys.ifaces basalt.machined.sys.kexec
     basalt.machined.sys.kmod basalt.machined.sys.loop basalt.machined.sys.mount
     basalt.machined.sys.netlink basalt.machined.sys.power basalt.machined.sys.procstat
-    basalt.machined.sys.reaper basalt.machined.sys.rtnl basalt.machined.sys.sysctl
+    basalt.machined.sys.pipes basalt.machined.sys.reaper basalt.machined.sys.rtnl
+    basalt.machined.sys.sysctl
     basalt.machined.upgrade basalt.machined.upgrade.drain basalt.machined.upgrade.jobs
     basalt.machined.upgrade.receive basalt.machined.upgrade.slots
     basalt.machined.upgrade.upgrader

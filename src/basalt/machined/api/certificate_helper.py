@@ -29,9 +29,9 @@ import datetime as dt
 import json
 import logging
 import os
-import select
-import time
 from typing import TYPE_CHECKING
+
+from ..sys.pipes import read_all, write_all
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -144,7 +144,7 @@ class CertificateHelper:
                 else f"the certificate helper signs for {self.named}, not {address}"
             )
         try:
-            answer = _read_all(self._answers, timeout)
+            answer = read_all(self._answers, timeout)
         except OSError as exc:
             raise HelperError(f"the certificate helper did not answer: {exc}") from None
         finally:
@@ -170,19 +170,6 @@ class HelperError(Exception):
     """The helper could not make the certificate."""
 
 
-def _read_all(fd: int, timeout: float) -> bytes:
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise OSError(f"no answer within {timeout:g} s")
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
 def _serve(requests: int, answers: int) -> None:
     """The helper's work: prepare the key, wait for the address, answer, exit."""
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -202,12 +189,12 @@ def _serve(requests: int, answers: int) -> None:
         reply = {"crt": pair.crt, "key": pair.key}
     except Exception as exc:  # reported to the parent, which makes its own
         reply = {"error": f"{type(exc).__name__}: {exc}"}
-    os.write(answers, json.dumps(reply).encode())
+    write_all(answers, json.dumps(reply).encode())
 
 
 def _read_line(fd: int, timeout: float) -> str:
     try:
-        return _read_all(fd, timeout).decode().strip()
+        return read_all(fd, timeout).decode().strip()
     except OSError:
         return ""
 

@@ -133,6 +133,10 @@ class Platform:
     def prepare(self) -> None:
         """Make the machine ready for the agent (mounts, /etc files); blocking, idempotent."""
 
+    def begin(self) -> None:
+        """Hook run before the event loop exists and before most of the agent's imports:
+        work for another CPU meanwhile (metal as PID 1: a child loads kernel modules)."""
+
     def start(self) -> None:
         """Hook run on the event loop before boot (metal as PID 1: the zombie reaper)."""
 

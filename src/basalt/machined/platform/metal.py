@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
 from ..extensions import mount_and_log
 from ..sys import kexec, kmod, mount, power
+from ..sys.pipes import read_all, write_all
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode, PowerAction
 from .etc import render_hosts, write_generated
@@ -141,10 +141,9 @@ class MetalPlatform(Platform):
     installing: bool = False
     #: The image's extensions that were not used at boot, as ``NAME: reason``.
     extensions_skipped: list[str] = field(default_factory=list)
-    #: Loads the image's kernel modules from start() on, while PID 1 still imports: the
-    #: kernel's part (virtio-net probes its device) runs on another CPU. prepare() waits.
-    module_loader: threading.Thread | None = None
-    _module_error: BaseException | None = None
+    #: The child loading the image's kernel modules from begin() on (PID 1 only):
+    #: prepare() takes its answer.
+    module_loader: ModuleLoader | None = None
 
     @property
     def fleet_dir(self) -> Path:
@@ -190,12 +189,7 @@ class MetalPlatform(Platform):
             mounted += mount.mount_all(self._runtime_filesystems(), root)
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
-            if self.module_loader is not None:
-                self.module_loader.join()
-                if self._module_error is not None:
-                    raise self._module_error
-            else:
-                self._load_image_modules()
+            self._load_image_modules()
             self.extensions, self.extensions_skipped = mount_and_log(root)
             try:
                 power.set_ctrl_alt_del(False)  # Ctrl-Alt-Del becomes SIGINT: a clean reboot
@@ -236,14 +230,16 @@ class MetalPlatform(Platform):
             self.state_device = state
         return points
 
-    def _load_modules_early(self) -> None:
-        try:
-            self._load_image_modules()
-        except BaseException as exc:  # raised in prepare(), as if loaded there
-            self._module_error = exc
-
     def _load_image_modules(self) -> None:
-        loaded, failed = load_image_modules(self.system_root)
+        """The child's answer (begin()), else the modules loaded here and now."""
+        loader, self.module_loader = self.module_loader, None
+        answer = None
+        if loader is not None:
+            try:
+                answer = loader.result()
+            except ModuleLoaderError as exc:
+                log.warning("%s; loading them in machined", exc)
+        loaded, failed = answer or load_image_modules(self.system_root)
         if loaded:
             log.info("loaded kernel modules: %s", ", ".join(loaded))
         for reason in failed:
@@ -266,14 +262,14 @@ class MetalPlatform(Platform):
                 return
         mount.bind_read_only(self.generated_etc / name, target)
 
+    def begin(self) -> None:
+        if self.init and self.module_loader is None:
+            self.module_loader = ModuleLoader.fork(self.system_root)
+
     def start(self) -> None:
         if self.init:
             self.reaper = Reaper()
             self.reaper.install()
-            self.module_loader = threading.Thread(
-                target=self._load_modules_early, name="kernel-modules", daemon=True
-            )
-            self.module_loader.start()
 
     def clock(self) -> Clock:
         """PID 1 owns the machine's clock; run any other way it only reads it."""
@@ -318,6 +314,83 @@ def load_image_modules(
         except kmod.KernelModuleError as exc:
             failed.append(str(exc))
     return loaded, failed
+
+
+#: How long prepare() waits for the module-loading child's answer before loading them itself.
+MODULE_ANSWER_TIMEOUT = 60.0
+
+
+class ModuleLoaderError(Exception):
+    """The module-loading child gave no usable answer."""
+
+
+class ModuleLoader:
+    """The image's kernel modules, loaded by a child that PID 1 forks before most of its
+    imports (no thread exists yet): the child's reading of module files and the kernel's
+    work (virtio-net probes its device) run on the other CPU, without the interpreter
+    lock PID 1 imports under. It answers (modules loaded, failures) through a pipe and
+    exits; the reaper collects it. A thread did the same from start() until 2026-12-06:
+    started earlier, it slowed PID 1's imports by more than it saved (ADR 0025)."""
+
+    def __init__(self, pid: int, answers: int) -> None:
+        self.pid = pid
+        self._answers: int | None = answers
+
+    @classmethod
+    def fork(
+        cls,
+        root: Path,
+        load: Callable[[Path], tuple[list[str], list[str]]] = load_image_modules,
+    ) -> ModuleLoader | None:
+        """Start the child; None when the system refuses (prepare() loads them itself)."""
+        try:
+            answers, answer = os.pipe()
+            pid = os.fork()
+        except OSError as exc:
+            log.warning("kernel modules load in machined: no child for them (%s)", exc)
+            return None
+        if pid == 0:  # the child: never returns into the parent's code
+            code = 1
+            try:
+                os.close(answers)
+                devnull = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):  # -X importtime lines must not mix into PID 1's
+                    os.dup2(devnull, fd)
+                try:
+                    loaded, failed = load(root)
+                    reply: object = {"loaded": loaded, "failed": failed}
+                except Exception as exc:
+                    reply = {"error": f"{type(exc).__name__}: {exc}"}
+                import json
+
+                write_all(answer, json.dumps(reply).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(answer)
+        return cls(pid, answers)
+
+    def result(self, timeout: float = MODULE_ANSWER_TIMEOUT) -> tuple[list[str], list[str]]:
+        """(modules loaded, one reason per failure), as :func:`load_image_modules`;
+        ModuleLoaderError when the child did not answer or failed as a whole."""
+        import json
+
+        fd, self._answers = self._answers, None
+        if fd is None:
+            raise ModuleLoaderError("the kernel-module child was asked already")
+        try:
+            data = read_all(fd, timeout)
+        except OSError as exc:
+            raise ModuleLoaderError(f"the kernel-module child did not answer: {exc}") from None
+        finally:
+            os.close(fd)
+        try:
+            reply = json.loads(data)
+            if "error" in reply:
+                raise ModuleLoaderError(f"the kernel-module child failed: {reply['error']}")
+            return [str(n) for n in reply["loaded"]], [str(r) for r in reply["failed"]]
+        except (ValueError, TypeError, KeyError):
+            raise ModuleLoaderError("the kernel-module child gave no answer") from None
 
 
 def console(message: str) -> None:
