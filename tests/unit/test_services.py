@@ -300,6 +300,31 @@ def test_health_check_transitions_are_events() -> None:
     run(body)
 
 
+def test_a_starting_service_is_checked_sooner_until_its_first_pass() -> None:
+    """An interval of 5 s, a service that becomes healthy at its third check: it is
+    known healthy within a second of start (0.25 s, then 0.5 s), then checked every 5 s."""
+    checks: list[float] = []
+
+    async def probe() -> None:
+        checks.append(time.monotonic())
+        if len(checks) < 3:
+            raise ConnectionRefusedError("not listening yet")
+
+    async def body(supervisor: Supervisor, bus: EventBus) -> None:
+        check = HealthCheck(probe, interval=5.0, timeout=1.0, initial_delay=0.0)
+        supervisor.register(ServiceSpec("containerd", TaskRunner(forever), health_check=check))
+        started = time.monotonic()
+        await supervisor.start("containerd")
+        await until(lambda: supervisor.status("containerd").health == "healthy", "healthy")
+        assert time.monotonic() - started < 3.0  # not the 10 s of two intervals
+        first, second = (b - a for a, b in itertools.pairwise(checks))
+        assert 0.24 <= first < 0.6 and 0.49 <= second < 1.2, (first, second)
+        await asyncio.sleep(0.8)
+        assert len(checks) == 3  # healthy: the next check is the interval away
+
+    run(body)
+
+
 def test_failure_reports_exit_code_and_last_log_line() -> None:
     code = (
         "import sys\n"

@@ -179,13 +179,21 @@ def test_an_edited_module_leaves_the_bundle(tmp_path: Path) -> None:
     bundle, or the bundled code would win over the edit."""
     one = marshal.dumps(compile("A = 1\n", "/r/a.py", "exec"))
     two = marshal.dumps(compile("B = 2\n", "/r/b.py", "exec"))
-    data = startup_bundle.pack([("a", "/r/a.py", False, one), ("b", "/r/b.py", False, two)])
+    text = "def __create_fn__():\n def f(self):\n  return 7\n return f"
+    generated = [(text, marshal.dumps(compile(text, "<string>", "exec")))]
+    data = startup_bundle.pack(
+        [("a", "/r/a.py", False, one), ("b", "/r/b.py", False, two)], generated
+    )
     kept = startup_bundle.without(data, ["/r/a.py"])
     finder = startup_bundle.BundleFinder(_fd(tmp_path / "kept", kept))
     assert finder.find_spec("a") is None
     spec = finder.find_spec("b")
     assert spec is not None and spec.loader is not None
     assert spec.loader.get_code("b") == marshal.loads(two)  # type: ignore[attr-defined]
+    # Generated functions stay: keyed by their text, an edited class only misses them.
+    namespace: dict[str, object] = {}
+    finder.exec_generated(text, {}, namespace)
+    assert finder.generated_served == 1 and callable(namespace["__create_fn__"])
     finder.close()
     with pytest.raises(startup_bundle.BundleError):
         startup_bundle.without(b"not a bundle", [])

@@ -89,6 +89,11 @@ class FlagCondition:
         await self._flag.wait()
 
 
+#: Seconds before the second health check of a service that has not passed one yet
+#: (doubling each time, up to the check's interval).
+STARTUP_RETRY = 0.25
+
+
 @dataclass(frozen=True)
 class HealthCheck:
     """A periodic probe of a running service.
@@ -96,6 +101,10 @@ class HealthCheck:
     ``check`` returns when the service is healthy and raises (with a message saying
     what is wrong) when it is not; a check that takes longer than ``timeout`` seconds
     counts as a failure. The first check runs ``initial_delay`` seconds after start.
+    Until a check first passes, the next comes sooner than ``interval``
+    (:data:`STARTUP_RETRY`, doubling up to it): whatever waits for a service that has
+    just started (a dependent service, readiness, an upgraded slot's health gates) learns
+    it is healthy within a fraction of a second, not up to ``interval`` late.
     """
 
     check: Callable[[], Awaitable[None]]

@@ -21,7 +21,13 @@ from typing import Literal
 from basalt.machined.events import EventBus
 from basalt.machined.services.logs import LogBuffer
 from basalt.machined.services.runners import ExitStatus, Running
-from basalt.machined.services.service import Condition, HealthCheck, ServiceSpec, ServiceState
+from basalt.machined.services.service import (
+    STARTUP_RETRY,
+    Condition,
+    HealthCheck,
+    ServiceSpec,
+    ServiceState,
+)
 from basalt.machinery.errors import BasaltError, ErrorKind
 
 __all__ = ["Health", "ServiceEvent", "ServiceStatus", "Supervisor", "UnknownServiceError"]
@@ -404,6 +410,8 @@ class Supervisor:
     def _watch_health(self, unit: _Unit, check: HealthCheck) -> asyncio.Task[None]:
         async def watch() -> None:
             await asyncio.sleep(check.initial_delay)
+            pause = min(STARTUP_RETRY, check.interval)  # until it first passes
+            passed = False
             while True:
                 try:
                     await asyncio.wait_for(check.check(), check.timeout)
@@ -413,7 +421,12 @@ class Supervisor:
                     self._set_health(unit, "unhealthy", str(exc) or type(exc).__name__)
                 else:
                     self._set_health(unit, "healthy", "")
-                await asyncio.sleep(check.interval)
+                    passed = True
+                if passed:
+                    await asyncio.sleep(check.interval)
+                else:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, check.interval)
 
         return asyncio.create_task(watch(), name=f"health of service {unit.spec.id}")
 
