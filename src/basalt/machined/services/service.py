@@ -90,8 +90,12 @@ class FlagCondition:
 
 
 #: Seconds before the second health check of a service that has not passed one yet
-#: (doubling each time, up to the check's interval).
+#: (doubling each time, up to STARTUP_RETRY_MAX and never beyond the check's interval).
 STARTUP_RETRY = 0.25
+STARTUP_RETRY_MAX = 1.0
+#: Seconds after its start during which a service not healthy yet is checked that often;
+#: then every interval (a service that never comes up is not probed every second).
+STARTUP_PERIOD = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,10 @@ class HealthCheck:
     what is wrong) when it is not; a check that takes longer than ``timeout`` seconds
     counts as a failure. The first check runs ``initial_delay`` seconds after start.
     Until a check first passes, the next comes sooner than ``interval``
-    (:data:`STARTUP_RETRY`, doubling up to it): whatever waits for a service that has
-    just started (a dependent service, readiness, an upgraded slot's health gates) learns
-    it is healthy within a fraction of a second, not up to ``interval`` late.
+    (:data:`STARTUP_RETRY`, doubling up to :data:`STARTUP_RETRY_MAX`, for the first
+    :data:`STARTUP_PERIOD` seconds): whatever waits for a service that has just started
+    (a dependent service, readiness, an upgraded slot's health gates) learns it is
+    healthy within a second, not up to ``interval`` late.
     """
 
     check: Callable[[], Awaitable[None]]

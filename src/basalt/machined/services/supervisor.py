@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from basalt.machined.events import EventBus
 from basalt.machined.services.logs import LogBuffer
 from basalt.machined.services.runners import ExitStatus, Running
 from basalt.machined.services.service import (
+    STARTUP_PERIOD,
     STARTUP_RETRY,
+    STARTUP_RETRY_MAX,
     Condition,
     HealthCheck,
     ServiceSpec,
@@ -412,6 +415,7 @@ class Supervisor:
             await asyncio.sleep(check.initial_delay)
             pause = min(STARTUP_RETRY, check.interval)  # until it first passes
             passed = False
+            starting_until = time.monotonic() + STARTUP_PERIOD
             while True:
                 try:
                     await asyncio.wait_for(check.check(), check.timeout)
@@ -422,11 +426,11 @@ class Supervisor:
                 else:
                     self._set_health(unit, "healthy", "")
                     passed = True
-                if passed:
+                if passed or time.monotonic() > starting_until:
                     await asyncio.sleep(check.interval)
                 else:
                     await asyncio.sleep(pause)
-                    pause = min(pause * 2, check.interval)
+                    pause = min(pause * 2, STARTUP_RETRY_MAX, check.interval)
 
         return asyncio.create_task(watch(), name=f"health of service {unit.spec.id}")
 
