@@ -38,21 +38,23 @@ costliest calls (cumulative and own time) on the console, which the bench prints
 
     python bench/boot.py [--runs N] [--image DIR] [--build] [--check] [--importtime] [--profile]
 
-Figures (2026-12-06, this 2-core host otherwise idle, 7 runs each, medians): Basalt
-6.42 s [5.88-6.94] against Debian 13.48 s [11.76-15.02], 0.48x (0.88x when issue 22 was
-filed, 0.74x at the start of the day); kernel -> PID 1 2.00 s; exec -> first log line
-0.41 s (3.39 s when filed); exec -> API socket 2.80 s [2.62-3.13] (7.96 s; 5.78 s in the
-morning); RSS 40.4 MiB (62.8 MiB). What changed is in ADR 0025: resource specs without
+Figures (2026-12-06, afternoon, this 2-core host otherwise idle, 7 runs each, medians):
+Basalt 5.52 s [5.19-6.02] against Debian 11.84 s [10.72-12.26], 0.47x (0.88x when issue
+22 was filed); kernel -> PID 1 1.87 s; exec -> first log line 0.38 s (3.39 s when
+filed); exec -> API socket 2.36 s [2.21-2.45] (7.96 s when filed, 2.80 s the evening
+before); RSS 41.1 MiB (62.8 MiB). What changed is in ADR 0025: resource specs without
 pydantic (5.78 -> 3.92 s, 53.6 -> 43.1 MiB), the start-up bundle (the byte code of the
-start-up read from one file: file access had been a quarter of it), modules nothing
-before the API uses left out, the collector off the start-up heap, the kernel's crypto
-self-tests skipped, and this bench's own probes (a refusal now drops the probes QEMU
-still holds; they had answered only on a SYN retransmission, 1-3 s late, in 2 runs of 5,
-for both guests). What is left of the 2.8 s, from ``--profile``: importing asyncio, grpc
-(its extension module alone about 0.25 s), protobuf and machine_pb2, ``@dataclass``
-writing the methods of the start-up's 50-odd classes (about 0.4 s), the controllers
-and the gRPC server's creation. The host's speed varies by about +-10 % from one run to
-the next: compare figures from one run.
+start-up read from one file: file access had been a quarter of it) and in it the
+functions ``@dataclass`` writes, compiled; modules nothing before the API uses left out
+(``uuid`` and ``platform`` among them); the kernel modules loaded by a child process;
+the collector off the start-up heap; the kernel's crypto self-tests skipped; and this
+bench's own probes (a refusal now drops the probes QEMU still holds; they had answered
+only on a SYN retransmission, 1-3 s late, in 2 runs of 5, for both guests). What is left,
+from ``--profile``: importing asyncio (and ssl through it), grpc (its extension module
+about 0.2 s), protobuf and machine_pb2, the controllers' first round and the gRPC
+server's creation. The host's own speed moves these figures by up to 25 % from one run
+to the next (one image gave exec -> API 2.47 s and 2.95 s in two 5-run sets, with
+Debian at 12.5 s and 13.3 s): compare figures from one run, and the ratio above all.
 """
 
 from __future__ import annotations

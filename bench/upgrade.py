@@ -75,6 +75,19 @@ Figures (qemu, 2026-12-03 evening, this 2-core host otherwise idle, load 0.0-0.4
   slower than a cold boot of it: guest kernel -> API 12.2 s against 11.4 s) stays, so a
   shorter boot raises the ratio. Under 1.3x needs a shorter call (not sending the kernel
   and initramfs a node already has, a faster cipher under TCG) more than a faster boot.
+- 2026-12-06, afternoon, with the dataclass functions in the start-up bundle and a
+  service's first health checks sooner (ADR 0025): both boots shorter again, the ratio
+  higher. Before the health checks: 1.49x (upgrade 30.2 s, cold boot 20.2 s, the call
+  7.8 s; 2 runs). After: 1.52x (23.5 s [22.5-24.5] against 15.4 s [15.2-15.7], the call
+  6.7 s; 2 runs) and 1.57x (26.2 s [24.8-26.3] against 16.7 s [16.5-16.9], the call
+  7.7 s; 3 runs, load 1.0 before). Where it goes now: the call (receive 4.6-6.6 s,
+  16-18 MB/s, with both vCPUs busy: CPU 8.3-12.4 s in the node's log line, the verifying
+  thread 3-5 s of it; the slot write 1.8-2.0 s), services stopping 0.4-0.5 s, and the
+  new slot's health gates, whose last is containerd's first passing check (they pass
+  3-4 s after the new slot's API opens, host clock; a cold boot is ready 2.0 s after its
+  first API answer). Sending the
+  upload in 1 MiB messages instead of 256 KiB was measured (2 runs): 16.1 and 12.3 MB/s
+  against 17.6 MB/s, no gain; the per-byte work (TLS, hashing, copies) is what costs.
 - Before (morning, the bundle hashed twice): uploaded 1.88x (call 31.4 s: receive ~12 s,
   verify 7.7 s, slot write 11.6 s); --fetch 1.62x (call 24.9 s).
 """

@@ -376,8 +376,11 @@ def build(output: str, root: str, roots: "Iterable[str] | None" = None) -> list[
     generating = importlib.import_module(GENERATING_MODULE)  # bundled: not in ``before``
     recorder = _Recorder()
     generating.exec = recorder  # type: ignore[attr-defined]
-    for name in roots:
-        importlib.import_module(name)
+    try:
+        for name in roots:
+            importlib.import_module(name)
+    finally:
+        del generating.exec
     prefix = root.rstrip("/") + "/"
     found: list[tuple[str, str, bool, bytes]] = []
     for name, module in list(sys.modules.items()):
@@ -395,7 +398,6 @@ def build(output: str, root: str, roots: "Iterable[str] | None" = None) -> list[
             code = stream.read()[16:]  # the .pyc header: magic, flags, hash
         package = spec.submodule_search_locations is not None
         found.append((name, "/" + origin[len(prefix) :], package, code))
-    del generating.exec
     with open(output, "wb") as stream:
         stream.write(pack(found, recorder.sources.items()))
     return [name for name, *_ in found]

@@ -345,9 +345,15 @@ class ModuleLoader:
         """Start the child; None when the system refuses (prepare() loads them itself)."""
         try:
             answers, answer = os.pipe()
+        except OSError as exc:
+            log.warning("kernel modules load in machined: no child for them (%s)", exc)
+            return None
+        try:
             pid = os.fork()
         except OSError as exc:
             log.warning("kernel modules load in machined: no child for them (%s)", exc)
+            os.close(answers)
+            os.close(answer)
             return None
         if pid == 0:  # the child: never returns into the parent's code
             code = 1
