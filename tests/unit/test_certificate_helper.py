@@ -103,7 +103,7 @@ print(json.dumps({"error": error, "credentials": type(credentials).__name__}))
 def test_a_helper_that_does_not_answer_in_time_is_given_up() -> None:
     answer = run(
         """
-def slow(requests, answers):
+def slow(requests):
     time.sleep(30)
 ch._serve = slow
 ch.start()

@@ -31,7 +31,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from ..sys.pipes import read_all, write_all
+from ..sys.pipes import fork_helper, read_all
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -93,29 +93,18 @@ class CertificateHelper:
         """Start the helper; None when the system refuses (the caller goes without)."""
         try:
             request_read, request_write = os.pipe()
-            answer_read, answer_write = os.pipe()
         except OSError as exc:
             log.warning("no certificate helper: %s", exc)
             return None
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            log.warning("no certificate helper: %s", exc)
-            for fd in (request_read, request_write, answer_read, answer_write):
-                os.close(fd)
-            return None
-        if pid == 0:  # the helper: never returns into the parent's code
-            code = 1
-            try:
-                os.close(request_write)
-                os.close(answer_read)
-                _serve(request_read, answer_write)
-                code = 0
-            finally:
-                os._exit(code)
+        started = fork_helper(
+            lambda: _serve(request_read), "certificate helper", child_closes=(request_write,)
+        )
         os.close(request_read)
-        os.close(answer_write)
-        return cls(pid, request_write, answer_read)
+        if started is None:
+            os.close(request_write)
+            return None
+        pid, answers = started
+        return cls(pid, request_write, answers)
 
     def name(self, address: str) -> None:
         """Tell the helper the address now, so that the certificate is signed before it
@@ -170,26 +159,19 @@ class HelperError(Exception):
     """The helper could not make the certificate."""
 
 
-def _serve(requests: int, answers: int) -> None:
-    """The helper's work: prepare the key, wait for the address, answer, exit."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    reply: dict[str, str]
-    try:
-        key = generate_maintenance_key()  # imports cryptography (basalt.machinery.pki)
-        # The certificate's name comes with grpc: imported before waiting, not after.
-        import basalt.machinery.client.client  # noqa: F401
+def _serve(requests: int) -> dict[str, object] | None:
+    """The helper's work: prepare the key, wait for the address, answer (an error is
+    reported to the parent, which makes its own certificate)."""
+    key = generate_maintenance_key()  # imports cryptography (basalt.machinery.pki)
+    # The certificate's name comes with grpc: imported before waiting, not after.
+    import basalt.machinery.client.client  # noqa: F401
 
-        line = _read_line(requests, IDLE_TIMEOUT)
-        if not line:
-            return  # not asked: the node has a config, or PID 1 went on without us
-        pair = self_signed_maintenance_certificate(line, key)
-        assert pair.key is not None
-        reply = {"crt": pair.crt, "key": pair.key}
-    except Exception as exc:  # reported to the parent, which makes its own
-        reply = {"error": f"{type(exc).__name__}: {exc}"}
-    write_all(answers, json.dumps(reply).encode())
+    line = _read_line(requests, IDLE_TIMEOUT)
+    if not line:
+        return None  # not asked: the node has a config, or PID 1 went on without us
+    pair = self_signed_maintenance_certificate(line, key)
+    assert pair.key is not None
+    return {"crt": pair.crt, "key": pair.key}
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -40,7 +40,7 @@ from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
 from ..extensions import mount_and_log
 from ..sys import kexec, kmod, mount, power
-from ..sys.pipes import read_all, write_all
+from ..sys.pipes import fork_helper, read_all
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode, PowerAction
 from .etc import render_hosts, write_generated
@@ -343,38 +343,13 @@ class ModuleLoader:
         load: Callable[[Path], tuple[list[str], list[str]]] = load_image_modules,
     ) -> ModuleLoader | None:
         """Start the child; None when the system refuses (prepare() loads them itself)."""
-        try:
-            answers, answer = os.pipe()
-        except OSError as exc:
-            log.warning("kernel modules load in machined: no child for them (%s)", exc)
-            return None
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            log.warning("kernel modules load in machined: no child for them (%s)", exc)
-            os.close(answers)
-            os.close(answer)
-            return None
-        if pid == 0:  # the child: never returns into the parent's code
-            code = 1
-            try:
-                os.close(answers)
-                devnull = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):  # -X importtime lines must not mix into PID 1's
-                    os.dup2(devnull, fd)
-                try:
-                    loaded, failed = load(root)
-                    reply: object = {"loaded": loaded, "failed": failed}
-                except Exception as exc:
-                    reply = {"error": f"{type(exc).__name__}: {exc}"}
-                import json
 
-                write_all(answer, json.dumps(reply).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(answer)
-        return cls(pid, answers)
+        def work() -> dict[str, object]:
+            loaded, failed = load(root)
+            return {"loaded": loaded, "failed": failed}
+
+        started = fork_helper(work, "kernel-module child")
+        return None if started is None else cls(*started)
 
     def result(self, timeout: float = MODULE_ANSWER_TIMEOUT) -> tuple[list[str], list[str]]:
         """(modules loaded, one reason per failure), as :func:`load_image_modules`;
