@@ -54,7 +54,8 @@ from ``--profile``: importing asyncio (and ssl through it), grpc (its extension 
 about 0.2 s), protobuf and machine_pb2, the controllers' first round and the gRPC
 server's creation. The host's own speed moves these figures by up to 25 % from one run
 to the next (one image gave exec -> API 2.47 s and 2.95 s in two 5-run sets, with
-Debian at 12.5 s and 13.3 s): compare figures from one run, and the ratio above all.
+Debian at 12.5 s and 13.3 s; the final one 2.36 s and 3.16 s in two 7-run sets, Debian
+11.84 s and 15.34 s, 0.47x both): compare figures from one run, and the ratio above all.
 """
 
 from __future__ import annotations
