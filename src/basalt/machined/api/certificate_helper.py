@@ -26,12 +26,11 @@ mix into PID 1's); errors come back through the answer pipe.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 from typing import TYPE_CHECKING
 
-from ..sys.pipes import fork_helper, read_all
+from ..sys.pipes import HelperAnswerError, fork_helper, read_all, read_answer
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -132,18 +131,13 @@ class CertificateHelper:
                 if self.named is None
                 else f"the certificate helper signs for {self.named}, not {address}"
             )
+        answers, self._answers = self._answers, None
         try:
-            answer = read_all(self._answers, timeout)
-        except OSError as exc:
-            raise HelperError(f"the certificate helper did not answer: {exc}") from None
+            reply = read_answer(answers, timeout, "certificate helper")
+        except HelperAnswerError as exc:
+            raise HelperError(str(exc)) from None
         finally:
             self.discard()
-        try:
-            reply = json.loads(answer)
-        except ValueError:
-            raise HelperError("the certificate helper gave no answer") from None
-        if "error" in reply:
-            raise HelperError(f"the certificate helper failed: {reply['error']}")
         return str(reply["crt"]), str(reply["key"])
 
     def discard(self) -> None:

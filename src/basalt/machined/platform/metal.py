@@ -40,7 +40,7 @@ from basalt.machinery.launch import EXIT_REBOOT, EXIT_SHUTDOWN
 
 from ..extensions import mount_and_log
 from ..sys import kexec, kmod, mount, power
-from ..sys.pipes import fork_helper, read_all
+from ..sys.pipes import HelperAnswerError, fork_helper, read_answer
 from ..sys.reaper import Reaper
 from . import NodePaths, Platform, PlatformMode, PowerAction
 from .etc import render_hosts, write_generated
@@ -354,23 +354,15 @@ class ModuleLoader:
     def result(self, timeout: float = MODULE_ANSWER_TIMEOUT) -> tuple[list[str], list[str]]:
         """(modules loaded, one reason per failure), as :func:`load_image_modules`;
         ModuleLoaderError when the child did not answer or failed as a whole."""
-        import json
-
         fd, self._answers = self._answers, None
         if fd is None:
             raise ModuleLoaderError("the kernel-module child was asked already")
         try:
-            data = read_all(fd, timeout)
-        except OSError as exc:
-            raise ModuleLoaderError(f"the kernel-module child did not answer: {exc}") from None
-        finally:
-            os.close(fd)
-        try:
-            reply = json.loads(data)
-            if "error" in reply:
-                raise ModuleLoaderError(f"the kernel-module child failed: {reply['error']}")
+            reply = read_answer(fd, timeout, "kernel-module child")
             return [str(n) for n in reply["loaded"]], [str(r) for r in reply["failed"]]
-        except (ValueError, TypeError, KeyError):
+        except HelperAnswerError as exc:
+            raise ModuleLoaderError(str(exc)) from None
+        except (TypeError, KeyError):
             raise ModuleLoaderError("the kernel-module child gave no answer") from None
 
 

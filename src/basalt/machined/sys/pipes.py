@@ -12,6 +12,7 @@ import os
 import select
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,31 @@ def fork_helper(
             os._exit(code)
     os.close(answer)
     return pid, answers
+
+
+class HelperAnswerError(Exception):
+    """A helper's answer did not come in time, was not one, or reported a failure; the
+    message names the helper and says which."""
+
+
+def read_answer(fd: int, timeout: float, what: str) -> dict[str, Any]:
+    """The answer a :func:`fork_helper` helper wrote to ``fd`` (closed afterwards), read
+    within ``timeout`` seconds; HelperAnswerError when there is none or it says "error"."""
+    try:
+        data = read_all(fd, timeout)
+    except OSError as exc:
+        raise HelperAnswerError(f"the {what} did not answer: {exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise HelperAnswerError(f"the {what} gave no answer")
+    if "error" in reply:
+        raise HelperAnswerError(f"the {what} failed: {reply['error']}")
+    return reply
 
 
 def read_all(fd: int, timeout: float) -> bytes:
