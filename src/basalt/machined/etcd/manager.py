@@ -435,12 +435,28 @@ class EtcdManager:
             else:
                 if status.leader == me.ID:
                     await self._hand_over(client, me.ID)
-                await _remove(client, me.ID)
+                await self._remove_self(client, voters, me.ID)
         self.left = True
         await self.node.supervisor.stop("etcd")
         await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
         self.node.events.publish("etcd", f"{self.name} left the etcd cluster", actor="etcd")
         return f"{self.name} left the etcd cluster"
+
+    async def _remove_self(
+        self, client: EtcdClient, voters: Sequence[etcd_pb2.Member], own_id: int
+    ) -> None:
+        """Remove this member through another healthy voter: a member asked to remove
+        itself stops its server as the removal applies, and may answer the call with
+        "server stopped" instead of its result. Its own endpoint only when no other
+        voter answers (force)."""
+        others = [m for m in voters if own_id != m.ID]
+        health = await self.health_of(others)
+        for member in others:
+            if health[member.ID] == "healthy":
+                async with self.client(member.clientURLs[0]) as peer:
+                    await _remove(peer, own_id)
+                return
+        await _remove(client, own_id)
 
     async def _hand_over(self, client: EtcdClient, own_id: int) -> str | None:
         members = await client.members()
