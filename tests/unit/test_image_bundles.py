@@ -164,7 +164,7 @@ def test_create_and_verify_round_trip(tmp_path, payload, keypair, trusted, form)
     assert verified.key.key_id == key_id(load_signing_key(keypair[0]))
     assert verified.manifest.created == "2025-01-31T12:00:00Z"
     listed = {f.path: f for f in verified.manifest.files}
-    assert sorted(listed) == sorted(payload)
+    assert sorted(listed) == sorted([*payload, "chunks.json"])  # a root: indexed (chunks.py)
     for name, path in payload.items():
         assert listed[name].size == path.stat().st_size
 
@@ -230,7 +230,7 @@ def test_manifest_is_canonical_json(tmp_path, payload, keypair) -> None:
         "schematicId",
         "version",
     }
-    assert [f["path"] for f in raw["files"]] == sorted(payload)
+    assert [f["path"] for f in raw["files"]] == sorted([*payload, "chunks.json"])
     signature = json.loads((bundle / "manifest.sig").read_bytes())
     assert signature["algorithm"] == "ed25519"
     assert signature["keyId"] == key_id(load_signing_key(keypair[0]))
@@ -748,7 +748,7 @@ def test_cli_bundle_create_and_verify(tmp_path, payload, capsys, monkeypatch) ->
         str(out),
     )
     assert code == 0, err
-    assert "basalt 0.2.0 x86_64, 4 files" in stdout
+    assert "basalt 0.2.0 x86_64, 5 files" in stdout
     code, stdout, err = cli(capsys, "bundle", "verify", str(out), "--key", f"{key}.pub")
     assert code == 0, err
     assert "verified" in stdout and "notes.txt" in stdout and "rel.pub (" in stdout

@@ -16,6 +16,7 @@ makes them differ, before the member's data is read:
 
 from __future__ import annotations
 
+import datetime as dt
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
@@ -208,3 +209,20 @@ class TarReader:
             )
         if tail > MAX_TAIL:
             raise self.format_error(f"more than {MAX_TAIL} bytes of padding after the last member")
+
+
+def created_epoch(created: str) -> int:
+    """A manifest's ``created`` as seconds since 1970: its members' mtime."""
+    moment = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return int(moment.timestamp())
+
+
+def member_info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    """The header of a bundle member as ``basaltctl bundle create`` writes it."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info

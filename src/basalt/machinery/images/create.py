@@ -27,6 +27,8 @@ from ._stream import (
     fsync_directory,
     open_regular,
 )
+from ._tar import created_epoch, member_info
+from .chunks import CHUNKS_NAME, index_files
 from .errors import BundleInputError
 from .manifest import (
     ARCHITECTURES,
@@ -40,7 +42,7 @@ from .manifest import (
     created_from_epoch,
     format_created,
 )
-from .payload import required_payload
+from .payload import ROOTFS, required_payload
 from .signature import sign
 
 _MAX_SIZE = 1 << 62
@@ -65,6 +67,8 @@ def _check_inputs(
     if not files:
         problems.append("no payload files given")
     problems.extend(check_payload_name(name) for name in files)
+    if CHUNKS_NAME in files:
+        problems.append(f"{CHUNKS_NAME!r} is the name of the bundle's own chunk index")
     found = [p for p in problems if p]
     if found:
         raise BundleInputError("; ".join(found), hint="nothing was written")
@@ -92,21 +96,6 @@ def _copy_checked(want: PayloadFile, path: Path, sink: Writer) -> None:
         )
 
 
-def _epoch(created: str) -> int:
-    moment = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    return int(moment.timestamp())
-
-
-def _tar_info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = mtime
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
 class _HashingReader:
     """Hands a file to tarfile while hashing what it reads, to check it against the manifest."""
 
@@ -131,7 +120,7 @@ def _add_checked(tar: tarfile.TarFile, want: PayloadFile, path: Path, mtime: int
     with os.fdopen(fd, "rb", buffering=0) as handle:
         reader = _HashingReader(handle)
         try:
-            tar.addfile(_tar_info(want.path, want.size, mtime), reader)
+            tar.addfile(member_info(want.path, want.size, mtime), reader)
         except OSError:
             raise changed from None
         if handle.read(1) or (reader.size, reader.sha.hexdigest()) != (want.size, want.sha256):
@@ -141,11 +130,11 @@ def _add_checked(tar: tarfile.TarFile, want: PayloadFile, path: Path, mtime: int
 def _write_tar(
     target: Path, manifest: Manifest, blobs: dict[str, bytes], files: Mapping[str, Path]
 ) -> None:
-    mtime = _epoch(manifest.created)
+    mtime = created_epoch(manifest.created)
     with open(target, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name in (MANIFEST_NAME, SIGNATURE_NAME):
-                tar.addfile(_tar_info(name, len(blobs[name]), mtime), io.BytesIO(blobs[name]))
+                tar.addfile(member_info(name, len(blobs[name]), mtime), io.BytesIO(blobs[name]))
             for want in manifest.files:
                 _add_checked(tar, want, files[want.path], mtime)
         raw.flush()
@@ -165,7 +154,7 @@ def _write_directory(
             _copy_checked(want, files[want.path], handle)
             handle.flush()
             os.fsync(handle.fileno())
-    mtime = _epoch(manifest.created)
+    mtime = created_epoch(manifest.created)
     for path in target.iterdir():
         path.chmod(0o644)
         os.utime(path, (mtime, mtime))
@@ -198,13 +187,16 @@ def create_bundle(
     tar: bool | None = None,
     overwrite: bool = False,
     platform: str | None = None,
+    chunked: bool | None = None,
 ) -> Manifest:
     """Write a signed bundle of ``files`` (payload name -> path) to ``out``; return its manifest.
 
     ``out`` is a tar file when ``tar`` is true (default: when it ends in ``.tar``), else
     a directory. ``created`` defaults to ``SOURCE_DATE_EPOCH`` when set, else now.
     ``platform`` (``metal``, ``container``) checks that its required payload is given.
-    Raises :class:`BundleInputError` (nothing written) for a bad input.
+    ``chunked`` adds a chunk index of the payload (``chunks.json``, :mod:`.chunks`: what
+    lets an upload leave out what a node already holds); default: when the payload holds
+    a root filesystem. Raises :class:`BundleInputError` (nothing written) for a bad input.
     """
     target = Path(out)
     paths = {name: Path(path) for name, path in files.items()}
@@ -219,20 +211,41 @@ def create_bundle(
         )
     except ValueError as exc:
         raise BundleInputError(str(exc), hint="SOURCE_DATE_EPOCH is seconds since 1970") from None
-    payload = tuple(sorted((_hash_file(n, p) for n, p in paths.items()), key=lambda f: f.path))
-    manifest = Manifest(version, schematic_id, arch, stamp, payload)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        hashed = [_hash_file(n, p) for n, p in paths.items()]  # names what cannot be read
+        if chunked or (chunked is None and ROOTFS in paths):
+            index, indexed = index_files(paths)
+            changed = [f.path for f in hashed if indexed[f.path] != f.sha256]
+            if changed:
+                raise BundleInputError(f"{changed[0]} changed while it was read", hint="run again")
+            (temp / CHUNKS_NAME).write_bytes(index.encode())
+            paths[CHUNKS_NAME] = temp / CHUNKS_NAME
+            hashed.append(_hash_file(CHUNKS_NAME, paths[CHUNKS_NAME]))
+        payload = tuple(sorted(hashed, key=lambda f: f.path))
+        manifest = Manifest(version, schematic_id, arch, stamp, payload)
+        _write(target, manifest, paths, signing_key, tar, temp, overwrite)
+        return manifest
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(temp)
+
+
+def _write(
+    target: Path,
+    manifest: Manifest,
+    paths: dict[str, Path],
+    signing_key: ed25519.Ed25519PrivateKey,
+    tar: bool | None,
+    temp: Path,
+    overwrite: bool,
+) -> None:
     manifest_bytes = manifest.encode()
     blobs = {MANIFEST_NAME: manifest_bytes, SIGNATURE_NAME: sign(manifest_bytes, signing_key)}
 
     as_tar = target.suffix == ".tar" if tar is None else tar
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     built = temp / "bundle"
-    try:
-        (_write_tar if as_tar else _write_directory)(built, manifest, blobs, paths)
-        _replace(built, target, overwrite)
-        fsync_directory(target.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(temp)
-    return manifest
+    (_write_tar if as_tar else _write_directory)(built, manifest, blobs, paths)
+    _replace(built, target, overwrite)
+    fsync_directory(target.parent)

@@ -127,7 +127,7 @@ def check_architecture(arch: str) -> str:
     return arch
 
 
-class _Checks:
+class BundleChecks:
     """The checks, each raising its own error; shared by the directory and tar readers."""
 
     def __init__(
@@ -251,7 +251,7 @@ def verify_bundle(
     Raises an :class:`ImageVerificationError` subclass naming the failed check.
     """
     path = Path(source)
-    checks = _Checks(path, trusted_keys, expected_arch, required, label)
+    checks = BundleChecks(path, trusted_keys, expected_arch, required, label)
     if path.is_dir():
         return _verify_directory(path, checks)
     if path.is_file():
@@ -265,7 +265,7 @@ def verify_bundle(
 # -- directories ----------------------------------------------------------------------------------
 
 
-def _read_header_file(directory: Path, name: str, limit: int, checks: _Checks) -> bytes | None:
+def _read_header_file(directory: Path, name: str, limit: int, checks: BundleChecks) -> bytes | None:
     try:
         return read_small(directory / name, limit)
     except NotRegularFileError:
@@ -277,7 +277,7 @@ def _read_header_file(directory: Path, name: str, limit: int, checks: _Checks) -
     raise ImageSignatureError(checks.label, f"{name} {problem}", hint=_REFETCH)
 
 
-def _verify_directory(directory: Path, checks: _Checks) -> VerifiedBundle:
+def _verify_directory(directory: Path, checks: BundleChecks) -> VerifiedBundle:
     manifest_bytes = _read_header_file(directory, MANIFEST_NAME, MAX_MANIFEST_BYTES, checks)
     manifest = checks.parse(manifest_bytes)
     assert manifest_bytes is not None
@@ -315,7 +315,7 @@ def _verify_directory(directory: Path, checks: _Checks) -> VerifiedBundle:
 # -- tar files ------------------------------------------------------------------------------------
 
 
-def _verify_tar(path: Path, checks: _Checks) -> VerifiedBundle:
+def _verify_tar(path: Path, checks: BundleChecks) -> VerifiedBundle:
     with open(path, "rb") as raw:
         seal = FileSeal.of(raw.fileno())
         with open_tar_stream(raw, checks.label) as tar:
@@ -367,7 +367,7 @@ def verify_tar_stream(
     it installs at once it reads back from the page cache and then removes, so the kernel
     need never write it.
     """
-    checks = _Checks(Path(path), trusted_keys, expected_arch, required, label)
+    checks = BundleChecks(Path(path), trusted_keys, expected_arch, required, label)
     tee = _Tee(source, sink)
     with open_tar_stream(cast(IO[bytes], tee), checks.label) as tar:
         found = _verify_tar_stream(TarReader(tar, checks.label), checks)
@@ -389,7 +389,7 @@ class _Found:
         return VerifiedBundle(path, "tar", self.manifest, self.manifest_bytes, self.key, layout)
 
 
-def _verify_tar_stream(reader: TarReader, checks: _Checks) -> _Found:
+def _verify_tar_stream(reader: TarReader, checks: BundleChecks) -> _Found:
     extents: dict[str, Extent] = {}
 
     def at(member: tarfile.TarInfo) -> tarfile.TarInfo:
