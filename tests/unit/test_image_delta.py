@@ -8,7 +8,6 @@ import contextlib
 import datetime as dt
 import io
 import json
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,9 +201,7 @@ def test_a_stream_cut_short_or_running_on_is_refused(
     assert problem in str(err.value)
 
 
-def test_an_untrusted_signer_is_refused_before_any_chunk(
-    tmp_path: Path, releases: dict
-) -> None:
+def test_an_untrusted_signer_is_refused_before_any_chunk(tmp_path: Path, releases: dict) -> None:
     other = [verification_key(generate_signing_key()[1], "other")]
     index = _index_of(releases["old"])
     head = delta_upload(releases["new"], index).head  # type: ignore[union-attr]

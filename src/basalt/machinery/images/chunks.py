@@ -164,8 +164,7 @@ def parse_index(data: bytes) -> ChunkIndex:
     )
     _require(
         raw["formatVersion"] == INDEX_FORMAT,
-        f"formatVersion {raw['formatVersion']!r} is not supported (this tool reads "
-        f"{INDEX_FORMAT})",
+        f"formatVersion {raw['formatVersion']!r} is not supported (this tool reads {INDEX_FORMAT})",
     )
     _require(isinstance(raw["chunking"], str), "chunking is not a string")
     files = raw["files"]
