@@ -115,6 +115,7 @@ from typing import Any
 
 import basalt
 from basalt.machinery.api import machine_pb2, resource_pb2
+from basalt.machinery.client.bundle_upload import plan_upload
 from basalt.machinery.client.client import Client, upload
 from basalt.machinery.config import parse_patch
 from basalt.machinery.images import generate_signing_key, load_signing_key
@@ -127,6 +128,12 @@ TARGET_RATIO = 1.5
 SRC = Path(basalt.__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("--announce-interval", "1", "--member-ttl", "10", "--boot-assessment-timeout", "60")
+
+
+async def _options(
+    options: machine_pb2.UpgradeOptions,
+) -> AsyncIterator[machine_pb2.UpgradeRequest]:
+    yield machine_pb2.UpgradeRequest(options=options)
 
 
 def trust_patch(public_pem: str) -> str:
@@ -182,23 +189,28 @@ class Bench:
             await asyncio.sleep(self.poll)
         raise SystemExit(f"{self.node.name} not healthy on {version} within {self.timeout:g}s")
 
+    #: Send whole bundles, never a delta (``--full-upload``).
+    whole = False
+    #: What the last Upgrade call sent: bytes, and whether it was a delta.
+    sent: tuple[int, bool] = (0, False)
+
     async def send(self, bundle: Path, url: str = "", kexec: bool = False) -> None:
         """The Upgrade call: options, then the bundle (none with ``url``: the node fetches
-        it); returns when the node answered (bundle received, verified, slot written; the
-        reboot follows)."""
-        data = b"" if url else bundle.read_bytes()
-
-        async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
-            mode = machine_pb2.KEXEC if kexec else machine_pb2.POWERCYCLE
-            # runs alternate between two versions: every other one is a downgrade
-            options = machine_pb2.UpgradeOptions(url=url, reboot_mode=mode, allow_downgrade=True)
-            yield machine_pb2.UpgradeRequest(options=options)
-            for start in range(0, len(data), 256 * 1024):
-                yield machine_pb2.UpgradeRequest(data=data[start : start + 256 * 1024])
-
+        it), as a delta against the node's running image unless ``whole``; returns when
+        the node answered (bundle received, verified, slot written; the reboot follows)."""
+        mode = machine_pb2.KEXEC if kexec else machine_pb2.POWERCYCLE
+        # runs alternate between two versions: every other one is a downgrade
+        options = machine_pb2.UpgradeOptions(url=url, reboot_mode=mode, allow_downgrade=True)
         client = await self.client()
         try:
-            await upload(client.machine.Upgrade, requests(), timeout=600)
+            if url:
+                plan = None
+                requests = _options(options)
+            else:
+                plan = await plan_upload(client.machine, bundle, whole=self.whole)
+                requests = plan.requests(options)
+            await upload(client.machine.Upgrade, requests, timeout=600)
+            self.sent = (0, False) if plan is None else (plan.size, plan.delta is not None)
         finally:
             await client.close()
 
@@ -470,11 +482,18 @@ async def measure_qemu(
             for name, result in (("upgrade", upgrades[-1]), ("boot", boots[-1])):
                 (logs / f"{name}-{index + 1}.console.log").write_text(result.pop("console"))
             up, boot = upgrades[-1]["host"], boots[-1]["host"]
+            sent, delta = bench.sent
+            upgrades[-1]["sent_bytes"], upgrades[-1]["delta"] = sent, delta
+            how = (
+                "fetched"
+                if fetch
+                else f"uploaded: {sent / 1e6:.1f} MB sent"
+                + (" (a delta against the running slot)" if delta else "")
+            )
             print(
                 f"run {index + 1}: upgrade to {version} {up['healthy']:.1f} s (answered after "
                 f"{up['answered']:.1f} s: {bundles[version].stat().st_size / 1e6:.1f} MB "
-                f"{'fetched' if fetch else 'uploaded'}, verified, slot written), cold boot "
-                f"{boot['healthy']:.1f} s",
+                f"bundle {how}, verified, slot written), cold boot {boot['healthy']:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -549,6 +568,7 @@ def other_qemus() -> int:
 def main_qemu(args: argparse.Namespace) -> int:
     kexec = args.reboot_mode == "kexec"
     name = "upgrade-qemu" + ("-fetch" if args.fetch else "") + ("-kexec" if kexec else "")
+    name += "-full" if args.full_upload and not args.fetch else ""
     logs = REPO / "_out" / "bench" / "runs" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
     logs.mkdir(parents=True)
     others, load_before = other_qemus(), os.getloadavg()
@@ -575,7 +595,11 @@ def main_qemu(args: argparse.Namespace) -> int:
     )
     results = {
         "platform": "qemu",
-        "bundle": "fetched by the node over HTTP" if args.fetch else "uploaded",
+        "bundle": "fetched by the node over HTTP"
+        if args.fetch
+        else "uploaded whole"
+        if args.full_upload
+        else "uploaded (a delta when the node has a chunk index)",
         "reboot_mode": args.reboot_mode,
         "upgrades": upgrades,
         "cold_boots": boots,
@@ -609,8 +633,15 @@ def main() -> int:
         help="qemu only: powercycle (the default), the upgrade reboots through the firmware "
         "(a reset: QEMU starts again); kexec, it jumps to the new kernel (QEMU goes on)",
     )
+    parser.add_argument(
+        "--full-upload",
+        action="store_true",
+        help="send whole bundles (by default an upload is a delta against the node's running "
+        "image when both have a chunk index: docs/adr/0026)",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     args = parser.parse_args()
+    Bench.whole = args.full_upload
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if args.platform == "qemu":

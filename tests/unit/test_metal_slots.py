@@ -6,6 +6,7 @@ functions the assessment model uses (:mod:`basalt.machinery.boot.entries`)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import tarfile
@@ -351,7 +352,7 @@ def test_on_a_fat_esp_leftovers_of_an_interrupted_install_are_removed_and_it_run
     code, said = fat.fsck(image)
     assert code == 0, said
     install(on_a, metal_bundle(tmp_path, keypair, "0.3.0", b"root3"))
-    assert fat.listing(image, "EFI/basalt/B") == ["initrd.img", "vmlinuz"]
+    assert fat.listing(image, "EFI/basalt/B") == ["chunks.json", "initrd.img", "vmlinuz"]
     assert fat.read(image, "EFI/basalt/B/vmlinuz") == b"kernel-0.3.0"
     assert "basalt-3-b-0.3.0+3.conf" in fat.listing(image, "loader/entries")
     code, said = fat.fsck(image)
@@ -436,3 +437,82 @@ def test_each_repair_and_each_problem_left_is_an_event_naming_the_file(tmp_path:
         "ESP check failed (it runs again at the next boot): no FAT boot sector (signature 55 "
         "AA missing)"
     )
+
+
+# -- chunk indexes: what a delta upload may leave out -----------------------------------------
+
+
+def test_a_written_slot_keeps_its_chunk_index_and_a_delta_is_assembled_from_it(
+    tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    import hashlib
+    import random
+
+    from basalt.machinery.images import verification_key
+    from basalt.machinery.images.delta import assemble, delta_upload
+
+    slots = _machine(tmp_path)
+    assert slots.running_index() is None  # the fresh ESP's slot A has none
+    rng = random.Random(5)
+    root = rng.randbytes(1_200_000)
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", root))
+    index = (tmp_path / "esp/EFI/basalt/B/chunks.json").read_bytes()
+    booted = _firmware_boot(tmp_path, slots)
+    assert booted.running_index() == index
+    booted.save(apply(booted.load(), GatesPassed()).state)  # type: ignore[arg-type]
+
+    # 0.3.0 changes a few bytes in the middle of the root: the rest comes from slot B
+    newer = bytearray(root)
+    newer[600_000:600_010] = b"0123456789"
+    bundle = metal_bundle(tmp_path, keypair, "0.3.0", bytes(newer))
+    upload = delta_upload(bundle.source, index)
+    assert upload is not None and upload.size < 300_000
+    sha = hashlib.sha256(index).hexdigest()
+    out = tmp_path / "assembled.tar"
+    trusted = [verification_key(keypair[1])]
+    with booted.holding(sha) as held, open(out, "wb", buffering=0) as handle:
+        stream = io.BytesIO(b"".join(upload.pieces()))
+        verified = assemble(stream, handle.fileno(), out, trusted, "x86_64", held)
+    assert out.read_bytes() == bundle.source.read_bytes()
+    install(booted, verified)
+    assert (tmp_path / "part-a").read_bytes()[: len(newer)] == newer
+    assert (tmp_path / "esp/EFI/basalt/A/chunks.json").exists()
+
+    with pytest.raises(SlotWriteError) as err, booted.holding("0" * 64):
+        pass
+    assert "it has another" in str(err.value)
+
+
+def test_a_slot_index_that_does_not_fit_the_slot_is_not_offered(
+    tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    slots = _machine(tmp_path)
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", os.urandom(100_000)))
+    booted = _firmware_boot(tmp_path, slots)
+    (tmp_path / "esp/EFI/basalt/B/vmlinuz").write_bytes(b"another kernel")
+    assert booted.running_index() is None
+    (tmp_path / "esp/EFI/basalt/B/chunks.json").write_bytes(b"{not json")
+    assert booted.running_index() is None
+
+
+def test_rewriting_a_slot_drops_its_old_index_first(
+    tmp_path: Path, keypair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from basalt.machined.boot import metal_slots
+
+    slots = _machine(tmp_path)
+    install(slots, metal_bundle(tmp_path, keypair, "0.2.0", os.urandom(100_000)))
+    assert (tmp_path / "esp/EFI/basalt/B/chunks.json").exists()
+    booted = _firmware_boot(tmp_path, slots)
+    booted.save(apply(booted.load(), GatesPassed()).state)  # type: ignore[arg-type]
+    again = _firmware_boot(tmp_path, booted)
+    # writing A fails half way: A has no index left over to describe its old bytes
+    (tmp_path / "esp/EFI/basalt/A/chunks.json").write_bytes(b"stale")
+
+    def fails(*_: object) -> None:
+        raise SlotWriteError("disk full")
+
+    monkeypatch.setattr(metal_slots, "_write_partition", fails)
+    with pytest.raises(SlotWriteError):
+        install(again, metal_bundle(tmp_path, keypair, "0.3.0", os.urandom(100_000)))
+    assert not (tmp_path / "esp/EFI/basalt/A/chunks.json").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from basalt.machinery.api import machine_pb2
     from basalt.machinery.client.client import Client
 
-#: Size of the chunks of a bundle upload.
-UPLOAD_CHUNK = 256 * 1024
 POLL = 1.0
 
 
@@ -119,19 +117,11 @@ def is_url(image: str) -> bool:
     return image.startswith(("http://", "https://"))
 
 
-async def _requests(
-    image: Path | None, opts: machine_pb2.UpgradeOptions, advance: Callable[[int], None]
-) -> AsyncIterator[machine_pb2.UpgradeRequest]:
-    """The options, then the bundle's chunks (none when the node fetches a URL)."""
+async def _fetched(opts: machine_pb2.UpgradeOptions) -> AsyncIterator[machine_pb2.UpgradeRequest]:
+    """The options only: the node fetches the URL they name."""
     from basalt.machinery.api import machine_pb2
 
     yield machine_pb2.UpgradeRequest(options=opts)
-    if image is None:
-        return
-    with image.open("rb") as handle:
-        while chunk := handle.read(UPLOAD_CHUNK):
-            yield machine_pb2.UpgradeRequest(data=chunk)
-            advance(len(chunk))
 
 
 async def _boot_status(client: Client) -> dict[str, Any] | None:
@@ -213,6 +203,13 @@ def upgrade(
         ),
     ] = False,
     reboot_mode: RebootModeOption = RebootMode.powercycle,
+    full_upload: Annotated[
+        bool,
+        typer.Option(
+            "--full-upload",
+            help="Send the whole bundle, not only what the node's running image lacks.",
+        ),
+    ] = False,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the node until the new slot is good.")
     ] = False,
@@ -233,8 +230,11 @@ def upgrade(
     The node refuses bundles that are unsigned, signed by a key it does not trust,
     tampered with, or built for another architecture, before it writes anything.
     After the reboot the new slot must pass its health gates, or the node falls back.
+    An uploaded bundle with a chunk index goes as a delta: only the chunks the node's
+    running image does not hold are sent (the node checks each against the signed index).
     """
     from basalt.machinery.api import machine_pb2
+    from basalt.machinery.client.bundle_upload import plan_upload
     from basalt.machinery.client.client import upload
     from basalt.machinery.errors import BasaltError
 
@@ -253,7 +253,8 @@ def upgrade(
     else:
         targets = [_target(ctx, targets, split(endpoints))]
     path = None if is_url(image) else Path(image)
-    size = _bundle_size(path) if path is not None else 0
+    if path is not None:
+        _bundle_size(path)
     request_options = machine_pb2.UpgradeOptions(
         stage=stage,
         force=force,
@@ -265,15 +266,23 @@ def upgrade(
 
     def one(node: str) -> None:
         async def work(client: Client, failures: NodeFailures) -> None:
-            progress = _Progress(node, path, size) if path is not None else None
-            if progress is None:
+            # No target metadata: the node answers itself (uploads are not forwarded).
+            metadata = client.metadata([])
+            progress = None
+            if path is None:
                 info(f"{node}: fetching {image}")
+                requests = _fetched(request_options)
+            else:
+                plan = await plan_upload(client.machine, path, metadata=metadata, whole=full_upload)
+                if plan.delta is not None:
+                    info(f"{node}: sending {plan.describe()}")
+                progress = _Progress(node, path, plan.size)
+                requests = plan.requests(request_options, progress.advance)
             try:
-                # No target metadata: the node answers itself (uploads are not forwarded).
                 answer = await upload(
                     client.machine.Upgrade,
-                    _requests(path, request_options, progress.advance if progress else _nothing),
-                    metadata=client.metadata([]),
+                    requests,
+                    metadata=metadata,
                     timeout=max(600.0, timeout),
                 )
             finally:
@@ -301,10 +310,6 @@ def upgrade(
             raise
         if rolling:
             info(f"rolling upgrade: {done + 1}/{len(targets)} nodes done")
-
-
-def _nothing(count: int) -> None:
-    """No progress to show (the node fetches the bundle)."""
 
 
 def rollback(

@@ -4,9 +4,10 @@ Layout (docs/adr/0011-disk-layout.md): ``EFI`` (FAT32 ESP), ``BASALT-A`` (the sq
 root, raw), ``BASALT-B`` (empty), ``META`` (zeros); install adds STATE and EPHEMERAL.
 
 The ESP holds Debian's ``systemd-bootx64.efi`` as ``/EFI/BOOT/BOOTX64.EFI`` (the
-removable-media path: no NVRAM entry needed), slot A's ``/EFI/basalt/A/vmlinuz`` and
-``initrd.img``, ``loader/loader.conf`` (no ``default`` line: the first entry in
-systemd-boot's order boots, which is what A/B boot counting relies on) and one entry,
+removable-media path: no NVRAM entry needed), slot A's ``/EFI/basalt/A/vmlinuz``,
+``initrd.img`` and ``chunks.json`` (the slot's chunk index), ``loader/loader.conf``
+(no ``default`` line: the first entry in systemd-boot's order boots, which is what A/B
+boot counting relies on) and one entry,
 named as :mod:`basalt.machinery.boot.entries` names them. It is made on the host with
 ``mkfs.fat --invariant`` and ``mcopy -m`` from a tree whose every timestamp is
 SOURCE_DATE_EPOCH, and the GPT's GUIDs derive from the stage id: two builds of one image
@@ -26,6 +27,8 @@ from basalt.machinery.boot.entries import BasaltEntry
 from basalt.machinery.boot.esp import entry_text
 from basalt.machinery.disk import gpt
 from basalt.machinery.disk.layout import EFI, LAYOUT, slot_partition
+from basalt.machinery.images.chunks import index_files
+from basalt.machinery.images.payload import CHUNKS_NAME, INITRAMFS, KERNEL, ROOTFS
 
 from .boot import Boot
 from .errors import ImageBuildError
@@ -42,8 +45,12 @@ DISK_FILES = ("disk.raw", "disk.qcow2", "disk.raw.zst")
 FIRST_GENERATION = 1
 
 
-def esp_tree(staging: Path, bootloader: Path, boot_dir: Path, version: str, cmdline: str) -> str:
-    """Fill ``staging`` with the ESP's files; return the entry's file name."""
+def esp_tree(
+    staging: Path, bootloader: Path, boot_dir: Path, root: Path, version: str, cmdline: str
+) -> str:
+    """Fill ``staging`` with the ESP's files; return the entry's file name. Slot A's chunk
+    index (what an upgrade's upload may leave out, docs/adr/0026) describes the kernel,
+    the initrd and ``root``, as a bundle of them would."""
     entry = BasaltEntry(FIRST_GENERATION, "a", version).filename
     (staging / "EFI/BOOT").mkdir(parents=True)
     (staging / "EFI/basalt/A").mkdir(parents=True)
@@ -51,6 +58,9 @@ def esp_tree(staging: Path, bootloader: Path, boot_dir: Path, version: str, cmdl
     shutil.copyfile(bootloader, staging / "EFI/BOOT/BOOTX64.EFI")
     for name in ("vmlinuz", "initrd.img"):
         shutil.copyfile(boot_dir / name, staging / "EFI/basalt/A" / name)
+    payload = {KERNEL: boot_dir / "vmlinuz", INITRAMFS: boot_dir / "initrd.img", ROOTFS: root}
+    index, _ = index_files(payload)
+    (staging / "EFI/basalt/A" / CHUNKS_NAME).write_bytes(index.encode())
     (staging / "loader/loader.conf").write_text(LOADER_CONF)
     (staging / "loader/entries" / entry).write_text(entry_text(version, "A", cmdline))
     for path in [staging, *staging.rglob("*")]:
@@ -81,7 +91,7 @@ class Disk(Stage):
     """``disk.raw``, ``disk.qcow2``, ``disk.raw.zst`` and ``disk.json`` (partitions, entry)."""
 
     name = "disk"
-    version = 2  # 2: disk.raw.zst
+    version = 3  # 2: disk.raw.zst; 3: slot A's chunks.json
     boot: Boot
     squashfs: Squashfs
     unpack: Unpack
@@ -107,7 +117,7 @@ class Disk(Stage):
             )
         staging = out / "esp"
         entry = esp_tree(
-            staging, bootloader, cache.output(self.boot), self.basalt_version, self.cmdline
+            staging, bootloader, cache.output(self.boot), root, self.basalt_version, self.cmdline
         )
         esp = out / "esp.img"
         make_esp(staging, esp, efi.size)

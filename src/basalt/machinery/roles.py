@@ -74,6 +74,7 @@ RPC_ROLES: dict[str, frozenset[Role]] = {
     _SERVICE + "Kubeconfig": _ADMIN,
     # Installing software and choosing which slot boots: admin only.
     _SERVICE + "Upgrade": _ADMIN,
+    _SERVICE + "UpgradeIndex": _ADMIN,
     _SERVICE + "Rollback": _ADMIN,
     _SERVICE + "UpdateCheck": _ADMIN,
     # Containers: importing images is an operation; running one runs arbitrary code.

@@ -29,9 +29,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 async def _options_then_data(
     requests: AsyncIterator[machine_pb2.UpgradeRequest],
-) -> tuple[UpgradeOptions, AsyncIterator[bytes], str]:
-    """The options, the bundle's data (from the stream, or fetched from options.url), and
-    what to call the bundle."""
+) -> tuple[UpgradeOptions, AsyncIterator[bytes], str, str]:
+    """The options, the bundle's data (from the stream, or fetched from options.url), what
+    to call the bundle, and the index a delta stream was made against ("": whole)."""
     from ..fetch import check_url, fetch
     from ..upgrade import UpgradeOptions
 
@@ -49,14 +49,26 @@ async def _options_then_data(
         kexec=first.options.reboot_mode == machine_pb2.KEXEC,
         allow_downgrade=first.options.allow_downgrade,
     )
+    delta = first.options.delta_index
+    if delta and (len(delta) != 64 or delta.strip("0123456789abcdef")):
+        raise InvalidRequestError(
+            "options.delta_index is not the sha256 (64 lowercase hex digits) of the node's "
+            "chunk index",
+            hint="basaltctl upgrade takes it from UpgradeIndex",
+        )
     if first.options.url:
+        if delta:
+            raise InvalidRequestError(
+                "an Upgrade with a URL fetches the bundle whole: it has no delta_index",
+                hint="give either --image URL or --image FILE",
+            )
         url = check_url(first.options.url)
         if await anext(stream, None) is not None:
             raise InvalidRequestError(
                 "an Upgrade with a URL carries no bundle data: the node fetches it",
                 hint="give either --image URL or --image FILE",
             )
-        return options, fetch(url), f"bundle from {url}"
+        return options, fetch(url), f"bundle from {url}", ""
 
     async def data() -> AsyncIterator[bytes]:
         async for request in stream:
@@ -64,7 +76,7 @@ async def _options_then_data(
                 raise InvalidRequestError("options may only come first in an Upgrade stream")
             yield request.data
 
-    return options, data(), "uploaded bundle"
+    return options, data(), "uploaded bundle" + (" (delta)" if delta else ""), delta
 
 
 class UpgradeMethods:
@@ -84,8 +96,8 @@ class UpgradeMethods:
 
         upgrader = self.node.upgrader
         upgrader.require_slots()  # refuse before receiving anything
-        options, chunks, label = await _options_then_data(requests)
-        upload, verified = await upgrader.receive(chunks, label)
+        options, chunks, label, delta = await _options_then_data(requests)
+        upload, verified = await upgrader.receive(chunks, label, delta_index=delta)
         job = UpgradeJob(options, upload, label, verified=verified)
         try:
             await self.node.sequencer.start("upgrade", job)
@@ -103,6 +115,17 @@ class UpgradeMethods:
             steps=job.steps,
         )
         return machine_pb2.UpgradeResponse(messages=[answer])
+
+    async def UpgradeIndex(self, request: common_pb2.Empty, context: Context) -> Any:
+        import hashlib
+
+        index = await self.node.upgrader.running_index() or b""
+        answer = machine_pb2.UpgradeIndex(
+            metadata=self.meta(),
+            index=index,
+            sha256=hashlib.sha256(index).hexdigest() if index else "",
+        )
+        return machine_pb2.UpgradeIndexResponse(messages=[answer])
 
     async def Rollback(self, request: machine_pb2.RollbackRequest, context: Context) -> Any:
         from ..sequencer.sequences import RebootPlan

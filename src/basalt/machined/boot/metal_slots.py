@@ -56,7 +56,7 @@ from basalt.machinery.boot.esp import (
 from basalt.machinery.boot.esp import slot_dir as esp_slot_dir
 from basalt.machinery.boot.slots import SlotWriteError, keep_copy, unchanged
 from basalt.machinery.fileio import copy_range
-from basalt.machinery.images.payload import INITRAMFS, KERNEL, ROOTFS
+from basalt.machinery.images.payload import CHUNKS_NAME, INITRAMFS, KERNEL, ROOTFS
 
 from ..sys import kexec
 from ..sys.cmdline import CMDLINE, kernel_arg
@@ -66,6 +66,7 @@ from .meta import Meta, MetaRecord, PendingUpgrade
 
 if TYPE_CHECKING:
     from basalt.machinery.images import Extent, VerifiedBundle
+    from basalt.machinery.images.delta import Held
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +304,92 @@ class MetalSlots:
                     hint="an interrupted rename leaves a second name for one entry: machined "
                     "removes it at boot (see the node's boot events); reboot the node",
                 )
+            # The slot's chunk index goes first and comes back last: one that is there
+            # always describes the bytes in the slot.
+            index = esp.root / esp_slot_dir(name.value) / CHUNKS_NAME
+            index.unlink(missing_ok=True)
             with open(bundle.source, "rb") as source:
                 unchanged(bundle, source.fileno())
                 _write_partition(partition, source.fileno(), rootfs)
                 for payload, file_name in _ESP_PAYLOAD.items():
                     target = esp.root / esp_slot_dir(name.value) / file_name
                     _write_esp_file(esp, target, source.fileno(), layout.extents[payload])
+                if CHUNKS_NAME in layout.extents:
+                    _write_esp_file(esp, index, source.fileno(), layout.extents[CHUNKS_NAME])
                 unchanged(bundle, source.fileno())  # and not while it was copied
+
+    # -- what a delta upload may leave out (docs/adr/0026) -------------------------------------
+    def running_index(self) -> bytes | None:
+        """The chunk index of the running slot (``chunks.json`` beside its kernel), or None
+        when it has none, or one that does not fit what the slot holds."""
+        with self.esp() as esp:
+            return self._running_index(esp)
+
+    def _running_index(self, esp: Esp) -> bytes | None:
+        from basalt.machinery.images.chunks import ChunkIndexError, parse_index
+
+        where = esp.root / esp_slot_dir(self.booted.value)
+        try:
+            data = (where / CHUNKS_NAME).read_bytes()
+            index = parse_index(data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ChunkIndexError) as exc:
+            log.warning(
+                "slot %s's chunk index is not usable (%s): uploads go whole", self.booted, exc
+            )
+            return None
+        sizes = {
+            p: (where / f).stat().st_size for p, f in _ESP_PAYLOAD.items() if (where / f).exists()
+        }
+        partition = self.devices.partitions.get(self.booted)
+        if partition is not None and ROOTFS in index.files:
+            sizes[ROOTFS] = _device_size(partition)
+        for payload in index.files:
+            size = sizes.get(payload)
+            if (
+                size is None
+                or index.size_of(payload) > size
+                or (payload != ROOTFS and index.size_of(payload) != size)
+            ):
+                log.warning(
+                    "slot %s's chunk index does not fit its %s: uploads go whole",
+                    self.booted,
+                    payload,
+                )
+                return None
+        return data
+
+    @contextlib.contextmanager
+    def holding(self, index_sha256: str) -> Iterator[Held]:
+        """Where each chunk of the running slot lies (its partition, its kernel and initrd
+        on the ESP, kept mounted for the block), when its index is the one whose sha256
+        a delta was made against; SlotWriteError when it is not."""
+        import hashlib
+
+        from basalt.machinery.images.chunks import parse_index
+        from basalt.machinery.images.delta import held_chunks
+
+        with self.esp() as esp, contextlib.ExitStack() as stack:
+            data = self._running_index(esp)
+            if data is None or hashlib.sha256(data).hexdigest() != index_sha256:
+                raise SlotWriteError(
+                    f"the delta upload was made against a chunk index that the running slot "
+                    f"{self.booted} does not have ("
+                    + ("it has none" if data is None else "it has another")
+                    + ")",
+                    hint="upgrade again (basaltctl asks the node for its index), or upload the "
+                    "bundle whole with --full-upload",
+                )
+            where = esp.root / esp_slot_dir(self.booted.value)
+            paths = {p: where / f for p, f in _ESP_PAYLOAD.items()}
+            paths[ROOTFS] = self.devices.partitions[self.booted]
+            index = parse_index(data)
+            fds = {
+                name: stack.enter_context(open(paths[name], "rb", buffering=0)).fileno()
+                for name in index.files
+            }
+            yield held_chunks(index, fds)
 
     # -- staged upgrades ---------------------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -17,11 +17,15 @@ from .jobs import MAX_BUNDLE_BYTES, UPLOAD_DIR, BundleUploadError
 
 if TYPE_CHECKING:
     from basalt.machinery.images import VerificationKey, VerifiedBundle
+    from basalt.machinery.images.delta import Held
 
     from ..chunk_pipe import ChunkPipe
     from ..node import Node
 
 log = logging.getLogger(__name__)
+
+#: Where the running slot holds each chunk, for as long as the block lasts.
+Holding = Callable[[], contextlib.AbstractContextManager["Held"]]
 
 
 async def receive_bundle(
@@ -30,12 +34,19 @@ async def receive_bundle(
     keys: list[VerificationKey],
     label: str = "uploaded bundle",
     limit: int = MAX_BUNDLE_BYTES,
+    holding: Holding | None = None,
 ) -> tuple[Path, VerifiedBundle]:
     """Stream an upload (or a download) into a temp file in EPHEMERAL, verifying it on
     the way in against ``keys``: a thread checks and hashes what arrived while the next
     chunks come (:func:`~basalt.machinery.images.verify_tar_stream`). Refused as soon as
-    a check fails or the bundle passes ``limit``; the temp file is removed then."""
+    a check fails or the bundle passes ``limit``; the temp file is removed then.
+
+    With ``holding`` the upload is a delta stream (docs/adr/0026): the thread writes the
+    bundle from the chunks sent and the ones ``holding()`` says where the node holds
+    (:func:`~basalt.machinery.images.delta.assemble`), and ``limit`` bounds the bundle
+    the manifest describes as well as what is sent."""
     from basalt.machinery.images import required_payload, verify_tar_stream
+    from basalt.machinery.images.delta import assemble
 
     from ..chunk_pipe import ChunkPipe
 
@@ -53,9 +64,17 @@ async def receive_bundle(
     def verify(out: IO[bytes]) -> VerifiedBundle:
         begun = time.thread_time()  # a pool thread: its clock counts its earlier work
         try:
-            return verify_tar_stream(
-                pipe, out, path, keys, platform.arch, required=required, label=label
-            )
+            if holding is None:
+                return verify_tar_stream(
+                    pipe, out, path, keys, platform.arch, required=required, label=label
+                )
+            with holding() as held:
+                verified = assemble(
+                    pipe, out.fileno(), path, keys, platform.arch, held,
+                    required=required, label=label, limit=limit,
+                )  # fmt: skip
+            timing.assembled = os.fstat(out.fileno()).st_size
+            return verified
         finally:
             timing.verifier_cpu = time.thread_time() - begun
             pipe.stop()
@@ -105,6 +124,8 @@ class _ReceiveTiming:
     last: float | None = None
     size: int = 0
     verifier_cpu: float = 0.0
+    #: A delta upload: the size of the bundle written from it.
+    assembled: int | None = None
 
     def done(self) -> str:
         now = time.monotonic()
@@ -113,8 +134,14 @@ class _ReceiveTiming:
         streaming = last - first
         rate = self.size / streaming / 1e6 if streaming > 0 else 0.0
         cpu = time.process_time() - self.cpu_started
+        delta = (
+            ""
+            if self.assembled is None
+            else f" (a delta: a {self.assembled / 1e6:.1f} MB bundle written from it and "
+            "the running slot)"
+        )
         return (
-            f"{self.size / 1e6:.1f} MB in {streaming:.1f} s ({rate:.1f} MB/s) after "
+            f"{self.size / 1e6:.1f} MB{delta} in {streaming:.1f} s ({rate:.1f} MB/s) after "
             f"{first - self.started:.1f} s waiting for the first bytes; verified and "
             f"flushed {now - last:.1f} s after the last; CPU {cpu:.1f} s (verifying thread "
             f"{self.verifier_cpu:.1f} s)"

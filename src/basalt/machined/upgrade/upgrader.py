@@ -10,6 +10,7 @@ API without them."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -230,12 +231,30 @@ class Upgrader:
         chunks: AsyncIterator[bytes],
         label: str = "uploaded bundle",
         limit: int = MAX_BUNDLE_BYTES,
+        *,
+        delta_index: str = "",
     ) -> tuple[Path, VerifiedBundle]:
         """Receive and verify a bundle (:func:`.receive.receive_bundle`) against the keys
         the config trusts as it starts; the ``upgrade`` sequence checks again that its key
-        is still trusted (:meth:`check_trust`)."""
-        self.require_slots()
-        return await receive_bundle(self.node, chunks, self.trusted_keys(), label, limit)
+        is still trusted (:meth:`check_trust`). With ``delta_index`` (the sha256 of the
+        running slot's chunk index it was made against) the upload is a delta stream."""
+        slots = self.require_slots()
+        holding = None
+        if delta_index:
+            if not _metal(slots):
+                raise UpgradeRefusedError(
+                    "this node keeps no chunk index of its slots: a delta upload cannot be "
+                    "assembled here",
+                    hint="upload the bundle whole (basaltctl upgrade --full-upload)",
+                )
+            holding = functools.partial(slots.holding, delta_index)
+        keys = self.trusted_keys()
+        return await receive_bundle(self.node, chunks, keys, label, limit, holding)
+
+    async def running_index(self) -> bytes | None:
+        """The running slot's chunk index (what a delta upload may leave out), or None."""
+        slots = self.require_slots()
+        return await asyncio.to_thread(slots.running_index) if _metal(slots) else None
 
     async def verify(self, path: Path, label: str = "uploaded bundle") -> VerifiedBundle:
         """A bundle file on the node, verified against the config's trusted keys."""

@@ -1598,6 +1598,7 @@ class UpgradeOptions(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     REBOOT_MODE_FIELD_NUMBER: _builtins.int
     ALLOW_DOWNGRADE_FIELD_NUMBER: _builtins.int
+    DELTA_INDEX_FIELD_NUMBER: _builtins.int
     stage: _builtins.bool
     """Store the verified bundle and install it early in the next boot."""
     force: _builtins.bool
@@ -1611,6 +1612,10 @@ class UpgradeOptions(_message.Message):
     reboot_mode: Global___RebootMode.ValueType
     allow_downgrade: _builtins.bool
     """Install a bundle older than the running version (refused otherwise)."""
+    delta_index: _builtins.str
+    """The data is a delta stream (docs/adr/0026) made against the node's chunk index whose
+    sha256 this is (UpgradeIndex); refused when the node's index is another.
+    """
     def __init__(
         self,
         *,
@@ -1620,10 +1625,11 @@ class UpgradeOptions(_message.Message):
         url: _builtins.str = ...,
         reboot_mode: Global___RebootMode.ValueType = ...,
         allow_downgrade: _builtins.bool = ...,
+        delta_index: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_downgrade", b"allow_downgrade", "force", b"force", "no_drain", b"no_drain", "reboot_mode", b"reboot_mode", "stage", b"stage", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_downgrade", b"allow_downgrade", "delta_index", b"delta_index", "force", b"force", "no_drain", b"no_drain", "reboot_mode", b"reboot_mode", "stage", b"stage", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1712,6 +1718,54 @@ class UpgradeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpgradeResponse: _TypeAlias = UpgradeResponse  # noqa: Y015
+
+@_typing.final
+class UpgradeIndex(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    index: _builtins.bytes
+    """chunks.json of the running image; empty when the node keeps none (upload whole)."""
+    sha256: _builtins.str
+    """Its sha256 (hex): UpgradeOptions.delta_index of a delta made against it."""
+    @_builtins.property
+    def metadata(self) -> _common_pb2.Metadata: ...
+    def __init__(
+        self,
+        *,
+        metadata: _common_pb2.Metadata | None = ...,
+        index: _builtins.bytes = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "metadata", b"metadata", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeIndex: _TypeAlias = UpgradeIndex  # noqa: Y015
+
+@_typing.final
+class UpgradeIndexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpgradeIndex]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___UpgradeIndex] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeIndexResponse: _TypeAlias = UpgradeIndexResponse  # noqa: Y015
 
 @_typing.final
 class RollbackRequest(_message.Message):

@@ -200,6 +200,11 @@ class MachineServiceStub:
                 request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeRequest.SerializeToString,
                 response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeResponse.FromString,
                 _registered_method=True)
+        self.UpgradeIndex = channel.unary_unary(
+                '/basalt.api.v1alpha1.MachineService/UpgradeIndex',
+                request_serializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeIndexResponse.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/basalt.api.v1alpha1.MachineService/Rollback',
                 request_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.RollbackRequest.SerializeToString,
@@ -491,6 +496,13 @@ class MachineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpgradeIndex(self, request, context):
+        """The chunk index of the image the node runs: what a delta upload may leave out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rollback(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -775,6 +787,11 @@ def add_MachineServiceServicer_to_server(servicer, server):
                     servicer.Upgrade,
                     request_deserializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeRequest.FromString,
                     response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeResponse.SerializeToString,
+            ),
+            'UpgradeIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeIndex,
+                    request_deserializer=basalt_dot_machinery_dot_api_dot_common__pb2.Empty.FromString,
+                    response_serializer=basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeIndexResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
@@ -1753,6 +1770,33 @@ class MachineService:
             '/basalt.api.v1alpha1.MachineService/Upgrade',
             basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeRequest.SerializeToString,
             basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/basalt.api.v1alpha1.MachineService/UpgradeIndex',
+            basalt_dot_machinery_dot_api_dot_common__pb2.Empty.SerializeToString,
+            basalt_dot_machinery_dot_api_dot_machine__pb2.UpgradeIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,8 @@ class MachineServiceStub:
     """Kubernetes."""
     Upgrade: _grpc.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]
     """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
+    UpgradeIndex: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.UpgradeIndexResponse]
+    """The chunk index of the image the node runs: what a delta upload may leave out."""
     Rollback: _grpc.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]
     UpdateCheck: _grpc.UnaryUnaryMultiCallable[_machine_pb2.UpdateCheckRequest, _common_pb2.ActionResponse]
     """The updater (UpdateConfig): check the channel now; with apply, also take the next
@@ -143,6 +145,8 @@ class MachineServiceAsyncStub(MachineServiceStub):
     """Kubernetes."""
     Upgrade: _aio.StreamUnaryMultiCallable[_machine_pb2.UpgradeRequest, _machine_pb2.UpgradeResponse]  # type: ignore[assignment]
     """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
+    UpgradeIndex: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _machine_pb2.UpgradeIndexResponse]  # type: ignore[assignment]
+    """The chunk index of the image the node runs: what a delta upload may leave out."""
     Rollback: _aio.UnaryUnaryMultiCallable[_machine_pb2.RollbackRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
     UpdateCheck: _aio.UnaryUnaryMultiCallable[_machine_pb2.UpdateCheckRequest, _common_pb2.ActionResponse]  # type: ignore[assignment]
     """The updater (UpdateConfig): check the channel now; with apply, also take the next
@@ -413,6 +417,14 @@ class MachineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_machine_pb2.UpgradeResponse, _abc.Awaitable[_machine_pb2.UpgradeResponse]]:
         """Upgrades: a signed bundle streamed to the node (never forwarded: dial the node)."""
+
+    @_abc_1.abstractmethod
+    def UpgradeIndex(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_machine_pb2.UpgradeIndexResponse, _abc.Awaitable[_machine_pb2.UpgradeIndexResponse]]:
+        """The chunk index of the image the node runs: what a delta upload may leave out."""
 
     @_abc_1.abstractmethod
     def Rollback(

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import Manifest, canonical_json, check_payload_name
+from .payload import CHUNKS_NAME
 
-CHUNKS_NAME = "chunks.json"
+__all__ = ["CHUNKS_NAME", "ChunkIndex", "ChunkIndexError", "index_files", "parse_index"]
+
 INDEX_FORMAT = 1
 ANCHOR = b"\x5a\xc3"
 MIN_CHUNK = 16 << 10

@@ -133,23 +133,24 @@ class DeltaUpload:
 
 def delta_upload(bundle: Path, node_index: bytes) -> DeltaUpload | None:
     """The delta stream of the tar ``bundle`` against a node's index, or None when there is
-    none to make (the bundle has no chunk index, or the node's cannot be read): upload it
-    whole then. The node checks everything; nothing here is trusted."""
+    none to make (the bundle has no chunk index, or it or the node's cannot be read):
+    upload it whole then, and the node says what is wrong with it. Nothing here is
+    trusted: the node checks everything."""
     try:
         held = held_hashes(node_index)
-    except ChunkIndexError:
+        with tarfile.open(bundle, "r:") as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            if not {MANIFEST_NAME, SIGNATURE_NAME, CHUNKS_NAME} <= set(members):
+                return None
+            blobs = {}
+            for name in (MANIFEST_NAME, SIGNATURE_NAME, CHUNKS_NAME):
+                handle = tar.extractfile(members[name])
+                assert handle is not None
+                blobs[name] = handle.read()
+        manifest = parse_manifest(blobs[MANIFEST_NAME])
+        index = parse_index(blobs[CHUNKS_NAME])
+    except (tarfile.TarError, ValueError):  # the node names what is wrong with the bundle
         return None
-    with tarfile.open(bundle, "r:") as tar:
-        members = {m.name: m for m in tar.getmembers() if m.isfile()}
-        if not {MANIFEST_NAME, SIGNATURE_NAME, CHUNKS_NAME} <= set(members):
-            return None
-        blobs = {}
-        for name in (MANIFEST_NAME, SIGNATURE_NAME, CHUNKS_NAME):
-            handle = tar.extractfile(members[name])
-            assert handle is not None
-            blobs[name] = handle.read()
-    manifest = parse_manifest(blobs[MANIFEST_NAME])
-    index = parse_index(blobs[CHUNKS_NAME])
     head = b"".join(
         (
             MAGIC,

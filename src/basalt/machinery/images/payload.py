@@ -10,6 +10,8 @@ INITRAMFS = "initramfs"
 ROOTFS = "rootfs.squashfs"
 #: A tar of the ``basalt`` Python package: what a container-mode slot runs.
 BASALT_TREE = "basalt.tar"
+#: The bundle's chunk index (:mod:`.chunks`): what lets an upload leave out what a node holds.
+CHUNKS_NAME = "chunks.json"
 
 #: The payload a bundle needs to be installable on each platform mode: metal boots a
 #: kernel, an initramfs and a root filesystem; a container-mode node runs the Basalt
