@@ -1,7 +1,7 @@
 """Upgrade time: the Upgrade API call until the node is healthy on its new slot, against a
 cold boot of the same node (power off, power on, until healthy), measured in the same run.
 The upgrade includes a reboot, so a cold boot is the floor it is compared with. Target:
-at most 1.5x (median over the runs).
+at most 1.3x (median over the runs; issue 22, it was 1.5x).
 
 ``--platform process`` (default): a process cluster (1 control plane with etcd, 1 worker)
 trusts a signing key made for the run; two bundles of this source tree (versions 0.2.0
@@ -124,7 +124,8 @@ from basalt.provision import common, process, qemu
 from basalt.provision.bundle_from_tree import bundle_from_tree
 from basalt.provision.process import ClusterRequest, create, destroy, load_context
 
-TARGET_RATIO = 1.5
+#: Issue 22: an upgrade keeps at most 1.3x a cold boot (it was 1.5x before).
+TARGET_RATIO = 1.3
 SRC = Path(basalt.__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("--announce-interval", "1", "--member-ttl", "10", "--boot-assessment-timeout", "60")

@@ -328,6 +328,38 @@ def test_a_url_upgrade_carries_no_data(
     assert "an Upgrade with a URL carries no bundle data" in (error.details() or "")
 
 
+@pytest.mark.parametrize(
+    ("delta_index", "code", "expected"),
+    [
+        ("0" * 64, grpc.StatusCode.FAILED_PRECONDITION, "keeps no chunk index of its slots"),
+        ("not-a-hash", grpc.StatusCode.INVALID_ARGUMENT, "is not the sha256"),
+    ],
+    ids=["no-index", "malformed"],
+)
+def test_a_delta_upload_to_a_node_without_an_index_is_refused(
+    cluster: LiveCluster, bundles: Path, delta_index: str, code: grpc.StatusCode, expected: str
+) -> None:
+    """Container slots keep no chunk index: UpgradeIndex answers none (clients upload
+    whole), and an Upgrade that says it is a delta is refused before anything is read."""
+    worker = cluster.workers[0]
+
+    async def index() -> Any:
+        client = await cluster.client(endpoint=worker)
+        try:
+            return await client.machine.UpgradeIndex(common_pb2.Empty(), timeout=10)
+        finally:
+            await client.close()
+
+    answer = run(index()).messages[0]
+    assert (answer.index, answer.sha256) == (b"", "")
+    before = snapshot(cluster, worker)
+    error = upload_refused(cluster, worker, bundles / "v2.tar", delta_index=delta_index)
+    assert error.code() == code, error.details()
+    assert expected in (error.details() or "")
+    assert snapshot(cluster, worker) == before
+    assert not list((cluster.node_dir(worker) / "var" / "upgrade").glob("*"))
+
+
 def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(cluster: LiveCluster, bundles: Path) -> None:
     worker = cluster.workers[0]
     code, out, err = basaltctl(

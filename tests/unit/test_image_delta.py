@@ -267,3 +267,17 @@ def test_bundle_create_indexes_a_root_and_checks_the_name(
         )
     assert "chunk index" in str(err.value)
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_a_held_chunk_that_cannot_be_read_is_refused_naming_the_file(
+    tmp_path: Path, releases: dict, trusted: list[VerificationKey]
+) -> None:
+    index = _index_of(releases["old"])
+    upload = delta_upload(releases["new"], index)
+    assert upload is not None
+    root = releases["old_files"]["rootfs.squashfs"]
+    root.write_bytes(root.read_bytes()[:500_000])  # the running root is shorter than it says
+    with _held(releases["old_files"], index) as held, pytest.raises(ImagePayloadError) as err:
+        _assemble(tmp_path, upload.pieces(), trusted, held)
+    assert "rootfs.squashfs" in str(err.value)
+    assert "could not be copied from the running image" in str(err.value)

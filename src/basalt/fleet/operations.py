@@ -42,8 +42,6 @@ LINK_WAIT = 120.0
 DRIFT_INTERVAL = 60.0
 READY_TIMEOUT = 300.0
 POLL = 1.0
-#: The node takes upgrade bundles in chunks of at most 256 KiB.
-UPLOAD_CHUNK = 256 * 1024
 
 
 class OperationError(BasaltError):
@@ -153,19 +151,22 @@ class Nodes:
         return ""
 
     async def upgrade(self, uuid: str, cluster: str, bundle: Path) -> str:
-        """Send ``bundle`` to the machine's Upgrade RPC through its link; the node
-        verifies it, installs the other slot and reboots into it. Its message."""
+        """Send ``bundle`` to the machine's Upgrade RPC through its link (a delta against
+        the image it runs when both have a chunk index: docs/adr/0026); the node verifies
+        it, installs the other slot and reboots into it. Its message."""
+        from basalt.machinery.client.bundle_upload import plan_upload
         from basalt.machinery.client.client import upload
 
-        async def requests() -> AsyncIterator[machine_pb2.UpgradeRequest]:
-            yield machine_pb2.UpgradeRequest(options=machine_pb2.UpgradeOptions())
-            with bundle.open("rb") as handle:
-                while chunk := await asyncio.to_thread(handle.read, UPLOAD_CHUNK):
-                    yield machine_pb2.UpgradeRequest(data=chunk)
-
         async with self.client(uuid, cluster) as client:
+            metadata = client.metadata([])
+            plan = await plan_upload(client.machine, bundle, metadata=metadata)
+            if plan.delta is not None:
+                log.info("machine %s: sending %s", uuid, plan.describe())
             answer = await upload(
-                client.machine.Upgrade, requests(), metadata=client.metadata([]), timeout=600
+                client.machine.Upgrade,
+                plan.requests(machine_pb2.UpgradeOptions()),
+                metadata=metadata,
+                timeout=600,
             )
         return str(answer.messages[0].message)
 

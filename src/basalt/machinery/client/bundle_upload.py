@@ -69,7 +69,8 @@ class BundleUpload:
         first.CopyFrom(options)
         first.delta_index = self.index_sha256
         yield machine_pb2.UpgradeRequest(options=first)
-        for piece in self.pieces():
+        pieces = self.pieces()
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
             yield machine_pb2.UpgradeRequest(data=piece)
             if advance is not None:
                 advance(len(piece))

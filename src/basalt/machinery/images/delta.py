@@ -309,9 +309,15 @@ def assemble(
         tar.begin(want.path, want.size)
         if want.path == CHUNKS_NAME:
             tar.write(index_bytes)
+        copy = _HeldRun(tar, want, checks)
         while part is not None and part.path == want.path:
-            _write_part(part, want, stream, tar, held, checks)
+            if part.sent:
+                copy.flush()
+                _receive_part(part, want, stream, tar, checks)
+            else:
+                copy.add(*held[part.sha256], part)
             part = next(parts, None)
+        copy.flush()
         tar.end_member()
     tar.close()
     if source.read(1):
@@ -347,21 +353,43 @@ def _bundle_index(
     return data, index
 
 
-def _write_part(
-    part: Part, want: PayloadFile, stream: _Stream, tar: _TarOut, held: Held, checks: BundleChecks
-) -> None:
-    if not part.sent:
-        fd, offset = held[part.sha256]
+class _HeldRun:
+    """Held chunks that lie one after the other in one source, copied with one sendfile."""
+
+    def __init__(self, tar: _TarOut, want: PayloadFile, checks: BundleChecks) -> None:
+        self.tar = tar
+        self.want = want
+        self.checks = checks
+        self.run: tuple[int, int, int, int] | None = None  # fd, offset, size, file offset
+
+    def add(self, fd: int, offset: int, part: Part) -> None:
+        if self.run is not None:
+            run_fd, run_offset, size, at = self.run
+            if run_fd == fd and run_offset + size == offset:
+                self.run = (fd, run_offset, size + part.size, at)
+                return
+            self.flush()
+        self.run = (fd, offset, part.size, part.offset)
+
+    def flush(self) -> None:
+        if self.run is None:
+            return
+        fd, offset, size, at = self.run
+        self.run = None
         try:
-            tar.copy(fd, offset, part.size)
+            self.tar.copy(fd, offset, size)
         except (OSError, EOFError) as exc:
-            raise checks.payload(
-                want.path,
-                f"the chunk at byte {part.offset} could not be copied from the running "
-                f"image: {exc}",
+            raise self.checks.payload(
+                self.want.path,
+                f"the {size} bytes at byte {at} could not be copied from the running image: {exc}",
                 _HINT,
             ) from None
-        return
+
+
+def _receive_part(
+    part: Part, want: PayloadFile, stream: _Stream, tar: _TarOut, checks: BundleChecks
+) -> None:
+    """A part sent in the stream: written, and checked against its signed sha256."""
     if part.whole:
         sha = hashlib.sha256()
         left = part.size
