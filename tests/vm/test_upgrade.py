@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -306,7 +307,12 @@ def test_the_imager_signs_its_own_bundle(bundles: Bundles) -> None:
         bundles.v1, [verification_key(bundles.public)], "x86_64", required=required_payload("metal")
     )
     assert verified.version == "0.1.0"
-    assert [f.path for f in verified.manifest.files] == ["initramfs", "kernel", "rootfs.squashfs"]
+    assert [f.path for f in verified.manifest.files] == [
+        "chunks.json",  # its chunk index: what an upgrade may leave out (ADR 0026)
+        "initramfs",
+        "kernel",
+        "rootfs.squashfs",
+    ]
 
 
 def test_a_fresh_install_boots_slot_a_good(node: Node) -> None:
@@ -333,6 +339,8 @@ def test_upgrade_v1_to_v2_comes_back_on_slot_b_healthy(
     timings.record("metal upgrade: v1 -> v2 healthy on slot b", time.monotonic() - started)
     assert node.resets() == resets  # kexec: the firmware did not run, QEMU was not restarted
     assert "verified bundle 0.2.0 (x86_64), signed by vm-release" in done.stderr
+    # the node holds most of v2 in slot a (the image's chunk index): a delta goes
+    assert re.search(r"sending \d+\.\d MB of the \d+\.\d MB bundle \(a delta", done.stderr)
     assert "running slot b (0.2.0); health gates passed" in done.stdout
     status = node.boot_status()
     assert (status["slot"], status["version"], status["onTrial"]) == ("b", "0.2.0", False)
