@@ -31,7 +31,8 @@ Measured: see "Figures" below. Run it alone: other VMs or tests on a 2-core host
 change both figures (the load average is printed with them).
 
     python bench/upgrade.py [--runs N] [--base-address 127.0.0.171] [--check]
-    python bench/upgrade.py --platform qemu [--fetch] [--runs N] [--image DIR] [--check]
+    python bench/upgrade.py --platform qemu [--fetch] [--full-upload] [--runs N] [--image DIR]
+        [--check]
 
 Figures (qemu, 2026-12-03 evening, this 2-core host otherwise idle, load 0.0-0.4 before):
 
@@ -88,6 +89,18 @@ Figures (qemu, 2026-12-03 evening, this 2-core host otherwise idle, load 0.0-0.4
   first API answer). Sending the
   upload in 1 MiB messages instead of 256 KiB was measured (2 runs): 16.1 and 12.3 MB/s
   against 17.6 MB/s, no gain; the per-byte work (TLS, hashing, copies) is what costs.
+- 2026-12-06, evening, with delta uploads (ADR 0026: the node keeps its running slot's
+  chunk index; the client sends only the chunks it lacks: 0.5 MB of the 81.6 MB bundle
+  here, the second release being the same image saying 0.2.0): 1.25x (upgrade 20.5 s
+  [19.3-21.6], cold boot 16.4 s [15.2-17.7], the call 4.2 s; 2 runs) and 1.23x (21.6 s
+  [21.2-22.0] against 17.5 s [15.8-138.0], the call 4.6 s; 3 runs: one cold boot stalled
+  in the firmware and the runner power-cycled it after 120 s; without it the cold boot's
+  median is 16.7 s, 1.30x). In the same session ``--full-upload``: 1.44x (23.4 s [23.2-23.6]
+  against 16.2 s [15.2-17.1], the call 6.8 s; 2 runs). Where the delta's call goes (node's
+  log): writing the bundle's tar from the running slot's partition and ESP files 1.8 s
+  (CPU-bound copies under TCG), the slot write 1.7-2.5 s (1.4 s after a whole upload,
+  whose tar is still in the page cache). Between this image and one built a day earlier
+  (~75 commits, a newer kernel package) a delta is 17.7 of 81.5 MB (22 %).
 - Before (morning, the bundle hashed twice): uploaded 1.88x (call 31.4 s: receive ~12 s,
   verify 7.7 s, slot write 11.6 s); --fetch 1.62x (call 24.9 s).
 """
