@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from basalt.machinery.config.secrets import SecretsBundle
-from basalt.machinery.images import generate_signing_key
+from basalt.machinery.images import VerificationKey, generate_signing_key, verification_key
 from tests.fakes import inputs
 
 
@@ -33,3 +33,9 @@ def worker_yaml() -> str:
 def keypair() -> tuple[str, str]:
     """An image signing key pair (private PEM, public PEM)."""
     return generate_signing_key()
+
+
+@pytest.fixture(scope="session")
+def trusted(keypair: tuple[str, str]) -> list[VerificationKey]:
+    """The node side of ``keypair``: its public key, trusted as "release"."""
+    return [verification_key(keypair[1], "release")]

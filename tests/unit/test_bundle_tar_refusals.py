@@ -18,9 +18,7 @@ from basalt.machinery.images import (
     VerificationKey,
     VerifiedBundle,
     create_bundle,
-    generate_signing_key,
     load_signing_key,
-    verification_key,
     verify_bundle,
     verify_tar_stream,
 )
@@ -31,16 +29,6 @@ ARCH = "x86_64"
 DATA = os.urandom(4096)
 LAST = DATA + bytes(8192)
 EVIL = (b"import os; os.system('id')  # not signed\n" * 300)[:8192]
-
-
-@pytest.fixture(scope="module")
-def keypair() -> tuple[str, str]:
-    return generate_signing_key()
-
-
-@pytest.fixture(scope="module")
-def trusted(keypair: tuple[str, str]) -> list[VerificationKey]:
-    return [verification_key(keypair[1], "release")]
 
 
 @pytest.fixture

@@ -51,16 +51,6 @@ CREATED = dt.datetime(2025, 1, 31, 12, 0, tzinfo=dt.UTC)
 FORMS = ["directory", "tar"]
 
 
-@pytest.fixture(scope="module")
-def keypair() -> tuple[str, str]:
-    return generate_signing_key()
-
-
-@pytest.fixture(scope="module")
-def trusted(keypair: tuple[str, str]) -> list[VerificationKey]:
-    return [verification_key(keypair[1], "release")]
-
-
 @pytest.fixture
 def payload(tmp_path: Path) -> dict[str, Path]:
     src = tmp_path / "src"

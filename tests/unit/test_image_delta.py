@@ -38,16 +38,6 @@ from basalt.machinery.images.delta import assemble, delta_upload, held_chunks
 CREATED = dt.datetime(2025, 1, 31, 12, 0, tzinfo=dt.UTC)
 
 
-@pytest.fixture(scope="module")
-def keypair() -> tuple[str, str]:
-    return generate_signing_key()
-
-
-@pytest.fixture(scope="module")
-def trusted(keypair: tuple[str, str]) -> list[VerificationKey]:
-    return [verification_key(keypair[1], "release")]
-
-
 def _payload(directory: Path, root: bytes, seed: int = 1) -> dict[str, Path]:
     directory.mkdir()
     rng = random.Random(seed)
