@@ -85,7 +85,7 @@ def releases(tmp_path: Path, keypair: tuple[str, str]) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def _held(files: dict[str, Path], index: bytes) -> Iterator[dict[str, tuple[int, int]]]:
+def _held(files: dict[str, Path], index: bytes) -> Iterator[dict[tuple[str, int], tuple[int, int]]]:
     with contextlib.ExitStack() as stack:
         fds = {n: stack.enter_context(open(p, "rb")).fileno() for n, p in files.items()}
         yield held_chunks(parse_index(index), fds)
@@ -271,3 +271,14 @@ def test_a_held_chunk_that_cannot_be_read_is_refused_naming_the_file(
         _assemble(tmp_path, upload.pieces(), trusted, held)
     assert "rootfs.squashfs" in str(err.value)
     assert "could not be copied from the running image" in str(err.value)
+
+
+def test_a_held_hash_of_another_size_is_not_taken_for_the_chunk(releases: dict) -> None:
+    """An index that pairs a chunk's sha256 with another size (an inconsistent build) does
+    not make the node copy a run of the wrong length: that chunk is sent."""
+    raw = json.loads(_index_of(releases["old"]))
+    raw["files"]["kernel"] = [[size + 1, sha] for size, sha in raw["files"]["kernel"]]
+    odd = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    upload = delta_upload(releases["new"], odd)
+    assert upload is not None
+    assert all(p.sent for p in upload.parts if p.path == "kernel")

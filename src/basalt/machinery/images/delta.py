@@ -75,9 +75,9 @@ class Part:
     whole: bool = False
 
 
-def plan(manifest: Manifest, index: ChunkIndex, held: Iterable[str]) -> Iterator[Part]:
-    """The payload's parts in the stream's order, ``held`` being the chunk hashes the node
-    holds: every payload file by path but the bundle's index (it comes first)."""
+def plan(manifest: Manifest, index: ChunkIndex, held: Iterable[tuple[str, int]]) -> Iterator[Part]:
+    """The payload's parts in the stream's order, ``held`` being the chunks (sha256, size)
+    the node holds: every payload file by path but the bundle's index (it comes first)."""
     holds = set(held)
     for want in manifest.files:
         if want.path == CHUNKS_NAME:
@@ -88,14 +88,16 @@ def plan(manifest: Manifest, index: ChunkIndex, held: Iterable[str]) -> Iterator
             continue
         offset = 0
         for chunk in chunks:
-            yield Part(want.path, offset, chunk.size, chunk.sha256, chunk.sha256 not in holds)
+            sent = (chunk.sha256, chunk.size) not in holds
+            yield Part(want.path, offset, chunk.size, chunk.sha256, sent)
             offset += chunk.size
 
 
-def held_hashes(index_bytes: bytes) -> set[str]:
-    """The chunk hashes a node's index lists (ChunkIndexError when it is malformed)."""
+def held_hashes(index_bytes: bytes) -> set[tuple[str, int]]:
+    """The chunks (sha256, size) a node's index lists (ChunkIndexError when it is
+    malformed)."""
     index = parse_index(index_bytes)
-    return {chunk.sha256 for chunks in index.files.values() for chunk in chunks}
+    return {(chunk.sha256, chunk.size) for chunks in index.files.values() for chunk in chunks}
 
 
 # -- the client's side --------------------------------------------------------------------------
@@ -172,21 +174,23 @@ class _Source(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-#: Where a node holds a chunk: an open file descriptor and the chunk's offset in it.
-Held = Mapping[str, tuple[int, int]]
+#: Where a node holds a chunk (sha256, size): an open file descriptor and its offset in it.
+Held = Mapping[tuple[str, int], tuple[int, int]]
 
 
-def held_chunks(index: ChunkIndex, sources: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+def held_chunks(
+    index: ChunkIndex, sources: Mapping[str, int]
+) -> dict[tuple[str, int], tuple[int, int]]:
     """Where each chunk of ``index`` lies, for the files it indexes that have an open
     source in ``sources`` (payload name -> file descriptor)."""
-    held: dict[str, tuple[int, int]] = {}
+    held: dict[tuple[str, int], tuple[int, int]] = {}
     for name, chunks in index.files.items():
         fd = sources.get(name)
         if fd is None:
             continue
         offset = 0
         for chunk in chunks:
-            held.setdefault(chunk.sha256, (fd, offset))
+            held.setdefault((chunk.sha256, chunk.size), (fd, offset))
             offset += chunk.size
     return held
 
@@ -315,7 +319,7 @@ def assemble(
                 copy.flush()
                 _receive_part(part, want, stream, tar, checks)
             else:
-                copy.add(*held[part.sha256], part)
+                copy.add(*held[part.sha256, part.size], part)
             part = next(parts, None)
         copy.flush()
         tar.end_member()
