@@ -96,7 +96,13 @@ Figures (qemu, 2026-12-03 evening, this 2-core host otherwise idle, load 0.0-0.4
   [21.2-22.0] against 17.5 s [15.8-138.0], the call 4.6 s; 3 runs: one cold boot stalled
   in the firmware and the runner power-cycled it after 120 s; without it the cold boot's
   median is 16.7 s, 1.30x). In the same session ``--full-upload``: 1.44x (23.4 s [23.2-23.6]
-  against 16.2 s [15.2-17.1], the call 6.8 s; 2 runs). Where the delta's call goes (node's
+  against 16.2 s [15.2-17.1], the call 6.8 s; 2 runs). Two more delta sets an hour later,
+  on the final code: 1.39x (24.9 s [22.3-28.6] against 18.0 s [17.3-20.9]; 3 runs, ratios
+  of single runs 1.59, 1.29, 1.19: the host slower, boots of both kinds 1-2 s longer) and
+  1.24x (24.2 s [23.4-32.8] against 19.5 s [16.5-20.0]; 5 runs; the 32.8 s one waited
+  10 s at machined's exit for a task that would not end, as one run did in the morning:
+  the warning now names the task). So the figure sits at 1.23-1.39x, 1.3x or under in
+  three sets of four. Where the delta's call goes (node's
   log): writing the bundle's tar from the running slot's partition and ESP files 1.8 s
   (CPU-bound copies under TCG), the slot write 1.7-2.5 s (1.4 s after a whole upload,
   whose tar is still in the page cache). Between this image and one built a day earlier

@@ -7,10 +7,14 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from basalt.machined.main import run_bounded
 
 
-def test_the_agent_ends_although_a_thread_and_a_task_hang() -> None:
+def test_the_agent_ends_although_a_thread_and_a_task_hang(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     release = threading.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -23,7 +27,7 @@ def test_the_agent_ends_although_a_thread_and_a_task_hang() -> None:
 
     async def agent() -> int:
         asyncio.get_running_loop().run_in_executor(None, release.wait)  # blocks its thread
-        tasks.append(asyncio.create_task(stubborn()))
+        tasks.append(asyncio.create_task(stubborn(), name="stubborn-task"))
         await asyncio.sleep(0.05)
         return 75
 
@@ -31,6 +35,9 @@ def test_the_agent_ends_although_a_thread_and_a_task_hang() -> None:
     try:
         assert run_bounded(agent(), grace=0.5) == 75
         assert time.monotonic() - started < 5
+        # the warning says which task, and where it waits (for the next such report)
+        warning = next(r.getMessage() for r in caplog.records if "did not end" in r.getMessage())
+        assert "stubborn-task: test_the_agent_ends" in warning and "test_teardown.py:" in warning
     finally:
         release.set()
 

@@ -363,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
 TEARDOWN_GRACE = 10.0
 
 
+def _task_name(task: Any) -> str:
+    """A task as a teardown warning names it: its name and where its coroutine waits."""
+    coro = task.get_coro()
+    frame = getattr(coro, "cr_frame", None)
+    where = f" at {frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else ""
+    return f"{task.get_name()}: {getattr(coro, '__qualname__', coro)}{where}"
+
+
 def run_bounded(agent: Coroutine[Any, Any, int], grace: float = TEARDOWN_GRACE) -> int:
     """``asyncio.run`` with a bounded teardown. asyncio.run waits for every task to
     finish cancelling and (Python 3.11) joins every thread of the default executor, with
@@ -383,7 +391,12 @@ def run_bounded(agent: Coroutine[Any, Any, int], grace: float = TEARDOWN_GRACE) 
             if pending:
                 _done, late = loop.run_until_complete(asyncio.wait(pending, timeout=grace))
                 if late:
-                    log.warning("%d tasks did not end within %g s: leaving them", len(late), grace)
+                    log.warning(
+                        "%d tasks did not end within %g s: leaving them (%s)",
+                        len(late),
+                        grace,
+                        ", ".join(sorted(_task_name(task) for task in late)),
+                    )
             loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), timeout=grace))
         except (TimeoutError, RuntimeError) as exc:
             log.warning("teardown cut short: %s", exc)
