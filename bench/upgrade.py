@@ -128,13 +128,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import basalt
 from basalt.machinery.api import machine_pb2, resource_pb2
-from basalt.machinery.client.bundle_upload import plan_upload
+from basalt.machinery.client.bundle_upload import options_only, plan_upload
 from basalt.machinery.client.client import Client, upload
 from basalt.machinery.config import parse_patch
 from basalt.machinery.images import generate_signing_key, load_signing_key
@@ -148,12 +148,6 @@ TARGET_RATIO = 1.3
 SRC = Path(basalt.__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("--announce-interval", "1", "--member-ttl", "10", "--boot-assessment-timeout", "60")
-
-
-async def _options(
-    options: machine_pb2.UpgradeOptions,
-) -> AsyncIterator[machine_pb2.UpgradeRequest]:
-    yield machine_pb2.UpgradeRequest(options=options)
 
 
 def trust_patch(public_pem: str) -> str:
@@ -225,7 +219,7 @@ class Bench:
         try:
             if url:
                 plan = None
-                requests = _options(options)
+                requests = options_only(options)
             else:
                 plan = await plan_upload(client.machine, bundle, whole=self.whole)
                 requests = plan.requests(options)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import AsyncIterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -64,7 +63,7 @@ def _target(ctx: typer.Context, nodes: list[str], endpoints: list[str]) -> str:
     )
 
 
-def _bundle_size(image: Path) -> int:
+def _require_bundle_file(image: Path) -> None:
     from basalt.machinery.errors import BasaltError
 
     if not image.is_file():
@@ -73,7 +72,6 @@ def _bundle_size(image: Path) -> int:
             f"bundle {image} {what}",
             hint="give the .tar bundle made by 'basaltctl bundle create' or bundle_from_tree",
         )
-    return image.stat().st_size
 
 
 class _Progress:
@@ -115,13 +113,6 @@ class _Progress:
 
 def is_url(image: str) -> bool:
     return image.startswith(("http://", "https://"))
-
-
-async def _fetched(opts: machine_pb2.UpgradeOptions) -> AsyncIterator[machine_pb2.UpgradeRequest]:
-    """The options only: the node fetches the URL they name."""
-    from basalt.machinery.api import machine_pb2
-
-    yield machine_pb2.UpgradeRequest(options=opts)
 
 
 async def _boot_status(client: Client) -> dict[str, Any] | None:
@@ -234,7 +225,7 @@ def upgrade(
     running image does not hold are sent (the node checks each against the signed index).
     """
     from basalt.machinery.api import machine_pb2
-    from basalt.machinery.client.bundle_upload import plan_upload
+    from basalt.machinery.client.bundle_upload import options_only, plan_upload
     from basalt.machinery.client.client import upload
     from basalt.machinery.errors import BasaltError
 
@@ -254,7 +245,7 @@ def upgrade(
         targets = [_target(ctx, targets, split(endpoints))]
     path = None if is_url(image) else Path(image)
     if path is not None:
-        _bundle_size(path)
+        _require_bundle_file(path)
     request_options = machine_pb2.UpgradeOptions(
         stage=stage,
         force=force,
@@ -271,7 +262,7 @@ def upgrade(
             progress = None
             if path is None:
                 info(f"{node}: fetching {image}")
-                requests = _fetched(request_options)
+                requests = options_only(request_options)
             else:
                 plan = await plan_upload(client.machine, path, metadata=metadata, whole=full_upload)
                 if plan.delta is not None:

@@ -66,6 +66,7 @@ from .meta import Meta, MetaRecord, PendingUpgrade
 
 if TYPE_CHECKING:
     from basalt.machinery.images import Extent, VerifiedBundle
+    from basalt.machinery.images.chunks import ChunkIndex
     from basalt.machinery.images.delta import Held
 
 log = logging.getLogger(__name__)
@@ -323,9 +324,11 @@ class MetalSlots:
         """The chunk index of the running slot (``chunks.json`` beside its kernel), or None
         when it has none, or one that does not fit what the slot holds."""
         with self.esp() as esp:
-            return self._running_index(esp)
+            found = self._running_index(esp)
+        return None if found is None else found[0]
 
-    def _running_index(self, esp: Esp) -> bytes | None:
+    def _running_index(self, esp: Esp) -> tuple[bytes, ChunkIndex] | None:
+        """The running slot's index as stored and as parsed, when it fits the slot."""
         from basalt.machinery.images.chunks import ChunkIndexError, parse_index
 
         where = esp.root / esp_slot_dir(self.booted.value)
@@ -358,7 +361,7 @@ class MetalSlots:
                     payload,
                 )
                 return None
-        return data
+        return data, index
 
     @contextlib.contextmanager
     def holding(self, index_sha256: str) -> Iterator[Held]:
@@ -367,16 +370,15 @@ class MetalSlots:
         a delta was made against; SlotWriteError when it is not."""
         import hashlib
 
-        from basalt.machinery.images.chunks import parse_index
         from basalt.machinery.images.delta import held_chunks
 
         with self.esp() as esp, contextlib.ExitStack() as stack:
-            data = self._running_index(esp)
-            if data is None or hashlib.sha256(data).hexdigest() != index_sha256:
+            found = self._running_index(esp)
+            if found is None or hashlib.sha256(found[0]).hexdigest() != index_sha256:
                 raise SlotWriteError(
                     f"the delta upload was made against a chunk index that the running slot "
                     f"{self.booted} does not have ("
-                    + ("it has none" if data is None else "it has another")
+                    + ("it has none" if found is None else "it has another")
                     + ")",
                     hint="upgrade again (basaltctl asks the node for its index), or upload the "
                     "bundle whole with --full-upload",
@@ -384,7 +386,7 @@ class MetalSlots:
             where = esp.root / esp_slot_dir(self.booted.value)
             paths = {p: where / f for p, f in _ESP_PAYLOAD.items()}
             paths[ROOTFS] = self.devices.partitions[self.booted]
-            index = parse_index(data)
+            index = found[1]
             fds = {
                 name: stack.enter_context(open(paths[name], "rb", buffering=0)).fileno()
                 for name in index.files

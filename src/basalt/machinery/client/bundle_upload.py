@@ -76,6 +76,13 @@ class BundleUpload:
                 advance(len(piece))
 
 
+async def options_only(
+    options: machine_pb2.UpgradeOptions,
+) -> AsyncIterator[machine_pb2.UpgradeRequest]:
+    """An Upgrade stream of the options alone: the node fetches the URL they name."""
+    yield machine_pb2.UpgradeRequest(options=options)
+
+
 async def plan_upload(
     stub: Any, bundle: Path, *, metadata: tuple[tuple[str, str], ...] = (), whole: bool = False
 ) -> BundleUpload:

@@ -93,7 +93,7 @@ def plan(manifest: Manifest, index: ChunkIndex, held: Iterable[tuple[str, int]])
             offset += chunk.size
 
 
-def held_hashes(index_bytes: bytes) -> set[tuple[str, int]]:
+def held_chunk_ids(index_bytes: bytes) -> set[tuple[str, int]]:
     """The chunks (sha256, size) a node's index lists (ChunkIndexError when it is
     malformed)."""
     index = parse_index(index_bytes)
@@ -139,7 +139,7 @@ def delta_upload(bundle: Path, node_index: bytes) -> DeltaUpload | None:
     upload it whole then, and the node says what is wrong with it. Nothing here is
     trusted: the node checks everything."""
     try:
-        held = held_hashes(node_index)
+        held = held_chunk_ids(node_index)
         with tarfile.open(bundle, "r:") as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}
             if not {MANIFEST_NAME, SIGNATURE_NAME, CHUNKS_NAME} <= set(members):
